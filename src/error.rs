@@ -1,0 +1,49 @@
+//! The crate's error type. Every failure a user can cause (bad shapes, configs,
+//! a missing GPU) lands here with a message that names the problem and the fix.
+use thiserror::Error;
+
+/// Errors returned by dualpriv.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// No CUDA driver library could be loaded on this machine.
+    #[error(
+        "no CUDA driver: libcuda could not be loaded. Run on a machine with an NVIDIA GPU and \
+         driver, or use the CPU backend (--backend cpu)"
+    )]
+    NoCudaDriver,
+    /// The CUDA driver is present but cuBLAS is not.
+    #[error(
+        "cuBLAS not found: libcublas.so.13 could not be loaded. Put the folder that holds it on \
+         LD_LIBRARY_PATH (scripts/gpu-test.sh shows how to find it)"
+    )]
+    NoCublas,
+    /// A CUDA driver call failed.
+    #[error("CUDA error in {context}: {message}")]
+    Cuda {
+        /// What dualpriv was doing.
+        context: String,
+        /// The driver's message.
+        message: String,
+    },
+    /// Two inputs disagree in shape, or a shape is out of range.
+    #[error("shape error: {0}")]
+    Shape(String),
+    /// A configuration value is out of its valid range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A NaN or Inf reached a place where it would silently corrupt a DP release.
+    #[error("non-finite values: {0}")]
+    NonFinite(String),
+}
+
+/// Result alias for dualpriv.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Returns a [`Error::Shape`] unless `cond` holds.
+pub(crate) fn ensure_shape(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        Err(Error::Shape(msg()))
+    }
+}

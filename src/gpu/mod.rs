@@ -1,0 +1,191 @@
+//! The GPU runtime: one context and stream, the embedded kernel fatbins loaded once
+//! with their functions cached, and cuBLAS with row-major helpers.
+//!
+//! cudarc panics on any driver call when libcuda is absent, so [`Gpu::new`] checks
+//! `is_culib_present()` first and returns [`Error::NoCudaDriver`] instead.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{sys as blas_sys, CudaBlas};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+
+use crate::{Error, Result};
+
+pub mod blas;
+pub mod clip;
+pub mod noise_prune;
+pub mod tokens;
+
+mod fatbins {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Converts any displayable CUDA/cuBLAS error into [`Error::Cuda`] with context.
+pub(crate) fn cuda_err<E: std::fmt::Debug>(context: &str) -> impl FnOnce(E) -> Error + '_ {
+    move |e| Error::Cuda {
+        context: context.to_string(),
+        message: format!("{e:?}"),
+    }
+}
+
+/// True when the CUDA driver library can be loaded. Calling any cudarc driver
+/// function without it panics, so everything checks this first.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen libcuda; no driver state is touched.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// One GPU: context, stream, cuBLAS handle and the loaded kernel modules.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    funcs: Mutex<HashMap<&'static str, CudaFunction>>,
+}
+
+impl Gpu {
+    /// Opens device 0. Fails with [`Error::NoCudaDriver`] when no driver is present.
+    pub fn new() -> Result<Self> {
+        Self::with_device(0)
+    }
+
+    /// Opens the device with the given ordinal and loads every embedded fatbin.
+    pub fn with_device(ordinal: usize) -> Result<Self> {
+        if !driver_present() {
+            return Err(Error::NoCudaDriver);
+        }
+        // SAFETY: as above, only a dlopen probe.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::NoCublas);
+        }
+        let ctx = CudaContext::new(ordinal).map_err(cuda_err("opening the CUDA device"))?;
+        // One stream for everything: per-buffer event tracking only costs time.
+        // SAFETY: all work of this Gpu is issued on the single stream below.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(cuda_err("creating cuBLAS handle"))?;
+        let mut modules = HashMap::new();
+        for (stem, bytes) in fatbins::FATBINS {
+            let m = ctx
+                .load_module(Ptx::from_binary(bytes.to_vec()))
+                .map_err(cuda_err(&format!("loading kernels/{stem}.cu")))?;
+            modules.insert(*stem, m);
+        }
+        Ok(Self {
+            ctx,
+            stream,
+            blas,
+            modules,
+            funcs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The device name, e.g. "NVIDIA H200".
+    pub fn name(&self) -> Result<String> {
+        self.ctx.name().map_err(cuda_err("reading device name"))
+    }
+
+    /// The stream all work is issued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The cuBLAS handle bound to [`Self::stream`].
+    pub fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
+    /// Kernel `name` from `kernels/<module>.cu`, loaded on first use and cached.
+    pub fn func(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
+        let mut funcs = self.funcs.lock().expect("kernel cache lock poisoned");
+        if let Some(f) = funcs.get(name) {
+            return Ok(f.clone());
+        }
+        let m = self.modules.get(module).ok_or_else(|| Error::Cuda {
+            context: format!("looking up kernels/{module}.cu"),
+            message: "module not embedded in this build".into(),
+        })?;
+        let f = m
+            .load_function(name)
+            .map_err(cuda_err(&format!("loading kernel {name}")))?;
+        funcs.insert(name, f.clone());
+        Ok(f)
+    }
+
+    /// Copies a host slice to a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(host)
+            .map_err(cuda_err("host-to-device copy"))
+    }
+
+    /// Copies a device buffer (or view) back to the host. Synchronises the stream.
+    pub fn download<T: DeviceRepr + Default + Clone, S: DevicePtr<T>>(
+        &self,
+        dev: &S,
+    ) -> Result<Vec<T>> {
+        self.stream
+            .clone_dtoh(dev)
+            .map_err(cuda_err("device-to-host copy"))
+    }
+
+    /// A zero-filled device buffer of `n` elements.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros(n)
+            .map_err(cuda_err(&format!("allocating {n} elements")))
+    }
+
+    /// Waits for all queued work.
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().map_err(cuda_err("stream sync"))
+    }
+
+    /// (free, total) device memory in bytes, from `cuMemGetInfo`.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(cuda_err("cuMemGetInfo"))
+    }
+
+    /// Switches cuBLAS f32 GEMMs to TF32 tensor cores (`true`) or strict FP32.
+    pub fn set_tf32(&self, on: bool) -> Result<()> {
+        let mode = if on {
+            blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
+        // SAFETY: the handle is valid for the life of self.
+        let st = unsafe { blas_sys::cublasSetMathMode(*self.blas.handle(), mode) };
+        if st == blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            Ok(())
+        } else {
+            Err(Error::Cuda {
+                context: "cublasSetMathMode".into(),
+                message: format!("{st:?}"),
+            })
+        }
+    }
+}
+
+/// For tests: a [`Gpu`], or `None` after printing `skipped: no CUDA driver` when
+/// this machine has none. Any other failure to open the GPU is a real error.
+pub fn gpu_or_skip(test: &str) -> Option<Gpu> {
+    match Gpu::new() {
+        Ok(g) => Some(g),
+        Err(Error::NoCudaDriver) => {
+            println!("{test}: skipped: no CUDA driver");
+            None
+        }
+        Err(e) => panic!("{test}: a CUDA driver is present but the GPU failed to open: {e}"),
+    }
+}
+
+/// Grid size for a grid-stride kernel over `n` items with `threads` per block,
+/// capped so small inputs do not launch empty blocks and huge ones stay resident.
+pub(crate) fn grid_for(n: usize, threads: u32, cap: u32) -> u32 {
+    (n.div_ceil(threads as usize).max(1) as u64).min(cap as u64) as u32
+}

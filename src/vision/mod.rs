@@ -1,0 +1,2 @@
+//! Visual token selection (VisionZip-style), the first Dual-Priv mechanism.
+pub mod tokens;
