@@ -133,7 +133,10 @@ fn report_spills(src: &Path, log: &str) {
     let mut spill: Option<String> = None;
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-            func = rest.replace("' for '", " @ ").trim_end_matches('\'').to_string();
+            func = rest
+                .replace("' for '", " @ ")
+                .trim_end_matches('\'')
+                .to_string();
         } else if line.contains("spill stores") {
             let stores = line
                 .split("bytes stack frame,")

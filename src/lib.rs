@@ -10,6 +10,7 @@ pub mod dp;
 pub mod error;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod linalg;
 pub mod vision;
 
 pub use error::{Error, Result};

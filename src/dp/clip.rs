@@ -1,1 +1,262 @@
-//! (in progress)
+//! Per-example gradient clipping for linear layers, without per-example gradients.
+//!
+//! For a linear layer Y = X·Wᵀ (+ b) with input X of shape B×T×d and output
+//! gradient G of shape B×T×p, example i's weight gradient is ∇W_i = G_iᵀ X_i (p×d).
+//! Its squared Frobenius norm has two forms (REFERENCE.md §3):
+//!
+//! * ghost:        ‖∇W_i‖² = ⟨X_i X_iᵀ, G_i G_iᵀ⟩_F, cost O(T²(d+p));
+//! * instantiated: ‖∇W_i‖² = ‖X_iᵀ G_i‖²_F,       cost O(T·d·p);
+//!
+//! and fastDP's mixed rule picks ghost when 2T² < p·d. The bias gradient is
+//! Σ_t G_i,t, so its squared norm is ‖Σ_t G_i,t‖². Clip factors come from the total
+//! norm over all layers, c_i = min(1, C / (‖g_i‖ + 1e-6)), and the book-keeping
+//! clipped sum Σ_i c_i G_iᵀ X_i is one GEMM over all B·T rows with G scaled by c.
+//!
+//! This is the CPU reference: f64 accumulation throughout. `kernels/clip.cu` is its
+//! CUDA twin.
+use rayon::prelude::*;
+
+use crate::error::{ensure_shape, Error, Result};
+use crate::linalg::{gemm_f64, View};
+
+/// Shapes of one linear layer's saved activations: X is b×t×d, G is b×t×p.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearShape {
+    /// Examples in the (micro-)batch.
+    pub b: usize,
+    /// Tokens per example.
+    pub t: usize,
+    /// Input features.
+    pub d: usize,
+    /// Output features.
+    pub p: usize,
+}
+
+/// Which per-example norm formula to use for a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormMethod {
+    /// ⟨XXᵀ, GGᵀ⟩: cheap when sequences are short relative to the layer width.
+    Ghost,
+    /// ‖XᵀG‖²: cheap when sequences are long.
+    Instantiated,
+}
+
+/// The smallest `eps` added to the norm before dividing, as Opacus does, so a zero
+/// gradient gets factor 1 instead of a division by zero.
+pub const CLIP_EPS: f64 = 1e-6;
+
+impl LinearShape {
+    /// fastDP's mixed rule: ghost when 2T² < p·d.
+    pub fn preferred_method(&self) -> NormMethod {
+        let (t, d, p) = (self.t as u128, self.d as u128, self.p as u128);
+        if 2 * t * t < p * d {
+            NormMethod::Ghost
+        } else {
+            NormMethod::Instantiated
+        }
+    }
+
+    /// Checks that `x` and `g` hold exactly b·t·d and b·t·p values.
+    pub fn check(&self, x: &[f32], g: &[f32]) -> Result<()> {
+        ensure_shape(x.len() == self.b * self.t * self.d, || {
+            format!(
+                "linear input has {} values, expected b*t*d = {}*{}*{}",
+                x.len(),
+                self.b,
+                self.t,
+                self.d
+            )
+        })?;
+        self.check_g(g)
+    }
+
+    fn check_g(&self, g: &[f32]) -> Result<()> {
+        ensure_shape(g.len() == self.b * self.t * self.p, || {
+            format!(
+                "linear output gradient has {} values, expected b*t*p = {}*{}*{}",
+                g.len(),
+                self.b,
+                self.t,
+                self.p
+            )
+        })
+    }
+
+    fn check_factors(&self, c: &[f32]) -> Result<()> {
+        ensure_shape(c.len() == self.b, || {
+            format!("{} clip factors for a batch of {}", c.len(), self.b)
+        })
+    }
+}
+
+fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
+/// Per-example ‖∇W_i‖² in ghost form, ⟨X_i X_iᵀ, G_i G_iᵀ⟩_F.
+pub fn ghost_sq_norms(x: &[f32], g: &[f32], s: LinearShape) -> Result<Vec<f64>> {
+    s.check(x, g)?;
+    let (t, d, p) = (s.t, s.d, s.p);
+    Ok((0..s.b)
+        .into_par_iter()
+        .map(|i| {
+            let xi = to_f64(&x[i * t * d..(i + 1) * t * d]);
+            let gi = to_f64(&g[i * t * p..(i + 1) * t * p]);
+            let (mut xx, mut gg) = (vec![0.0; t * t], vec![0.0; t * t]);
+            let xv = View::row_major(&xi, t, d);
+            let gv = View::row_major(&gi, t, p);
+            gemm_f64(1.0, xv, xv.t(), 0.0, &mut xx, t);
+            gemm_f64(1.0, gv, gv.t(), 0.0, &mut gg, t);
+            xx.iter().zip(&gg).map(|(a, b)| a * b).sum()
+        })
+        .collect())
+}
+
+/// Per-example ‖∇W_i‖² in instantiated form, ‖X_iᵀ G_i‖²_F.
+pub fn instantiated_sq_norms(x: &[f32], g: &[f32], s: LinearShape) -> Result<Vec<f64>> {
+    s.check(x, g)?;
+    let (t, d, p) = (s.t, s.d, s.p);
+    Ok((0..s.b)
+        .into_par_iter()
+        .map(|i| {
+            let xi = to_f64(&x[i * t * d..(i + 1) * t * d]);
+            let gi = to_f64(&g[i * t * p..(i + 1) * t * p]);
+            let mut xg = vec![0.0; d * p];
+            gemm_f64(
+                1.0,
+                View::row_major(&xi, t, d).t(),
+                View::row_major(&gi, t, p),
+                0.0,
+                &mut xg,
+                p,
+            );
+            xg.iter().map(|v| v * v).sum()
+        })
+        .collect())
+}
+
+/// Per-example squared norm of the bias gradient, ‖Σ_t G_i,t‖².
+pub fn bias_sq_norms(g: &[f32], s: LinearShape) -> Result<Vec<f64>> {
+    s.check_g(g)?;
+    let (t, p) = (s.t, s.p);
+    Ok((0..s.b)
+        .map(|i| {
+            let mut col = vec![0.0f64; p];
+            for row in g[i * t * p..(i + 1) * t * p].chunks_exact(p.max(1)) {
+                for (c, &v) in col.iter_mut().zip(row) {
+                    *c += f64::from(v);
+                }
+            }
+            col.iter().map(|v| v * v).sum()
+        })
+        .collect())
+}
+
+/// Per-example squared gradient norm of one linear layer by the given method,
+/// plus its bias term when the layer has a bias.
+pub fn layer_sq_norms(
+    x: &[f32],
+    g: &[f32],
+    s: LinearShape,
+    method: NormMethod,
+    has_bias: bool,
+) -> Result<Vec<f64>> {
+    let mut n = match method {
+        NormMethod::Ghost => ghost_sq_norms(x, g, s)?,
+        NormMethod::Instantiated => instantiated_sq_norms(x, g, s)?,
+    };
+    if has_bias {
+        for (a, b) in n.iter_mut().zip(bias_sq_norms(g, s)?) {
+            *a += b;
+        }
+    }
+    Ok(n)
+}
+
+/// Clip factors c_i = min(1, C / (‖g_i‖ + 1e-6)) from per-example squared norms
+/// summed over all layers. A non-finite norm is an error: clipping it would hide a
+/// NaN gradient inside a DP release.
+pub fn clip_factors(total_sq_norms: &[f64], clip_norm: f64) -> Result<Vec<f32>> {
+    if clip_norm.is_nan() || clip_norm <= 0.0 {
+        return Err(Error::Config(format!(
+            "clip norm C = {clip_norm} must be positive (use a value like 1.0)"
+        )));
+    }
+    total_sq_norms
+        .iter()
+        .enumerate()
+        .map(|(i, &sq)| {
+            if !sq.is_finite() || sq < 0.0 {
+                return Err(Error::NonFinite(format!(
+                    "example {i} has squared gradient norm {sq}; check the loss and inputs"
+                )));
+            }
+            Ok((clip_norm / (sq.sqrt() + CLIP_EPS)).min(1.0) as f32)
+        })
+        .collect()
+}
+
+/// The book-keeping clipped weight-gradient sum Σ_i c_i G_iᵀ X_i, as a p×d matrix
+/// (the layout of W), added into `out` (so micro-batches accumulate).
+pub fn clipped_weight_sum(
+    x: &[f32],
+    g: &[f32],
+    factors: &[f32],
+    s: LinearShape,
+    out: &mut [f32],
+) -> Result<()> {
+    s.check(x, g)?;
+    s.check_factors(factors)?;
+    ensure_shape(out.len() == s.p * s.d, || {
+        format!(
+            "clipped sum buffer has {} values, expected p*d = {}",
+            out.len(),
+            s.p * s.d
+        )
+    })?;
+    let (bt, t, p) = (s.b * s.t, s.t, s.p);
+    // Scale each example's rows of G by its factor: Xᵀ diag(c) G as one GEMM.
+    let gs: Vec<f64> = g
+        .iter()
+        .enumerate()
+        .map(|(j, &v)| f64::from(v) * f64::from(factors[j / (t * p).max(1)]))
+        .collect();
+    let mut acc: Vec<f64> = to_f64(out);
+    gemm_f64(
+        1.0,
+        View::row_major(&gs, bt, p).t(),
+        View::row_major(&to_f64(x), bt, s.d),
+        1.0,
+        &mut acc,
+        s.d,
+    );
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = a as f32;
+    }
+    Ok(())
+}
+
+/// The clipped bias-gradient sum Σ_i c_i Σ_t G_i,t (length p), added into `out`.
+pub fn clipped_bias_sum(g: &[f32], factors: &[f32], s: LinearShape, out: &mut [f32]) -> Result<()> {
+    s.check_g(g)?;
+    s.check_factors(factors)?;
+    ensure_shape(out.len() == s.p, || {
+        format!(
+            "clipped bias buffer has {} values, expected p = {}",
+            out.len(),
+            s.p
+        )
+    })?;
+    let mut acc = to_f64(out);
+    for (i, &c) in factors.iter().enumerate() {
+        for row in g[i * s.t * s.p..(i + 1) * s.t * s.p].chunks_exact(s.p.max(1)) {
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += f64::from(c) * f64::from(v);
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = a as f32;
+    }
+    Ok(())
+}

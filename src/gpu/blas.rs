@@ -33,7 +33,8 @@ pub struct RowMajor {
 impl RowMajor {
     fn config(&self) -> Result<GemmConfig<f32>> {
         let dim = |v: usize, what: &str| {
-            i32::try_from(v).map_err(|_| crate::Error::Shape(format!("GEMM {what}={v} exceeds i32")))
+            i32::try_from(v)
+                .map_err(|_| crate::Error::Shape(format!("GEMM {what}={v} exceeds i32")))
         };
         let (m, n, k) = (dim(self.m, "m")?, dim(self.n, "n")?, dim(self.k, "k")?);
         // Row strides of the stored (not op'd) matrices.

@@ -1,1 +1,272 @@
-//! (in progress)
+//! Launchers for `kernels/clip.cu`: per-example norms, clip factors and the
+//! book-keeping clipped sum on the GPU. CPU twin: [`crate::dp::clip`].
+//!
+//! Norms are *added* into a `[B]` f64 buffer so one buffer collects the total over
+//! all layers; zero it once per micro-batch.
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
+
+use super::blas::RowMajor;
+use super::{dptr, dptr_mut, launch, launch_cfg, Gpu};
+use crate::dp::clip::{LinearShape, NormMethod};
+use crate::error::{ensure_shape, Error, Result};
+
+const MODULE: &str = "clip";
+const THREADS: u32 = 256;
+const TILE: usize = 32;
+
+fn i32_dim(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v)
+        .map_err(|_| Error::Shape(format!("{what} = {v} exceeds the kernel's i32 range")))
+}
+
+fn check_xg(s: LinearShape, x_len: usize, g_len: usize) -> Result<()> {
+    ensure_shape(x_len == s.b * s.t * s.d, || {
+        format!(
+            "device X has {x_len} values, expected b*t*d = {}",
+            s.b * s.t * s.d
+        )
+    })?;
+    check_g(s, g_len)
+}
+
+fn check_g(s: LinearShape, g_len: usize) -> Result<()> {
+    ensure_shape(g_len == s.b * s.t * s.p, || {
+        format!(
+            "device G has {g_len} values, expected b*t*p = {}",
+            s.b * s.t * s.p
+        )
+    })?;
+    ensure_shape(s.b <= 65_535, || {
+        format!("batch {} exceeds 65535 per launch; use micro-batches", s.b)
+    })
+}
+
+/// Adds one linear layer's per-example squared gradient norms (by `method`, plus the
+/// bias term when `has_bias`) into `total` (length b, f64).
+pub fn add_layer_sq_norms<X: DevicePtr<f32>, G: DevicePtr<f32>>(
+    gpu: &Gpu,
+    x: &X,
+    g: &G,
+    s: LinearShape,
+    method: NormMethod,
+    has_bias: bool,
+    total: &mut CudaSlice<f64>,
+) -> Result<()> {
+    check_xg(s, x.len(), g.len())?;
+    ensure_shape(total.len() == s.b, || {
+        format!("norm buffer has {} slots for batch {}", total.len(), s.b)
+    })?;
+    if s.b == 0 || s.t == 0 {
+        return Ok(());
+    }
+    let st = gpu.stream();
+    let (xp, gp) = (dptr(x, st), dptr(g, st));
+    let (t, d, p) = (i32_dim(s.t, "T")?, i32_dim(s.d, "d")?, i32_dim(s.p, "p")?);
+    let b = s.b as u32;
+    if s.d > 0 && s.p > 0 {
+        let (name, blocks) = match method {
+            NormMethod::Ghost => {
+                let tiles = s.t.div_ceil(TILE);
+                ("ghost_sq_norm_f32", tiles * (tiles + 1) / 2)
+            }
+            NormMethod::Instantiated => {
+                ("inst_sq_norm_f32", s.d.div_ceil(TILE) * s.p.div_ceil(TILE))
+            }
+        };
+        let blocks = u32::try_from(blocks)
+            .map_err(|_| Error::Shape(format!("{name}: {blocks} tiles is too many")))?;
+        let f = gpu.func(MODULE, name)?;
+        let mut l = st.launch_builder(&f);
+        l.arg(&xp).arg(&gp).arg(&t).arg(&d).arg(&p).arg(&mut *total);
+        // SAFETY: argument types match the kernel signature; shapes checked above.
+        unsafe { launch(&mut l, launch_cfg((blocks, b, 1), THREADS, 0), name) }?;
+    }
+    if has_bias && s.p > 0 {
+        let f = gpu.func(MODULE, "bias_sq_norm_f32")?;
+        let mut l = st.launch_builder(&f);
+        l.arg(&gp).arg(&t).arg(&p).arg(&mut *total);
+        let grid = (s.p.div_ceil(THREADS as usize) as u32, b, 1);
+        // SAFETY: as above.
+        unsafe { launch(&mut l, launch_cfg(grid, THREADS, 0), "bias_sq_norm_f32") }?;
+    }
+    Ok(())
+}
+
+/// Clip factors c_i = min(1, C / (‖g_i‖ + 1e-6)) from the total squared norms.
+/// Synchronises to check for a non-finite norm, which is an error.
+pub fn clip_factors(
+    gpu: &Gpu,
+    total: &CudaSlice<f64>,
+    clip_norm: f32,
+    factors: &mut CudaSlice<f32>,
+) -> Result<()> {
+    if clip_norm.is_nan() || clip_norm <= 0.0 {
+        return Err(Error::Config(format!(
+            "clip norm C = {clip_norm} must be positive"
+        )));
+    }
+    ensure_shape(factors.len() == total.len(), || {
+        format!("{} factor slots for {} norms", factors.len(), total.len())
+    })?;
+    let b = i32_dim(total.len(), "batch")?;
+    if b == 0 {
+        return Ok(());
+    }
+    let mut bad = gpu.zeros::<u64>(1)?;
+    let f = gpu.func(MODULE, "clip_factors_f32")?;
+    let mut l = gpu.stream().launch_builder(&f);
+    l.arg(total)
+        .arg(&b)
+        .arg(&clip_norm)
+        .arg(factors)
+        .arg(&mut bad);
+    let grid = (b as u32).div_ceil(THREADS);
+    // SAFETY: argument types match the kernel signature.
+    unsafe {
+        launch(
+            &mut l,
+            launch_cfg((grid, 1, 1), THREADS, 0),
+            "clip_factors_f32",
+        )
+    }?;
+    let bad = gpu.download(&bad)?[0];
+    if bad > 0 {
+        return Err(Error::NonFinite(format!(
+            "{bad} example(s) have a non-finite gradient norm; check the loss and inputs"
+        )));
+    }
+    Ok(())
+}
+
+/// Workspace (f32 values) that [`clipped_weight_sum`] needs: the narrower of X and G.
+pub fn workspace_len(s: LinearShape) -> usize {
+    s.b * s.t * s.d.min(s.p)
+}
+
+/// The book-keeping clipped sum Σ_i c_i G_iᵀ X_i (p×d, W's layout) as one GEMM
+/// over all b·t rows, with the narrower of X and G scaled by c in `workspace`.
+/// `accumulate` adds into `out` (micro-batches); otherwise `out` is overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn clipped_weight_sum<X: DevicePtr<f32>, G: DevicePtr<f32>, O: DevicePtrMut<f32>>(
+    gpu: &Gpu,
+    x: &X,
+    g: &G,
+    factors: &CudaSlice<f32>,
+    s: LinearShape,
+    workspace: &mut CudaSlice<f32>,
+    out: &mut O,
+    accumulate: bool,
+) -> Result<()> {
+    check_xg(s, x.len(), g.len())?;
+    ensure_shape(factors.len() == s.b, || {
+        format!("{} factors for batch {}", factors.len(), s.b)
+    })?;
+    ensure_shape(out.len() == s.p * s.d, || {
+        format!(
+            "clipped sum buffer has {} values, expected p*d = {}",
+            out.len(),
+            s.p * s.d
+        )
+    })?;
+    ensure_shape(workspace.len() >= workspace_len(s), || {
+        format!(
+            "workspace has {} values, needs {}",
+            workspace.len(),
+            workspace_len(s)
+        )
+    })?;
+    if s.p == 0 || s.d == 0 {
+        return Ok(());
+    }
+    let scale_x = s.d < s.p;
+    let (src_ptr, width) = if scale_x {
+        (dptr(x, gpu.stream()), s.d)
+    } else {
+        (dptr(g, gpu.stream()), s.p)
+    };
+    let per_example = (s.t * width) as i64;
+    let total = (s.b * s.t * width) as i64;
+    if total > 0 {
+        let f = gpu.func(MODULE, "scale_examples_f32")?;
+        let mut l = gpu.stream().launch_builder(&f);
+        l.arg(&src_ptr)
+            .arg(factors)
+            .arg(&per_example)
+            .arg(&total)
+            .arg(&mut *workspace);
+        let grid = super::grid_for(total as usize, THREADS, gpu.sm_count() * 8);
+        // SAFETY: argument types match; workspace holds `total` values.
+        unsafe {
+            launch(
+                &mut l,
+                launch_cfg((grid, 1, 1), THREADS, 0),
+                "scale_examples_f32",
+            )
+        }?;
+    }
+    let gemm = RowMajor {
+        ta: true,
+        tb: false,
+        m: s.p,
+        n: s.d,
+        k: s.b * s.t,
+        alpha: 1.0,
+        beta: if accumulate { 1.0 } else { 0.0 },
+    };
+    if scale_x {
+        gemm.run(gpu, g, workspace, out)
+    } else {
+        gemm.run(gpu, workspace, x, out)
+    }
+}
+
+/// The clipped bias sum Σ_i c_i Σ_t G_i,t (length p); `accumulate` adds into `out`.
+pub fn clipped_bias_sum<G: DevicePtr<f32>, O: DevicePtrMut<f32>>(
+    gpu: &Gpu,
+    g: &G,
+    factors: &CudaSlice<f32>,
+    s: LinearShape,
+    out: &mut O,
+    accumulate: bool,
+) -> Result<()> {
+    check_g(s, g.len())?;
+    ensure_shape(factors.len() == s.b, || {
+        format!("{} factors for batch {}", factors.len(), s.b)
+    })?;
+    ensure_shape(out.len() == s.p, || {
+        format!(
+            "bias sum buffer has {} values, expected p = {}",
+            out.len(),
+            s.p
+        )
+    })?;
+    if s.p == 0 {
+        return Ok(());
+    }
+    let st = gpu.stream();
+    let (gp, op) = (dptr(g, st), dptr_mut(out, st));
+    let (b, t, p, acc) = (
+        i32_dim(s.b, "batch")?,
+        i32_dim(s.t, "T")?,
+        i32_dim(s.p, "p")?,
+        accumulate as i32,
+    );
+    let f = gpu.func(MODULE, "clipped_bias_sum_f32")?;
+    let mut l = st.launch_builder(&f);
+    l.arg(&gp)
+        .arg(factors)
+        .arg(&b)
+        .arg(&t)
+        .arg(&p)
+        .arg(&acc)
+        .arg(&op);
+    let grid = (s.p as u32).div_ceil(THREADS);
+    // SAFETY: argument types match the kernel signature; shapes checked above.
+    unsafe {
+        launch(
+            &mut l,
+            launch_cfg((grid, 1, 1), THREADS, 0),
+            "clipped_bias_sum_f32",
+        )
+    }
+}

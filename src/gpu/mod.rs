@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchArgs, LaunchConfig, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -45,6 +45,7 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     modules: HashMap<&'static str, Arc<CudaModule>>,
+    sm_count: u32,
     funcs: Mutex<HashMap<&'static str, CudaFunction>>,
 }
 
@@ -68,6 +69,11 @@ impl Gpu {
         // SAFETY: all work of this Gpu is issued on the single stream below.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(cuda_err("reading the SM count"))? as u32;
         let blas = CudaBlas::new(stream.clone()).map_err(cuda_err("creating cuBLAS handle"))?;
         let mut modules = HashMap::new();
         for (stem, bytes) in fatbins::FATBINS {
@@ -81,6 +87,7 @@ impl Gpu {
             stream,
             blas,
             modules,
+            sm_count,
             funcs: Mutex::new(HashMap::new()),
         })
     }
@@ -88,6 +95,11 @@ impl Gpu {
     /// The device name, e.g. "NVIDIA H200".
     pub fn name(&self) -> Result<String> {
         self.ctx.name().map_err(cuda_err("reading device name"))
+    }
+
+    /// Number of streaming multiprocessors, for sizing grid-stride launches.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
     }
 
     /// The stream all work is issued on.
@@ -125,10 +137,7 @@ impl Gpu {
     }
 
     /// Copies a device buffer (or view) back to the host. Synchronises the stream.
-    pub fn download<T: DeviceRepr + Default + Clone, S: DevicePtr<T>>(
-        &self,
-        dev: &S,
-    ) -> Result<Vec<T>> {
+    pub fn download<T: DeviceRepr, S: DevicePtr<T>>(&self, dev: &S) -> Result<Vec<T>> {
         self.stream
             .clone_dtoh(dev)
             .map_err(cuda_err("device-to-host copy"))
@@ -181,6 +190,37 @@ pub fn gpu_or_skip(test: &str) -> Option<Gpu> {
             None
         }
         Err(e) => panic!("{test}: a CUDA driver is present but the GPU failed to open: {e}"),
+    }
+}
+
+/// The raw device address of a buffer or view, for kernels that take pointers in
+/// structs or need views of any kind. Event tracking is disabled on the one stream,
+/// so dropping the returned guard at once is sound.
+pub(crate) fn dptr<T, S: DevicePtr<T>>(s: &S, stream: &CudaStream) -> u64 {
+    s.device_ptr(stream).0
+}
+
+/// Mutable counterpart of [`dptr`].
+pub(crate) fn dptr_mut<T, S: DevicePtrMut<T>>(s: &mut S, stream: &CudaStream) -> u64 {
+    s.device_ptr_mut(stream).0
+}
+
+/// Launches a prepared kernel and maps the driver error to [`Error::Cuda`].
+///
+/// # Safety
+/// The pushed arguments must match the kernel's parameter list, and every buffer
+/// the kernel touches under `cfg` must be large enough.
+pub(crate) unsafe fn launch(l: &mut LaunchArgs<'_>, cfg: LaunchConfig, name: &str) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    unsafe { l.launch(cfg) }.map(|_| ()).map_err(cuda_err(name))
+}
+
+/// A launch configuration with a 1-D block.
+pub(crate) fn launch_cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem,
     }
 }
 

@@ -1,0 +1,174 @@
+// Per-example gradient norms of linear layers and the book-keeping clipped sum.
+// CPU twin: src/dp/clip.rs. X is B x T x d, G is B x T x p, both row-major f32.
+//
+// Both norm forms are "tile GEMM, then reduce the tile": the 32x32 tile of the
+// product lives in registers (2x2 per thread), so neither the B x T x T Gram
+// matrices nor the B x d x p per-example gradients ever touch global memory.
+// Per-example results are added (double atomics) into a [B] total over layers.
+#include "common.cuh"
+
+namespace {
+
+constexpr int TILE = 32;    // output tile edge
+constexpr int KT = 32;      // inner-dimension chunk
+constexpr int THREADS = 256;  // 16 x 16 threads, 2 x 2 outputs each
+
+// An operand as a function of (row r, inner index k): M[r * rs + k * ks].
+// Row operands (k contiguous) are tokens x features; column operands (r contiguous)
+// are the transposed view used by the instantiated form.
+struct Operand {
+  const float* m;
+  long long rs, ks;
+  int rows, inner;
+};
+
+// Loads rows [r0, r0+32) x inner [k0, k0+32) into smem[r][k], zero-padded.
+// `r_fast` picks which index consecutive threads walk, for coalescing.
+__device__ __forceinline__ void load_tile(float (*s)[KT + 1], const Operand& a, int r0, int k0,
+                                          bool r_fast) {
+  for (int idx = threadIdx.x; idx < TILE * KT; idx += THREADS) {
+    int r = r_fast ? idx % TILE : idx / KT;
+    int k = r_fast ? idx / TILE : idx % KT;
+    int gr = r0 + r, gk = k0 + k;
+    s[r][k] = (gr < a.rows && gk < a.inner) ? a.m[gr * a.rs + gk * a.ks] : 0.f;
+  }
+}
+
+// acc[i][j] = sum_k A[r0 + ty*2 + i][k] * B[c0 + tx*2 + j][k] over the whole inner dim.
+__device__ __forceinline__ void tile_product(const Operand& a, const Operand& b, int r0, int c0,
+                                             bool r_fast, float acc[2][2]) {
+  __shared__ float sa[TILE][KT + 1];
+  __shared__ float sb[TILE][KT + 1];
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  acc[0][0] = acc[0][1] = acc[1][0] = acc[1][1] = 0.f;
+  for (int k0 = 0; k0 < a.inner; k0 += KT) {
+    __syncthreads();
+    load_tile(sa, a, r0, k0, r_fast);
+    load_tile(sb, b, c0, k0, r_fast);
+    __syncthreads();
+#pragma unroll 8
+    for (int k = 0; k < KT; ++k) {
+      float a0 = sa[ty * 2][k], a1 = sa[ty * 2 + 1][k];
+      float b0 = sb[tx * 2][k], b1 = sb[tx * 2 + 1][k];
+      acc[0][0] += a0 * b0;
+      acc[0][1] += a0 * b1;
+      acc[1][0] += a1 * b0;
+      acc[1][1] += a1 * b1;
+    }
+  }
+}
+
+__device__ __forceinline__ void add_block_total(double v, double* out) {
+  __shared__ double scratch[32];
+  v = dp::block_sum(v, scratch);
+  if (threadIdx.x == 0) atomicAdd(out, v);
+}
+
+// Maps a linear index over the lower triangle (including the diagonal) to (ti, tj).
+__device__ __forceinline__ void tri_index(int lin, int* ti, int* tj) {
+  int i = (int)((sqrt(8.0 * lin + 1.0) - 1.0) * 0.5);
+  while ((i + 1) * (i + 2) / 2 <= lin) ++i;
+  while (i * (i + 1) / 2 > lin) --i;
+  *ti = i;
+  *tj = lin - i * (i + 1) / 2;
+}
+
+}  // namespace
+
+// Ghost norm: out[b] += <X_b X_b^T, G_b G_b^T>_F.
+// grid = (tiles*(tiles+1)/2 lower-triangle tile pairs, B), block = 256.
+// The Gram matrices are symmetric, so an off-diagonal tile pair counts twice.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    ghost_sq_norm_f32(const float* __restrict__ x, const float* __restrict__ g, int T, int d,
+                      int p, double* __restrict__ out) {
+  const int b = blockIdx.y;
+  int ti, tj;
+  tri_index(blockIdx.x, &ti, &tj);
+  const float* xb = x + (long long)b * T * d;
+  const float* gb = g + (long long)b * T * p;
+  Operand xo{xb, d, 1, T, d}, go{gb, p, 1, T, p};
+  float ax[2][2], ag[2][2];
+  tile_product(xo, xo, ti * TILE, tj * TILE, false, ax);
+  tile_product(go, go, ti * TILE, tj * TILE, false, ag);
+  double v = 0.0;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) v += (double)ax[i][j] * (double)ag[i][j];
+  if (ti != tj) v *= 2.0;
+  add_block_total(v, out + b);
+}
+
+// Instantiated norm: out[b] += ||X_b^T G_b||_F^2.
+// grid = (ceil(d/32) * ceil(p/32), B), block = 256.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    inst_sq_norm_f32(const float* __restrict__ x, const float* __restrict__ g, int T, int d,
+                     int p, double* __restrict__ out) {
+  const int b = blockIdx.y;
+  const int tiles_p = (p + TILE - 1) / TILE;
+  const int r0 = (blockIdx.x / tiles_p) * TILE, c0 = (blockIdx.x % tiles_p) * TILE;
+  // Column operands: row r is feature r, inner index k is token k.
+  Operand xo{x + (long long)b * T * d, 1, d, d, T}, go{g + (long long)b * T * p, 1, p, p, T};
+  float a[2][2];
+  tile_product(xo, go, r0, c0, true, a);
+  double v = 0.0;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) v += (double)a[i][j] * (double)a[i][j];
+  add_block_total(v, out + b);
+}
+
+// Bias norm: out[b] += ||sum_t G_b,t||^2. grid = (ceil(p/256), B), block = 256.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    bias_sq_norm_f32(const float* __restrict__ g, int T, int p, double* __restrict__ out) {
+  const int b = blockIdx.y, c = blockIdx.x * THREADS + threadIdx.x;
+  double s = 0.0;
+  if (c < p) {
+    const float* gb = g + (long long)b * T * p + c;
+    for (int t = 0; t < T; ++t) s += (double)gb[(long long)t * p];
+  }
+  add_block_total(s * s, out + b);
+}
+
+// c[b] = min(1, C / (sqrt(sq[b]) + 1e-6)); a non-finite or negative norm bumps
+// *bad and gets factor 0 so the host can refuse the step.
+extern "C" __global__ void clip_factors_f32(const double* __restrict__ sq, int B, float C,
+                                            float* __restrict__ c,
+                                            unsigned long long* __restrict__ bad) {
+  int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  double s = sq[b];
+  if (!isfinite(s) || s < 0.0) {
+    atomicAdd(bad, 1ull);
+    c[b] = 0.f;
+    return;
+  }
+  c[b] = (float)fmin(1.0, (double)C / (sqrt(s) + 1e-6));
+}
+
+// y[b, t, :] = c[b] * x[b, t, :] for a B x T x n tensor: the diag(c) of the
+// book-keeping GEMM, applied to the narrower of X and G.
+extern "C" __global__ void scale_examples_f32(const float* __restrict__ x,
+                                              const float* __restrict__ c, long long per_example,
+                                              long long total, float* __restrict__ y) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x)
+    y[i] = c[i / per_example] * x[i];
+}
+
+// out[c] (+)= sum_b c_b sum_t G_b,t,c. grid = ceil(p/256), block = 256.
+extern "C" __global__ void clipped_bias_sum_f32(const float* __restrict__ g,
+                                                const float* __restrict__ c, int B, int T, int p,
+                                                int accumulate, float* __restrict__ out) {
+  int col = blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= p) return;
+  double s = 0.0;
+  for (int b = 0; b < B; ++b) {
+    double e = 0.0;
+    const float* gb = g + (long long)b * T * p + col;
+    for (int t = 0; t < T; ++t) e += (double)gb[(long long)t * p];
+    s += (double)c[b] * e;
+  }
+  out[col] = (accumulate ? out[col] : 0.f) + (float)s;
+}

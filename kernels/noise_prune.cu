@@ -1,0 +1,307 @@
+// Noisy-gradient top-k update pruning, fused: noise + exact magnitude threshold +
+// masked optimizer update. CPU twin: src/dp/prune.rs.
+//
+// For every coordinate j of a set of tensors (one tensor: per-tensor scope; many:
+// global scope), the released gradient is  n_j = sum_j + sigma*C * noise(j), with
+// the Philox noise regenerated on the fly in every pass, never stored. The k
+// coordinates with the largest |n_j| are updated; the rest keep their parameters
+// and optimizer moments. The threshold is exact: a three-pass radix select on the
+// magnitude key bits(n) & 0x7fffffff (11, 11, 10 bits), with ties at the
+// threshold broken by lowest position in the set's order (tensor order, then index).
+//
+// The whole step is device-side: every kernel reads its parameters from the
+// SelectState, so the host issues hist/pick x3, tie count/scan, apply, and reads
+// one small struct at the end.
+#include "common.cuh"
+#include "philox.cuh"
+
+namespace {
+constexpr int BINS = 2048;
+constexpr int THREADS = 256;
+constexpr long long CHUNK = 8192;  // elements per apply block (a multiple of 4 and 1024)
+}  // namespace
+
+// One tensor of the selection set. Mirrors `Segment` in src/gpu/noise_prune.rs.
+struct Segment {
+  const float* grad;  // clipped sum
+  float* param;
+  float* m;  // momentum (SGD) or first moment (AdamW); null for plain SGD
+  float* v;  // second moment (AdamW only)
+  unsigned long long len;
+  unsigned long long chunk_base;  // index of this tensor's first CHUNK in the set
+  unsigned int tensor_id;
+  unsigned int pad;
+};
+
+// Mirrors `NoiseArgs` in src/gpu/noise_prune.rs.
+struct NoiseArgs {
+  unsigned long long seed;
+  unsigned int step;
+  float std;  // sigma * C
+};
+
+// Mirrors `OptArgs`: kind 0 = SGD (momentum may be 0), 1 = AdamW.
+struct OptArgs {
+  int kind;
+  float lr, inv_batch, weight_decay;
+  float momentum;
+  float beta1, beta2, eps;
+  float bias_corr1, bias_corr2;  // 1 - beta^t
+};
+
+// Mirrors `SelectState`. Reset by the host before every call.
+struct SelectState {
+  unsigned int hist[BINS];
+  unsigned int prefix;       // key bits fixed so far
+  unsigned int prefix_mask;  // which bits those are
+  unsigned long long k;      // coordinates to keep
+  unsigned long long rank;   // 1-based rank still sought within the current bucket
+  unsigned long long count_eq;
+  unsigned long long ties_to_keep;
+  unsigned long long nonfinite;
+  unsigned long long kept;
+  int keep_all;  // k == n: skip selection
+  int pad;
+};
+
+__device__ __forceinline__ unsigned int mag_key(float x) { return __float_as_uint(x) & 0x7fffffffu; }
+
+// The four noisy values of group q (elements 4q..4q+3) of a segment; `n` of them valid.
+__device__ __forceinline__ void noisy4(const Segment& s, const NoiseArgs& na, unsigned long long q,
+                                       float out[4], int* n) {
+  unsigned long long e = q * 4;
+  *n = (int)min(4ull, s.len - e);
+  float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (na.std != 0.f) z = dp::normal4(na.seed, s.tensor_id, na.step, q);
+  const float zs[4] = {z.x, z.y, z.z, z.w};
+#pragma unroll
+  for (int l = 0; l < 4; ++l) out[l] = l < *n ? __fmaf_rn(na.std, zs[l], s.grad[e + l]) : 0.f;
+}
+
+// Histogram pass `pass` (0, 1, 2) over keys matching the prefix fixed so far.
+// Pass 0 also counts non-finite values. Grid-stride over every segment.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    prune_hist(const Segment* __restrict__ segs, int nsegs, NoiseArgs na, SelectState* st,
+               int pass) {
+  __shared__ unsigned int h[BINS];
+  const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
+  const unsigned int width_mask = pass == 2 ? 0x3ffu : 0x7ffu;
+  const unsigned int prefix = st->prefix, pmask = st->prefix_mask;
+  const bool selecting = !st->keep_all && st->k > 0;
+  if (pass > 0 && !selecting) return;
+  for (int i = threadIdx.x; i < BINS; i += THREADS) h[i] = 0;
+  __syncthreads();
+  unsigned long long bad = 0;
+  for (int si = 0; si < nsegs; ++si) {
+    const Segment s = segs[si];
+    const unsigned long long groups = (s.len + 3) / 4;
+    for (unsigned long long q = blockIdx.x * (unsigned long long)THREADS + threadIdx.x; q < groups;
+         q += (unsigned long long)gridDim.x * THREADS) {
+      float v[4];
+      int n;
+      noisy4(s, na, q, v, &n);
+      for (int l = 0; l < n; ++l) {
+        if (pass == 0 && !isfinite(v[l])) ++bad;
+        unsigned int key = isfinite(v[l]) ? mag_key(v[l]) : 0u;
+        if (selecting && (key & pmask) == prefix) atomicAdd(&h[(key >> shift) & width_mask], 1u);
+      }
+    }
+  }
+  if (bad) atomicAdd(&st->nonfinite, bad);
+  __syncthreads();
+  if (selecting)
+    for (int i = threadIdx.x; i < BINS; i += THREADS)
+      if (h[i]) atomicAdd(&st->hist[i], h[i]);
+}
+
+// Picks the bucket holding the rank-th largest key, fixes its bits and clears the
+// histogram for the next pass. One warp: each lane scans a contiguous slice of
+// bins from the top, then the lanes combine their counts.
+extern "C" __global__ void prune_pick(SelectState* st, int pass) {
+  if (st->keep_all || st->k == 0) return;
+  const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
+  const int nb = pass == 2 ? 1024 : 2048;
+  const int lane = threadIdx.x;  // 32 lanes; lane 0 owns the highest bins
+  const int per = nb / 32;
+  const int hi = nb - 1 - lane * per;  // this lane's bins: hi, hi-1, ..., hi-per+1
+  unsigned long long mine = 0;
+  for (int i = 0; i < per; ++i) mine += st->hist[hi - i];
+  // Exclusive prefix over lanes in descending-bin order.
+  unsigned long long above = mine;
+  for (int o = 1; o < 32; o <<= 1) {
+    unsigned long long t = __shfl_up_sync(0xffffffffu, above, o);
+    if (lane >= o) above += t;
+  }
+  above -= mine;
+  const unsigned long long rank = st->rank;
+  const bool here = above < rank && rank <= above + mine;
+  const unsigned int who = __ballot_sync(0xffffffffu, here);
+  const int owner = __ffs(who) - 1;
+  if (lane == owner) {
+    unsigned long long r = rank - above;
+    int b = hi;
+    for (;; --b) {
+      unsigned long long c = st->hist[b];
+      if (r <= c) break;
+      r -= c;
+    }
+    st->prefix |= (unsigned int)b << shift;
+    st->prefix_mask |= (unsigned int)(nb - 1) << shift;
+    st->rank = r;
+    if (pass == 2) {
+      st->count_eq = st->hist[b];
+      st->ties_to_keep = r;
+    }
+  }
+  __syncwarp();
+  for (int i = lane; i < BINS; i += 32) st->hist[i] = 0;
+}
+
+__device__ __forceinline__ bool need_tie_break(const SelectState* st) {
+  return !st->keep_all && st->k > 0 && st->ties_to_keep < st->count_eq;
+}
+
+__device__ __forceinline__ void chunk_of(const Segment* segs, int nsegs, unsigned long long c,
+                                         int* si, unsigned long long* start,
+                                         unsigned long long* end) {
+  int lo = 0, hi = nsegs - 1;  // last segment with chunk_base <= c
+  while (lo < hi) {
+    int mid = (lo + hi + 1) / 2;
+    if (segs[mid].chunk_base <= c) lo = mid; else hi = mid - 1;
+  }
+  *si = lo;
+  *start = (c - segs[lo].chunk_base) * CHUNK;
+  *end = min(*start + CHUNK, segs[lo].len);
+}
+
+// Number of threshold ties in each chunk, only when ties must be broken.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    prune_tie_count(const Segment* __restrict__ segs, int nsegs, NoiseArgs na,
+                    const SelectState* st, unsigned int* __restrict__ chunk_ties) {
+  if (!need_tie_break(st)) return;
+  __shared__ unsigned int scratch[32];
+  int si;
+  unsigned long long start, end;
+  chunk_of(segs, nsegs, blockIdx.x, &si, &start, &end);
+  const Segment s = segs[si];
+  const unsigned int thr = st->prefix;
+  unsigned int c = 0;
+  for (unsigned long long e = start + threadIdx.x * 4ull; e < end; e += THREADS * 4ull) {
+    float v[4];
+    int n;
+    noisy4(s, na, e / 4, v, &n);
+    for (int l = 0; l < n; ++l) c += mag_key(v[l]) == thr;
+  }
+  c = dp::block_sum(c, scratch);
+  if (threadIdx.x == 0) chunk_ties[blockIdx.x] = c;
+}
+
+// Exclusive scan of chunk_ties into chunk_offset (one block; sequential over
+// 1024-chunk tiles, so it scales to ~1e6 chunks = 8e9 coordinates).
+extern "C" __global__ void prune_tie_scan(const SelectState* st,
+                                          const unsigned int* __restrict__ chunk_ties,
+                                          unsigned long long nchunks,
+                                          unsigned long long* __restrict__ chunk_offset) {
+  if (!need_tie_break(st)) return;
+  __shared__ unsigned long long warp_tot[32];
+  __shared__ unsigned long long carry;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x == 0) carry = 0;
+  for (unsigned long long base = 0; base < nchunks; base += blockDim.x) {
+    __syncthreads();
+    unsigned long long i = base + threadIdx.x;
+    unsigned long long v = i < nchunks ? chunk_ties[i] : 0, x = v;
+    for (int o = 1; o < 32; o <<= 1) {
+      unsigned long long t = __shfl_up_sync(0xffffffffu, x, o);
+      if (lane >= o) x += t;
+    }
+    if (lane == 31) warp_tot[warp] = x;
+    __syncthreads();
+    unsigned long long before = carry;
+    for (int w = 0; w < warp; ++w) before += warp_tot[w];
+    if (i < nchunks) chunk_offset[i] = before + x - v;
+    __syncthreads();
+    if (threadIdx.x == blockDim.x - 1) carry = before + x;
+  }
+}
+
+__device__ __forceinline__ void update_one(const OptArgs& o, float noisy, float* p, float* m,
+                                           float* v, unsigned long long j) {
+  float g = noisy * o.inv_batch;
+  float w = p[j];
+  if (o.kind == 0) {
+    g = __fmaf_rn(o.weight_decay, w, g);
+    if (m) {
+      float mj = __fmaf_rn(o.momentum, m[j], g);
+      m[j] = mj;
+      g = mj;
+    }
+    p[j] = __fmaf_rn(-o.lr, g, w);
+  } else {
+    float mj = __fmaf_rn(o.beta1, m[j], (1.f - o.beta1) * g);
+    float vj = __fmaf_rn(o.beta2, v[j], (1.f - o.beta2) * g * g);
+    m[j] = mj;
+    v[j] = vj;
+    float mhat = mj / o.bias_corr1, vhat = vj / o.bias_corr2;
+    float upd = mhat / (sqrtf(vhat) + o.eps);
+    p[j] = __fmaf_rn(-o.lr, __fmaf_rn(o.weight_decay, w, upd), w);
+  }
+}
+
+// The masked update. One block per CHUNK; when ties must be broken, each block
+// walks its chunk in order so a tie's rank is chunk offset + block-local prefix.
+// Refuses to touch anything when a non-finite value was seen in pass 0.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    prune_apply(const Segment* __restrict__ segs, int nsegs, NoiseArgs na, OptArgs o,
+                SelectState* st, const unsigned long long* __restrict__ chunk_offset) {
+  if (st->nonfinite || st->k == 0) return;
+  __shared__ unsigned int scan[THREADS];
+  __shared__ unsigned int scratch[32];
+  int si;
+  unsigned long long start, end;
+  chunk_of(segs, nsegs, blockIdx.x, &si, &start, &end);
+  const Segment s = segs[si];
+  const bool all = st->keep_all;
+  const bool ties = need_tie_break(st);
+  const unsigned int thr = st->prefix;
+  unsigned long long tie_base = ties ? chunk_offset[blockIdx.x] : 0;
+  const unsigned long long tie_quota = st->ties_to_keep;
+  unsigned int kept = 0;
+  // Every thread runs the same number of iterations so the scan's barriers match.
+  for (unsigned long long e0 = start; e0 < end; e0 += THREADS * 4ull) {
+    const unsigned long long e = e0 + threadIdx.x * 4ull;
+    float v[4];
+    int n = 0;
+    if (e < end) noisy4(s, na, e / 4, v, &n);
+    bool keep[4] = {false, false, false, false};
+    unsigned int my_ties = 0;
+    for (int l = 0; l < n; ++l) {
+      unsigned int key = mag_key(v[l]);
+      keep[l] = all || key > thr || (key == thr && !ties);
+      my_ties += (ties && key == thr);
+    }
+    if (ties) {
+      // Block-wide inclusive scan of tie counts (Hillis-Steele in shared memory).
+      scan[threadIdx.x] = my_ties;
+      __syncthreads();
+      for (int off = 1; off < THREADS; off <<= 1) {
+        unsigned int t = threadIdx.x >= off ? scan[threadIdx.x - off] : 0;
+        __syncthreads();
+        scan[threadIdx.x] += t;
+        __syncthreads();
+      }
+      unsigned long long r = tie_base + scan[threadIdx.x] - my_ties;
+      for (int l = 0; l < n; ++l)
+        if (mag_key(v[l]) == thr) keep[l] = (r++ < tie_quota);
+      tie_base += scan[THREADS - 1];
+      __syncthreads();
+    }
+    for (int l = 0; l < n; ++l)
+      if (keep[l]) {
+        update_one(o, v[l], s.param, s.m, s.v, e + l);
+        ++kept;
+      }
+  }
+  kept = dp::block_sum(kept, scratch);
+  if (threadIdx.x == 0 && kept) atomicAdd(&st->kept, (unsigned long long)kept);
+}
