@@ -15,8 +15,12 @@ use cudarc::nvrtc::Ptx;
 
 use crate::{Error, Result};
 
+/// The cudarc version these APIs are built on, for callers that bring their own buffers.
+pub use cudarc;
+
 pub mod blas;
 pub mod clip;
+pub mod noise;
 pub mod noise_prune;
 pub mod tokens;
 

@@ -178,6 +178,18 @@ impl<'a> DeviceTensor<'a> {
     }
 }
 
+impl<'a> DeviceTensor<'a> {
+    /// A tensor updated by plain SGD (no momentum), which needs no moment buffers.
+    pub fn plain<G: DevicePtr<f32>, P: DevicePtrMut<f32>>(
+        gpu: &Gpu,
+        tensor_id: u32,
+        grad: &'a G,
+        param: &'a mut P,
+    ) -> Result<Self> {
+        Self::new::<G, P, CudaSlice<f32>>(gpu, tensor_id, grad, param, None, None)
+    }
+}
+
 /// Planned buffers for [`PrunePlan::run`], sized for at most `max_tensors` tensors
 /// and `max_coords` coordinates per selection set.
 pub struct PrunePlan {
