@@ -6,8 +6,10 @@
 //! The GPU runtime lives in `gpu` behind the `cuda` feature.
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod dp;
 pub mod error;
+pub mod selfcheck;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod linalg;

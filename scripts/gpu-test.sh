@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Runs dualpriv's GPU checks on a CUDA machine that has no Rust toolchain.
+#
+#   scripts/gpu-test.sh build [BUNDLE]        on a machine with Rust (no GPU needed):
+#                                             builds the release test binaries and the
+#                                             dualpriv binary with --features cuda, into
+#                                             BUNDLE (default gpu-bundle/), stripped.
+#   scripts/gpu-test.sh run BUNDLE OUTDIR     on the CUDA machine: finds libcublas.so.13,
+#                                             runs every test binary and the kernel
+#                                             benchmarks, writes logs and SUMMARY.md to OUTDIR.
+#   scripts/gpu-test.sh all OUTDIR            both, on one machine that has Rust and a GPU.
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+build() {
+  local bundle="${1:-$root/gpu-bundle}"
+  set -e
+  cd "$root"
+  eval "$(bash scripts/install-cuda-tools.sh)"
+  rm -rf "$bundle" && mkdir -p "$bundle/tests"
+  cargo build --release --features cuda --bin dualpriv
+  cp target/release/dualpriv "$bundle/"
+  cargo test --release --features cuda --no-run --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] != ["bin"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do cp "$exe" "$bundle/tests/$name"; done
+  strip "$bundle/dualpriv" "$bundle"/tests/* 2>/dev/null || true
+  git rev-parse --short HEAD > "$bundle/COMMIT" 2>/dev/null || true
+  du -sh "$bundle"
+  ls "$bundle/tests"
+}
+
+find_cublas() {
+  local d
+  for d in ${LD_LIBRARY_PATH//:/ } /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+           /usr/lib/x86_64-linux-gnu /usr/lib64; do
+    [ -e "$d/libcublas.so.13" ] && { echo "$d"; return 0; }
+  done
+  d=$(find /usr /opt -name 'libcublas.so.13*' -print -quit 2>/dev/null)
+  [ -n "$d" ] && { dirname "$d"; return 0; }
+  return 1
+}
+
+run() {
+  local bundle="$1" out="$2"
+  mkdir -p "$out"
+  local lib
+  if lib=$(find_cublas); then
+    export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "libcublas.so.13 found in $lib"
+  else
+    echo "WARNING: libcublas.so.13 not found under /usr or /opt; cuBLAS tests will fail"
+  fi
+  {
+    echo "# dualpriv GPU run"
+    echo "date: $(date -u +%FT%TZ)"
+    echo "commit: $(cat "$bundle/COMMIT" 2>/dev/null || echo unknown)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
+    echo
+    echo "| binary | result |"
+    echo "|---|---|"
+  } > "$out/SUMMARY.md"
+  local fails=0 t name
+  for t in "$bundle"/tests/*; do
+    name=$(basename "$t")
+    timeout 300 "$t" --test-threads=1 --nocapture > "$out/test-$name.log" 2>&1
+    local rc=$?
+    local line
+    line=$(grep -E '^test result:' "$out/test-$name.log" | tail -n 1)
+    if grep -q 'skipped: no CUDA driver' "$out/test-$name.log"; then line="$line (GPU SKIPPED)"; fi
+    [ $rc -ne 0 ] && fails=$((fails + 1)) && line="FAILED rc=$rc $line"
+    echo "| $name | $line |" >> "$out/SUMMARY.md"
+  done
+  if "$bundle/dualpriv" bench-kernels --help >/dev/null 2>&1; then
+    timeout 300 "$bundle/dualpriv" bench-kernels --backend cuda > "$out/bench-kernels.md" 2>&1 ||
+      fails=$((fails + 1))
+    { echo; echo "## bench-kernels --backend cuda"; cat "$out/bench-kernels.md"; } >> "$out/SUMMARY.md"
+  fi
+  echo "failures: $fails" >> "$out/SUMMARY.md"
+  cat "$out/SUMMARY.md"
+  return $(( fails > 0 ))
+}
+
+case "${1:-}" in
+  build) build "${2:-}" ;;
+  run) [ $# -eq 3 ] || { echo "usage: $0 run BUNDLE OUTDIR" >&2; exit 2; }; run "$2" "$3" ;;
+  all) [ $# -eq 2 ] || { echo "usage: $0 all OUTDIR" >&2; exit 2; }; build "$root/gpu-bundle" && run "$root/gpu-bundle" "$2" ;;
+  *) sed -n '2,12p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,300 @@
+//! Micro-benchmarks of each mechanism, on the CPU reference or the CUDA kernels.
+//! Used by `cargo bench` (CPU) and `dualpriv bench-kernels --backend cuda`.
+//!
+//! Every row reports the median of several timed repetitions after a warm-up, and
+//! the throughput implied by the bytes the kernel must move or the flops it must do.
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::dp::clip::{self, LinearShape, NormMethod};
+use crate::dp::noise::NoiseKey;
+use crate::dp::prune::{self, Optimizer, TensorState, UpdateConfig};
+use crate::vision::tokens::{self, TokenSelectConfig, TokenShape};
+use crate::Result;
+
+/// One benchmark result.
+#[derive(Clone, Debug)]
+pub struct BenchRow {
+    /// What was measured.
+    pub name: String,
+    /// Problem size, human readable.
+    pub shape: String,
+    /// Median time per call, milliseconds.
+    pub median_ms: f64,
+    /// Throughput: value and unit ("GB/s", "GFLOP/s", ...).
+    pub throughput: (f64, &'static str),
+}
+
+/// Where to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU reference implementations.
+    Cpu,
+    /// The CUDA kernels (needs the `cuda` feature and a GPU).
+    Cuda,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Times `f` `reps` times after one warm-up call; returns the median in ms.
+fn time_cpu(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(t))
+}
+
+fn random(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
+}
+
+/// Problem sizes: small on the CPU (2 cores must finish in seconds), LLaVA-7B scale
+/// on the GPU.
+struct Sizes {
+    clip: LinearShape,
+    coords: usize,
+    token_batch: usize,
+}
+
+fn sizes(dev: Device) -> Sizes {
+    match dev {
+        Device::Cpu => Sizes { clip: LinearShape { b: 4, t: 128, d: 512, p: 512 }, coords: 1 << 20, token_batch: 2 },
+        // q_proj of llava-7b at batch 4 with 576 visual + 99 text tokens; 320M LoRA
+        // coordinates (r = 128 on all Vicuna-7B linears).
+        Device::Cuda => Sizes {
+            clip: LinearShape { b: 4, t: 675, d: 4096, p: 4096 },
+            coords: 319_815_680,
+            token_batch: 16,
+        },
+    }
+}
+
+fn norm_flops(s: LinearShape, m: NormMethod) -> f64 {
+    let (b, t, d, p) = (s.b as f64, s.t as f64, s.d as f64, s.p as f64);
+    match m {
+        NormMethod::Ghost => b * t * t * (d + p),          // two Gram halves (symmetric)
+        NormMethod::Instantiated => 2.0 * b * t * d * p,
+    }
+}
+
+/// Runs every micro-benchmark on `dev`.
+pub fn run(dev: Device) -> Result<Vec<BenchRow>> {
+    match dev {
+        Device::Cpu => run_cpu(),
+        Device::Cuda => run_cuda(),
+    }
+}
+
+fn llava_tokens(batch: usize) -> (TokenShape, TokenSelectConfig) {
+    (
+        TokenShape { batch, tokens: 577, heads: 16, head_dim: 64, hidden: 1024 },
+        TokenSelectConfig { keep: 53, context: 10, fuse_noise_std: 0.0, noise_seed: 0 },
+    )
+}
+
+fn shape_str(s: LinearShape) -> String {
+    format!("B={} T={} d={} p={}", s.b, s.t, s.d, s.p)
+}
+
+fn run_cpu() -> Result<Vec<BenchRow>> {
+    let sz = sizes(Device::Cpu);
+    let mut r = ChaCha8Rng::seed_from_u64(0);
+    let s = sz.clip;
+    let x = random(&mut r, s.b * s.t * s.d);
+    let g = random(&mut r, s.b * s.t * s.p);
+    let mut rows = Vec::new();
+    for m in [NormMethod::Ghost, NormMethod::Instantiated] {
+        let ms = time_cpu(3, || clip::layer_sq_norms(&x, &g, s, m, false).map(|_| ()))?;
+        rows.push(BenchRow {
+            name: format!("per-example norms ({m:?}, f64)"),
+            shape: shape_str(s),
+            median_ms: ms,
+            throughput: (norm_flops(s, m) / ms / 1e6, "GFLOP/s"),
+        });
+    }
+    let c = vec![0.5f32; s.b];
+    let mut out = vec![0.0f32; s.p * s.d];
+    let ms = time_cpu(3, || clip::clipped_weight_sum(&x, &g, &c, s, &mut out))?;
+    rows.push(BenchRow {
+        name: "BK clipped sum (f64)".into(),
+        shape: shape_str(s),
+        median_ms: ms,
+        throughput: (2.0 * (s.b * s.t * s.d * s.p) as f64 / ms / 1e6, "GFLOP/s"),
+    });
+    let n = sz.coords;
+    let key = NoiseKey { seed: 1, tensor_id: 0, step: 0 };
+    let mut z = vec![0.0f32; n];
+    let ms = time_cpu(5, || {
+        key.fill(0, &mut z);
+        Ok(())
+    })?;
+    rows.push(BenchRow {
+        name: "Philox noise".into(),
+        shape: format!("N={n}"),
+        median_ms: ms,
+        throughput: (n as f64 / ms / 1e3, "Mnormal/s"),
+    });
+    let grad = random(&mut r, n);
+    let (mut p, mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+    let cfg = UpdateConfig {
+        keep_frac: 0.8,
+        noise_std: 1.0,
+        seed: 3,
+        step: 1,
+        inv_batch: 1.0 / 64.0,
+        opt: Optimizer::AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, t: 1 },
+    };
+    let ms = time_cpu(3, || {
+        let mut t = [TensorState { tensor_id: 0, grad: &grad, param: &mut p, m: &mut m, v: &mut v }];
+        prune::noise_prune_update(&mut t, &cfg).map(|_| ())
+    })?;
+    rows.push(BenchRow {
+        name: "noise + top-k + AdamW".into(),
+        shape: format!("N={n} keep=0.8"),
+        median_ms: ms,
+        throughput: (n as f64 / ms / 1e3, "Mcoord/s"),
+    });
+    let (ts, tc) = llava_tokens(sz.token_batch);
+    let attn = random(&mut r, ts.attn_len()?).iter().map(|x| x.abs()).collect::<Vec<_>>();
+    let keys = random(&mut r, ts.keys_len()?);
+    let hidden = random(&mut r, ts.hidden_len()?);
+    let ms = time_cpu(3, || tokens::select_tokens(&attn, &keys, &hidden, &ts, &tc).map(|_| ()))?;
+    rows.push(BenchRow {
+        name: "token selection (K=53, M=10)".into(),
+        shape: format!("B={} N=577 D=1024", ts.batch),
+        median_ms: ms,
+        throughput: (ts.batch as f64 / ms * 1e3, "images/s"),
+    });
+    Ok(rows)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda() -> Result<Vec<BenchRow>> {
+    Err(crate::Error::Config(
+        "this binary was built without CUDA; rebuild with `--features cuda` (see README)".into(),
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda() -> Result<Vec<BenchRow>> {
+    use crate::gpu::{self, Gpu};
+    let gpu = Gpu::new()?;
+    let time = |reps: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?;
+        let mut t = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            t.push(gpu.time_ms(&mut *f)? as f64);
+        }
+        Ok(median(t))
+    };
+    let sz = sizes(Device::Cuda);
+    let mut r = ChaCha8Rng::seed_from_u64(0);
+    let s = sz.clip;
+    let dx = gpu.upload(&random(&mut r, s.b * s.t * s.d))?;
+    let dg = gpu.upload(&random(&mut r, s.b * s.t * s.p))?;
+    let mut tot = gpu.zeros::<f64>(s.b)?;
+    let mut rows = Vec::new();
+    for m in [NormMethod::Ghost, NormMethod::Instantiated] {
+        let ms = time(5, &mut || gpu::clip::add_layer_sq_norms(&gpu, &dx, &dg, s, m, false, &mut tot))?;
+        rows.push(BenchRow {
+            name: format!("per-example norms ({m:?})"),
+            shape: shape_str(s),
+            median_ms: ms,
+            throughput: (norm_flops(s, m) / ms / 1e9, "TFLOP/s"),
+        });
+    }
+    let dc = gpu.upload(&vec![0.5f32; s.b])?;
+    let mut ws = gpu.zeros::<f32>(gpu::clip::workspace_len(s))?;
+    let mut out = gpu.zeros::<f32>(s.p * s.d)?;
+    let ms = time(5, &mut || gpu::clip::clipped_weight_sum(&gpu, &dx, &dg, &dc, s, &mut ws, &mut out, true))?;
+    rows.push(BenchRow {
+        name: "BK clipped sum (FP32 cuBLAS)".into(),
+        shape: shape_str(s),
+        median_ms: ms,
+        throughput: (2.0 * (s.b * s.t * s.d * s.p) as f64 / ms / 1e9, "TFLOP/s"),
+    });
+    drop((dx, dg, ws, out));
+    let n = sz.coords;
+    let key = NoiseKey { seed: 1, tensor_id: 0, step: 0 };
+    let mut z = gpu.zeros::<f32>(n)?;
+    let ms = time(5, &mut || gpu::noise::noise_axpy(&gpu, key, 0, 1.0, false, &mut z))?;
+    rows.push(BenchRow {
+        name: "Philox noise (write)".into(),
+        shape: format!("N={n}"),
+        median_ms: ms,
+        throughput: (4.0 * n as f64 / ms / 1e6, "GB/s"),
+    });
+    let grad = gpu.upload(&random(&mut r, n))?;
+    let (mut p, mut m, mut v) = (gpu.zeros::<f32>(n)?, gpu.zeros::<f32>(n)?, gpu.zeros::<f32>(n)?);
+    let mut plan = gpu::noise_prune::PrunePlan::new(&gpu, 1, n as u64)?;
+    for keep in [0.8, 1.0] {
+        let cfg = UpdateConfig {
+            keep_frac: keep,
+            noise_std: 1.0,
+            seed: 3,
+            step: 1,
+            inv_batch: 1.0 / 64.0,
+            opt: Optimizer::AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, t: 1 },
+        };
+        let ms = time(3, &mut || {
+            let t = gpu::noise_prune::DeviceTensor::new(&gpu, 0, &grad, &mut p, Some(&mut m), Some(&mut v))?;
+            plan.run(&gpu, &[t], &cfg).map(|_| ())
+        })?;
+        rows.push(BenchRow {
+            name: format!("noise + top-k + AdamW (keep={keep})"),
+            shape: format!("N={n}"),
+            median_ms: ms,
+            throughput: (n as f64 / ms / 1e6, "Gcoord/s"),
+        });
+    }
+    drop((grad, p, m, v, plan));
+    let (ts, tc) = llava_tokens(sz.token_batch);
+    let attn = random(&mut r, ts.attn_len()?).iter().map(|x| x.abs()).collect::<Vec<_>>();
+    let da = gpu.upload(&attn)?;
+    let dk = gpu.upload(&random(&mut r, ts.keys_len()?))?;
+    let dh = gpu.upload(&random(&mut r, ts.hidden_len()?))?;
+    let mut out = gpu.zeros::<f32>(ts.batch * tc.out_tokens() * ts.hidden)?;
+    let mut kept = gpu.zeros::<u32>(ts.batch * (1 + tc.keep))?;
+    let mut ws = gpu::tokens::TokenWorkspace::new(&gpu, &ts, &tc)?;
+    let ms = time(5, &mut || {
+        gpu::tokens::select_tokens_dev(
+            &gpu,
+            &da.as_view(),
+            &dk.as_view(),
+            &dh.as_view(),
+            &ts,
+            &tc,
+            &mut out.as_view_mut(),
+            &mut kept.as_view_mut(),
+            &mut ws,
+        )
+    })?;
+    rows.push(BenchRow {
+        name: "token selection (K=53, M=10)".into(),
+        shape: format!("B={} N=577 D=1024", ts.batch),
+        median_ms: ms,
+        throughput: (ts.batch as f64 / ms * 1e3, "images/s"),
+    });
+    Ok(rows)
+}
+
+/// Formats rows as a markdown table.
+pub fn markdown(rows: &[BenchRow]) -> String {
+    let mut s = String::from("| kernel | shape | median ms | throughput |\n|---|---|---|---|\n");
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {:.3} | {:.2} {} |\n",
+            r.name, r.shape, r.median_ms, r.throughput.0, r.throughput.1
+        );
+    }
+    s
+}
