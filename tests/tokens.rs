@@ -3,8 +3,8 @@
 //! and errors, and the GPU (`dualpriv::gpu::tokens`) against the CPU.
 use dualpriv::dp::noise::NoiseKey;
 use dualpriv::vision::tokens::{
-    cls_scores, dominant_indices, plan_tokens, select_tokens, TokenSelectConfig, TokenShape,
-    NOT_A_MEMBER, TOKENS_NOISE_TENSOR_ID,
+    cls_scores, dominant_indices, gather_fuse, plan_tokens, select_tokens, TokenSelectConfig,
+    TokenShape, NOT_A_MEMBER, TOKENS_NOISE_TENSOR_ID,
 };
 use dualpriv::Error;
 use rand::seq::SliceRandom;
@@ -453,6 +453,30 @@ fn bad_configs_and_shapes_are_errors() {
     }
     let huge = shape(usize::MAX / 2, 30, 2, 5, 3);
     expect_shape(select_tokens(&[], &[], &[], &huge, &cfg(0, 0)), "overflows");
+}
+
+#[test]
+fn gather_fuse_rejects_a_bad_plan() {
+    let s = shape(2, 30, 2, 5, 3);
+    let c = cfg(10, 4);
+    let inp = gen(s, 9);
+    let plan = plan_tokens(&inp.attn, &inp.keys, &s, &c).unwrap();
+    assert!(gather_fuse(&inp.hidden, &s, &c, &plan).is_ok());
+    let mut short = plan.clone();
+    short.assign.pop();
+    expect_shape(gather_fuse(&inp.hidden, &s, &c, &short), "plan.assign");
+    let mut far = plan.clone();
+    far.centers[3] = 30;
+    expect_shape(
+        gather_fuse(&inp.hidden, &s, &c, &far),
+        "plan.centers holds 30",
+    );
+    let mut wrong = plan;
+    wrong.assign[1] = 4;
+    expect_shape(
+        gather_fuse(&inp.hidden, &s, &c, &wrong),
+        "plan.assign holds 4",
+    );
 }
 
 #[cfg(feature = "cuda")]
