@@ -67,11 +67,25 @@ struct Sizes {
 
 fn sizes(dev: Device) -> Sizes {
     match dev {
-        Device::Cpu => Sizes { clip: LinearShape { b: 4, t: 128, d: 512, p: 512 }, coords: 1 << 20, token_batch: 2 },
+        Device::Cpu => Sizes {
+            clip: LinearShape {
+                b: 4,
+                t: 128,
+                d: 512,
+                p: 512,
+            },
+            coords: 1 << 20,
+            token_batch: 2,
+        },
         // q_proj of llava-7b at batch 4 with 576 visual + 99 text tokens; 320M LoRA
         // coordinates (r = 128 on all Vicuna-7B linears).
         Device::Cuda => Sizes {
-            clip: LinearShape { b: 4, t: 675, d: 4096, p: 4096 },
+            clip: LinearShape {
+                b: 4,
+                t: 675,
+                d: 4096,
+                p: 4096,
+            },
             coords: 319_815_680,
             token_batch: 16,
         },
@@ -81,7 +95,7 @@ fn sizes(dev: Device) -> Sizes {
 fn norm_flops(s: LinearShape, m: NormMethod) -> f64 {
     let (b, t, d, p) = (s.b as f64, s.t as f64, s.d as f64, s.p as f64);
     match m {
-        NormMethod::Ghost => b * t * t * (d + p),          // two Gram halves (symmetric)
+        NormMethod::Ghost => b * t * t * (d + p), // two Gram halves (symmetric)
         NormMethod::Instantiated => 2.0 * b * t * d * p,
     }
 }
@@ -96,8 +110,19 @@ pub fn run(dev: Device) -> Result<Vec<BenchRow>> {
 
 fn llava_tokens(batch: usize) -> (TokenShape, TokenSelectConfig) {
     (
-        TokenShape { batch, tokens: 577, heads: 16, head_dim: 64, hidden: 1024 },
-        TokenSelectConfig { keep: 53, context: 10, fuse_noise_std: 0.0, noise_seed: 0 },
+        TokenShape {
+            batch,
+            tokens: 577,
+            heads: 16,
+            head_dim: 64,
+            hidden: 1024,
+        },
+        TokenSelectConfig {
+            keep: 53,
+            context: 10,
+            fuse_noise_std: 0.0,
+            noise_seed: 0,
+        },
     )
 }
 
@@ -131,7 +156,11 @@ fn run_cpu() -> Result<Vec<BenchRow>> {
         throughput: (2.0 * (s.b * s.t * s.d * s.p) as f64 / ms / 1e6, "GFLOP/s"),
     });
     let n = sz.coords;
-    let key = NoiseKey { seed: 1, tensor_id: 0, step: 0 };
+    let key = NoiseKey {
+        seed: 1,
+        tensor_id: 0,
+        step: 0,
+    };
     let mut z = vec![0.0f32; n];
     let ms = time_cpu(5, || {
         key.fill(0, &mut z);
@@ -151,10 +180,23 @@ fn run_cpu() -> Result<Vec<BenchRow>> {
         seed: 3,
         step: 1,
         inv_batch: 1.0 / 64.0,
-        opt: Optimizer::AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, t: 1 },
+        opt: Optimizer::AdamW {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            t: 1,
+        },
     };
     let ms = time_cpu(3, || {
-        let mut t = [TensorState { tensor_id: 0, grad: &grad, param: &mut p, m: &mut m, v: &mut v }];
+        let mut t = [TensorState {
+            tensor_id: 0,
+            grad: &grad,
+            param: &mut p,
+            m: &mut m,
+            v: &mut v,
+        }];
         prune::noise_prune_update(&mut t, &cfg).map(|_| ())
     })?;
     rows.push(BenchRow {
@@ -164,10 +206,15 @@ fn run_cpu() -> Result<Vec<BenchRow>> {
         throughput: (n as f64 / ms / 1e3, "Mcoord/s"),
     });
     let (ts, tc) = llava_tokens(sz.token_batch);
-    let attn = random(&mut r, ts.attn_len()?).iter().map(|x| x.abs()).collect::<Vec<_>>();
+    let attn = random(&mut r, ts.attn_len()?)
+        .iter()
+        .map(|x| x.abs())
+        .collect::<Vec<_>>();
     let keys = random(&mut r, ts.keys_len()?);
     let hidden = random(&mut r, ts.hidden_len()?);
-    let ms = time_cpu(3, || tokens::select_tokens(&attn, &keys, &hidden, &ts, &tc).map(|_| ()))?;
+    let ms = time_cpu(3, || {
+        tokens::select_tokens(&attn, &keys, &hidden, &ts, &tc).map(|_| ())
+    })?;
     rows.push(BenchRow {
         name: "token selection (K=53, M=10)".into(),
         shape: format!("B={} N=577 D=1024", ts.batch),
@@ -204,7 +251,9 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
     let mut tot = gpu.zeros::<f64>(s.b)?;
     let mut rows = Vec::new();
     for m in [NormMethod::Ghost, NormMethod::Instantiated] {
-        let ms = time(5, &mut || gpu::clip::add_layer_sq_norms(&gpu, &dx, &dg, s, m, false, &mut tot))?;
+        let ms = time(5, &mut || {
+            gpu::clip::add_layer_sq_norms(&gpu, &dx, &dg, s, m, false, &mut tot)
+        })?;
         rows.push(BenchRow {
             name: format!("per-example norms ({m:?})"),
             shape: shape_str(s),
@@ -215,7 +264,9 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
     let dc = gpu.upload(&vec![0.5f32; s.b])?;
     let mut ws = gpu.zeros::<f32>(gpu::clip::workspace_len(s))?;
     let mut out = gpu.zeros::<f32>(s.p * s.d)?;
-    let ms = time(5, &mut || gpu::clip::clipped_weight_sum(&gpu, &dx, &dg, &dc, s, &mut ws, &mut out, true))?;
+    let ms = time(5, &mut || {
+        gpu::clip::clipped_weight_sum(&gpu, &dx, &dg, &dc, s, &mut ws, &mut out, true)
+    })?;
     rows.push(BenchRow {
         name: "BK clipped sum (FP32 cuBLAS)".into(),
         shape: shape_str(s),
@@ -224,9 +275,15 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
     });
     drop((dx, dg, ws, out));
     let n = sz.coords;
-    let key = NoiseKey { seed: 1, tensor_id: 0, step: 0 };
+    let key = NoiseKey {
+        seed: 1,
+        tensor_id: 0,
+        step: 0,
+    };
     let mut z = gpu.zeros::<f32>(n)?;
-    let ms = time(5, &mut || gpu::noise::noise_axpy(&gpu, key, 0, 1.0, false, &mut z))?;
+    let ms = time(5, &mut || {
+        gpu::noise::noise_axpy(&gpu, key, 0, 1.0, false, &mut z)
+    })?;
     rows.push(BenchRow {
         name: "Philox noise (write)".into(),
         shape: format!("N={n}"),
@@ -234,7 +291,11 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
         throughput: (4.0 * n as f64 / ms / 1e6, "GB/s"),
     });
     let grad = gpu.upload(&random(&mut r, n))?;
-    let (mut p, mut m, mut v) = (gpu.zeros::<f32>(n)?, gpu.zeros::<f32>(n)?, gpu.zeros::<f32>(n)?);
+    let (mut p, mut m, mut v) = (
+        gpu.zeros::<f32>(n)?,
+        gpu.zeros::<f32>(n)?,
+        gpu.zeros::<f32>(n)?,
+    );
     let mut plan = gpu::noise_prune::PrunePlan::new(&gpu, 1, n as u64)?;
     for keep in [0.8, 1.0] {
         let cfg = UpdateConfig {
@@ -243,10 +304,24 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
             seed: 3,
             step: 1,
             inv_batch: 1.0 / 64.0,
-            opt: Optimizer::AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, t: 1 },
+            opt: Optimizer::AdamW {
+                lr: 1e-4,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+                t: 1,
+            },
         };
         let ms = time(3, &mut || {
-            let t = gpu::noise_prune::DeviceTensor::new(&gpu, 0, &grad, &mut p, Some(&mut m), Some(&mut v))?;
+            let t = gpu::noise_prune::DeviceTensor::new(
+                &gpu,
+                0,
+                &grad,
+                &mut p,
+                Some(&mut m),
+                Some(&mut v),
+            )?;
             plan.run(&gpu, &[t], &cfg).map(|_| ())
         })?;
         rows.push(BenchRow {
@@ -258,7 +333,10 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
     }
     drop((grad, p, m, v, plan));
     let (ts, tc) = llava_tokens(sz.token_batch);
-    let attn = random(&mut r, ts.attn_len()?).iter().map(|x| x.abs()).collect::<Vec<_>>();
+    let attn = random(&mut r, ts.attn_len()?)
+        .iter()
+        .map(|x| x.abs())
+        .collect::<Vec<_>>();
     let da = gpu.upload(&attn)?;
     let dk = gpu.upload(&random(&mut r, ts.keys_len()?))?;
     let dh = gpu.upload(&random(&mut r, ts.hidden_len()?))?;

@@ -9,10 +9,10 @@
 pub mod bench;
 pub mod dp;
 pub mod error;
-pub mod selfcheck;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod linalg;
+pub mod selfcheck;
 pub mod vision;
 
 pub use error::{Error, Result};

@@ -29,7 +29,11 @@ pub struct Report {
 
 impl Report {
     fn add(&mut self, name: &str, passed: bool, detail: String) {
-        self.checks.push(Check { name: name.into(), passed, detail });
+        self.checks.push(Check {
+            name: name.into(),
+            passed,
+            detail,
+        });
     }
 
     /// True when every check passed (skipped GPU checks count as passed).
@@ -53,7 +57,10 @@ fn random(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
 }
 
 fn max_rel(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(1e-12)).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1e-12))
+        .fold(0.0, f64::max)
 }
 
 struct Inputs {
@@ -71,14 +78,33 @@ struct Inputs {
 
 fn inputs() -> Result<Inputs> {
     let mut r = ChaCha8Rng::seed_from_u64(7);
-    let s = LinearShape { b: 3, t: 20, d: 48, p: 40 };
-    let ts = TokenShape { batch: 2, tokens: 577, heads: 16, head_dim: 64, hidden: 1024 };
-    let tc = TokenSelectConfig { keep: 53, context: 10, fuse_noise_std: 0.0, noise_seed: 0 };
+    let s = LinearShape {
+        b: 3,
+        t: 20,
+        d: 48,
+        p: 40,
+    };
+    let ts = TokenShape {
+        batch: 2,
+        tokens: 577,
+        heads: 16,
+        head_dim: 64,
+        hidden: 1024,
+    };
+    let tc = TokenSelectConfig {
+        keep: 53,
+        context: 10,
+        fuse_noise_std: 0.0,
+        noise_seed: 0,
+    };
     Ok(Inputs {
         x: random(&mut r, s.b * s.t * s.d),
         g: random(&mut r, s.b * s.t * s.p),
         s,
-        attn: random(&mut r, ts.attn_len()?).iter().map(|v| v.abs()).collect(),
+        attn: random(&mut r, ts.attn_len()?)
+            .iter()
+            .map(|v| v.abs())
+            .collect(),
         keys: random(&mut r, ts.keys_len()?),
         hidden: random(&mut r, ts.hidden_len()?),
         ts,
@@ -90,7 +116,11 @@ fn inputs() -> Result<Inputs> {
             seed: 11,
             step: 2,
             inv_batch: 0.125,
-            opt: Optimizer::Sgd { lr: 0.1, momentum: 0.0, weight_decay: 0.0 },
+            opt: Optimizer::Sgd {
+                lr: 0.1,
+                momentum: 0.0,
+                weight_decay: 0.0,
+            },
         },
     })
 }
@@ -100,37 +130,75 @@ pub fn run() -> Result<Report> {
     let mut rep = Report { checks: Vec::new() };
     let inp = inputs()?;
     let kat = philox4x32_10([0; 4], [0; 2]) == [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8];
-    rep.add("Philox4x32-10 known answer", kat, "Random123 vector 1".into());
+    rep.add(
+        "Philox4x32-10 known answer",
+        kat,
+        "Random123 vector 1".into(),
+    );
 
     let ghost = clip::ghost_sq_norms(&inp.x, &inp.g, inp.s)?;
     let inst = clip::instantiated_sq_norms(&inp.x, &inp.g, inp.s)?;
     let e = max_rel(&ghost, &inst);
-    rep.add("ghost = instantiated per-example norms", e < 1e-9, format!("max rel err {e:.1e}"));
+    rep.add(
+        "ghost = instantiated per-example norms",
+        e < 1e-9,
+        format!("max rel err {e:.1e}"),
+    );
 
     let c = clip::clip_factors(&[1e12, 0.25], 1.0)?;
     let ok = (c[0] as f64 * 1e6 - 1.0).abs() < 1e-5 && c[1] == 1.0;
-    rep.add("clipping bounds a 1e6-norm example by C", ok, format!("factors {c:?}"));
+    rep.add(
+        "clipping bounds a 1e6-norm example by C",
+        ok,
+        format!("factors {c:?}"),
+    );
 
     let keys: Vec<u32> = inp.grad.iter().map(|&x| prune::magnitude_key(x)).collect();
     let k = prune::keep_count(0.8, keys.len() as u64)?;
     let t = prune::radix_select(|| keys.iter().copied(), k);
     let want = prune::select_nth_threshold(&keys, k);
-    rep.add("radix select = select_nth_unstable", t.key == want, format!("k={k} of {}", keys.len()));
+    rep.add(
+        "radix select = select_nth_unstable",
+        t.key == want,
+        format!("k={k} of {}", keys.len()),
+    );
 
     let (mut p, mut m, mut v) = (vec![0.0; inp.grad.len()], vec![], vec![]);
     let r = prune::noise_prune_update(
-        &mut [TensorState { tensor_id: 0, grad: &inp.grad, param: &mut p, m: &mut m, v: &mut v }],
+        &mut [TensorState {
+            tensor_id: 0,
+            grad: &inp.grad,
+            param: &mut p,
+            m: &mut m,
+            v: &mut v,
+        }],
         &inp.prune,
     )?;
     let changed = p.iter().filter(|&&x| x != 0.0).count() as u64;
-    rep.add("noisy top-k updates exactly k", r.kept == k && changed == k, format!("kept {changed} of {}", r.n));
+    rep.add(
+        "noisy top-k updates exactly k",
+        r.kept == k && changed == k,
+        format!("kept {changed} of {}", r.n),
+    );
 
-    let id_cfg = TokenSelectConfig { keep: inp.ts.patches(), context: 0, ..inp.tc };
+    let id_cfg = TokenSelectConfig {
+        keep: inp.ts.patches(),
+        context: 0,
+        ..inp.tc
+    };
     let id = tokens::select_tokens(&inp.attn, &inp.keys, &inp.hidden, &inp.ts, &id_cfg)?;
-    rep.add("token selection K=all, M=0 is the identity", id.tokens == inp.hidden, "B=2 N=577".into());
+    rep.add(
+        "token selection K=all, M=0 is the identity",
+        id.tokens == inp.hidden,
+        "B=2 N=577".into(),
+    );
     let sel = tokens::select_tokens(&inp.attn, &inp.keys, &inp.hidden, &inp.ts, &inp.tc)?;
     let ok = sel.tokens.len() == inp.ts.batch * 64 * inp.ts.hidden;
-    rep.add("token selection keeps CLS + 53 + 10", ok, format!("{} -> 64 tokens", inp.ts.tokens));
+    rep.add(
+        "token selection keeps CLS + 53 + 10",
+        ok,
+        format!("{} -> 64 tokens", inp.ts.tokens),
+    );
 
     gpu_checks(&mut rep, &inp)?;
     Ok(rep)
@@ -138,7 +206,11 @@ pub fn run() -> Result<Report> {
 
 #[cfg(not(feature = "cuda"))]
 fn gpu_checks(rep: &mut Report, _: &Inputs) -> Result<()> {
-    rep.add("GPU kernels vs CPU", true, "skipped: built without --features cuda".into());
+    rep.add(
+        "GPU kernels vs CPU",
+        true,
+        "skipped: built without --features cuda".into(),
+    );
     Ok(())
 }
 
@@ -162,16 +234,28 @@ fn gpu_checks(rep: &mut Report, inp: &Inputs) -> Result<()> {
         gpu::clip::add_layer_sq_norms(&gpu, &dx, &dg, inp.s, method, false, &mut tot)?;
         let want = clip::layer_sq_norms(&inp.x, &inp.g, inp.s, method, false)?;
         let e = max_rel(&gpu.download(&tot)?, &want);
-        rep.add(&format!("GPU {method:?} norms vs CPU ({name})"), e < 1e-4, format!("max rel err {e:.1e}"));
+        rep.add(
+            &format!("GPU {method:?} norms vs CPU ({name})"),
+            e < 1e-4,
+            format!("max rel err {e:.1e}"),
+        );
     }
-    let key = NoiseKey { seed: 5, tensor_id: 1, step: 9 };
+    let key = NoiseKey {
+        seed: 5,
+        tensor_id: 1,
+        step: 9,
+    };
     let mut want = vec![0.0f32; 10_001];
     key.fill(0, &mut want);
     let mut z = gpu.zeros::<f32>(want.len())?;
     gpu::noise::noise_axpy(&gpu, key, 0, 1.0, false, &mut z)?;
     let got = gpu.download(&z)?;
     let exact = got.iter().zip(&want).filter(|(a, b)| a == b).count();
-    rep.add("GPU Philox noise vs CPU", exact + 1 >= want.len(), format!("{exact}/{} bit-exact", want.len()));
+    rep.add(
+        "GPU Philox noise vs CPU",
+        exact + 1 >= want.len(),
+        format!("{exact}/{} bit-exact", want.len()),
+    );
     let dgr = gpu.upload(&inp.grad)?;
     let mut dp = gpu.zeros::<f32>(inp.grad.len())?;
     let mut plan = gpu::noise_prune::PrunePlan::new(&gpu, 1, inp.grad.len() as u64)?;
@@ -179,14 +263,34 @@ fn gpu_checks(rep: &mut Report, inp: &Inputs) -> Result<()> {
     let r = plan.run(&gpu, &[t], &inp.prune)?;
     let (mut p, mut m, mut v) = (vec![0.0; inp.grad.len()], vec![], vec![]);
     let want = prune::noise_prune_update(
-        &mut [TensorState { tensor_id: 0, grad: &inp.grad, param: &mut p, m: &mut m, v: &mut v }],
+        &mut [TensorState {
+            tensor_id: 0,
+            grad: &inp.grad,
+            param: &mut p,
+            m: &mut m,
+            v: &mut v,
+        }],
         &inp.prune,
     )?;
     let same = gpu.download(&dp)? == p;
-    rep.add("GPU noise + top-k + SGD vs CPU", r == want && same, format!("threshold {}", r.threshold));
-    let sel = gpu::tokens::select_tokens(&gpu, &inp.attn, &inp.keys, &inp.hidden, &inp.ts, &inp.tc)?;
+    rep.add(
+        "GPU noise + top-k + SGD vs CPU",
+        r == want && same,
+        format!("threshold {}", r.threshold),
+    );
+    let sel =
+        gpu::tokens::select_tokens(&gpu, &inp.attn, &inp.keys, &inp.hidden, &inp.ts, &inp.tc)?;
     let cpu = tokens::select_tokens(&inp.attn, &inp.keys, &inp.hidden, &inp.ts, &inp.tc)?;
-    let e = sel.tokens.iter().zip(&cpu.tokens).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-    rep.add("GPU token selection vs CPU", sel.kept == cpu.kept && e < 1e-5, format!("max abs err {e:.1e}"));
+    let e = sel
+        .tokens
+        .iter()
+        .zip(&cpu.tokens)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    rep.add(
+        "GPU token selection vs CPU",
+        sel.kept == cpu.kept && e < 1e-5,
+        format!("max abs err {e:.1e}"),
+    );
     Ok(())
 }

@@ -477,7 +477,7 @@ mod gpu {
                     compare(
                         &gpu,
                         &mut plan,
-                        &[g.clone()],
+                        std::slice::from_ref(&g),
                         &cfg(keep, std, opt),
                         &format!("{name} keep={keep} std={std}"),
                     );

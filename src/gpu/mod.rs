@@ -167,10 +167,18 @@ impl Gpu {
     /// Device time of the work `f` queues, in milliseconds, from CUDA events.
     pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = self.stream.record_event(flags).map_err(cuda_err("recording an event"))?;
+        let start = self
+            .stream
+            .record_event(flags)
+            .map_err(cuda_err("recording an event"))?;
         f()?;
-        let end = self.stream.record_event(flags).map_err(cuda_err("recording an event"))?;
-        start.elapsed_ms(&end).map_err(cuda_err("reading event time"))
+        let end = self
+            .stream
+            .record_event(flags)
+            .map_err(cuda_err("recording an event"))?;
+        start
+            .elapsed_ms(&end)
+            .map_err(cuda_err("reading event time"))
     }
 
     /// Switches cuBLAS f32 GEMMs to TF32 tensor cores (`true`) or strict FP32.
