@@ -6,12 +6,15 @@
 //! The GPU runtime lives in `gpu` behind the `cuda` feature.
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod bench;
+pub mod data;
 pub mod dp;
 pub mod error;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod linalg;
+pub mod model;
 pub mod selfcheck;
 pub mod vision;
 

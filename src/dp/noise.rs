@@ -6,6 +6,8 @@
 //! with g = ⌊i/4⌋. Any kernel can regenerate noise(i) from its index alone, so the
 //! DP noise tensor is never stored. `kernels/philox.cuh` is the CUDA twin.
 
+use rayon::prelude::*;
+
 /// Philox multiplier for word 0.
 pub const M0: u32 = 0xD251_1F53;
 /// Philox multiplier for word 2.
@@ -73,8 +75,19 @@ impl NoiseKey {
     }
 
     /// Fills `out` with noise(offset .. offset + out.len()), one Philox call per
-    /// group of four.
+    /// group of four, in parallel over 64 Ki-element blocks (counter-based, so the
+    /// split does not change the values).
     pub fn fill(&self, offset: u64, out: &mut [f32]) {
+        const BLOCK: usize = 1 << 16;
+        if out.len() <= BLOCK {
+            return self.fill_serial(offset, out);
+        }
+        out.par_chunks_mut(BLOCK)
+            .enumerate()
+            .for_each(|(b, chunk)| self.fill_serial(offset + (b * BLOCK) as u64, chunk));
+    }
+
+    fn fill_serial(&self, offset: u64, out: &mut [f32]) {
         let mut i = 0usize;
         while i < out.len() {
             let e = offset + i as u64;

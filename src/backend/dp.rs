@@ -1,0 +1,1 @@
+//! DP mechanisms behind the backend (in progress).

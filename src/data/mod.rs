@@ -1,0 +1,28 @@
+//! Training data: the built-in synthetic multimodal task and the batch layout the
+//! model consumes.
+pub mod synthetic;
+
+/// A collated batch of examples, ready for the model.
+///
+/// The LLM sees `[visual tokens, text tokens]`; the text part is `input_ids`, and the
+/// loss is cross-entropy at the positions where `loss_mask` is 1, predicting
+/// `targets` (the next token, which is an answer token there).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Batch {
+    /// B: examples in the batch (may be 0: Poisson sampling allows empty batches).
+    pub size: usize,
+    /// Image side in pixels (square images).
+    pub image_size: usize,
+    /// `[B, 3, S, S]` RGB images, values normalised to roughly zero mean, unit scale.
+    pub images: Vec<f32>,
+    /// T: text tokens per example, after padding.
+    pub text_len: usize,
+    /// `[B, T]` prompt and answer token ids, padded with [`synthetic::PAD`].
+    pub input_ids: Vec<u32>,
+    /// `[B, T]` next-token targets (`input_ids` shifted left by one; PAD at the end).
+    pub targets: Vec<u32>,
+    /// `[B, T]` 1.0 where the target is an answer token, else 0.0.
+    pub loss_mask: Vec<f32>,
+    /// Dataset indices of the examples, for logging and debugging.
+    pub example_ids: Vec<usize>,
+}

@@ -1,0 +1,3 @@
+//! The built-in synthetic multimodal task (in progress).
+/// Padding token id.
+pub const PAD: u32 = 0;

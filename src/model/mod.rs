@@ -1,0 +1,1 @@
+//! The LLaVA-style model (in progress).
