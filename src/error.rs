@@ -31,6 +31,14 @@ pub enum Error {
     /// A configuration value is out of its valid range.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A file could not be read or written.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file or folder.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
     /// A NaN or Inf reached a place where it would silently corrupt a DP release.
     #[error("non-finite values: {0}")]
     NonFinite(String),

@@ -14,6 +14,7 @@ pub mod error;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod linalg;
+pub mod mem;
 pub mod model;
 pub mod selfcheck;
 pub mod vision;

@@ -1,1 +1,237 @@
-//! DP mechanisms behind the backend (in progress).
+//! The DP mechanisms as backend operations, so the training loop is written once:
+//! per-example norms (ghost, instantiated, or from materialised per-example
+//! gradients as Opacus does), clip factors, book-keeping clipped sums, and the fused
+//! noise + top-k + masked update. The CPU implementation calls the references in
+//! [`crate::dp`]; the CUDA one calls the kernels.
+use super::cpu::Cpu;
+use super::Backend;
+use crate::dp::clip::{self, LinearShape, NormMethod};
+use crate::dp::noise::NoiseKey;
+use crate::dp::prune::{self, PruneReport, TensorState, UpdateConfig};
+use crate::error::ensure_shape;
+use crate::linalg::{gemm_f32, View};
+use crate::Result;
+
+/// One tensor of a noise + prune + update call.
+pub struct TensorUpdate<'a, B: Backend + ?Sized> {
+    /// Stable tensor id: part of the noise counter.
+    pub tensor_id: u32,
+    /// The clipped sum (or plain gradient sum).
+    pub grad: &'a B::Buf,
+    /// The parameters, updated in place.
+    pub param: &'a mut B::Buf,
+    /// First-moment buffer, when the optimizer has one.
+    pub m: Option<&'a mut B::Buf>,
+    /// Second-moment buffer, when the optimizer has one.
+    pub v: Option<&'a mut B::Buf>,
+}
+
+/// DP operations of a backend.
+pub trait DpBackend: Backend {
+    /// Per-example f64 accumulators of squared gradient norms.
+    type Norms;
+
+    /// `b` zeroed accumulators.
+    fn norms_zeros(&self, b: usize) -> Result<Self::Norms>;
+    /// The accumulated squared norms.
+    fn norms_download(&self, n: &Self::Norms) -> Result<Vec<f64>>;
+    /// Adds one linear layer's per-example squared norms (plus its bias term).
+    fn add_layer_sq_norms(
+        &self,
+        x: &Self::Buf,
+        g: &Self::Buf,
+        s: LinearShape,
+        method: NormMethod,
+        has_bias: bool,
+        total: &mut Self::Norms,
+    ) -> Result<()>;
+    /// Clip factors c_i = min(1, C/(‖g_i‖ + 1e-6)); a non-finite norm is an error.
+    fn clip_factors(&self, total: &Self::Norms, clip_norm: f32) -> Result<Self::Buf>;
+    /// Σ_i c_i G_iᵀ X_i (p×d) into `out`, added when `accumulate`.
+    fn clipped_weight_sum(
+        &self,
+        x: &Self::Buf,
+        g: &Self::Buf,
+        factors: &Self::Buf,
+        s: LinearShape,
+        out: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// Σ_i c_i Σ_t G_i,t (p) into `out`, added when `accumulate`.
+    fn clipped_bias_sum(
+        &self,
+        g: &Self::Buf,
+        factors: &Self::Buf,
+        s: LinearShape,
+        out: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// Materialises every example's weight gradient G_iᵀX_i: a b×p×d buffer, the
+    /// memory DP-SGD without ghost clipping pays.
+    fn per_example_weight_grads(&self, x: &Self::Buf, g: &Self::Buf, s: LinearShape) -> Result<Self::Buf>;
+    /// Every example's bias gradient Σ_t G_i,t: a b×p buffer.
+    fn per_example_bias_grads(&self, g: &Self::Buf, s: LinearShape) -> Result<Self::Buf>;
+    /// Adds the squared norm of each of the `rows` rows of `per_example` to `total`.
+    fn add_row_sq_norms(&self, per_example: &Self::Buf, rows: usize, total: &mut Self::Norms) -> Result<()>;
+    /// Σ_i c_i row_i into `out` (the clipped sum from materialised gradients).
+    fn weighted_row_sum(
+        &self,
+        per_example: &Self::Buf,
+        factors: &Self::Buf,
+        rows: usize,
+        out: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// Noise, exact top-k over the whole set, masked optimizer update.
+    fn noise_prune_update(&self, set: &mut [TensorUpdate<'_, Self>], cfg: &UpdateConfig) -> Result<PruneReport>;
+    /// `y += a · noise(0..len)` for the stream `key` (DPZO's perturbation direction).
+    fn noise_axpy(&self, y: &mut Self::Buf, key: NoiseKey, a: f32) -> Result<()>;
+}
+
+impl DpBackend for Cpu {
+    type Norms = Vec<f64>;
+
+    fn norms_zeros(&self, b: usize) -> Result<Vec<f64>> {
+        Ok(vec![0.0; b])
+    }
+
+    fn norms_download(&self, n: &Vec<f64>) -> Result<Vec<f64>> {
+        Ok(n.clone())
+    }
+
+    fn add_layer_sq_norms(
+        &self,
+        x: &Vec<f32>,
+        g: &Vec<f32>,
+        s: LinearShape,
+        method: NormMethod,
+        has_bias: bool,
+        total: &mut Vec<f64>,
+    ) -> Result<()> {
+        ensure_shape(total.len() == s.b, || format!("{} norm slots for batch {}", total.len(), s.b))?;
+        for (t, n) in total.iter_mut().zip(clip::layer_sq_norms(x, g, s, method, has_bias)?) {
+            *t += n;
+        }
+        Ok(())
+    }
+
+    fn clip_factors(&self, total: &Vec<f64>, clip_norm: f32) -> Result<Vec<f32>> {
+        clip::clip_factors(total, f64::from(clip_norm))
+    }
+
+    fn clipped_weight_sum(
+        &self,
+        x: &Vec<f32>,
+        g: &Vec<f32>,
+        factors: &Vec<f32>,
+        s: LinearShape,
+        out: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        clip::clipped_weight_sum(x, g, factors, s, out)
+    }
+
+    fn clipped_bias_sum(
+        &self,
+        g: &Vec<f32>,
+        factors: &Vec<f32>,
+        s: LinearShape,
+        out: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        clip::clipped_bias_sum(g, factors, s, out)
+    }
+
+    fn per_example_weight_grads(&self, x: &Vec<f32>, g: &Vec<f32>, s: LinearShape) -> Result<Vec<f32>> {
+        s.check(x, g)?;
+        let (t, d, p) = (s.t, s.d, s.p);
+        let mut out = vec![0.0f32; s.b * p * d];
+        for (i, w) in out.chunks_mut((p * d).max(1)).enumerate().take(s.b) {
+            let xi = View::row_major(&x[i * t * d..(i + 1) * t * d], t, d);
+            let gi = View::row_major(&g[i * t * p..(i + 1) * t * p], t, p);
+            gemm_f32(1.0, gi.t(), xi, 0.0, w, d);
+        }
+        Ok(out)
+    }
+
+    fn per_example_bias_grads(&self, g: &Vec<f32>, s: LinearShape) -> Result<Vec<f32>> {
+        ensure_shape(g.len() == s.b * s.t * s.p, || format!("G has {} values, expected b*t*p", g.len()))?;
+        let mut out = vec![0.0f32; s.b * s.p];
+        for i in 0..s.b {
+            for t in 0..s.t {
+                let row = &g[(i * s.t + t) * s.p..(i * s.t + t + 1) * s.p];
+                for (o, &v) in out[i * s.p..(i + 1) * s.p].iter_mut().zip(row) {
+                    *o += v;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn add_row_sq_norms(&self, per_example: &Vec<f32>, rows: usize, total: &mut Vec<f64>) -> Result<()> {
+        ensure_shape(total.len() == rows && (rows == 0 || per_example.len() % rows == 0), || {
+            format!("{} values in {rows} rows with {} norm slots", per_example.len(), total.len())
+        })?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let cols = per_example.len() / rows;
+        for (t, row) in total.iter_mut().zip(per_example.chunks(cols.max(1))) {
+            *t += row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
+        }
+        Ok(())
+    }
+
+    fn weighted_row_sum(
+        &self,
+        per_example: &Vec<f32>,
+        factors: &Vec<f32>,
+        rows: usize,
+        out: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        ensure_shape(factors.len() == rows && per_example.len() == rows * out.len(), || {
+            format!("{} values for {rows} rows of {} with {} factors", per_example.len(), out.len(), factors.len())
+        })?;
+        let cols = out.len();
+        let mut acc: Vec<f64> = if accumulate { out.iter().map(|&v| f64::from(v)).collect() } else { vec![0.0; cols] };
+        for (c, row) in factors.iter().zip(per_example.chunks(cols.max(1))) {
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += f64::from(*c) * f64::from(v);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = a as f32;
+        }
+        Ok(())
+    }
+
+    fn noise_prune_update(&self, set: &mut [TensorUpdate<'_, Self>], cfg: &UpdateConfig) -> Result<PruneReport> {
+        let mut states: Vec<TensorState<'_>> = set
+            .iter_mut()
+            .map(|t| TensorState {
+                tensor_id: t.tensor_id,
+                grad: t.grad.as_slice(),
+                param: t.param.as_mut_slice(),
+                m: t.m.as_deref_mut().map_or(&mut [][..], |m| m.as_mut_slice()),
+                v: t.v.as_deref_mut().map_or(&mut [][..], |v| v.as_mut_slice()),
+            })
+            .collect();
+        prune::noise_prune_update(&mut states, cfg)
+    }
+
+    fn noise_axpy(&self, y: &mut Vec<f32>, key: NoiseKey, a: f32) -> Result<()> {
+        let mut z = vec![0.0f32; y.len()];
+        key.fill(0, &mut z);
+        for (y, z) in y.iter_mut().zip(z) {
+            *y = a.mul_add(z, *y);
+        }
+        Ok(())
+    }
+}

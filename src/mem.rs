@@ -1,0 +1,72 @@
+//! Host memory accounting: a counting global allocator, so the CPU backend reports
+//! the real peak bytes of a training run (install it in a binary with
+//! `#[global_allocator] static A: dualpriv::mem::CountingAlloc = dualpriv::mem::CountingAlloc;`).
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+static INSTALLED: AtomicUsize = AtomicUsize::new(0);
+
+/// The system allocator, counting live and peak bytes.
+pub struct CountingAlloc;
+
+// SAFETY: forwards every call to `System` unchanged; only counts sizes.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: same contract as System.alloc.
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            grow(l.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: same contract as System.dealloc.
+        unsafe { System.dealloc(p, l) };
+        CURRENT.fetch_sub(l.size(), Relaxed);
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        // SAFETY: same contract as System.alloc_zeroed.
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            grow(l.size());
+        }
+        p
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        // SAFETY: same contract as System.realloc.
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            CURRENT.fetch_sub(l.size(), Relaxed);
+            grow(new);
+        }
+        q
+    }
+}
+
+fn grow(n: usize) {
+    INSTALLED.store(1, Relaxed);
+    let now = CURRENT.fetch_add(n, Relaxed) + n;
+    PEAK.fetch_max(now, Relaxed);
+}
+
+/// Bytes currently allocated on the heap (0 when the allocator is not installed).
+pub fn current_bytes() -> usize {
+    CURRENT.load(Relaxed)
+}
+
+/// Peak heap bytes since the last [`reset_peak`].
+pub fn peak_bytes() -> usize {
+    PEAK.load(Relaxed)
+}
+
+/// Starts a new peak measurement from the current usage.
+pub fn reset_peak() {
+    PEAK.store(CURRENT.load(Relaxed), Relaxed);
+}
+
+/// Whether [`CountingAlloc`] is the global allocator of this process.
+pub fn tracking() -> bool {
+    INSTALLED.load(Relaxed) == 1
+}

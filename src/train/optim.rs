@@ -1,0 +1,53 @@
+//! Optimizer configuration and per-parameter state.
+use serde::{Deserialize, Serialize};
+
+use crate::dp::prune::Optimizer;
+use crate::{Error, Result};
+
+/// The optimizer family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptKind {
+    /// SGD with optional momentum.
+    Sgd,
+    /// AdamW.
+    Adamw,
+}
+
+/// Optimizer hyper-parameters, fixed for a run.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptConfig {
+    /// Family.
+    pub kind: OptKind,
+    /// Learning rate.
+    pub lr: f32,
+    /// SGD momentum (ignored by AdamW).
+    pub momentum: f32,
+    /// Weight decay (coupled for SGD, decoupled for AdamW).
+    pub weight_decay: f32,
+    /// AdamW β1.
+    pub beta1: f32,
+    /// AdamW β2.
+    pub beta2: f32,
+    /// AdamW ε.
+    pub eps: f32,
+}
+
+impl OptConfig {
+    /// The optimizer for 1-based step `t` (AdamW's bias correction needs it).
+    pub fn at_step(&self, t: u32) -> Result<Optimizer> {
+        let o = match self.kind {
+            OptKind::Sgd => Optimizer::Sgd { lr: self.lr, momentum: self.momentum, weight_decay: self.weight_decay },
+            OptKind::Adamw => Optimizer::AdamW {
+                lr: self.lr,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                weight_decay: self.weight_decay,
+                t: t.max(1),
+            },
+        };
+        o.validate().map_err(|e| Error::Config(format!("{e} (check --lr / --momentum / --weight-decay)")))?;
+        Ok(o)
+    }
+}

@@ -1,0 +1,345 @@
+//! One logical training step, written once for every backend and method.
+//!
+//! Gradient methods run forward + backward per micro-batch; the model returns, for
+//! every trainable linear, its input X and output gradient G (never a weight
+//! gradient). From those:
+//! * `nonprivate`: Σ_i G_iᵀX_i / B (c_i = 1, no noise);
+//! * `ghost` / `dualpriv`: per-example norms (ghost or instantiated form by the mixed
+//!   rule), c_i = min(1, C/‖g_i‖), the book-keeping clipped sum Σ c_i G_iᵀX_i;
+//! * `dpsgd`: every per-example gradient G_iᵀX_i materialised, their norms, the
+//!   weighted sum (what Opacus does without ghost clipping).
+//!
+//! The clipped sums get N(0, σ²C²) noise (regenerated, never stored), are divided
+//! by B_expected, pruned to the top `keep_frac` by noisy magnitude (`dualpriv`
+//! only), and applied by the optimizer. With one micro-batch and per-tensor scope,
+//! each tensor's sum is noised, applied and freed as soon as it is formed.
+//! `dpzo` instead evaluates per-example losses at θ ± λz.
+use std::collections::HashMap;
+
+use crate::backend::dp::{DpBackend, TensorUpdate};
+use crate::data::synthetic::Dataset;
+use crate::dp::noise::NoiseKey;
+use crate::dp::prune::{PruneReport, UpdateConfig};
+use crate::model::{Capture, Mllm};
+use crate::train::method::Method;
+use crate::train::{PruneScope, TrainConfig};
+use crate::{Error, Result};
+
+/// Salt that separates DPZO's direction streams from the DP noise streams.
+pub const DPZO_DIRECTION_SALT: u64 = 0x7a0d_1e57_0000_0001;
+/// Tensor id of DPZO's scalar noise stream.
+pub const DPZO_SCALAR_ID: u32 = 0xD0_2E20;
+
+/// First and second moments of one parameter.
+pub struct Moments<B: DpBackend> {
+    /// SGD momentum or AdamW first moment.
+    pub m: Option<B::Buf>,
+    /// AdamW second moment.
+    pub v: Option<B::Buf>,
+}
+
+/// Optimizer state of every trainable parameter, created on first use.
+pub struct OptState<B: DpBackend> {
+    /// Moments by parameter id.
+    pub moments: HashMap<u32, Moments<B>>,
+}
+
+impl<B: DpBackend> Default for OptState<B> {
+    fn default() -> Self {
+        Self { moments: HashMap::new() }
+    }
+}
+
+/// What one step did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepOutcome {
+    /// Examples in the logical batch.
+    pub batch_size: usize,
+    /// Mean per-example loss (before the update); NaN for an empty batch.
+    pub loss: f64,
+    /// Visual tokens per example fed to the LLM.
+    pub visual_tokens: usize,
+    /// Coordinates updated.
+    pub kept: u64,
+    /// Coordinates that received noise.
+    pub coords: u64,
+}
+
+/// Everything a step needs besides the batch.
+pub struct StepContext<'a, B: DpBackend> {
+    /// The backend.
+    pub backend: &'a B,
+    /// The model being trained.
+    pub model: &'a mut Mllm<B>,
+    /// Its optimizer state.
+    pub opt: &'a mut OptState<B>,
+    /// The training data.
+    pub data: &'a Dataset,
+    /// The run's configuration.
+    pub cfg: &'a TrainConfig,
+    /// The noise multiplier σ (0 for non-private runs).
+    pub sigma: f64,
+}
+
+/// Runs logical step `step` (0-based) on the examples `indices`.
+pub fn train_step<B: DpBackend>(ctx: &mut StepContext<'_, B>, step: u32, indices: &[usize]) -> Result<StepOutcome> {
+    match ctx.cfg.method {
+        Method::Dpzo => dpzo_step(ctx, step, indices),
+        _ => gradient_step(ctx, step, indices),
+    }
+}
+
+fn update_config(ctx: &StepContext<'_, impl DpBackend>, step: u32, batch: usize) -> Result<UpdateConfig> {
+    let cfg = ctx.cfg;
+    let private = cfg.method.is_private();
+    Ok(UpdateConfig {
+        keep_frac: if cfg.method == Method::Dualpriv { cfg.keep_frac } else { 1.0 },
+        noise_std: if private { (ctx.sigma * f64::from(cfg.clip_norm)) as f32 } else { 0.0 },
+        seed: cfg.noise_seed,
+        step,
+        // DP-SGD divides by the expected batch size so the sum's sensitivity is C.
+        inv_batch: 1.0 / if private { cfg.batch as f32 } else { batch.max(1) as f32 },
+        opt: cfg.opt.at_step(step + 1)?,
+    })
+}
+
+/// Noises, prunes and applies one selection set of (param id, gradient) pairs.
+fn apply<B: DpBackend>(ctx: &mut StepContext<'_, B>, grads: &[(u32, &B::Buf)], ucfg: &UpdateConfig) -> Result<PruneReport> {
+    let (needs_m, needs_v) = (ucfg.opt.needs_m(), ucfg.opt.needs_v());
+    for &(id, _) in grads {
+        if !ctx.opt.moments.contains_key(&id) {
+            let len = ctx.backend.len(ctx.model.param(id));
+            let m = if needs_m { Some(ctx.backend.zeros(len)?) } else { None };
+            let v = if needs_v { Some(ctx.backend.zeros(len)?) } else { None };
+            ctx.opt.moments.insert(id, Moments { m, v });
+        }
+    }
+    let ids: Vec<u32> = grads.iter().map(|g| g.0).collect();
+    let params = ctx.model.params_mut(&ids)?;
+    let mut moments: Vec<&mut Moments<B>> = Vec::with_capacity(ids.len());
+    // Disjoint mutable borrows of the moments map, in `ids` order.
+    let mut by_id: HashMap<u32, &mut Moments<B>> = ctx.opt.moments.iter_mut().map(|(k, v)| (*k, v)).collect();
+    for id in &ids {
+        moments.push(by_id.remove(id).ok_or_else(|| Error::Config(format!("parameter {id} listed twice")))?);
+    }
+    let mut set: Vec<TensorUpdate<'_, B>> = params
+        .into_iter()
+        .zip(moments)
+        .zip(grads)
+        .map(|((param, mo), &(id, grad))| TensorUpdate { tensor_id: id, grad, param, m: mo.m.as_mut(), v: mo.v.as_mut() })
+        .collect();
+    ctx.backend.noise_prune_update(&mut set, ucfg)
+}
+
+/// Per-example clip factors for one micro-batch, or materialised gradients (dpsgd).
+enum Clipping<B: DpBackend> {
+    Ones(B::Buf),
+    Factors(B::Buf),
+    /// dpsgd: per capture, (weight grads b×p×d, bias grads b×p) and the factors.
+    Materialised(Vec<(B::Buf, Option<B::Buf>)>, B::Buf),
+}
+
+fn clipping<B: DpBackend>(ctx: &StepContext<'_, B>, caps: &[Capture<B>], b: usize) -> Result<Clipping<B>> {
+    let be = ctx.backend;
+    match ctx.cfg.method {
+        Method::Nonprivate => Ok(Clipping::Ones(be.upload(&vec![1.0; b])?)),
+        Method::Ghost | Method::Dualpriv => {
+            let mut norms = be.norms_zeros(b)?;
+            for c in caps {
+                be.add_layer_sq_norms(&c.x, &c.g, c.shape, c.shape.preferred_method(), c.bias_id.is_some(), &mut norms)?;
+            }
+            Ok(Clipping::Factors(be.clip_factors(&norms, ctx.cfg.clip_norm)?))
+        }
+        Method::Dpsgd => {
+            let mut norms = be.norms_zeros(b)?;
+            let mut per = Vec::with_capacity(caps.len());
+            for c in caps {
+                let w = be.per_example_weight_grads(&c.x, &c.g, c.shape)?;
+                be.add_row_sq_norms(&w, b, &mut norms)?;
+                let bias = match c.bias_id {
+                    Some(_) => {
+                        let bg = be.per_example_bias_grads(&c.g, c.shape)?;
+                        be.add_row_sq_norms(&bg, b, &mut norms)?;
+                        Some(bg)
+                    }
+                    None => None,
+                };
+                per.push((w, bias));
+            }
+            let f = be.clip_factors(&norms, ctx.cfg.clip_norm)?;
+            Ok(Clipping::Materialised(per, f))
+        }
+        Method::Dpzo => unreachable!("dpzo has no backward"),
+    }
+}
+
+/// Forms capture `i`'s clipped weight (and bias) sums into `w` / `bias`.
+fn clipped_sums<B: DpBackend>(
+    be: &B,
+    clip: &Clipping<B>,
+    i: usize,
+    c: &Capture<B>,
+    w: &mut B::Buf,
+    bias: Option<&mut B::Buf>,
+    accumulate: bool,
+) -> Result<()> {
+    let b = c.shape.b;
+    match clip {
+        Clipping::Ones(f) | Clipping::Factors(f) => {
+            be.clipped_weight_sum(&c.x, &c.g, f, c.shape, w, accumulate)?;
+            if let Some(out) = bias {
+                be.clipped_bias_sum(&c.g, f, c.shape, out, accumulate)?;
+            }
+        }
+        Clipping::Materialised(per, f) => {
+            be.weighted_row_sum(&per[i].0, f, b, w, accumulate)?;
+            if let (Some(out), Some(bg)) = (bias, per[i].1.as_ref()) {
+                be.weighted_row_sum(bg, f, b, out, accumulate)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn gradient_step<B: DpBackend>(ctx: &mut StepContext<'_, B>, step: u32, indices: &[usize]) -> Result<StepOutcome> {
+    let cfg = ctx.cfg;
+    let be = ctx.backend;
+    let params: Vec<(u32, usize)> = ctx.model.trainable().iter().map(|p| (p.id, p.len)).collect();
+    let ucfg = update_config(ctx, step, indices.len())?;
+    let mut out = StepOutcome { batch_size: indices.len(), loss: f64::NAN, ..Default::default() };
+    if indices.is_empty() && !cfg.method.is_private() {
+        return Ok(out);
+    }
+    let micro: Vec<&[usize]> = indices.chunks(cfg.micro_batch.max(1)).collect();
+    // Streaming: each tensor is noised, applied and freed as soon as its clipped sum
+    // exists, so no full gradient buffer is ever held.
+    let streaming = micro.len() == 1 && cfg.prune_scope == PruneScope::Tensor;
+    let mut grads: HashMap<u32, B::Buf> = HashMap::new();
+    let mut applied: Vec<u32> = Vec::new();
+    let mut loss_sum = 0.0f64;
+    let tokens = cfg.token_select();
+    for mb in &micro {
+        let batch = ctx.data.collate(mb, cfg.text_len)?;
+        let fb = ctx.model.forward_backward(be, &batch, tokens.as_ref())?;
+        loss_sum += fb.per_example_loss.iter().map(|&l| f64::from(l)).sum::<f64>();
+        out.visual_tokens = fb.visual_tokens;
+        if !fb.dense_grads.is_empty() && cfg.method.is_private() {
+            return Err(Error::Config("trainable embeddings are only supported for non-private pretraining".into()));
+        }
+        let clip = clipping(ctx, &fb.captures, mb.len())?;
+        for (i, c) in fb.captures.iter().enumerate() {
+            let wlen = c.shape.p * c.shape.d;
+            if streaming {
+                let mut w = be.zeros(wlen)?;
+                let mut bias = match c.bias_id { Some(_) => Some(be.zeros(c.shape.p)?), None => None };
+                clipped_sums(be, &clip, i, c, &mut w, bias.as_mut(), false)?;
+                let r = apply(ctx, &[(c.weight_id, &w)], &ucfg)?;
+                out.kept += r.kept;
+                out.coords += r.n;
+                applied.push(c.weight_id);
+                if let (Some(id), Some(bg)) = (c.bias_id, bias.as_ref()) {
+                    let r = apply(ctx, &[(id, bg)], &ucfg)?;
+                    out.kept += r.kept;
+                    out.coords += r.n;
+                    applied.push(id);
+                }
+            } else {
+                let first = !grads.contains_key(&c.weight_id);
+                if first {
+                    grads.insert(c.weight_id, be.zeros(wlen)?);
+                    if let Some(id) = c.bias_id {
+                        grads.insert(id, be.zeros(c.shape.p)?);
+                    }
+                }
+                let mut w = grads.remove(&c.weight_id).expect("inserted above");
+                let mut bias = c.bias_id.and_then(|id| grads.remove(&id));
+                clipped_sums(be, &clip, i, c, &mut w, bias.as_mut(), true)?;
+                grads.insert(c.weight_id, w);
+                if let (Some(id), Some(bg)) = (c.bias_id, bias) {
+                    grads.insert(id, bg);
+                }
+            }
+        }
+    }
+    // Every trainable tensor is released with noise, even without a gradient (an
+    // empty batch, or a layer the batch did not reach).
+    for &(id, len) in &params {
+        if !applied.contains(&id) && !grads.contains_key(&id) {
+            grads.insert(id, be.zeros(len)?);
+        }
+    }
+    if !grads.is_empty() {
+        let mut order: Vec<u32> = params.iter().map(|p| p.0).filter(|id| grads.contains_key(id)).collect();
+        order.sort_unstable();
+        let sets: Vec<Vec<u32>> = match cfg.prune_scope {
+            PruneScope::Global => vec![order],
+            PruneScope::Tensor => order.into_iter().map(|id| vec![id]).collect(),
+        };
+        for set in sets {
+            let pairs: Vec<(u32, &B::Buf)> = set.iter().map(|id| (*id, &grads[id])).collect();
+            let r = apply(ctx, &pairs, &ucfg)?;
+            out.kept += r.kept;
+            out.coords += r.n;
+        }
+    }
+    if !indices.is_empty() {
+        out.loss = loss_sum / indices.len() as f64;
+    }
+    Ok(out)
+}
+
+/// θ += scale·z for every trainable tensor, z regenerated from the step's direction seed.
+fn perturb<B: DpBackend>(ctx: &mut StepContext<'_, B>, step: u32, scale: f32) -> Result<()> {
+    let ids: Vec<u32> = ctx.model.trainable().iter().map(|p| p.id).collect();
+    for id in ids {
+        let key = NoiseKey { seed: ctx.cfg.noise_seed ^ DPZO_DIRECTION_SALT, tensor_id: id, step };
+        let p = ctx.model.param_mut(id);
+        ctx.backend.noise_axpy(p, key, scale)?;
+    }
+    Ok(())
+}
+
+fn losses<B: DpBackend>(ctx: &StepContext<'_, B>, micro: &[&[usize]]) -> Result<(Vec<f32>, usize)> {
+    let mut all = Vec::new();
+    let mut vis = 0;
+    let tokens = ctx.cfg.token_select();
+    for mb in micro {
+        let batch = ctx.data.collate(mb, ctx.cfg.text_len)?;
+        all.extend(ctx.model.per_example_loss(ctx.backend, &batch, tokens.as_ref())?);
+        vis = ctx.model.visual_tokens(tokens.as_ref());
+    }
+    Ok((all, vis))
+}
+
+/// DPZero (REFERENCE.md §4): d_i = clip((ℓ(θ+λz) − ℓ(θ−λz)) / 2λ, ±C),
+/// g = (Σ d_i + N(0, σ²C²)) / B_expected, θ ← θ − η·g·z with z regenerated.
+fn dpzo_step<B: DpBackend>(ctx: &mut StepContext<'_, B>, step: u32, indices: &[usize]) -> Result<StepOutcome> {
+    let cfg = ctx.cfg;
+    let lambda = cfg.dpzo_lambda;
+    let micro: Vec<&[usize]> = indices.chunks(cfg.micro_batch.max(1)).collect();
+    perturb(ctx, step, lambda)?;
+    let (plus, vis) = losses(ctx, &micro)?;
+    perturb(ctx, step, -2.0 * lambda)?;
+    let (minus, _) = losses(ctx, &micro)?;
+    perturb(ctx, step, lambda)?;
+    let c = f64::from(cfg.clip_norm);
+    let sum: f64 = plus
+        .iter()
+        .zip(&minus)
+        .map(|(&p, &m)| ((f64::from(p) - f64::from(m)) / (2.0 * f64::from(lambda))).clamp(-c, c))
+        .sum();
+    if !sum.is_finite() {
+        return Err(Error::NonFinite("DPZO finite difference is not finite; lower --lr or --dpzo-lambda".into()));
+    }
+    let z0 = NoiseKey { seed: cfg.noise_seed, tensor_id: DPZO_SCALAR_ID, step }.normal(0);
+    let g = (sum + ctx.sigma * c * f64::from(z0)) / cfg.batch as f64;
+    let coords: u64 = ctx.model.trainable().iter().map(|p| p.len as u64).sum();
+    perturb(ctx, step, -(f64::from(cfg.opt.lr) * g) as f32)?;
+    let n = indices.len();
+    let loss = if n == 0 {
+        f64::NAN
+    } else {
+        plus.iter().zip(&minus).map(|(&p, &m)| 0.5 * (f64::from(p) + f64::from(m))).sum::<f64>() / n as f64
+    };
+    Ok(StepOutcome { batch_size: n, loss, visual_tokens: vis, kept: coords, coords })
+}
