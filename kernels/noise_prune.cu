@@ -51,7 +51,7 @@ struct OptArgs {
 
 // Mirrors `SelectState`. Reset by the host before every call.
 struct SelectState {
-  unsigned int hist[BINS];
+  unsigned long long hist[BINS];  // 64-bit: a global set may exceed 2^32 coordinates
   unsigned int prefix;       // key bits fixed so far
   unsigned int prefix_mask;  // which bits those are
   unsigned long long k;      // coordinates to keep
@@ -71,8 +71,12 @@ __device__ __forceinline__ void noisy4(const Segment& s, const NoiseArgs& na, un
                                        float out[4], int* n) {
   unsigned long long e = q * 4;
   *n = (int)min(4ull, s.len - e);
-  float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (na.std != 0.f) z = dp::normal4(na.seed, s.tensor_id, na.step, q);
+  if (na.std == 0.f) {  // no noise: pass the sum through untouched (keeps -0.0, as the CPU does)
+#pragma unroll
+    for (int l = 0; l < 4; ++l) out[l] = l < *n ? s.grad[e + l] : 0.f;
+    return;
+  }
+  const float4 z = dp::normal4(na.seed, s.tensor_id, na.step, q);
   const float zs[4] = {z.x, z.y, z.z, z.w};
 #pragma unroll
   for (int l = 0; l < 4; ++l) out[l] = l < *n ? __fmaf_rn(na.std, zs[l], s.grad[e + l]) : 0.f;
@@ -111,7 +115,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   __syncthreads();
   if (selecting)
     for (int i = threadIdx.x; i < BINS; i += THREADS)
-      if (h[i]) atomicAdd(&st->hist[i], h[i]);
+      if (h[i]) atomicAdd(&st->hist[i], (unsigned long long)h[i]);
 }
 
 // Picks the bucket holding the rank-th largest key, fixes its bits and clears the
@@ -231,7 +235,7 @@ __device__ __forceinline__ void update_one(const OptArgs& o, float noisy, float*
   float w = p[j];
   if (o.kind == 0) {
     g = __fmaf_rn(o.weight_decay, w, g);
-    if (m) {
+    if (m && o.momentum != 0.f) {  // as the CPU: no momentum buffer when momentum is 0
       float mj = __fmaf_rn(o.momentum, m[j], g);
       m[j] = mj;
       g = mj;

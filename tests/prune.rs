@@ -473,7 +473,8 @@ mod gpu {
         };
         for (name, g) in adversarial() {
             for keep in [0.0, 0.3, 0.8, 1.0] {
-                for (opt, std) in [(mom, 0.0), (adam, 0.5)] {
+                // Plain SGD is handed (unused) moment buffers: they must stay untouched.
+                for (opt, std) in [(mom, 0.0), (adam, 0.5), (SGD, 0.3)] {
                     compare(
                         &gpu,
                         &mut plan,

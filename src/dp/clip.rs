@@ -175,7 +175,8 @@ pub fn layer_sq_norms(
 
 /// Clip factors c_i = min(1, C / (‖g_i‖ + 1e-6)) from per-example squared norms
 /// summed over all layers. A non-finite norm is an error: clipping it would hide a
-/// NaN gradient inside a DP release.
+/// NaN gradient inside a DP release. A slightly negative sum (f32 rounding of a
+/// near-zero ghost norm) counts as 0.
 pub fn clip_factors(total_sq_norms: &[f64], clip_norm: f64) -> Result<Vec<f32>> {
     if clip_norm.is_nan() || clip_norm <= 0.0 {
         return Err(Error::Config(format!(
@@ -186,12 +187,12 @@ pub fn clip_factors(total_sq_norms: &[f64], clip_norm: f64) -> Result<Vec<f32>> 
         .iter()
         .enumerate()
         .map(|(i, &sq)| {
-            if !sq.is_finite() || sq < 0.0 {
+            if !sq.is_finite() {
                 return Err(Error::NonFinite(format!(
                     "example {i} has squared gradient norm {sq}; check the loss and inputs"
                 )));
             }
-            Ok((clip_norm / (sq.sqrt() + CLIP_EPS)).min(1.0) as f32)
+            Ok((clip_norm / (sq.max(0.0).sqrt() + CLIP_EPS)).min(1.0) as f32)
         })
         .collect()
 }

@@ -50,7 +50,8 @@ impl NoiseKey {
     /// The four standard normals of elements 4g .. 4g+3.
     ///
     /// Box–Muller runs in f64, as on the GPU, so the rounded f32 normals agree
-    /// bit for bit except in astronomically rare double-rounding cases.
+    /// bit for bit except when CUDA's and libm's f64 log/sin/cos (within 1–2 ulp)
+    /// straddle an f32 rounding boundary: about 1e-9 of values, off by one ulp.
     pub fn normal4(&self, g: u64) -> [f32; 4] {
         let r = philox4x32_10(
             [g as u32, (g >> 32) as u32, self.tensor_id, self.step],

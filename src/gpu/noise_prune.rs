@@ -58,7 +58,7 @@ struct OptArgs {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 struct SelectState {
-    hist: [u32; BINS],
+    hist: [u64; BINS],
     prefix: u32,
     prefix_mask: u32,
     k: u64,
