@@ -228,6 +228,12 @@ fn errors_for_bad_arguments() {
         .unwrap();
     assert!(matches!(d.collate(&[longest], t - 1), Err(Error::Shape(_))));
     assert!(matches!(d.collate(&[longest], 0), Err(Error::Shape(_))));
+    let mut broken = d.clone();
+    broken.examples[0].input_ids.clear();
+    assert!(broken.examples[0].question().is_empty());
+    assert!(matches!(broken.collate(&[0], t), Err(Error::Shape(_))));
+    broken.examples[1].answer = PAD;
+    assert!(matches!(broken.collate(&[1], t), Err(Error::Shape(_))));
     assert!(Vocab::new().encode("what colour").is_err());
     assert!(matches!(encode_ppm(&[0.0; 10], 32), Err(Error::Shape(_))));
     assert!(ascii_preview(&[0.0; 3], 0).is_err());

@@ -442,14 +442,20 @@ pub struct Example {
 
 impl Example {
     /// The question tokens (between BOS and SEP).
+    /// Empty for a malformed (hand-built) example shorter than 3 tokens.
     pub fn question(&self) -> &[u32] {
-        &self.input_ids[1..self.input_ids.len() - 2]
+        let len = self.input_ids.len();
+        if len < 3 {
+            return &[];
+        }
+        &self.input_ids[1..len - 2]
     }
 
     /// The position whose next-token target is the answer (the SEP position,
     /// `input_ids.len() - 2`); `loss_mask` is 1 exactly there.
+    /// (Saturates at 0 for a malformed example shorter than 2 tokens.)
     pub fn answer_position(&self) -> usize {
-        self.input_ids.len() - 2
+        self.input_ids.len().saturating_sub(2)
     }
 }
 
@@ -570,8 +576,9 @@ impl Dataset {
     /// Collates the examples at `indices` (repeats allowed) into a [`Batch`] with
     /// text padded to `text_len`. Empty `indices` give an empty batch (`size` 0).
     ///
-    /// Errors ([`Error::Shape`]): an index out of range, or an example whose text
-    /// is longer than `text_len`.
+    /// Errors ([`Error::Shape`]): an index out of range, an example whose text
+    /// is longer than `text_len`, or a hand-edited example whose text is shorter
+    /// than 3 tokens or does not end in its answer.
     pub fn collate(&self, indices: &[usize], text_len: usize) -> Result<Batch> {
         let b = indices.len();
         let pixels = 3 * self.image_size * self.image_size;
@@ -593,6 +600,11 @@ impl Dataset {
                 ))
             })?;
             let len = ex.input_ids.len();
+            if len < 3 || ex.input_ids[len - 1] != ex.answer {
+                return Err(Error::Shape(format!(
+                    "example {idx} is malformed: its text must be [BOS, question.., SEP, answer]"
+                )));
+            }
             if len > text_len {
                 return Err(Error::Shape(format!(
                     "example {idx} has {len} text tokens, more than text_len {text_len} \
