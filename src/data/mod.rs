@@ -13,7 +13,9 @@ pub struct Batch {
     pub size: usize,
     /// Image side in pixels (square images).
     pub image_size: usize,
-    /// `[B, 3, S, S]` RGB images, values normalised to roughly zero mean, unit scale.
+    /// `[B, 3, S, S]` RGB images, values normalised to roughly zero mean, unit scale
+    /// (per channel `(x - PIXEL_MEAN[c]) / PIXEL_STD[c]` with `x` in `[0, 1]`, see
+    /// [`synthetic::PIXEL_MEAN`]).
     pub images: Vec<f32>,
     /// T: text tokens per example, after padding.
     pub text_len: usize,
@@ -21,7 +23,8 @@ pub struct Batch {
     pub input_ids: Vec<u32>,
     /// `[B, T]` next-token targets (`input_ids` shifted left by one; PAD at the end).
     pub targets: Vec<u32>,
-    /// `[B, T]` 1.0 where the target is an answer token, else 0.0.
+    /// `[B, T]` 1.0 where the target is an answer token (exactly one position per
+    /// example, [`synthetic::Example::answer_position`]), else 0.0.
     pub loss_mask: Vec<f32>,
     /// Dataset indices of the examples, for logging and debugging.
     pub example_ids: Vec<usize>,
