@@ -37,6 +37,36 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "cpu")]
         backend: Backend,
     },
+    /// Privacy accounting for the Poisson-subsampled Gaussian mechanism.
+    ///
+    /// Prints ε for a noise multiplier, or the smallest noise multiplier for a
+    /// target ε. The last line is `epsilon = <value>` or `noise_multiplier = <value>`.
+    ///
+    /// Examples:
+    ///   dualpriv account --sample-rate 0.01 --noise-multiplier 1.0 --steps 1000 --delta 1e-5
+    ///   dualpriv account --sample-rate 0.01 --target-epsilon 3 --steps 1000 --delta 1e-5
+    ///   dualpriv account --accountant pld --sample-rate 0.004 --noise-multiplier 1.1 --steps 10000 --delta 1e-5
+    #[command(verbatim_doc_comment)]
+    Account {
+        /// Poisson sampling rate q = B_expected / N, in (0, 1].
+        #[arg(long)]
+        sample_rate: f64,
+        /// Noise multiplier σ (noise std / clipping norm).
+        #[arg(long, conflicts_with = "target_epsilon", required_unless_present = "target_epsilon")]
+        noise_multiplier: Option<f64>,
+        /// Target ε: print the smallest σ that reaches it instead.
+        #[arg(long)]
+        target_epsilon: Option<f64>,
+        /// Number of steps T.
+        #[arg(long)]
+        steps: u64,
+        /// δ of the (ε, δ) guarantee, in (0, 1).
+        #[arg(long, default_value_t = 1e-5)]
+        delta: f64,
+        /// Accountant: rdp (Opacus-compatible) or pld (tighter, dp_accounting-compatible).
+        #[arg(long, default_value = "rdp")]
+        accountant: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +86,9 @@ fn main() -> ExitCode {
                 true
             })
         }
+        Cmd::Account { sample_rate, noise_multiplier, target_epsilon, steps, delta, accountant } => {
+            account(sample_rate, noise_multiplier, target_epsilon, steps, delta, &accountant).map(|_| true)
+        }
     };
     match res {
         Ok(true) => ExitCode::SUCCESS,
@@ -68,4 +101,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn account(q: f64, sigma: Option<f64>, target: Option<f64>, steps: u64, delta: f64, kind: &str) -> dualpriv::Result<()> {
+    use dualpriv::dp::accountant::{calibrate_sigma, epsilon, AccountantKind};
+    let kind: AccountantKind = kind.parse()?;
+    if steps == 0 {
+        return Err(dualpriv::Error::Config("--steps must be at least 1".into()));
+    }
+    println!("accountant = {kind}, q = {q}, steps = {steps}, delta = {delta}");
+    match (sigma, target) {
+        (Some(s), _) => println!("epsilon = {}", epsilon(kind, &[(q, s, steps)], delta)?),
+        (None, Some(e)) => println!("noise_multiplier = {}", calibrate_sigma(kind, q, steps, e, delta)?),
+        (None, None) => unreachable!("clap requires one of them"),
+    }
+    Ok(())
 }

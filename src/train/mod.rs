@@ -231,6 +231,10 @@ pub struct Trainer<'a, B: DpBackend> {
     pub backend: &'a B,
     /// The model.
     pub model: Mllm<B>,
+    /// Which model this is, for checkpoints.
+    pub model_spec: checkpoint::ModelSpec,
+    /// Fingerprint of the training data, for checkpoints and the ledger.
+    pub data_fingerprint: String,
     /// The optimizer state.
     pub opt: OptState<B>,
     /// The configuration.
@@ -249,9 +253,15 @@ pub struct Trainer<'a, B: DpBackend> {
 
 impl<'a, B: DpBackend> Trainer<'a, B> {
     /// A fresh run: calibrates σ for the planned steps when a target ε is given.
-    pub fn new(backend: &'a B, model: Mllm<B>, cfg: TrainConfig, n_train: usize) -> Result<Self> {
+    pub fn new(
+        backend: &'a B,
+        model: Mllm<B>,
+        model_spec: checkpoint::ModelSpec,
+        cfg: TrainConfig,
+        data: &Dataset,
+    ) -> Result<Self> {
         cfg.validate()?;
-        let sampler = Sampler::new(n_train, cfg.batch, cfg.sampling, cfg.seed)?;
+        let sampler = Sampler::new(data.len(), cfg.batch, cfg.sampling, cfg.seed)?;
         let sigma = match (cfg.method.is_private(), cfg.noise_multiplier, cfg.epsilon) {
             (false, ..) => 0.0,
             (true, Some(s), _) => s,
@@ -263,12 +273,48 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         Ok(Self {
             backend,
             model,
+            model_spec,
+            data_fingerprint: data.fingerprint(),
             opt: OptState::default(),
             cfg,
             privacy: PrivacyState::default(),
             step: 0,
             sigma,
             out_dir: None,
+            progress: false,
+        })
+    }
+
+    /// Continues the run saved in `dir` on `data`, which must be the same data
+    /// (same fingerprint). The privacy history continues; ε is never reset.
+    /// `steps`, when given, replaces the planned total (to train longer).
+    pub fn resume(backend: &'a B, dir: &Path, data: &Dataset, steps: Option<u32>) -> Result<Self> {
+        let st = checkpoint::load_state(dir)?;
+        if st.data_fingerprint != data.fingerprint() {
+            return Err(Error::Config(format!(
+                "{}: the checkpoint was trained on data {} but this data is {}; resume with the same data",
+                dir.display(),
+                st.data_fingerprint,
+                data.fingerprint()
+            )));
+        }
+        let (mcfg, mode) = st.model.build()?;
+        let model = Mllm::load(backend, &mcfg, &mode, &dir.join("model.safetensors"))?;
+        let mut cfg = st.train;
+        if let Some(s) = steps {
+            cfg.steps = s;
+        }
+        Ok(Self {
+            backend,
+            model,
+            model_spec: st.model,
+            data_fingerprint: st.data_fingerprint,
+            opt: checkpoint::load_optim(backend, dir)?,
+            cfg,
+            privacy: st.privacy,
+            step: st.step,
+            sigma: st.sigma,
+            out_dir: Some(dir.to_path_buf()),
             progress: false,
         })
     }

@@ -226,6 +226,15 @@ fn gradient_step<B: DpBackend>(ctx: &mut StepContext<'_, B>, step: u32, indices:
         if !fb.dense_grads.is_empty() && cfg.method.is_private() {
             return Err(Error::Config("trainable embeddings are only supported for non-private pretraining".into()));
         }
+        // Plain batch-summed gradients (embeddings in non-private pretraining).
+        for (id, g) in fb.dense_grads {
+            match grads.get_mut(&id) {
+                Some(acc) => be.axpy(acc, 1.0, &g)?,
+                None => {
+                    grads.insert(id, g);
+                }
+            }
+        }
         let clip = clipping(ctx, &fb.captures, mb.len())?;
         for (i, c) in fb.captures.iter().enumerate() {
             let wlen = c.shape.p * c.shape.d;

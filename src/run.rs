@@ -1,0 +1,234 @@
+//! The commands behind the CLI, as library functions: evaluation, non-private
+//! pretraining, DP fine-tuning, and the demo that compares every method.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::backend::dp::DpBackend;
+use crate::data::synthetic::{Dataset, Split};
+use crate::model::Mllm;
+use crate::train::checkpoint::ModelSpec;
+use crate::train::method::Method;
+use crate::train::optim::{OptConfig, OptKind};
+use crate::train::sampler::Sampling;
+use crate::train::{PruneScope, RunSummary, TrainConfig, Trainer};
+use crate::vision::tokens::TokenSelectConfig;
+use crate::{Error, Result};
+
+/// Image side of the built-in task for the `tiny` preset.
+pub const TINY_IMAGE: usize = 32;
+
+/// Accuracy of `model` on `data`: the argmax at each example's answer position.
+pub fn evaluate<B: DpBackend>(
+    backend: &B,
+    model: &Mllm<B>,
+    data: &Dataset,
+    tokens: Option<&TokenSelectConfig>,
+    text_len: usize,
+) -> Result<f64> {
+    if data.is_empty() {
+        return Err(Error::Config("the evaluation set is empty".into()));
+    }
+    let mut correct = 0usize;
+    let idx: Vec<usize> = (0..data.len()).collect();
+    for chunk in idx.chunks(64) {
+        let batch = data.collate(chunk, text_len)?;
+        let pred = model.predict(backend, &batch, tokens)?;
+        correct += chunk.iter().zip(&pred).filter(|(&i, &p)| data.examples[i].answer == p).count();
+    }
+    Ok(correct as f64 / data.len() as f64)
+}
+
+/// Settings of `dualpriv pretrain`.
+#[derive(Clone, Debug)]
+pub struct PretrainArgs {
+    /// Model preset.
+    pub preset: String,
+    /// Output folder (a checkpoint folder with `model.safetensors`).
+    pub out: PathBuf,
+    /// Public examples.
+    pub examples: usize,
+    /// Optimizer steps.
+    pub steps: u32,
+    /// Batch size.
+    pub batch: usize,
+    /// AdamW learning rate.
+    pub lr: f32,
+    /// Seed of data and initialisation.
+    pub seed: u64,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// The groups pretraining trains: everything but the frozen vision tower and norms.
+pub fn pretrain_spec(preset: &str) -> ModelSpec {
+    ModelSpec {
+        preset: preset.into(),
+        lora_rank: None,
+        lora_alpha: 0.0,
+        full_groups: ["projector", "attention", "mlp", "lm_head", "embeddings"].map(String::from).to_vec(),
+    }
+}
+
+/// Non-private pretraining on the public split; returns (summary, public test accuracy).
+pub fn pretrain<B: DpBackend>(backend: &B, a: &PretrainArgs) -> Result<(RunSummary, f64)> {
+    let spec = pretrain_spec(&a.preset);
+    let (mcfg, mode) = spec.build()?;
+    let image = mcfg.vision.image_size;
+    let data = Dataset::generate(Split::Public, a.examples, a.seed, image)?;
+    let held_out = Dataset::generate(Split::Public, 500, a.seed ^ 0x5eed, image)?;
+    let text_len = data.max_text_len().max(held_out.max_text_len());
+    let model = Mllm::new(backend, &mcfg, &mode, a.seed)?;
+    let cfg = TrainConfig {
+        method: Method::Nonprivate,
+        batch: a.batch,
+        micro_batch: a.batch,
+        sampling: Sampling::Shuffle,
+        steps: a.steps,
+        opt: OptConfig { kind: OptKind::Adamw, lr: a.lr, momentum: 0.0, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+        clip_norm: 1.0,
+        epsilon: None,
+        delta: 1e-5,
+        noise_multiplier: None,
+        accountant: "rdp".into(),
+        keep_tokens: None,
+        context_tokens: 0,
+        fuse_noise_std: 0.0,
+        keep_frac: 1.0,
+        prune_scope: PruneScope::Tensor,
+        dpzo_lambda: 1e-3,
+        seed: a.seed,
+        noise_seed: 0,
+        text_len,
+    };
+    let mut t = Trainer::new(backend, model, spec, cfg, &data)?;
+    t.out_dir = Some(a.out.clone());
+    t.progress = a.progress;
+    let summary = t.run(&data, 0)?;
+    let acc = evaluate(backend, &t.model, &held_out, None, text_len)?;
+    Ok((summary, acc))
+}
+
+/// One method's row in the demo table.
+#[derive(Clone, Debug)]
+pub struct DemoRow {
+    /// The method.
+    pub method: Method,
+    /// Test accuracy.
+    pub accuracy: f64,
+    /// ε spent (∞ for non-private).
+    pub epsilon: f64,
+    /// Peak heap bytes during the fine-tune (CPU, counting allocator).
+    pub peak_bytes: Option<usize>,
+    /// Fine-tune wall time, seconds.
+    pub seconds: f64,
+    /// Visual tokens per example.
+    pub visual_tokens: usize,
+}
+
+/// Settings of the demo's fine-tunes, shared by all methods.
+#[derive(Clone, Debug)]
+pub struct DemoArgs {
+    /// Pretrained checkpoint folder (model.safetensors); pretrained first if missing.
+    pub pretrained: PathBuf,
+    /// Where the fine-tunes write checkpoints and metrics.
+    pub out: PathBuf,
+    /// Private training examples.
+    pub train_examples: usize,
+    /// Test examples.
+    pub test_examples: usize,
+    /// Target ε.
+    pub epsilon: f64,
+    /// δ.
+    pub delta: f64,
+    /// Show progress bars.
+    pub progress: bool,
+}
+
+/// The fine-tuning config every demo method uses (same data, steps, optimizer).
+pub fn demo_train_config(method: Method, epsilon: f64, delta: f64, text_len: usize) -> TrainConfig {
+    let dpzo = method == Method::Dpzo;
+    TrainConfig {
+        method,
+        batch: 64,
+        micro_batch: 64,
+        sampling: Sampling::Poisson,
+        steps: 120,
+        opt: if dpzo {
+            OptConfig { kind: OptKind::Sgd, lr: 2e-3, momentum: 0.0, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+        } else {
+            OptConfig { kind: OptKind::Adamw, lr: 2e-3, momentum: 0.0, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+        },
+        clip_norm: 1.0,
+        epsilon: method.is_private().then_some(epsilon),
+        delta,
+        noise_multiplier: None,
+        accountant: "pld".into(),
+        keep_tokens: (method == Method::Dualpriv).then_some(24),
+        context_tokens: if method == Method::Dualpriv { 4 } else { 0 },
+        fuse_noise_std: 0.0,
+        keep_frac: 0.8,
+        prune_scope: PruneScope::Tensor,
+        dpzo_lambda: 1e-2,
+        seed: 1,
+        noise_seed: 0x5EC2_E7D0_0000_0001,
+        text_len,
+    }
+}
+
+/// The LoRA model the demo fine-tunes.
+pub fn demo_spec() -> ModelSpec {
+    ModelSpec { preset: "tiny".into(), lora_rank: Some(8), lora_alpha: 16.0, full_groups: vec![] }
+}
+
+/// Runs the demo: pretrain if needed, fine-tune every method, evaluate.
+pub fn demo<B: DpBackend>(backend: &B, a: &DemoArgs) -> Result<Vec<DemoRow>> {
+    let ckpt = a.pretrained.join("model.safetensors");
+    if !ckpt.exists() {
+        eprintln!("demo: no pretrained checkpoint at {}; pretraining one now", ckpt.display());
+        let (s, acc) = pretrain(backend, &default_pretrain_args(&a.pretrained, a.progress))?;
+        eprintln!("demo: pretrained {} steps in {:.0} s, public accuracy {acc:.3}", s.steps, s.seconds);
+    }
+    let spec = demo_spec();
+    let (mcfg, mode) = spec.build()?;
+    let image = mcfg.vision.image_size;
+    let train = Dataset::generate(Split::Private, a.train_examples, 1, image)?;
+    let test = Dataset::generate(Split::Test, a.test_examples, 2, image)?;
+    let text_len = train.max_text_len().max(test.max_text_len());
+    let mut rows = Vec::new();
+    for method in [Method::Nonprivate, Method::Dpsgd, Method::Ghost, Method::Dualpriv, Method::Dpzo] {
+        let model = Mllm::load(backend, &mcfg, &mode, &ckpt)?;
+        let cfg = demo_train_config(method, a.epsilon, a.delta, text_len);
+        let tokens = cfg.token_select();
+        crate::mem::reset_peak();
+        let t0 = Instant::now();
+        let mut t = Trainer::new(backend, model, spec.clone(), cfg, &train)?;
+        t.out_dir = Some(a.out.join(method.to_string()));
+        t.progress = a.progress;
+        let s = t.run(&train, 0)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        let accuracy = evaluate(backend, &t.model, &test, tokens.as_ref(), text_len)?;
+        rows.push(DemoRow {
+            method,
+            accuracy,
+            epsilon: s.epsilon,
+            peak_bytes: s.peak_bytes,
+            seconds,
+            visual_tokens: t.model.visual_tokens(tokens.as_ref()),
+        });
+    }
+    Ok(rows)
+}
+
+/// The pretraining recipe that produced the shipped checkpoint.
+pub fn default_pretrain_args(out: &Path, progress: bool) -> PretrainArgs {
+    PretrainArgs {
+        preset: "tiny".into(),
+        out: out.to_path_buf(),
+        examples: 6000,
+        steps: 600,
+        batch: 64,
+        lr: 3e-3,
+        seed: 0,
+        progress,
+    }
+}
