@@ -163,12 +163,24 @@ fn copy_blocks<T: Real>(dst: &mut [T], src: &[T], b: Blocks) -> Result<()> {
             .and_then(|v| v.checked_add(off))
             .and_then(|v| v.checked_add(b.len))
     };
-    ensure_shape(end(b.src_off, b.src_stride).is_some_and(|e| e <= src.len()), || {
-        format!("copy_blocks reads past the source ({} values): {b:?}", src.len())
-    })?;
-    ensure_shape(end(b.dst_off, b.dst_stride).is_some_and(|e| e <= dst.len()), || {
-        format!("copy_blocks writes past the destination ({} values): {b:?}", dst.len())
-    })?;
+    ensure_shape(
+        end(b.src_off, b.src_stride).is_some_and(|e| e <= src.len()),
+        || {
+            format!(
+                "copy_blocks reads past the source ({} values): {b:?}",
+                src.len()
+            )
+        },
+    )?;
+    ensure_shape(
+        end(b.dst_off, b.dst_stride).is_some_and(|e| e <= dst.len()),
+        || {
+            format!(
+                "copy_blocks writes past the destination ({} values): {b:?}",
+                dst.len()
+            )
+        },
+    )?;
     for i in 0..b.count {
         let s = b.src_off + i * b.src_stride;
         let d = b.dst_off + i * b.dst_stride;
@@ -422,7 +434,11 @@ fn attention_fwd<T: Real>(
         .zip(probs.par_chunks_mut(ps))
         .enumerate()
         .for_each(|(bi, (o, p))| {
-            let (qb, kb, vb) = (&q[bi * qs..][..qs], &k[bi * kvs..][..kvs], &v[bi * kvs..][..kvs]);
+            let (qb, kb, vb) = (
+                &q[bi * qs..][..qs],
+                &k[bi * kvs..][..kvs],
+                &v[bi * kvs..][..kvs],
+            );
             let mut oh = vec![T::default(); t * hd];
             for h in 0..s.hq {
                 let kvh = h / rep;
@@ -446,13 +462,7 @@ fn attention_fwd<T: Real>(
                     row[n..].iter_mut().for_each(|v| *v = T::default());
                 }
                 let vv = head_view(vb, t, s.hkv, hd, kvh);
-                T::gemm(
-                    r(1.0),
-                    View::row_major(ph, t, t),
-                    vv,
-                    T::default(),
-                    &mut oh,
-                );
+                T::gemm(r(1.0), View::row_major(ph, t, t), vv, T::default(), &mut oh);
                 for i in 0..t {
                     o[i * s.hq * hd + h * hd..][..hd].copy_from_slice(&oh[i * hd..][..hd]);
                 }
@@ -476,7 +486,12 @@ fn attention_bwd<T: Real>(
     for (name, len) in [("dq", dq.len()), ("dout", dout.len()), ("q", q.len())] {
         check_len(&format!("attention_bwd {name}"), len, s.q_len())?;
     }
-    for (name, len) in [("dk", dk.len()), ("dv", dv.len()), ("k", k.len()), ("v", v.len())] {
+    for (name, len) in [
+        ("dk", dk.len()),
+        ("dv", dv.len()),
+        ("k", k.len()),
+        ("v", v.len()),
+    ] {
         check_len(&format!("attention_bwd {name}"), len, s.kv_len())?;
     }
     check_len("attention_bwd probs", probs.len(), s.probs_len())?;
@@ -491,7 +506,11 @@ fn attention_bwd<T: Real>(
         .zip(dk.par_chunks_mut(kvs).zip(dv.par_chunks_mut(kvs)))
         .enumerate()
         .for_each(|(bi, (dqb, (dkb, dvb)))| {
-            let (qb, kb, vb) = (&q[bi * qs..][..qs], &k[bi * kvs..][..kvs], &v[bi * kvs..][..kvs]);
+            let (qb, kb, vb) = (
+                &q[bi * qs..][..qs],
+                &k[bi * kvs..][..kvs],
+                &v[bi * kvs..][..kvs],
+            );
             let gob = &dout[bi * qs..][..qs];
             dkb.iter_mut().for_each(|x| *x = T::default());
             dvb.iter_mut().for_each(|x| *x = T::default());
@@ -506,7 +525,9 @@ fn attention_bwd<T: Real>(
                 T::gemm(r(1.0), pv.t(), go, T::default(), &mut tmp);
                 for i in 0..t {
                     let dst = &mut dvb[i * s.hkv * hd + kvh * hd..][..hd];
-                    dst.iter_mut().zip(&tmp[i * hd..][..hd]).for_each(|(a, &b)| *a += b);
+                    dst.iter_mut()
+                        .zip(&tmp[i * hd..][..hd])
+                        .for_each(|(a, &b)| *a += b);
                 }
                 // dP = dO Vᵀ; dS = P ⊙ (dP − Σ_j dP⊙P)
                 let vv = head_view(vb, t, s.hkv, hd, kvh);
@@ -514,7 +535,11 @@ fn attention_bwd<T: Real>(
                 for i in 0..t {
                     let pr = &ph[i * t..][..t];
                     let dr = &mut dp[i * t..][..t];
-                    let dot: f64 = pr.iter().zip(dr.iter()).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
+                    let dot: f64 = pr
+                        .iter()
+                        .zip(dr.iter())
+                        .map(|(a, b)| a.to_f64() * b.to_f64())
+                        .sum();
                     for (d, &p) in dr.iter_mut().zip(pr) {
                         *d = r(p.to_f64() * (d.to_f64() - dot));
                     }
@@ -531,7 +556,9 @@ fn attention_bwd<T: Real>(
                 T::gemm(r(scale), dsv.t(), qv, T::default(), &mut tmp);
                 for i in 0..t {
                     let dst = &mut dkb[i * s.hkv * hd + kvh * hd..][..hd];
-                    dst.iter_mut().zip(&tmp[i * hd..][..hd]).for_each(|(a, &b)| *a += b);
+                    dst.iter_mut()
+                        .zip(&tmp[i * hd..][..hd])
+                        .for_each(|(a, &b)| *a += b);
                 }
             }
         });
@@ -597,7 +624,12 @@ fn swiglu_bwd<T: Real>(
     up: &[T],
 ) -> Result<()> {
     let n = dout.len();
-    for (name, len) in [("dgate", dgate.len()), ("dup", dup.len()), ("gate", gate.len()), ("up", up.len())] {
+    for (name, len) in [
+        ("dgate", dgate.len()),
+        ("dup", dup.len()),
+        ("gate", gate.len()),
+        ("up", up.len()),
+    ] {
         check_len(&format!("swiglu_bwd {name}"), len, n)?;
     }
     dgate
@@ -626,10 +658,24 @@ fn check_ids(ids: &[u32], vocab: usize, what: &str) -> Result<()> {
     }
 }
 
-fn embedding_fwd<T: Real>(out: &mut [T], table: &[T], ids: &[u32], s: RowShape, vocab: usize) -> Result<()> {
+fn embedding_fwd<T: Real>(
+    out: &mut [T],
+    table: &[T],
+    ids: &[u32],
+    s: RowShape,
+    vocab: usize,
+) -> Result<()> {
     check_len("embedding ids", ids.len(), s.rows)?;
-    check_len("embedding table", table.len(), checked(&[vocab, s.dim], "embedding")?)?;
-    check_len("embedding out", out.len(), checked(&[s.rows, s.dim], "embedding")?)?;
+    check_len(
+        "embedding table",
+        table.len(),
+        checked(&[vocab, s.dim], "embedding")?,
+    )?;
+    check_len(
+        "embedding out",
+        out.len(),
+        checked(&[s.rows, s.dim], "embedding")?,
+    )?;
     check_ids(ids, vocab, "embedding")?;
     for (row, &id) in ids.iter().enumerate() {
         out[row * s.dim..][..s.dim].copy_from_slice(&table[id as usize * s.dim..][..s.dim]);
@@ -637,14 +683,30 @@ fn embedding_fwd<T: Real>(out: &mut [T], table: &[T], ids: &[u32], s: RowShape, 
     Ok(())
 }
 
-fn embedding_bwd<T: Real>(dtable: &mut [T], dout: &[T], ids: &[u32], s: RowShape, vocab: usize) -> Result<()> {
+fn embedding_bwd<T: Real>(
+    dtable: &mut [T],
+    dout: &[T],
+    ids: &[u32],
+    s: RowShape,
+    vocab: usize,
+) -> Result<()> {
     check_len("embedding_bwd ids", ids.len(), s.rows)?;
-    check_len("embedding_bwd dtable", dtable.len(), checked(&[vocab, s.dim], "embedding")?)?;
-    check_len("embedding_bwd dout", dout.len(), checked(&[s.rows, s.dim], "embedding")?)?;
+    check_len(
+        "embedding_bwd dtable",
+        dtable.len(),
+        checked(&[vocab, s.dim], "embedding")?,
+    )?;
+    check_len(
+        "embedding_bwd dout",
+        dout.len(),
+        checked(&[s.rows, s.dim], "embedding")?,
+    )?;
     check_ids(ids, vocab, "embedding_bwd")?;
     for (row, &id) in ids.iter().enumerate() {
         let dst = &mut dtable[id as usize * s.dim..][..s.dim];
-        dst.iter_mut().zip(&dout[row * s.dim..][..s.dim]).for_each(|(a, &b)| *a += b);
+        dst.iter_mut()
+            .zip(&dout[row * s.dim..][..s.dim])
+            .for_each(|(a, &b)| *a += b);
     }
     Ok(())
 }
@@ -665,7 +727,10 @@ fn cross_entropy<T: Real>(
     check_len("cross_entropy weights", weights.len(), s.rows)?;
     for (row, (&tg, w)) in targets.iter().zip(weights).enumerate() {
         ensure_shape(w.to_f64() == 0.0 || (tg as usize) < s.dim, || {
-            format!("cross_entropy: target {tg} of row {row} is out of range for a vocabulary of {}", s.dim)
+            format!(
+                "cross_entropy: target {tg} of row {row} is out of range for a vocabulary of {}",
+                s.dim
+            )
         })?;
     }
     if s.dim == 0 {
@@ -699,12 +764,23 @@ fn cross_entropy<T: Real>(
 
 fn patchify<T: Real>(out: &mut [T], images: &[T], s: PatchShape) -> Result<()> {
     ensure_shape(s.patch >= 1 && s.size % s.patch == 0, || {
-        format!("patch size {} must divide the image size {}", s.patch, s.size)
+        format!(
+            "patch size {} must divide the image size {}",
+            s.patch, s.size
+        )
     })?;
     let np = s.size / s.patch;
     let pdim = checked(&[s.channels, s.patch, s.patch], "patchify")?;
-    check_len("images", images.len(), checked(&[s.b, s.channels, s.size, s.size], "images")?)?;
-    check_len("patches", out.len(), checked(&[s.b, np, np, pdim], "patches")?)?;
+    check_len(
+        "images",
+        images.len(),
+        checked(&[s.b, s.channels, s.size, s.size], "images")?,
+    )?;
+    check_len(
+        "patches",
+        out.len(),
+        checked(&[s.b, np, np, pdim], "patches")?,
+    )?;
     if pdim == 0 || np == 0 {
         return Ok(());
     }
@@ -769,7 +845,13 @@ macro_rules! cpu_backend {
             fn copy_blocks(&self, dst: &mut Vec<$t>, src: &Vec<$t>, b: Blocks) -> Result<()> {
                 copy_blocks(dst, src, b)
             }
-            fn matmul(&self, c: &mut Vec<$t>, a: &Vec<$t>, b: &Vec<$t>, s: MatmulSpec) -> Result<()> {
+            fn matmul(
+                &self,
+                c: &mut Vec<$t>,
+                a: &Vec<$t>,
+                b: &Vec<$t>,
+                s: MatmulSpec,
+            ) -> Result<()> {
                 matmul(c, a, b, s)
             }
             fn add_bias(&self, y: &mut Vec<$t>, bias: &Vec<$t>, s: RowShape) -> Result<()> {
@@ -923,7 +1005,13 @@ macro_rules! cpu_backend {
                 shape: &TokenShape,
                 cfg: &TokenSelectConfig,
             ) -> Result<Vec<$t>> {
-                let sel = select_tokens(&to_f32(attn_cls), &to_f32(keys), &to_f32(hidden), shape, cfg)?;
+                let sel = select_tokens(
+                    &to_f32(attn_cls),
+                    &to_f32(keys),
+                    &to_f32(hidden),
+                    shape,
+                    cfg,
+                )?;
                 self.upload(&sel.tokens)
             }
         }
