@@ -358,7 +358,7 @@ fn rmsnorm_bwd<T: Real>(
 // RoPE (rotate-half); the backward is the rotation by the opposite angle
 
 fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> {
-    ensure_shape(s.hd % 2 == 0, || {
+    ensure_shape(s.hd.is_multiple_of(2), || {
         format!("rope needs an even head dimension, got {}", s.hd)
     })?;
     let row = checked(&[s.heads, s.hd], "rope")?;
@@ -388,7 +388,7 @@ fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> {
 // Attention: per example, per head, S = QKᵀ/√hd, P = softmax(S), O = PV
 
 fn check_attn(s: &AttnShape) -> Result<()> {
-    ensure_shape(s.hkv >= 1 && s.hq % s.hkv == 0, || {
+    ensure_shape(s.hkv >= 1 && s.hq.is_multiple_of(s.hkv), || {
         format!(
             "attention: kv heads ({}) must be ≥ 1 and divide query heads ({})",
             s.hkv, s.hq
@@ -763,7 +763,7 @@ fn cross_entropy<T: Real>(
 }
 
 fn patchify<T: Real>(out: &mut [T], images: &[T], s: PatchShape) -> Result<()> {
-    ensure_shape(s.patch >= 1 && s.size % s.patch == 0, || {
+    ensure_shape(s.patch >= 1 && s.size.is_multiple_of(s.patch), || {
         format!(
             "patch size {} must divide the image size {}",
             s.patch, s.size

@@ -8,6 +8,8 @@
 //! * LoRA B (p×r), whose input is u = x Aᵀ: capture (u, s·G);
 //! * LoRA A (r×d), whose output gradient is s·G·B: capture (X, s·G·B);
 //! * dx = G·W + (s·G·B)·A, only when the caller needs it.
+#![allow(clippy::too_many_arguments)] // llm.c-style explicit activations
+
 use super::weights::Store;
 use super::Capture;
 use crate::backend::{Backend, MatmulSpec, RowShape};
