@@ -135,7 +135,9 @@ impl<B: Backend> Store<B> {
         let bad = |m: String| Error::Config(format!("checkpoint {}: {m}", path.display()));
         let st = SafeTensors::deserialize(file)
             .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-        for name in st.names() {
+        let mut names = st.names();
+        names.sort_unstable();
+        for name in names {
             if !self.index.contains_key(name) {
                 return Err(bad(format!(
                     "tensor '{name}' is not part of this model (different preset or training mode?)"
