@@ -16,6 +16,8 @@ pub mod gpu;
 pub mod linalg;
 pub mod mem;
 pub mod model;
+pub mod run;
+pub mod train;
 pub mod selfcheck;
 pub mod vision;
 

@@ -2,20 +2,192 @@
 //! against [`Backend`] (model ops) and [`dp::DpBackend`] (DP mechanisms); the CPU
 //! backend ([`cpu::Cpu`]) is the executable specification and the CUDA backend
 //! must agree with it within the tolerances stated in the tests.
+//!
+//! # Conventions (llm.c style)
+//!
+//! * Every tensor is a flat, row-major buffer; shapes are passed explicitly.
+//! * Outputs come first in the argument list, then inputs, then the shape.
+//! * Ops **overwrite** their outputs unless the doc says "accumulates" (`+=`).
+//!   Weight-gradient outputs of norms and of the embedding accumulate; input
+//!   gradients are overwritten, and the model adds residual branches explicitly
+//!   with [`Backend::axpy`].
+//! * A length that does not match the shape is an [`crate::Error::Shape`], never a
+//!   panic; token ids are validated against the vocabulary.
+//! * Nothing in the trait refers to host slices of activations or weights, so a
+//!   CUDA backend can implement every op with cuBLAS and its own kernels.
+#![allow(clippy::too_many_arguments)]
+
 pub mod cpu;
 pub mod dp;
 
+use crate::vision::tokens::{TokenSelectConfig, TokenShape};
 use crate::Result;
 
-/// Storage and compute for one device. Buffers are flat f32 arrays; shapes are
-/// passed explicitly to every op, as in llm.c.
+/// `C[m×n] = alpha · op(A) · op(B) + beta · C`, all row-major.
+///
+/// `op(A)` is m×k: `A` is stored m×k, or k×m when `trans_a`. `op(B)` is k×n: `B` is
+/// stored k×n, or n×k when `trans_b`. A linear layer `Y = X Wᵀ` with `W` p×d
+/// (PyTorch layout) is `m = rows, n = p, k = d, trans_b = true`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MatmulSpec {
+    /// Rows of C.
+    pub m: usize,
+    /// Columns of C.
+    pub n: usize,
+    /// The contracted dimension.
+    pub k: usize,
+    /// A is stored k×m.
+    pub trans_a: bool,
+    /// B is stored n×k.
+    pub trans_b: bool,
+    /// Scale of the product.
+    pub alpha: f32,
+    /// Scale of the old C (0 overwrites; C is then never read, so NaNs in it vanish).
+    pub beta: f32,
+}
+
+impl MatmulSpec {
+    /// `C = A·B` with A m×k and B k×n.
+    pub fn nn(m: usize, n: usize, k: usize) -> Self {
+        Self {
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            beta: 0.0,
+        }
+    }
+
+    /// `C = A·Bᵀ` with A m×k and B n×k (a linear layer's forward).
+    pub fn nt(m: usize, n: usize, k: usize) -> Self {
+        Self {
+            trans_b: true,
+            ..Self::nn(m, n, k)
+        }
+    }
+
+    /// Returns the same spec with `alpha` and `beta` set.
+    pub fn scaled(self, alpha: f32, beta: f32) -> Self {
+        Self {
+            alpha,
+            beta,
+            ..self
+        }
+    }
+}
+
+/// A strided block copy: for `i in 0..count`,
+/// `dst[dst_off + i·dst_stride ..][..len] = src[src_off + i·src_stride ..][..len]`.
+///
+/// With `src_stride = 0` one source block is broadcast (the CLS token); with strides
+/// it concatenates or slices sequences (`[visual, text]`, text rows, CLS rows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Blocks {
+    /// Number of blocks.
+    pub count: usize,
+    /// Values per block.
+    pub len: usize,
+    /// Offset of the first source block.
+    pub src_off: usize,
+    /// Distance between source blocks.
+    pub src_stride: usize,
+    /// Offset of the first destination block.
+    pub dst_off: usize,
+    /// Distance between destination blocks.
+    pub dst_stride: usize,
+}
+
+/// Shape of a row-wise op (norms, softmax): `rows × dim`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowShape {
+    /// Number of rows (tokens).
+    pub rows: usize,
+    /// Values per row (features).
+    pub dim: usize,
+}
+
+/// Shape of a multi-head attention over `b` independent sequences of `t` tokens.
+///
+/// `q` is `[b, t, hq·hd]`, `k` and `v` are `[b, t, hkv·hd]`, the output is
+/// `[b, t, hq·hd]` and the softmax probabilities are `[b, hq, t, t]`. Query head h
+/// reads key/value head `h / (hq / hkv)` (grouped-query attention, as HF's
+/// `repeat_kv`). Scores are scaled by `1/√hd`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    /// Sequences (examples).
+    pub b: usize,
+    /// Tokens per sequence.
+    pub t: usize,
+    /// Query heads.
+    pub hq: usize,
+    /// Key/value heads; must divide `hq`.
+    pub hkv: usize,
+    /// Dimension of one head.
+    pub hd: usize,
+    /// Token i attends only to tokens j ≤ i.
+    pub causal: bool,
+}
+
+impl AttnShape {
+    /// Values in `q` and in the output: b·t·hq·hd.
+    pub fn q_len(&self) -> usize {
+        self.b * self.t * self.hq * self.hd
+    }
+    /// Values in `k` and in `v`: b·t·hkv·hd.
+    pub fn kv_len(&self) -> usize {
+        self.b * self.t * self.hkv * self.hd
+    }
+    /// Values in the probabilities: b·hq·t·t.
+    pub fn probs_len(&self) -> usize {
+        self.b * self.hq * self.t * self.t
+    }
+}
+
+/// Shape of rotary embeddings applied in place to `[b, t, heads·hd]`; the token at
+/// sequence index s has position s.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeShape {
+    /// Sequences.
+    pub b: usize,
+    /// Tokens per sequence.
+    pub t: usize,
+    /// Heads in the buffer.
+    pub heads: usize,
+    /// Head dimension (even).
+    pub hd: usize,
+    /// Base θ of the frequencies θ^(−2i/hd) (10000 for Llama).
+    pub theta: f32,
+}
+
+/// Shape of patch extraction: images `[b, c, s, s]` to patches
+/// `[b, (s/p)², c·p·p]`, each patch flattened in (channel, row, column) order, the
+/// layout of a `Conv2d(c, D, p, stride p)` weight `[D, c, p, p]` seen as `[D, c·p·p]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PatchShape {
+    /// Images.
+    pub b: usize,
+    /// Channels (3).
+    pub channels: usize,
+    /// Image side in pixels.
+    pub size: usize,
+    /// Patch side in pixels; must divide `size`.
+    pub patch: usize,
+}
+
+/// Storage and compute for one device. Buffers are flat arrays; shapes are passed
+/// explicitly to every op, as in llm.c. Forward and backward of each layer are
+/// declared side by side.
 pub trait Backend: Sync {
-    /// A flat f32 buffer on this device.
+    /// A flat floating-point buffer on this device.
     type Buf: Send + Sync;
+    /// A flat buffer of token ids on this device.
+    type Ids: Send + Sync;
 
     /// Short name for logs and metrics ("cpu", "cuda").
     fn name(&self) -> &'static str;
-    /// A zero-filled buffer of `n` values.
+    /// A zero-filled buffer of `n` values. Running out of memory is an error.
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
     /// Copies host values into a new buffer.
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
@@ -23,4 +195,170 @@ pub trait Backend: Sync {
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     /// Number of values in a buffer.
     fn len(&self, buf: &Self::Buf) -> usize;
+    /// Copies host token ids to the device.
+    fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids>;
+    /// Bytes of memory free for new buffers, if the backend can tell.
+    fn available_memory(&self) -> Option<u64>;
+    /// Bytes one buffer value occupies (4 for f32).
+    fn value_bytes(&self) -> usize;
+
+    /// A copy of a buffer.
+    fn duplicate(&self, src: &Self::Buf) -> Result<Self::Buf>;
+    /// Strided block copy, see [`Blocks`].
+    fn copy_blocks(&self, dst: &mut Self::Buf, src: &Self::Buf, blocks: Blocks) -> Result<()>;
+    /// General matrix multiply, see [`MatmulSpec`].
+    fn matmul(
+        &self,
+        c: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        spec: MatmulSpec,
+    ) -> Result<()>;
+    /// `y[r, j] += bias[j]` for `y` of shape `rows × cols`.
+    fn add_bias(&self, y: &mut Self::Buf, bias: &Self::Buf, shape: RowShape) -> Result<()>;
+    /// `y += alpha · x` (the residual add when alpha = 1; accumulating gradients).
+    fn axpy(&self, y: &mut Self::Buf, alpha: f32, x: &Self::Buf) -> Result<()>;
+
+    /// LayerNorm forward: `out = (x − μ)/√(σ² + eps) · w + b` per row (biased σ²);
+    /// also stores each row's μ and 1/√(σ² + eps) for the backward.
+    fn layernorm_fwd(
+        &self,
+        out: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        shape: RowShape,
+        eps: f32,
+    ) -> Result<()>;
+    /// LayerNorm backward: overwrites `dx`; accumulates `dw` and `db`.
+    fn layernorm_bwd(
+        &self,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        db: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        shape: RowShape,
+    ) -> Result<()>;
+    /// RMSNorm forward: `out = x / √(mean(x²) + eps) · w` per row; stores the
+    /// reciprocal root per row.
+    fn rmsnorm_fwd(
+        &self,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        shape: RowShape,
+        eps: f32,
+    ) -> Result<()>;
+    /// RMSNorm backward: overwrites `dx`; accumulates `dw`.
+    fn rmsnorm_bwd(
+        &self,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rstd: &Self::Buf,
+        shape: RowShape,
+    ) -> Result<()>;
+    /// Rotary embedding, in place, rotate-half convention (HF Llama): with
+    /// `x = [x₁, x₂]` split at hd/2 and angle `a_i = s · θ^(−2i/hd)`,
+    /// `x₁' = x₁ cos a − x₂ sin a`, `x₂' = x₂ cos a + x₁ sin a`.
+    fn rope_fwd(&self, x: &mut Self::Buf, shape: RopeShape) -> Result<()>;
+    /// Rotary backward, in place: the inverse rotation (angle −a) of the gradient.
+    fn rope_bwd(&self, dx: &mut Self::Buf, shape: RopeShape) -> Result<()>;
+    /// Scaled dot-product attention forward, see [`AttnShape`]; writes the output
+    /// and the softmax probabilities (masked entries are 0). The CLS attention rows
+    /// of a vision layer are `probs[b, h, 0, :]`.
+    fn attention_fwd(
+        &self,
+        out: &mut Self::Buf,
+        probs: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: AttnShape,
+    ) -> Result<()>;
+    /// Attention backward: overwrites `dq`, `dk`, `dv` (GQA heads summed into their
+    /// shared key/value head).
+    fn attention_bwd(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dout: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        probs: &Self::Buf,
+        shape: AttnShape,
+    ) -> Result<()>;
+    /// CLIP's quick-GELU, `x · σ(1.702 x)` (frozen vision MLP: forward only).
+    fn quick_gelu_fwd(&self, out: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+    /// GELU, tanh approximation: `0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))`.
+    fn gelu_fwd(&self, out: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+    /// GELU backward: overwrites `dx`.
+    fn gelu_bwd(&self, dx: &mut Self::Buf, dout: &Self::Buf, x: &Self::Buf) -> Result<()>;
+    /// SwiGLU: `out = silu(gate) · up`, `silu(g) = g σ(g)`.
+    fn swiglu_fwd(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf) -> Result<()>;
+    /// SwiGLU backward: overwrites `dgate` and `dup`.
+    fn swiglu_bwd(
+        &self,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+        dout: &Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+    ) -> Result<()>;
+    /// Embedding lookup: `out[r] = table[ids[r]]`, `table` is `vocab × dim`; an id
+    /// ≥ vocab is a shape error.
+    fn embedding_fwd(
+        &self,
+        out: &mut Self::Buf,
+        table: &Self::Buf,
+        ids: &Self::Ids,
+        shape: RowShape,
+        vocab: usize,
+    ) -> Result<()>;
+    /// Embedding backward: accumulates `dtable[ids[r]] += dout[r]`.
+    fn embedding_bwd(
+        &self,
+        dtable: &mut Self::Buf,
+        dout: &Self::Buf,
+        ids: &Self::Ids,
+        shape: RowShape,
+        vocab: usize,
+    ) -> Result<()>;
+    /// Fused softmax cross-entropy over `rows × vocab` logits with row weights:
+    /// `losses[r] = w_r · (logsumexp(logits_r) − logits_r[target_r])` and
+    /// `dlogits[r] = w_r · (softmax(logits_r) − onehot(target_r))`, the gradient of
+    /// `Σ_r losses[r]`. Rows with `w_r = 0` (masked) give 0 and their target is not
+    /// read; a used target ≥ vocab is a shape error.
+    fn cross_entropy(
+        &self,
+        losses: &mut Self::Buf,
+        dlogits: &mut Self::Buf,
+        logits: &Self::Buf,
+        targets: &Self::Ids,
+        weights: &Self::Buf,
+        shape: RowShape,
+    ) -> Result<()>;
+    /// Cuts images into flattened patches, see [`PatchShape`].
+    fn patchify(&self, out: &mut Self::Buf, images: &Self::Buf, shape: PatchShape) -> Result<()>;
+    /// VisionZip token selection ([`crate::vision::tokens::select_tokens`]): returns
+    /// `[B, 1 + K + M, D]`.
+    fn select_tokens(
+        &self,
+        attn_cls: &Self::Buf,
+        keys: &Self::Buf,
+        hidden: &Self::Buf,
+        shape: &TokenShape,
+        cfg: &TokenSelectConfig,
+    ) -> Result<Self::Buf>;
 }

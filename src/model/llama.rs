@@ -1,0 +1,336 @@
+//! The Llama decoder over `[visual tokens, text tokens]`, forward and backward.
+//!
+//! ```text
+//! per layer:  x = x + o_proj(attn(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))  n = RMSNorm₁(x)
+//!             x = x + down_proj(silu(gate_proj(m)) · up_proj(m))                 m = RMSNorm₂(x)
+//! then RMSNorm and lm_head (no biases anywhere; causal GQA attention, RoPE rotate-half)
+//! ```
+//!
+//! The backward mirrors the forward line by line; it never forms a weight
+//! gradient, each trainable linear records a [`Capture`] instead.
+#![allow(clippy::too_many_arguments)] // llm.c-style explicit activations
+
+use super::config::{FullGroup, LlmConfig, LoraTarget, TrainMode};
+use super::lora::Linear;
+use super::weights::{Builder, Init, Store};
+use super::Capture;
+use crate::backend::{AttnShape, Backend, RopeShape, RowShape};
+use crate::Result;
+
+pub(crate) struct LlamaLayer {
+    ln1: usize,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ln2: usize,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl LlamaLayer {
+    fn trainable(&self) -> bool {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+        .iter()
+        .any(|l| l.trainable())
+    }
+}
+
+pub(crate) struct Llama {
+    pub cfg: LlmConfig,
+    pub embed: usize,
+    pub embed_id: Option<u32>,
+    pub layers: Vec<LlamaLayer>,
+    pub norm: usize,
+    pub lm_head: Linear,
+}
+
+/// Everything one layer's backward reads.
+pub(crate) struct LayerCache<B: Backend> {
+    x_in: B::Buf,
+    ln1: B::Buf,
+    rstd1: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    u: [Option<B::Buf>; 7],
+    probs: B::Buf,
+    att: B::Buf,
+    x_mid: B::Buf,
+    ln2: B::Buf,
+    rstd2: B::Buf,
+    gate: B::Buf,
+    up: B::Buf,
+    act: B::Buf,
+}
+
+impl Llama {
+    pub fn build<B: Backend>(
+        bd: &mut Builder<B>,
+        cfg: &LlmConfig,
+        mode: &TrainMode,
+    ) -> Result<Self> {
+        let d = cfg.hidden;
+        let (embed, embed_id) = bd.tensor(
+            "llm.embed_tokens.weight".into(),
+            vec![cfg.vocab, d],
+            Init::Normal(0.02),
+            mode.has_group(FullGroup::Embeddings),
+        )?;
+        let mut layers = Vec::new();
+        for i in 0..cfg.layers {
+            let p = format!("llm.layers.{i}");
+            let lin = |t: LoraTarget, bd: &mut Builder<B>| {
+                let (din, dout) = cfg.linear_dims(t);
+                let (train, lora) = match mode {
+                    TrainMode::Full { groups } => {
+                        let g = if LoraTarget::ATTENTION.contains(&t) {
+                            FullGroup::Attention
+                        } else {
+                            FullGroup::Mlp
+                        };
+                        (groups.contains(&g), None)
+                    }
+                    TrainMode::Lora {
+                        rank,
+                        alpha,
+                        targets,
+                    } => (false, targets.contains(&t).then_some((*rank, *alpha))),
+                };
+                bd.linear(
+                    &format!("{p}.{}", t.module()),
+                    din,
+                    dout,
+                    false,
+                    train,
+                    lora,
+                )
+            };
+            let ln1 = bd.frozen(format!("{p}.input_layernorm.weight"), vec![d], Init::Ones)?;
+            let q = lin(LoraTarget::Q, bd)?;
+            let k = lin(LoraTarget::K, bd)?;
+            let v = lin(LoraTarget::V, bd)?;
+            let o = lin(LoraTarget::O, bd)?;
+            let ln2 = bd.frozen(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![d],
+                Init::Ones,
+            )?;
+            let gate = lin(LoraTarget::Gate, bd)?;
+            let up = lin(LoraTarget::Up, bd)?;
+            let down = lin(LoraTarget::Down, bd)?;
+            layers.push(LlamaLayer {
+                ln1,
+                q,
+                k,
+                v,
+                o,
+                ln2,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = bd.frozen("llm.norm.weight".into(), vec![d], Init::Ones)?;
+        let lm_head = bd.linear(
+            "llm.lm_head",
+            d,
+            cfg.vocab,
+            false,
+            mode.has_group(FullGroup::LmHead),
+            None,
+        )?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            embed_id,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    fn attn_shape(&self, b: usize, t: usize) -> AttnShape {
+        AttnShape {
+            b,
+            t,
+            hq: self.cfg.heads,
+            hkv: self.cfg.kv_heads,
+            hd: self.cfg.head_dim(),
+            causal: true,
+        }
+    }
+
+    fn rope_shape(&self, b: usize, t: usize, heads: usize) -> RopeShape {
+        RopeShape {
+            b,
+            t,
+            heads,
+            hd: self.cfg.head_dim(),
+            theta: self.cfg.rope_theta,
+        }
+    }
+
+    /// The lowest layer whose backward must run (None: no decoder backward at all),
+    /// given whether the gradient must reach the decoder's input.
+    pub fn lowest_backward_layer(&self, need_input_grad: bool) -> Option<usize> {
+        if need_input_grad {
+            return (!self.layers.is_empty()).then_some(0);
+        }
+        self.layers.iter().position(|l| l.trainable())
+    }
+
+    /// One layer forward on `[b, t, D]`; returns the output and the cache.
+    pub fn layer_forward<B: Backend>(
+        &self,
+        be: &B,
+        st: &Store<B>,
+        i: usize,
+        x_in: B::Buf,
+        (b, t): (usize, usize),
+    ) -> Result<(B::Buf, LayerCache<B>)> {
+        let l = &self.layers[i];
+        let c = &self.cfg;
+        let rows = b * t;
+        let rs = RowShape {
+            rows,
+            dim: c.hidden,
+        };
+        let mut ln1 = be.zeros(rows * c.hidden)?;
+        let mut rstd1 = be.zeros(rows)?;
+        be.rmsnorm_fwd(&mut ln1, &mut rstd1, &x_in, st.buf(l.ln1), rs, c.rms_eps)?;
+        let (mut q, uq) = l.q.forward(be, st, &ln1, rows)?;
+        let (mut k, uk) = l.k.forward(be, st, &ln1, rows)?;
+        let (v, uv) = l.v.forward(be, st, &ln1, rows)?;
+        be.rope_fwd(&mut q, self.rope_shape(b, t, c.heads))?;
+        be.rope_fwd(&mut k, self.rope_shape(b, t, c.kv_heads))?;
+        let shape = self.attn_shape(b, t);
+        let mut att = be.zeros(shape.q_len())?;
+        let mut probs = be.zeros(shape.probs_len())?;
+        be.attention_fwd(&mut att, &mut probs, &q, &k, &v, shape)?;
+        let (o, uo) = l.o.forward(be, st, &att, rows)?;
+        let mut x_mid = be.duplicate(&x_in)?;
+        be.axpy(&mut x_mid, 1.0, &o)?;
+        let mut ln2 = be.zeros(rows * c.hidden)?;
+        let mut rstd2 = be.zeros(rows)?;
+        be.rmsnorm_fwd(&mut ln2, &mut rstd2, &x_mid, st.buf(l.ln2), rs, c.rms_eps)?;
+        let (gate, ug) = l.gate.forward(be, st, &ln2, rows)?;
+        let (up, uu) = l.up.forward(be, st, &ln2, rows)?;
+        let mut act = be.zeros(rows * c.mlp)?;
+        be.swiglu_fwd(&mut act, &gate, &up)?;
+        let (down, ud) = l.down.forward(be, st, &act, rows)?;
+        let mut x_out = be.duplicate(&x_mid)?;
+        be.axpy(&mut x_out, 1.0, &down)?;
+        let cache = LayerCache {
+            x_in,
+            ln1,
+            rstd1,
+            q,
+            k,
+            v,
+            u: [uq, uk, uv, uo, ug, uu, ud],
+            probs,
+            att,
+            x_mid,
+            ln2,
+            rstd2,
+            gate,
+            up,
+            act,
+        };
+        Ok((x_out, cache))
+    }
+
+    /// One layer backward: `dx` is the gradient of the layer output; returns the
+    /// gradient of its input when `need_dx`.
+    pub fn layer_backward<B: Backend>(
+        &self,
+        be: &B,
+        st: &Store<B>,
+        i: usize,
+        c: &LayerCache<B>,
+        dx: B::Buf,
+        (b, t): (usize, usize),
+        need_dx: bool,
+        caps: &mut Vec<Capture<B>>,
+    ) -> Result<Option<B::Buf>> {
+        let l = &self.layers[i];
+        let cfg = &self.cfg;
+        let rows = b * t;
+        let rs = RowShape {
+            rows,
+            dim: cfg.hidden,
+        };
+        let bt = (b, t);
+        let u = |j: usize| c.u[j].as_ref();
+        // MLP branch: x_out = x_mid + down(swiglu(gate(m), up(m))), m = RMSNorm₂(x_mid)
+        let dact = l
+            .down
+            .backward(be, st, &c.act, u(6), be.duplicate(&dx)?, bt, true, caps)?;
+        let dact =
+            dact.ok_or_else(|| crate::Error::Shape("missing down_proj input gradient".into()))?;
+        let mut dgate = be.zeros(rows * cfg.mlp)?;
+        let mut dup = be.zeros(rows * cfg.mlp)?;
+        be.swiglu_bwd(&mut dgate, &mut dup, &dact, &c.gate, &c.up)?;
+        let mut dln2 = be.zeros(rows * cfg.hidden)?;
+        if let Some(d) = l
+            .gate
+            .backward(be, st, &c.ln2, u(4), dgate, bt, true, caps)?
+        {
+            be.axpy(&mut dln2, 1.0, &d)?;
+        }
+        if let Some(d) = l.up.backward(be, st, &c.ln2, u(5), dup, bt, true, caps)? {
+            be.axpy(&mut dln2, 1.0, &d)?;
+        }
+        let mut dmid = be.zeros(rows * cfg.hidden)?;
+        let mut dw = be.zeros(cfg.hidden)?;
+        be.rmsnorm_bwd(
+            &mut dmid,
+            &mut dw,
+            &dln2,
+            &c.x_mid,
+            st.buf(l.ln2),
+            &c.rstd2,
+            rs,
+        )?;
+        be.axpy(&mut dmid, 1.0, &dx)?;
+        // Attention branch: x_mid = x_in + o(attn(rope(q(n)), rope(k(n)), v(n))), n = RMSNorm₁(x_in)
+        let datt =
+            l.o.backward(be, st, &c.att, u(3), be.duplicate(&dmid)?, bt, true, caps)?;
+        let datt =
+            datt.ok_or_else(|| crate::Error::Shape("missing o_proj input gradient".into()))?;
+        let shape = self.attn_shape(b, t);
+        let mut dq = be.zeros(shape.q_len())?;
+        let mut dk = be.zeros(shape.kv_len())?;
+        let mut dv = be.zeros(shape.kv_len())?;
+        be.attention_bwd(
+            &mut dq, &mut dk, &mut dv, &datt, &c.q, &c.k, &c.v, &c.probs, shape,
+        )?;
+        be.rope_bwd(&mut dq, self.rope_shape(b, t, cfg.heads))?;
+        be.rope_bwd(&mut dk, self.rope_shape(b, t, cfg.kv_heads))?;
+        let mut dln1 = be.zeros(rows * cfg.hidden)?;
+        for (lin, j, g) in [(&l.q, 0, dq), (&l.k, 1, dk), (&l.v, 2, dv)] {
+            if let Some(d) = lin.backward(be, st, &c.ln1, u(j), g, bt, need_dx, caps)? {
+                be.axpy(&mut dln1, 1.0, &d)?;
+            }
+        }
+        if !need_dx {
+            return Ok(None);
+        }
+        let mut din = be.zeros(rows * cfg.hidden)?;
+        be.rmsnorm_bwd(
+            &mut din,
+            &mut dw,
+            &dln1,
+            &c.x_in,
+            st.buf(l.ln1),
+            &c.rstd1,
+            rs,
+        )?;
+        be.axpy(&mut din, 1.0, &dmid)?;
+        Ok(Some(din))
+    }
+}

@@ -1,0 +1,171 @@
+//! A linear layer `y = x Wᵀ (+ b)` with an optional LoRA adapter
+//! `y += s · (x Aᵀ) Bᵀ`, s = alpha / rank, and its backward, which records a
+//! [`Capture`] for every trainable weight instead of forming weight gradients.
+//!
+//! Backward, with G = ∂(Σ_i ℓ_i)/∂y (rows × p):
+//!
+//! * base W (trainable in full fine-tuning): capture (X, G); bias via `bias_id`;
+//! * LoRA B (p×r), whose input is u = x Aᵀ: capture (u, s·G);
+//! * LoRA A (r×d), whose output gradient is s·G·B: capture (X, s·G·B);
+//! * dx = G·W + (s·G·B)·A, only when the caller needs it.
+#![allow(clippy::too_many_arguments)] // llm.c-style explicit activations
+
+use super::weights::Store;
+use super::Capture;
+use crate::backend::{Backend, MatmulSpec, RowShape};
+use crate::dp::clip::LinearShape;
+use crate::Result;
+
+/// A LoRA adapter: tensors A (r×d) and B (p×r) and their trainable ids.
+#[derive(Clone, Debug)]
+pub(crate) struct LoraAdapter {
+    pub a: usize,
+    pub b: usize,
+    pub a_id: u32,
+    pub b_id: u32,
+    pub rank: usize,
+    pub scale: f32,
+}
+
+/// A linear layer in a [`Store`]: weight p×d (PyTorch layout), optional bias.
+#[derive(Clone, Debug)]
+pub(crate) struct Linear {
+    pub w: usize,
+    pub bias: Option<usize>,
+    pub d: usize,
+    pub p: usize,
+    /// Trainable id of W (full fine-tuning).
+    pub w_id: Option<u32>,
+    /// Trainable id of the bias (full fine-tuning).
+    pub bias_id: Option<u32>,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    /// Whether the backward records any capture.
+    pub fn trainable(&self) -> bool {
+        self.w_id.is_some() || self.lora.is_some()
+    }
+
+    /// `y = x Wᵀ + b (+ s (x Aᵀ) Bᵀ)` for `rows` rows; also returns u = x Aᵀ with LoRA.
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        st: &Store<B>,
+        x: &B::Buf,
+        rows: usize,
+    ) -> Result<(B::Buf, Option<B::Buf>)> {
+        let mut y = be.zeros(rows * self.p)?;
+        be.matmul(
+            &mut y,
+            x,
+            st.buf(self.w),
+            MatmulSpec::nt(rows, self.p, self.d),
+        )?;
+        if let Some(b) = self.bias {
+            be.add_bias(&mut y, st.buf(b), RowShape { rows, dim: self.p })?;
+        }
+        let u = match &self.lora {
+            None => None,
+            Some(l) => {
+                let mut u = be.zeros(rows * l.rank)?;
+                be.matmul(&mut u, x, st.buf(l.a), MatmulSpec::nt(rows, l.rank, self.d))?;
+                be.matmul(
+                    &mut y,
+                    &u,
+                    st.buf(l.b),
+                    MatmulSpec::nt(rows, self.p, l.rank).scaled(l.scale, 1.0),
+                )?;
+                Some(u)
+            }
+        };
+        Ok((y, u))
+    }
+
+    /// Backward for `b` examples of `t` rows each. Pushes captures; returns dx when
+    /// `need_dx`.
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        st: &Store<B>,
+        x: &B::Buf,
+        u: Option<&B::Buf>,
+        dy: B::Buf,
+        (b, t): (usize, usize),
+        need_dx: bool,
+        caps: &mut Vec<Capture<B>>,
+    ) -> Result<Option<B::Buf>> {
+        let rows = b * t;
+        let mut dx = if need_dx {
+            let mut dx = be.zeros(rows * self.d)?;
+            be.matmul(
+                &mut dx,
+                &dy,
+                st.buf(self.w),
+                MatmulSpec::nn(rows, self.d, self.p),
+            )?;
+            Some(dx)
+        } else {
+            None
+        };
+        if let (Some(l), Some(u)) = (&self.lora, u) {
+            // gu = s · G · B  (rows × r): the output gradient of A.
+            let mut gu = be.zeros(rows * l.rank)?;
+            be.matmul(
+                &mut gu,
+                &dy,
+                st.buf(l.b),
+                MatmulSpec::nn(rows, l.rank, self.p).scaled(l.scale, 0.0),
+            )?;
+            if let Some(dx) = dx.as_mut() {
+                be.matmul(
+                    dx,
+                    &gu,
+                    st.buf(l.a),
+                    MatmulSpec::nn(rows, self.d, l.rank).scaled(1.0, 1.0),
+                )?;
+            }
+            let mut gb = be.zeros(rows * self.p)?;
+            be.axpy(&mut gb, l.scale, &dy)?;
+            caps.push(Capture {
+                weight_id: l.b_id,
+                bias_id: None,
+                shape: LinearShape {
+                    b,
+                    t,
+                    d: l.rank,
+                    p: self.p,
+                },
+                x: be.duplicate(u)?,
+                g: gb,
+            });
+            caps.push(Capture {
+                weight_id: l.a_id,
+                bias_id: None,
+                shape: LinearShape {
+                    b,
+                    t,
+                    d: self.d,
+                    p: l.rank,
+                },
+                x: be.duplicate(x)?,
+                g: gu,
+            });
+        }
+        if let Some(w_id) = self.w_id {
+            caps.push(Capture {
+                weight_id: w_id,
+                bias_id: self.bias_id,
+                shape: LinearShape {
+                    b,
+                    t,
+                    d: self.d,
+                    p: self.p,
+                },
+                x: be.duplicate(x)?,
+                g: dy,
+            });
+        }
+        Ok(dx)
+    }
+}

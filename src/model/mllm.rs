@@ -1,0 +1,652 @@
+//! The whole model: images and text in, per-example losses and captures out.
+//!
+//! ```text
+//! images → vision tower (layer −2) → [token selection] → projector ─┐
+//! input_ids → embedding ─────────────────────────────────────────────┴→ [visual, text]
+//!   → Llama decoder (positions 0..V+T) → RMSNorm → lm_head at the T text positions
+//!   → cross-entropy at masked positions
+//! ```
+//!
+//! **Loss.** ℓ_i is the mean cross-entropy over example i's positions with
+//! `loss_mask = 1` (0 if it has none). The backward differentiates Σ_i ℓ_i (a sum
+//! over examples, not a mean), so the part of each capture that belongs to example i
+//! is exactly example i's own gradient ∇ℓ_i.
+//!
+//! **Visual tokens.** Without token selection the projector sees the patches only
+//! (N − 1 tokens, LLaVA's `patch` feature) or, with [`VisionFeature::ClsPatch`], all N
+//! tokens. With token selection it sees `[CLS, K dominant, M contextual]`.
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::config::{FullGroup, ModelConfig, TrainMode, VisionFeature};
+use super::llama::{LayerCache, Llama};
+use super::projector::{ProjCache, Projector};
+use super::vit::{VisionOut, VisionTower};
+use super::weights::{read_checkpoint, Builder, Store};
+use super::{Capture, ForwardBackward, TrainableParam};
+use crate::backend::{Backend, Blocks, MatmulSpec, RowShape};
+use crate::data::Batch;
+use crate::error::ensure_shape;
+use crate::vision::tokens::{TokenSelectConfig, TokenShape};
+use crate::{Error, Result};
+
+/// A LLaVA-style multimodal LLM on backend `B`.
+pub struct Mllm<B: Backend> {
+    cfg: ModelConfig,
+    mode: TrainMode,
+    seed: u64,
+    store: Store<B>,
+    trainable: Vec<TrainableParam>,
+    train_idx: Vec<usize>,
+    vit: VisionTower,
+    proj: Projector,
+    llm: Llama,
+}
+
+/// Activations of one forward pass.
+struct Fwd<B: Backend> {
+    b: usize,
+    v: usize,
+    t: usize,
+    proj: ProjCache<B>,
+    layers: Vec<LayerCache<B>>,
+    x_final: B::Buf,
+    rstd_f: B::Buf,
+    /// `[b, V+T, D]` after the final norm.
+    hf: B::Buf,
+    /// `[b·T, D]` text rows of `hf` (lm_head input), when the loss was computed.
+    ht: Option<B::Buf>,
+    dlogits: Option<B::Buf>,
+    per_ex: Option<B::Buf>,
+}
+
+fn text_rows(b: usize, v: usize, t: usize, d: usize) -> Blocks {
+    // [b, V+T, D] → [b, T, D]
+    Blocks {
+        count: b,
+        len: t * d,
+        src_off: v * d,
+        src_stride: (v + t) * d,
+        dst_off: 0,
+        dst_stride: t * d,
+    }
+}
+
+fn swap(b: Blocks) -> Blocks {
+    Blocks {
+        src_off: b.dst_off,
+        src_stride: b.dst_stride,
+        dst_off: b.src_off,
+        dst_stride: b.src_stride,
+        ..b
+    }
+}
+
+impl<B: Backend> Mllm<B> {
+    /// A randomly initialised model, deterministic in `seed` (each tensor has its
+    /// own stream keyed by its name, see [`super::weights`]). Fails with a config
+    /// error naming the preset if its weights do not fit in the backend's memory.
+    pub fn new(backend: &B, cfg: &ModelConfig, mode: &TrainMode, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        mode.validate()?;
+        let values = cfg.base_params()
+            + match mode {
+                TrainMode::Lora { .. } => cfg.trainable_params(mode),
+                TrainMode::Full { .. } => 0,
+            };
+        let bytes = values.saturating_mul(backend.value_bytes() as u64);
+        if let Some(avail) = backend.available_memory() {
+            if bytes > avail {
+                return Err(Error::Config(format!(
+                    "model preset '{}' needs {:.2} GiB for its {} weights on the {} backend, \
+                     but only {:.2} GiB is available; use a smaller preset or a larger device",
+                    cfg.name,
+                    bytes as f64 / (1u64 << 30) as f64,
+                    values,
+                    backend.name(),
+                    avail as f64 / (1u64 << 30) as f64
+                )));
+            }
+        }
+        let mut bd = Builder::new(backend, seed);
+        let vit = VisionTower::build(&mut bd, &cfg.vision)?;
+        let proj = Projector::build(
+            &mut bd,
+            cfg.vision.hidden,
+            cfg.llm.hidden,
+            mode.has_group(FullGroup::Projector),
+        )?;
+        let llm = Llama::build(&mut bd, &cfg.llm, mode)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            mode: mode.clone(),
+            seed,
+            store: bd.store,
+            trainable: bd.trainable,
+            train_idx: bd.train_idx,
+            vit,
+            proj,
+            llm,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The training mode.
+    pub fn mode(&self) -> &TrainMode {
+        &self.mode
+    }
+
+    /// The trainable tensors, indexed by id.
+    pub fn trainable(&self) -> &[TrainableParam] {
+        &self.trainable
+    }
+
+    /// A trainable tensor's values.
+    ///
+    /// # Panics
+    /// If `id` is not an id from [`Self::trainable`] (a programming error).
+    pub fn param(&self, id: u32) -> &B::Buf {
+        self.store.buf(self.train_idx[id as usize])
+    }
+
+    /// A trainable tensor's values, mutably (for the optimizer).
+    ///
+    /// # Panics
+    /// If `id` is not an id from [`Self::trainable`] (a programming error).
+    pub fn param_mut(&mut self, id: u32) -> &mut B::Buf {
+        &mut self.store.tensors[self.train_idx[id as usize]].buf
+    }
+
+    /// Several trainable tensors at once, mutably, in the order of `ids` (the
+    /// optimizer's global-scope update touches them together).
+    pub fn params_mut(&mut self, ids: &[u32]) -> Result<Vec<&mut B::Buf>> {
+        let mut want: Vec<(usize, usize)> = Vec::with_capacity(ids.len());
+        for (pos, &id) in ids.iter().enumerate() {
+            let idx = *self
+                .train_idx
+                .get(id as usize)
+                .ok_or_else(|| Error::Config(format!("no trainable parameter with id {id}")))?;
+            want.push((idx, pos));
+        }
+        want.sort_unstable();
+        if want.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Err(Error::Config(format!("parameter ids {ids:?} repeat")));
+        }
+        let mut out: Vec<Option<&mut B::Buf>> = (0..ids.len()).map(|_| None).collect();
+        let mut it = want.into_iter().peekable();
+        for (i, t) in self.store.tensors.iter_mut().enumerate() {
+            if let Some(&(idx, pos)) = it.peek() {
+                if idx == i {
+                    out[pos] = Some(&mut t.buf);
+                    it.next();
+                }
+            }
+        }
+        Ok(out.into_iter().map(|b| b.expect("every id was found")).collect())
+    }
+
+    /// Names of all tensors (frozen and trainable), in checkpoint order.
+    pub fn tensor_names(&self) -> Vec<&str> {
+        self.store.tensors.iter().map(|t| t.name.as_str()).collect()
+    }
+
+    /// Any tensor by name.
+    pub fn tensor(&self, name: &str) -> Option<&B::Buf> {
+        self.store.index.get(name).map(|&i| self.store.buf(i))
+    }
+
+    /// Any tensor by name, mutably (tests, weight surgery).
+    pub fn tensor_mut(&mut self, name: &str) -> Option<&mut B::Buf> {
+        let i = *self.store.index.get(name)?;
+        Some(&mut self.store.tensors[i].buf)
+    }
+
+    /// Visual tokens per example fed to the LLM under `tokens`.
+    pub fn visual_tokens(&self, tokens: Option<&TokenSelectConfig>) -> usize {
+        match (tokens, self.cfg.vision.feature) {
+            (Some(c), _) => c.out_tokens(),
+            (None, VisionFeature::Patch) => self.cfg.vision.patches(),
+            (None, VisionFeature::ClsPatch) => self.cfg.vision.tokens(),
+        }
+    }
+
+    /// Checks a batch against the model; returns (B, T).
+    fn check_batch(&self, batch: &Batch) -> Result<(usize, usize)> {
+        let (b, t, s) = (batch.size, batch.text_len, self.cfg.vision.image_size);
+        ensure_shape(batch.image_size == s, || {
+            format!(
+                "batch images are {}×{} but model '{}' expects {s}×{s}",
+                batch.image_size, batch.image_size, self.cfg.name
+            )
+        })?;
+        let img = b
+            .checked_mul(3 * s * s)
+            .ok_or_else(|| Error::Shape(format!("batch size {b} overflows")))?;
+        ensure_shape(batch.images.len() == img, || {
+            format!(
+                "batch images hold {} values, expected B·3·S·S = {b}·3·{s}·{s}",
+                batch.images.len()
+            )
+        })?;
+        let bt = b
+            .checked_mul(t)
+            .ok_or_else(|| Error::Shape(format!("batch {b}×{t} overflows")))?;
+        for (name, len) in [
+            ("input_ids", batch.input_ids.len()),
+            ("targets", batch.targets.len()),
+            ("loss_mask", batch.loss_mask.len()),
+        ] {
+            ensure_shape(len == bt, || {
+                format!("batch {name} has {len} values, expected B·T = {b}·{t}")
+            })?;
+        }
+        let vocab = self.cfg.llm.vocab;
+        if let Some((i, id)) = batch
+            .input_ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= vocab)
+        {
+            return Err(Error::Shape(format!(
+                "input token id {id} at example {}, position {} is out of range for vocabulary {vocab}",
+                i / t.max(1),
+                i % t.max(1)
+            )));
+        }
+        for (i, (&m, &tg)) in batch.loss_mask.iter().zip(&batch.targets).enumerate() {
+            ensure_shape(m == 0.0 || m == 1.0, || {
+                format!("loss_mask value {m} at index {i} must be 0 or 1")
+            })?;
+            ensure_shape(m == 0.0 || (tg as usize) < vocab, || {
+                format!("target id {tg} at index {i} is out of range for vocabulary {vocab}")
+            })?;
+        }
+        Ok((b, t))
+    }
+
+    /// Layer −2 features → the visual tokens `[b, V, Dv]`.
+    fn select(
+        &self,
+        be: &B,
+        vo: VisionOut<B>,
+        b: usize,
+        tokens: Option<&TokenSelectConfig>,
+    ) -> Result<B::Buf> {
+        let vc = &self.cfg.vision;
+        let (n, d) = (vc.tokens(), vc.hidden);
+        match (tokens, vc.feature) {
+            (Some(tc), _) => {
+                let shape = TokenShape {
+                    batch: b,
+                    tokens: n,
+                    heads: vc.heads,
+                    head_dim: d / vc.heads,
+                    hidden: d,
+                };
+                be.select_tokens(&vo.attn_cls, &vo.keys, &vo.hidden, &shape, tc)
+            }
+            (None, VisionFeature::ClsPatch) => Ok(vo.hidden),
+            (None, VisionFeature::Patch) => {
+                let mut out = be.zeros(b * (n - 1) * d)?;
+                let blocks = Blocks {
+                    count: b,
+                    len: (n - 1) * d,
+                    src_off: d,
+                    src_stride: n * d,
+                    dst_off: 0,
+                    dst_stride: (n - 1) * d,
+                };
+                be.copy_blocks(&mut out, &vo.hidden, blocks)?;
+                Ok(out)
+            }
+        }
+    }
+
+    fn forward(
+        &self,
+        be: &B,
+        batch: &Batch,
+        tokens: Option<&TokenSelectConfig>,
+        train: bool,
+        with_loss: bool,
+    ) -> Result<Fwd<B>> {
+        let (b, t) = self.check_batch(batch)?;
+        let st = &self.store;
+        let lc = &self.cfg.llm;
+        let d = lc.hidden;
+        // Vision tower, token selection, projector.
+        let images = be.upload(&batch.images)?;
+        let vo = self.vit.forward(be, st, &images, b)?;
+        let feats = self.select(be, vo, b, tokens)?;
+        let v = self.visual_tokens(tokens);
+        let (vis, proj) = self.proj.forward(be, st, feats, b * v)?;
+        // Text embedding and the sequence [visual, text].
+        let ids = be.upload_ids(&batch.input_ids)?;
+        let mut txt = be.zeros(b * t * d)?;
+        be.embedding_fwd(
+            &mut txt,
+            st.buf(self.llm.embed),
+            &ids,
+            RowShape {
+                rows: b * t,
+                dim: d,
+            },
+            lc.vocab,
+        )?;
+        let l = v + t;
+        let mut x = be.zeros(b * l * d)?;
+        let vis_rows = Blocks {
+            count: b,
+            len: v * d,
+            src_off: 0,
+            src_stride: v * d,
+            dst_off: 0,
+            dst_stride: l * d,
+        };
+        be.copy_blocks(&mut x, &vis, vis_rows)?;
+        be.copy_blocks(&mut x, &txt, swap(text_rows(b, v, t, d)))?;
+        // Decoder.
+        let mut layers = Vec::new();
+        for i in 0..lc.layers {
+            let (y, cache) = self.llm.layer_forward(be, st, i, x, (b, l))?;
+            if train {
+                layers.push(cache);
+            }
+            x = y;
+        }
+        let mut hf = be.zeros(b * l * d)?;
+        let mut rstd_f = be.zeros(b * l)?;
+        be.rmsnorm_fwd(
+            &mut hf,
+            &mut rstd_f,
+            &x,
+            st.buf(self.llm.norm),
+            RowShape {
+                rows: b * l,
+                dim: d,
+            },
+            lc.rms_eps,
+        )?;
+        let mut fwd = Fwd {
+            b,
+            v,
+            t,
+            proj,
+            layers,
+            x_final: x,
+            rstd_f,
+            hf,
+            ht: None,
+            dlogits: None,
+            per_ex: None,
+        };
+        if with_loss {
+            let mut ht = be.zeros(b * t * d)?;
+            be.copy_blocks(&mut ht, &fwd.hf, text_rows(b, v, t, d))?;
+            let (logits, _) = self.llm.lm_head.forward(be, st, &ht, b * t)?;
+            // Row weights: mask / (masked positions of the example), so Σ_rows = Σ_i ℓ_i.
+            let mut w = vec![0.0f32; b * t];
+            for i in 0..b {
+                let m = &batch.loss_mask[i * t..][..t];
+                let cnt: f32 = m.iter().sum();
+                if cnt > 0.0 {
+                    for j in 0..t {
+                        w[i * t + j] = m[j] / cnt;
+                    }
+                }
+            }
+            let weights = be.upload(&w)?;
+            let targets = be.upload_ids(&batch.targets)?;
+            let mut losses = be.zeros(b * t)?;
+            let mut dlogits = be.zeros(b * t * lc.vocab)?;
+            be.cross_entropy(
+                &mut losses,
+                &mut dlogits,
+                &logits,
+                &targets,
+                &weights,
+                RowShape {
+                    rows: b * t,
+                    dim: lc.vocab,
+                },
+            )?;
+            let ones = be.upload(&vec![1.0; t])?;
+            let mut per_ex = be.zeros(b)?;
+            be.matmul(&mut per_ex, &losses, &ones, MatmulSpec::nn(b, 1, t))?;
+            fwd.ht = Some(ht);
+            fwd.dlogits = Some(dlogits);
+            fwd.per_ex = Some(per_ex);
+        }
+        Ok(fwd)
+    }
+
+    /// Forward and backward of Σ_i ℓ_i: per-example losses and, for every trainable
+    /// linear, its [`Capture`]. Weight gradients are not formed. An empty batch gives
+    /// no losses and no captures.
+    pub fn forward_backward(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        tokens: Option<&TokenSelectConfig>,
+    ) -> Result<ForwardBackward<B>> {
+        let be = backend;
+        let visual_tokens = self.visual_tokens(tokens);
+        if batch.size == 0 {
+            self.check_batch(batch)?;
+            return Ok(ForwardBackward {
+                per_example_loss: vec![],
+                captures: vec![],
+                dense_grads: vec![],
+                visual_tokens,
+            });
+        }
+        let mut f = self.forward(be, batch, tokens, true, true)?;
+        let st = &self.store;
+        let d = self.cfg.llm.hidden;
+        let (b, v, t) = (f.b, f.v, f.t);
+        let l = v + t;
+        let mut caps: Vec<Capture<B>> = Vec::new();
+        let mut dense = Vec::new();
+        let need_bottom = self.proj.trainable() || self.llm.embed_id.is_some();
+        let lowest = self.llm.lowest_backward_layer(need_bottom);
+        let (ht, dlogits) = match (f.ht.take(), f.dlogits.take()) {
+            (Some(h), Some(g)) => (h, g),
+            _ => return Err(Error::Shape("forward kept no loss activations".into())),
+        };
+        let dht = self.llm.lm_head.backward(
+            be,
+            st,
+            &ht,
+            None,
+            dlogits,
+            (b, t),
+            lowest.is_some(),
+            &mut caps,
+        )?;
+        if let (Some(lo), Some(dht)) = (lowest, dht) {
+            let mut dhf = be.zeros(b * l * d)?;
+            be.copy_blocks(&mut dhf, &dht, swap(text_rows(b, v, t, d)))?;
+            let mut dx = be.zeros(b * l * d)?;
+            let mut dw = be.zeros(d)?;
+            be.rmsnorm_bwd(
+                &mut dx,
+                &mut dw,
+                &dhf,
+                &f.x_final,
+                st.buf(self.llm.norm),
+                &f.rstd_f,
+                RowShape {
+                    rows: b * l,
+                    dim: d,
+                },
+            )?;
+            let mut grad = Some(dx);
+            for i in (lo..self.cfg.llm.layers).rev() {
+                let need = i > lo || need_bottom;
+                let g = grad
+                    .take()
+                    .ok_or_else(|| Error::Shape("lost the decoder gradient".into()))?;
+                grad =
+                    self.llm
+                        .layer_backward(be, st, i, &f.layers[i], g, (b, l), need, &mut caps)?;
+            }
+            if let (true, Some(dx0)) = (need_bottom, grad) {
+                if let Some(eid) = self.llm.embed_id {
+                    let mut dtxt = be.zeros(b * t * d)?;
+                    be.copy_blocks(&mut dtxt, &dx0, text_rows(b, v, t, d))?;
+                    let vocab = self.cfg.llm.vocab;
+                    let mut dtable = be.zeros(vocab * d)?;
+                    let ids = be.upload_ids(&batch.input_ids)?;
+                    be.embedding_bwd(
+                        &mut dtable,
+                        &dtxt,
+                        &ids,
+                        RowShape {
+                            rows: b * t,
+                            dim: d,
+                        },
+                        vocab,
+                    )?;
+                    dense.push((eid, dtable));
+                }
+                if self.proj.trainable() {
+                    let mut dvis = be.zeros(b * v * d)?;
+                    let rows = Blocks {
+                        count: b,
+                        len: v * d,
+                        src_off: 0,
+                        src_stride: l * d,
+                        dst_off: 0,
+                        dst_stride: v * d,
+                    };
+                    be.copy_blocks(&mut dvis, &dx0, rows)?;
+                    self.proj
+                        .backward(be, st, &f.proj, dvis, (b, v), &mut caps)?;
+                }
+            }
+        }
+        let per_ex = f
+            .per_ex
+            .take()
+            .ok_or_else(|| Error::Shape("no losses".into()))?;
+        Ok(ForwardBackward {
+            per_example_loss: be.download(&per_ex)?,
+            captures: caps,
+            dense_grads: dense,
+            visual_tokens,
+        })
+    }
+
+    /// Per-example losses ℓ_i as a device buffer (forward only).
+    pub fn per_example_loss_buf(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        tokens: Option<&TokenSelectConfig>,
+    ) -> Result<B::Buf> {
+        if batch.size == 0 {
+            self.check_batch(batch)?;
+            return backend.zeros(0);
+        }
+        let f = self.forward(backend, batch, tokens, false, true)?;
+        f.per_ex.ok_or_else(|| Error::Shape("no losses".into()))
+    }
+
+    /// Per-example losses ℓ_i (forward only: evaluation, DPZero).
+    pub fn per_example_loss(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        tokens: Option<&TokenSelectConfig>,
+    ) -> Result<Vec<f32>> {
+        let buf = self.per_example_loss_buf(backend, batch, tokens)?;
+        backend.download(&buf)
+    }
+
+    /// The argmax token at each example's first masked position (the answer). An
+    /// example without a masked position is an error.
+    pub fn predict(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        tokens: Option<&TokenSelectConfig>,
+    ) -> Result<Vec<u32>> {
+        let be = backend;
+        let (b, t) = self.check_batch(batch)?;
+        let mut first = Vec::with_capacity(b);
+        for i in 0..b {
+            let p = batch.loss_mask[i * t..][..t]
+                .iter()
+                .position(|&m| m != 0.0)
+                .ok_or_else(|| {
+                    Error::Shape(format!(
+                        "predict: example {i} has no masked (answer) position"
+                    ))
+                })?;
+            first.push(p);
+        }
+        if b == 0 {
+            return Ok(vec![]);
+        }
+        let f = self.forward(be, batch, tokens, false, false)?;
+        let d = self.cfg.llm.hidden;
+        let l = f.v + t;
+        let mut rows = be.zeros(b * d)?;
+        for (i, &p) in first.iter().enumerate() {
+            let blk = Blocks {
+                count: 1,
+                len: d,
+                src_off: (i * l + f.v + p) * d,
+                src_stride: 0,
+                dst_off: i * d,
+                dst_stride: 0,
+            };
+            be.copy_blocks(&mut rows, &f.hf, blk)?;
+        }
+        let (logits, _) = self.llm.lm_head.forward(be, &self.store, &rows, b)?;
+        let logits = be.download(&logits)?;
+        let vocab = self.cfg.llm.vocab;
+        Ok(logits
+            .chunks(vocab)
+            .map(|row| {
+                let mut best = 0;
+                for (j, &x) in row.iter().enumerate() {
+                    if x > row[best] {
+                        best = j;
+                    }
+                }
+                best as u32
+            })
+            .collect())
+    }
+
+    /// Writes all weights (frozen, trainable, LoRA) as f32 safetensors; the header
+    /// records the preset and the seed.
+    pub fn save(&self, backend: &B, path: &Path) -> Result<()> {
+        let meta = HashMap::from([
+            ("format".to_string(), "dualpriv".to_string()),
+            ("preset".to_string(), self.cfg.name.clone()),
+            ("seed".to_string(), self.seed.to_string()),
+        ]);
+        self.store.save(backend, path, meta)
+    }
+
+    /// Loads a checkpoint written by [`Self::save`]. LoRA tensors absent from the
+    /// file (a pretrained full checkpoint loaded into a LoRA mode) get a fresh init
+    /// seeded by the checkpoint's seed (0 if it has none), so DP fine-tuning can start
+    /// from the public pretrained model. Any other missing tensor, an unknown tensor
+    /// or a wrong shape is an error naming the tensor.
+    pub fn load(backend: &B, cfg: &ModelConfig, mode: &TrainMode, path: &Path) -> Result<Self> {
+        let (file, meta) = read_checkpoint(path)?;
+        let seed = meta.get("seed").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut m = Self::new(backend, cfg, mode, seed)?;
+        m.store.load(backend, &file, path, |name| {
+            name.contains(".lora_A.") || name.contains(".lora_B.")
+        })?;
+        Ok(m)
+    }
+}

@@ -1,0 +1,76 @@
+//! The projector (LLaVA's `mlp2x_gelu`): `Linear(Dv→D, bias) → GELU (tanh
+//! approximation) → Linear(D→D, bias)`. Trainable in full fine-tuning
+//! ([`super::FullGroup::Projector`]); its input gradient is never needed (the vision
+//! tower is frozen), so its backward only records captures.
+use super::lora::Linear;
+use super::weights::{Builder, Store};
+use super::Capture;
+use crate::backend::Backend;
+use crate::Result;
+
+pub(crate) struct Projector {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+/// Activations kept for the backward.
+pub(crate) struct ProjCache<B: Backend> {
+    x: B::Buf,
+    h: B::Buf,
+    a: B::Buf,
+}
+
+impl Projector {
+    pub fn build<B: Backend>(
+        bd: &mut Builder<B>,
+        dv: usize,
+        d: usize,
+        train: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            fc1: bd.linear("projector.linear_1", dv, d, true, train, None)?,
+            fc2: bd.linear("projector.linear_2", d, d, true, train, None)?,
+        })
+    }
+
+    pub fn trainable(&self) -> bool {
+        self.fc1.trainable()
+    }
+
+    /// `rows` tokens `[rows, Dv]` → `[rows, D]`.
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        st: &Store<B>,
+        x: B::Buf,
+        rows: usize,
+    ) -> Result<(B::Buf, ProjCache<B>)> {
+        let (h, _) = self.fc1.forward(be, st, &x, rows)?;
+        let mut a = be.zeros(rows * self.fc1.p)?;
+        be.gelu_fwd(&mut a, &h)?;
+        let (y, _) = self.fc2.forward(be, st, &a, rows)?;
+        Ok((y, ProjCache { x, h, a }))
+    }
+
+    /// Records the captures of both linears for `b` examples of `t` visual tokens.
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        st: &Store<B>,
+        cache: &ProjCache<B>,
+        dy: B::Buf,
+        bt: (usize, usize),
+        caps: &mut Vec<Capture<B>>,
+    ) -> Result<()> {
+        let da = self
+            .fc2
+            .backward(be, st, &cache.a, None, dy, bt, true, caps)?;
+        if let Some(da) = da {
+            let mut dh = be.zeros(be.len(&da))?;
+            be.gelu_bwd(&mut dh, &da, &cache.h)?;
+            self.fc1
+                .backward(be, st, &cache.x, None, dh, bt, false, caps)?;
+        }
+        Ok(())
+    }
+}
