@@ -17,8 +17,8 @@ pub mod linalg;
 pub mod mem;
 pub mod model;
 pub mod run;
-pub mod train;
 pub mod selfcheck;
+pub mod train;
 pub mod vision;
 
 pub use error::{Error, Result};

@@ -33,7 +33,11 @@ pub fn evaluate<B: DpBackend>(
     for chunk in idx.chunks(64) {
         let batch = data.collate(chunk, text_len)?;
         let pred = model.predict(backend, &batch, tokens)?;
-        correct += chunk.iter().zip(&pred).filter(|(&i, &p)| data.examples[i].answer == p).count();
+        correct += chunk
+            .iter()
+            .zip(&pred)
+            .filter(|(&i, &p)| data.examples[i].answer == p)
+            .count();
     }
     Ok(correct as f64 / data.len() as f64)
 }
@@ -65,7 +69,9 @@ pub fn pretrain_spec(preset: &str) -> ModelSpec {
         preset: preset.into(),
         lora_rank: None,
         lora_alpha: 0.0,
-        full_groups: ["projector", "attention", "mlp", "lm_head", "embeddings"].map(String::from).to_vec(),
+        full_groups: ["projector", "attention", "mlp", "lm_head", "embeddings"]
+            .map(String::from)
+            .to_vec(),
     }
 }
 
@@ -84,7 +90,15 @@ pub fn pretrain<B: DpBackend>(backend: &B, a: &PretrainArgs) -> Result<(RunSumma
         micro_batch: a.batch,
         sampling: Sampling::Shuffle,
         steps: a.steps,
-        opt: OptConfig { kind: OptKind::Adamw, lr: a.lr, momentum: 0.0, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+        opt: OptConfig {
+            kind: OptKind::Adamw,
+            lr: a.lr,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
         clip_norm: 1.0,
         epsilon: None,
         delta: 1e-5,
@@ -154,9 +168,25 @@ pub fn demo_train_config(method: Method, epsilon: f64, delta: f64, text_len: usi
         sampling: Sampling::Poisson,
         steps: 120,
         opt: if dpzo {
-            OptConfig { kind: OptKind::Sgd, lr: 2e-3, momentum: 0.0, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+            OptConfig {
+                kind: OptKind::Sgd,
+                lr: 2e-3,
+                momentum: 0.0,
+                weight_decay: 0.0,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            }
         } else {
-            OptConfig { kind: OptKind::Adamw, lr: 2e-3, momentum: 0.0, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+            OptConfig {
+                kind: OptKind::Adamw,
+                lr: 2e-3,
+                momentum: 0.0,
+                weight_decay: 0.0,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            }
         },
         clip_norm: 1.0,
         epsilon: method.is_private().then_some(epsilon),
@@ -177,16 +207,27 @@ pub fn demo_train_config(method: Method, epsilon: f64, delta: f64, text_len: usi
 
 /// The LoRA model the demo fine-tunes.
 pub fn demo_spec() -> ModelSpec {
-    ModelSpec { preset: "tiny".into(), lora_rank: Some(8), lora_alpha: 16.0, full_groups: vec![] }
+    ModelSpec {
+        preset: "tiny".into(),
+        lora_rank: Some(8),
+        lora_alpha: 16.0,
+        full_groups: vec![],
+    }
 }
 
 /// Runs the demo: pretrain if needed, fine-tune every method, evaluate.
 pub fn demo<B: DpBackend>(backend: &B, a: &DemoArgs) -> Result<Vec<DemoRow>> {
     let ckpt = a.pretrained.join("model.safetensors");
     if !ckpt.exists() {
-        eprintln!("demo: no pretrained checkpoint at {}; pretraining one now", ckpt.display());
+        eprintln!(
+            "demo: no pretrained checkpoint at {}; pretraining one now",
+            ckpt.display()
+        );
         let (s, acc) = pretrain(backend, &default_pretrain_args(&a.pretrained, a.progress))?;
-        eprintln!("demo: pretrained {} steps in {:.0} s, public accuracy {acc:.3}", s.steps, s.seconds);
+        eprintln!(
+            "demo: pretrained {} steps in {:.0} s, public accuracy {acc:.3}",
+            s.steps, s.seconds
+        );
     }
     let spec = demo_spec();
     let (mcfg, mode) = spec.build()?;
@@ -195,7 +236,13 @@ pub fn demo<B: DpBackend>(backend: &B, a: &DemoArgs) -> Result<Vec<DemoRow>> {
     let test = Dataset::generate(Split::Test, a.test_examples, 2, image)?;
     let text_len = train.max_text_len().max(test.max_text_len());
     let mut rows = Vec::new();
-    for method in [Method::Nonprivate, Method::Dpsgd, Method::Ghost, Method::Dualpriv, Method::Dpzo] {
+    for method in [
+        Method::Nonprivate,
+        Method::Dpsgd,
+        Method::Ghost,
+        Method::Dualpriv,
+        Method::Dpzo,
+    ] {
         let model = Mllm::load(backend, &mcfg, &mode, &ckpt)?;
         let cfg = demo_train_config(method, a.epsilon, a.delta, text_len);
         let tokens = cfg.token_select();

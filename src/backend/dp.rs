@@ -68,11 +68,21 @@ pub trait DpBackend: Backend {
     ) -> Result<()>;
     /// Materialises every example's weight gradient G_iᵀX_i: a b×p×d buffer, the
     /// memory DP-SGD without ghost clipping pays.
-    fn per_example_weight_grads(&self, x: &Self::Buf, g: &Self::Buf, s: LinearShape) -> Result<Self::Buf>;
+    fn per_example_weight_grads(
+        &self,
+        x: &Self::Buf,
+        g: &Self::Buf,
+        s: LinearShape,
+    ) -> Result<Self::Buf>;
     /// Every example's bias gradient Σ_t G_i,t: a b×p buffer.
     fn per_example_bias_grads(&self, g: &Self::Buf, s: LinearShape) -> Result<Self::Buf>;
     /// Adds the squared norm of each of the `rows` rows of `per_example` to `total`.
-    fn add_row_sq_norms(&self, per_example: &Self::Buf, rows: usize, total: &mut Self::Norms) -> Result<()>;
+    fn add_row_sq_norms(
+        &self,
+        per_example: &Self::Buf,
+        rows: usize,
+        total: &mut Self::Norms,
+    ) -> Result<()>;
     /// Σ_i c_i row_i into `out` (the clipped sum from materialised gradients).
     fn weighted_row_sum(
         &self,
@@ -83,7 +93,11 @@ pub trait DpBackend: Backend {
         accumulate: bool,
     ) -> Result<()>;
     /// Noise, exact top-k over the whole set, masked optimizer update.
-    fn noise_prune_update(&self, set: &mut [TensorUpdate<'_, Self>], cfg: &UpdateConfig) -> Result<PruneReport>;
+    fn noise_prune_update(
+        &self,
+        set: &mut [TensorUpdate<'_, Self>],
+        cfg: &UpdateConfig,
+    ) -> Result<PruneReport>;
     /// `y += a · noise(0..len)` for the stream `key` (DPZO's perturbation direction).
     fn noise_axpy(&self, y: &mut Self::Buf, key: NoiseKey, a: f32) -> Result<()>;
 }
@@ -108,8 +122,13 @@ impl DpBackend for Cpu {
         has_bias: bool,
         total: &mut Vec<f64>,
     ) -> Result<()> {
-        ensure_shape(total.len() == s.b, || format!("{} norm slots for batch {}", total.len(), s.b))?;
-        for (t, n) in total.iter_mut().zip(clip::layer_sq_norms(x, g, s, method, has_bias)?) {
+        ensure_shape(total.len() == s.b, || {
+            format!("{} norm slots for batch {}", total.len(), s.b)
+        })?;
+        for (t, n) in total
+            .iter_mut()
+            .zip(clip::layer_sq_norms(x, g, s, method, has_bias)?)
+        {
             *t += n;
         }
         Ok(())
@@ -148,7 +167,12 @@ impl DpBackend for Cpu {
         clip::clipped_bias_sum(g, factors, s, out)
     }
 
-    fn per_example_weight_grads(&self, x: &Vec<f32>, g: &Vec<f32>, s: LinearShape) -> Result<Vec<f32>> {
+    fn per_example_weight_grads(
+        &self,
+        x: &Vec<f32>,
+        g: &Vec<f32>,
+        s: LinearShape,
+    ) -> Result<Vec<f32>> {
         s.check(x, g)?;
         let (t, d, p) = (s.t, s.d, s.p);
         let mut out = vec![0.0f32; s.b * p * d];
@@ -161,7 +185,9 @@ impl DpBackend for Cpu {
     }
 
     fn per_example_bias_grads(&self, g: &Vec<f32>, s: LinearShape) -> Result<Vec<f32>> {
-        ensure_shape(g.len() == s.b * s.t * s.p, || format!("G has {} values, expected b*t*p", g.len()))?;
+        ensure_shape(g.len() == s.b * s.t * s.p, || {
+            format!("G has {} values, expected b*t*p", g.len())
+        })?;
         let mut out = vec![0.0f32; s.b * s.p];
         for i in 0..s.b {
             for t in 0..s.t {
@@ -174,16 +200,31 @@ impl DpBackend for Cpu {
         Ok(out)
     }
 
-    fn add_row_sq_norms(&self, per_example: &Vec<f32>, rows: usize, total: &mut Vec<f64>) -> Result<()> {
-        ensure_shape(total.len() == rows && (rows == 0 || per_example.len() % rows == 0), || {
-            format!("{} values in {rows} rows with {} norm slots", per_example.len(), total.len())
-        })?;
+    fn add_row_sq_norms(
+        &self,
+        per_example: &Vec<f32>,
+        rows: usize,
+        total: &mut Vec<f64>,
+    ) -> Result<()> {
+        ensure_shape(
+            total.len() == rows && (rows == 0 || per_example.len() % rows == 0),
+            || {
+                format!(
+                    "{} values in {rows} rows with {} norm slots",
+                    per_example.len(),
+                    total.len()
+                )
+            },
+        )?;
         if rows == 0 {
             return Ok(());
         }
         let cols = per_example.len() / rows;
         for (t, row) in total.iter_mut().zip(per_example.chunks(cols.max(1))) {
-            *t += row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
+            *t += row
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>();
         }
         Ok(())
     }
@@ -196,11 +237,23 @@ impl DpBackend for Cpu {
         out: &mut Vec<f32>,
         accumulate: bool,
     ) -> Result<()> {
-        ensure_shape(factors.len() == rows && per_example.len() == rows * out.len(), || {
-            format!("{} values for {rows} rows of {} with {} factors", per_example.len(), out.len(), factors.len())
-        })?;
+        ensure_shape(
+            factors.len() == rows && per_example.len() == rows * out.len(),
+            || {
+                format!(
+                    "{} values for {rows} rows of {} with {} factors",
+                    per_example.len(),
+                    out.len(),
+                    factors.len()
+                )
+            },
+        )?;
         let cols = out.len();
-        let mut acc: Vec<f64> = if accumulate { out.iter().map(|&v| f64::from(v)).collect() } else { vec![0.0; cols] };
+        let mut acc: Vec<f64> = if accumulate {
+            out.iter().map(|&v| f64::from(v)).collect()
+        } else {
+            vec![0.0; cols]
+        };
         for (c, row) in factors.iter().zip(per_example.chunks(cols.max(1))) {
             for (a, &v) in acc.iter_mut().zip(row) {
                 *a += f64::from(*c) * f64::from(v);
@@ -212,7 +265,11 @@ impl DpBackend for Cpu {
         Ok(())
     }
 
-    fn noise_prune_update(&self, set: &mut [TensorUpdate<'_, Self>], cfg: &UpdateConfig) -> Result<PruneReport> {
+    fn noise_prune_update(
+        &self,
+        set: &mut [TensorUpdate<'_, Self>],
+        cfg: &UpdateConfig,
+    ) -> Result<PruneReport> {
         let mut states: Vec<TensorState<'_>> = set
             .iter_mut()
             .map(|t| TensorState {

@@ -3,8 +3,22 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+use dualpriv::backend::cpu::Cpu;
 use dualpriv::bench::{self, Device};
+use dualpriv::data::synthetic::{Dataset, Split};
+use dualpriv::model::Mllm;
+use dualpriv::run;
 use dualpriv::selfcheck;
+use dualpriv::train::checkpoint::{self, ModelSpec};
+use dualpriv::train::method::Method;
+use dualpriv::train::optim::{OptConfig, OptKind};
+use dualpriv::train::sampler::Sampling;
+use dualpriv::train::{PruneScope, TrainConfig, Trainer};
+
+#[global_allocator]
+static ALLOC: dualpriv::mem::CountingAlloc = dualpriv::mem::CountingAlloc;
 
 /// Differentially private fine-tuning of multimodal LLMs with Dual-Priv Pruning.
 #[derive(Parser)]
@@ -22,6 +36,86 @@ enum Backend {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The README's main job: fine-tunes the shipped tiny pretrained model on the
+    /// built-in private task with every method at ε = 3, δ = 1e-5, and prints one
+    /// table of accuracy, ε, peak memory and time (CPU, a few minutes on 2 cores).
+    ///
+    /// Example: cargo run --release -- demo
+    #[command(verbatim_doc_comment)]
+    Demo {
+        /// Pretrained checkpoint folder (pretrained first when it has no model.safetensors).
+        #[arg(long, default_value = "assets/tiny-pretrained")]
+        pretrained: PathBuf,
+        /// Where the fine-tunes write checkpoints and metrics.
+        #[arg(long, default_value = "target/demo")]
+        out: PathBuf,
+        /// Private training examples.
+        #[arg(long, default_value_t = 2000)]
+        train_examples: usize,
+        /// Test examples.
+        #[arg(long, default_value_t = 1000)]
+        test_examples: usize,
+        /// Target ε of every DP run.
+        #[arg(long, default_value_t = 3.0)]
+        epsilon: f64,
+        /// δ of every DP run.
+        #[arg(long, default_value_t = 1e-5)]
+        delta: f64,
+    },
+    /// Non-private pretraining on the public split: builds the public starting
+    /// checkpoint (projector, decoder, embeddings and lm_head trained; the vision
+    /// tower stays frozen).
+    ///
+    /// Example (the recipe of the shipped checkpoint):
+    ///   dualpriv pretrain --out assets/tiny-pretrained
+    #[command(verbatim_doc_comment)]
+    Pretrain {
+        /// Output checkpoint folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Model preset.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// Public examples.
+        #[arg(long, default_value_t = 6000)]
+        examples: usize,
+        /// Optimizer steps.
+        #[arg(long, default_value_t = 600)]
+        steps: u32,
+        /// Batch size.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// AdamW learning rate.
+        #[arg(long, default_value_t = 3e-3)]
+        lr: f32,
+        /// Seed of data and initialisation.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// DP fine-tuning (or non-private, for comparison) from a pretrained checkpoint.
+    ///
+    /// Examples:
+    ///   dualpriv train --method dualpriv --init assets/tiny-pretrained --out runs/dp --epsilon 3
+    ///   dualpriv train --method ghost --init assets/tiny-pretrained --out runs/ghost --epsilon 3 --accountant rdp
+    ///   dualpriv train --method dualpriv --init assets/tiny-pretrained --out runs/ablate --epsilon 3 --keep-frac 1 --no-token-pruning
+    ///   dualpriv train --resume runs/dp --steps 200
+    #[command(verbatim_doc_comment)]
+    Train(Box<TrainArgs>),
+    /// Accuracy of a checkpoint on the test split.
+    ///
+    /// Example: dualpriv eval --checkpoint runs/dp
+    #[command(verbatim_doc_comment)]
+    Eval {
+        /// Checkpoint folder written by `train` or `pretrain`.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Test examples.
+        #[arg(long, default_value_t = 1000)]
+        test_examples: usize,
+        /// Seed of the test split.
+        #[arg(long, default_value_t = 2)]
+        data_seed: u64,
+    },
     /// Checks every mechanism against its reference (and the GPU against the CPU
     /// when built with `--features cuda` on a machine with a GPU).
     ///
@@ -52,7 +146,11 @@ enum Cmd {
         #[arg(long)]
         sample_rate: f64,
         /// Noise multiplier σ (noise std / clipping norm).
-        #[arg(long, conflicts_with = "target_epsilon", required_unless_present = "target_epsilon")]
+        #[arg(
+            long,
+            conflicts_with = "target_epsilon",
+            required_unless_present = "target_epsilon"
+        )]
         noise_multiplier: Option<f64>,
         /// Target ε: print the smallest σ that reaches it instead.
         #[arg(long)]
@@ -72,6 +170,62 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
+        Cmd::Demo {
+            pretrained,
+            out,
+            train_examples,
+            test_examples,
+            epsilon,
+            delta,
+        } => {
+            let a = run::DemoArgs {
+                pretrained,
+                out,
+                train_examples,
+                test_examples,
+                epsilon,
+                delta,
+                progress: true,
+            };
+            run::demo(&Cpu, &a).map(|rows| {
+                print_demo(&rows, epsilon);
+                true
+            })
+        }
+        Cmd::Pretrain {
+            out,
+            preset,
+            examples,
+            steps,
+            batch,
+            lr,
+            seed,
+        } => {
+            let a = run::PretrainArgs {
+                preset,
+                out,
+                examples,
+                steps,
+                batch,
+                lr,
+                seed,
+                progress: true,
+            };
+            run::pretrain(&Cpu, &a).map(|(s, acc)| {
+                println!(
+                    "pretrained {} steps in {:.1} s; held-out public accuracy {acc:.4}",
+                    s.steps, s.seconds
+                );
+                println!("checkpoint: {}", a.out.join("model.safetensors").display());
+                true
+            })
+        }
+        Cmd::Train(a) => train(*a).map(|_| true),
+        Cmd::Eval {
+            checkpoint,
+            test_examples,
+            data_seed,
+        } => eval(&checkpoint, test_examples, data_seed).map(|_| true),
         Cmd::Selfcheck => selfcheck::run().map(|rep| {
             print!("{}", rep.markdown());
             rep.all_passed()
@@ -86,9 +240,22 @@ fn main() -> ExitCode {
                 true
             })
         }
-        Cmd::Account { sample_rate, noise_multiplier, target_epsilon, steps, delta, accountant } => {
-            account(sample_rate, noise_multiplier, target_epsilon, steps, delta, &accountant).map(|_| true)
-        }
+        Cmd::Account {
+            sample_rate,
+            noise_multiplier,
+            target_epsilon,
+            steps,
+            delta,
+            accountant,
+        } => account(
+            sample_rate,
+            noise_multiplier,
+            target_epsilon,
+            steps,
+            delta,
+            &accountant,
+        )
+        .map(|_| true),
     };
     match res {
         Ok(true) => ExitCode::SUCCESS,
@@ -103,7 +270,327 @@ fn main() -> ExitCode {
     }
 }
 
-fn account(q: f64, sigma: Option<f64>, target: Option<f64>, steps: u64, delta: f64, kind: &str) -> dualpriv::Result<()> {
+/// Options of `dualpriv train`.
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// nonprivate, dpsgd, ghost, dualpriv or dpzo.
+    #[arg(long, default_value = "dualpriv")]
+    method: String,
+    /// Pretrained checkpoint folder to start from (model.safetensors).
+    #[arg(long, default_value = "assets/tiny-pretrained")]
+    init: PathBuf,
+    /// Output folder: checkpoints, metrics.jsonl, state.json.
+    #[arg(long, required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Continue the run saved in this folder (same data; ε keeps accumulating).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Model preset.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Target ε (σ is calibrated for --steps; training stops before exceeding it).
+    #[arg(long)]
+    epsilon: Option<f64>,
+    /// δ.
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
+    /// Fixed noise multiplier σ instead of a target ε.
+    #[arg(long, conflicts_with = "epsilon")]
+    noise_multiplier: Option<f64>,
+    /// Accountant: pld (tighter) or rdp.
+    #[arg(long, default_value = "pld")]
+    accountant: String,
+    /// Logical steps.
+    #[arg(long, default_value_t = 120)]
+    steps: u32,
+    /// Expected batch size (Poisson rate q = batch / N).
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Largest physical micro-batch.
+    #[arg(long, default_value_t = 64)]
+    micro_batch: usize,
+    /// poisson (accounted) or shuffle (NOT covered by the accounting).
+    #[arg(long, default_value = "poisson")]
+    sampling: String,
+    /// adamw or sgd.
+    #[arg(long, default_value = "adamw")]
+    optimizer: String,
+    /// Learning rate.
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f32,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.0)]
+    momentum: f32,
+    /// Weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Per-example clipping norm C.
+    #[arg(long, default_value_t = 1.0)]
+    clip_norm: f32,
+    /// Visual tokens: K dominant patches kept (dualpriv default 24 for tiny, 53 for llava).
+    #[arg(long)]
+    keep_tokens: Option<usize>,
+    /// Visual tokens: M contextual tokens.
+    #[arg(long, default_value_t = 4)]
+    context_tokens: usize,
+    /// Switch visual token pruning off (ablation).
+    #[arg(long)]
+    no_token_pruning: bool,
+    /// Heuristic noise on fused tokens (NOT part of the DP guarantee).
+    #[arg(long, default_value_t = 0.0)]
+    fuse_noise_std: f32,
+    /// Fraction of coordinates updated per step (dualpriv; 1 switches update pruning off).
+    #[arg(long, default_value_t = 0.8)]
+    keep_frac: f64,
+    /// tensor or global top-k threshold.
+    #[arg(long, default_value = "tensor")]
+    prune_scope: String,
+    /// LoRA rank (0: full fine-tuning of --full groups).
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f32,
+    /// Full fine-tuning groups when --lora-rank 0 (comma list of projector, attention, mlp, lm_head).
+    #[arg(long, default_value = "projector,attention,mlp,lm_head")]
+    full: String,
+    /// DPZO perturbation scale λ.
+    #[arg(long, default_value_t = 1e-2)]
+    dpzo_lambda: f32,
+    /// Private training examples of the built-in task.
+    #[arg(long, default_value_t = 2000)]
+    train_examples: usize,
+    /// Seed of the private training data.
+    #[arg(long, default_value_t = 1)]
+    data_seed: u64,
+    /// Seed of sampling.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Secret noise seed (default: drawn from the OS). Stored in state.json, which
+    /// must therefore never be published with the weights.
+    #[arg(long)]
+    noise_seed: Option<u64>,
+    /// Checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: u32,
+    /// Backend: cpu.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: Backend,
+}
+
+fn parse<T>(
+    flag: &str,
+    v: &str,
+    f: impl Fn(&str) -> Option<T>,
+    valid: &str,
+) -> dualpriv::Result<T> {
+    f(v).ok_or_else(|| dualpriv::Error::Config(format!("--{flag} {v:?}: expected {valid}")))
+}
+
+fn train(a: TrainArgs) -> dualpriv::Result<()> {
+    if matches!(a.backend, Backend::Cuda) {
+        return Err(dualpriv::Error::Config(
+            "--backend cuda: the CUDA training backend is not built yet; use --backend cpu".into(),
+        ));
+    }
+    let data = Dataset::generate(
+        Split::Private,
+        a.train_examples,
+        a.data_seed,
+        run::TINY_IMAGE,
+    )?;
+    if let Some(dir) = &a.resume {
+        let mut t = Trainer::resume(&Cpu, dir, &data, Some(a.steps))?;
+        t.progress = true;
+        eprintln!(
+            "resuming {} at step {} of {}",
+            dir.display(),
+            t.step,
+            t.cfg.steps
+        );
+        return report(t.run(&data, a.checkpoint_every)?);
+    }
+    let method: Method = a.method.parse()?;
+    let spec = ModelSpec {
+        preset: a.preset.clone(),
+        lora_rank: (a.lora_rank > 0).then_some(a.lora_rank),
+        lora_alpha: a.lora_alpha,
+        full_groups: a
+            .full
+            .split(',')
+            .map(|g| g.trim().to_string())
+            .filter(|g| !g.is_empty())
+            .collect(),
+    };
+    let (mcfg, mode) = spec.build()?;
+    let kind = parse(
+        "optimizer",
+        &a.optimizer,
+        |s| match s {
+            "adamw" => Some(OptKind::Adamw),
+            "sgd" => Some(OptKind::Sgd),
+            _ => None,
+        },
+        "adamw or sgd",
+    )?;
+    let sampling = parse(
+        "sampling",
+        &a.sampling,
+        |s| match s {
+            "poisson" => Some(Sampling::Poisson),
+            "shuffle" => Some(Sampling::Shuffle),
+            _ => None,
+        },
+        "poisson or shuffle",
+    )?;
+    let prune_scope = parse(
+        "prune-scope",
+        &a.prune_scope,
+        |s| match s {
+            "tensor" => Some(PruneScope::Tensor),
+            "global" => Some(PruneScope::Global),
+            _ => None,
+        },
+        "tensor or global",
+    )?;
+    let default_keep = if mcfg.vision.patches() >= 576 { 53 } else { 24 };
+    let keep_tokens = match (a.no_token_pruning, a.keep_tokens, method) {
+        (true, ..) => None,
+        (false, Some(k), _) => Some(k),
+        (false, None, Method::Dualpriv) => Some(default_keep),
+        _ => None,
+    };
+    let text_len = data
+        .max_text_len()
+        .max(Dataset::generate(Split::Test, 1000, 2, run::TINY_IMAGE)?.max_text_len());
+    let cfg = TrainConfig {
+        method,
+        batch: a.batch,
+        micro_batch: a.micro_batch,
+        sampling,
+        steps: a.steps,
+        opt: OptConfig {
+            kind,
+            lr: a.lr,
+            momentum: a.momentum,
+            weight_decay: a.weight_decay,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+        clip_norm: a.clip_norm,
+        epsilon: a.epsilon,
+        delta: a.delta,
+        noise_multiplier: a.noise_multiplier,
+        accountant: a.accountant.clone(),
+        keep_tokens,
+        context_tokens: if keep_tokens.is_some() {
+            a.context_tokens
+        } else {
+            0
+        },
+        fuse_noise_std: a.fuse_noise_std,
+        keep_frac: a.keep_frac,
+        prune_scope,
+        dpzo_lambda: a.dpzo_lambda,
+        seed: a.seed,
+        noise_seed: a.noise_seed.unwrap_or_else(rand::random),
+        text_len,
+    };
+    let model = Mllm::load(&Cpu, &mcfg, &mode, &a.init.join("model.safetensors"))?;
+    let mut t = Trainer::new(&Cpu, model, spec, cfg, &data)?;
+    t.out_dir = a.out.clone();
+    t.progress = true;
+    eprintln!(
+        "{method}: {} trainable values, q = {:.4}, sigma = {:.4}",
+        t.model.trainable().iter().map(|p| p.len).sum::<usize>(),
+        a.batch as f64 / data.len() as f64,
+        t.sigma
+    );
+    report(t.run(&data, a.checkpoint_every)?)
+}
+
+fn report(s: dualpriv::train::RunSummary) -> dualpriv::Result<()> {
+    println!(
+        "steps = {} | final loss = {:.4} | sigma = {:.4} | {:.1} s | peak heap {} | {}",
+        s.steps,
+        s.final_loss,
+        s.sigma,
+        s.seconds,
+        s.peak_bytes.map_or("n/a".into(), mib),
+        s.stop_reason
+    );
+    println!("epsilon = {}", s.epsilon);
+    Ok(())
+}
+
+fn eval(dir: &std::path::Path, n: usize, seed: u64) -> dualpriv::Result<()> {
+    let st = checkpoint::load_state(dir)?;
+    let (mcfg, mode) = st.model.build()?;
+    let model = Mllm::load(&Cpu, &mcfg, &mode, &dir.join("model.safetensors"))?;
+    let test = Dataset::generate(Split::Test, n, seed, mcfg.vision.image_size)?;
+    let tokens = st.train.token_select();
+    let text_len = st.train.text_len.max(test.max_text_len());
+    let acc = run::evaluate(&Cpu, &model, &test, tokens.as_ref(), text_len)?;
+    println!(
+        "test examples = {n}, majority baseline = {:.4}",
+        dualpriv::data::synthetic::majority_baseline(&test)
+    );
+    println!("accuracy = {acc:.4}");
+    Ok(())
+}
+
+fn mib(b: usize) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+fn print_demo(rows: &[run::DemoRow], target: f64) {
+    println!("| method | accuracy | epsilon | peak heap | time | visual tokens |");
+    println!("|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {:.4} | {} | {} | {:.1} s | {} |",
+            r.method,
+            r.accuracy,
+            if r.epsilon.is_finite() {
+                format!("{:.3}", r.epsilon)
+            } else {
+                "∞".into()
+            },
+            r.peak_bytes.map_or("n/a".into(), mib),
+            r.seconds,
+            r.visual_tokens
+        );
+    }
+    let acc = |m: Method| {
+        rows.iter()
+            .find(|r| r.method == m)
+            .map_or(f64::NAN, |r| r.accuracy)
+    };
+    let eps = rows
+        .iter()
+        .filter(|r| r.epsilon.is_finite())
+        .map(|r| r.epsilon)
+        .fold(0.0, f64::max);
+    let _ = target;
+    println!(
+        "demo: dualpriv_accuracy={:.4} dpsgd_accuracy={:.4} nonprivate_accuracy={:.4} dpzo_accuracy={:.4} epsilon={:.3}",
+        acc(Method::Dualpriv),
+        acc(Method::Dpsgd),
+        acc(Method::Nonprivate),
+        acc(Method::Dpzo),
+        eps
+    );
+}
+
+fn account(
+    q: f64,
+    sigma: Option<f64>,
+    target: Option<f64>,
+    steps: u64,
+    delta: f64,
+    kind: &str,
+) -> dualpriv::Result<()> {
     use dualpriv::dp::accountant::{calibrate_sigma, epsilon, AccountantKind};
     let kind: AccountantKind = kind.parse()?;
     if steps == 0 {
@@ -112,7 +599,10 @@ fn account(q: f64, sigma: Option<f64>, target: Option<f64>, steps: u64, delta: f
     println!("accountant = {kind}, q = {q}, steps = {steps}, delta = {delta}");
     match (sigma, target) {
         (Some(s), _) => println!("epsilon = {}", epsilon(kind, &[(q, s, steps)], delta)?),
-        (None, Some(e)) => println!("noise_multiplier = {}", calibrate_sigma(kind, q, steps, e, delta)?),
+        (None, Some(e)) => println!(
+            "noise_multiplier = {}",
+            calibrate_sigma(kind, q, steps, e, delta)?
+        ),
         (None, None) => unreachable!("clap requires one of them"),
     }
     Ok(())

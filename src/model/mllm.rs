@@ -186,7 +186,10 @@ impl<B: Backend> Mllm<B> {
                 }
             }
         }
-        Ok(out.into_iter().map(|b| b.expect("every id was found")).collect())
+        Ok(out
+            .into_iter()
+            .map(|b| b.expect("every id was found"))
+            .collect())
     }
 
     /// Names of all tensors (frozen and trainable), in checkpoint order.

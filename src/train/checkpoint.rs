@@ -34,9 +34,17 @@ impl ModelSpec {
     pub fn build(&self) -> Result<(ModelConfig, TrainMode)> {
         let cfg = ModelConfig::preset(&self.preset)?;
         let mode = match self.lora_rank {
-            Some(r) => TrainMode::Lora { rank: r, alpha: self.lora_alpha, targets: LoraTarget::ALL.to_vec() },
+            Some(r) => TrainMode::Lora {
+                rank: r,
+                alpha: self.lora_alpha,
+                targets: LoraTarget::ALL.to_vec(),
+            },
             None => TrainMode::Full {
-                groups: self.full_groups.iter().map(|g| parse_group(g)).collect::<Result<_>>()?,
+                groups: self
+                    .full_groups
+                    .iter()
+                    .map(|g| parse_group(g))
+                    .collect::<Result<_>>()?,
             },
         };
         mode.validate()?;
@@ -106,10 +114,16 @@ pub fn save<B: DpBackend>(t: &Trainer<'_, B>, dir: &Path) -> Result<()> {
     }
     let views = named
         .iter()
-        .map(|(n, bytes)| Ok((n.clone(), TensorView::new(Dtype::F32, vec![bytes.len() / 4], bytes)?)))
+        .map(|(n, bytes)| {
+            Ok((
+                n.clone(),
+                TensorView::new(Dtype::F32, vec![bytes.len() / 4], bytes)?,
+            ))
+        })
         .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(|e| Error::Config(format!("serialising optimizer state: {e}")))?;
-    let bytes = safetensors::serialize(views, None).map_err(|e| Error::Config(format!("serialising optimizer state: {e}")))?;
+    let bytes = safetensors::serialize(views, None)
+        .map_err(|e| Error::Config(format!("serialising optimizer state: {e}")))?;
     write_atomic(&dir.join("optim.safetensors"), &bytes)?;
     let state = CheckpointState {
         version: VERSION,
@@ -120,7 +134,8 @@ pub fn save<B: DpBackend>(t: &Trainer<'_, B>, dir: &Path) -> Result<()> {
         privacy: t.privacy.clone(),
         data_fingerprint: t.data_fingerprint.clone(),
     };
-    let json = serde_json::to_vec_pretty(&state).map_err(|e| Error::Config(format!("serialising state: {e}")))?;
+    let json = serde_json::to_vec_pretty(&state)
+        .map_err(|e| Error::Config(format!("serialising state: {e}")))?;
     write_atomic(&dir.join("state.json"), &json)
 }
 
@@ -128,10 +143,18 @@ pub fn save<B: DpBackend>(t: &Trainer<'_, B>, dir: &Path) -> Result<()> {
 pub fn load_state(dir: &Path) -> Result<CheckpointState> {
     let p = dir.join("state.json");
     let bytes = std::fs::read(&p).map_err(|e| io_err(&p, e))?;
-    let s: CheckpointState = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::Config(format!("{}: not a dualpriv checkpoint state: {e}", p.display())))?;
+    let s: CheckpointState = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::Config(format!(
+            "{}: not a dualpriv checkpoint state: {e}",
+            p.display()
+        ))
+    })?;
     if s.version != VERSION {
-        return Err(Error::Config(format!("{}: checkpoint version {} (expected {VERSION})", p.display(), s.version)));
+        return Err(Error::Config(format!(
+            "{}: checkpoint version {} (expected {VERSION})",
+            p.display(),
+            s.version
+        )));
     }
     Ok(s)
 }
@@ -149,15 +172,27 @@ pub fn load_optim<B: DpBackend>(backend: &B, dir: &Path) -> Result<OptState<B>> 
             .and_then(|(t, i)| i.parse::<u32>().ok().map(|i| (t.to_string(), i)))
             .ok_or_else(|| Error::Config(format!("{}: unexpected tensor {name}", p.display())))?;
         if view.dtype() != Dtype::F32 {
-            return Err(Error::Config(format!("{}: tensor {name} is not f32", p.display())));
+            return Err(Error::Config(format!(
+                "{}: tensor {name} is not f32",
+                p.display()
+            )));
         }
-        let host: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let host: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         let buf = backend.upload(&host)?;
         let e = moments.entry(id).or_insert(Moments { m: None, v: None });
         match tag.as_str() {
             "m" => e.m = Some(buf),
             "v" => e.v = Some(buf),
-            _ => return Err(Error::Config(format!("{}: unexpected tensor {name}", p.display()))),
+            _ => {
+                return Err(Error::Config(format!(
+                    "{}: unexpected tensor {name}",
+                    p.display()
+                )))
+            }
         }
     }
     Ok(OptState { moments })

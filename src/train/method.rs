@@ -24,7 +24,13 @@ pub enum Method {
 
 impl Method {
     /// All methods, in the order the demo reports them.
-    pub const ALL: [Method; 5] = [Method::Nonprivate, Method::Dpsgd, Method::Ghost, Method::Dualpriv, Method::Dpzo];
+    pub const ALL: [Method; 5] = [
+        Method::Nonprivate,
+        Method::Dpsgd,
+        Method::Ghost,
+        Method::Dualpriv,
+        Method::Dpzo,
+    ];
 
     /// Whether the method adds noise and is accounted.
     pub fn is_private(self) -> bool {
@@ -51,7 +57,9 @@ impl FromStr for Method {
             .into_iter()
             .find(|m| m.to_string() == s.trim().to_ascii_lowercase())
             .ok_or_else(|| {
-                Error::Config(format!("unknown method {s:?}: expected nonprivate, dpsgd, ghost, dualpriv or dpzo"))
+                Error::Config(format!(
+                    "unknown method {s:?}: expected nonprivate, dpsgd, ghost, dualpriv or dpzo"
+                ))
             })
     }
 }

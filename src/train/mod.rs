@@ -111,7 +111,8 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&self.keep_frac) {
             return bad(format!("--keep-frac {} must be in [0, 1]", self.keep_frac));
         }
-        if self.method == Method::Dpzo && !(self.dpzo_lambda > 0.0 && self.dpzo_lambda.is_finite()) {
+        if self.method == Method::Dpzo && !(self.dpzo_lambda > 0.0 && self.dpzo_lambda.is_finite())
+        {
             return bad(format!("--dpzo-lambda {} must be > 0", self.dpzo_lambda));
         }
         self.accountant_kind()?;
@@ -120,7 +121,9 @@ impl TrainConfig {
                 return bad(format!("--delta {} must be in (0, 1)", self.delta));
             }
             match (self.epsilon, self.noise_multiplier) {
-                (None, None) => return bad("a DP method needs --epsilon (or --noise-multiplier)".into()),
+                (None, None) => {
+                    return bad("a DP method needs --epsilon (or --noise-multiplier)".into())
+                }
                 (_, Some(s)) if !(s >= 0.0 && s.is_finite()) => {
                     return bad(format!("--noise-multiplier {s} must be ≥ 0"));
                 }
@@ -176,7 +179,14 @@ impl PrivacyState {
     }
 
     /// The largest number of further steps at (q, σ) that keeps ε ≤ target.
-    pub fn steps_left(&self, kind: AccountantKind, q: f64, sigma: f64, target: f64, delta: f64) -> Result<u64> {
+    pub fn steps_left(
+        &self,
+        kind: AccountantKind,
+        q: f64,
+        sigma: f64,
+        target: f64,
+        delta: f64,
+    ) -> Result<u64> {
         let eps_after = |k: u64| -> Result<f64> {
             let mut h = self.history.clone();
             h.push((q, sigma, k));
@@ -265,9 +275,13 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         let sigma = match (cfg.method.is_private(), cfg.noise_multiplier, cfg.epsilon) {
             (false, ..) => 0.0,
             (true, Some(s), _) => s,
-            (true, None, Some(eps)) => {
-                accountant::calibrate_sigma(cfg.accountant_kind()?, sampler.rate(), u64::from(cfg.steps), eps, cfg.delta)?
-            }
+            (true, None, Some(eps)) => accountant::calibrate_sigma(
+                cfg.accountant_kind()?,
+                sampler.rate(),
+                u64::from(cfg.steps),
+                eps,
+                cfg.delta,
+            )?,
             (true, None, None) => unreachable!("validated"),
         };
         Ok(Self {
@@ -333,7 +347,12 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             );
         }
         let budget_left = match (private, self.cfg.epsilon) {
-            (true, Some(target)) => Some(self.privacy.steps_left(kind, q, self.sigma, target, self.cfg.delta)?),
+            (true, Some(target)) => {
+                Some(
+                    self.privacy
+                        .steps_left(kind, q, self.sigma, target, self.cfg.delta)?,
+                )
+            }
             _ => None,
         };
         let todo = self.cfg.steps.saturating_sub(self.step);
@@ -342,12 +361,24 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             Some(d) => {
                 std::fs::create_dir_all(d).map_err(|e| io_err(d, e))?;
                 let p = d.join("metrics.jsonl");
-                Some(OpenOptions::new().create(true).append(true).open(&p).map_err(|e| io_err(&p, e))?)
+                Some(
+                    OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&p)
+                        .map_err(|e| io_err(&p, e))?,
+                )
             }
             None => None,
         };
-        let bar = self.progress.then(|| progress_bar(u64::from(self.step), u64::from(self.cfg.steps)));
-        let mut last_eps = if private { Some(self.privacy.epsilon(kind, self.cfg.delta)?) } else { None };
+        let bar = self
+            .progress
+            .then(|| progress_bar(u64::from(self.step), u64::from(self.cfg.steps)));
+        let mut last_eps = if private {
+            Some(self.privacy.epsilon(kind, self.cfg.delta)?)
+        } else {
+            None
+        };
         let mut recent = Vec::new();
         let log_every = (self.cfg.steps / 20).max(1);
         for _ in 0..allowed {
@@ -373,7 +404,11 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
                 batch_size: out.batch_size,
                 epsilon: last_eps,
                 visual_tokens: out.visual_tokens,
-                kept_frac: if out.coords > 0 { out.kept as f64 / out.coords as f64 } else { 0.0 },
+                kept_frac: if out.coords > 0 {
+                    out.kept as f64 / out.coords as f64
+                } else {
+                    0.0
+                },
                 step_ms: t0.elapsed().as_secs_f64() * 1e3,
                 peak_bytes: crate::mem::tracking().then(crate::mem::peak_bytes),
             };
@@ -397,11 +432,18 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         if let Some(b) = bar {
             b.finish();
         }
-        let epsilon = if private { self.privacy.epsilon(kind, self.cfg.delta)? } else { f64::INFINITY };
+        let epsilon = if private {
+            self.privacy.epsilon(kind, self.cfg.delta)?
+        } else {
+            f64::INFINITY
+        };
         let stop_reason = if self.step >= self.cfg.steps {
             "planned steps done".to_string()
         } else {
-            format!("stopped at step {}: one more step would exceed ε = {:?}", self.step, self.cfg.epsilon)
+            format!(
+                "stopped at step {}: one more step would exceed ε = {:?}",
+                self.step, self.cfg.epsilon
+            )
         };
         if self.out_dir.is_some() {
             self.save_checkpoint()?;
@@ -410,7 +452,11 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             steps: self.step,
             epsilon,
             sigma: self.sigma,
-            final_loss: if recent.is_empty() { f64::NAN } else { recent.iter().sum::<f64>() / recent.len() as f64 },
+            final_loss: if recent.is_empty() {
+                f64::NAN
+            } else {
+                recent.iter().sum::<f64>() / recent.len() as f64
+            },
             seconds: started.elapsed().as_secs_f64(),
             peak_bytes: crate::mem::tracking().then(crate::mem::peak_bytes),
             stop_reason,
@@ -449,11 +495,15 @@ fn progress_bar(pos: u64, len: u64) -> indicatif::ProgressBar {
 }
 
 fn write_line(f: &mut File, rec: &StepRecord) -> Result<()> {
-    let line = serde_json::to_string(rec).map_err(|e| Error::Config(format!("serialising metrics: {e}")))?;
+    let line = serde_json::to_string(rec)
+        .map_err(|e| Error::Config(format!("serialising metrics: {e}")))?;
     writeln!(f, "{line}").map_err(|e| Error::Config(format!("writing metrics.jsonl: {e}")))
 }
 
 /// Maps an I/O error to [`Error::Io`] naming the path.
 pub(crate) fn io_err(p: &Path, e: std::io::Error) -> Error {
-    Error::Io { path: p.display().to_string(), message: e.to_string() }
+    Error::Io {
+        path: p.display().to_string(),
+        message: e.to_string(),
+    }
 }

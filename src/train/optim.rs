@@ -37,7 +37,11 @@ impl OptConfig {
     /// The optimizer for 1-based step `t` (AdamW's bias correction needs it).
     pub fn at_step(&self, t: u32) -> Result<Optimizer> {
         let o = match self.kind {
-            OptKind::Sgd => Optimizer::Sgd { lr: self.lr, momentum: self.momentum, weight_decay: self.weight_decay },
+            OptKind::Sgd => Optimizer::Sgd {
+                lr: self.lr,
+                momentum: self.momentum,
+                weight_decay: self.weight_decay,
+            },
             OptKind::Adamw => Optimizer::AdamW {
                 lr: self.lr,
                 beta1: self.beta1,
@@ -47,7 +51,9 @@ impl OptConfig {
                 t: t.max(1),
             },
         };
-        o.validate().map_err(|e| Error::Config(format!("{e} (check --lr / --momentum / --weight-decay)")))?;
+        o.validate().map_err(|e| {
+            Error::Config(format!("{e} (check --lr / --momentum / --weight-decay)"))
+        })?;
         Ok(o)
     }
 }

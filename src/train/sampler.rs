@@ -41,7 +41,12 @@ impl Sampler {
                 "expected batch size {expected} must be in 1..={n} (the training set size)"
             )));
         }
-        Ok(Self { n, expected, mode, seed })
+        Ok(Self {
+            n,
+            expected,
+            mode,
+            seed,
+        })
     }
 
     /// The sampling rate q = B_expected / N.

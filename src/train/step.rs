@@ -46,7 +46,9 @@ pub struct OptState<B: DpBackend> {
 
 impl<B: DpBackend> Default for OptState<B> {
     fn default() -> Self {
-        Self { moments: HashMap::new() }
+        Self {
+            moments: HashMap::new(),
+        }
     }
 }
 
@@ -82,35 +84,73 @@ pub struct StepContext<'a, B: DpBackend> {
 }
 
 /// Runs logical step `step` (0-based) on the examples `indices`.
-pub fn train_step<B: DpBackend>(ctx: &mut StepContext<'_, B>, step: u32, indices: &[usize]) -> Result<StepOutcome> {
+pub fn train_step<B: DpBackend>(
+    ctx: &mut StepContext<'_, B>,
+    step: u32,
+    indices: &[usize],
+) -> Result<StepOutcome> {
     match ctx.cfg.method {
         Method::Dpzo => dpzo_step(ctx, step, indices),
         _ => gradient_step(ctx, step, indices),
     }
 }
 
-fn update_config(ctx: &StepContext<'_, impl DpBackend>, step: u32, batch: usize) -> Result<UpdateConfig> {
+fn update_config(
+    ctx: &StepContext<'_, impl DpBackend>,
+    step: u32,
+    batch: usize,
+) -> Result<UpdateConfig> {
     let cfg = ctx.cfg;
     let private = cfg.method.is_private();
     Ok(UpdateConfig {
-        keep_frac: if cfg.method == Method::Dualpriv { cfg.keep_frac } else { 1.0 },
-        noise_std: if private { (ctx.sigma * f64::from(cfg.clip_norm)) as f32 } else { 0.0 },
+        keep_frac: if cfg.method == Method::Dualpriv {
+            cfg.keep_frac
+        } else {
+            1.0
+        },
+        noise_std: noise_std(private, ctx.sigma, cfg.clip_norm),
         seed: cfg.noise_seed,
         step,
         // DP-SGD divides by the expected batch size so the sum's sensitivity is C.
-        inv_batch: 1.0 / if private { cfg.batch as f32 } else { batch.max(1) as f32 },
+        inv_batch: 1.0
+            / if private {
+                cfg.batch as f32
+            } else {
+                batch.max(1) as f32
+            },
         opt: cfg.opt.at_step(step + 1)?,
     })
 }
 
+/// σ·C, with σ = 0 meaning no noise even when C = ∞ (the σ = 0, C = ∞ check).
+fn noise_std(private: bool, sigma: f64, clip: f32) -> f32 {
+    if !private || sigma == 0.0 {
+        0.0
+    } else {
+        (sigma * f64::from(clip)) as f32
+    }
+}
+
 /// Noises, prunes and applies one selection set of (param id, gradient) pairs.
-fn apply<B: DpBackend>(ctx: &mut StepContext<'_, B>, grads: &[(u32, &B::Buf)], ucfg: &UpdateConfig) -> Result<PruneReport> {
+fn apply<B: DpBackend>(
+    ctx: &mut StepContext<'_, B>,
+    grads: &[(u32, &B::Buf)],
+    ucfg: &UpdateConfig,
+) -> Result<PruneReport> {
     let (needs_m, needs_v) = (ucfg.opt.needs_m(), ucfg.opt.needs_v());
     for &(id, _) in grads {
         if !ctx.opt.moments.contains_key(&id) {
             let len = ctx.backend.len(ctx.model.param(id));
-            let m = if needs_m { Some(ctx.backend.zeros(len)?) } else { None };
-            let v = if needs_v { Some(ctx.backend.zeros(len)?) } else { None };
+            let m = if needs_m {
+                Some(ctx.backend.zeros(len)?)
+            } else {
+                None
+            };
+            let v = if needs_v {
+                Some(ctx.backend.zeros(len)?)
+            } else {
+                None
+            };
             ctx.opt.moments.insert(id, Moments { m, v });
         }
     }
@@ -118,15 +158,26 @@ fn apply<B: DpBackend>(ctx: &mut StepContext<'_, B>, grads: &[(u32, &B::Buf)], u
     let params = ctx.model.params_mut(&ids)?;
     let mut moments: Vec<&mut Moments<B>> = Vec::with_capacity(ids.len());
     // Disjoint mutable borrows of the moments map, in `ids` order.
-    let mut by_id: HashMap<u32, &mut Moments<B>> = ctx.opt.moments.iter_mut().map(|(k, v)| (*k, v)).collect();
+    let mut by_id: HashMap<u32, &mut Moments<B>> =
+        ctx.opt.moments.iter_mut().map(|(k, v)| (*k, v)).collect();
     for id in &ids {
-        moments.push(by_id.remove(id).ok_or_else(|| Error::Config(format!("parameter {id} listed twice")))?);
+        moments.push(
+            by_id
+                .remove(id)
+                .ok_or_else(|| Error::Config(format!("parameter {id} listed twice")))?,
+        );
     }
     let mut set: Vec<TensorUpdate<'_, B>> = params
         .into_iter()
         .zip(moments)
         .zip(grads)
-        .map(|((param, mo), &(id, grad))| TensorUpdate { tensor_id: id, grad, param, m: mo.m.as_mut(), v: mo.v.as_mut() })
+        .map(|((param, mo), &(id, grad))| TensorUpdate {
+            tensor_id: id,
+            grad,
+            param,
+            m: mo.m.as_mut(),
+            v: mo.v.as_mut(),
+        })
         .collect();
     ctx.backend.noise_prune_update(&mut set, ucfg)
 }
@@ -139,16 +190,27 @@ enum Clipping<B: DpBackend> {
     Materialised(Vec<(B::Buf, Option<B::Buf>)>, B::Buf),
 }
 
-fn clipping<B: DpBackend>(ctx: &StepContext<'_, B>, caps: &[Capture<B>], b: usize) -> Result<Clipping<B>> {
-    let be = ctx.backend;
-    match ctx.cfg.method {
+fn clipping<B: DpBackend>(
+    be: &B,
+    cfg: &TrainConfig,
+    caps: &[Capture<B>],
+    b: usize,
+) -> Result<Clipping<B>> {
+    match cfg.method {
         Method::Nonprivate => Ok(Clipping::Ones(be.upload(&vec![1.0; b])?)),
         Method::Ghost | Method::Dualpriv => {
             let mut norms = be.norms_zeros(b)?;
             for c in caps {
-                be.add_layer_sq_norms(&c.x, &c.g, c.shape, c.shape.preferred_method(), c.bias_id.is_some(), &mut norms)?;
+                be.add_layer_sq_norms(
+                    &c.x,
+                    &c.g,
+                    c.shape,
+                    c.shape.preferred_method(),
+                    c.bias_id.is_some(),
+                    &mut norms,
+                )?;
             }
-            Ok(Clipping::Factors(be.clip_factors(&norms, ctx.cfg.clip_norm)?))
+            Ok(Clipping::Factors(be.clip_factors(&norms, cfg.clip_norm)?))
         }
         Method::Dpsgd => {
             let mut norms = be.norms_zeros(b)?;
@@ -166,7 +228,7 @@ fn clipping<B: DpBackend>(ctx: &StepContext<'_, B>, caps: &[Capture<B>], b: usiz
                 };
                 per.push((w, bias));
             }
-            let f = be.clip_factors(&norms, ctx.cfg.clip_norm)?;
+            let f = be.clip_factors(&norms, cfg.clip_norm)?;
             Ok(Clipping::Materialised(per, f))
         }
         Method::Dpzo => unreachable!("dpzo has no backward"),
@@ -201,75 +263,162 @@ fn clipped_sums<B: DpBackend>(
     Ok(())
 }
 
-fn gradient_step<B: DpBackend>(ctx: &mut StepContext<'_, B>, step: u32, indices: &[usize]) -> Result<StepOutcome> {
+/// The summed (clipped, for DP methods) gradients of a batch, by parameter id:
+/// Σ_i c_i ∇θ ℓ_i, accumulated over micro-batches; no noise, no update.
+pub struct Sums<B: DpBackend> {
+    /// Gradient sums by trainable parameter id (only parameters the batch reached).
+    pub grads: HashMap<u32, B::Buf>,
+    /// Σ_i ℓ_i.
+    pub loss_sum: f64,
+    /// Visual tokens per example.
+    pub visual_tokens: usize,
+}
+
+/// Forms the gradient sums of `indices` without updating anything.
+pub fn gradient_sums<B: DpBackend>(
+    backend: &B,
+    model: &Mllm<B>,
+    cfg: &TrainConfig,
+    data: &Dataset,
+    indices: &[usize],
+) -> Result<Sums<B>> {
+    let mut sums = Sums {
+        grads: HashMap::new(),
+        loss_sum: 0.0,
+        visual_tokens: 0,
+    };
+    for mb in indices.chunks(cfg.micro_batch.max(1)) {
+        let (caps, clip) = forward_clip(backend, model, cfg, data, mb, &mut sums)?;
+        for (i, c) in caps.iter().enumerate() {
+            let (w, bias) = capture_sums(backend, &clip, i, c)?;
+            add_into(backend, &mut sums.grads, c.weight_id, w)?;
+            if let (Some(id), Some(bg)) = (c.bias_id, bias) {
+                add_into(backend, &mut sums.grads, id, bg)?;
+            }
+        }
+    }
+    Ok(sums)
+}
+
+/// Forward + backward of one micro-batch and its clip factors. Losses, visual
+/// tokens and dense (embedding) gradients go into `sums`; the captures come back.
+fn forward_clip<B: DpBackend>(
+    be: &B,
+    model: &Mllm<B>,
+    cfg: &TrainConfig,
+    data: &Dataset,
+    mb: &[usize],
+    sums: &mut Sums<B>,
+) -> Result<(Vec<Capture<B>>, Clipping<B>)> {
+    let batch = data.collate(mb, cfg.text_len)?;
+    let tokens = cfg.token_select();
+    let fb = model.forward_backward(be, &batch, tokens.as_ref())?;
+    sums.loss_sum += fb
+        .per_example_loss
+        .iter()
+        .map(|&l| f64::from(l))
+        .sum::<f64>();
+    sums.visual_tokens = fb.visual_tokens;
+    if !fb.dense_grads.is_empty() && cfg.method.is_private() {
+        return Err(Error::Config(
+            "trainable embeddings are only supported for non-private pretraining".into(),
+        ));
+    }
+    // Plain batch-summed gradients (embeddings in non-private pretraining).
+    for (id, g) in fb.dense_grads {
+        add_into(be, &mut sums.grads, id, g)?;
+    }
+    let clip = clipping(be, cfg, &fb.captures, mb.len())?;
+    Ok((fb.captures, clip))
+}
+
+/// Capture `i`'s clipped weight sum and, when it has a bias, its clipped bias sum.
+fn capture_sums<B: DpBackend>(
+    be: &B,
+    clip: &Clipping<B>,
+    i: usize,
+    c: &Capture<B>,
+) -> Result<(B::Buf, Option<B::Buf>)> {
+    let mut w = be.zeros(c.shape.p * c.shape.d)?;
+    let mut bias = match c.bias_id {
+        Some(_) => Some(be.zeros(c.shape.p)?),
+        None => None,
+    };
+    clipped_sums(be, clip, i, c, &mut w, bias.as_mut(), false)?;
+    Ok((w, bias))
+}
+
+fn add_into<B: DpBackend>(
+    be: &B,
+    grads: &mut HashMap<u32, B::Buf>,
+    id: u32,
+    g: B::Buf,
+) -> Result<()> {
+    match grads.get_mut(&id) {
+        Some(acc) => be.axpy(acc, 1.0, &g),
+        None => {
+            grads.insert(id, g);
+            Ok(())
+        }
+    }
+}
+
+fn gradient_step<B: DpBackend>(
+    ctx: &mut StepContext<'_, B>,
+    step: u32,
+    indices: &[usize],
+) -> Result<StepOutcome> {
     let cfg = ctx.cfg;
     let be = ctx.backend;
-    let params: Vec<(u32, usize)> = ctx.model.trainable().iter().map(|p| (p.id, p.len)).collect();
+    let params: Vec<(u32, usize)> = ctx
+        .model
+        .trainable()
+        .iter()
+        .map(|p| (p.id, p.len))
+        .collect();
     let ucfg = update_config(ctx, step, indices.len())?;
-    let mut out = StepOutcome { batch_size: indices.len(), loss: f64::NAN, ..Default::default() };
+    let mut out = StepOutcome {
+        batch_size: indices.len(),
+        loss: f64::NAN,
+        ..Default::default()
+    };
     if indices.is_empty() && !cfg.method.is_private() {
         return Ok(out);
     }
     let micro: Vec<&[usize]> = indices.chunks(cfg.micro_batch.max(1)).collect();
     // Streaming: each tensor is noised, applied and freed as soon as its clipped sum
-    // exists, so no full gradient buffer is ever held.
+    // exists, so no full gradient buffer is ever held. Possible only when the step
+    // has one micro-batch (otherwise sums must accumulate) and a per-tensor scope.
     let streaming = micro.len() == 1 && cfg.prune_scope == PruneScope::Tensor;
-    let mut grads: HashMap<u32, B::Buf> = HashMap::new();
+    let mut sums = Sums {
+        grads: HashMap::new(),
+        loss_sum: 0.0,
+        visual_tokens: 0,
+    };
     let mut applied: Vec<u32> = Vec::new();
-    let mut loss_sum = 0.0f64;
-    let tokens = cfg.token_select();
     for mb in &micro {
-        let batch = ctx.data.collate(mb, cfg.text_len)?;
-        let fb = ctx.model.forward_backward(be, &batch, tokens.as_ref())?;
-        loss_sum += fb.per_example_loss.iter().map(|&l| f64::from(l)).sum::<f64>();
-        out.visual_tokens = fb.visual_tokens;
-        if !fb.dense_grads.is_empty() && cfg.method.is_private() {
-            return Err(Error::Config("trainable embeddings are only supported for non-private pretraining".into()));
-        }
-        // Plain batch-summed gradients (embeddings in non-private pretraining).
-        for (id, g) in fb.dense_grads {
-            match grads.get_mut(&id) {
-                Some(acc) => be.axpy(acc, 1.0, &g)?,
-                None => {
-                    grads.insert(id, g);
-                }
+        let (caps, clip) = forward_clip(be, &*ctx.model, cfg, ctx.data, mb, &mut sums)?;
+        for (i, c) in caps.iter().enumerate() {
+            let (w, bias) = capture_sums(be, &clip, i, c)?;
+            let mut parts = vec![(c.weight_id, w)];
+            if let (Some(id), Some(bg)) = (c.bias_id, bias) {
+                parts.push((id, bg));
             }
-        }
-        let clip = clipping(ctx, &fb.captures, mb.len())?;
-        for (i, c) in fb.captures.iter().enumerate() {
-            let wlen = c.shape.p * c.shape.d;
-            if streaming {
-                let mut w = be.zeros(wlen)?;
-                let mut bias = match c.bias_id { Some(_) => Some(be.zeros(c.shape.p)?), None => None };
-                clipped_sums(be, &clip, i, c, &mut w, bias.as_mut(), false)?;
-                let r = apply(ctx, &[(c.weight_id, &w)], &ucfg)?;
-                out.kept += r.kept;
-                out.coords += r.n;
-                applied.push(c.weight_id);
-                if let (Some(id), Some(bg)) = (c.bias_id, bias.as_ref()) {
-                    let r = apply(ctx, &[(id, bg)], &ucfg)?;
+            for (id, g) in parts {
+                if streaming {
+                    // Noised, applied and dropped before the next tensor's sum exists.
+                    let r = apply(ctx, &[(id, &g)], &ucfg)?;
                     out.kept += r.kept;
                     out.coords += r.n;
                     applied.push(id);
-                }
-            } else {
-                let first = !grads.contains_key(&c.weight_id);
-                if first {
-                    grads.insert(c.weight_id, be.zeros(wlen)?);
-                    if let Some(id) = c.bias_id {
-                        grads.insert(id, be.zeros(c.shape.p)?);
-                    }
-                }
-                let mut w = grads.remove(&c.weight_id).expect("inserted above");
-                let mut bias = c.bias_id.and_then(|id| grads.remove(&id));
-                clipped_sums(be, &clip, i, c, &mut w, bias.as_mut(), true)?;
-                grads.insert(c.weight_id, w);
-                if let (Some(id), Some(bg)) = (c.bias_id, bias) {
-                    grads.insert(id, bg);
+                } else {
+                    add_into(be, &mut sums.grads, id, g)?;
                 }
             }
         }
     }
+    out.visual_tokens = sums.visual_tokens;
+    let mut grads = sums.grads;
     // Every trainable tensor is released with noise, even without a gradient (an
     // empty batch, or a layer the batch did not reach).
     for &(id, len) in &params {
@@ -278,7 +427,7 @@ fn gradient_step<B: DpBackend>(ctx: &mut StepContext<'_, B>, step: u32, indices:
         }
     }
     if !grads.is_empty() {
-        let mut order: Vec<u32> = params.iter().map(|p| p.0).filter(|id| grads.contains_key(id)).collect();
+        let mut order: Vec<u32> = grads.keys().copied().collect();
         order.sort_unstable();
         let sets: Vec<Vec<u32>> = match cfg.prune_scope {
             PruneScope::Global => vec![order],
@@ -292,7 +441,7 @@ fn gradient_step<B: DpBackend>(ctx: &mut StepContext<'_, B>, step: u32, indices:
         }
     }
     if !indices.is_empty() {
-        out.loss = loss_sum / indices.len() as f64;
+        out.loss = sums.loss_sum / indices.len() as f64;
     }
     Ok(out)
 }
@@ -301,7 +450,11 @@ fn gradient_step<B: DpBackend>(ctx: &mut StepContext<'_, B>, step: u32, indices:
 fn perturb<B: DpBackend>(ctx: &mut StepContext<'_, B>, step: u32, scale: f32) -> Result<()> {
     let ids: Vec<u32> = ctx.model.trainable().iter().map(|p| p.id).collect();
     for id in ids {
-        let key = NoiseKey { seed: ctx.cfg.noise_seed ^ DPZO_DIRECTION_SALT, tensor_id: id, step };
+        let key = NoiseKey {
+            seed: ctx.cfg.noise_seed ^ DPZO_DIRECTION_SALT,
+            tensor_id: id,
+            step,
+        };
         let p = ctx.model.param_mut(id);
         ctx.backend.noise_axpy(p, key, scale)?;
     }
@@ -314,7 +467,10 @@ fn losses<B: DpBackend>(ctx: &StepContext<'_, B>, micro: &[&[usize]]) -> Result<
     let tokens = ctx.cfg.token_select();
     for mb in micro {
         let batch = ctx.data.collate(mb, ctx.cfg.text_len)?;
-        all.extend(ctx.model.per_example_loss(ctx.backend, &batch, tokens.as_ref())?);
+        all.extend(
+            ctx.model
+                .per_example_loss(ctx.backend, &batch, tokens.as_ref())?,
+        );
         vis = ctx.model.visual_tokens(tokens.as_ref());
     }
     Ok((all, vis))
@@ -322,7 +478,11 @@ fn losses<B: DpBackend>(ctx: &StepContext<'_, B>, micro: &[&[usize]]) -> Result<
 
 /// DPZero (REFERENCE.md §4): d_i = clip((ℓ(θ+λz) − ℓ(θ−λz)) / 2λ, ±C),
 /// g = (Σ d_i + N(0, σ²C²)) / B_expected, θ ← θ − η·g·z with z regenerated.
-fn dpzo_step<B: DpBackend>(ctx: &mut StepContext<'_, B>, step: u32, indices: &[usize]) -> Result<StepOutcome> {
+fn dpzo_step<B: DpBackend>(
+    ctx: &mut StepContext<'_, B>,
+    step: u32,
+    indices: &[usize],
+) -> Result<StepOutcome> {
     let cfg = ctx.cfg;
     let lambda = cfg.dpzo_lambda;
     let micro: Vec<&[usize]> = indices.chunks(cfg.micro_batch.max(1)).collect();
@@ -338,17 +498,35 @@ fn dpzo_step<B: DpBackend>(ctx: &mut StepContext<'_, B>, step: u32, indices: &[u
         .map(|(&p, &m)| ((f64::from(p) - f64::from(m)) / (2.0 * f64::from(lambda))).clamp(-c, c))
         .sum();
     if !sum.is_finite() {
-        return Err(Error::NonFinite("DPZO finite difference is not finite; lower --lr or --dpzo-lambda".into()));
+        return Err(Error::NonFinite(
+            "DPZO finite difference is not finite; lower --lr or --dpzo-lambda".into(),
+        ));
     }
-    let z0 = NoiseKey { seed: cfg.noise_seed, tensor_id: DPZO_SCALAR_ID, step }.normal(0);
-    let g = (sum + ctx.sigma * c * f64::from(z0)) / cfg.batch as f64;
+    let z0 = NoiseKey {
+        seed: cfg.noise_seed,
+        tensor_id: DPZO_SCALAR_ID,
+        step,
+    }
+    .normal(0);
+    let g = (sum + f64::from(noise_std(true, ctx.sigma, cfg.clip_norm)) * f64::from(z0))
+        / cfg.batch as f64;
     let coords: u64 = ctx.model.trainable().iter().map(|p| p.len as u64).sum();
     perturb(ctx, step, -(f64::from(cfg.opt.lr) * g) as f32)?;
     let n = indices.len();
     let loss = if n == 0 {
         f64::NAN
     } else {
-        plus.iter().zip(&minus).map(|(&p, &m)| 0.5 * (f64::from(p) + f64::from(m))).sum::<f64>() / n as f64
+        plus.iter()
+            .zip(&minus)
+            .map(|(&p, &m)| 0.5 * (f64::from(p) + f64::from(m)))
+            .sum::<f64>()
+            / n as f64
     };
-    Ok(StepOutcome { batch_size: n, loss, visual_tokens: vis, kept: coords, coords })
+    Ok(StepOutcome {
+        batch_size: n,
+        loss,
+        visual_tokens: vis,
+        kept: coords,
+        coords,
+    })
 }

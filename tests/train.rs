@@ -1,0 +1,470 @@
+//! The training driver on the tiny model: the methods agree where the math says
+//! they must, every method learns, pruning with keep_frac = 1 is a no-op, resuming
+//! is exact, and the privacy budget is enforced.
+use dualpriv::backend::cpu::Cpu;
+use dualpriv::backend::Backend;
+use dualpriv::data::synthetic::{Dataset, Split};
+use dualpriv::dp::noise::NoiseKey;
+use dualpriv::model::Mllm;
+use dualpriv::train::checkpoint::ModelSpec;
+use dualpriv::train::method::Method;
+use dualpriv::train::optim::{OptConfig, OptKind};
+use dualpriv::train::sampler::{Sampler, Sampling};
+use dualpriv::train::step::{gradient_sums, DPZO_DIRECTION_SALT};
+use dualpriv::train::{PruneScope, TrainConfig, Trainer};
+
+fn data(n: usize) -> Dataset {
+    Dataset::generate(Split::Private, n, 7, 32).unwrap()
+}
+
+fn lora() -> ModelSpec {
+    ModelSpec {
+        preset: "tiny".into(),
+        lora_rank: Some(4),
+        lora_alpha: 8.0,
+        full_groups: vec![],
+    }
+}
+
+fn full() -> ModelSpec {
+    ModelSpec {
+        preset: "tiny".into(),
+        lora_rank: None,
+        lora_alpha: 0.0,
+        full_groups: ["projector", "attention", "mlp", "lm_head"]
+            .map(String::from)
+            .to_vec(),
+    }
+}
+
+fn model(spec: &ModelSpec, seed: u64) -> Mllm<Cpu> {
+    let (c, m) = spec.build().unwrap();
+    let mut model = Mllm::new(&Cpu, &c, &m, seed).unwrap();
+    // LoRA B starts at zero, which would make A's gradient vanish: randomise every
+    // trainable tensor a little so all captures carry signal.
+    let ids: Vec<u32> = model.trainable().iter().map(|p| p.id).collect();
+    for id in ids {
+        Cpu.noise_axpy(
+            model.param_mut(id),
+            NoiseKey {
+                seed: 99,
+                tensor_id: id,
+                step: 0,
+            },
+            0.02,
+        )
+        .unwrap();
+    }
+    model
+}
+
+use dualpriv::backend::dp::DpBackend;
+
+fn cfg(method: Method, d: &Dataset) -> TrainConfig {
+    TrainConfig {
+        method,
+        batch: 8,
+        micro_batch: 8,
+        sampling: Sampling::Poisson,
+        steps: 4,
+        opt: OptConfig {
+            kind: OptKind::Sgd,
+            lr: 0.05,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+        clip_norm: 0.05,
+        epsilon: None,
+        delta: 1e-5,
+        noise_multiplier: method.is_private().then_some(0.0),
+        accountant: "rdp".into(),
+        keep_tokens: None,
+        context_tokens: 0,
+        fuse_noise_std: 0.0,
+        keep_frac: 1.0,
+        prune_scope: PruneScope::Tensor,
+        dpzo_lambda: 1e-3,
+        seed: 3,
+        noise_seed: 11,
+        text_len: d.max_text_len(),
+    }
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale
+}
+
+fn params(m: &Mllm<Cpu>) -> Vec<Vec<f32>> {
+    m.trainable()
+        .iter()
+        .map(|p| m.param(p.id).clone())
+        .collect()
+}
+
+#[test]
+fn ghost_and_dpsgd_clipped_sums_agree() {
+    let d = data(16);
+    let idx: Vec<usize> = (0..8).collect();
+    for spec in [full(), lora()] {
+        let m = model(&spec, 1);
+        let g = gradient_sums(&Cpu, &m, &cfg(Method::Ghost, &d), &d, &idx).unwrap();
+        let p = gradient_sums(&Cpu, &m, &cfg(Method::Dpsgd, &d), &d, &idx).unwrap();
+        assert_eq!(g.grads.len(), m.trainable().len());
+        for (id, gv) in &g.grads {
+            let e = max_rel(gv, &p.grads[id]);
+            assert!(e < 1e-5, "{spec:?} param {id}: ghost vs dpsgd rel err {e}");
+        }
+    }
+}
+
+#[test]
+fn clipping_is_active_in_these_tests() {
+    // The agreement above would be vacuous if no example were clipped.
+    let d = data(16);
+    let m = model(&full(), 1);
+    let idx: Vec<usize> = (0..8).collect();
+    let clipped = gradient_sums(&Cpu, &m, &cfg(Method::Ghost, &d), &d, &idx).unwrap();
+    let plain = gradient_sums(&Cpu, &m, &cfg(Method::Nonprivate, &d), &d, &idx).unwrap();
+    let id = m.trainable()[0].id;
+    assert!(max_rel(&clipped.grads[&id], &plain.grads[&id]) > 0.1);
+}
+
+#[test]
+fn without_noise_and_clipping_dp_gradients_equal_the_plain_gradient() {
+    let d = data(16);
+    let m = model(&full(), 2);
+    let idx: Vec<usize> = (0..8).collect();
+    let plain = gradient_sums(&Cpu, &m, &cfg(Method::Nonprivate, &d), &d, &idx).unwrap();
+    for method in [Method::Dpsgd, Method::Ghost, Method::Dualpriv] {
+        let mut c = cfg(method, &d);
+        c.clip_norm = f32::INFINITY;
+        let s = gradient_sums(&Cpu, &m, &c, &d, &idx).unwrap();
+        for (id, g) in &plain.grads {
+            let e = max_rel(&s.grads[id], g);
+            assert!(e < 1e-5, "{method}: param {id} rel err {e}");
+        }
+    }
+    // One full step: σ = 0, C = ∞ and |batch| = B_expected give the same update.
+    let mut a = Trainer::new(
+        &Cpu,
+        model(&full(), 2),
+        full(),
+        cfg(Method::Nonprivate, &d),
+        &d,
+    )
+    .unwrap();
+    let mut c = cfg(Method::Ghost, &d);
+    c.clip_norm = f32::INFINITY;
+    let mut b = Trainer::new(&Cpu, model(&full(), 2), full(), c, &d).unwrap();
+    a.one_step(&d, &idx).unwrap();
+    b.one_step(&d, &idx).unwrap();
+    for (x, y) in params(&a.model).iter().zip(params(&b.model)) {
+        assert!(max_rel(x, &y) < 1e-6);
+    }
+}
+
+#[test]
+fn dpzo_estimates_the_directional_derivative() {
+    // With σ = 0 and C = ∞, DPZO's scalar is Σ_i (ℓ_i(θ+λz) − ℓ_i(θ−λz)) / 2λ ≈ ⟨Σ_i ∇ℓ_i, z⟩,
+    // and its update is θ ← θ − lr · (scalar / B) · z.
+    let d = data(16);
+    let idx: Vec<usize> = (0..8).collect();
+    let m0 = model(&lora(), 3);
+    let plain = gradient_sums(&Cpu, &m0, &cfg(Method::Nonprivate, &d), &d, &idx).unwrap();
+    let mut c = cfg(Method::Dpzo, &d);
+    c.clip_norm = f32::INFINITY;
+    // λ·‖z‖ ≈ 0.13 here: small enough for a local central difference, large
+    // enough for f32 losses.
+    c.dpzo_lambda = 1e-3;
+    let before = params(&m0);
+    let mut t = Trainer::new(&Cpu, m0, lora(), c.clone(), &d).unwrap();
+    t.one_step(&d, &idx).unwrap();
+    let mut dot = 0.0f64;
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (k, p) in t.model.trainable().iter().enumerate() {
+        let mut z = vec![0.0f32; p.len];
+        NoiseKey {
+            seed: c.noise_seed ^ DPZO_DIRECTION_SALT,
+            tensor_id: p.id,
+            step: 0,
+        }
+        .fill(0, &mut z);
+        let g = &plain.grads[&p.id];
+        dot += g
+            .iter()
+            .zip(&z)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum::<f64>();
+        let after = t.model.param(p.id);
+        for j in 0..p.len {
+            // Δθ = −lr · s · z, so s = −Δθ / (lr · z) (least squares over coordinates).
+            let dth = f64::from(after[j]) - f64::from(before[k][j]);
+            num += -dth * f64::from(z[j]);
+            den += f64::from(c.opt.lr) * f64::from(z[j]).powi(2);
+        }
+    }
+    let scalar = num / den * c.batch as f64;
+    assert!(
+        (scalar - dot).abs() < 0.05 * dot.abs().max(1e-3),
+        "dpzo scalar {scalar} vs ⟨∇L, z⟩ {dot}"
+    );
+}
+
+fn mean_loss(m: &Mllm<Cpu>, d: &Dataset, c: &TrainConfig) -> f64 {
+    let idx: Vec<usize> = (0..d.len()).collect();
+    let b = d.collate(&idx, c.text_len).unwrap();
+    let l = m
+        .per_example_loss(&Cpu, &b, c.token_select().as_ref())
+        .unwrap();
+    l.iter().map(|&x| f64::from(x)).sum::<f64>() / l.len() as f64
+}
+
+#[test]
+fn every_method_lowers_the_training_loss() {
+    let d = data(32);
+    for method in [
+        Method::Nonprivate,
+        Method::Dpsgd,
+        Method::Ghost,
+        Method::Dualpriv,
+        Method::Dpzo,
+    ] {
+        let mut c = cfg(method, &d);
+        c.steps = 12;
+        c.clip_norm = 1.0;
+        c.noise_multiplier = method.is_private().then_some(0.1);
+        c.opt = OptConfig {
+            kind: OptKind::Adamw,
+            lr: 1e-2,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        };
+        if method == Method::Dualpriv {
+            c.keep_tokens = Some(24);
+            c.context_tokens = 4;
+            c.keep_frac = 0.8;
+        }
+        if method == Method::Dpzo {
+            c.steps = 40;
+            c.opt = OptConfig {
+                kind: OptKind::Sgd,
+                lr: 2e-3,
+                momentum: 0.0,
+                ..c.opt
+            };
+            c.dpzo_lambda = 1e-2;
+        }
+        let m = model(&full(), 4);
+        let before = mean_loss(&m, &d, &c);
+        let mut t = Trainer::new(&Cpu, m, full(), c.clone(), &d).unwrap();
+        t.run(&d, 0).unwrap();
+        let after = mean_loss(&t.model, &d, &c);
+        assert!(
+            after < before - 0.05,
+            "{method}: loss {before:.4} -> {after:.4}"
+        );
+    }
+}
+
+#[test]
+fn keep_frac_one_per_tensor_equals_ghost() {
+    let d = data(24);
+    let mut g = cfg(Method::Ghost, &d);
+    g.noise_multiplier = Some(0.7);
+    let mut p = g.clone();
+    p.method = Method::Dualpriv;
+    p.keep_frac = 1.0;
+    let mut a = Trainer::new(&Cpu, model(&lora(), 5), lora(), g, &d).unwrap();
+    let mut b = Trainer::new(&Cpu, model(&lora(), 5), lora(), p, &d).unwrap();
+    a.run(&d, 0).unwrap();
+    b.run(&d, 0).unwrap();
+    assert_eq!(params(&a.model), params(&b.model));
+    // keep_frac < 1 really prunes: some coordinates are left untouched.
+    let mut q = cfg(Method::Dualpriv, &d);
+    q.noise_multiplier = Some(0.7);
+    q.keep_frac = 0.5;
+    let m = model(&lora(), 5);
+    let before = params(&m);
+    let mut c = Trainer::new(&Cpu, m, lora(), q, &d).unwrap();
+    let out = c.one_step(&d, &[0, 1, 2]).unwrap();
+    assert_eq!(out.kept, out.coords.div_ceil(2).max(out.kept));
+    let same: usize = params(&c.model)
+        .iter()
+        .zip(&before)
+        .map(|(x, y)| x.iter().zip(y).filter(|(a, b)| a == b).count())
+        .sum();
+    assert!(
+        same as u64 >= out.coords / 2 - 64,
+        "only {same} of {} untouched",
+        out.coords
+    );
+}
+
+#[test]
+fn global_scope_and_micro_batches() {
+    let d = data(24);
+    let idx: Vec<usize> = (0..8).collect();
+    let m = model(&lora(), 6);
+    let one = gradient_sums(&Cpu, &m, &cfg(Method::Ghost, &d), &d, &idx).unwrap();
+    let mut c = cfg(Method::Ghost, &d);
+    c.micro_batch = 3;
+    let three = gradient_sums(&Cpu, &m, &c, &d, &idx).unwrap();
+    for (id, g) in &one.grads {
+        assert!(
+            max_rel(&three.grads[id], g) < 1e-5,
+            "micro-batched sums differ for {id}"
+        );
+    }
+    // Global scope keeps exactly ⌈keep_frac · N⌉ over all tensors together.
+    let mut c = cfg(Method::Dualpriv, &d);
+    c.keep_frac = 0.3;
+    c.noise_multiplier = Some(1.0);
+    c.prune_scope = PruneScope::Global;
+    let mut t = Trainer::new(&Cpu, model(&lora(), 6), lora(), c, &d).unwrap();
+    let out = t.one_step(&d, &idx).unwrap();
+    assert_eq!(out.kept, (out.coords as f64 * 0.3).ceil() as u64);
+}
+
+#[test]
+fn empty_batches_release_noise_only() {
+    let d = data(8);
+    let mut c = cfg(Method::Ghost, &d);
+    c.noise_multiplier = Some(1.0);
+    let m = model(&lora(), 7);
+    let before = params(&m);
+    let mut t = Trainer::new(&Cpu, m, lora(), c, &d).unwrap();
+    t.one_step(&d, &[]).unwrap();
+    assert!(
+        params(&t.model).iter().zip(&before).all(|(a, b)| a != b),
+        "every tensor gets noise"
+    );
+    let m = model(&lora(), 7);
+    let mut t = Trainer::new(&Cpu, m, lora(), cfg(Method::Nonprivate, &d), &d).unwrap();
+    t.one_step(&d, &[]).unwrap();
+    assert_eq!(params(&t.model), before);
+}
+
+#[test]
+fn resuming_gives_the_same_weights() {
+    let d = data(24);
+    let dir = std::env::temp_dir().join(format!("dualpriv-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut c = cfg(Method::Dualpriv, &d);
+    c.noise_multiplier = Some(0.8);
+    c.keep_frac = 0.7;
+    c.keep_tokens = Some(20);
+    c.context_tokens = 4;
+    c.opt = OptConfig {
+        kind: OptKind::Adamw,
+        lr: 1e-2,
+        momentum: 0.0,
+        weight_decay: 0.01,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+    };
+    c.steps = 6;
+    let mut whole = Trainer::new(&Cpu, model(&lora(), 8), lora(), c.clone(), &d).unwrap();
+    whole.run(&d, 0).unwrap();
+    let mut half = c.clone();
+    half.steps = 3;
+    let mut first = Trainer::new(&Cpu, model(&lora(), 8), lora(), half, &d).unwrap();
+    first.out_dir = Some(dir.clone());
+    first.run(&d, 0).unwrap();
+    let mut second = Trainer::resume(&Cpu, &dir, &d, Some(6)).unwrap();
+    assert_eq!(second.step, 3);
+    second.run(&d, 0).unwrap();
+    assert_eq!(params(&second.model), params(&whole.model));
+    assert_eq!(second.privacy, whole.privacy);
+    // Resuming on other data is refused.
+    assert!(Trainer::resume(&Cpu, &dir, &data(25), None).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn training_stops_before_the_budget_is_exceeded() {
+    let d = data(40);
+    let mut c = cfg(Method::Ghost, &d);
+    c.noise_multiplier = Some(1.5);
+    c.epsilon = Some(2.0);
+    c.steps = 1000;
+    let mut t = Trainer::new(&Cpu, model(&lora(), 9), lora(), c, &d).unwrap();
+    let s = t.run(&d, 0).unwrap();
+    assert!(s.steps < 1000 && s.steps > 0, "steps {}", s.steps);
+    assert!(s.epsilon <= 2.0, "ε {}", s.epsilon);
+    // One more step would have crossed the target.
+    let mut h = t.privacy.clone();
+    h.record(8.0 / 40.0, 1.5);
+    assert!(
+        h.epsilon(dualpriv::dp::accountant::AccountantKind::Rdp, 1e-5)
+            .unwrap()
+            > 2.0
+    );
+}
+
+#[test]
+fn calibrated_sigma_meets_the_target_for_the_planned_steps() {
+    let d = data(200);
+    let mut c = cfg(Method::Ghost, &d);
+    c.noise_multiplier = None;
+    c.epsilon = Some(3.0);
+    c.steps = 50;
+    let t = Trainer::new(&Cpu, model(&lora(), 10), lora(), c, &d).unwrap();
+    let eps = dualpriv::dp::accountant::epsilon(
+        dualpriv::dp::accountant::AccountantKind::Rdp,
+        &[(8.0 / 200.0, t.sigma, 50)],
+        1e-5,
+    )
+    .unwrap();
+    assert!(eps <= 3.0 && eps > 2.9, "σ {} gives ε {eps}", t.sigma);
+}
+
+#[test]
+fn poisson_sampling_rate_and_determinism() {
+    let s = Sampler::new(10_000, 100, Sampling::Poisson, 5).unwrap();
+    let total: usize = (0..200).map(|k| s.batch(k).len()).sum();
+    // 200 steps × Binomial(10⁴, 0.01): mean 20 000, sd √(20 000·0.99) ≈ 141.
+    assert!(
+        (total as f64 - 20_000.0).abs() < 5.0 * 141.0,
+        "total {total}"
+    );
+    assert_eq!(s.batch(17), s.batch(17));
+    assert_ne!(s.batch(17), s.batch(18));
+    assert!(Sampler::new(10, 0, Sampling::Poisson, 0).is_err());
+    assert!(Sampler::new(10, 11, Sampling::Poisson, 0).is_err());
+    assert!(Sampler::new(0, 1, Sampling::Poisson, 0).is_err());
+}
+
+#[test]
+fn bad_configs_are_errors() {
+    let d = data(8);
+    let base = cfg(Method::Ghost, &d);
+    let bad = |f: &dyn Fn(&mut TrainConfig)| {
+        let mut c = base.clone();
+        f(&mut c);
+        Trainer::new(&Cpu, model(&lora(), 1), lora(), c, &d).is_err()
+    };
+    assert!(bad(&|c| c.batch = 0));
+    assert!(bad(&|c| c.batch = 9));
+    assert!(bad(&|c| c.micro_batch = 0));
+    assert!(bad(&|c| c.clip_norm = 0.0));
+    assert!(bad(&|c| c.keep_frac = 1.5));
+    assert!(bad(&|c| c.delta = 1.0));
+    assert!(bad(&|c| c.accountant = "moments".into()));
+    assert!(bad(&|c| {
+        c.noise_multiplier = None;
+        c.epsilon = None;
+    }));
+    assert!(bad(&|c| c.opt.lr = f32::NAN));
+}
