@@ -2,7 +2,7 @@
 //! they must, every method learns, pruning with keep_frac = 1 is a no-op, resuming
 //! is exact, and the privacy budget is enforced.
 use dualpriv::backend::cpu::Cpu;
-use dualpriv::backend::Backend;
+use dualpriv::backend::dp::DpBackend;
 use dualpriv::data::synthetic::{Dataset, Split};
 use dualpriv::dp::noise::NoiseKey;
 use dualpriv::model::Mllm;
@@ -57,8 +57,6 @@ fn model(spec: &ModelSpec, seed: u64) -> Mllm<Cpu> {
     }
     model
 }
-
-use dualpriv::backend::dp::DpBackend;
 
 fn cfg(method: Method, d: &Dataset) -> TrainConfig {
     TrainConfig {

@@ -207,7 +207,7 @@ impl DpBackend for Cpu {
         total: &mut Vec<f64>,
     ) -> Result<()> {
         ensure_shape(
-            total.len() == rows && (rows == 0 || per_example.len() % rows == 0),
+            total.len() == rows && (rows == 0 || per_example.len().is_multiple_of(rows)),
             || {
                 format!(
                     "{} values in {rows} rows with {} norm slots",

@@ -188,7 +188,7 @@ fn main() -> ExitCode {
                 progress: true,
             };
             run::demo(&Cpu, &a).map(|rows| {
-                print_demo(&rows, epsilon);
+                print_demo(&rows);
                 true
             })
         }
@@ -544,7 +544,7 @@ fn mib(b: usize) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
 }
 
-fn print_demo(rows: &[run::DemoRow], target: f64) {
+fn print_demo(rows: &[run::DemoRow]) {
     println!("| method | accuracy | epsilon | peak heap | time | visual tokens |");
     println!("|---|---|---|---|---|---|");
     for r in rows {
@@ -572,7 +572,6 @@ fn print_demo(rows: &[run::DemoRow], target: f64) {
         .filter(|r| r.epsilon.is_finite())
         .map(|r| r.epsilon)
         .fold(0.0, f64::max);
-    let _ = target;
     println!(
         "demo: dualpriv_accuracy={:.4} dpsgd_accuracy={:.4} nonprivate_accuracy={:.4} dpzo_accuracy={:.4} epsilon={:.3}",
         acc(Method::Dualpriv),

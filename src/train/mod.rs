@@ -105,7 +105,7 @@ impl TrainConfig {
         if self.micro_batch == 0 {
             return bad("--micro-batch must be at least 1".into());
         }
-        if !(self.clip_norm > 0.0) {
+        if self.clip_norm.is_nan() || self.clip_norm <= 0.0 {
             return bad(format!("--clip-norm {} must be > 0", self.clip_norm));
         }
         if !(0.0..=1.0).contains(&self.keep_frac) {
@@ -127,7 +127,7 @@ impl TrainConfig {
                 (_, Some(s)) if !(s >= 0.0 && s.is_finite()) => {
                     return bad(format!("--noise-multiplier {s} must be ≥ 0"));
                 }
-                (Some(e), _) if !(e > 0.0) => return bad(format!("--epsilon {e} must be > 0")),
+                (Some(e), _) if e.is_nan() || e <= 0.0 => return bad(format!("--epsilon {e} must be > 0")),
                 _ => {}
             }
         }
@@ -389,7 +389,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
                 self.privacy.record(q, self.sigma);
             }
             self.step += 1;
-            if private && (self.step % log_every == 0 || self.step == self.cfg.steps) {
+            if private && (self.step.is_multiple_of(log_every) || self.step == self.cfg.steps) {
                 last_eps = Some(self.privacy.epsilon(kind, self.cfg.delta)?);
             }
             if out.loss.is_finite() {
@@ -425,7 +425,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
                     rec.step_ms
                 ));
             }
-            if checkpoint_every > 0 && self.step % checkpoint_every == 0 {
+            if checkpoint_every > 0 && self.step.is_multiple_of(checkpoint_every) {
                 self.save_checkpoint()?;
             }
         }
