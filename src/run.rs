@@ -279,3 +279,86 @@ pub fn default_pretrain_args(out: &Path, progress: bool) -> PretrainArgs {
         progress,
     }
 }
+
+/// One row of `dualpriv bench`: a method's step time and memory.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MethodBench {
+    /// The method.
+    pub method: String,
+    /// Median step time, milliseconds.
+    pub median_ms: f64,
+    /// Peak heap bytes above the model and data during the timed steps (CPU,
+    /// counting allocator; `None` when the allocator is not installed).
+    pub peak_bytes: Option<usize>,
+    /// Training tokens (visual + text) per second.
+    pub tokens_per_s: f64,
+    /// Visual tokens per example.
+    pub visual_tokens: usize,
+}
+
+/// Settings of `dualpriv bench`.
+#[derive(Clone, Debug)]
+pub struct BenchArgs {
+    /// Model preset.
+    pub preset: String,
+    /// Methods to time.
+    pub methods: Vec<Method>,
+    /// Examples per step (a fixed batch, so every method sees the same work).
+    pub batch: usize,
+    /// Visual tokens kept by `dualpriv` (K); None uses the preset default.
+    pub keep_tokens: Option<usize>,
+    /// Update fraction of `dualpriv`.
+    pub keep_frac: f64,
+    /// LoRA rank.
+    pub lora_rank: usize,
+    /// Warm-up steps.
+    pub warmup: usize,
+    /// Timed steps.
+    pub steps: usize,
+}
+
+/// Times one training step of each method on a fixed batch (`dualpriv bench`).
+pub fn bench_methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBench>> {
+    let spec = ModelSpec { preset: a.preset.clone(), lora_rank: Some(a.lora_rank), lora_alpha: 2.0 * a.lora_rank as f32, full_groups: vec![] };
+    let (mcfg, mode) = spec.build()?;
+    let data = Dataset::generate(Split::Private, a.batch.max(1), 1, mcfg.vision.image_size)?;
+    let idx: Vec<usize> = (0..data.len()).collect();
+    let default_keep = if mcfg.vision.patches() >= 576 { 53 } else { 24 };
+    let mut rows = Vec::new();
+    for &method in &a.methods {
+        let model = Mllm::new(backend, &mcfg, &mode, 0)?;
+        let mut cfg = demo_train_config(method, 3.0, 1e-5, data.max_text_len());
+        cfg.batch = a.batch;
+        cfg.micro_batch = a.batch;
+        cfg.noise_multiplier = method.is_private().then_some(1.0);
+        cfg.epsilon = None;
+        cfg.keep_frac = a.keep_frac;
+        if method == Method::Dualpriv {
+            cfg.keep_tokens = Some(a.keep_tokens.unwrap_or(default_keep));
+        }
+        let mut t = Trainer::new(backend, model, spec.clone(), cfg, &data)?;
+        for _ in 0..a.warmup {
+            t.one_step(&data, &idx)?;
+        }
+        crate::mem::reset_peak();
+        let base = crate::mem::current_bytes();
+        let mut times = Vec::with_capacity(a.steps);
+        let mut vis = 0;
+        for _ in 0..a.steps.max(1) {
+            let t0 = Instant::now();
+            vis = t.one_step(&data, &idx)?.visual_tokens;
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        let median_ms = times[times.len() / 2];
+        let tokens = (a.batch * (vis + t.cfg.text_len)) as f64;
+        rows.push(MethodBench {
+            method: method.to_string(),
+            median_ms,
+            peak_bytes: crate::mem::tracking().then(|| crate::mem::peak_bytes().saturating_sub(base)),
+            tokens_per_s: tokens / (median_ms / 1e3),
+            visual_tokens: vis,
+        });
+    }
+    Ok(rows)
+}

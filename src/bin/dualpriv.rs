@@ -101,6 +101,41 @@ enum Cmd {
     ///   dualpriv train --resume runs/dp --steps 200
     #[command(verbatim_doc_comment)]
     Train(Box<TrainArgs>),
+    /// Step time, memory and throughput of each training method on a fixed batch.
+    ///
+    /// Examples:
+    ///   dualpriv bench --backend cpu --preset tiny --method all --batch 32
+    ///   dualpriv bench --backend cpu --method ghost,nonprivate --json
+    #[command(verbatim_doc_comment)]
+    Bench {
+        /// Backend (cpu; the CUDA training backend is not built yet).
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: Backend,
+        /// Model preset.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// Comma list of methods, or "all".
+        #[arg(long, default_value = "all")]
+        method: String,
+        /// Examples per step.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Visual tokens kept by dualpriv (K).
+        #[arg(long)]
+        keep_tokens: Option<usize>,
+        /// Update fraction of dualpriv.
+        #[arg(long, default_value_t = 0.8)]
+        keep_frac: f64,
+        /// LoRA rank.
+        #[arg(long, default_value_t = 8)]
+        lora_rank: usize,
+        /// Timed steps per method (after 2 warm-up steps).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Print JSON instead of a markdown table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Accuracy of a checkpoint on the test split.
     ///
     /// Example: dualpriv eval --checkpoint runs/dp
@@ -221,6 +256,9 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Train(a) => train(*a).map(|_| true),
+        Cmd::Bench { backend, preset, method, batch, keep_tokens, keep_frac, lora_rank, steps, json } => {
+            bench(backend, preset, &method, batch, keep_tokens, keep_frac, lora_rank, steps, json).map(|_| true)
+        }
         Cmd::Eval {
             checkpoint,
             test_examples,
@@ -508,6 +546,50 @@ fn train(a: TrainArgs) -> dualpriv::Result<()> {
         t.sigma
     );
     report(t.run(&data, a.checkpoint_every)?)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench(
+    backend: Backend,
+    preset: String,
+    method: &str,
+    batch: usize,
+    keep_tokens: Option<usize>,
+    keep_frac: f64,
+    lora_rank: usize,
+    steps: usize,
+    json: bool,
+) -> dualpriv::Result<()> {
+    if matches!(backend, Backend::Cuda) {
+        return Err(dualpriv::Error::Config(
+            "--backend cuda: the CUDA training backend is not built yet; use --backend cpu".into(),
+        ));
+    }
+    let methods: Vec<Method> = if method == "all" {
+        Method::ALL.to_vec()
+    } else {
+        method.split(',').map(|m| m.parse()).collect::<dualpriv::Result<_>>()?
+    };
+    let a = run::BenchArgs { preset: preset.clone(), methods, batch, keep_tokens, keep_frac, lora_rank, warmup: 2, steps };
+    let rows = run::bench_methods(&Cpu, &a)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows).map_err(|e| dualpriv::Error::Config(e.to_string()))?);
+        return Ok(());
+    }
+    println!("preset {preset}, batch {batch}, LoRA r={lora_rank}, backend cpu, {} threads", rayon::current_num_threads());
+    println!("| method | median step | peak heap (step) | tokens/s | visual tokens |");
+    println!("|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.1} ms | {} | {:.0} | {} |",
+            r.method,
+            r.median_ms,
+            r.peak_bytes.map_or("n/a".into(), mib),
+            r.tokens_per_s,
+            r.visual_tokens
+        );
+    }
+    Ok(())
 }
 
 fn report(s: dualpriv::train::RunSummary) -> dualpriv::Result<()> {
