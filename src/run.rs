@@ -319,7 +319,12 @@ pub struct BenchArgs {
 
 /// Times one training step of each method on a fixed batch (`dualpriv bench`).
 pub fn bench_methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBench>> {
-    let spec = ModelSpec { preset: a.preset.clone(), lora_rank: Some(a.lora_rank), lora_alpha: 2.0 * a.lora_rank as f32, full_groups: vec![] };
+    let spec = ModelSpec {
+        preset: a.preset.clone(),
+        lora_rank: Some(a.lora_rank),
+        lora_alpha: 2.0 * a.lora_rank as f32,
+        full_groups: vec![],
+    };
     let (mcfg, mode) = spec.build()?;
     let data = Dataset::generate(Split::Private, a.batch.max(1), 1, mcfg.vision.image_size)?;
     let idx: Vec<usize> = (0..data.len()).collect();
@@ -355,7 +360,8 @@ pub fn bench_methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<Met
         rows.push(MethodBench {
             method: method.to_string(),
             median_ms,
-            peak_bytes: crate::mem::tracking().then(|| crate::mem::peak_bytes().saturating_sub(base)),
+            peak_bytes: crate::mem::tracking()
+                .then(|| crate::mem::peak_bytes().saturating_sub(base)),
             tokens_per_s: tokens / (median_ms / 1e3),
             visual_tokens: vis,
         });

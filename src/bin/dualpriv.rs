@@ -196,8 +196,8 @@ enum Cmd {
         /// δ of the (ε, δ) guarantee, in (0, 1).
         #[arg(long, default_value_t = 1e-5)]
         delta: f64,
-        /// Accountant: rdp (Opacus-compatible) or pld (tighter, dp_accounting-compatible).
-        #[arg(long, default_value = "rdp")]
+        /// Accountant: pld (the default; tight, matches dp_accounting) or rdp (Opacus-compatible).
+        #[arg(long, default_value = "pld")]
         accountant: String,
     },
 }
@@ -256,9 +256,28 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Train(a) => train(*a).map(|_| true),
-        Cmd::Bench { backend, preset, method, batch, keep_tokens, keep_frac, lora_rank, steps, json } => {
-            bench(backend, preset, &method, batch, keep_tokens, keep_frac, lora_rank, steps, json).map(|_| true)
-        }
+        Cmd::Bench {
+            backend,
+            preset,
+            method,
+            batch,
+            keep_tokens,
+            keep_frac,
+            lora_rank,
+            steps,
+            json,
+        } => bench(
+            backend,
+            preset,
+            &method,
+            batch,
+            keep_tokens,
+            keep_frac,
+            lora_rank,
+            steps,
+            json,
+        )
+        .map(|_| true),
         Cmd::Eval {
             checkpoint,
             test_examples,
@@ -568,15 +587,34 @@ fn bench(
     let methods: Vec<Method> = if method == "all" {
         Method::ALL.to_vec()
     } else {
-        method.split(',').map(|m| m.parse()).collect::<dualpriv::Result<_>>()?
+        method
+            .split(',')
+            .map(|m| m.parse())
+            .collect::<dualpriv::Result<_>>()?
     };
-    let a = run::BenchArgs { preset: preset.clone(), methods, batch, keep_tokens, keep_frac, lora_rank, warmup: 2, steps };
+    let a = run::BenchArgs {
+        preset: preset.clone(),
+        methods,
+        batch,
+        keep_tokens,
+        keep_frac,
+        lora_rank,
+        warmup: 2,
+        steps,
+    };
     let rows = run::bench_methods(&Cpu, &a)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows).map_err(|e| dualpriv::Error::Config(e.to_string()))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows)
+                .map_err(|e| dualpriv::Error::Config(e.to_string()))?
+        );
         return Ok(());
     }
-    println!("preset {preset}, batch {batch}, LoRA r={lora_rank}, backend cpu, {} threads", rayon::current_num_threads());
+    println!(
+        "preset {preset}, batch {batch}, LoRA r={lora_rank}, backend cpu, {} threads",
+        rayon::current_num_threads()
+    );
     println!("| method | median step | peak heap (step) | tokens/s | visual tokens |");
     println!("|---|---|---|---|---|");
     for r in &rows {

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::dp::DpBackend;
 use crate::data::synthetic::Dataset;
+use crate::dp::accountant::ledger::{Ledger, LedgerEntry};
 use crate::dp::accountant::{self, AccountantKind};
 use crate::model::Mllm;
 use crate::vision::tokens::TokenSelectConfig;
@@ -127,7 +128,9 @@ impl TrainConfig {
                 (_, Some(s)) if !(s >= 0.0 && s.is_finite()) => {
                     return bad(format!("--noise-multiplier {s} must be ≥ 0"));
                 }
-                (Some(e), _) if e.is_nan() || e <= 0.0 => return bad(format!("--epsilon {e} must be > 0")),
+                (Some(e), _) if e.is_nan() || e <= 0.0 => {
+                    return bad(format!("--epsilon {e} must be > 0"))
+                }
                 _ => {}
             }
         }
@@ -259,6 +262,8 @@ pub struct Trainer<'a, B: DpBackend> {
     pub out_dir: Option<PathBuf>,
     /// Whether to draw a progress bar.
     pub progress: bool,
+    /// The privacy ledger file (default: `privacy-ledger.json` beside `out_dir`).
+    pub ledger: Option<PathBuf>,
 }
 
 impl<'a, B: DpBackend> Trainer<'a, B> {
@@ -296,6 +301,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             sigma,
             out_dir: None,
             progress: false,
+            ledger: None,
         })
     }
 
@@ -330,6 +336,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             sigma: st.sigma,
             out_dir: Some(dir.to_path_buf()),
             progress: false,
+            ledger: None,
         })
     }
 
@@ -345,6 +352,9 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             eprintln!(
                 "warning: --sampling shuffle: the privacy accounting assumes Poisson sampling and does NOT hold for this run"
             );
+        }
+        if private {
+            self.warn_prior_spend(kind)?;
         }
         let budget_left = match (private, self.cfg.epsilon) {
             (true, Some(target)) => {
@@ -478,9 +488,72 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
 
     fn save_checkpoint(&self) -> Result<()> {
         match &self.out_dir {
-            Some(d) => checkpoint::save(self, d),
+            Some(d) => {
+                checkpoint::save(self, d)?;
+                self.record_ledger()
+            }
             None => Ok(()),
         }
+    }
+
+    /// The ledger file and this run's key in it, when the run writes to a folder.
+    fn ledger_slot(&self) -> Option<(PathBuf, String)> {
+        let dir = self.out_dir.as_ref()?;
+        let key = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
+        let path = self
+            .ledger
+            .clone()
+            .unwrap_or_else(|| Ledger::default_path(&key));
+        Some((path, key.display().to_string()))
+    }
+
+    /// Warns when earlier runs already spent privacy on the same data.
+    fn warn_prior_spend(&self, kind: AccountantKind) -> Result<()> {
+        let Some((path, key)) = self.ledger_slot() else {
+            return Ok(());
+        };
+        let ledger = Ledger::load(&path)?;
+        let others: Vec<&LedgerEntry> = ledger.others_on(&self.data_fingerprint, &key).collect();
+        if !others.is_empty() {
+            let total = ledger.cumulative_epsilon(&self.data_fingerprint, kind, self.cfg.delta)?;
+            eprintln!(
+                "warning: {} earlier run(s) in {} used this data (fingerprint {}); together they have spent ε = {total:.3} at δ = {}, and this run adds to it:",
+                others.len(),
+                path.display(),
+                self.data_fingerprint,
+                self.cfg.delta
+            );
+            for e in others {
+                eprintln!(
+                    "  {}: {} steps of {}, ε = {:.3}",
+                    e.run, e.steps, e.method, e.epsilon
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends or updates this run's entry in the ledger (DP runs only).
+    fn record_ledger(&self) -> Result<()> {
+        if !self.cfg.method.is_private() {
+            return Ok(());
+        }
+        let Some((path, key)) = self.ledger_slot() else {
+            return Ok(());
+        };
+        let kind = self.cfg.accountant_kind()?;
+        let mut ledger = Ledger::load(&path)?;
+        ledger.upsert(LedgerEntry {
+            run: key,
+            data_fingerprint: self.data_fingerprint.clone(),
+            method: self.cfg.method.to_string(),
+            history: self.privacy.history.clone(),
+            steps: u64::from(self.step),
+            delta: self.cfg.delta,
+            accountant: kind.to_string(),
+            epsilon: self.privacy.epsilon(kind, self.cfg.delta)?,
+        });
+        ledger.save(&path)
     }
 }
 

@@ -22,6 +22,7 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
+pub mod ledger;
 pub mod pld;
 pub mod rdp;
 
