@@ -249,12 +249,23 @@ pub fn demo<B: DpBackend>(backend: &B, a: &DemoArgs) -> Result<DemoReport> {
     let train = Dataset::generate(Split::Private, a.train_examples, 1, image)?;
     let test = Dataset::generate(Split::Test, a.test_examples, 2, image)?;
     let text_len = train.max_text_len().max(test.max_text_len());
-    let pretrained_accuracy = evaluate(backend, &Mllm::load(backend, &mcfg, &mode, &ckpt)?, &test, None, text_len)?;
+    let pretrained_accuracy = evaluate(
+        backend,
+        &Mllm::load(backend, &mcfg, &mode, &ckpt)?,
+        &test,
+        None,
+        text_len,
+    )?;
     let majority_baseline = crate::data::synthetic::majority_baseline(&test);
     let mut rows = Vec::new();
     // `ghost` is `dualpriv` without its two pruning mechanisms; the demo leaves it
     // out to stay within a few minutes (`dualpriv bench` and `train` have it).
-    for method in [Method::Nonprivate, Method::Dpsgd, Method::Dualpriv, Method::Dpzo] {
+    for method in [
+        Method::Nonprivate,
+        Method::Dpsgd,
+        Method::Dualpriv,
+        Method::Dpzo,
+    ] {
         let model = Mllm::load(backend, &mcfg, &mode, &ckpt)?;
         let cfg = demo_train_config(method, a.epsilon, a.delta, text_len);
         let tokens = cfg.token_select();
@@ -275,7 +286,11 @@ pub fn demo<B: DpBackend>(backend: &B, a: &DemoArgs) -> Result<DemoReport> {
             visual_tokens: t.model.visual_tokens(tokens.as_ref()),
         });
     }
-    Ok(DemoReport { rows, pretrained_accuracy, majority_baseline })
+    Ok(DemoReport {
+        rows,
+        pretrained_accuracy,
+        majority_baseline,
+    })
 }
 
 /// The pretraining recipe that produced the shipped checkpoint.

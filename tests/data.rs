@@ -316,7 +316,10 @@ fn question_mix_per_split() {
     }
     // The Public split never asks colour questions: colour is learned from private data.
     let public = gen(Split::Public, 2000, 99);
-    assert!(public.examples.iter().all(|e| e.kind != QuestionKind::Color));
+    assert!(public
+        .examples
+        .iter()
+        .all(|e| e.kind != QuestionKind::Color));
 }
 
 #[test]

@@ -670,7 +670,9 @@ fn print_demo(rep: &run::DemoReport) {
         "test accuracy before fine-tuning = {:.4}, majority-answer baseline = {:.4}",
         rep.pretrained_accuracy, rep.majority_baseline
     );
-    println!("(the DP runs share one private dataset: each is (ε, δ)-DP alone; together they compose)");
+    println!(
+        "(the DP runs share one private dataset: each is (ε, δ)-DP alone; together they compose)"
+    );
     println!("| method | accuracy | epsilon | peak heap | time | visual tokens |");
     println!("|---|---|---|---|---|---|");
     for r in rows {

@@ -750,7 +750,11 @@ fn sample_question(kind: QuestionKind, rng: &mut ChaCha8Rng) -> (Scene, Vec<&'st
             // Colour and shape questions show one object: binding a colour to a shape
             // among several objects is beyond what the tiny model learns in a CPU
             // budget. Counting uses 1–3 objects.
-            let n = if kind == QuestionKind::Count { rng.random_range(1..=3usize) } else { 1 };
+            let n = if kind == QuestionKind::Count {
+                rng.random_range(1..=3usize)
+            } else {
+                1
+            };
             let scene = sample_scene(n, rng);
             let target = scene.objects[rng.random_range(0..n)];
             match kind {
