@@ -8,7 +8,7 @@ use crate::data::synthetic::{Dataset, Split};
 use crate::model::Mllm;
 use crate::train::checkpoint::ModelSpec;
 use crate::train::method::Method;
-use crate::train::optim::{OptConfig, OptKind};
+use crate::train::optim::OptConfig;
 use crate::train::sampler::Sampling;
 use crate::train::{PruneScope, RunSummary, TrainConfig, Trainer};
 use crate::vision::tokens::TokenSelectConfig;
@@ -90,15 +90,7 @@ pub fn pretrain<B: DpBackend>(backend: &B, a: &PretrainArgs) -> Result<(RunSumma
         micro_batch: a.batch,
         sampling: Sampling::Shuffle,
         steps: a.steps,
-        opt: OptConfig {
-            kind: OptKind::Adamw,
-            lr: a.lr,
-            momentum: 0.0,
-            weight_decay: 0.0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-        },
+        opt: OptConfig::adamw(a.lr),
         clip_norm: 1.0,
         epsilon: None,
         delta: 1e-5,
@@ -170,25 +162,9 @@ pub fn demo_train_config(method: Method, epsilon: f64, delta: f64, text_len: usi
         sampling: Sampling::Poisson,
         steps: 25,
         opt: if dpzo {
-            OptConfig {
-                kind: OptKind::Sgd,
-                lr: 2e-3,
-                momentum: 0.0,
-                weight_decay: 0.0,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-            }
+            OptConfig::sgd(2e-3)
         } else {
-            OptConfig {
-                kind: OptKind::Adamw,
-                lr: 2e-3,
-                momentum: 0.0,
-                weight_decay: 0.0,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-            }
+            OptConfig::adamw(1e-2)
         },
         clip_norm: 1.0,
         epsilon: method.is_private().then_some(epsilon),

@@ -36,12 +36,12 @@
 //!
 //! # Splits
 //!
-//! * [`Split::Public`], the non-private pretraining split: no colour questions
-//!   (shape 37.5 %, count 37.5 %, left/right 12.5 %, above/below 12.5 %). It teaches
-//!   the answer format and what perception those kinds need.
+//! * [`Split::Public`], the non-private pretraining split: colour 12.5 %, shape
+//!   37.5 %, count 25 %, left/right 12.5 %, above/below 12.5 %. It teaches the answer
+//!   format, and keeps colour rare so the pretrained model barely knows it.
 //! * [`Split::Private`], the private fine-tuning split: colour 50 %, and 12.5 % each
-//!   of the other four kinds. Colour questions can only be learned from the private
-//!   data; chance level on Test is about 0.28.
+//!   of the other four kinds. Colour is what fine-tuning on private data can add;
+//!   chance level on Test is about 0.28.
 //! * [`Split::Test`]: held out, same distribution as Private, independent draws.
 //!
 //! Example `i` of a split is generated from its own RNG seeded by
@@ -191,10 +191,9 @@ impl Split {
 
     /// Probability of each kind in [`QuestionKind::ALL`] order.
     ///
-    /// Public never asks about colour; Private and Test are half colour questions.
-    /// Colour is what the tiny model learns fastest, so the demo's fine-tunes have a
-    /// new skill to acquire from the private data, and their accuracy shows how much
-    /// each method learned under its privacy budget.
+    /// Public rarely asks about colour (1/8); Private and Test are half colour
+    /// questions. Colour is what the tiny model learns fastest, so the demo's
+    /// fine-tunes have a skill to acquire from the private data.
     pub fn kind_mix(self) -> [f64; 5] {
         match self {
             Split::Public => [0.125, 0.375, 0.25, 0.125, 0.125],

@@ -270,6 +270,20 @@ pub struct UpdateConfig {
     pub opt: Optimizer,
 }
 
+impl UpdateConfig {
+    /// Checks the optimizer and the noise scale; both backends call it first.
+    pub fn validate(&self) -> Result<()> {
+        self.opt.validate()?;
+        if !self.noise_std.is_finite() || self.noise_std < 0.0 {
+            return Err(Error::Config(format!(
+                "noise std σ·C = {} must be ≥ 0 and finite",
+                self.noise_std
+            )));
+        }
+        keep_count(self.keep_frac, 0).map(|_| ())
+    }
+}
+
 /// One trainable tensor with its clipped-sum gradient and optimizer state.
 pub struct TensorState<'a> {
     /// Stable id, part of the noise counter; unique within a run.
@@ -306,13 +320,7 @@ pub fn noise_prune_update(
     tensors: &mut [TensorState<'_>],
     cfg: &UpdateConfig,
 ) -> Result<PruneReport> {
-    cfg.opt.validate()?;
-    if !cfg.noise_std.is_finite() || cfg.noise_std < 0.0 {
-        return Err(Error::Config(format!(
-            "noise std σ·C = {} must be ≥ 0 and finite",
-            cfg.noise_std
-        )));
-    }
+    cfg.validate()?;
     for t in tensors.iter() {
         let n = t.grad.len();
         let bad = t.param.len() != n

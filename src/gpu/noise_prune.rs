@@ -228,13 +228,7 @@ impl PrunePlan {
         tensors: &[DeviceTensor<'_>],
         cfg: &UpdateConfig,
     ) -> Result<PruneReport> {
-        cfg.opt.validate()?;
-        if !cfg.noise_std.is_finite() || cfg.noise_std < 0.0 {
-            return Err(Error::Config(format!(
-                "noise std σ·C = {} must be ≥ 0 and finite",
-                cfg.noise_std
-            )));
-        }
+        cfg.validate()?;
         if tensors.len() > self.max_tensors {
             return Err(Error::Shape(format!(
                 "{} tensors in one selection set, but the plan was sized for {}",

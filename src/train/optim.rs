@@ -34,6 +34,27 @@ pub struct OptConfig {
 }
 
 impl OptConfig {
+    /// AdamW with β = (0.9, 0.999), ε = 1e-8 and no weight decay.
+    pub fn adamw(lr: f32) -> Self {
+        Self {
+            kind: OptKind::Adamw,
+            lr,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+
+    /// Plain SGD (no momentum, no weight decay).
+    pub fn sgd(lr: f32) -> Self {
+        Self {
+            kind: OptKind::Sgd,
+            ..Self::adamw(lr)
+        }
+    }
+
     /// The optimizer for 1-based step `t` (AdamW's bias correction needs it).
     pub fn at_step(&self, t: u32) -> Result<Optimizer> {
         let o = match self.kind {
