@@ -100,6 +100,25 @@ fn norm_flops(s: LinearShape, m: NormMethod) -> f64 {
     }
 }
 
+/// The noise + top-k + AdamW step both devices time (σC = 1, B = 64).
+fn prune_config(keep_frac: f64) -> UpdateConfig {
+    UpdateConfig {
+        keep_frac,
+        noise_std: 1.0,
+        seed: 3,
+        step: 1,
+        inv_batch: 1.0 / 64.0,
+        opt: Optimizer::AdamW {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            t: 1,
+        },
+    }
+}
+
 /// Runs every micro-benchmark on `dev`.
 pub fn run(dev: Device) -> Result<Vec<BenchRow>> {
     match dev {
@@ -174,21 +193,7 @@ fn run_cpu() -> Result<Vec<BenchRow>> {
     });
     let grad = random(&mut r, n);
     let (mut p, mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
-    let cfg = UpdateConfig {
-        keep_frac: 0.8,
-        noise_std: 1.0,
-        seed: 3,
-        step: 1,
-        inv_batch: 1.0 / 64.0,
-        opt: Optimizer::AdamW {
-            lr: 1e-4,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            t: 1,
-        },
-    };
+    let cfg = prune_config(0.8);
     let ms = time_cpu(3, || {
         let mut t = [TensorState {
             tensor_id: 0,
@@ -298,21 +303,7 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
     );
     let mut plan = gpu::noise_prune::PrunePlan::new(&gpu, 1, n as u64)?;
     for keep in [0.8, 1.0] {
-        let cfg = UpdateConfig {
-            keep_frac: keep,
-            noise_std: 1.0,
-            seed: 3,
-            step: 1,
-            inv_batch: 1.0 / 64.0,
-            opt: Optimizer::AdamW {
-                lr: 1e-4,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.0,
-                t: 1,
-            },
-        };
+        let cfg = prune_config(keep);
         let ms = time(3, &mut || {
             let t = gpu::noise_prune::DeviceTensor::new(
                 &gpu,

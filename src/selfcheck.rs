@@ -125,6 +125,22 @@ fn inputs() -> Result<Inputs> {
     })
 }
 
+/// The CPU noise + top-k + SGD step on the check's gradient, from zero parameters.
+fn cpu_prune(inp: &Inputs) -> Result<(prune::PruneReport, Vec<f32>)> {
+    let mut p = vec![0.0; inp.grad.len()];
+    let r = prune::noise_prune_update(
+        &mut [TensorState {
+            tensor_id: 0,
+            grad: &inp.grad,
+            param: &mut p,
+            m: &mut [],
+            v: &mut [],
+        }],
+        &inp.prune,
+    )?;
+    Ok((r, p))
+}
+
 /// Runs every check.
 pub fn run() -> Result<Report> {
     let mut rep = Report { checks: Vec::new() };
@@ -163,17 +179,7 @@ pub fn run() -> Result<Report> {
         format!("k={k} of {}", keys.len()),
     );
 
-    let (mut p, mut m, mut v) = (vec![0.0; inp.grad.len()], vec![], vec![]);
-    let r = prune::noise_prune_update(
-        &mut [TensorState {
-            tensor_id: 0,
-            grad: &inp.grad,
-            param: &mut p,
-            m: &mut m,
-            v: &mut v,
-        }],
-        &inp.prune,
-    )?;
+    let (r, p) = cpu_prune(&inp)?;
     let changed = p.iter().filter(|&&x| x != 0.0).count() as u64;
     rep.add(
         "noisy top-k updates exactly k",
@@ -261,17 +267,7 @@ fn gpu_checks(rep: &mut Report, inp: &Inputs) -> Result<()> {
     let mut plan = gpu::noise_prune::PrunePlan::new(&gpu, 1, inp.grad.len() as u64)?;
     let t = gpu::noise_prune::DeviceTensor::plain(&gpu, 0, &dgr, &mut dp)?;
     let r = plan.run(&gpu, &[t], &inp.prune)?;
-    let (mut p, mut m, mut v) = (vec![0.0; inp.grad.len()], vec![], vec![]);
-    let want = prune::noise_prune_update(
-        &mut [TensorState {
-            tensor_id: 0,
-            grad: &inp.grad,
-            param: &mut p,
-            m: &mut m,
-            v: &mut v,
-        }],
-        &inp.prune,
-    )?;
+    let (want, p) = cpu_prune(inp)?;
     let same = gpu.download(&dp)? == p;
     rep.add(
         "GPU noise + top-k + SGD vs CPU",
