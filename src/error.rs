@@ -39,6 +39,9 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// The device ran out of memory; the message names the request and the fix.
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
     /// A NaN or Inf reached a place where it would silently corrupt a DP release.
     #[error("non-finite values: {0}")]
     NonFinite(String),

@@ -78,13 +78,13 @@ fn r<T: Real>(x: f64) -> T {
     T::from_f64(x)
 }
 
-fn check_len(name: &str, got: usize, want: usize) -> Result<()> {
+pub(crate) fn check_len(name: &str, got: usize, want: usize) -> Result<()> {
     ensure_shape(got == want, || {
         format!("{name} has {got} values, expected {want}")
     })
 }
 
-fn checked(dims: &[usize], what: &str) -> Result<usize> {
+pub(crate) fn checked(dims: &[usize], what: &str) -> Result<usize> {
     dims.iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| Error::Shape(format!("{what}: size {dims:?} overflows usize")))
@@ -389,7 +389,7 @@ fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> {
 // ---------------------------------------------------------------------------
 // Attention: per example, per head, S = QKᵀ/√hd, P = softmax(S), O = PV
 
-fn check_attn(s: &AttnShape) -> Result<()> {
+pub(crate) fn check_attn(s: &AttnShape) -> Result<()> {
     ensure_shape(s.hkv >= 1 && s.hq.is_multiple_of(s.hkv), || {
         format!(
             "attention: kv heads ({}) must be ≥ 1 and divide query heads ({})",

@@ -18,6 +18,8 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dp;
 
 use crate::vision::tokens::{TokenSelectConfig, TokenShape};

@@ -216,6 +216,19 @@ impl PrunePlan {
         })
     }
 
+    /// Whether the plan can run a set of `tensors` tensors with `coords` coordinates.
+    pub fn fits(&self, tensors: usize, coords: u64) -> bool {
+        tensors <= self.max_tensors && coords.div_ceil(CHUNK) + tensors as u64 <= self.max_chunks
+    }
+
+    /// The (tensors, coordinates) the plan was built for.
+    pub fn capacity(&self) -> (usize, u64) {
+        (
+            self.max_tensors,
+            (self.max_chunks - self.max_tensors as u64) * CHUNK,
+        )
+    }
+
     /// Adds σC·noise to each tensor's clipped sum, finds the exact threshold that keeps
     /// ⌈keep_frac·N⌉ coordinates of the whole set, and applies the masked update.
     ///

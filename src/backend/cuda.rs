@@ -1,0 +1,1377 @@
+//! The CUDA backend: the same [`Backend`] and [`DpBackend`] ops as [`super::cpu::Cpu`],
+//! on one GPU. GEMMs go through cuBLAS ([`crate::gpu::blas`], row-major helpers);
+//! everything else is a kernel in `kernels/model.cu` (model ops) or the foundation
+//! kernels (`clip.cu`, `noise_prune.cu`, `noise.cu`, `tokens.cu`).
+//!
+//! # Memory
+//!
+//! Buffers come from a size-exact caching pool ([`GpuBuf`] returns its allocation
+//! to the pool when dropped). The model asks for the same sizes every step, so the
+//! first step of a (preset, batch, tokens) plans the memory and every later step
+//! reuses it with no `cuMemAlloc` at all, the effect of llm.c's single planned
+//! allocation without hard-coding the model's buffer list twice. The pool counts the
+//! bytes live, cached and at peak ([`Cuda::memory`]); `cuMemGetInfo` gives the
+//! device-wide view. An allocation failure is an error naming the request size,
+//! never a panic.
+//!
+//! # Numerics
+//!
+//! Row reductions run in f32 (the CPU reference uses f64) and cuBLAS may use TF32
+//! tensor cores ([`Cuda::with_options`]); tests state the tolerances each allows.
+//! The DP mechanisms reproduce the CPU's Philox noise bit for bit.
+#![allow(clippy::too_many_arguments)]
+
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::cpu::{check_attn, check_len, checked};
+use super::dp::{DpBackend, TensorUpdate};
+use super::{AttnShape, Backend, Blocks, MatmulSpec, PatchShape, RopeShape, RowShape};
+use crate::dp::clip::{LinearShape, NormMethod};
+use crate::dp::noise::NoiseKey;
+use crate::dp::prune::{PruneReport, UpdateConfig};
+use crate::error::ensure_shape;
+use crate::gpu::blas::RowMajor;
+use crate::gpu::noise_prune::{DeviceTensor, PrunePlan};
+use crate::gpu::tokens::TokenWorkspace;
+use crate::gpu::{self, cuda_err, dptr, dptr_mut, grid_for, launch, launch_cfg, Gpu};
+use crate::vision::tokens::{TokenSelectConfig, TokenShape};
+use crate::{Error, Result};
+
+const MODULE: &str = "model";
+const THREADS: u32 = 256;
+const ROW_THREADS: u32 = 256;
+
+// ---------------------------------------------------------------------------
+// The caching pool
+
+#[derive(Default)]
+struct PoolState {
+    free: HashMap<usize, Vec<CudaSlice<f32>>>,
+    live_bytes: u64,
+    cached_bytes: u64,
+    peak_bytes: u64,
+    allocations: u64,
+}
+
+/// Byte counts of the backend's pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Bytes in buffers currently handed out.
+    pub live_bytes: u64,
+    /// Bytes held for reuse (not handed out).
+    pub cached_bytes: u64,
+    /// Largest `live_bytes` since the last [`Cuda::reset_peak`].
+    pub peak_bytes: u64,
+    /// `cuMemAlloc` calls so far (constant once the memory plan is warm).
+    pub allocations: u64,
+}
+
+struct Pool {
+    state: Mutex<PoolState>,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        // A panic while holding the lock cannot leave the counters inconsistent
+        // enough to matter, so a poisoned lock is recovered.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A device buffer of f32 from the backend's pool. Dereferences to the
+/// [`CudaSlice`] (which holds at least one element, as CUDA has no empty
+/// allocations; [`Backend::len`] is the logical length).
+pub struct GpuBuf {
+    slice: Option<CudaSlice<f32>>,
+    len: usize,
+    pool: Arc<Pool>,
+}
+
+impl GpuBuf {
+    fn bytes(&self) -> u64 {
+        (self.len.max(1) * 4) as u64
+    }
+}
+
+impl Deref for GpuBuf {
+    type Target = CudaSlice<f32>;
+    fn deref(&self) -> &CudaSlice<f32> {
+        self.slice
+            .as_ref()
+            .expect("GpuBuf slice present until drop")
+    }
+}
+
+impl DerefMut for GpuBuf {
+    fn deref_mut(&mut self) -> &mut CudaSlice<f32> {
+        self.slice
+            .as_mut()
+            .expect("GpuBuf slice present until drop")
+    }
+}
+
+impl Drop for GpuBuf {
+    fn drop(&mut self) {
+        if let Some(s) = self.slice.take() {
+            let bytes = self.bytes();
+            let mut st = self.pool.lock();
+            st.live_bytes -= bytes;
+            st.cached_bytes += bytes;
+            st.free.entry(self.len.max(1)).or_default().push(s);
+        }
+    }
+}
+
+/// Token ids on the device, with a host copy for range checks (ids are tiny next
+/// to activations, and checking on the host needs no synchronisation).
+pub struct GpuIds {
+    dev: CudaSlice<u32>,
+    host: Vec<u32>,
+}
+
+// ---------------------------------------------------------------------------
+// The backend
+
+/// The CUDA backend. Cheap to share by reference; all work runs on one stream.
+pub struct Cuda {
+    gpu: Gpu,
+    pool: Arc<Pool>,
+    prune: Mutex<Option<PrunePlan>>,
+    tokens: Mutex<Option<TokenWorkspace>>,
+    tf32: bool,
+}
+
+impl Cuda {
+    /// Opens GPU 0 with TF32 tensor cores for f32 GEMMs. Without a driver this is
+    /// [`Error::NoCudaDriver`].
+    pub fn new() -> Result<Self> {
+        Self::with_options(0, true)
+    }
+
+    /// Opens GPU `ordinal`; `tf32` selects TF32 tensor-core GEMMs (false: strict FP32).
+    pub fn with_options(ordinal: usize, tf32: bool) -> Result<Self> {
+        let gpu = Gpu::with_device(ordinal)?;
+        gpu.set_tf32(tf32)?;
+        Ok(Self {
+            gpu,
+            pool: Arc::new(Pool {
+                state: Mutex::new(PoolState::default()),
+            }),
+            prune: Mutex::new(None),
+            tokens: Mutex::new(None),
+            tf32,
+        })
+    }
+
+    /// The underlying GPU runtime.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Whether GEMMs use TF32 tensor cores.
+    pub fn tf32(&self) -> bool {
+        self.tf32
+    }
+
+    /// The pool's byte counts.
+    pub fn memory(&self) -> PoolStats {
+        let st = self.pool.lock();
+        PoolStats {
+            live_bytes: st.live_bytes,
+            cached_bytes: st.cached_bytes,
+            peak_bytes: st.peak_bytes,
+            allocations: st.allocations,
+        }
+    }
+
+    /// Starts a new peak measurement at the current live bytes.
+    pub fn reset_peak(&self) {
+        let mut st = self.pool.lock();
+        st.peak_bytes = st.live_bytes;
+    }
+
+    /// Frees every cached (not live) allocation back to the driver.
+    pub fn trim(&self) {
+        let mut st = self.pool.lock();
+        st.free.clear();
+        st.cached_bytes = 0;
+    }
+
+    /// A pooled buffer of `n` values with unspecified contents.
+    fn take(&self, n: usize) -> Result<GpuBuf> {
+        let size = n.max(1);
+        let bytes = (size * 4) as u64;
+        let cached = {
+            let mut st = self.pool.lock();
+            let s = st.free.get_mut(&size).and_then(|v| v.pop());
+            if s.is_some() {
+                st.cached_bytes -= bytes;
+            }
+            s
+        };
+        let slice = match cached {
+            Some(s) => s,
+            None => {
+                self.pool.lock().allocations += 1;
+                // SAFETY: every caller writes the buffer before reading it, or zeroes it.
+                let fresh = unsafe { self.gpu.stream().alloc::<f32>(size) };
+                match fresh {
+                    Ok(s) => s,
+                    Err(_) => {
+                        // Give the cache back to the driver and try once more.
+                        self.trim();
+                        // SAFETY: as above.
+                        unsafe { self.gpu.stream().alloc::<f32>(size) }
+                            .map_err(|e| self.oom(size, e))?
+                    }
+                }
+            }
+        };
+        let mut st = self.pool.lock();
+        st.live_bytes += bytes;
+        st.peak_bytes = st.peak_bytes.max(st.live_bytes);
+        drop(st);
+        Ok(GpuBuf {
+            slice: Some(slice),
+            len: n,
+            pool: self.pool.clone(),
+        })
+    }
+
+    fn oom(&self, values: usize, e: impl std::fmt::Debug) -> Error {
+        let free = self.gpu.mem_info().map(|(f, _)| f).unwrap_or(0);
+        Error::OutOfMemory(format!(
+            "the GPU could not allocate {} MiB ({e:?}; {} MiB free, {} MiB live in dualpriv's pool); \
+             use a smaller --micro-batch (activations scale with it), fewer --keep-tokens, or a smaller preset",
+            (values * 4) >> 20,
+            free >> 20,
+            self.memory().live_bytes >> 20
+        ))
+    }
+
+    fn st(&self) -> &Arc<cudarc::driver::CudaStream> {
+        self.gpu.stream()
+    }
+
+    fn ptr(&self, b: &GpuBuf) -> u64 {
+        dptr(&**b, self.st())
+    }
+
+    fn ptr_mut(&self, b: &mut GpuBuf) -> u64 {
+        dptr_mut(&mut **b, self.st())
+    }
+
+    /// Launches a grid-stride elementwise kernel over `n` items.
+    fn elementwise(&self, name: &'static str, n: usize, args: &[&dyn KernelArg]) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let grid = grid_for(n, THREADS, self.gpu.sm_count() * 16);
+        self.run(name, launch_cfg((grid, 1, 1), THREADS, 0), args)
+    }
+
+    /// Launches a one-block-per-row kernel over `rows` rows.
+    fn per_row(&self, name: &'static str, rows: usize, args: &[&dyn KernelArg]) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let rows = u32::try_from(rows)
+            .map_err(|_| Error::Shape(format!("{name}: {rows} rows exceed one launch")))?;
+        self.run(name, launch_cfg((rows, 1, 1), ROW_THREADS, 0), args)
+    }
+
+    fn run(&self, name: &'static str, cfg: LaunchConfig, args: &[&dyn KernelArg]) -> Result<()> {
+        let f = self.gpu.func(MODULE, name)?;
+        let mut l = self.st().launch_builder(&f);
+        for a in args {
+            a.push(&mut l);
+        }
+        // SAFETY: each caller passes the argument list of the kernel it names, and
+        // checks every buffer against the shape before the launch.
+        unsafe { launch(&mut l, cfg, name) }
+    }
+
+    fn gemm(&self, c: &mut GpuBuf, a: &GpuBuf, b: &GpuBuf, g: RowMajor) -> Result<()> {
+        g.run(&self.gpu, &**a, &**b, &mut **c)
+    }
+
+    fn gemm_batched(
+        &self,
+        c: &mut GpuBuf,
+        a: &GpuBuf,
+        b: &GpuBuf,
+        g: RowMajor,
+        batch: usize,
+    ) -> Result<()> {
+        if batch == 0 || g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        g.run_batched(&self.gpu, batch, &**a, &**b, &mut **c)
+    }
+
+    fn memset0(&self, b: &mut GpuBuf) -> Result<()> {
+        self.st()
+            .memset_zeros(&mut **b)
+            .map_err(cuda_err("cuMemsetD8"))
+    }
+
+    fn check_ids(&self, ids: &GpuIds, vocab: usize, what: &str) -> Result<()> {
+        match ids.host.iter().find(|&&id| id as usize >= vocab) {
+            Some(id) => Err(Error::Shape(format!(
+                "{what}: token id {id} is out of range for a vocabulary of {vocab}"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A kernel argument pushed by value (scalars, raw device pointers).
+trait KernelArg {
+    fn push<'a>(&'a self, l: &mut cudarc::driver::LaunchArgs<'a>);
+}
+
+impl<T: cudarc::driver::DeviceRepr> KernelArg for T {
+    fn push<'a>(&'a self, l: &mut cudarc::driver::LaunchArgs<'a>) {
+        l.arg(self);
+    }
+}
+
+fn i32_of(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Shape(format!("{what} = {v} exceeds the kernel's i32")))
+}
+
+fn i64_of(v: usize) -> i64 {
+    v as i64
+}
+
+impl Backend for Cuda {
+    type Buf = GpuBuf;
+    type Ids = GpuIds;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn zeros(&self, n: usize) -> Result<GpuBuf> {
+        let mut b = self.take(n)?;
+        self.memset0(&mut b)?;
+        Ok(b)
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<GpuBuf> {
+        let mut b = self.take(host.len())?;
+        if !host.is_empty() {
+            let mut view = b.slice_mut(0..host.len());
+            self.st()
+                .memcpy_htod(host, &mut view)
+                .map_err(cuda_err("host-to-device copy"))?;
+        }
+        Ok(b)
+    }
+
+    fn download(&self, buf: &GpuBuf) -> Result<Vec<f32>> {
+        if buf.len == 0 {
+            return Ok(Vec::new());
+        }
+        self.gpu.download(&buf.slice(0..buf.len))
+    }
+
+    fn len(&self, buf: &GpuBuf) -> usize {
+        buf.len
+    }
+
+    fn upload_ids(&self, ids: &[u32]) -> Result<GpuIds> {
+        let dev = if ids.is_empty() {
+            self.gpu.zeros::<u32>(1)?
+        } else {
+            self.gpu.upload(ids)?
+        };
+        Ok(GpuIds {
+            dev,
+            host: ids.to_vec(),
+        })
+    }
+
+    fn available_memory(&self) -> Option<u64> {
+        let cached = self.memory().cached_bytes;
+        self.gpu
+            .mem_info()
+            .ok()
+            .map(|(free, _)| free as u64 + cached)
+    }
+
+    fn value_bytes(&self) -> usize {
+        4
+    }
+
+    fn duplicate(&self, src: &GpuBuf) -> Result<GpuBuf> {
+        let mut b = self.take(src.len)?;
+        if src.len > 0 {
+            self.st()
+                .memcpy_dtod(&src.slice(0..src.len), &mut b.slice_mut(0..src.len))
+                .map_err(cuda_err("device-to-device copy"))?;
+        }
+        Ok(b)
+    }
+
+    fn copy_blocks(&self, dst: &mut GpuBuf, src: &GpuBuf, b: Blocks) -> Result<()> {
+        if b.count == 0 || b.len == 0 {
+            return Ok(());
+        }
+        let end = |off: usize, stride: usize| {
+            (b.count - 1)
+                .checked_mul(stride)
+                .and_then(|v| v.checked_add(off))
+                .and_then(|v| v.checked_add(b.len))
+        };
+        ensure_shape(
+            end(b.src_off, b.src_stride).is_some_and(|e| e <= src.len),
+            || {
+                format!(
+                    "copy_blocks reads past the source ({} values): {b:?}",
+                    src.len
+                )
+            },
+        )?;
+        ensure_shape(
+            end(b.dst_off, b.dst_stride).is_some_and(|e| e <= dst.len),
+            || {
+                format!(
+                    "copy_blocks writes past the destination ({} values): {b:?}",
+                    dst.len
+                )
+            },
+        )?;
+        let (d, s) = (self.ptr_mut(dst), self.ptr(src));
+        self.elementwise(
+            "copy_blocks_f32",
+            b.count * b.len,
+            &[
+                &d,
+                &s,
+                &i64_of(b.count),
+                &i64_of(b.len),
+                &i64_of(b.src_off),
+                &i64_of(b.src_stride),
+                &i64_of(b.dst_off),
+                &i64_of(b.dst_stride),
+            ],
+        )
+    }
+
+    fn matmul(&self, c: &mut GpuBuf, a: &GpuBuf, b: &GpuBuf, s: MatmulSpec) -> Result<()> {
+        check_len("matmul A", a.len, checked(&[s.m, s.k], "matmul A")?)?;
+        check_len("matmul B", b.len, checked(&[s.k, s.n], "matmul B")?)?;
+        check_len("matmul C", c.len, checked(&[s.m, s.n], "matmul C")?)?;
+        if s.m == 0 || s.n == 0 {
+            return Ok(());
+        }
+        if s.k == 0 {
+            // C = beta·C; cuBLAS is not asked to handle an empty inner dimension.
+            if s.beta == 0.0 {
+                return self.memset0(c);
+            }
+            let cp = self.ptr_mut(c);
+            return self.elementwise("scale_f32", c.len, &[&cp, &s.beta, &i64_of(c.len)]);
+        }
+        let g = RowMajor {
+            ta: s.trans_a,
+            tb: s.trans_b,
+            m: s.m,
+            n: s.n,
+            k: s.k,
+            alpha: s.alpha,
+            beta: s.beta,
+        };
+        self.gemm(c, a, b, g)
+    }
+
+    fn add_bias(&self, y: &mut GpuBuf, bias: &GpuBuf, s: RowShape) -> Result<()> {
+        check_len("bias", bias.len, s.dim)?;
+        check_len("biased output", y.len, checked(&[s.rows, s.dim], "bias")?)?;
+        let (yp, bp) = (self.ptr_mut(y), self.ptr(bias));
+        self.elementwise(
+            "add_bias_f32",
+            y.len,
+            &[&yp, &bp, &i64_of(s.rows), &i64_of(s.dim)],
+        )
+    }
+
+    fn axpy(&self, y: &mut GpuBuf, alpha: f32, x: &GpuBuf) -> Result<()> {
+        check_len("axpy x", x.len, y.len)?;
+        let (yp, xp) = (self.ptr_mut(y), self.ptr(x));
+        self.elementwise("axpy_f32", y.len, &[&yp, &alpha, &xp, &i64_of(y.len)])
+    }
+
+    fn layernorm_fwd(
+        &self,
+        out: &mut GpuBuf,
+        mean: &mut GpuBuf,
+        rstd: &mut GpuBuf,
+        x: &GpuBuf,
+        w: &GpuBuf,
+        b: &GpuBuf,
+        s: RowShape,
+        eps: f32,
+    ) -> Result<()> {
+        let n = checked(&[s.rows, s.dim], "layernorm")?;
+        check_len("layernorm x", x.len, n)?;
+        check_len("layernorm out", out.len, n)?;
+        check_len("layernorm weight", w.len, s.dim)?;
+        check_len("layernorm bias", b.len, s.dim)?;
+        check_len("layernorm mean", mean.len, s.rows)?;
+        check_len("layernorm rstd", rstd.len, s.rows)?;
+        if s.dim == 0 {
+            return Ok(());
+        }
+        let args = (
+            self.ptr_mut(out),
+            self.ptr_mut(mean),
+            self.ptr_mut(rstd),
+            self.ptr(x),
+            self.ptr(w),
+            self.ptr(b),
+        );
+        let dim = i32_of(s.dim, "layernorm dim")?;
+        self.per_row(
+            "layernorm_fwd_f32",
+            s.rows,
+            &[
+                &args.0, &args.1, &args.2, &args.3, &args.4, &args.5, &dim, &eps,
+            ],
+        )
+    }
+
+    fn layernorm_bwd(
+        &self,
+        dx: &mut GpuBuf,
+        dw: &mut GpuBuf,
+        db: &mut GpuBuf,
+        dout: &GpuBuf,
+        x: &GpuBuf,
+        w: &GpuBuf,
+        mean: &GpuBuf,
+        rstd: &GpuBuf,
+        s: RowShape,
+    ) -> Result<()> {
+        let n = checked(&[s.rows, s.dim], "layernorm")?;
+        for (name, len) in [("dx", dx.len), ("dout", dout.len), ("x", x.len)] {
+            check_len(&format!("layernorm_bwd {name}"), len, n)?;
+        }
+        for (name, len) in [("w", w.len), ("dw", dw.len), ("db", db.len)] {
+            check_len(&format!("layernorm_bwd {name}"), len, s.dim)?;
+        }
+        check_len("layernorm_bwd mean", mean.len, s.rows)?;
+        check_len("layernorm_bwd rstd", rstd.len, s.rows)?;
+        if s.dim == 0 {
+            return Ok(());
+        }
+        let p = [
+            self.ptr_mut(dx),
+            self.ptr_mut(dw),
+            self.ptr_mut(db),
+            self.ptr(dout),
+            self.ptr(x),
+            self.ptr(w),
+            self.ptr(mean),
+            self.ptr(rstd),
+        ];
+        let dim = i32_of(s.dim, "layernorm dim")?;
+        self.per_row(
+            "layernorm_bwd_f32",
+            s.rows,
+            &[&p[0], &p[1], &p[2], &p[3], &p[4], &p[5], &p[6], &p[7], &dim],
+        )
+    }
+
+    fn rmsnorm_fwd(
+        &self,
+        out: &mut GpuBuf,
+        rstd: &mut GpuBuf,
+        x: &GpuBuf,
+        w: &GpuBuf,
+        s: RowShape,
+        eps: f32,
+    ) -> Result<()> {
+        let n = checked(&[s.rows, s.dim], "rmsnorm")?;
+        check_len("rmsnorm x", x.len, n)?;
+        check_len("rmsnorm out", out.len, n)?;
+        check_len("rmsnorm weight", w.len, s.dim)?;
+        check_len("rmsnorm rstd", rstd.len, s.rows)?;
+        if s.dim == 0 {
+            return Ok(());
+        }
+        let p = [
+            self.ptr_mut(out),
+            self.ptr_mut(rstd),
+            self.ptr(x),
+            self.ptr(w),
+        ];
+        let dim = i32_of(s.dim, "rmsnorm dim")?;
+        self.per_row(
+            "rmsnorm_fwd_f32",
+            s.rows,
+            &[&p[0], &p[1], &p[2], &p[3], &dim, &eps],
+        )
+    }
+
+    fn rmsnorm_bwd(
+        &self,
+        dx: &mut GpuBuf,
+        dw: &mut GpuBuf,
+        dout: &GpuBuf,
+        x: &GpuBuf,
+        w: &GpuBuf,
+        rstd: &GpuBuf,
+        s: RowShape,
+    ) -> Result<()> {
+        let n = checked(&[s.rows, s.dim], "rmsnorm")?;
+        for (name, len) in [("dx", dx.len), ("dout", dout.len), ("x", x.len)] {
+            check_len(&format!("rmsnorm_bwd {name}"), len, n)?;
+        }
+        check_len("rmsnorm_bwd w", w.len, s.dim)?;
+        check_len("rmsnorm_bwd dw", dw.len, s.dim)?;
+        check_len("rmsnorm_bwd rstd", rstd.len, s.rows)?;
+        if s.dim == 0 {
+            return Ok(());
+        }
+        let p = [
+            self.ptr_mut(dx),
+            self.ptr_mut(dw),
+            self.ptr(dout),
+            self.ptr(x),
+            self.ptr(w),
+            self.ptr(rstd),
+        ];
+        let dim = i32_of(s.dim, "rmsnorm dim")?;
+        self.per_row(
+            "rmsnorm_bwd_f32",
+            s.rows,
+            &[&p[0], &p[1], &p[2], &p[3], &p[4], &p[5], &dim],
+        )
+    }
+
+    fn rope_fwd(&self, x: &mut GpuBuf, s: RopeShape) -> Result<()> {
+        self.rope(x, s, 1.0)
+    }
+
+    fn rope_bwd(&self, dx: &mut GpuBuf, s: RopeShape) -> Result<()> {
+        self.rope(dx, s, -1.0)
+    }
+
+    fn attention_fwd(
+        &self,
+        out: &mut GpuBuf,
+        probs: &mut GpuBuf,
+        q: &GpuBuf,
+        k: &GpuBuf,
+        v: &GpuBuf,
+        s: AttnShape,
+    ) -> Result<()> {
+        check_attn(&s)?;
+        check_len("attention q", q.len, s.q_len())?;
+        check_len("attention out", out.len, s.q_len())?;
+        check_len("attention k", k.len, s.kv_len())?;
+        check_len("attention v", v.len, s.kv_len())?;
+        check_len("attention probs", probs.len, s.probs_len())?;
+        if s.b == 0 || s.t == 0 || s.hd == 0 || s.hq == 0 {
+            return Ok(());
+        }
+        let rep = s.hq / s.hkv;
+        let bh = s.b * s.hq;
+        // Head-major copies so each (example, head) is one packed matrix for cuBLAS.
+        let qh = self.split_heads(q, &s, s.hq, 1)?;
+        let kh = self.split_heads(k, &s, s.hkv, rep)?;
+        let vh = self.split_heads(v, &s, s.hkv, rep)?;
+        let scale = 1.0 / (s.hd as f32).sqrt();
+        let scores = RowMajor {
+            ta: false,
+            tb: true,
+            m: s.t,
+            n: s.t,
+            k: s.hd,
+            alpha: scale,
+            beta: 0.0,
+        };
+        self.gemm_batched(probs, &qh, &kh, scores, bh)?;
+        let pp = self.ptr_mut(probs);
+        let (t, causal) = (i32_of(s.t, "tokens")?, s.causal as i32);
+        self.per_row("softmax_fwd_f32", bh * s.t, &[&pp, &t, &causal])?;
+        let mut oh = self.take(s.q_len())?;
+        let pv = RowMajor {
+            ta: false,
+            tb: false,
+            m: s.t,
+            n: s.hd,
+            k: s.t,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        self.gemm_batched(&mut oh, probs, &vh, pv, bh)?;
+        self.merge_heads(out, &oh, &s, s.hq, 1)
+    }
+
+    fn attention_bwd(
+        &self,
+        dq: &mut GpuBuf,
+        dk: &mut GpuBuf,
+        dv: &mut GpuBuf,
+        dout: &GpuBuf,
+        q: &GpuBuf,
+        k: &GpuBuf,
+        v: &GpuBuf,
+        probs: &GpuBuf,
+        s: AttnShape,
+    ) -> Result<()> {
+        check_attn(&s)?;
+        for (name, len) in [("dq", dq.len), ("dout", dout.len), ("q", q.len)] {
+            check_len(&format!("attention_bwd {name}"), len, s.q_len())?;
+        }
+        for (name, len) in [("dk", dk.len), ("dv", dv.len), ("k", k.len), ("v", v.len)] {
+            check_len(&format!("attention_bwd {name}"), len, s.kv_len())?;
+        }
+        check_len("attention_bwd probs", probs.len, s.probs_len())?;
+        if s.b == 0 || s.t == 0 || s.hd == 0 || s.hq == 0 {
+            for b in [dq, dk, dv] {
+                self.memset0(b)?;
+            }
+            return Ok(());
+        }
+        let rep = s.hq / s.hkv;
+        let bh = s.b * s.hq;
+        let (t, hd) = (s.t, s.hd);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let doh = self.split_heads(dout, &s, s.hq, 1)?;
+        let qh = self.split_heads(q, &s, s.hq, 1)?;
+        let kh = self.split_heads(k, &s, s.hkv, rep)?;
+        let vh = self.split_heads(v, &s, s.hkv, rep)?;
+        let tn = |m, n, k, alpha| RowMajor {
+            ta: true,
+            tb: false,
+            m,
+            n,
+            k,
+            alpha,
+            beta: 0.0,
+        };
+        // dV (per query head) = Pᵀ dO
+        let mut dvh = self.take(s.q_len())?;
+        self.gemm_batched(&mut dvh, probs, &doh, tn(t, hd, t, 1.0), bh)?;
+        // dP = dO Vᵀ, then dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)) in place
+        let mut ds = self.take(s.probs_len())?;
+        let nt = RowMajor {
+            ta: false,
+            tb: true,
+            m: t,
+            n: t,
+            k: hd,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        self.gemm_batched(&mut ds, &doh, &vh, nt, bh)?;
+        let (dsp, pp) = (self.ptr_mut(&mut ds), self.ptr(probs));
+        let ti = i32_of(t, "tokens")?;
+        self.per_row("softmax_bwd_f32", bh * t, &[&dsp, &pp, &ti, &scale])?;
+        // dQ = dS K, dK (per query head) = dSᵀ Q
+        let mut dqh = self.take(s.q_len())?;
+        let nn = RowMajor {
+            ta: false,
+            tb: false,
+            m: t,
+            n: hd,
+            k: t,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        self.gemm_batched(&mut dqh, &ds, &kh, nn, bh)?;
+        let mut dkh = self.take(s.q_len())?;
+        self.gemm_batched(&mut dkh, &ds, &qh, tn(t, hd, t, 1.0), bh)?;
+        self.merge_heads(dq, &dqh, &s, s.hq, 1)?;
+        // GQA: the query heads sharing a key/value head sum into it.
+        self.merge_heads(dk, &dkh, &s, s.hkv, rep)?;
+        self.merge_heads(dv, &dvh, &s, s.hkv, rep)
+    }
+
+    fn quick_gelu_fwd(&self, out: &mut GpuBuf, x: &GpuBuf) -> Result<()> {
+        self.unary("quick_gelu_fwd_f32", "quick_gelu input", out, x)
+    }
+
+    fn gelu_fwd(&self, out: &mut GpuBuf, x: &GpuBuf) -> Result<()> {
+        self.unary("gelu_fwd_f32", "gelu input", out, x)
+    }
+
+    fn gelu_bwd(&self, dx: &mut GpuBuf, dout: &GpuBuf, x: &GpuBuf) -> Result<()> {
+        check_len("gelu_bwd dout", dout.len, dx.len)?;
+        check_len("gelu_bwd x", x.len, dx.len)?;
+        let p = [self.ptr_mut(dx), self.ptr(dout), self.ptr(x)];
+        let n = dx.len;
+        self.elementwise("gelu_bwd_f32", n, &[&p[0], &p[1], &p[2], &i64_of(n)])
+    }
+
+    fn swiglu_fwd(&self, out: &mut GpuBuf, gate: &GpuBuf, up: &GpuBuf) -> Result<()> {
+        check_len("swiglu gate", gate.len, out.len)?;
+        check_len("swiglu up", up.len, out.len)?;
+        let p = [self.ptr_mut(out), self.ptr(gate), self.ptr(up)];
+        let n = out.len;
+        self.elementwise("swiglu_fwd_f32", n, &[&p[0], &p[1], &p[2], &i64_of(n)])
+    }
+
+    fn swiglu_bwd(
+        &self,
+        dgate: &mut GpuBuf,
+        dup: &mut GpuBuf,
+        dout: &GpuBuf,
+        gate: &GpuBuf,
+        up: &GpuBuf,
+    ) -> Result<()> {
+        let n = dout.len;
+        for (name, len) in [
+            ("dgate", dgate.len),
+            ("dup", dup.len),
+            ("gate", gate.len),
+            ("up", up.len),
+        ] {
+            check_len(&format!("swiglu_bwd {name}"), len, n)?;
+        }
+        let p = [
+            self.ptr_mut(dgate),
+            self.ptr_mut(dup),
+            self.ptr(dout),
+            self.ptr(gate),
+            self.ptr(up),
+        ];
+        self.elementwise(
+            "swiglu_bwd_f32",
+            n,
+            &[&p[0], &p[1], &p[2], &p[3], &p[4], &i64_of(n)],
+        )
+    }
+
+    fn embedding_fwd(
+        &self,
+        out: &mut GpuBuf,
+        table: &GpuBuf,
+        ids: &GpuIds,
+        s: RowShape,
+        vocab: usize,
+    ) -> Result<()> {
+        check_len("embedding ids", ids.host.len(), s.rows)?;
+        check_len(
+            "embedding table",
+            table.len,
+            checked(&[vocab, s.dim], "embedding")?,
+        )?;
+        check_len(
+            "embedding out",
+            out.len,
+            checked(&[s.rows, s.dim], "embedding")?,
+        )?;
+        self.check_ids(ids, vocab, "embedding")?;
+        let p = [
+            self.ptr_mut(out),
+            self.ptr(table),
+            dptr(&ids.dev, self.st()),
+        ];
+        let dim = i32_of(s.dim, "embedding dim")?;
+        self.elementwise(
+            "embedding_fwd_f32",
+            s.rows * s.dim,
+            &[&p[0], &p[1], &p[2], &i64_of(s.rows), &dim],
+        )
+    }
+
+    fn embedding_bwd(
+        &self,
+        dtable: &mut GpuBuf,
+        dout: &GpuBuf,
+        ids: &GpuIds,
+        s: RowShape,
+        vocab: usize,
+    ) -> Result<()> {
+        check_len("embedding_bwd ids", ids.host.len(), s.rows)?;
+        check_len(
+            "embedding_bwd dtable",
+            dtable.len,
+            checked(&[vocab, s.dim], "embedding")?,
+        )?;
+        check_len(
+            "embedding_bwd dout",
+            dout.len,
+            checked(&[s.rows, s.dim], "embedding")?,
+        )?;
+        self.check_ids(ids, vocab, "embedding_bwd")?;
+        let p = [
+            self.ptr_mut(dtable),
+            self.ptr(dout),
+            dptr(&ids.dev, self.st()),
+        ];
+        let dim = i32_of(s.dim, "embedding dim")?;
+        self.elementwise(
+            "embedding_bwd_f32",
+            s.rows * s.dim,
+            &[&p[0], &p[1], &p[2], &i64_of(s.rows), &dim],
+        )
+    }
+
+    fn cross_entropy(
+        &self,
+        losses: &mut GpuBuf,
+        dlogits: &mut GpuBuf,
+        logits: &GpuBuf,
+        targets: &GpuIds,
+        weights: &GpuBuf,
+        s: RowShape,
+    ) -> Result<()> {
+        let n = checked(&[s.rows, s.dim], "cross_entropy")?;
+        check_len("cross_entropy logits", logits.len, n)?;
+        check_len("cross_entropy dlogits", dlogits.len, n)?;
+        check_len("cross_entropy losses", losses.len, s.rows)?;
+        check_len("cross_entropy targets", targets.host.len(), s.rows)?;
+        check_len("cross_entropy weights", weights.len, s.rows)?;
+        if targets.host.iter().any(|&t| t as usize >= s.dim) {
+            // Only a *used* target out of range is an error (masked rows may hold
+            // anything), which needs the weights: the rare path reads them back.
+            let w = self.download(weights)?;
+            for (row, (&tg, &w)) in targets.host.iter().zip(&w).enumerate() {
+                ensure_shape(w == 0.0 || (tg as usize) < s.dim, || {
+                    format!(
+                        "cross_entropy: target {tg} of row {row} is out of range for a vocabulary of {}",
+                        s.dim
+                    )
+                })?;
+            }
+        }
+        if s.dim == 0 {
+            return self.memset0(losses);
+        }
+        let p = [
+            self.ptr_mut(losses),
+            self.ptr_mut(dlogits),
+            self.ptr(logits),
+            dptr(&targets.dev, self.st()),
+            self.ptr(weights),
+        ];
+        let vocab = i32_of(s.dim, "vocabulary")?;
+        self.per_row(
+            "cross_entropy_f32",
+            s.rows,
+            &[&p[0], &p[1], &p[2], &p[3], &p[4], &vocab],
+        )
+    }
+
+    fn patchify(&self, out: &mut GpuBuf, images: &GpuBuf, s: PatchShape) -> Result<()> {
+        ensure_shape(s.patch >= 1 && s.size.is_multiple_of(s.patch), || {
+            format!(
+                "patch size {} must divide the image size {}",
+                s.patch, s.size
+            )
+        })?;
+        let np = s.size / s.patch;
+        let pdim = checked(&[s.channels, s.patch, s.patch], "patchify")?;
+        check_len(
+            "images",
+            images.len,
+            checked(&[s.b, s.channels, s.size, s.size], "images")?,
+        )?;
+        check_len(
+            "patches",
+            out.len,
+            checked(&[s.b, np, np, pdim], "patches")?,
+        )?;
+        let p = [self.ptr_mut(out), self.ptr(images)];
+        let dims = [
+            i32_of(s.b, "batch")?,
+            i32_of(s.channels, "channels")?,
+            i32_of(s.size, "image size")?,
+            i32_of(s.patch, "patch")?,
+        ];
+        self.elementwise(
+            "patchify_f32",
+            out.len,
+            &[&p[0], &p[1], &dims[0], &dims[1], &dims[2], &dims[3]],
+        )
+    }
+
+    fn select_tokens(
+        &self,
+        attn_cls: &GpuBuf,
+        keys: &GpuBuf,
+        hidden: &GpuBuf,
+        shape: &TokenShape,
+        cfg: &TokenSelectConfig,
+    ) -> Result<GpuBuf> {
+        cfg.validate(shape)?;
+        let out_len = checked(
+            &[shape.batch, cfg.out_tokens(), shape.hidden],
+            "selected tokens",
+        )?;
+        let mut out = self.take(out_len)?;
+        if out_len == 0 || shape.batch == 0 {
+            return Ok(out);
+        }
+        let mut ws = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        if ws
+            .as_ref()
+            .is_none_or(|w| w.check_fits(shape, cfg).is_err())
+        {
+            *ws = Some(TokenWorkspace::new(&self.gpu, shape, cfg)?);
+        }
+        let ws = ws.as_mut().expect("workspace was just built");
+        let kept_len = shape.batch * (1 + cfg.keep);
+        let mut kept = self.gpu.zeros::<u32>(kept_len.max(1))?;
+        gpu::tokens::select_tokens_dev(
+            &self.gpu,
+            &attn_cls.slice(0..attn_cls.len),
+            &keys.slice(0..keys.len),
+            &hidden.slice(0..hidden.len),
+            shape,
+            cfg,
+            &mut out.slice_mut(0..out_len),
+            &mut kept.slice_mut(0..kept_len),
+            ws,
+        )?;
+        Ok(out)
+    }
+}
+
+impl Cuda {
+    fn rope(&self, x: &mut GpuBuf, s: RopeShape, sign: f64) -> Result<()> {
+        ensure_shape(s.hd.is_multiple_of(2), || {
+            format!("rope needs an even head dimension, got {}", s.hd)
+        })?;
+        let row = checked(&[s.heads, s.hd], "rope")?;
+        check_len("rope input", x.len, checked(&[s.b, s.t, row], "rope")?)?;
+        if row == 0 || x.len == 0 {
+            return Ok(());
+        }
+        let xp = self.ptr_mut(x);
+        let rows = s.b * s.t;
+        let dims = [
+            i32_of(s.t.max(1), "tokens")?,
+            i32_of(s.heads, "heads")?,
+            i32_of(s.hd, "head dim")?,
+        ];
+        self.elementwise(
+            "rope_f32",
+            rows * (s.hd / 2),
+            &[
+                &xp,
+                &i64_of(rows),
+                &dims[0],
+                &dims[1],
+                &dims[2],
+                &f64::from(s.theta),
+                &sign,
+            ],
+        )
+    }
+
+    fn unary(&self, name: &'static str, what: &str, out: &mut GpuBuf, x: &GpuBuf) -> Result<()> {
+        check_len(what, x.len, out.len)?;
+        let p = [self.ptr_mut(out), self.ptr(x)];
+        let n = out.len;
+        self.elementwise(name, n, &[&p[0], &p[1], &i64_of(n)])
+    }
+
+    /// `[b, t, heads·hd]` → `[b, hq, t, hd]`, query head h reading head h / rep.
+    fn split_heads(&self, src: &GpuBuf, s: &AttnShape, heads: usize, rep: usize) -> Result<GpuBuf> {
+        let mut dst = self.take(s.q_len())?;
+        let p = [self.ptr_mut(&mut dst), self.ptr(src)];
+        let dims = [
+            i32_of(s.b, "batch")?,
+            i32_of(s.t, "tokens")?,
+            i32_of(s.hq, "heads")?,
+            i32_of(heads, "heads")?,
+            i32_of(s.hd, "head dim")?,
+            i32_of(rep, "group")?,
+        ];
+        self.elementwise(
+            "split_heads_f32",
+            s.q_len(),
+            &[
+                &p[0], &p[1], &dims[0], &dims[1], &dims[2], &dims[3], &dims[4], &dims[5],
+            ],
+        )?;
+        Ok(dst)
+    }
+
+    /// `[b, hq, t, hd]` → `[b, t, heads·hd]`, summing each group of `rep` heads.
+    fn merge_heads(
+        &self,
+        dst: &mut GpuBuf,
+        src: &GpuBuf,
+        s: &AttnShape,
+        heads: usize,
+        rep: usize,
+    ) -> Result<()> {
+        let n = s.b * s.t * heads * s.hd;
+        let p = [self.ptr_mut(dst), self.ptr(src)];
+        let dims = [
+            i32_of(s.b, "batch")?,
+            i32_of(s.t, "tokens")?,
+            i32_of(heads, "heads")?,
+            i32_of(s.hd, "head dim")?,
+            i32_of(rep, "group")?,
+        ];
+        self.elementwise(
+            "merge_heads_f32",
+            n,
+            &[
+                &p[0], &p[1], &dims[0], &dims[1], &dims[2], &dims[3], &dims[4],
+            ],
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// DP operations
+
+impl DpBackend for Cuda {
+    type Norms = CudaSlice<f64>;
+
+    fn norms_zeros(&self, b: usize) -> Result<CudaSlice<f64>> {
+        self.gpu.zeros(b.max(1))
+    }
+
+    fn norms_download(&self, n: &CudaSlice<f64>) -> Result<Vec<f64>> {
+        self.gpu.download(n)
+    }
+
+    fn add_layer_sq_norms(
+        &self,
+        x: &GpuBuf,
+        g: &GpuBuf,
+        s: LinearShape,
+        method: NormMethod,
+        has_bias: bool,
+        total: &mut CudaSlice<f64>,
+    ) -> Result<()> {
+        if s.b == 0 {
+            return Ok(());
+        }
+        gpu::clip::add_layer_sq_norms(
+            &self.gpu,
+            &x.slice(0..x.len),
+            &g.slice(0..g.len),
+            s,
+            method,
+            has_bias,
+            total,
+        )
+    }
+
+    fn clip_factors(&self, total: &CudaSlice<f64>, clip_norm: f32) -> Result<GpuBuf> {
+        let mut f = self.take(total.len())?;
+        gpu::clip::clip_factors(&self.gpu, total, clip_norm, &mut f)?;
+        Ok(f)
+    }
+
+    fn clipped_weight_sum(
+        &self,
+        x: &GpuBuf,
+        g: &GpuBuf,
+        factors: &GpuBuf,
+        s: LinearShape,
+        out: &mut GpuBuf,
+        accumulate: bool,
+    ) -> Result<()> {
+        check_len("clipped sum", out.len, s.p * s.d)?;
+        if s.b == 0 || s.t == 0 {
+            return if accumulate {
+                Ok(())
+            } else {
+                self.memset0(out)
+            };
+        }
+        let mut ws = self.take(gpu::clip::workspace_len(s))?;
+        let n = out.len;
+        gpu::clip::clipped_weight_sum(
+            &self.gpu,
+            &x.slice(0..x.len),
+            &g.slice(0..g.len),
+            factors,
+            s,
+            &mut ws,
+            &mut out.slice_mut(0..n),
+            accumulate,
+        )
+    }
+
+    fn clipped_bias_sum(
+        &self,
+        g: &GpuBuf,
+        factors: &GpuBuf,
+        s: LinearShape,
+        out: &mut GpuBuf,
+        accumulate: bool,
+    ) -> Result<()> {
+        check_len("clipped bias sum", out.len, s.p)?;
+        if s.b == 0 || s.t == 0 {
+            return if accumulate {
+                Ok(())
+            } else {
+                self.memset0(out)
+            };
+        }
+        let n = out.len;
+        gpu::clip::clipped_bias_sum(
+            &self.gpu,
+            &g.slice(0..g.len),
+            factors,
+            s,
+            &mut out.slice_mut(0..n),
+            accumulate,
+        )
+    }
+
+    fn per_example_weight_grads(&self, x: &GpuBuf, g: &GpuBuf, s: LinearShape) -> Result<GpuBuf> {
+        check_len("X", x.len, s.b * s.t * s.d)?;
+        check_len("G", g.len, s.b * s.t * s.p)?;
+        let mut out = self.take(s.b * s.p * s.d)?;
+        if s.t == 0 {
+            self.memset0(&mut out)?;
+            return Ok(out);
+        }
+        // Every example's G_iᵀ X_i (p×d) as one strided batched GEMM.
+        let gemm = RowMajor {
+            ta: true,
+            tb: false,
+            m: s.p,
+            n: s.d,
+            k: s.t,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        self.gemm_batched(&mut out, g, x, gemm, s.b)?;
+        Ok(out)
+    }
+
+    fn per_example_bias_grads(&self, g: &GpuBuf, s: LinearShape) -> Result<GpuBuf> {
+        check_len("G", g.len, s.b * s.t * s.p)?;
+        let mut out = self.take(s.b * s.p)?;
+        let p = [self.ptr_mut(&mut out), self.ptr(g)];
+        let dims = [
+            i32_of(s.b, "batch")?,
+            i32_of(s.t, "tokens")?,
+            i32_of(s.p, "p")?,
+        ];
+        self.elementwise(
+            "sum_over_tokens_f32",
+            s.b * s.p,
+            &[&p[0], &p[1], &dims[0], &dims[1], &dims[2]],
+        )?;
+        Ok(out)
+    }
+
+    fn add_row_sq_norms(
+        &self,
+        per_example: &GpuBuf,
+        rows: usize,
+        total: &mut CudaSlice<f64>,
+    ) -> Result<()> {
+        ensure_shape(
+            rows == 0 || (total.len() == rows && per_example.len.is_multiple_of(rows)),
+            || {
+                format!(
+                    "{} values in {rows} rows with {} norm slots",
+                    per_example.len,
+                    total.len()
+                )
+            },
+        )?;
+        if rows == 0 || per_example.len == 0 {
+            return Ok(());
+        }
+        let cols = (per_example.len / rows) as i64;
+        let (pp, tp) = (self.ptr(per_example), dptr_mut(total, self.st()));
+        self.per_row("add_row_sq_norms_f32", rows, &[&pp, &cols, &tp])
+    }
+
+    fn weighted_row_sum(
+        &self,
+        per_example: &GpuBuf,
+        factors: &GpuBuf,
+        rows: usize,
+        out: &mut GpuBuf,
+        accumulate: bool,
+    ) -> Result<()> {
+        ensure_shape(
+            factors.len == rows && per_example.len == rows * out.len,
+            || {
+                format!(
+                    "{} values for {rows} rows of {} with {} factors",
+                    per_example.len, out.len, factors.len
+                )
+            },
+        )?;
+        if out.len == 0 {
+            return Ok(());
+        }
+        if rows == 0 {
+            return if accumulate {
+                Ok(())
+            } else {
+                self.memset0(out)
+            };
+        }
+        // out[1×L] = cᵀ[1×rows] · M[rows×L]
+        let g = RowMajor {
+            ta: false,
+            tb: false,
+            m: 1,
+            n: out.len,
+            k: rows,
+            alpha: 1.0,
+            beta: if accumulate { 1.0 } else { 0.0 },
+        };
+        self.gemm(out, factors, per_example, g)
+    }
+
+    fn noise_prune_update(
+        &self,
+        set: &mut [TensorUpdate<'_, Self>],
+        cfg: &UpdateConfig,
+    ) -> Result<PruneReport> {
+        cfg.validate()?;
+        let coords: u64 = set.iter().map(|t| t.grad.len as u64).sum();
+        let mut plan = self.prune.lock().unwrap_or_else(|e| e.into_inner());
+        if plan.as_ref().is_none_or(|p| !p.fits(set.len(), coords)) {
+            let old = plan.as_ref().map_or((0, 0), |p| p.capacity());
+            *plan = Some(PrunePlan::new(
+                &self.gpu,
+                set.len().max(old.0),
+                coords.max(old.1),
+            )?);
+        }
+        let plan = plan.as_mut().expect("plan was just built");
+        let mut tensors = Vec::with_capacity(set.len());
+        for t in set.iter_mut() {
+            let n = t.grad.len;
+            check_len(&format!("tensor {} param", t.tensor_id), t.param.len, n)?;
+            if n == 0 {
+                continue;
+            }
+            tensors.push(DeviceTensor::new(
+                &self.gpu,
+                t.tensor_id,
+                &**t.grad,
+                &mut **t.param,
+                t.m.as_deref_mut().map(|b| &mut **b),
+                t.v.as_deref_mut().map(|b| &mut **b),
+            )?);
+        }
+        plan.run(&self.gpu, &tensors, cfg)
+    }
+
+    fn noise_axpy(&self, y: &mut GpuBuf, key: NoiseKey, a: f32) -> Result<()> {
+        if y.len == 0 {
+            return Ok(());
+        }
+        let n = y.len;
+        gpu::noise::noise_axpy(&self.gpu, key, 0, a, true, &mut y.slice_mut(0..n))
+    }
+}
