@@ -1375,3 +1375,17 @@ impl DpBackend for Cuda {
         gpu::noise::noise_axpy(&self.gpu, key, 0, a, true, &mut y.slice_mut(0..n))
     }
 }
+
+/// For tests: a strict-FP32 [`Cuda`] backend, or `None` after printing
+/// `skipped: no CUDA driver` when this machine has none. Any other failure to
+/// open the GPU is a real error.
+pub fn cuda_or_skip(test: &str) -> Option<Cuda> {
+    match Cuda::with_options(0, false) {
+        Ok(c) => Some(c),
+        Err(Error::NoCudaDriver) => {
+            println!("{test}: skipped: no CUDA driver");
+            None
+        }
+        Err(e) => panic!("{test}: a CUDA driver is present but the GPU failed to open: {e}"),
+    }
+}
