@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use crate::backend::dp::DpBackend;
 use crate::data::synthetic::{Dataset, Split};
+use crate::model::config::ModelConfig;
 use crate::model::Mllm;
 use crate::train::checkpoint::ModelSpec;
 use crate::train::method::Method;
@@ -288,15 +289,23 @@ pub fn default_pretrain_args(out: &Path, progress: bool) -> PretrainArgs {
 pub struct MethodBench {
     /// The method.
     pub method: String,
-    /// Median step time, milliseconds.
+    /// Median step time, milliseconds (CUDA events on the GPU, wall clock on the CPU).
     pub median_ms: f64,
     /// Peak heap bytes above the model and data during the timed steps (CPU,
-    /// counting allocator; `None` when the allocator is not installed).
+    /// counting allocator; `None` when the allocator is not installed or on the GPU).
     pub peak_bytes: Option<usize>,
+    /// Peak bytes of live device buffers during the timed steps (GPU).
+    pub device_peak_bytes: Option<u64>,
+    /// Bytes in use on the whole device after the timed steps (GPU, `cuMemGetInfo`).
+    pub device_used_bytes: Option<u64>,
     /// Training tokens (visual + text) per second.
     pub tokens_per_s: f64,
     /// Visual tokens per example.
     pub visual_tokens: usize,
+    /// Estimated model FLOPs of one step ([`step_flops`]).
+    pub step_flops: f64,
+    /// Achieved fraction of the device's dense peak (TF32 or FP32, [`peak_tflops`]).
+    pub peak_fraction: Option<f64>,
 }
 
 /// Settings of `dualpriv bench`.
@@ -320,7 +329,66 @@ pub struct BenchArgs {
     pub steps: usize,
 }
 
+/// Dense peak TFLOP/s of a known GPU for f32 GEMMs, by device name: TF32 tensor
+/// cores when `tf32`, plain FP32 otherwise (vendor datasheet figures, SXM parts,
+/// without sparsity). `None` for devices not in the table.
+pub fn peak_tflops(device: &str, tf32: bool) -> Option<f64> {
+    // Longest names first: "H200" also contains "H20".
+    let table = [
+        ("H200", 494.7, 66.9),
+        ("H100", 494.7, 66.9),
+        ("H20", 74.0, 44.0),
+        ("A100", 156.0, 19.5),
+    ];
+    table
+        .iter()
+        .find(|(n, _, _)| device.contains(n))
+        .map(|&(_, t, f)| if tf32 { t } else { f })
+}
+
+/// Estimated model FLOPs of one training step (2 per multiply-add), the usual MFU
+/// convention: the frozen vision tower and projector forward once; the decoder
+/// forward plus a backward of twice its cost for gradient methods, or two forward
+/// passes (all three parts) for `dpzo`. Attention counts the full T×T products.
+pub fn step_flops(
+    cfg: &ModelConfig,
+    method: Method,
+    batch: usize,
+    visual: usize,
+    text: usize,
+) -> f64 {
+    let (v, l) = (&cfg.vision, &cfg.llm);
+    let (b, n, dv, d) = (
+        batch as f64,
+        v.tokens() as f64,
+        v.hidden as f64,
+        l.hidden as f64,
+    );
+    let vit_layer = 4.0 * dv * dv + 2.0 * dv * v.mlp as f64;
+    let vit = 2.0 * b * v.patches() as f64 * v.patch_dim() as f64 * dv
+        + v.layers_run() as f64 * (2.0 * b * n * vit_layer + 4.0 * b * n * n * dv);
+    let proj = 2.0 * b * visual as f64 * (dv * d + d * d);
+    let seq = (visual + text) as f64;
+    let layer: f64 = crate::model::config::LoraTarget::ALL
+        .iter()
+        .map(|&t| {
+            let (i, o) = l.linear_dims(t);
+            (i * o) as f64
+        })
+        .sum();
+    let llm = l.layers as f64 * (2.0 * b * seq * layer + 4.0 * b * seq * seq * d)
+        + 2.0 * b * text as f64 * d * l.vocab as f64;
+    if method == Method::Dpzo {
+        2.0 * (vit + proj + llm)
+    } else {
+        vit + proj + 3.0 * llm
+    }
+}
+
 /// Times one training step of each method on a fixed batch (`dualpriv bench`).
+///
+/// One model is built and handed from method to method (its values do not change
+/// the work), so a 7B preset is initialised once.
 pub fn bench_methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBench>> {
     let spec = ModelSpec {
         preset: a.preset.clone(),
@@ -332,9 +400,12 @@ pub fn bench_methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<Met
     let data = Dataset::generate(Split::Private, a.batch.max(1), 1, mcfg.vision.image_size)?;
     let idx: Vec<usize> = (0..data.len()).collect();
     let default_keep = if mcfg.vision.patches() >= 576 { 53 } else { 24 };
+    let peak = backend
+        .device_name()
+        .and_then(|n| peak_tflops(&n, backend.tf32_gemms()));
+    let mut model = Some(Mllm::new(backend, &mcfg, &mode, 0)?);
     let mut rows = Vec::new();
     for &method in &a.methods {
-        let model = Mllm::new(backend, &mcfg, &mode, 0)?;
         let mut cfg = demo_train_config(method, 3.0, 1e-5, data.max_text_len());
         cfg.batch = a.batch;
         cfg.micro_batch = a.batch;
@@ -344,30 +415,44 @@ pub fn bench_methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<Met
         if method == Method::Dualpriv {
             cfg.keep_tokens = Some(a.keep_tokens.unwrap_or(default_keep));
         }
-        let mut t = Trainer::new(backend, model, spec.clone(), cfg, &data)?;
+        let m = model
+            .take()
+            .expect("the model is handed back after each method");
+        let mut t = Trainer::new(backend, m, spec.clone(), cfg, &data)?;
         for _ in 0..a.warmup {
             t.one_step(&data, &idx)?;
         }
         crate::mem::reset_peak();
+        backend.reset_device_peak();
         let base = crate::mem::current_bytes();
         let mut times = Vec::with_capacity(a.steps);
         let mut vis = 0;
         for _ in 0..a.steps.max(1) {
             let t0 = Instant::now();
-            vis = t.one_step(&data, &idx)?.visual_tokens;
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            let dev = backend.device_time_ms(&mut || {
+                vis = t.one_step(&data, &idx)?.visual_tokens;
+                Ok(())
+            })?;
+            times.push(dev.unwrap_or_else(|| t0.elapsed().as_secs_f64() * 1e3));
         }
         times.sort_by(f64::total_cmp);
         let median_ms = times[times.len() / 2];
         let tokens = (a.batch * (vis + t.cfg.text_len)) as f64;
+        let flops = step_flops(&mcfg, method, a.batch, vis, t.cfg.text_len);
+        let device = backend.device_memory();
         rows.push(MethodBench {
             method: method.to_string(),
             median_ms,
-            peak_bytes: crate::mem::tracking()
+            peak_bytes: (device.is_none() && crate::mem::tracking())
                 .then(|| crate::mem::peak_bytes().saturating_sub(base)),
+            device_peak_bytes: device.map(|m| m.peak_bytes),
+            device_used_bytes: device.map(|m| m.used_bytes),
             tokens_per_s: tokens / (median_ms / 1e3),
             visual_tokens: vis,
+            step_flops: flops,
+            peak_fraction: peak.map(|p| flops / (median_ms / 1e3) / (p * 1e12)),
         });
+        model = Some(t.model);
     }
     Ok(rows)
 }

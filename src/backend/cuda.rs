@@ -29,7 +29,9 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::cpu::{check_attn, check_len, checked};
 use super::dp::{DpBackend, TensorUpdate};
-use super::{AttnShape, Backend, Blocks, MatmulSpec, PatchShape, RopeShape, RowShape};
+use super::{
+    AttnShape, Backend, Blocks, DeviceMemory, MatmulSpec, PatchShape, RopeShape, RowShape,
+};
 use crate::dp::clip::{LinearShape, NormMethod};
 use crate::dp::noise::NoiseKey;
 use crate::dp::prune::{PruneReport, UpdateConfig};
@@ -406,6 +408,33 @@ impl Backend for Cuda {
 
     fn value_bytes(&self) -> usize {
         4
+    }
+
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        let used = self
+            .gpu
+            .mem_info()
+            .map_or(0, |(free, total)| (total - free) as u64);
+        Some(DeviceMemory {
+            peak_bytes: self.memory().peak_bytes,
+            used_bytes: used,
+        })
+    }
+
+    fn reset_device_peak(&self) {
+        self.reset_peak();
+    }
+
+    fn device_time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<f64>> {
+        self.gpu.time_ms(f).map(|ms| Some(f64::from(ms)))
+    }
+
+    fn device_name(&self) -> Option<String> {
+        self.gpu.name().ok()
+    }
+
+    fn tf32_gemms(&self) -> bool {
+        self.tf32
     }
 
     fn duplicate(&self, src: &GpuBuf) -> Result<GpuBuf> {

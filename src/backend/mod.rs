@@ -178,6 +178,16 @@ pub struct PatchShape {
     pub patch: usize,
 }
 
+/// Device memory as a backend sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Largest bytes held by live buffers since the last reset (tracked allocations).
+    pub peak_bytes: u64,
+    /// Bytes in use on the whole device now (`cuMemGetInfo`: total − free), which
+    /// includes the buffer cache, cuBLAS workspaces and the CUDA context.
+    pub used_bytes: u64,
+}
+
 /// Storage and compute for one device. Buffers are flat arrays; shapes are passed
 /// explicitly to every op, as in llm.c. Forward and backward of each layer are
 /// declared side by side.
@@ -203,6 +213,27 @@ pub trait Backend: Sync {
     fn available_memory(&self) -> Option<u64>;
     /// Bytes one buffer value occupies (4 for f32).
     fn value_bytes(&self) -> usize;
+    /// Device memory counters, for backends with device memory (the CPU's heap is
+    /// tracked by [`crate::mem`] instead).
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        None
+    }
+    /// Starts a new peak measurement of [`DeviceMemory::peak_bytes`].
+    fn reset_device_peak(&self) {}
+    /// Runs `f`; returns the device time it took in milliseconds where the backend
+    /// can measure it on the device (CUDA events), `None` elsewhere.
+    fn device_time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<f64>> {
+        f()?;
+        Ok(None)
+    }
+    /// The device's name (e.g. "NVIDIA H200"), where there is one.
+    fn device_name(&self) -> Option<String> {
+        None
+    }
+    /// Whether f32 GEMMs run on TF32 tensor cores.
+    fn tf32_gemms(&self) -> bool {
+        false
+    }
 
     /// A copy of a buffer.
     fn duplicate(&self, src: &Self::Buf) -> Result<Self::Buf>;

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 use dualpriv::backend::cpu::Cpu;
+use dualpriv::backend::dp::DpBackend;
 use dualpriv::bench::{self, Device};
 use dualpriv::data::synthetic::{Dataset, Split};
 use dualpriv::model::Mllm;
@@ -106,9 +107,10 @@ enum Cmd {
     /// Examples:
     ///   dualpriv bench --backend cpu --preset tiny --method all --batch 32
     ///   dualpriv bench --backend cpu --method ghost,nonprivate --json
+    ///   dualpriv bench --backend cuda --preset llava-7b --lora-rank 128 --batch 4 --method all
     #[command(verbatim_doc_comment)]
     Bench {
-        /// Backend (cpu; the CUDA training backend is not built yet).
+        /// Backend (cuda needs a build with `--features cuda`).
         #[arg(long, value_enum, default_value = "cpu")]
         backend: Backend,
         /// Model preset.
@@ -150,6 +152,9 @@ enum Cmd {
         /// Seed of the test split.
         #[arg(long, default_value_t = 2)]
         data_seed: u64,
+        /// Backend (cuda needs a build with `--features cuda`).
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: Backend,
     },
     /// Checks every mechanism against its reference (and the GPU against the CPU
     /// when built with `--features cuda` on a machine with a GPU).
@@ -266,23 +271,43 @@ fn main() -> ExitCode {
             lora_rank,
             steps,
             json,
-        } => bench(
-            backend,
-            preset,
-            &method,
-            batch,
-            keep_tokens,
-            keep_frac,
-            lora_rank,
-            steps,
-            json,
-        )
+        } => match backend {
+            Backend::Cpu => bench_on(
+                &Cpu,
+                preset,
+                &method,
+                batch,
+                keep_tokens,
+                keep_frac,
+                lora_rank,
+                steps,
+                json,
+            ),
+            Backend::Cuda => with_cuda(|be| {
+                bench_on(
+                    be,
+                    preset,
+                    &method,
+                    batch,
+                    keep_tokens,
+                    keep_frac,
+                    lora_rank,
+                    steps,
+                    json,
+                )
+            }),
+        }
         .map(|_| true),
         Cmd::Eval {
             checkpoint,
             test_examples,
             data_seed,
-        } => eval(&checkpoint, test_examples, data_seed).map(|_| true),
+            backend,
+        } => match backend {
+            Backend::Cpu => eval_on(&Cpu, &checkpoint, test_examples, data_seed),
+            Backend::Cuda => with_cuda(|be| eval_on(be, &checkpoint, test_examples, data_seed)),
+        }
+        .map(|_| true),
         Cmd::Selfcheck => selfcheck::run().map(|rep| {
             print!("{}", rep.markdown());
             rep.all_passed()
@@ -430,7 +455,7 @@ struct TrainArgs {
     /// Checkpoint every N steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
     checkpoint_every: u32,
-    /// Backend: cpu.
+    /// Backend (cuda needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     backend: Backend,
 }
@@ -445,11 +470,13 @@ fn parse<T>(
 }
 
 fn train(a: TrainArgs) -> dualpriv::Result<()> {
-    if matches!(a.backend, Backend::Cuda) {
-        return Err(dualpriv::Error::Config(
-            "--backend cuda: the CUDA training backend is not built yet; use --backend cpu".into(),
-        ));
+    match a.backend {
+        Backend::Cpu => train_on(&Cpu, a),
+        Backend::Cuda => with_cuda(|be| train_on(be, a)),
     }
+}
+
+fn train_on<B: DpBackend>(be: &B, a: TrainArgs) -> dualpriv::Result<()> {
     let data = Dataset::generate(
         Split::Private,
         a.train_examples,
@@ -457,7 +484,7 @@ fn train(a: TrainArgs) -> dualpriv::Result<()> {
         run::TINY_IMAGE,
     )?;
     if let Some(dir) = &a.resume {
-        let mut t = Trainer::resume(&Cpu, dir, &data, Some(a.steps))?;
+        let mut t = Trainer::resume(be, dir, &data, Some(a.steps))?;
         t.progress = true;
         eprintln!(
             "resuming {} at step {} of {}",
@@ -554,8 +581,8 @@ fn train(a: TrainArgs) -> dualpriv::Result<()> {
         noise_seed: a.noise_seed.unwrap_or_else(rand::random),
         text_len,
     };
-    let model = Mllm::load(&Cpu, &mcfg, &mode, &a.init.join("model.safetensors"))?;
-    let mut t = Trainer::new(&Cpu, model, spec, cfg, &data)?;
+    let model = Mllm::load(be, &mcfg, &mode, &a.init.join("model.safetensors"))?;
+    let mut t = Trainer::new(be, model, spec, cfg, &data)?;
     t.out_dir = a.out.clone();
     t.progress = true;
     eprintln!(
@@ -568,8 +595,8 @@ fn train(a: TrainArgs) -> dualpriv::Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn bench(
-    backend: Backend,
+fn bench_on<B: DpBackend>(
+    be: &B,
     preset: String,
     method: &str,
     batch: usize,
@@ -579,11 +606,6 @@ fn bench(
     steps: usize,
     json: bool,
 ) -> dualpriv::Result<()> {
-    if matches!(backend, Backend::Cuda) {
-        return Err(dualpriv::Error::Config(
-            "--backend cuda: the CUDA training backend is not built yet; use --backend cpu".into(),
-        ));
-    }
     let methods: Vec<Method> = if method == "all" {
         Method::ALL.to_vec()
     } else {
@@ -602,7 +624,7 @@ fn bench(
         warmup: 2,
         steps,
     };
-    let rows = run::bench_methods(&Cpu, &a)?;
+    let rows = run::bench_methods(be, &a)?;
     if json {
         println!(
             "{}",
@@ -611,20 +633,33 @@ fn bench(
         );
         return Ok(());
     }
+    let device = be
+        .device_name()
+        .unwrap_or_else(|| format!("cpu, {} threads", rayon::current_num_threads()));
     println!(
-        "preset {preset}, batch {batch}, LoRA r={lora_rank}, backend cpu, {} threads",
-        rayon::current_num_threads()
+        "preset {preset}, batch {batch}, LoRA r={lora_rank}, backend {} ({device}{})",
+        be.name(),
+        if be.tf32_gemms() { ", TF32 GEMMs" } else { "" }
     );
-    println!("| method | median step | peak heap (step) | tokens/s | visual tokens |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| method | median step | peak memory (step) | tokens/s | visual tokens | model TFLOP/step | of peak |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for r in &rows {
+        let mem = match (r.device_peak_bytes, r.peak_bytes) {
+            (Some(d), _) => format!("{} device", mib(d as usize)),
+            (None, Some(h)) => format!("{} heap", mib(h)),
+            (None, None) => "n/a".into(),
+        };
         println!(
-            "| {} | {:.1} ms | {} | {:.0} | {} |",
+            "| {} | {:.1} ms | {mem} | {:.0} | {} | {:.3} | {} |",
             r.method,
             r.median_ms,
-            r.peak_bytes.map_or("n/a".into(), mib),
             r.tokens_per_s,
-            r.visual_tokens
+            r.visual_tokens,
+            r.step_flops / 1e12,
+            r.peak_fraction
+                .map_or("n/a".into(), |f| format!("{:.1} %", 100.0 * f))
         );
     }
     Ok(())
@@ -644,14 +679,19 @@ fn report(s: dualpriv::train::RunSummary) -> dualpriv::Result<()> {
     Ok(())
 }
 
-fn eval(dir: &std::path::Path, n: usize, seed: u64) -> dualpriv::Result<()> {
+fn eval_on<B: DpBackend>(
+    be: &B,
+    dir: &std::path::Path,
+    n: usize,
+    seed: u64,
+) -> dualpriv::Result<()> {
     let st = checkpoint::load_state(dir)?;
     let (mcfg, mode) = st.model.build()?;
-    let model = Mllm::load(&Cpu, &mcfg, &mode, &dir.join("model.safetensors"))?;
+    let model = Mllm::load(be, &mcfg, &mode, &dir.join("model.safetensors"))?;
     let test = Dataset::generate(Split::Test, n, seed, mcfg.vision.image_size)?;
     let tokens = st.train.token_select();
     let text_len = st.train.text_len.max(test.max_text_len());
-    let acc = run::evaluate(&Cpu, &model, &test, tokens.as_ref(), text_len)?;
+    let acc = run::evaluate(be, &model, &test, tokens.as_ref(), text_len)?;
     println!(
         "test examples = {n}, majority baseline = {:.4}",
         dualpriv::data::synthetic::majority_baseline(&test)
@@ -733,4 +773,26 @@ fn account(
         (None, None) => unreachable!("clap requires one of them"),
     }
     Ok(())
+}
+
+/// Runs `f` on the CUDA backend: a missing driver or a build without the `cuda`
+/// feature is an error that says what to do, never a panic.
+#[cfg(feature = "cuda")]
+fn with_cuda<T>(
+    f: impl FnOnce(&dualpriv::backend::cuda::Cuda) -> dualpriv::Result<T>,
+) -> dualpriv::Result<T> {
+    let be = dualpriv::backend::cuda::Cuda::new()?;
+    f(&be)
+}
+
+/// Without the `cuda` feature there is no GPU backend in this binary.
+#[cfg(not(feature = "cuda"))]
+fn with_cuda<T>(
+    _f: impl FnOnce(&dualpriv::backend::cpu::Cpu) -> dualpriv::Result<T>,
+) -> dualpriv::Result<T> {
+    Err(dualpriv::Error::Config(
+        "--backend cuda: this binary was built without the `cuda` feature; rebuild with \
+         `cargo build --release --features cuda` (or use --backend cpu)"
+            .into(),
+    ))
 }

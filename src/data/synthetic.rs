@@ -849,7 +849,13 @@ fn sample_scene(n: usize, rng: &mut ChaCha8Rng) -> Scene {
     for _restart in 0..1000 {
         let mut objects: Vec<Object> = Vec::with_capacity(n);
         for k in 0..n {
-            let size = rng.random_range(6.0f32..=12.0);
+            // A lone object is drawn larger: its colour and shape are then a
+            // sizeable share of the patches, which a tiny model learns quickly.
+            let size = if n == 1 {
+                rng.random_range(12.0f32..=20.0)
+            } else {
+                rng.random_range(6.0f32..=12.0)
+            };
             let r = 0.5 * size;
             let mut placed = false;
             for _try in 0..100 {

@@ -158,6 +158,12 @@ pub struct StepRecord {
     pub step_ms: f64,
     /// Peak heap bytes so far in this run (CPU backend with the counting allocator).
     pub peak_bytes: Option<usize>,
+    /// Peak bytes of the backend's device buffers during this step (GPU only).
+    #[serde(default)]
+    pub device_peak_bytes: Option<u64>,
+    /// Bytes in use on the whole device after this step, from `cuMemGetInfo` (GPU only).
+    #[serde(default)]
+    pub device_used_bytes: Option<u64>,
 }
 
 /// The privacy state of a run: what has been spent.
@@ -393,6 +399,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         let log_every = (self.cfg.steps / 20).max(1);
         for _ in 0..allowed {
             let t0 = Instant::now();
+            self.backend.reset_device_peak();
             let indices = sampler.batch(self.step);
             let out = self.one_step(data, &indices)?;
             if private {
@@ -408,6 +415,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
                     recent.remove(0);
                 }
             }
+            let device = self.backend.device_memory();
             let rec = StepRecord {
                 step: self.step,
                 loss: out.loss.is_finite().then_some(out.loss),
@@ -421,6 +429,8 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
                 },
                 step_ms: t0.elapsed().as_secs_f64() * 1e3,
                 peak_bytes: crate::mem::tracking().then(crate::mem::peak_bytes),
+                device_peak_bytes: device.map(|m| m.peak_bytes),
+                device_used_bytes: device.map(|m| m.used_bytes),
             };
             if let Some(f) = metrics.as_mut() {
                 write_line(f, &rec)?;
