@@ -298,6 +298,7 @@ impl Cuda {
     }
 
     fn gemm(&self, c: &mut GpuBuf, a: &GpuBuf, b: &GpuBuf, g: RowMajor) -> Result<()> {
+        self.gpu.bind()?;
         g.run(&self.gpu, &**a, &**b, &mut **c)
     }
 
@@ -312,6 +313,7 @@ impl Cuda {
         if batch == 0 || g.m == 0 || g.n == 0 {
             return Ok(());
         }
+        self.gpu.bind()?;
         g.run_batched(&self.gpu, batch, &**a, &**b, &mut **c)
     }
 
@@ -1159,15 +1161,28 @@ impl Cuda {
 // ---------------------------------------------------------------------------
 // DP operations
 
-impl DpBackend for Cuda {
-    type Norms = CudaSlice<f64>;
+/// Per-example f64 squared-norm accumulators on the device, with their logical
+/// length (an empty batch still owns a one-element allocation).
+pub struct GpuNorms {
+    slice: CudaSlice<f64>,
+    len: usize,
+}
 
-    fn norms_zeros(&self, b: usize) -> Result<CudaSlice<f64>> {
-        self.gpu.zeros(b.max(1))
+impl DpBackend for Cuda {
+    type Norms = GpuNorms;
+
+    fn norms_zeros(&self, b: usize) -> Result<GpuNorms> {
+        Ok(GpuNorms {
+            slice: self.gpu.zeros(b.max(1))?,
+            len: b,
+        })
     }
 
-    fn norms_download(&self, n: &CudaSlice<f64>) -> Result<Vec<f64>> {
-        self.gpu.download(n)
+    fn norms_download(&self, n: &GpuNorms) -> Result<Vec<f64>> {
+        if n.len == 0 {
+            return Ok(Vec::new());
+        }
+        self.gpu.download(&n.slice)
     }
 
     fn add_layer_sq_norms(
@@ -1177,8 +1192,11 @@ impl DpBackend for Cuda {
         s: LinearShape,
         method: NormMethod,
         has_bias: bool,
-        total: &mut CudaSlice<f64>,
+        total: &mut GpuNorms,
     ) -> Result<()> {
+        ensure_shape(total.len == s.b, || {
+            format!("{} norm slots for batch {}", total.len, s.b)
+        })?;
         if s.b == 0 {
             return Ok(());
         }
@@ -1189,13 +1207,16 @@ impl DpBackend for Cuda {
             s,
             method,
             has_bias,
-            total,
+            &mut total.slice,
         )
     }
 
-    fn clip_factors(&self, total: &CudaSlice<f64>, clip_norm: f32) -> Result<GpuBuf> {
-        let mut f = self.take(total.len())?;
-        gpu::clip::clip_factors(&self.gpu, total, clip_norm, &mut f)?;
+    fn clip_factors(&self, total: &GpuNorms, clip_norm: f32) -> Result<GpuBuf> {
+        let mut f = self.take(total.len)?;
+        if total.len == 0 {
+            return Ok(f);
+        }
+        gpu::clip::clip_factors(&self.gpu, &total.slice, clip_norm, &mut f)?;
         Ok(f)
     }
 
@@ -1300,15 +1321,14 @@ impl DpBackend for Cuda {
         &self,
         per_example: &GpuBuf,
         rows: usize,
-        total: &mut CudaSlice<f64>,
+        total: &mut GpuNorms,
     ) -> Result<()> {
         ensure_shape(
-            rows == 0 || (total.len() == rows && per_example.len.is_multiple_of(rows)),
+            total.len == rows && (rows == 0 || per_example.len.is_multiple_of(rows)),
             || {
                 format!(
                     "{} values in {rows} rows with {} norm slots",
-                    per_example.len,
-                    total.len()
+                    per_example.len, total.len
                 )
             },
         )?;
@@ -1316,7 +1336,7 @@ impl DpBackend for Cuda {
             return Ok(());
         }
         let cols = (per_example.len / rows) as i64;
-        let (pp, tp) = (self.ptr(per_example), dptr_mut(total, self.st()));
+        let (pp, tp) = (self.ptr(per_example), dptr_mut(&mut total.slice, self.st()));
         self.per_row("add_row_sq_norms_f32", rows, &[&pp, &cols, &tp])
     }
 
@@ -1381,6 +1401,11 @@ impl DpBackend for Cuda {
         for t in set.iter_mut() {
             let n = t.grad.len;
             check_len(&format!("tensor {} param", t.tensor_id), t.param.len, n)?;
+            for (what, b) in [("m", t.m.as_deref()), ("v", t.v.as_deref())] {
+                if let Some(b) = b {
+                    check_len(&format!("tensor {} {what}", t.tensor_id), b.len, n)?;
+                }
+            }
             if n == 0 {
                 continue;
             }

@@ -11,7 +11,8 @@
 //! circle, square, triangle, cross) *and* a distinct colour ([`Color`]: red, green,
 //! blue, yellow, white, purple), so "the circle" and "the red object" always name
 //! exactly one object. Objects are placed on a square canvas of [`SCENE_UNITS`] =
-//! 32 units with side lengths of 6–12 units and bounding boxes at least
+//! 32 units with side lengths of 6–12 units (12–20 for a lone object, so its colour
+//! and shape fill a sizeable share of the patches) and bounding boxes at least
 //! [`MIN_GAP`] units apart (non-overlapping). The canvas is rendered at the
 //! requested pixel size (a unit is `image_size / 32` pixels), so the scene,
 //! question and answer of an example do not depend on the image size; only the

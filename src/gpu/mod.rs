@@ -50,7 +50,7 @@ pub struct Gpu {
     blas: CudaBlas,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     sm_count: u32,
-    funcs: Mutex<HashMap<&'static str, CudaFunction>>,
+    funcs: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
 }
 
 impl Gpu {
@@ -119,7 +119,7 @@ impl Gpu {
     /// Kernel `name` from `kernels/<module>.cu`, loaded on first use and cached.
     pub fn func(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
         let mut funcs = self.funcs.lock().expect("kernel cache lock poisoned");
-        if let Some(f) = funcs.get(name) {
+        if let Some(f) = funcs.get(&(module, name)) {
             return Ok(f.clone());
         }
         let m = self.modules.get(module).ok_or_else(|| Error::Cuda {
@@ -129,7 +129,7 @@ impl Gpu {
         let f = m
             .load_function(name)
             .map_err(cuda_err(&format!("loading kernel {name}")))?;
-        funcs.insert(name, f.clone());
+        funcs.insert((module, name), f.clone());
         Ok(f)
     }
 
@@ -152,6 +152,14 @@ impl Gpu {
         self.stream
             .alloc_zeros(n)
             .map_err(cuda_err(&format!("allocating {n} elements")))
+    }
+
+    /// Makes this GPU's context current on the calling thread (cuBLAS calls do not
+    /// do it themselves; kernel launches and copies do).
+    pub fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(cuda_err("binding the CUDA context"))
     }
 
     /// Waits for all queued work.
