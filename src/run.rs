@@ -76,6 +76,9 @@ pub fn pretrain_spec(preset: &str) -> ModelSpec {
     }
 }
 
+/// Steps per block of [`pretrain`]'s alternation between all and pruned visual tokens.
+pub const PRETRAIN_BLOCK: u32 = 50;
+
 /// Non-private pretraining on the public split; returns (summary, public test accuracy).
 pub fn pretrain<B: DpBackend>(backend: &B, a: &PretrainArgs) -> Result<(RunSummary, f64)> {
     let spec = pretrain_spec(&a.preset);
@@ -110,7 +113,25 @@ pub fn pretrain<B: DpBackend>(backend: &B, a: &PretrainArgs) -> Result<(RunSumma
     let mut t = Trainer::new(backend, model, spec, cfg, &data)?;
     t.out_dir = Some(a.out.clone());
     t.progress = a.progress;
-    let summary = t.run(&data, 0)?;
+    // Alternate blocks of steps with all visual tokens and with the pruned view
+    // (CLS + K + M) that `dualpriv` fine-tunes on, so the public model reads both
+    // and token pruning does not meet a distribution it has never seen.
+    let (k, m) = mcfg.vision.default_token_select();
+    let started = Instant::now();
+    let mut done = 0;
+    while done < a.steps {
+        let pruned = (done / PRETRAIN_BLOCK) % 2 == 1;
+        t.cfg.keep_tokens = pruned.then_some(k);
+        t.cfg.context_tokens = if pruned { m } else { 0 };
+        t.cfg.steps = (done + PRETRAIN_BLOCK).min(a.steps);
+        t.run(&data, 0)?;
+        done = t.cfg.steps;
+    }
+    // The checkpoint's recorded config: no pruning (0 further steps, just the save).
+    t.cfg.keep_tokens = None;
+    t.cfg.context_tokens = 0;
+    let mut summary = t.run(&data, 0)?;
+    summary.seconds = started.elapsed().as_secs_f64();
     let acc = evaluate(backend, &t.model, &held_out, None, text_len)?;
     Ok((summary, acc))
 }
@@ -172,8 +193,9 @@ pub fn demo_train_config(method: Method, epsilon: f64, delta: f64, text_len: usi
         delta,
         noise_multiplier: None,
         accountant: "pld".into(),
-        keep_tokens: (method == Method::Dualpriv).then_some(24),
-        context_tokens: if method == Method::Dualpriv { 4 } else { 0 },
+        // The tiny preset's default (K, M) = (6, 2): 9 visual tokens instead of 16.
+        keep_tokens: (method == Method::Dualpriv).then_some(6),
+        context_tokens: if method == Method::Dualpriv { 2 } else { 0 },
         fuse_noise_std: 0.0,
         keep_frac: 0.8,
         prune_scope: PruneScope::Tensor,
@@ -399,7 +421,7 @@ pub fn bench_methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<Met
     let (mcfg, mode) = spec.build()?;
     let data = Dataset::generate(Split::Private, a.batch.max(1), 1, mcfg.vision.image_size)?;
     let idx: Vec<usize> = (0..data.len()).collect();
-    let default_keep = if mcfg.vision.patches() >= 576 { 53 } else { 24 };
+    let (default_keep, default_context) = mcfg.vision.default_token_select();
     let peak = backend
         .device_name()
         .and_then(|n| peak_tflops(&n, backend.tf32_gemms()));
@@ -414,6 +436,7 @@ pub fn bench_methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<Met
         cfg.keep_frac = a.keep_frac;
         if method == Method::Dualpriv {
             cfg.keep_tokens = Some(a.keep_tokens.unwrap_or(default_keep));
+            cfg.context_tokens = default_context;
         }
         let m = model
             .take()

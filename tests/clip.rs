@@ -112,6 +112,13 @@ fn bk_clipped_sum_equals_brute_force() {
         clipped_weight_sum(&x, &g, &c, s, &mut got).unwrap();
         let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
         assert!(max_rel_err(&got, &twice, 1e-3) < 1e-5);
+        // The f32 production path (scaled narrower operand, one f32 GEMM) agrees.
+        let mut fast = vec![0.0f32; s.p * s.d];
+        clipped_weight_sum_f32(&x, &g, &c, s, &mut fast).unwrap();
+        // f32 accumulation: judged against the output's scale, not entry by entry.
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let e = max_rel_err(&fast, &want, scale);
+        assert!(e < 1e-5, "f32 path {s:?}: {e}");
         let mut bias = vec![0.0f32; s.p];
         clipped_bias_sum(&g, &c, s, &mut bias).unwrap();
         for o in 0..s.p {

@@ -327,14 +327,14 @@ fn question_mix_per_split() {
         }
     }
     // Colour, the skill the demo's fine-tunes acquire, is rare in the Public split
-    // (1/8) and half of Private and Test.
+    // (1/32) and half of Private and Test.
     let public = gen(Split::Public, 2000, 99);
     let colour = public
         .examples
         .iter()
         .filter(|e| e.kind == QuestionKind::Color)
         .count();
-    assert!((colour as f64 / 2000.0 - 0.125).abs() < 0.03, "{colour}");
+    assert!((colour as f64 / 2000.0 - 1.0 / 32.0).abs() < 0.015, "{colour}");
 }
 
 #[test]

@@ -317,19 +317,20 @@ fn full_pruning_equals_no_pruning_with_cls() {
     let l0 = m.per_example_loss(&Cpu, &bt, None).unwrap();
     let l1 = m.per_example_loss(&Cpu, &bt, Some(&all)).unwrap();
     assert_eq!(l0, l1);
-    assert_eq!(m.visual_tokens(None), 65);
-    assert_eq!(m.visual_tokens(Some(&all)), 65);
+    let n = cfg.vision.tokens();
+    assert_eq!(m.visual_tokens(None), n);
+    assert_eq!(m.visual_tokens(Some(&all)), n);
     // Real pruning changes the loss and the visual token count.
     let pruned = TokenSelectConfig {
-        keep: 8,
-        context: 4,
+        keep: 6,
+        context: 2,
         fuse_noise_std: 0.0,
         noise_seed: 0,
     };
     let fb = m.forward_backward(&Cpu, &bt, Some(&pruned)).unwrap();
-    assert_eq!(fb.visual_tokens, 13);
+    assert_eq!(fb.visual_tokens, 9);
     assert_ne!(fb.per_example_loss, l0);
-    assert!(fb.captures.iter().all(|c| c.shape.t == 13 + 6));
+    assert!(fb.captures.iter().all(|c| c.shape.t == 9 + 6));
     // The default (LLaVA "patch" feature) drops CLS when not pruning.
     let m2 = Mllm::new(
         &Cpu,
@@ -338,7 +339,7 @@ fn full_pruning_equals_no_pruning_with_cls() {
         1,
     )
     .unwrap();
-    assert_eq!(m2.visual_tokens(None), 64);
+    assert_eq!(m2.visual_tokens(None), n - 1);
 }
 
 #[test]

@@ -249,8 +249,8 @@ fn every_method_lowers_the_training_loss() {
             eps: 1e-8,
         };
         if method == Method::Dualpriv {
-            c.keep_tokens = Some(24);
-            c.context_tokens = 4;
+            c.keep_tokens = Some(6);
+            c.context_tokens = 2;
             c.keep_frac = 0.8;
         }
         // Zeroth-order steps move along one random direction each: slower, so more
@@ -359,8 +359,8 @@ fn resuming_gives_the_same_weights() {
     let mut c = cfg(Method::Dualpriv, &d);
     c.noise_multiplier = Some(0.8);
     c.keep_frac = 0.7;
-    c.keep_tokens = Some(20);
-    c.context_tokens = 4;
+    c.keep_tokens = Some(5);
+    c.context_tokens = 2;
     c.opt = OptConfig {
         kind: OptKind::Adamw,
         lr: 1e-2,

@@ -150,7 +150,7 @@ impl DpBackend for Cpu {
         if !accumulate {
             out.fill(0.0);
         }
-        clip::clipped_weight_sum(x, g, factors, s, out)
+        clip::clipped_weight_sum_f32(x, g, factors, s, out)
     }
 
     fn clipped_bias_sum(

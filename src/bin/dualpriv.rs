@@ -409,12 +409,12 @@ struct TrainArgs {
     /// Per-example clipping norm C.
     #[arg(long, default_value_t = 1.0)]
     clip_norm: f32,
-    /// Visual tokens: K dominant patches kept (dualpriv default 24 for tiny, 53 for llava).
+    /// Visual tokens: K dominant patches kept (dualpriv default 6 for tiny, 53 for llava).
     #[arg(long)]
     keep_tokens: Option<usize>,
-    /// Visual tokens: M contextual tokens.
-    #[arg(long, default_value_t = 4)]
-    context_tokens: usize,
+    /// Visual tokens: M contextual tokens (default 2 for tiny, 10 for llava).
+    #[arg(long)]
+    context_tokens: Option<usize>,
     /// Switch visual token pruning off (ablation).
     #[arg(long)]
     no_token_pruning: bool,
@@ -537,7 +537,7 @@ fn train_on<B: DpBackend>(be: &B, a: TrainArgs) -> dualpriv::Result<()> {
         },
         "tensor or global",
     )?;
-    let default_keep = if mcfg.vision.patches() >= 576 { 53 } else { 24 };
+    let (default_keep, default_context) = mcfg.vision.default_token_select();
     let keep_tokens = match (a.no_token_pruning, a.keep_tokens, method) {
         (true, ..) => None,
         (false, Some(k), _) => Some(k),
@@ -569,7 +569,7 @@ fn train_on<B: DpBackend>(be: &B, a: TrainArgs) -> dualpriv::Result<()> {
         accountant: a.accountant.clone(),
         keep_tokens,
         context_tokens: if keep_tokens.is_some() {
-            a.context_tokens
+            a.context_tokens.unwrap_or(default_context)
         } else {
             0
         },

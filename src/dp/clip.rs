@@ -17,7 +17,7 @@
 use rayon::prelude::*;
 
 use crate::error::{ensure_shape, Error, Result};
-use crate::linalg::{gemm_f64, View};
+use crate::linalg::{gemm_f32, gemm_f64, View};
 
 /// Shapes of one linear layer's saved activations: X is b×t×d, G is b×t×p.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,6 +195,48 @@ pub fn clip_factors(total_sq_norms: &[f64], clip_norm: f64) -> Result<Vec<f32>> 
             Ok((clip_norm / (sq.max(0.0).sqrt() + CLIP_EPS)).min(1.0) as f32)
         })
         .collect()
+}
+
+/// [`clipped_weight_sum`] in f32, the CPU backend's production path: the narrower of
+/// X and G is scaled by each example's factor, then one packed f32 GEMM over all b·t
+/// rows, the same plan as the GPU's. Added into `out`.
+pub fn clipped_weight_sum_f32(
+    x: &[f32],
+    g: &[f32],
+    factors: &[f32],
+    s: LinearShape,
+    out: &mut [f32],
+) -> Result<()> {
+    s.check(x, g)?;
+    s.check_factors(factors)?;
+    ensure_shape(out.len() == s.p * s.d, || {
+        format!(
+            "clipped sum buffer has {} values, expected p*d = {}",
+            out.len(),
+            s.p * s.d
+        )
+    })?;
+    let bt = s.b * s.t;
+    if bt == 0 || out.is_empty() {
+        return Ok(());
+    }
+    let scaled = |m: &[f32], width: usize| -> Vec<f32> {
+        let per = (s.t * width).max(1);
+        m.iter()
+            .enumerate()
+            .map(|(j, &v)| v * factors[j / per])
+            .collect()
+    };
+    if s.d < s.p {
+        let xs = scaled(x, s.d);
+        let gv = View::row_major(g, bt, s.p).t();
+        gemm_f32(1.0, gv, View::row_major(&xs, bt, s.d), 1.0, out, s.d);
+    } else {
+        let gs = scaled(g, s.p);
+        let gv = View::row_major(&gs, bt, s.p).t();
+        gemm_f32(1.0, gv, View::row_major(x, bt, s.d), 1.0, out, s.d);
+    }
+    Ok(())
 }
 
 /// The book-keeping clipped weight-gradient sum Σ_i c_i G_iᵀ X_i, as a p×d matrix

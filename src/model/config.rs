@@ -49,6 +49,17 @@ impl VisionConfig {
     pub fn patch_dim(&self) -> usize {
         3 * self.patch_size * self.patch_size
     }
+    /// Default (K, M) of token selection: VisionZip's (53, 10) for CLIP's 576
+    /// patches, otherwise 3/8 of the patches kept and 1/8 merged into contextual
+    /// tokens (the tiny preset's 16 patches: K = 6, M = 2, so 9 tokens instead of 16).
+    pub fn default_token_select(&self) -> (usize, usize) {
+        let p = self.patches();
+        if p >= 576 {
+            (53, 10)
+        } else {
+            ((3 * p / 8).max(1), p / 8)
+        }
+    }
     /// Layers actually run (and allocated): up to layer −2.
     pub fn layers_run(&self) -> usize {
         self.layers.saturating_sub(1)
@@ -134,7 +145,7 @@ impl ModelConfig {
                 name: name.into(),
                 vision: VisionConfig {
                     image_size: 32,
-                    patch_size: 4,
+                    patch_size: 8,
                     hidden: 64,
                     layers: 4,
                     heads: 4,

@@ -493,7 +493,17 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             cfg: &self.cfg,
             sigma: self.sigma,
         };
-        step::train_step(&mut ctx, self.step, indices)
+        step::train_step(&mut ctx, self.step, indices).map_err(|e| match e {
+            // Out of memory: say which run it was and what micro-batch to try.
+            Error::OutOfMemory(m) => Error::OutOfMemory(format!(
+                "{m} [preset {}, batch {}, micro-batch {}: try --micro-batch {}]",
+                self.model_spec.preset,
+                self.cfg.batch,
+                self.cfg.micro_batch,
+                (self.cfg.micro_batch / 2).max(1)
+            )),
+            e => e,
+        })
     }
 
     fn save_checkpoint(&self) -> Result<()> {
