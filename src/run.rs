@@ -179,8 +179,8 @@ pub fn demo_train_config(method: Method, epsilon: f64, delta: f64, text_len: usi
         method,
         // Few large batches: DP noise on the mean gradient shrinks as σ/B, and the
         // whole demo must fit a few minutes on 2 CPU cores.
-        batch: 128,
-        micro_batch: 128,
+        batch: 256,
+        micro_batch: 256,
         sampling: Sampling::Poisson,
         steps: 25,
         opt: if dpzo {
@@ -297,10 +297,10 @@ pub fn default_pretrain_args(out: &Path, progress: bool) -> PretrainArgs {
     PretrainArgs {
         preset: "tiny".into(),
         out: out.to_path_buf(),
-        examples: 8000,
-        steps: 300,
+        examples: 40_000,
+        steps: 2000,
         batch: 32,
-        lr: 3e-3,
+        lr: 1e-3,
         seed: 0,
         progress,
     }

@@ -51,7 +51,7 @@ enum Cmd {
         #[arg(long, default_value = "target/demo")]
         out: PathBuf,
         /// Private training examples.
-        #[arg(long, default_value_t = 8000)]
+        #[arg(long, default_value_t = 16000)]
         train_examples: usize,
         /// Test examples.
         #[arg(long, default_value_t = 1000)]
@@ -78,16 +78,16 @@ enum Cmd {
         #[arg(long, default_value = "tiny")]
         preset: String,
         /// Public examples.
-        #[arg(long, default_value_t = 8000)]
+        #[arg(long, default_value_t = 40_000)]
         examples: usize,
         /// Optimizer steps.
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = 2000)]
         steps: u32,
         /// Batch size.
         #[arg(long, default_value_t = 32)]
         batch: usize,
         /// AdamW learning rate.
-        #[arg(long, default_value_t = 3e-3)]
+        #[arg(long, default_value_t = 1e-3)]
         lr: f32,
         /// Seed of data and initialisation.
         #[arg(long, default_value_t = 0)]
