@@ -390,7 +390,20 @@ pub fn step_flops(
     let vit = 2.0 * b * v.patches() as f64 * v.patch_dim() as f64 * dv
         + v.layers_run() as f64 * (2.0 * b * n * vit_layer + 4.0 * b * n * n * dv);
     let proj = 2.0 * b * visual as f64 * (dv * d + d * d);
-    let seq = (visual + text) as f64;
+    let llm = llm_forward_flops(cfg, batch, visual, text);
+    if method == Method::Dpzo {
+        2.0 * (vit + proj + llm)
+    } else {
+        vit + proj + 3.0 * llm
+    }
+}
+
+/// Model FLOPs of the decoder's forward pass over `visual + text` tokens per example:
+/// every linear (2 per multiply-add), the full T×T attention products, and the LM head
+/// on the text positions.
+pub fn llm_forward_flops(cfg: &ModelConfig, batch: usize, visual: usize, text: usize) -> f64 {
+    let l = &cfg.llm;
+    let (b, d, seq) = (batch as f64, l.hidden as f64, (visual + text) as f64);
     let layer: f64 = crate::model::config::LoraTarget::ALL
         .iter()
         .map(|&t| {
@@ -398,13 +411,8 @@ pub fn step_flops(
             (i * o) as f64
         })
         .sum();
-    let llm = l.layers as f64 * (2.0 * b * seq * layer + 4.0 * b * seq * seq * d)
-        + 2.0 * b * text as f64 * d * l.vocab as f64;
-    if method == Method::Dpzo {
-        2.0 * (vit + proj + llm)
-    } else {
-        vit + proj + 3.0 * llm
-    }
+    l.layers as f64 * (2.0 * b * seq * layer + 4.0 * b * seq * seq * d)
+        + 2.0 * b * text as f64 * d * l.vocab as f64
 }
 
 /// Times one training step of each method on a fixed batch (`dualpriv bench`).
@@ -444,7 +452,11 @@ pub fn bench_methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<Met
         let mut t = Trainer::new(backend, m, spec.clone(), cfg, &data)?;
         // The first method also warms the allocator, page cache and GPU pools,
         // which would otherwise be billed to whichever method runs first.
-        let warm = if rows.is_empty() { 3 * a.warmup } else { a.warmup };
+        let warm = if rows.is_empty() {
+            3 * a.warmup
+        } else {
+            a.warmup
+        };
         for _ in 0..warm {
             t.one_step(&data, &idx)?;
         }
@@ -481,4 +493,31 @@ pub fn bench_methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<Met
         model = Some(t.model);
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_table_matches_names() {
+        assert_eq!(peak_tflops("NVIDIA H200", true), Some(494.7));
+        assert_eq!(peak_tflops("NVIDIA H20", true), Some(74.0));
+        assert_eq!(peak_tflops("NVIDIA A100-SXM4-80GB", false), Some(19.5));
+        assert_eq!(peak_tflops("NVIDIA GeForce RTX 4090", true), None);
+    }
+
+    #[test]
+    fn llm_flops_match_the_reference_figures() {
+        // REFERENCE.md §7: llava-7b, 64 text + ~35 prompt tokens: 8.88 TFLOP with 576
+        // visual tokens, 2.13 TFLOP with 64.
+        let cfg = ModelConfig::preset("llava-7b").unwrap();
+        for (visual, want) in [(576, 8.88e12), (64, 2.13e12)] {
+            let got = llm_forward_flops(&cfg, 1, visual, 99);
+            assert!(
+                (got / want - 1.0).abs() < 0.03,
+                "{visual}: {got:e} vs {want:e}"
+            );
+        }
+    }
 }

@@ -334,7 +334,10 @@ fn question_mix_per_split() {
         .iter()
         .filter(|e| e.kind == QuestionKind::Color)
         .count();
-    assert!((colour as f64 / 2000.0 - 1.0 / 32.0).abs() < 0.015, "{colour}");
+    assert!(
+        (colour as f64 / 2000.0 - 1.0 / 32.0).abs() < 0.015,
+        "{colour}"
+    );
 }
 
 #[test]
