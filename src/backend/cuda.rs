@@ -22,10 +22,9 @@
 #![allow(clippy::too_many_arguments)]
 
 use std::collections::HashMap;
-use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::cpu::{check_attn, check_len, checked};
 use super::dp::{DpBackend, TensorUpdate};
@@ -84,9 +83,9 @@ impl Pool {
     }
 }
 
-/// A device buffer of f32 from the backend's pool. Dereferences to the
-/// [`CudaSlice`] (which holds at least one element, as CUDA has no empty
-/// allocations; [`Backend::len`] is the logical length).
+/// A device buffer of f32 from the backend's pool. Its allocation is the buffer's
+/// size class ([`size_class`]), at least its logical length; [`GpuBuf::view`] and
+/// [`GpuBuf::view_mut`] expose exactly the logical `len` values.
 pub struct GpuBuf {
     slice: Option<CudaSlice<f32>>,
     len: usize,
@@ -94,36 +93,52 @@ pub struct GpuBuf {
 }
 
 impl GpuBuf {
-    fn bytes(&self) -> u64 {
-        (self.len.max(1) * 4) as u64
-    }
-}
-
-impl Deref for GpuBuf {
-    type Target = CudaSlice<f32>;
-    fn deref(&self) -> &CudaSlice<f32> {
+    fn alloc(&self) -> &CudaSlice<f32> {
         self.slice
             .as_ref()
             .expect("GpuBuf slice present until drop")
     }
-}
 
-impl DerefMut for GpuBuf {
-    fn deref_mut(&mut self) -> &mut CudaSlice<f32> {
+    fn bytes(&self) -> u64 {
+        (self.alloc().len() * 4) as u64
+    }
+
+    /// The buffer's `len` values.
+    pub fn view(&self) -> CudaView<'_, f32> {
+        self.alloc().slice(0..self.len)
+    }
+
+    /// The buffer's `len` values, mutably.
+    pub fn view_mut(&mut self) -> CudaViewMut<'_, f32> {
+        let len = self.len;
         self.slice
             .as_mut()
             .expect("GpuBuf slice present until drop")
+            .slice_mut(0..len)
     }
+}
+
+/// The allocation size for a request of `n` values: exact up to 4096, above that
+/// rounded up to 4 significant bits (at most 1/8 extra). Poisson batches change the
+/// batch size every step; the classes let neighbouring sizes share cached buffers
+/// instead of growing the cache with every new size.
+pub fn size_class(n: usize) -> usize {
+    if n <= 4096 {
+        return n.max(1);
+    }
+    let bits = usize::BITS - n.leading_zeros();
+    let shift = bits - 4;
+    n.div_ceil(1 << shift) << shift
 }
 
 impl Drop for GpuBuf {
     fn drop(&mut self) {
+        let bytes = self.bytes();
         if let Some(s) = self.slice.take() {
-            let bytes = self.bytes();
             let mut st = self.pool.lock();
             st.live_bytes -= bytes;
             st.cached_bytes += bytes;
-            st.free.entry(self.len.max(1)).or_default().push(s);
+            st.free.entry(s.len()).or_default().push(s);
         }
     }
 }
@@ -205,7 +220,7 @@ impl Cuda {
 
     /// A pooled buffer of `n` values with unspecified contents.
     fn take(&self, n: usize) -> Result<GpuBuf> {
-        let size = n.max(1);
+        let size = size_class(n);
         let bytes = (size * 4) as u64;
         let cached = {
             let mut st = self.pool.lock();
@@ -260,11 +275,15 @@ impl Cuda {
     }
 
     fn ptr(&self, b: &GpuBuf) -> u64 {
-        dptr(&**b, self.st())
+        dptr(b.alloc(), self.st())
     }
 
     fn ptr_mut(&self, b: &mut GpuBuf) -> u64 {
-        dptr_mut(&mut **b, self.st())
+        let st = self.st().clone();
+        dptr_mut(
+            b.slice.as_mut().expect("GpuBuf slice present until drop"),
+            &st,
+        )
     }
 
     /// Launches a grid-stride elementwise kernel over `n` items.
@@ -299,7 +318,7 @@ impl Cuda {
 
     fn gemm(&self, c: &mut GpuBuf, a: &GpuBuf, b: &GpuBuf, g: RowMajor) -> Result<()> {
         self.gpu.bind()?;
-        g.run(&self.gpu, &**a, &**b, &mut **c)
+        g.run(&self.gpu, &a.view(), &b.view(), &mut c.view_mut())
     }
 
     fn gemm_batched(
@@ -314,12 +333,12 @@ impl Cuda {
             return Ok(());
         }
         self.gpu.bind()?;
-        g.run_batched(&self.gpu, batch, &**a, &**b, &mut **c)
+        g.run_batched(&self.gpu, batch, &a.view(), &b.view(), &mut c.view_mut())
     }
 
     fn memset0(&self, b: &mut GpuBuf) -> Result<()> {
         self.st()
-            .memset_zeros(&mut **b)
+            .memset_zeros(&mut b.view_mut())
             .map_err(cuda_err("cuMemsetD8"))
     }
 
@@ -369,7 +388,7 @@ impl Backend for Cuda {
     fn upload(&self, host: &[f32]) -> Result<GpuBuf> {
         let mut b = self.take(host.len())?;
         if !host.is_empty() {
-            let mut view = b.slice_mut(0..host.len());
+            let mut view = b.view_mut();
             self.st()
                 .memcpy_htod(host, &mut view)
                 .map_err(cuda_err("host-to-device copy"))?;
@@ -381,7 +400,7 @@ impl Backend for Cuda {
         if buf.len == 0 {
             return Ok(Vec::new());
         }
-        self.gpu.download(&buf.slice(0..buf.len))
+        self.gpu.download(&buf.view())
     }
 
     fn len(&self, buf: &GpuBuf) -> usize {
@@ -443,7 +462,7 @@ impl Backend for Cuda {
         let mut b = self.take(src.len)?;
         if src.len > 0 {
             self.st()
-                .memcpy_dtod(&src.slice(0..src.len), &mut b.slice_mut(0..src.len))
+                .memcpy_dtod(&src.view(), &mut b.view_mut())
                 .map_err(cuda_err("device-to-device copy"))?;
         }
         Ok(b)
@@ -1056,12 +1075,12 @@ impl Backend for Cuda {
         let mut kept = self.gpu.zeros::<u32>(kept_len.max(1))?;
         gpu::tokens::select_tokens_dev(
             &self.gpu,
-            &attn_cls.slice(0..attn_cls.len),
-            &keys.slice(0..keys.len),
-            &hidden.slice(0..hidden.len),
+            &attn_cls.view(),
+            &keys.view(),
+            &hidden.view(),
             shape,
             cfg,
-            &mut out.slice_mut(0..out_len),
+            &mut out.view_mut(),
             &mut kept.slice_mut(0..kept_len),
             ws,
         )?;
@@ -1202,8 +1221,8 @@ impl DpBackend for Cuda {
         }
         gpu::clip::add_layer_sq_norms(
             &self.gpu,
-            &x.slice(0..x.len),
-            &g.slice(0..g.len),
+            &x.view(),
+            &g.view(),
             s,
             method,
             has_bias,
@@ -1216,7 +1235,7 @@ impl DpBackend for Cuda {
         if total.len == 0 {
             return Ok(f);
         }
-        gpu::clip::clip_factors(&self.gpu, &total.slice, clip_norm, &mut f)?;
+        gpu::clip::clip_factors(&self.gpu, &total.slice, clip_norm, &mut f.view_mut())?;
         Ok(f)
     }
 
@@ -1238,15 +1257,14 @@ impl DpBackend for Cuda {
             };
         }
         let mut ws = self.take(gpu::clip::workspace_len(s))?;
-        let n = out.len;
         gpu::clip::clipped_weight_sum(
             &self.gpu,
-            &x.slice(0..x.len),
-            &g.slice(0..g.len),
-            factors,
+            &x.view(),
+            &g.view(),
+            &factors.view(),
             s,
-            &mut ws,
-            &mut out.slice_mut(0..n),
+            &mut ws.view_mut(),
+            &mut out.view_mut(),
             accumulate,
         )
     }
@@ -1267,13 +1285,12 @@ impl DpBackend for Cuda {
                 self.memset0(out)
             };
         }
-        let n = out.len;
         gpu::clip::clipped_bias_sum(
             &self.gpu,
-            &g.slice(0..g.len),
-            factors,
+            &g.view(),
+            &factors.view(),
             s,
-            &mut out.slice_mut(0..n),
+            &mut out.view_mut(),
             accumulate,
         )
     }
@@ -1397,7 +1414,15 @@ impl DpBackend for Cuda {
             )?);
         }
         let plan = plan.as_mut().expect("plan was just built");
-        let mut tensors = Vec::with_capacity(set.len());
+        // Views of exactly each tensor's values (allocations may be larger).
+        type Views<'v> = (
+            u32,
+            CudaView<'v, f32>,
+            CudaViewMut<'v, f32>,
+            Option<CudaViewMut<'v, f32>>,
+            Option<CudaViewMut<'v, f32>>,
+        );
+        let mut views: Vec<Views<'_>> = Vec::with_capacity(set.len());
         for t in set.iter_mut() {
             let n = t.grad.len;
             check_len(&format!("tensor {} param", t.tensor_id), t.param.len, n)?;
@@ -1409,13 +1434,23 @@ impl DpBackend for Cuda {
             if n == 0 {
                 continue;
             }
+            views.push((
+                t.tensor_id,
+                t.grad.view(),
+                t.param.view_mut(),
+                t.m.as_deref_mut().map(GpuBuf::view_mut),
+                t.v.as_deref_mut().map(GpuBuf::view_mut),
+            ));
+        }
+        let mut tensors = Vec::with_capacity(views.len());
+        for (id, g, p, m, v) in views.iter_mut() {
             tensors.push(DeviceTensor::new(
                 &self.gpu,
-                t.tensor_id,
-                &**t.grad,
-                &mut **t.param,
-                t.m.as_deref_mut().map(|b| &mut **b),
-                t.v.as_deref_mut().map(|b| &mut **b),
+                *id,
+                &*g,
+                p,
+                m.as_mut(),
+                v.as_mut(),
             )?);
         }
         plan.run(&self.gpu, &tensors, cfg)
@@ -1425,8 +1460,7 @@ impl DpBackend for Cuda {
         if y.len == 0 {
             return Ok(());
         }
-        let n = y.len;
-        gpu::noise::noise_axpy(&self.gpu, key, 0, a, true, &mut y.slice_mut(0..n))
+        gpu::noise::noise_axpy(&self.gpu, key, 0, a, true, &mut y.view_mut())
     }
 }
 
@@ -1441,5 +1475,26 @@ pub fn cuda_or_skip(test: &str) -> Option<Cuda> {
             None
         }
         Err(e) => panic!("{test}: a CUDA driver is present but the GPU failed to open: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_cover_requests_with_bounded_waste() {
+        for n in (0..200_000usize).chain([1 << 30, (1 << 30) + 1, 3_000_000_007]) {
+            let c = size_class(n);
+            assert!(c >= n.max(1), "{n} -> {c}");
+            assert!(c as f64 <= n.max(1) as f64 * 1.125 + 1.0, "{n} -> {c}");
+        }
+        assert_eq!(size_class(4096), 4096);
+        assert_eq!(size_class(4097), 4608);
+        // A Poisson batch of 256 ± 50 examples of a 16 × 128 activation needs only a
+        // handful of distinct allocations.
+        let classes: std::collections::BTreeSet<usize> =
+            (206..=306).map(|b| size_class(b * 16 * 128)).collect();
+        assert!(classes.len() <= 6, "{classes:?}");
     }
 }

@@ -94,11 +94,11 @@ pub fn add_layer_sq_norms<X: DevicePtr<f32>, G: DevicePtr<f32>>(
 
 /// Clip factors c_i = min(1, C / (‖g_i‖ + 1e-6)) from the total squared norms.
 /// Synchronises to check for a non-finite norm, which is an error.
-pub fn clip_factors(
+pub fn clip_factors<F: DevicePtrMut<f32>>(
     gpu: &Gpu,
     total: &CudaSlice<f64>,
     clip_norm: f32,
-    factors: &mut CudaSlice<f32>,
+    factors: &mut F,
 ) -> Result<()> {
     if clip_norm.is_nan() || clip_norm <= 0.0 {
         return Err(Error::Config(format!(
@@ -113,13 +113,10 @@ pub fn clip_factors(
         return Ok(());
     }
     let mut bad = gpu.zeros::<u64>(1)?;
+    let fp = dptr_mut(factors, gpu.stream());
     let f = gpu.func(MODULE, "clip_factors_f32")?;
     let mut l = gpu.stream().launch_builder(&f);
-    l.arg(total)
-        .arg(&b)
-        .arg(&clip_norm)
-        .arg(factors)
-        .arg(&mut bad);
+    l.arg(total).arg(&b).arg(&clip_norm).arg(&fp).arg(&mut bad);
     let grid = (b as u32).div_ceil(THREADS);
     // SAFETY: argument types match the kernel signature.
     unsafe {
@@ -147,13 +144,19 @@ pub fn workspace_len(s: LinearShape) -> usize {
 /// over all b·t rows, with the narrower of X and G scaled by c in `workspace`.
 /// `accumulate` adds into `out` (micro-batches); otherwise `out` is overwritten.
 #[allow(clippy::too_many_arguments)]
-pub fn clipped_weight_sum<X: DevicePtr<f32>, G: DevicePtr<f32>, O: DevicePtrMut<f32>>(
+pub fn clipped_weight_sum<
+    X: DevicePtr<f32>,
+    G: DevicePtr<f32>,
+    F: DevicePtr<f32>,
+    W: DevicePtr<f32> + DevicePtrMut<f32>,
+    O: DevicePtrMut<f32>,
+>(
     gpu: &Gpu,
     x: &X,
     g: &G,
-    factors: &CudaSlice<f32>,
+    factors: &F,
     s: LinearShape,
-    workspace: &mut CudaSlice<f32>,
+    workspace: &mut W,
     out: &mut O,
     accumulate: bool,
 ) -> Result<()> {
@@ -187,13 +190,17 @@ pub fn clipped_weight_sum<X: DevicePtr<f32>, G: DevicePtr<f32>, O: DevicePtrMut<
     let per_example = (s.t * width) as i64;
     let total = (s.b * s.t * width) as i64;
     if total > 0 {
+        let (fp, wp) = (
+            dptr(factors, gpu.stream()),
+            dptr_mut(workspace, gpu.stream()),
+        );
         let f = gpu.func(MODULE, "scale_examples_f32")?;
         let mut l = gpu.stream().launch_builder(&f);
         l.arg(&src_ptr)
-            .arg(factors)
+            .arg(&fp)
             .arg(&per_example)
             .arg(&total)
-            .arg(&mut *workspace);
+            .arg(&wp);
         let grid = super::grid_for(total as usize, THREADS, gpu.sm_count() * 8);
         // SAFETY: argument types match; workspace holds `total` values.
         unsafe {
@@ -221,10 +228,10 @@ pub fn clipped_weight_sum<X: DevicePtr<f32>, G: DevicePtr<f32>, O: DevicePtrMut<
 }
 
 /// The clipped bias sum Σ_i c_i Σ_t G_i,t (length p); `accumulate` adds into `out`.
-pub fn clipped_bias_sum<G: DevicePtr<f32>, O: DevicePtrMut<f32>>(
+pub fn clipped_bias_sum<G: DevicePtr<f32>, F: DevicePtr<f32>, O: DevicePtrMut<f32>>(
     gpu: &Gpu,
     g: &G,
-    factors: &CudaSlice<f32>,
+    factors: &F,
     s: LinearShape,
     out: &mut O,
     accumulate: bool,
@@ -244,7 +251,7 @@ pub fn clipped_bias_sum<G: DevicePtr<f32>, O: DevicePtrMut<f32>>(
         return Ok(());
     }
     let st = gpu.stream();
-    let (gp, op) = (dptr(g, st), dptr_mut(out, st));
+    let (gp, fp, op) = (dptr(g, st), dptr(factors, st), dptr_mut(out, st));
     let (b, t, p, acc) = (
         i32_dim(s.b, "batch")?,
         i32_dim(s.t, "T")?,
@@ -254,7 +261,7 @@ pub fn clipped_bias_sum<G: DevicePtr<f32>, O: DevicePtrMut<f32>>(
     let f = gpu.func(MODULE, "clipped_bias_sum_f32")?;
     let mut l = st.launch_builder(&f);
     l.arg(&gp)
-        .arg(factors)
+        .arg(&fp)
         .arg(&b)
         .arg(&t)
         .arg(&p)
