@@ -506,8 +506,12 @@ fn cfg(method: Method, d: &Dataset) -> TrainConfig {
         delta: 1e-5,
         noise_multiplier: method.is_private().then_some(0.8),
         accountant: "rdp".into(),
-        keep_tokens: dual.then_some(6),
-        context_tokens: if dual { 2 } else { 0 },
+        // All 16 patches kept: the selection kernels run, but a randomly initialised
+        // ViT's near-uniform CLS attention would let f32 rounding reorder near-tied
+        // patches between backends. Pruned selection on identical inputs is checked
+        // by `token_selection_matches_the_cpu`.
+        keep_tokens: dual.then_some(16),
+        context_tokens: 0,
         fuse_noise_std: 0.0,
         keep_frac: if dual { 0.8 } else { 1.0 },
         prune_scope: PruneScope::Tensor,
