@@ -5,11 +5,12 @@
 //!
 //! # Memory
 //!
-//! Buffers come from a size-exact caching pool ([`GpuBuf`] returns its allocation
-//! to the pool when dropped). The model asks for the same sizes every step, so the
-//! first step of a (preset, batch, tokens) plans the memory and every later step
-//! reuses it with no `cuMemAlloc` at all, the effect of llm.c's single planned
-//! allocation without hard-coding the model's buffer list twice. The pool counts the
+//! Buffers come from a caching pool with size classes ([`size_class`]; a [`GpuBuf`]
+//! returns its allocation to the pool when dropped). The model asks for the same
+//! sizes every step, so the first step of a (preset, batch, tokens) plans the memory
+//! and every later step reuses it with no `cuMemAlloc` at all, the effect of llm.c's
+//! single planned allocation without hard-coding the model's buffer list twice;
+//! the classes let the varying sizes of Poisson batches share buffers. The pool counts the
 //! bytes live, cached and at peak ([`Cuda::memory`]); `cuMemGetInfo` gives the
 //! device-wide view. An allocation failure is an error naming the request size,
 //! never a panic.
