@@ -153,7 +153,9 @@ fn axpy<T: Real>(y: &mut [T], alpha: f32, x: &[T]) -> Result<()> {
     Ok(())
 }
 
-fn copy_blocks<T: Real>(dst: &mut [T], src: &[T], b: Blocks) -> Result<()> {
+/// Bounds of a [`Blocks`] copy against the source and destination lengths; both
+/// backends call it, so an out-of-range copy is the same shape error everywhere.
+pub(crate) fn check_blocks(b: &Blocks, src_len: usize, dst_len: usize) -> Result<()> {
     if b.count == 0 || b.len == 0 {
         return Ok(());
     }
@@ -164,23 +166,17 @@ fn copy_blocks<T: Real>(dst: &mut [T], src: &[T], b: Blocks) -> Result<()> {
             .and_then(|v| v.checked_add(b.len))
     };
     ensure_shape(
-        end(b.src_off, b.src_stride).is_some_and(|e| e <= src.len()),
-        || {
-            format!(
-                "copy_blocks reads past the source ({} values): {b:?}",
-                src.len()
-            )
-        },
+        end(b.src_off, b.src_stride).is_some_and(|e| e <= src_len),
+        || format!("copy_blocks reads past the source ({src_len} values): {b:?}"),
     )?;
     ensure_shape(
-        end(b.dst_off, b.dst_stride).is_some_and(|e| e <= dst.len()),
-        || {
-            format!(
-                "copy_blocks writes past the destination ({} values): {b:?}",
-                dst.len()
-            )
-        },
-    )?;
+        end(b.dst_off, b.dst_stride).is_some_and(|e| e <= dst_len),
+        || format!("copy_blocks writes past the destination ({dst_len} values): {b:?}"),
+    )
+}
+
+fn copy_blocks<T: Real>(dst: &mut [T], src: &[T], b: Blocks) -> Result<()> {
+    check_blocks(&b, src.len(), dst.len())?;
     for i in 0..b.count {
         let s = b.src_off + i * b.src_stride;
         let d = b.dst_off + i * b.dst_stride;
@@ -660,6 +656,30 @@ fn check_ids(ids: &[u32], vocab: usize, what: &str) -> Result<()> {
     }
 }
 
+/// Shape checks of an embedding op: `s.rows` ids, each below `vocab`, a `vocab × dim`
+/// table and a `rows × dim` buffer of token rows (shared by both backends).
+pub(crate) fn check_embedding(
+    what: &str,
+    ids: &[u32],
+    table_len: usize,
+    rows_len: usize,
+    s: RowShape,
+    vocab: usize,
+) -> Result<()> {
+    check_len(&format!("{what} ids"), ids.len(), s.rows)?;
+    check_len(
+        &format!("{what} table"),
+        table_len,
+        checked(&[vocab, s.dim], what)?,
+    )?;
+    check_len(
+        &format!("{what} rows"),
+        rows_len,
+        checked(&[s.rows, s.dim], what)?,
+    )?;
+    check_ids(ids, vocab, what)
+}
+
 fn embedding_fwd<T: Real>(
     out: &mut [T],
     table: &[T],
@@ -667,18 +687,7 @@ fn embedding_fwd<T: Real>(
     s: RowShape,
     vocab: usize,
 ) -> Result<()> {
-    check_len("embedding ids", ids.len(), s.rows)?;
-    check_len(
-        "embedding table",
-        table.len(),
-        checked(&[vocab, s.dim], "embedding")?,
-    )?;
-    check_len(
-        "embedding out",
-        out.len(),
-        checked(&[s.rows, s.dim], "embedding")?,
-    )?;
-    check_ids(ids, vocab, "embedding")?;
+    check_embedding("embedding", ids, table.len(), out.len(), s, vocab)?;
     for (row, &id) in ids.iter().enumerate() {
         out[row * s.dim..][..s.dim].copy_from_slice(&table[id as usize * s.dim..][..s.dim]);
     }
@@ -692,18 +701,7 @@ fn embedding_bwd<T: Real>(
     s: RowShape,
     vocab: usize,
 ) -> Result<()> {
-    check_len("embedding_bwd ids", ids.len(), s.rows)?;
-    check_len(
-        "embedding_bwd dtable",
-        dtable.len(),
-        checked(&[vocab, s.dim], "embedding")?,
-    )?;
-    check_len(
-        "embedding_bwd dout",
-        dout.len(),
-        checked(&[s.rows, s.dim], "embedding")?,
-    )?;
-    check_ids(ids, vocab, "embedding_bwd")?;
+    check_embedding("embedding_bwd", ids, dtable.len(), dout.len(), s, vocab)?;
     for (row, &id) in ids.iter().enumerate() {
         let dst = &mut dtable[id as usize * s.dim..][..s.dim];
         dst.iter_mut()

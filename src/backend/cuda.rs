@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-use super::cpu::{check_attn, check_len, checked};
+use super::cpu::{check_attn, check_blocks, check_embedding, check_len, checked};
 use super::dp::{DpBackend, TensorUpdate};
 use super::{
     AttnShape, Backend, Blocks, DeviceMemory, MatmulSpec, PatchShape, RopeShape, RowShape,
@@ -342,15 +342,6 @@ impl Cuda {
             .memset_zeros(&mut b.view_mut())
             .map_err(cuda_err("cuMemsetD8"))
     }
-
-    fn check_ids(&self, ids: &GpuIds, vocab: usize, what: &str) -> Result<()> {
-        match ids.host.iter().find(|&&id| id as usize >= vocab) {
-            Some(id) => Err(Error::Shape(format!(
-                "{what}: token id {id} is out of range for a vocabulary of {vocab}"
-            ))),
-            None => Ok(()),
-        }
-    }
 }
 
 /// A kernel argument pushed by value (scalars, raw device pointers).
@@ -470,33 +461,10 @@ impl Backend for Cuda {
     }
 
     fn copy_blocks(&self, dst: &mut GpuBuf, src: &GpuBuf, b: Blocks) -> Result<()> {
+        check_blocks(&b, src.len, dst.len)?;
         if b.count == 0 || b.len == 0 {
             return Ok(());
         }
-        let end = |off: usize, stride: usize| {
-            (b.count - 1)
-                .checked_mul(stride)
-                .and_then(|v| v.checked_add(off))
-                .and_then(|v| v.checked_add(b.len))
-        };
-        ensure_shape(
-            end(b.src_off, b.src_stride).is_some_and(|e| e <= src.len),
-            || {
-                format!(
-                    "copy_blocks reads past the source ({} values): {b:?}",
-                    src.len
-                )
-            },
-        )?;
-        ensure_shape(
-            end(b.dst_off, b.dst_stride).is_some_and(|e| e <= dst.len),
-            || {
-                format!(
-                    "copy_blocks writes past the destination ({} values): {b:?}",
-                    dst.len
-                )
-            },
-        )?;
         let (d, s) = (self.ptr_mut(dst), self.ptr(src));
         self.elementwise(
             "copy_blocks_f32",
@@ -910,29 +878,9 @@ impl Backend for Cuda {
         s: RowShape,
         vocab: usize,
     ) -> Result<()> {
-        check_len("embedding ids", ids.host.len(), s.rows)?;
-        check_len(
-            "embedding table",
-            table.len,
-            checked(&[vocab, s.dim], "embedding")?,
-        )?;
-        check_len(
-            "embedding out",
-            out.len,
-            checked(&[s.rows, s.dim], "embedding")?,
-        )?;
-        self.check_ids(ids, vocab, "embedding")?;
-        let p = [
-            self.ptr_mut(out),
-            self.ptr(table),
-            dptr(&ids.dev, self.st()),
-        ];
-        let dim = i32_of(s.dim, "embedding dim")?;
-        self.elementwise(
-            "embedding_fwd_f32",
-            s.rows * s.dim,
-            &[&p[0], &p[1], &p[2], &i64_of(s.rows), &dim],
-        )
+        check_embedding("embedding", &ids.host, table.len, out.len, s, vocab)?;
+        let (o, t) = (self.ptr_mut(out), self.ptr(table));
+        self.embedding_launch("embedding_fwd_f32", o, t, ids, s)
     }
 
     fn embedding_bwd(
@@ -943,29 +891,9 @@ impl Backend for Cuda {
         s: RowShape,
         vocab: usize,
     ) -> Result<()> {
-        check_len("embedding_bwd ids", ids.host.len(), s.rows)?;
-        check_len(
-            "embedding_bwd dtable",
-            dtable.len,
-            checked(&[vocab, s.dim], "embedding")?,
-        )?;
-        check_len(
-            "embedding_bwd dout",
-            dout.len,
-            checked(&[s.rows, s.dim], "embedding")?,
-        )?;
-        self.check_ids(ids, vocab, "embedding_bwd")?;
-        let p = [
-            self.ptr_mut(dtable),
-            self.ptr(dout),
-            dptr(&ids.dev, self.st()),
-        ];
-        let dim = i32_of(s.dim, "embedding dim")?;
-        self.elementwise(
-            "embedding_bwd_f32",
-            s.rows * s.dim,
-            &[&p[0], &p[1], &p[2], &i64_of(s.rows), &dim],
-        )
+        check_embedding("embedding_bwd", &ids.host, dtable.len, dout.len, s, vocab)?;
+        let (t, o) = (self.ptr_mut(dtable), self.ptr(dout));
+        self.embedding_launch("embedding_bwd_f32", t, o, ids, s)
     }
 
     fn cross_entropy(
@@ -1090,6 +1018,24 @@ impl Backend for Cuda {
 }
 
 impl Cuda {
+    /// Launches an embedding kernel: `(written, read, ids, rows, dim)` over rows × dim.
+    fn embedding_launch(
+        &self,
+        name: &'static str,
+        written: u64,
+        read: u64,
+        ids: &GpuIds,
+        s: RowShape,
+    ) -> Result<()> {
+        let ip = dptr(&ids.dev, self.st());
+        let dim = i32_of(s.dim, "embedding dim")?;
+        self.elementwise(
+            name,
+            s.rows * s.dim,
+            &[&written, &read, &ip, &i64_of(s.rows), &dim],
+        )
+    }
+
     fn rope(&self, x: &mut GpuBuf, s: RopeShape, sign: f64) -> Result<()> {
         ensure_shape(s.hd.is_multiple_of(2), || {
             format!("rope needs an even head dimension, got {}", s.hd)

@@ -271,32 +271,19 @@ fn main() -> ExitCode {
             lora_rank,
             steps,
             json,
-        } => match backend {
-            Backend::Cpu => bench_on(
-                &Cpu,
-                preset,
-                &method,
-                batch,
-                keep_tokens,
-                keep_frac,
-                lora_rank,
-                steps,
-                json,
-            ),
-            Backend::Cuda => with_cuda(|be| {
-                bench_on(
-                    be,
-                    preset,
-                    &method,
-                    batch,
-                    keep_tokens,
-                    keep_frac,
-                    lora_rank,
-                    steps,
-                    json,
-                )
-            }),
-        }
+        } => bench_args(
+            preset,
+            &method,
+            batch,
+            keep_tokens,
+            keep_frac,
+            lora_rank,
+            steps,
+        )
+        .and_then(|a| match backend {
+            Backend::Cpu => bench_on(&Cpu, &a, json),
+            Backend::Cuda => with_cuda(|be| bench_on(be, &a, json)),
+        })
         .map(|_| true),
         Cmd::Eval {
             checkpoint,
@@ -595,8 +582,7 @@ fn train_on<B: DpBackend>(be: &B, a: TrainArgs) -> dualpriv::Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn bench_on<B: DpBackend>(
-    be: &B,
+fn bench_args(
     preset: String,
     method: &str,
     batch: usize,
@@ -604,8 +590,7 @@ fn bench_on<B: DpBackend>(
     keep_frac: f64,
     lora_rank: usize,
     steps: usize,
-    json: bool,
-) -> dualpriv::Result<()> {
+) -> dualpriv::Result<run::BenchArgs> {
     let methods: Vec<Method> = if method == "all" {
         Method::ALL.to_vec()
     } else {
@@ -614,8 +599,8 @@ fn bench_on<B: DpBackend>(
             .map(|m| m.parse())
             .collect::<dualpriv::Result<_>>()?
     };
-    let a = run::BenchArgs {
-        preset: preset.clone(),
+    Ok(run::BenchArgs {
+        preset,
         methods,
         batch,
         keep_tokens,
@@ -623,8 +608,11 @@ fn bench_on<B: DpBackend>(
         lora_rank,
         warmup: 2,
         steps,
-    };
-    let rows = run::bench_methods(be, &a)?;
+    })
+}
+
+fn bench_on<B: DpBackend>(be: &B, a: &run::BenchArgs, json: bool) -> dualpriv::Result<()> {
+    let rows = run::bench_methods(be, a)?;
     if json {
         println!(
             "{}",
@@ -637,7 +625,10 @@ fn bench_on<B: DpBackend>(
         .device_name()
         .unwrap_or_else(|| format!("cpu, {} threads", rayon::current_num_threads()));
     println!(
-        "preset {preset}, batch {batch}, LoRA r={lora_rank}, backend {} ({device}{})",
+        "preset {}, batch {}, LoRA r={}, backend {} ({device}{})",
+        a.preset,
+        a.batch,
+        a.lora_rank,
         be.name(),
         if be.tf32_gemms() { ", TF32 GEMMs" } else { "" }
     );

@@ -197,6 +197,24 @@ pub fn clip_factors(total_sq_norms: &[f64], clip_norm: f64) -> Result<Vec<f32>> 
         .collect()
 }
 
+/// The argument checks shared by both clipped weight sums.
+fn check_weight_sum(
+    x: &[f32],
+    g: &[f32],
+    factors: &[f32],
+    s: LinearShape,
+    out_len: usize,
+) -> Result<()> {
+    s.check(x, g)?;
+    s.check_factors(factors)?;
+    ensure_shape(out_len == s.p * s.d, || {
+        format!(
+            "clipped sum buffer has {out_len} values, expected p*d = {}",
+            s.p * s.d
+        )
+    })
+}
+
 /// [`clipped_weight_sum`] in f32, the CPU backend's production path: the narrower of
 /// X and G is scaled by each example's factor, then one packed f32 GEMM over all b·t
 /// rows, the same plan as the GPU's. Added into `out`.
@@ -207,15 +225,7 @@ pub fn clipped_weight_sum_f32(
     s: LinearShape,
     out: &mut [f32],
 ) -> Result<()> {
-    s.check(x, g)?;
-    s.check_factors(factors)?;
-    ensure_shape(out.len() == s.p * s.d, || {
-        format!(
-            "clipped sum buffer has {} values, expected p*d = {}",
-            out.len(),
-            s.p * s.d
-        )
-    })?;
+    check_weight_sum(x, g, factors, s, out.len())?;
     let bt = s.b * s.t;
     if bt == 0 || out.is_empty() {
         return Ok(());
@@ -248,15 +258,7 @@ pub fn clipped_weight_sum(
     s: LinearShape,
     out: &mut [f32],
 ) -> Result<()> {
-    s.check(x, g)?;
-    s.check_factors(factors)?;
-    ensure_shape(out.len() == s.p * s.d, || {
-        format!(
-            "clipped sum buffer has {} values, expected p*d = {}",
-            out.len(),
-            s.p * s.d
-        )
-    })?;
+    check_weight_sum(x, g, factors, s, out.len())?;
     let (bt, t, p) = (s.b * s.t, s.t, s.p);
     // Scale each example's rows of G by its factor: Xᵀ diag(c) G as one GEMM.
     let gs: Vec<f64> = g
