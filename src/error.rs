@@ -39,6 +39,9 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// A file's contents could not be parsed or serialised.
+    #[error("format error: {0}")]
+    Format(String),
     /// The device ran out of memory; the message names the request and the fix.
     #[error("out of device memory: {0}")]
     OutOfMemory(String),

@@ -11,44 +11,22 @@ use crate::train::checkpoint::ModelSpec;
 use crate::train::method::Method;
 use crate::train::optim::OptConfig;
 use crate::train::sampler::Sampling;
+use crate::dp::key::RunKey;
+use crate::dp::noise::RngKind;
 use crate::train::{PruneScope, RunSummary, TrainConfig, Trainer};
-use crate::vision::tokens::TokenSelectConfig;
-use crate::{Error, Result};
+use crate::Result;
 
 /// Image side of the built-in task for the `tiny` preset.
 pub const TINY_IMAGE: usize = 32;
 
-/// Accuracy of `model` on `data`: the argmax at each example's answer position.
-pub fn evaluate<B: DpBackend>(
-    backend: &B,
-    model: &Mllm<B>,
-    data: &Dataset,
-    tokens: Option<&TokenSelectConfig>,
-    text_len: usize,
-) -> Result<f64> {
-    if data.is_empty() {
-        return Err(Error::Config("the evaluation set is empty".into()));
-    }
-    let mut correct = 0usize;
-    let idx: Vec<usize> = (0..data.len()).collect();
-    for chunk in idx.chunks(64) {
-        let batch = data.collate(chunk, text_len)?;
-        let pred = model.predict(backend, &batch, tokens)?;
-        correct += chunk
-            .iter()
-            .zip(&pred)
-            .filter(|(&i, &p)| data.examples[i].answer == p)
-            .count();
-    }
-    Ok(correct as f64 / data.len() as f64)
-}
+pub use crate::train::eval::evaluate;
 
 /// Settings of `dualpriv pretrain`.
 #[derive(Clone, Debug)]
 pub struct PretrainArgs {
     /// Model preset.
     pub preset: String,
-    /// Output folder (a checkpoint folder with `model.safetensors`).
+    /// Output folder: `model.safetensors` is written there.
     pub out: PathBuf,
     /// Public examples.
     pub examples: usize,
@@ -106,12 +84,21 @@ pub fn pretrain<B: DpBackend>(backend: &B, a: &PretrainArgs) -> Result<(RunSumma
         keep_frac: 1.0,
         prune_scope: PruneScope::Tensor,
         dpzo_lambda: 1e-3,
-        seed: a.seed,
-        noise_seed: 0,
+        rng: RngKind::Chacha20,
+        log_private_stats: false,
+        eval_every: 0,
         text_len,
     };
-    let mut t = Trainer::new(backend, model, spec, cfg, &data)?;
-    t.out_dir = Some(a.out.clone());
+    // Public data, non-private method: a key from the public seed keeps the
+    // shipped checkpoint reproducible (the shuffle order follows the seed).
+    let mut t = Trainer::with_key(
+        backend,
+        model,
+        spec,
+        cfg,
+        &data,
+        RunKey::from_insecure_seed(a.seed),
+    )?;
     t.progress = a.progress;
     // Alternate blocks of steps with all visual tokens and with the pruned view
     // (CLS + K + M) that `dualpriv` fine-tunes on, so the public model reads both
@@ -132,6 +119,8 @@ pub fn pretrain<B: DpBackend>(backend: &B, a: &PretrainArgs) -> Result<(RunSumma
     t.cfg.context_tokens = 0;
     let mut summary = t.run(&data, 0)?;
     summary.seconds = started.elapsed().as_secs_f64();
+    std::fs::create_dir_all(&a.out).map_err(|e| crate::train::io_err(&a.out, e))?;
+    t.model.save(backend, &a.out.join("model.safetensors"))?;
     let acc = evaluate(backend, &t.model, &held_out, None, text_len)?;
     Ok((summary, acc))
 }
@@ -158,7 +147,9 @@ pub struct DemoRow {
 pub struct DemoArgs {
     /// Pretrained checkpoint folder (model.safetensors); pretrained first if missing.
     pub pretrained: PathBuf,
-    /// Where the fine-tunes write checkpoints and metrics.
+    /// Where the fine-tunes write checkpoints and metrics: each demo makes a new
+    /// folder `OUT/<time>-<id>/<method>`, and all demos share the ledger
+    /// `OUT/privacy-ledger.json` (they train on the same private split).
     pub out: PathBuf,
     /// Private training examples.
     pub train_examples: usize,
@@ -200,8 +191,9 @@ pub fn demo_train_config(method: Method, epsilon: f64, delta: f64, text_len: usi
         keep_frac: 0.8,
         prune_scope: PruneScope::Tensor,
         dpzo_lambda: 1e-2,
-        seed: 1,
-        noise_seed: 0x5EC2_E7D0_0000_0001,
+        rng: RngKind::Chacha20,
+        log_private_stats: false,
+        eval_every: 0,
         text_len,
     }
 }
@@ -230,7 +222,7 @@ pub struct DemoReport {
 
 /// Runs the demo: pretrain if needed, fine-tune every method, evaluate.
 pub fn demo<B: DpBackend>(backend: &B, a: &DemoArgs) -> Result<DemoReport> {
-    let ckpt = a.pretrained.join("model.safetensors");
+    let ckpt = crate::train::checkpoint::model_path(&a.pretrained)?;
     if !ckpt.exists() {
         eprintln!(
             "demo: no pretrained checkpoint at {}; pretraining one now",
@@ -256,6 +248,13 @@ pub fn demo<B: DpBackend>(backend: &B, a: &DemoArgs) -> Result<DemoReport> {
         text_len,
     )?;
     let majority_baseline = crate::data::synthetic::majority_baseline(&test);
+    let session = a.out.join(format!(
+        "{}-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        &crate::train::checkpoint::random_id()?[..8]
+    ));
     let mut rows = Vec::new();
     // `ghost` is `dualpriv` without its two pruning mechanisms; the demo leaves it
     // out to stay within a few minutes (`dualpriv bench` and `train` have it).
@@ -270,8 +269,11 @@ pub fn demo<B: DpBackend>(backend: &B, a: &DemoArgs) -> Result<DemoReport> {
         let tokens = cfg.token_select();
         crate::mem::reset_peak();
         let t0 = Instant::now();
+        // Trainer::new draws a fresh secret key from the OS: no two methods (and no
+        // two demos) share batches or noise.
         let mut t = Trainer::new(backend, model, spec.clone(), cfg, &train)?;
-        t.out_dir = Some(a.out.join(method.to_string()));
+        t.out_dir = Some(session.join(method.to_string()));
+        t.ledger = Some(a.out.join("privacy-ledger.json"));
         t.progress = a.progress;
         let s = t.run(&train, 0)?;
         let seconds = t0.elapsed().as_secs_f64();

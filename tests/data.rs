@@ -91,16 +91,19 @@ fn kind_of_question(ex: &Example) -> QuestionKind {
 fn determinism_and_distinct_streams() {
     let a = gen(Split::Private, 300, 7);
     let b = gen(Split::Private, 300, 7);
-    assert_eq!(a.fingerprint(), b.fingerprint());
+    let k = [7u8; 32];
+    assert_eq!(a.fingerprint(&k), b.fingerprint(&k));
     assert_eq!(a.examples, b.examples);
-    assert_eq!(a.fingerprint().len(), 16);
-    assert_ne!(a.fingerprint(), gen(Split::Private, 300, 8).fingerprint());
-    assert_ne!(a.fingerprint(), gen(Split::Test, 300, 7).fingerprint());
-    assert_ne!(a.fingerprint(), gen(Split::Public, 300, 7).fingerprint());
+    assert_eq!(a.fingerprint(&k).len(), 32);
+    assert_ne!(a.fingerprint(&k), gen(Split::Private, 300, 8).fingerprint(&k));
+    assert_ne!(a.fingerprint(&k), gen(Split::Test, 300, 7).fingerprint(&k));
+    assert_ne!(a.fingerprint(&k), gen(Split::Public, 300, 7).fingerprint(&k));
+    // Keyed: another ledger key gives an unrelated fingerprint of the same data.
+    assert_ne!(a.fingerprint(&k), a.fingerprint(&[8u8; 32]));
     // Per-example streams: a prefix of a larger dataset is the smaller dataset.
     let big = gen(Split::Private, 400, 7);
     assert_eq!(&big.examples[..300], &a.examples[..]);
-    assert_ne!(big.fingerprint(), a.fingerprint());
+    assert_ne!(big.fingerprint(&k), a.fingerprint(&k));
     // Private and Test share no example.
     let t = gen(Split::Test, 300, 7);
     for e in &t.examples {
@@ -217,7 +220,7 @@ fn empty_collate_and_empty_dataset() {
     assert_eq!(e.max_text_len(), 0);
     assert_eq!(e.collate(&[], 16).unwrap().size, 0);
     assert_eq!(e.baselines().majority, 0.0);
-    assert_eq!(e.fingerprint(), gen(Split::Test, 0, 9).fingerprint());
+    assert_eq!(e.fingerprint(&[0; 32]), gen(Split::Test, 0, 9).fingerprint(&[0; 32]));
 }
 
 #[test]

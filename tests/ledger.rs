@@ -1,10 +1,14 @@
 //! The privacy ledger: runs on the same data accumulate, resuming continues an
-//! entry instead of adding one, and writes are atomic.
+//! entry instead of adding one, entries only grow, a run folder cannot be reused
+//! to reset one, runs that are not private count as ε = ∞, fingerprints are
+//! keyed, and writes are atomic.
 use std::path::PathBuf;
 
 use dualpriv::backend::cpu::Cpu;
 use dualpriv::data::synthetic::{Dataset, Split};
-use dualpriv::dp::accountant::ledger::{Ledger, LedgerEntry};
+use dualpriv::dp::key::RunKey;
+use dualpriv::dp::noise::RngKind;
+use dualpriv::dp::accountant::ledger::{extends, Ledger, LedgerEntry};
 use dualpriv::dp::accountant::AccountantKind;
 use dualpriv::model::Mllm;
 use dualpriv::train::checkpoint::ModelSpec;
@@ -30,6 +34,16 @@ fn spec() -> ModelSpec {
 }
 
 fn trainer<'a>(d: &Dataset, method: Method, steps: u32, out: PathBuf) -> Trainer<'a, Cpu> {
+    trainer_with(d, method, steps, out, None)
+}
+
+fn trainer_with<'a>(
+    d: &Dataset,
+    method: Method,
+    steps: u32,
+    out: PathBuf,
+    key: Option<RunKey>,
+) -> Trainer<'a, Cpu> {
     let (c, m) = spec().build().unwrap();
     let cfg = TrainConfig {
         method,
@@ -57,13 +71,22 @@ fn trainer<'a>(d: &Dataset, method: Method, steps: u32, out: PathBuf) -> Trainer
         keep_frac: 1.0,
         prune_scope: PruneScope::Tensor,
         dpzo_lambda: 1e-3,
-        seed: 1,
-        noise_seed: 2,
+        rng: RngKind::Chacha20,
+        log_private_stats: false,
+        eval_every: 0,
         text_len: d.max_text_len(),
     };
-    let mut t = Trainer::new(&Cpu, Mllm::new(&Cpu, &c, &m, 0).unwrap(), spec(), cfg, d).unwrap();
+    let model = Mllm::new(&Cpu, &c, &m, 0).unwrap();
+    let mut t = match key {
+        Some(k) => Trainer::with_key(&Cpu, model, spec(), cfg, d, k).unwrap(),
+        None => Trainer::new(&Cpu, model, spec(), cfg, d).unwrap(),
+    };
     t.out_dir = Some(out);
     t
+}
+
+fn ledger_key(root: &std::path::Path) -> [u8; 32] {
+    Ledger::fingerprint_key(&root.join("privacy-ledger.json")).unwrap()
 }
 
 #[test]
@@ -83,11 +106,11 @@ fn runs_on_the_same_data_accumulate_and_resume_continues() {
         .unwrap();
     let l2 = Ledger::load(&ledger_path).unwrap();
     assert_eq!(l2.entries.len(), 2);
-    let fp = d.fingerprint();
+    let fp = d.fingerprint(&ledger_key(&root));
     let total = l2
         .cumulative_epsilon(&fp, AccountantKind::Rdp, 1e-5)
         .unwrap();
-    let each: Vec<f64> = l2.entries.iter().map(|e| e.epsilon).collect();
+    let each: Vec<f64> = l2.entries.iter().map(|e| e.epsilon.unwrap()).collect();
     assert!(
         total > each[0] && total > each[1],
         "cumulative {total} vs {each:?}"
@@ -106,45 +129,181 @@ fn runs_on_the_same_data_accumulate_and_resume_continues() {
     let a = l3.entries.iter().find(|e| e.run.ends_with("/a")).unwrap();
     assert_eq!(a.steps, 4);
     assert_eq!(a.history, vec![(0.25, 1.0, 4)]);
-    // Other data and non-private runs do not touch the ledger's spend.
+    // A non-private run on other data is recorded as ε = ∞ under its own
+    // fingerprint, and leaves the spend on `d` as it was.
     let other = Dataset::generate(Split::Private, 16, 4, 32).unwrap();
     trainer(&other, Method::Nonprivate, 1, root.join("c"))
         .run(&other, 0)
         .unwrap();
-    assert_eq!(Ledger::load(&ledger_path).unwrap().entries.len(), 2);
+    let l4 = Ledger::load(&ledger_path).unwrap();
+    assert_eq!(l4.entries.len(), 3);
+    let c = &l4.entries[2];
+    assert_eq!((c.epsilon, c.not_private.is_some()), (None, true));
+    let ofp = other.fingerprint(&ledger_key(&root));
+    assert_eq!(c.data_fingerprint, ofp);
+    assert!(l4
+        .cumulative_epsilon(&ofp, AccountantKind::Rdp, 1e-5)
+        .unwrap()
+        .is_infinite());
+    let six =
+        dualpriv::dp::accountant::epsilon(AccountantKind::Rdp, &[(0.25, 1.0, 7)], 1e-5).unwrap();
+    let now = l4.cumulative_epsilon(&fp, AccountantKind::Rdp, 1e-5).unwrap();
+    assert!((now - six).abs() < 1e-9, "4 + 3 steps on d: {now} vs {six}");
     let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn a_new_run_cannot_reset_a_ledger_entry() {
+    // The review's attack: a 2-step run, then a fresh 3-step run into the same
+    // folder replaced the entry (ε of 3 steps instead of 5).
+    let root = tmp("reset");
+    let d = Dataset::generate(Split::Private, 16, 3, 32).unwrap();
+    trainer(&d, Method::Ghost, 2, root.join("a"))
+        .run(&d, 0)
+        .unwrap();
+    let err = trainer(&d, Method::Ghost, 3, root.join("a"))
+        .run(&d, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not empty") && err.contains("--resume"), "{err}");
+    let l = Ledger::load(&root.join("privacy-ledger.json")).unwrap();
+    assert_eq!(l.entries.len(), 1);
+    assert_eq!(l.entries[0].steps, 2);
+    // Deleting the folder and running again adds an entry; the old spend stays.
+    std::fs::remove_dir_all(root.join("a")).unwrap();
+    trainer(&d, Method::Ghost, 3, root.join("a"))
+        .run(&d, 0)
+        .unwrap();
+    let l = Ledger::load(&root.join("privacy-ledger.json")).unwrap();
+    assert_eq!(l.entries.iter().map(|e| e.steps).sum::<u64>(), 5);
+    let total = l
+        .cumulative_epsilon(&d.fingerprint(&ledger_key(&root)), AccountantKind::Rdp, 1e-5)
+        .unwrap();
+    let five =
+        dualpriv::dp::accountant::epsilon(AccountantKind::Rdp, &[(0.25, 1.0, 5)], 1e-5).unwrap();
+    assert!((total - five).abs() < 1e-9, "{total} vs {five}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn runs_that_are_not_private_are_recorded_as_infinite() {
+    let root = tmp("inf");
+    let d = Dataset::generate(Split::Private, 16, 3, 32).unwrap();
+    let mut t = trainer_with(
+        &d,
+        Method::Ghost,
+        2,
+        root.join("insecure"),
+        Some(RunKey::from_insecure_seed(3)),
+    );
+    let s = t.run(&d, 0).unwrap();
+    assert!(s.epsilon.is_infinite() && s.not_private.is_some());
+    let mut t = trainer(&d, Method::Ghost, 2, root.join("shuffle"));
+    t.cfg.sampling = Sampling::Shuffle;
+    let s = t.run(&d, 0).unwrap();
+    assert!(s.epsilon.is_infinite(), "shuffle: ε {}", s.epsilon);
+    let l = Ledger::load(&root.join("privacy-ledger.json")).unwrap();
+    assert_eq!(l.entries.len(), 2);
+    for e in &l.entries {
+        assert_eq!(e.epsilon, None, "{}", e.run);
+        assert!(e.not_private.is_some());
+    }
+    // The metrics say so too: ε is null on every line.
+    let metrics = std::fs::read_to_string(root.join("insecure/metrics.jsonl")).unwrap();
+    assert!(metrics.lines().all(|l| l.contains("\"epsilon\":null")), "{metrics}");
+    assert!(l
+        .cumulative_epsilon(&d.fingerprint(&ledger_key(&root)), AccountantKind::Rdp, 1e-5)
+        .unwrap()
+        .is_infinite());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+fn entry(run_id: &str, eps: f64, history: Vec<(f64, f64, u64)>) -> LedgerEntry {
+    let steps = history.iter().map(|h| h.2).sum();
+    LedgerEntry {
+        run_id: run_id.into(),
+        run: format!("/runs/{run_id}"),
+        data_fingerprint: "f".into(),
+        method: "ghost".into(),
+        history,
+        steps,
+        draws: steps,
+        delta: 1e-5,
+        accountant: "rdp".into(),
+        epsilon: Some(eps),
+        not_private: None,
+    }
+}
+
+#[test]
+fn entries_only_grow() {
+    let mut l = Ledger::default();
+    l.record(entry("x", 1.0, vec![(0.1, 1.0, 10)])).unwrap();
+    // Extending the last entry or appending one is an update.
+    l.record(entry("x", 1.2, vec![(0.1, 1.0, 12)])).unwrap();
+    l.record(entry("x", 1.5, vec![(0.1, 1.0, 12), (0.2, 1.0, 1)])).unwrap();
+    // Shorter, rewritten or re-keyed histories are refused, and the entry stays.
+    for bad in [
+        entry("x", 0.5, vec![(0.1, 1.0, 5)]),
+        entry("x", 0.5, vec![(0.1, 2.0, 13)]),
+        entry("x", 0.5, vec![(0.1, 1.0, 12)]),
+    ] {
+        assert!(l.record(bad).is_err());
+    }
+    let mut other_data = entry("x", 2.0, vec![(0.1, 1.0, 12), (0.2, 1.0, 2)]);
+    other_data.data_fingerprint = "g".into();
+    assert!(l.record(other_data).is_err());
+    let mut fewer_draws = entry("x", 2.0, vec![(0.1, 1.0, 12), (0.2, 1.0, 2)]);
+    fewer_draws.draws = 3;
+    assert!(l.record(fewer_draws).is_err());
+    assert_eq!(l.entries.len(), 1);
+    assert_eq!(l.entries[0].steps, 13);
+    assert!(extends(&[], &[(0.1, 1.0, 1)]));
+    assert!(!extends(&[(0.1, 1.0, 2)], &[]));
+}
+
+#[test]
+fn fingerprints_are_keyed_per_ledger() {
+    let (r1, r2) = (tmp("key1"), tmp("key2"));
+    let d = Dataset::generate(Split::Private, 16, 3, 32).unwrap();
+    trainer(&d, Method::Ghost, 1, r1.join("a")).run(&d, 0).unwrap();
+    trainer(&d, Method::Ghost, 1, r2.join("a")).run(&d, 0).unwrap();
+    let f1 = &Ledger::load(&r1.join("privacy-ledger.json")).unwrap().entries[0].data_fingerprint;
+    let f2 = &Ledger::load(&r2.join("privacy-ledger.json")).unwrap().entries[0].data_fingerprint;
+    // The same data under two ledger keys: unrelated fingerprints, so the ledger
+    // does not identify the dataset to a reader without the key.
+    assert_ne!(f1, f2);
+    assert_eq!(f1, &d.fingerprint(&ledger_key(&r1)));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(r1.join("privacy-ledger.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the ledger key is private to its owner");
+    }
+    let _ = std::fs::remove_dir_all(&r1);
+    let _ = std::fs::remove_dir_all(&r2);
 }
 
 #[test]
 fn writes_are_atomic_and_corruption_is_never_reset() {
     let root = tmp("atomic");
     let p = root.join("privacy-ledger.json");
-    let entry = |run: &str, eps: f64| LedgerEntry {
-        run: run.into(),
-        data_fingerprint: "f".into(),
-        method: "ghost".into(),
-        history: vec![(0.1, 1.0, 10)],
-        steps: 10,
-        delta: 1e-5,
-        accountant: "rdp".into(),
-        epsilon: eps,
-    };
     let mut l = Ledger::default();
-    l.upsert(entry("x", 1.0));
+    l.record(entry("x", 1.0, vec![(0.1, 1.0, 10)])).unwrap();
     l.save(&p).unwrap();
     // A crash mid-write leaves only a partial temporary file; the ledger is intact.
     std::fs::write(
-        root.join("privacy-ledger.json.tmp"),
+        root.join(".privacy-ledger.json.tmp-1"),
         b"{\"entries\": [ {\"run\": \"x\", \"da",
     )
     .unwrap();
     assert_eq!(Ledger::load(&p).unwrap(), l);
-    l.upsert(entry("x", 2.0));
-    l.upsert(entry("y", 0.5));
+    l.record(entry("x", 2.0, vec![(0.1, 1.0, 20)])).unwrap();
+    l.record(entry("y", 0.5, vec![(0.1, 1.0, 3)])).unwrap();
     l.save(&p).unwrap();
     let back = Ledger::load(&p).unwrap();
     assert_eq!(back.entries.len(), 2);
-    assert_eq!(back.entries[0].epsilon, 2.0);
+    assert_eq!(back.entries[0].epsilon, Some(2.0));
     // A corrupt ledger is an error, never silently replaced by an empty one.
     std::fs::write(&p, b"not json").unwrap();
     assert!(Ledger::load(&p).is_err());

@@ -10,8 +10,39 @@ use dualpriv::train::checkpoint::ModelSpec;
 use dualpriv::train::method::Method;
 use dualpriv::train::optim::{OptConfig, OptKind};
 use dualpriv::train::sampler::{Sampler, Sampling};
-use dualpriv::train::step::{gradient_sums, DPZO_DIRECTION_SALT};
+use dualpriv::dp::key::RunKey;
+use dualpriv::dp::noise::RngKind;
+use dualpriv::train::step::{
+    dpzo_direction, gradient_sums, train_step, OptState, StepContext, StepOutcome,
+};
 use dualpriv::train::{PruneScope, TrainConfig, Trainer};
+
+/// The pinned key of these tests (a public one: their runs are not private).
+fn key() -> RunKey {
+    RunKey::from_insecure_seed(11)
+}
+
+/// A trainer on the pinned key, so two trainers of a test see the same batches and noise.
+fn trainer<'a>(m: Mllm<Cpu>, spec: ModelSpec, c: TrainConfig, d: &Dataset) -> Trainer<'a, Cpu> {
+    Trainer::with_key(&Cpu, m, spec, c, d, key()).unwrap()
+}
+
+/// One step of the raw mechanism, which checks no config: σ = 0 is legal here, as
+/// the σ = 0, C = ∞ equivalence checks need (the trainer refuses it for DP methods).
+fn raw_step(m: &mut Mllm<Cpu>, c: &TrainConfig, d: &Dataset, idx: &[usize]) -> StepOutcome {
+    let mut opt = OptState::default();
+    let k = key();
+    let mut ctx = StepContext {
+        backend: &Cpu,
+        model: m,
+        opt: &mut opt,
+        data: d,
+        cfg: c,
+        sigma: c.noise_multiplier.unwrap_or(0.0),
+        key: &k,
+    };
+    train_step(&mut ctx, 0, 0, idx).unwrap()
+}
 
 fn data(n: usize) -> Dataset {
     Dataset::generate(Split::Private, n, 7, 32).unwrap()
@@ -85,8 +116,9 @@ fn cfg(method: Method, d: &Dataset) -> TrainConfig {
         keep_frac: 1.0,
         prune_scope: PruneScope::Tensor,
         dpzo_lambda: 1e-3,
-        seed: 3,
-        noise_seed: 11,
+        rng: RngKind::Chacha20,
+        log_private_stats: false,
+        eval_every: 0,
         text_len: d.max_text_len(),
     }
 }
@@ -113,8 +145,8 @@ fn ghost_and_dpsgd_clipped_sums_agree() {
     let idx: Vec<usize> = (0..8).collect();
     for spec in [full(), lora()] {
         let m = model(&spec, 1);
-        let g = gradient_sums(&Cpu, &m, &cfg(Method::Ghost, &d), &d, &idx).unwrap();
-        let p = gradient_sums(&Cpu, &m, &cfg(Method::Dpsgd, &d), &d, &idx).unwrap();
+        let g = gradient_sums(&Cpu, &m, &key(), &cfg(Method::Ghost, &d), &d, &idx).unwrap();
+        let p = gradient_sums(&Cpu, &m, &key(), &cfg(Method::Dpsgd, &d), &d, &idx).unwrap();
         assert_eq!(g.grads.len(), m.trainable().len());
         for (id, gv) in &g.grads {
             let e = max_rel(gv, &p.grads[id]);
@@ -129,8 +161,8 @@ fn clipping_is_active_in_these_tests() {
     let d = data(16);
     let m = model(&full(), 1);
     let idx: Vec<usize> = (0..8).collect();
-    let clipped = gradient_sums(&Cpu, &m, &cfg(Method::Ghost, &d), &d, &idx).unwrap();
-    let plain = gradient_sums(&Cpu, &m, &cfg(Method::Nonprivate, &d), &d, &idx).unwrap();
+    let clipped = gradient_sums(&Cpu, &m, &key(), &cfg(Method::Ghost, &d), &d, &idx).unwrap();
+    let plain = gradient_sums(&Cpu, &m, &key(), &cfg(Method::Nonprivate, &d), &d, &idx).unwrap();
     let id = m.trainable()[0].id;
     assert!(max_rel(&clipped.grads[&id], &plain.grads[&id]) > 0.1);
 }
@@ -140,31 +172,24 @@ fn without_noise_and_clipping_dp_gradients_equal_the_plain_gradient() {
     let d = data(16);
     let m = model(&full(), 2);
     let idx: Vec<usize> = (0..8).collect();
-    let plain = gradient_sums(&Cpu, &m, &cfg(Method::Nonprivate, &d), &d, &idx).unwrap();
+    let plain = gradient_sums(&Cpu, &m, &key(), &cfg(Method::Nonprivate, &d), &d, &idx).unwrap();
     for method in [Method::Dpsgd, Method::Ghost, Method::Dualpriv] {
         let mut c = cfg(method, &d);
         c.clip_norm = f32::INFINITY;
-        let s = gradient_sums(&Cpu, &m, &c, &d, &idx).unwrap();
+        let s = gradient_sums(&Cpu, &m, &key(), &c, &d, &idx).unwrap();
         for (id, g) in &plain.grads {
             let e = max_rel(&s.grads[id], g);
             assert!(e < 1e-5, "{method}: param {id} rel err {e}");
         }
     }
     // One full step: σ = 0, C = ∞ and |batch| = B_expected give the same update.
-    let mut a = Trainer::new(
-        &Cpu,
-        model(&full(), 2),
-        full(),
-        cfg(Method::Nonprivate, &d),
-        &d,
-    )
-    .unwrap();
+    let mut a = model(&full(), 2);
+    raw_step(&mut a, &cfg(Method::Nonprivate, &d), &d, &idx);
     let mut c = cfg(Method::Ghost, &d);
     c.clip_norm = f32::INFINITY;
-    let mut b = Trainer::new(&Cpu, model(&full(), 2), full(), c, &d).unwrap();
-    a.one_step(&d, &idx).unwrap();
-    b.one_step(&d, &idx).unwrap();
-    for (x, y) in params(&a.model).iter().zip(params(&b.model)) {
+    let mut b = model(&full(), 2);
+    raw_step(&mut b, &c, &d, &idx);
+    for (x, y) in params(&a).iter().zip(params(&b)) {
         assert!(max_rel(x, &y) < 1e-6);
     }
 }
@@ -176,32 +201,27 @@ fn dpzo_estimates_the_directional_derivative() {
     let d = data(16);
     let idx: Vec<usize> = (0..8).collect();
     let m0 = model(&lora(), 3);
-    let plain = gradient_sums(&Cpu, &m0, &cfg(Method::Nonprivate, &d), &d, &idx).unwrap();
+    let plain = gradient_sums(&Cpu, &m0, &key(), &cfg(Method::Nonprivate, &d), &d, &idx).unwrap();
     let mut c = cfg(Method::Dpzo, &d);
     c.clip_norm = f32::INFINITY;
     // λ·‖z‖ ≈ 0.13 here: small enough for a local central difference, large
     // enough for f32 losses.
     c.dpzo_lambda = 1e-3;
     let before = params(&m0);
-    let mut t = Trainer::new(&Cpu, m0, lora(), c.clone(), &d).unwrap();
-    t.one_step(&d, &idx).unwrap();
+    let mut m = m0;
+    raw_step(&mut m, &c, &d, &idx);
     let mut dot = 0.0f64;
     let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (k, p) in t.model.trainable().iter().enumerate() {
+    for (k, p) in m.trainable().iter().enumerate() {
         let mut z = vec![0.0f32; p.len];
-        NoiseKey {
-            seed: c.noise_seed ^ DPZO_DIRECTION_SALT,
-            tensor_id: p.id,
-            step: 0,
-        }
-        .fill(0, &mut z);
+        dpzo_direction(&key(), RngKind::Chacha20, p.id, 0).fill(0, &mut z);
         let g = &plain.grads[&p.id];
         dot += g
             .iter()
             .zip(&z)
             .map(|(a, b)| f64::from(*a) * f64::from(*b))
             .sum::<f64>();
-        let after = t.model.param(p.id);
+        let after = m.param(p.id);
         for j in 0..p.len {
             // Δθ = −lr · s · z, so s = −Δθ / (lr · z) (least squares over coordinates).
             let dth = f64::from(after[j]) - f64::from(before[k][j]);
@@ -281,8 +301,8 @@ fn keep_frac_one_per_tensor_equals_ghost() {
     let mut p = g.clone();
     p.method = Method::Dualpriv;
     p.keep_frac = 1.0;
-    let mut a = Trainer::new(&Cpu, model(&lora(), 5), lora(), g, &d).unwrap();
-    let mut b = Trainer::new(&Cpu, model(&lora(), 5), lora(), p, &d).unwrap();
+    let mut a = trainer(model(&lora(), 5), lora(), g, &d);
+    let mut b = trainer(model(&lora(), 5), lora(), p, &d);
     a.run(&d, 0).unwrap();
     b.run(&d, 0).unwrap();
     assert_eq!(params(&a.model), params(&b.model));
@@ -312,10 +332,10 @@ fn global_scope_and_micro_batches() {
     let d = data(24);
     let idx: Vec<usize> = (0..8).collect();
     let m = model(&lora(), 6);
-    let one = gradient_sums(&Cpu, &m, &cfg(Method::Ghost, &d), &d, &idx).unwrap();
+    let one = gradient_sums(&Cpu, &m, &key(), &cfg(Method::Ghost, &d), &d, &idx).unwrap();
     let mut c = cfg(Method::Ghost, &d);
     c.micro_batch = 3;
-    let three = gradient_sums(&Cpu, &m, &c, &d, &idx).unwrap();
+    let three = gradient_sums(&Cpu, &m, &key(), &c, &d, &idx).unwrap();
     for (id, g) in &one.grads {
         assert!(
             max_rel(&three.grads[id], g) < 1e-5,
@@ -371,11 +391,11 @@ fn resuming_gives_the_same_weights() {
         eps: 1e-8,
     };
     c.steps = 6;
-    let mut whole = Trainer::new(&Cpu, model(&lora(), 8), lora(), c.clone(), &d).unwrap();
+    let mut whole = trainer(model(&lora(), 8), lora(), c.clone(), &d);
     whole.run(&d, 0).unwrap();
     let mut half = c.clone();
     half.steps = 3;
-    let mut first = Trainer::new(&Cpu, model(&lora(), 8), lora(), half, &d).unwrap();
+    let mut first = trainer(model(&lora(), 8), lora(), half, &d);
     first.out_dir = Some(dir.clone());
     first.run(&d, 0).unwrap();
     let mut second = Trainer::resume(&Cpu, &dir, &d, Some(6)).unwrap();
@@ -428,7 +448,7 @@ fn calibrated_sigma_meets_the_target_for_the_planned_steps() {
 
 #[test]
 fn poisson_sampling_rate_and_determinism() {
-    let s = Sampler::new(10_000, 100, Sampling::Poisson, 5).unwrap();
+    let s = Sampler::new(10_000, 100, Sampling::Poisson, &RunKey::from_insecure_seed(5)).unwrap();
     let total: usize = (0..200).map(|k| s.batch(k).len()).sum();
     // 200 steps × Binomial(10⁴, 0.01): mean 20 000, sd √(20 000·0.99) ≈ 141.
     assert!(
@@ -437,20 +457,38 @@ fn poisson_sampling_rate_and_determinism() {
     );
     assert_eq!(s.batch(17), s.batch(17));
     assert_ne!(s.batch(17), s.batch(18));
-    assert!(Sampler::new(10, 0, Sampling::Poisson, 0).is_err());
-    assert!(Sampler::new(10, 11, Sampling::Poisson, 0).is_err());
-    assert!(Sampler::new(0, 1, Sampling::Poisson, 0).is_err());
+    // The batches follow the key: another key, other batches.
+    let other = Sampler::new(10_000, 100, Sampling::Poisson, &RunKey::from_insecure_seed(6)).unwrap();
+    assert_ne!(s.batch(17), other.batch(17));
+    let k = RunKey::from_insecure_seed(0);
+    assert!(Sampler::new(10, 0, Sampling::Poisson, &k).is_err());
+    assert!(Sampler::new(10, 11, Sampling::Poisson, &k).is_err());
+    assert!(Sampler::new(0, 1, Sampling::Poisson, &k).is_err());
 }
 
 #[test]
 fn bad_configs_are_errors() {
     let d = data(8);
-    let base = cfg(Method::Ghost, &d);
+    let mut base = cfg(Method::Ghost, &d);
+    base.noise_multiplier = Some(1.0);
+    base.delta = 1e-3;
     let bad = |f: &dyn Fn(&mut TrainConfig)| {
         let mut c = base.clone();
         f(&mut c);
         Trainer::new(&Cpu, model(&lora(), 1), lora(), c, &d).is_err()
     };
+    assert!(!bad(&|_| {}), "the base config is valid");
+    // σ = 0 releases the clipped sum in the clear.
+    assert!(bad(&|c| c.noise_multiplier = Some(0.0)));
+    // δ ≥ 1/N admits publishing a random example outright.
+    assert!(bad(&|c| c.delta = 1.0 / 8.0));
+    assert!(bad(&|c| c.delta = 0.2));
+    // Slot-keyed fused-token noise breaks the sensitivity bound.
+    assert!(bad(&|c| {
+        c.keep_tokens = Some(5);
+        c.context_tokens = 2;
+        c.fuse_noise_std = 0.1;
+    }));
     assert!(bad(&|c| c.batch = 0));
     assert!(bad(&|c| c.batch = 9));
     assert!(bad(&|c| c.micro_batch = 0));

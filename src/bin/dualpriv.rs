@@ -9,6 +9,7 @@ use dualpriv::backend::cpu::Cpu;
 use dualpriv::backend::dp::DpBackend;
 use dualpriv::bench::{self, Device};
 use dualpriv::data::synthetic::{Dataset, Split};
+use dualpriv::dp::key::RunKey;
 use dualpriv::model::Mllm;
 use dualpriv::run;
 use dualpriv::selfcheck;
@@ -429,16 +430,28 @@ struct TrainArgs {
     /// Private training examples of the built-in task.
     #[arg(long, default_value_t = 8000)]
     train_examples: usize,
-    /// Seed of the private training data.
-    #[arg(long, default_value_t = 1)]
-    data_seed: u64,
-    /// Seed of sampling.
+    /// Seed of the built-in private data (public: it controls only data
+    /// generation; batches and noise come from the run's secret key).
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Secret noise seed (default: drawn from the OS). Stored in state.json, which
-    /// must therefore never be published with the weights.
+    /// NOT PRIVATE: derive the run key from this number instead of OS entropy, so
+    /// batches and noise are reproducible by anyone. The run reports ε = ∞.
     #[arg(long)]
-    noise_seed: Option<u64>,
+    insecure_seed: Option<u64>,
+    /// Noise generator: chacha20 (cryptographic, default) or philox (faster, not
+    /// cryptographic).
+    #[arg(long, default_value = "chacha20")]
+    rng: String,
+    /// Also log the private batches' loss, size and non-finite count to
+    /// metrics.jsonl and the progress bar. NOT covered by ε.
+    #[arg(long)]
+    log_private_stats: bool,
+    /// Evaluate on the held-out test split every N steps (0: never).
+    #[arg(long, default_value_t = 0)]
+    eval_every: u32,
+    /// Held-out test examples for --eval-every.
+    #[arg(long, default_value_t = 1000)]
+    eval_examples: usize,
     /// Checkpoint every N steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
     checkpoint_every: u32,
@@ -464,15 +477,12 @@ fn train(a: TrainArgs) -> dualpriv::Result<()> {
 }
 
 fn train_on<B: DpBackend>(be: &B, a: TrainArgs) -> dualpriv::Result<()> {
-    let data = Dataset::generate(
-        Split::Private,
-        a.train_examples,
-        a.data_seed,
-        run::TINY_IMAGE,
-    )?;
+    let data = Dataset::generate(Split::Private, a.train_examples, a.seed, run::TINY_IMAGE)?;
+    let held_out = Dataset::generate(Split::Test, a.eval_examples.max(1), 2, run::TINY_IMAGE)?;
     if let Some(dir) = &a.resume {
         let mut t = Trainer::resume(be, dir, &data, Some(a.steps))?;
         t.progress = true;
+        t.eval_data = Some(held_out);
         eprintln!(
             "resuming {} at step {} of {}",
             dir.display(),
@@ -564,14 +574,26 @@ fn train_on<B: DpBackend>(be: &B, a: TrainArgs) -> dualpriv::Result<()> {
         keep_frac: a.keep_frac,
         prune_scope,
         dpzo_lambda: a.dpzo_lambda,
-        seed: a.seed,
-        noise_seed: a.noise_seed.unwrap_or_else(rand::random),
+        rng: a.rng.parse()?,
+        log_private_stats: a.log_private_stats,
+        eval_every: a.eval_every,
         text_len,
     };
-    let model = Mllm::load(be, &mcfg, &mode, &a.init.join("model.safetensors"))?;
-    let mut t = Trainer::new(be, model, spec, cfg, &data)?;
+    let model = Mllm::load(be, &mcfg, &mode, &checkpoint::model_path(&a.init)?)?;
+    let key = match a.insecure_seed {
+        Some(s) => {
+            eprintln!(
+                "warning: --insecure-seed {s}: batches and noise follow a public number, so this \
+                 run is NOT private; its ε is reported as ∞ in its outputs and the ledger"
+            );
+            RunKey::from_insecure_seed(s)
+        }
+        None => RunKey::from_os()?,
+    };
+    let mut t = Trainer::with_key(be, model, spec, cfg, &data, key)?;
     t.out_dir = a.out.clone();
     t.progress = true;
+    t.eval_data = Some(held_out);
     eprintln!(
         "{method}: {} trainable values, q = {:.4}, sigma = {:.4}",
         t.model.trainable().iter().map(|p| p.len).sum::<usize>(),
@@ -657,16 +679,28 @@ fn bench_on<B: DpBackend>(be: &B, a: &run::BenchArgs, json: bool) -> dualpriv::R
 }
 
 fn report(s: dualpriv::train::RunSummary) -> dualpriv::Result<()> {
-    println!(
-        "steps = {} | final loss = {:.4} | sigma = {:.4} | {:.1} s | peak heap {} | {}",
+    let mut line = format!(
+        "steps = {} | sigma = {:.4} | {:.1} s | peak heap {} | {}",
         s.steps,
-        s.final_loss,
         s.sigma,
         s.seconds,
         s.peak_bytes.map_or("n/a".into(), mib),
         s.stop_reason
     );
-    println!("epsilon = {}", s.epsilon);
+    if let Some(e) = s.eval {
+        line += &format!(
+            " | held-out accuracy = {:.4}, loss = {:.4}",
+            e.accuracy, e.loss
+        );
+    }
+    if let Some(l) = s.final_loss {
+        line += &format!(" | training loss (private) = {l:.4}");
+    }
+    println!("{line}");
+    match s.not_private {
+        Some(why) => println!("epsilon = inf (not private: {why})"),
+        None => println!("epsilon = {}", s.epsilon),
+    }
     Ok(())
 }
 
@@ -676,9 +710,9 @@ fn eval_on<B: DpBackend>(
     n: usize,
     seed: u64,
 ) -> dualpriv::Result<()> {
-    let st = checkpoint::load_state(dir)?;
+    let (st, folder) = checkpoint::load_state(dir)?;
     let (mcfg, mode) = st.model.build()?;
-    let model = Mllm::load(be, &mcfg, &mode, &dir.join("model.safetensors"))?;
+    let model = Mllm::load(be, &mcfg, &mode, &folder.join("model.safetensors"))?;
     let test = Dataset::generate(Split::Test, n, seed, mcfg.vision.image_size)?;
     let tokens = st.train.token_select();
     let text_len = st.train.text_len.max(test.max_text_len());
@@ -702,7 +736,9 @@ fn print_demo(rep: &run::DemoReport) {
         rep.pretrained_accuracy, rep.majority_baseline
     );
     println!(
-        "(the DP runs share one private dataset: each is (ε, δ)-DP alone; together they compose)"
+        "(a comparison, not a deployment: every method trains on the same private split with its own \
+         fresh secret key. Each DP row alone is (ε, δ)-DP; together they compose, and the non-private \
+         row is not private at all, so the set of outputs is not private)"
     );
     println!("| method | accuracy | epsilon | peak heap | time | visual tokens |");
     println!("|---|---|---|---|---|---|");

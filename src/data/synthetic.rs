@@ -629,24 +629,24 @@ impl Dataset {
         Ok(batch)
     }
 
-    /// A stable 64-bit FNV-1a hash (16 hex digits) of the image size, the number
-    /// of examples and every example's image bytes, tokens and answer: equal
-    /// fingerprints mean the same data.
-    pub fn fingerprint(&self) -> String {
-        let mut h = Fnv1a::new();
-        h.write(&(self.image_size as u64).to_le_bytes());
-        h.write(&(self.len() as u64).to_le_bytes());
+    /// A keyed BLAKE3 hash (32 hex digits) of the image size, the number of examples
+    /// and every example's image bytes, tokens and answer: equal fingerprints mean the
+    /// same data. Keyed, because the fingerprint is stored in the ledger and in
+    /// checkpoints: without the key (kept beside the ledger) it cannot be used to test
+    /// whether a run was trained on a guessed dataset.
+    pub fn fingerprint(&self, key: &[u8; 32]) -> String {
+        let mut h = blake3::Hasher::new_keyed(key);
+        h.update(&(self.image_size as u64).to_le_bytes());
+        h.update(&(self.len() as u64).to_le_bytes());
         for ex in &self.examples {
-            for v in &ex.image {
-                h.write(&v.to_bits().to_le_bytes());
-            }
-            h.write(&(ex.input_ids.len() as u64).to_le_bytes());
+            h.update(bytemuck::cast_slice(&ex.image));
+            h.update(&(ex.input_ids.len() as u64).to_le_bytes());
             for id in &ex.input_ids {
-                h.write(&id.to_le_bytes());
+                h.update(&id.to_le_bytes());
             }
-            h.write(&ex.answer.to_le_bytes());
+            h.update(&ex.answer.to_le_bytes());
         }
-        format!("{:016x}", h.0)
+        h.finalize().to_hex()[..32].to_string()
     }
 
     /// Chance-level accuracies: always guessing the most frequent answer of each
@@ -696,20 +696,6 @@ impl Dataset {
 /// `dataset.baselines().majority`).
 pub fn majority_baseline(dataset: &Dataset) -> f64 {
     dataset.baselines().majority
-}
-
-struct Fnv1a(u64);
-
-impl Fnv1a {
-    fn new() -> Self {
-        Fnv1a(0xcbf2_9ce4_8422_2325)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= b as u64;
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
 }
 
 /// The RNG of example `index` of `split` under `seed`.

@@ -1,7 +1,9 @@
 //! The differential-privacy mechanisms: per-example clipping with ghost norms and
-//! book-keeping ([`clip`]), regenerable Philox Gaussian noise ([`noise`]), and the
+//! book-keeping ([`clip`]), the run's secret key ([`key`]), regenerable
+//! Gaussian noise from ChaCha20 or Philox ([`noise`]), and the
 //! noisy-gradient top-k update pruning with masked optimizers ([`prune`]).
 pub mod accountant;
 pub mod clip;
+pub mod key;
 pub mod noise;
 pub mod prune;

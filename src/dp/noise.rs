@@ -100,3 +100,39 @@ impl NoiseKey {
         }
     }
 }
+
+// TEMPORARY (replaced by the ChaCha20 branch): the key types the driver codes against.
+/// Which counter-based generator produces the noise.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RngKind {
+    /// ChaCha20.
+    #[default]
+    Chacha20,
+    /// Philox.
+    Philox,
+}
+/// A 256-bit key of one noise domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StreamKey {
+    /// Generator.
+    pub rng: RngKind,
+    /// Key words.
+    pub key: [u32; 8],
+}
+impl StreamKey {
+    /// TEMPORARY shim until the ChaCha20 branch lands.
+    pub fn seed64(&self) -> u64 {
+        u64::from(self.key[0]) | u64::from(self.key[1]) << 32
+    }
+}
+impl std::str::FromStr for RngKind {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "chacha20" => Ok(Self::Chacha20),
+            "philox" => Ok(Self::Philox),
+            _ => Err(crate::Error::Config(format!("rng {s:?}: expected chacha20 or philox"))),
+        }
+    }
+}

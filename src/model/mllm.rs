@@ -630,11 +630,19 @@ impl<B: Backend> Mllm<B> {
     /// Writes all weights (frozen, trainable, LoRA) as f32 safetensors; the header
     /// records the preset and the seed.
     pub fn save(&self, backend: &B, path: &Path) -> Result<()> {
-        let meta = HashMap::from([
-            ("format".to_string(), "dualpriv".to_string()),
-            ("preset".to_string(), self.cfg.name.clone()),
-            ("seed".to_string(), self.seed.to_string()),
-        ]);
+        self.save_tagged(backend, path, HashMap::new())
+    }
+
+    /// [`Self::save`] with extra metadata entries (a checkpoint's id and step).
+    pub fn save_tagged(
+        &self,
+        backend: &B,
+        path: &Path,
+        mut meta: HashMap<String, String>,
+    ) -> Result<()> {
+        meta.insert("format".to_string(), "dualpriv".to_string());
+        meta.insert("preset".to_string(), self.cfg.name.clone());
+        meta.insert("seed".to_string(), self.seed.to_string());
         self.store.save(backend, path, meta)
     }
 

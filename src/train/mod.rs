@@ -1,6 +1,7 @@
 //! The DP training driver: configuration, the run loop with privacy accounting,
 //! checkpoints that resume exactly, and metrics.
 pub mod checkpoint;
+pub mod eval;
 pub mod method;
 pub mod optim;
 pub mod sampler;
@@ -15,8 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::dp::DpBackend;
 use crate::data::synthetic::Dataset;
-use crate::dp::accountant::ledger::{Ledger, LedgerEntry};
+use crate::dp::accountant::ledger::{self, Ledger, LedgerEntry};
 use crate::dp::accountant::{self, AccountantKind};
+use crate::dp::key::{Domain, RunKey};
+use crate::dp::noise::RngKind;
 use crate::model::Mllm;
 use crate::vision::tokens::TokenSelectConfig;
 use crate::{Error, Result};
@@ -55,9 +58,9 @@ pub struct TrainConfig {
     /// Target ε; σ is calibrated to reach it in `steps` steps, and training stops
     /// before exceeding it. `None` with a fixed `noise_multiplier`.
     pub epsilon: Option<f64>,
-    /// δ of the guarantee.
+    /// δ of the guarantee; must be below 1/N.
     pub delta: f64,
-    /// A fixed noise multiplier σ instead of calibration.
+    /// A fixed noise multiplier σ (> 0 for DP methods) instead of calibration.
     pub noise_multiplier: Option<f64>,
     /// The accountant: "rdp" or "pld".
     pub accountant: String,
@@ -65,7 +68,8 @@ pub struct TrainConfig {
     pub keep_tokens: Option<usize>,
     /// Visual token pruning: M contextual tokens.
     pub context_tokens: usize,
-    /// Heuristic noise on fused tokens; not part of the DP guarantee.
+    /// Heuristic noise on fused tokens, non-private runs only (refused for DP
+    /// methods: it is keyed by batch slot, which breaks the sensitivity bound).
     pub fuse_noise_std: f32,
     /// Fraction of coordinates updated per step (`dualpriv` only).
     pub keep_frac: f64,
@@ -73,22 +77,40 @@ pub struct TrainConfig {
     pub prune_scope: PruneScope,
     /// DPZO's perturbation scale λ.
     pub dpzo_lambda: f32,
-    /// Seed of sampling and model initialisation.
-    pub seed: u64,
-    /// Secret seed of the DP noise (and DPZO directions).
-    pub noise_seed: u64,
+    /// The noise generator: ChaCha20 (default, cryptographic) or Philox (faster,
+    /// not cryptographic: its outputs may be predictable from each other).
+    #[serde(default)]
+    pub rng: RngKind,
+    /// Also log the statistics of the private batches (loss, batch size,
+    /// non-finite examples). NOT covered by ε.
+    #[serde(default)]
+    pub log_private_stats: bool,
+    /// Evaluate on the held-out split every N steps (0: never).
+    #[serde(default)]
+    pub eval_every: u32,
     /// Text tokens per example after padding.
     pub text_len: usize,
 }
 
 impl TrainConfig {
-    /// The token-selection config, when pruning is on.
+    /// The token-selection config, when pruning is on, without the fused-token
+    /// noise (evaluation and prediction are deterministic).
     pub fn token_select(&self) -> Option<TokenSelectConfig> {
         self.keep_tokens.map(|k| TokenSelectConfig {
             keep: k,
             context: self.context_tokens,
-            fuse_noise_std: self.fuse_noise_std,
-            noise_seed: self.noise_seed ^ 0x70CE_5EED,
+            fuse_noise_std: 0.0,
+            noise_seed: 0, // MERGE
+        })
+    }
+
+    /// The token-selection config of training: with the fused-token noise, keyed by
+    /// the run's key.
+    pub fn train_token_select(&self, key: &RunKey) -> Option<TokenSelectConfig> {
+        self.token_select().map(|mut t| {
+            t.fuse_noise_std = self.fuse_noise_std;
+            t.noise_seed = key.stream(Domain::Tokens, self.rng).seed64(); // MERGE
+            t
         })
     }
 
@@ -101,37 +123,56 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.batch == 0 {
-            return bad("--batch must be at least 1".into());
+            return bad("the batch size must be at least 1".into());
         }
         if self.micro_batch == 0 {
-            return bad("--micro-batch must be at least 1".into());
+            return bad("the micro-batch size must be at least 1".into());
         }
         if self.clip_norm.is_nan() || self.clip_norm <= 0.0 {
-            return bad(format!("--clip-norm {} must be > 0", self.clip_norm));
+            return bad(format!("clip norm {} must be > 0", self.clip_norm));
         }
         if !(0.0..=1.0).contains(&self.keep_frac) {
-            return bad(format!("--keep-frac {} must be in [0, 1]", self.keep_frac));
+            return bad(format!("keep fraction {} must be in [0, 1]", self.keep_frac));
         }
         if self.method == Method::Dpzo && !(self.dpzo_lambda > 0.0 && self.dpzo_lambda.is_finite())
         {
-            return bad(format!("--dpzo-lambda {} must be > 0", self.dpzo_lambda));
+            return bad(format!("DPZO λ {} must be > 0", self.dpzo_lambda));
+        }
+        if !(self.fuse_noise_std.is_finite() && self.fuse_noise_std >= 0.0) {
+            return bad(format!(
+                "fused-token noise std {} must be ≥ 0",
+                self.fuse_noise_std
+            ));
         }
         self.accountant_kind()?;
         if self.method.is_private() {
             if !(self.delta > 0.0 && self.delta < 1.0) {
-                return bad(format!("--delta {} must be in (0, 1)", self.delta));
+                return bad(format!("δ = {} must be in (0, 1)", self.delta));
             }
             match (self.epsilon, self.noise_multiplier) {
                 (None, None) => {
-                    return bad("a DP method needs --epsilon (or --noise-multiplier)".into())
+                    return bad(
+                        "a DP method needs a target ε (or a fixed noise multiplier σ)".into(),
+                    )
                 }
-                (_, Some(s)) if !(s >= 0.0 && s.is_finite()) => {
-                    return bad(format!("--noise-multiplier {s} must be ≥ 0"));
+                (_, Some(s)) if !(s > 0.0 && s.is_finite()) => {
+                    return bad(format!(
+                        "noise multiplier σ = {s}: a DP method needs σ > 0 (σ = 0 adds no noise, \
+                         so nothing is private); use the nonprivate method for that"
+                    ));
                 }
                 (Some(e), _) if e.is_nan() || e <= 0.0 => {
-                    return bad(format!("--epsilon {e} must be > 0"))
+                    return bad(format!("target ε = {e} must be > 0"))
                 }
                 _ => {}
+            }
+            if self.fuse_noise_std > 0.0 {
+                return bad(
+                    "fused-token noise is keyed by the example's slot in the micro-batch, so adding \
+                     an example changes the noise of the others and the sensitivity exceeds C; \
+                     it is refused for DP methods (set it to 0)"
+                        .into(),
+                );
             }
         }
         self.opt.at_step(1)?;
@@ -139,20 +180,19 @@ impl TrainConfig {
     }
 }
 
-/// One line of `metrics.jsonl`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// One line of `metrics.jsonl`: only what ε covers (and public facts) unless
+/// [`TrainConfig::log_private_stats`] is set.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct StepRecord {
     /// 1-based step number.
     pub step: u32,
-    /// Mean per-example loss (null for an empty batch).
-    pub loss: Option<f64>,
-    /// Examples in the batch.
-    pub batch_size: usize,
-    /// ε spent after this step (null for non-private runs).
+    /// ε spent after this step; null when the run is not covered (ε = ∞).
     pub epsilon: Option<f64>,
-    /// Visual tokens per example.
+    /// The noise multiplier σ.
+    pub sigma: f64,
+    /// Visual tokens per example (fixed by the config).
     pub visual_tokens: usize,
-    /// Fraction of coordinates updated.
+    /// Fraction of coordinates updated (⌈keep_frac·n⌉ / n, fixed by the config).
     pub kept_frac: f64,
     /// Wall time of the step in milliseconds.
     pub step_ms: f64,
@@ -164,6 +204,22 @@ pub struct StepRecord {
     /// Bytes in use on the whole device after this step, from `cuMemGetInfo` (GPU only).
     #[serde(default)]
     pub device_used_bytes: Option<u64>,
+    /// Accuracy on the held-out split (with `eval_every`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_accuracy: Option<f64>,
+    /// Mean loss on the held-out split (with `eval_every`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    /// PRIVATE: mean loss of the private batch (only with `log_private_stats`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// PRIVATE: examples in the private batch (only with `log_private_stats`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// PRIVATE: examples whose loss or gradient norm was not finite and got clip
+    /// factor 0 (only with `log_private_stats`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonfinite_examples: Option<usize>,
 }
 
 /// The privacy state of a run: what has been spent.
@@ -180,6 +236,11 @@ impl PrivacyState {
             Some(last) if last.0 == q && last.1 == sigma => last.2 += 1,
             _ => self.history.push((q, sigma, 1)),
         }
+    }
+
+    /// Steps recorded.
+    pub fn steps(&self) -> u64 {
+        self.history.iter().map(|h| h.2).sum()
     }
 
     /// ε spent so far.
@@ -230,12 +291,18 @@ impl PrivacyState {
 pub struct RunSummary {
     /// Steps taken in total (including before a resume).
     pub steps: u32,
-    /// ε spent in total (∞ for non-private).
+    /// ε spent in total; ∞ for runs that are not covered (non-private methods,
+    /// shuffled batches, `--insecure-seed`).
     pub epsilon: f64,
+    /// Why the run is not covered by ε, when it is not.
+    pub not_private: Option<&'static str>,
     /// The noise multiplier used.
     pub sigma: f64,
-    /// Mean loss over the last up-to-10 non-empty steps.
-    pub final_loss: f64,
+    /// PRIVATE: mean loss over the last up-to-10 non-empty steps (only with
+    /// `log_private_stats` or for non-private runs).
+    pub final_loss: Option<f64>,
+    /// The last held-out evaluation, when `eval_every` is set.
+    pub eval: Option<eval::EvalResult>,
     /// Wall time of this invocation, seconds.
     pub seconds: f64,
     /// Peak heap bytes (CPU backend with the counting allocator).
@@ -245,6 +312,10 @@ pub struct RunSummary {
 }
 
 /// A training run in progress: model, optimizer state, privacy state, step counter.
+///
+/// The run's secret key and its draw counter are private: every step takes a
+/// fresh draw (batch and noise) from a counter that only advances, so no call
+/// sequence can make two steps share noise.
 pub struct Trainer<'a, B: DpBackend> {
     /// The backend.
     pub backend: &'a B,
@@ -252,28 +323,34 @@ pub struct Trainer<'a, B: DpBackend> {
     pub model: Mllm<B>,
     /// Which model this is, for checkpoints.
     pub model_spec: checkpoint::ModelSpec,
-    /// Fingerprint of the training data, for checkpoints and the ledger.
-    pub data_fingerprint: String,
     /// The optimizer state.
     pub opt: OptState<B>,
     /// The configuration.
     pub cfg: TrainConfig,
     /// The privacy spent.
     pub privacy: PrivacyState,
-    /// Logical steps done.
+    /// Logical steps done (the model's state).
     pub step: u32,
     /// σ of this run (0 for non-private).
     pub sigma: f64,
-    /// Where checkpoints and metrics go.
+    /// Where checkpoints and metrics go; must be empty or absent for a new run.
     pub out_dir: Option<PathBuf>,
     /// Whether to draw a progress bar.
     pub progress: bool,
     /// The privacy ledger file (default: `privacy-ledger.json` beside `out_dir`).
     pub ledger: Option<PathBuf>,
+    /// Held-out examples for `eval_every` (never the private training data).
+    pub eval_data: Option<Dataset>,
+    key: RunKey,
+    draws: u32,
+    run_id: String,
+    fingerprint: Option<String>,
+    claimed: bool,
 }
 
 impl<'a, B: DpBackend> Trainer<'a, B> {
-    /// A fresh run: calibrates σ for the planned steps when a target ε is given.
+    /// A fresh run with a fresh secret key from the OS; calibrates σ for the
+    /// planned steps when a target ε is given.
     pub fn new(
         backend: &'a B,
         model: Mllm<B>,
@@ -281,8 +358,30 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         cfg: TrainConfig,
         data: &Dataset,
     ) -> Result<Self> {
+        Self::with_key(backend, model, model_spec, cfg, data, RunKey::from_os()?)
+    }
+
+    /// A fresh run with an explicit key (tests; `--insecure-seed`). A key from
+    /// [`RunKey::from_insecure_seed`] makes the run report ε = ∞.
+    pub fn with_key(
+        backend: &'a B,
+        model: Mllm<B>,
+        model_spec: checkpoint::ModelSpec,
+        cfg: TrainConfig,
+        data: &Dataset,
+        key: RunKey,
+    ) -> Result<Self> {
         cfg.validate()?;
-        let sampler = Sampler::new(data.len(), cfg.batch, cfg.sampling, cfg.seed)?;
+        let sampler = Sampler::new(data.len(), cfg.batch, cfg.sampling, &key)?;
+        if cfg.method.is_private() && cfg.delta >= 1.0 / data.len() as f64 {
+            return Err(Error::Config(format!(
+                "δ = {} is not below 1/N = 1/{}: a mechanism that publishes one random example \
+                 outright meets such a δ. Use δ ≤ {:.1e} (1/(10·N))",
+                cfg.delta,
+                data.len(),
+                0.1 / data.len() as f64
+            )));
+        }
         let sigma = match (cfg.method.is_private(), cfg.noise_multiplier, cfg.epsilon) {
             (false, ..) => 0.0,
             (true, Some(s), _) => s,
@@ -299,7 +398,6 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             backend,
             model,
             model_spec,
-            data_fingerprint: data.fingerprint(),
             opt: OptState::default(),
             cfg,
             privacy: PrivacyState::default(),
@@ -308,57 +406,164 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             out_dir: None,
             progress: false,
             ledger: None,
+            eval_data: None,
+            key,
+            draws: 0,
+            run_id: checkpoint::random_id()?,
+            fingerprint: None,
+            claimed: false,
         })
     }
 
     /// Continues the run saved in `dir` on `data`, which must be the same data
-    /// (same fingerprint). The privacy history continues; ε is never reset.
-    /// `steps`, when given, replaces the planned total (to train longer).
+    /// (same keyed fingerprint). The privacy history continues from the ledger,
+    /// which counts every step a checkpoint may have released, and the draws
+    /// continue after every draw the ledger has seen, so new steps get fresh
+    /// noise. `steps`, when given, replaces the planned total (to train longer).
     pub fn resume(backend: &'a B, dir: &Path, data: &Dataset, steps: Option<u32>) -> Result<Self> {
-        let st = checkpoint::load_state(dir)?;
-        if st.data_fingerprint != data.fingerprint() {
+        let (st, folder) = checkpoint::load_state(dir)?;
+        let fkey = Ledger::fingerprint_key(&st.ledger)?;
+        let fp = data.fingerprint(&fkey);
+        if st.data_fingerprint != fp {
             return Err(Error::Config(format!(
-                "{}: the checkpoint was trained on data {} but this data is {}; resume with the same data",
+                "{}: the checkpoint was trained on other data than this (keyed fingerprints {} and {}); \
+                 resume with the same data",
                 dir.display(),
                 st.data_fingerprint,
-                data.fingerprint()
+                fp
+            )));
+        }
+        let ledger = Ledger::load(&st.ledger)?;
+        let entry = ledger.entry(&st.run_id).ok_or_else(|| {
+            Error::Config(format!(
+                "{}: the privacy ledger {} has no entry for this run ({}), although every checkpoint \
+                 is recorded there first; it was replaced or is not this run's ledger. Restore it \
+                 rather than resuming without it",
+                dir.display(),
+                st.ledger.display(),
+                st.run_id
+            ))
+        })?;
+        if entry.steps < u64::from(st.step) || !ledger::extends(&st.privacy.history, &entry.history)
+        {
+            return Err(Error::Config(format!(
+                "{}: the privacy ledger {} records {} steps for this run but the checkpoint has {}; \
+                 the ledger was rolled back, so resuming is refused",
+                dir.display(),
+                st.ledger.display(),
+                entry.steps,
+                st.step
             )));
         }
         let (mcfg, mode) = st.model.build()?;
-        let model = Mllm::load(backend, &mcfg, &mode, &dir.join("model.safetensors"))?;
+        let model = Mllm::load(backend, &mcfg, &mode, &folder.join("model.safetensors"))?;
         let mut cfg = st.train;
         if let Some(s) = steps {
             cfg.steps = s;
         }
+        let draws = u64::from(st.draws).max(entry.draws);
         Ok(Self {
             backend,
             model,
             model_spec: st.model,
-            data_fingerprint: st.data_fingerprint,
-            opt: checkpoint::load_optim(backend, dir)?,
+            opt: checkpoint::load_optim(backend, &folder)?,
             cfg,
-            privacy: st.privacy,
+            privacy: PrivacyState {
+                history: entry.history.clone(),
+            },
             step: st.step,
             sigma: st.sigma,
             out_dir: Some(dir.to_path_buf()),
             progress: false,
-            ledger: None,
+            ledger: Some(st.ledger),
+            eval_data: None,
+            key: st.key,
+            draws: u32::try_from(draws)
+                .map_err(|_| Error::Format(format!("{}: draw counter {draws} overflows", dir.display())))?,
+            run_id: st.run_id,
+            fingerprint: Some(fp),
+            claimed: true,
         })
+    }
+
+    /// The run's key (secret unless it came from an insecure seed).
+    pub fn key(&self) -> &RunKey {
+        &self.key
+    }
+
+    /// Draws (batches and noise) used so far; the next step uses draw number `draws()`.
+    pub fn draws(&self) -> u32 {
+        self.draws
+    }
+
+    /// The run's random id (its identity in the ledger).
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// Why this run is not covered by its ε, when it is not.
+    pub fn not_private(&self) -> Option<&'static str> {
+        if !self.cfg.method.is_private() {
+            Some("non-private method")
+        } else if self.key.is_insecure() {
+            Some("--insecure-seed: anyone can recompute its batches and noise")
+        } else if self.cfg.sampling == Sampling::Shuffle {
+            Some("shuffled batches: the accountant assumes Poisson sampling")
+        } else {
+            None
+        }
+    }
+
+    /// ε spent so far, `None` (∞) when the run is not covered.
+    pub fn epsilon(&self) -> Result<Option<f64>> {
+        if self.not_private().is_some() {
+            return Ok(None);
+        }
+        let kind = self.cfg.accountant_kind()?;
+        self.privacy.epsilon(kind, self.cfg.delta).map(Some)
+    }
+
+    /// Takes the output folder for a new run (it must be empty or absent), and
+    /// computes the keyed data fingerprint of the ledger. Idempotent.
+    fn claim_out(&mut self, data: &Dataset) -> Result<()> {
+        if self.claimed {
+            return Ok(());
+        }
+        if let Some(dir) = &self.out_dir {
+            let busy = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+            if busy {
+                return Err(Error::Config(format!(
+                    "{}: the output folder is not empty; a new run would overwrite an earlier \
+                     run's checkpoint and ledger entry. Resume it (`--resume {}`) or choose a new folder",
+                    dir.display(),
+                    dir.display()
+                )));
+            }
+            std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+            let path = match &self.ledger {
+                Some(p) => p.clone(),
+                None => Ledger::default_path(&std::fs::canonicalize(dir).map_err(|e| io_err(dir, e))?),
+            };
+            let fkey = Ledger::fingerprint_key(&path)?;
+            self.fingerprint = Some(data.fingerprint(&fkey));
+            self.ledger = Some(path);
+        }
+        self.claimed = true;
+        Ok(())
     }
 
     /// Trains until `cfg.steps` steps are done or the ε budget would be exceeded.
     /// Checkpoints every `checkpoint_every` steps (and at the end) when `out_dir` is set.
     pub fn run(&mut self, data: &Dataset, checkpoint_every: u32) -> Result<RunSummary> {
         let started = Instant::now();
-        let sampler = Sampler::new(data.len(), self.cfg.batch, self.cfg.sampling, self.cfg.seed)?;
+        let sampler = Sampler::new(data.len(), self.cfg.batch, self.cfg.sampling, &self.key)?;
         let q = sampler.rate();
         let kind = self.cfg.accountant_kind()?;
         let private = self.cfg.method.is_private();
-        if private && self.cfg.sampling == Sampling::Shuffle {
-            eprintln!(
-                "warning: --sampling shuffle: the privacy accounting assumes Poisson sampling and does NOT hold for this run"
-            );
+        if let (true, Some(why)) = (private, self.not_private()) {
+            eprintln!("warning: this run is NOT private ({why}); its ε is reported as ∞");
         }
+        self.claim_out(data)?;
         if private {
             self.warn_prior_spend(kind)?;
         }
@@ -375,7 +580,6 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         let allowed = budget_left.map_or(u64::from(todo), |b| b.min(u64::from(todo))) as u32;
         let mut metrics = match &self.out_dir {
             Some(d) => {
-                std::fs::create_dir_all(d).map_err(|e| io_err(d, e))?;
                 let p = d.join("metrics.jsonl");
                 Some(
                     OpenOptions::new()
@@ -390,37 +594,49 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         let bar = self
             .progress
             .then(|| progress_bar(u64::from(self.step), u64::from(self.cfg.steps)));
-        let mut last_eps = if private {
-            Some(self.privacy.epsilon(kind, self.cfg.delta)?)
-        } else {
-            None
-        };
+        let show_private = self.cfg.log_private_stats || !private;
         let mut recent = Vec::new();
-        let log_every = (self.cfg.steps / 20).max(1);
+        let mut last_eval = None;
         for _ in 0..allowed {
             let t0 = Instant::now();
             self.backend.reset_device_peak();
-            let indices = sampler.batch(self.step);
+            let indices = sampler.batch(self.draws);
             let out = self.one_step(data, &indices)?;
             if private {
                 self.privacy.record(q, self.sigma);
             }
             self.step += 1;
-            if private && (self.step.is_multiple_of(log_every) || self.step == self.cfg.steps) {
-                last_eps = Some(self.privacy.epsilon(kind, self.cfg.delta)?);
-            }
+            let eps = self.epsilon()?;
             if out.loss.is_finite() {
                 recent.push(out.loss);
                 if recent.len() > 10 {
                     recent.remove(0);
                 }
             }
+            let every = self.cfg.eval_every;
+            let eval = match &self.eval_data {
+                Some(held_out)
+                    if every > 0 && (self.step.is_multiple_of(every) || self.step == self.cfg.steps) =>
+                {
+                    let tokens = self.cfg.token_select();
+                    let text_len = self.cfg.text_len.max(held_out.max_text_len());
+                    Some(eval::evaluate_full(
+                        self.backend,
+                        &self.model,
+                        held_out,
+                        tokens.as_ref(),
+                        text_len,
+                        true,
+                    )?)
+                }
+                _ => None,
+            };
+            last_eval = eval.or(last_eval);
             let device = self.backend.device_memory();
             let rec = StepRecord {
                 step: self.step,
-                loss: out.loss.is_finite().then_some(out.loss),
-                batch_size: out.batch_size,
-                epsilon: last_eps,
+                epsilon: eps,
+                sigma: self.sigma,
                 visual_tokens: out.visual_tokens,
                 kept_frac: if out.coords > 0 {
                     out.kept as f64 / out.coords as f64
@@ -431,19 +647,29 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
                 peak_bytes: crate::mem::tracking().then(crate::mem::peak_bytes),
                 device_peak_bytes: device.map(|m| m.peak_bytes),
                 device_used_bytes: device.map(|m| m.used_bytes),
+                eval_accuracy: eval.map(|e| e.accuracy),
+                eval_loss: eval.map(|e| e.loss),
+                loss: (show_private && out.loss.is_finite()).then_some(out.loss),
+                batch_size: show_private.then_some(out.batch_size),
+                nonfinite_examples: show_private.then_some(out.nonfinite),
             };
             if let Some(f) = metrics.as_mut() {
                 write_line(f, &rec)?;
             }
             if let Some(b) = &bar {
                 b.set_position(u64::from(self.step));
-                b.set_message(format!(
-                    "loss {:.3} | ε {} | vis tok {} | {:.0} ms",
-                    out.loss,
-                    last_eps.map_or("∞".into(), |e| format!("{e:.2}")),
-                    out.visual_tokens,
+                let mut msg = format!(
+                    "ε {} | {:.0} ms",
+                    eps.map_or("∞".into(), |e| format!("{e:.2}")),
                     rec.step_ms
-                ));
+                );
+                if let Some(e) = last_eval {
+                    msg += &format!(" | held-out acc {:.3}", e.accuracy);
+                }
+                if let Some(l) = rec.loss {
+                    msg += &format!(" | PRIVATE loss {l:.3}");
+                }
+                b.set_message(msg);
             }
             if checkpoint_every > 0 && self.step.is_multiple_of(checkpoint_every) {
                 self.save_checkpoint()?;
@@ -452,11 +678,6 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         if let Some(b) = bar {
             b.finish();
         }
-        let epsilon = if private {
-            self.privacy.epsilon(kind, self.cfg.delta)?
-        } else {
-            f64::INFINITY
-        };
         let stop_reason = if self.step >= self.cfg.steps {
             "planned steps done".to_string()
         } else {
@@ -470,21 +691,26 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         }
         Ok(RunSummary {
             steps: self.step,
-            epsilon,
+            epsilon: self.epsilon()?.unwrap_or(f64::INFINITY),
+            not_private: self.not_private(),
             sigma: self.sigma,
-            final_loss: if recent.is_empty() {
-                f64::NAN
-            } else {
-                recent.iter().sum::<f64>() / recent.len() as f64
-            },
+            final_loss: (show_private && !recent.is_empty())
+                .then(|| recent.iter().sum::<f64>() / recent.len() as f64),
+            eval: last_eval,
             seconds: started.elapsed().as_secs_f64(),
             peak_bytes: crate::mem::tracking().then(crate::mem::peak_bytes),
             stop_reason,
         })
     }
 
-    /// Runs one logical step on the given examples (no accounting).
+    /// Runs one logical step on the given examples with the next draw of noise
+    /// (the counter advances even when the step fails). No accounting: [`Self::run`]
+    /// records the step, and the ε it reports assumes Poisson-sampled `indices`.
     pub fn one_step(&mut self, data: &Dataset, indices: &[usize]) -> Result<StepOutcome> {
+        let draw = self.draws;
+        self.draws = self.draws.checked_add(1).ok_or_else(|| {
+            Error::Config("the run has used all 2³² draws of its key; start a new run".into())
+        })?;
         let mut ctx = StepContext {
             backend: self.backend,
             model: &mut self.model,
@@ -492,11 +718,12 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             data,
             cfg: &self.cfg,
             sigma: self.sigma,
+            key: &self.key,
         };
-        step::train_step(&mut ctx, self.step, indices).map_err(|e| match e {
+        step::train_step(&mut ctx, self.step, draw, indices).map_err(|e| match e {
             // Out of memory: say which run it was and what micro-batch to try.
             Error::OutOfMemory(m) => Error::OutOfMemory(format!(
-                "{m} [preset {}, batch {}, micro-batch {}: try --micro-batch {}]",
+                "{m} [preset {}, batch {}, micro-batch {}: try a micro-batch of {}]",
                 self.model_spec.preset,
                 self.cfg.batch,
                 self.cfg.micro_batch,
@@ -506,74 +733,89 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         })
     }
 
+    /// Records the steps in the ledger, then writes the checkpoint that releases them.
     fn save_checkpoint(&self) -> Result<()> {
-        match &self.out_dir {
-            Some(d) => {
-                checkpoint::save(self, d)?;
-                self.record_ledger()
+        let Some(dir) = &self.out_dir else {
+            return Ok(());
+        };
+        let (ledger, fingerprint) = match (&self.ledger, &self.fingerprint) {
+            (Some(l), Some(f)) => (l.clone(), f.clone()),
+            _ => {
+                return Err(Error::Config(
+                    "internal: checkpoint before the output folder was claimed".into(),
+                ))
             }
-            None => Ok(()),
-        }
-    }
-
-    /// The ledger file and this run's key in it, when the run writes to a folder.
-    fn ledger_slot(&self) -> Option<(PathBuf, String)> {
-        let dir = self.out_dir.as_ref()?;
-        let key = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
-        let path = self
-            .ledger
-            .clone()
-            .unwrap_or_else(|| Ledger::default_path(&key));
-        Some((path, key.display().to_string()))
+        };
+        self.record_ledger(&ledger, &fingerprint)?;
+        let state = checkpoint::CheckpointState {
+            version: checkpoint::VERSION,
+            checkpoint_id: checkpoint::random_id()?,
+            run_id: self.run_id.clone(),
+            model: self.model_spec.clone(),
+            train: self.cfg.clone(),
+            step: self.step,
+            draws: self.draws,
+            sigma: self.sigma,
+            privacy: self.privacy.clone(),
+            data_fingerprint: fingerprint,
+            ledger,
+            key: self.key.clone(),
+        };
+        checkpoint::save(self, dir, &state)
     }
 
     /// Warns when earlier runs already spent privacy on the same data.
     fn warn_prior_spend(&self, kind: AccountantKind) -> Result<()> {
-        let Some((path, key)) = self.ledger_slot() else {
+        let (Some(path), Some(fp)) = (&self.ledger, &self.fingerprint) else {
             return Ok(());
         };
-        let ledger = Ledger::load(&path)?;
-        let others: Vec<&LedgerEntry> = ledger.others_on(&self.data_fingerprint, &key).collect();
+        let ledger = Ledger::load(path)?;
+        let others: Vec<&LedgerEntry> = ledger.others_on(fp, &self.run_id).collect();
         if !others.is_empty() {
-            let total = ledger.cumulative_epsilon(&self.data_fingerprint, kind, self.cfg.delta)?;
+            let total = ledger.cumulative_epsilon(fp, kind, self.cfg.delta)?;
             eprintln!(
-                "warning: {} earlier run(s) in {} used this data (fingerprint {}); together they have spent ε = {total:.3} at δ = {}, and this run adds to it:",
+                "warning: {} earlier run(s) in {} used this data; together they have spent ε = {} at δ = {}, and this run adds to it. Latest:",
                 others.len(),
                 path.display(),
-                self.data_fingerprint,
+                if total.is_finite() { format!("{total:.3}") } else { "∞ (a non-private run used it)".into() },
                 self.cfg.delta
             );
-            for e in others {
+            for e in others.iter().rev().take(3) {
                 eprintln!(
-                    "  {}: {} steps of {}, ε = {:.3}",
-                    e.run, e.steps, e.method, e.epsilon
+                    "  {}: {} steps of {}, ε = {}",
+                    e.run,
+                    e.steps,
+                    e.method,
+                    e.epsilon.map_or("∞".into(), |v| format!("{v:.3}"))
                 );
             }
         }
         Ok(())
     }
 
-    /// Appends or updates this run's entry in the ledger (DP runs only).
-    fn record_ledger(&self) -> Result<()> {
-        if !self.cfg.method.is_private() {
-            return Ok(());
-        }
-        let Some((path, key)) = self.ledger_slot() else {
-            return Ok(());
-        };
+    /// Adds or extends this run's entry in the ledger (every run, private or not).
+    fn record_ledger(&self, path: &Path, fingerprint: &str) -> Result<()> {
         let kind = self.cfg.accountant_kind()?;
-        let mut ledger = Ledger::load(&path)?;
-        ledger.upsert(LedgerEntry {
-            run: key,
-            data_fingerprint: self.data_fingerprint.clone(),
+        let mut ledger = Ledger::load(path)?;
+        let run = self
+            .out_dir
+            .as_ref()
+            .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone()))
+            .map_or_else(String::new, |d| d.display().to_string());
+        ledger.record(LedgerEntry {
+            run_id: self.run_id.clone(),
+            run,
+            data_fingerprint: fingerprint.to_string(),
             method: self.cfg.method.to_string(),
             history: self.privacy.history.clone(),
-            steps: u64::from(self.step),
+            steps: self.privacy.steps().max(u64::from(self.step)),
+            draws: u64::from(self.draws),
             delta: self.cfg.delta,
             accountant: kind.to_string(),
-            epsilon: self.privacy.epsilon(kind, self.cfg.delta)?,
-        });
-        ledger.save(&path)
+            epsilon: self.epsilon()?,
+            not_private: self.not_private().map(String::from),
+        })?;
+        ledger.save(path)
     }
 }
 
@@ -589,8 +831,11 @@ fn progress_bar(pos: u64, len: u64) -> indicatif::ProgressBar {
 
 fn write_line(f: &mut File, rec: &StepRecord) -> Result<()> {
     let line = serde_json::to_string(rec)
-        .map_err(|e| Error::Config(format!("serialising metrics: {e}")))?;
-    writeln!(f, "{line}").map_err(|e| Error::Config(format!("writing metrics.jsonl: {e}")))
+        .map_err(|e| Error::Format(format!("serialising metrics: {e}")))?;
+    writeln!(f, "{line}").map_err(|e| Error::Io {
+        path: "metrics.jsonl".into(),
+        message: e.to_string(),
+    })
 }
 
 /// Maps an I/O error to [`Error::Io`] naming the path.

@@ -2,12 +2,14 @@
 //!
 //! DP-SGD's accounting assumes Poisson sampling: every example joins step s's batch
 //! independently with probability q = B_expected / N, so batch sizes vary and may be
-//! zero. The randomness of step s comes from its own ChaCha stream, so any step can
-//! be re-drawn exactly (resuming needs no sampler state beyond the step number).
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha20Rng;
+//! zero. Draw s comes from ChaCha20 keyed by the run's secret key ([`RunKey`],
+//! domain [`Domain::Sampling`]) on stream s: without the key nobody can tell which
+//! examples a batch holds, which is what amplification by subsampling needs. Each
+//! inclusion test compares a 53-bit uniform with q.
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::dp::key::{Domain, RunKey};
 use crate::{Error, Result};
 
 /// How logical batches are drawn.
@@ -27,12 +29,12 @@ pub struct Sampler {
     n: usize,
     expected: usize,
     mode: Sampling,
-    seed: u64,
+    key: RunKey,
 }
 
 impl Sampler {
-    /// A sampler over `n` examples with expected batch size `expected`.
-    pub fn new(n: usize, expected: usize, mode: Sampling, seed: u64) -> Result<Self> {
+    /// A sampler over `n` examples with expected batch size `expected`, keyed by `key`.
+    pub fn new(n: usize, expected: usize, mode: Sampling, key: &RunKey) -> Result<Self> {
         if n == 0 {
             return Err(Error::Config("the training set is empty".into()));
         }
@@ -45,7 +47,7 @@ impl Sampler {
             n,
             expected,
             mode,
-            seed,
+            key: key.clone(),
         })
     }
 
@@ -54,20 +56,19 @@ impl Sampler {
         self.expected as f64 / self.n as f64
     }
 
-    /// Indices of the examples in step `step`'s batch, ascending.
-    pub fn batch(&self, step: u32) -> Vec<usize> {
+    /// Indices of the examples in draw `draw`'s batch, ascending.
+    pub fn batch(&self, draw: u32) -> Vec<usize> {
         match self.mode {
             Sampling::Poisson => {
-                let mut rng = ChaCha20Rng::seed_from_u64(self.seed);
-                rng.set_stream(u64::from(step));
+                let mut rng = self.key.rng(Domain::Sampling, u64::from(draw));
                 let q = self.rate();
+                // rand's f64 is a 53-bit uniform in [0, 1): P(u < q) = q to 2⁻⁵³.
                 (0..self.n).filter(|_| rng.random::<f64>() < q).collect()
             }
             Sampling::Shuffle => {
                 let per_epoch = self.n / self.expected;
-                let (epoch, k) = (step as usize / per_epoch, step as usize % per_epoch);
-                let mut rng = ChaCha20Rng::seed_from_u64(self.seed);
-                rng.set_stream(1 << 40 | epoch as u64);
+                let (epoch, k) = (draw as usize / per_epoch, draw as usize % per_epoch);
+                let mut rng = self.key.rng(Domain::Sampling, 1 << 40 | epoch as u64);
                 let mut perm: Vec<usize> = (0..self.n).collect();
                 for i in (1..self.n).rev() {
                     perm.swap(i, rng.random_range(0..=i));

@@ -18,17 +18,46 @@ use std::collections::HashMap;
 
 use crate::backend::dp::{DpBackend, TensorUpdate};
 use crate::data::synthetic::Dataset;
-use crate::dp::noise::NoiseKey;
+use crate::dp::key::{Domain, RunKey};
+use crate::dp::noise::{NoiseKey, RngKind};
 use crate::dp::prune::{PruneReport, UpdateConfig};
 use crate::model::{Capture, Mllm};
 use crate::train::method::Method;
 use crate::train::{PruneScope, TrainConfig};
 use crate::{Error, Result};
 
-/// Salt that separates DPZO's direction streams from the DP noise streams.
-pub const DPZO_DIRECTION_SALT: u64 = 0x7a0d_1e57_0000_0001;
-/// Tensor id of DPZO's scalar noise stream.
+/// Tensor id of DPZO's scalar noise stream (in the [`Domain::Noise`] key; no
+/// trainable tensor has this id).
 pub const DPZO_SCALAR_ID: u32 = 0xD0_2E20;
+
+/// DPZO's direction z for tensor `tensor_id` at draw `draw`: its own key domain,
+/// so directions never correlate with the DP noise.
+pub fn dpzo_direction(key: &RunKey, rng: RngKind, tensor_id: u32, draw: u32) -> NoiseKey {
+    NoiseKey {
+        seed: key.stream(Domain::Direction, rng).seed64(), // MERGE
+        tensor_id,
+        step: draw,
+    }
+}
+
+/// DPZO's released scalar (Σ d_i + σC·z) / B_expected, z the standard normal of
+/// (noise key, [`DPZO_SCALAR_ID`], `draw`).
+pub fn dpzo_noisy_scalar(
+    key: &RunKey,
+    rng: RngKind,
+    draw: u32,
+    clipped_sum: f64,
+    noise_std: f64,
+    batch: usize,
+) -> f64 {
+    let z = NoiseKey {
+        seed: key.stream(Domain::Noise, rng).seed64(), // MERGE
+        tensor_id: DPZO_SCALAR_ID,
+        step: draw,
+    }
+    .normal(0);
+    (clipped_sum + noise_std * f64::from(z)) / batch as f64
+}
 
 /// First and second moments of one parameter.
 pub struct Moments<B: DpBackend> {
@@ -65,6 +94,9 @@ pub struct StepOutcome {
     pub kept: u64,
     /// Coordinates that received noise.
     pub coords: u64,
+    /// Examples whose loss or gradient norm was not finite; they got clip factor 0
+    /// (their contribution is dropped) and the step went on.
+    pub nonfinite: usize,
 }
 
 /// Everything a step needs besides the batch.
@@ -81,23 +113,29 @@ pub struct StepContext<'a, B: DpBackend> {
     pub cfg: &'a TrainConfig,
     /// The noise multiplier σ (0 for non-private runs).
     pub sigma: f64,
+    /// The run's key: noise, DPZO directions and fused-token noise derive from it.
+    pub key: &'a RunKey,
 }
 
-/// Runs logical step `step` (0-based) on the examples `indices`.
+/// Runs logical step `step` (0-based; the optimizer's clock) on the examples
+/// `indices`, with the noise of draw `draw`. The raw mechanism: it neither checks
+/// the config nor accounts; [`super::Trainer`] does both and never repeats a draw.
 pub fn train_step<B: DpBackend>(
     ctx: &mut StepContext<'_, B>,
     step: u32,
+    draw: u32,
     indices: &[usize],
 ) -> Result<StepOutcome> {
     match ctx.cfg.method {
-        Method::Dpzo => dpzo_step(ctx, step, indices),
-        _ => gradient_step(ctx, step, indices),
+        Method::Dpzo => dpzo_step(ctx, draw, indices),
+        _ => gradient_step(ctx, step, draw, indices),
     }
 }
 
 fn update_config(
     ctx: &StepContext<'_, impl DpBackend>,
     step: u32,
+    draw: u32,
     batch: usize,
 ) -> Result<UpdateConfig> {
     let cfg = ctx.cfg;
@@ -108,9 +146,9 @@ fn update_config(
         } else {
             1.0
         },
-        noise_std: noise_std(private, ctx.sigma, cfg.clip_norm),
-        seed: cfg.noise_seed,
-        step,
+        noise_std: noise_std(private, ctx.sigma, cfg.clip_norm) as f32, // MERGE
+        seed: ctx.key.stream(Domain::Noise, cfg.rng).seed64(),           // MERGE
+        step: draw,
         // DP-SGD divides by the expected batch size so the sum's sensitivity is C.
         inv_batch: 1.0
             / if private {
@@ -122,12 +160,13 @@ fn update_config(
     })
 }
 
-/// σ·C, with σ = 0 meaning no noise even when C = ∞ (the σ = 0, C = ∞ check).
-fn noise_std(private: bool, sigma: f64, clip: f32) -> f32 {
+/// σ·C, with σ = 0 meaning no noise even when C = ∞ (the σ = 0, C = ∞ check of
+/// the raw mechanism; the trainer refuses σ = 0 for DP methods).
+fn noise_std(private: bool, sigma: f64, clip: f32) -> f64 {
     if !private || sigma == 0.0 {
         0.0
     } else {
-        (sigma * f64::from(clip)) as f32
+        sigma * f64::from(clip)
     }
 }
 
@@ -190,14 +229,24 @@ enum Clipping<B: DpBackend> {
     Materialised(Vec<(B::Buf, Option<B::Buf>)>, B::Buf),
 }
 
+/// Clip factors and the number of non-finite examples (factor 0) among them.
+fn clip_factors_counted<B: DpBackend>(
+    be: &B,
+    norms: &B::Norms,
+    clip_norm: f32,
+) -> Result<(B::Buf, usize)> {
+    // MERGE: the clip branch returns the count itself.
+    Ok((be.clip_factors(norms, clip_norm)?, 0))
+}
+
 fn clipping<B: DpBackend>(
     be: &B,
     cfg: &TrainConfig,
     caps: &[Capture<B>],
     b: usize,
-) -> Result<Clipping<B>> {
+) -> Result<(Clipping<B>, usize)> {
     match cfg.method {
-        Method::Nonprivate => Ok(Clipping::Ones(be.upload(&vec![1.0; b])?)),
+        Method::Nonprivate => Ok((Clipping::Ones(be.upload(&vec![1.0; b])?), 0)),
         Method::Ghost | Method::Dualpriv => {
             let mut norms = be.norms_zeros(b)?;
             for c in caps {
@@ -210,7 +259,8 @@ fn clipping<B: DpBackend>(
                     &mut norms,
                 )?;
             }
-            Ok(Clipping::Factors(be.clip_factors(&norms, cfg.clip_norm)?))
+            let (f, bad) = clip_factors_counted(be, &norms, cfg.clip_norm)?;
+            Ok((Clipping::Factors(f), bad))
         }
         Method::Dpsgd => {
             let mut norms = be.norms_zeros(b)?;
@@ -228,8 +278,8 @@ fn clipping<B: DpBackend>(
                 };
                 per.push((w, bias));
             }
-            let f = be.clip_factors(&norms, cfg.clip_norm)?;
-            Ok(Clipping::Materialised(per, f))
+            let (f, bad) = clip_factors_counted(be, &norms, cfg.clip_norm)?;
+            Ok((Clipping::Materialised(per, f), bad))
         }
         Method::Dpzo => unreachable!("dpzo has no backward"),
     }
@@ -272,12 +322,16 @@ pub struct Sums<B: DpBackend> {
     pub loss_sum: f64,
     /// Visual tokens per example.
     pub visual_tokens: usize,
+    /// Examples dropped with clip factor 0 because their norm was not finite.
+    pub nonfinite: usize,
 }
 
-/// Forms the gradient sums of `indices` without updating anything.
+/// Forms the gradient sums of `indices` without updating anything (the clipped
+/// sum S(D) that the noise is added to; `key` only matters for fused-token noise).
 pub fn gradient_sums<B: DpBackend>(
     backend: &B,
     model: &Mllm<B>,
+    key: &RunKey,
     cfg: &TrainConfig,
     data: &Dataset,
     indices: &[usize],
@@ -286,9 +340,10 @@ pub fn gradient_sums<B: DpBackend>(
         grads: HashMap::new(),
         loss_sum: 0.0,
         visual_tokens: 0,
+        nonfinite: 0,
     };
     for mb in indices.chunks(cfg.micro_batch.max(1)) {
-        let (caps, clip) = forward_clip(backend, model, cfg, data, mb, &mut sums)?;
+        let (caps, clip) = forward_clip(backend, model, cfg, key, data, mb, &mut sums)?;
         for (i, c) in caps.iter().enumerate() {
             let (w, bias) = capture_sums(backend, &clip, i, c)?;
             add_into(backend, &mut sums.grads, c.weight_id, w)?;
@@ -306,16 +361,21 @@ fn forward_clip<B: DpBackend>(
     be: &B,
     model: &Mllm<B>,
     cfg: &TrainConfig,
+    key: &RunKey,
     data: &Dataset,
     mb: &[usize],
     sums: &mut Sums<B>,
 ) -> Result<(Vec<Capture<B>>, Clipping<B>)> {
     let batch = data.collate(mb, cfg.text_len)?;
-    let tokens = cfg.token_select();
+    let tokens = cfg.train_token_select(key);
     let fb = model.forward_backward(be, &batch, tokens.as_ref())?;
+    // A non-finite loss is a private statistic's outlier, not a reason to stop:
+    // it is left out of the sum (its gradient norm is non-finite too, so its clip
+    // factor is 0 and it contributes nothing).
     sums.loss_sum += fb
         .per_example_loss
         .iter()
+        .filter(|l| l.is_finite())
         .map(|&l| f64::from(l))
         .sum::<f64>();
     sums.visual_tokens = fb.visual_tokens;
@@ -328,7 +388,8 @@ fn forward_clip<B: DpBackend>(
     for (id, g) in fb.dense_grads {
         add_into(be, &mut sums.grads, id, g)?;
     }
-    let clip = clipping(be, cfg, &fb.captures, mb.len())?;
+    let (clip, bad) = clipping(be, cfg, &fb.captures, mb.len())?;
+    sums.nonfinite += bad;
     Ok((fb.captures, clip))
 }
 
@@ -366,6 +427,7 @@ fn add_into<B: DpBackend>(
 fn gradient_step<B: DpBackend>(
     ctx: &mut StepContext<'_, B>,
     step: u32,
+    draw: u32,
     indices: &[usize],
 ) -> Result<StepOutcome> {
     let cfg = ctx.cfg;
@@ -376,7 +438,7 @@ fn gradient_step<B: DpBackend>(
         .iter()
         .map(|p| (p.id, p.len))
         .collect();
-    let ucfg = update_config(ctx, step, indices.len())?;
+    let ucfg = update_config(ctx, step, draw, indices.len())?;
     let mut out = StepOutcome {
         batch_size: indices.len(),
         loss: f64::NAN,
@@ -394,10 +456,11 @@ fn gradient_step<B: DpBackend>(
         grads: HashMap::new(),
         loss_sum: 0.0,
         visual_tokens: 0,
+        nonfinite: 0,
     };
     let mut applied: Vec<u32> = Vec::new();
     for mb in &micro {
-        let (caps, clip) = forward_clip(be, &*ctx.model, cfg, ctx.data, mb, &mut sums)?;
+        let (caps, clip) = forward_clip(be, &*ctx.model, cfg, ctx.key, ctx.data, mb, &mut sums)?;
         for (i, c) in caps.iter().enumerate() {
             let (w, bias) = capture_sums(be, &clip, i, c)?;
             let mut parts = vec![(c.weight_id, w)];
@@ -418,6 +481,7 @@ fn gradient_step<B: DpBackend>(
         }
     }
     out.visual_tokens = sums.visual_tokens;
+    out.nonfinite = sums.nonfinite;
     let mut grads = sums.grads;
     // Every trainable tensor is released with noise, even without a gradient (an
     // empty batch, or a layer the batch did not reach).
@@ -440,23 +504,20 @@ fn gradient_step<B: DpBackend>(
             out.coords += r.n;
         }
     }
-    if !indices.is_empty() {
-        out.loss = sums.loss_sum / indices.len() as f64;
+    let finite = indices.len() - sums.nonfinite;
+    if finite > 0 {
+        out.loss = sums.loss_sum / finite as f64;
     }
     Ok(out)
 }
 
-/// θ += scale·z for every trainable tensor, z regenerated from the step's direction seed.
-fn perturb<B: DpBackend>(ctx: &mut StepContext<'_, B>, step: u32, scale: f32) -> Result<()> {
+/// θ += scale·z for every trainable tensor, z regenerated from the draw's direction key.
+fn perturb<B: DpBackend>(ctx: &mut StepContext<'_, B>, draw: u32, scale: f32) -> Result<()> {
     let ids: Vec<u32> = ctx.model.trainable().iter().map(|p| p.id).collect();
     for id in ids {
-        let key = NoiseKey {
-            seed: ctx.cfg.noise_seed ^ DPZO_DIRECTION_SALT,
-            tensor_id: id,
-            step,
-        };
+        let key = dpzo_direction(ctx.key, ctx.cfg.rng, id, draw);
         let p = ctx.model.param_mut(id);
-        ctx.backend.noise_axpy(p, key, scale)?;
+        ctx.backend.noise_axpy(p, key, scale)?; // MERGE: f64 scale
     }
     Ok(())
 }
@@ -464,7 +525,7 @@ fn perturb<B: DpBackend>(ctx: &mut StepContext<'_, B>, step: u32, scale: f32) ->
 fn losses<B: DpBackend>(ctx: &StepContext<'_, B>, micro: &[&[usize]]) -> Result<(Vec<f32>, usize)> {
     let mut all = Vec::new();
     let mut vis = 0;
-    let tokens = ctx.cfg.token_select();
+    let tokens = ctx.cfg.train_token_select(ctx.key);
     for mb in micro {
         let batch = ctx.data.collate(mb, ctx.cfg.text_len)?;
         all.extend(
@@ -480,47 +541,52 @@ fn losses<B: DpBackend>(ctx: &StepContext<'_, B>, micro: &[&[usize]]) -> Result<
 /// g = (Σ d_i + N(0, σ²C²)) / B_expected, θ ← θ − η·g·z with z regenerated.
 fn dpzo_step<B: DpBackend>(
     ctx: &mut StepContext<'_, B>,
-    step: u32,
+    draw: u32,
     indices: &[usize],
 ) -> Result<StepOutcome> {
     let cfg = ctx.cfg;
     let lambda = cfg.dpzo_lambda;
     let micro: Vec<&[usize]> = indices.chunks(cfg.micro_batch.max(1)).collect();
-    perturb(ctx, step, lambda)?;
+    perturb(ctx, draw, lambda)?;
     let (plus, vis) = losses(ctx, &micro)?;
-    perturb(ctx, step, -2.0 * lambda)?;
+    perturb(ctx, draw, -2.0 * lambda)?;
     let (minus, _) = losses(ctx, &micro)?;
-    perturb(ctx, step, lambda)?;
+    perturb(ctx, draw, lambda)?;
     let c = f64::from(cfg.clip_norm);
-    let sum: f64 = plus
+    // A non-finite difference is dropped (contributes 0, like clip factor 0), and
+    // counted; aborting would reveal that such an example was sampled.
+    let d: Vec<Option<f64>> = plus
         .iter()
         .zip(&minus)
-        .map(|(&p, &m)| ((f64::from(p) - f64::from(m)) / (2.0 * f64::from(lambda))).clamp(-c, c))
-        .sum();
-    if !sum.is_finite() {
-        return Err(Error::NonFinite(
-            "DPZO finite difference is not finite; lower --lr or --dpzo-lambda".into(),
-        ));
-    }
-    let z0 = NoiseKey {
-        seed: cfg.noise_seed,
-        tensor_id: DPZO_SCALAR_ID,
-        step,
-    }
-    .normal(0);
-    let g = (sum + f64::from(noise_std(true, ctx.sigma, cfg.clip_norm)) * f64::from(z0))
-        / cfg.batch as f64;
+        .map(|(&p, &m)| {
+            let v = (f64::from(p) - f64::from(m)) / (2.0 * f64::from(lambda));
+            v.is_finite().then(|| v.clamp(-c, c))
+        })
+        .collect();
+    let nonfinite = d.iter().filter(|v| v.is_none()).count();
+    let sum: f64 = d.iter().flatten().sum();
+    let g = dpzo_noisy_scalar(
+        ctx.key,
+        cfg.rng,
+        draw,
+        sum,
+        noise_std(true, ctx.sigma, cfg.clip_norm),
+        cfg.batch,
+    );
     let coords: u64 = ctx.model.trainable().iter().map(|p| p.len as u64).sum();
-    perturb(ctx, step, -(f64::from(cfg.opt.lr) * g) as f32)?;
+    perturb(ctx, draw, -(f64::from(cfg.opt.lr) * g) as f32)?;
     let n = indices.len();
-    let loss = if n == 0 {
+    let (mut loss_sum, mut finite) = (0.0, 0usize);
+    for ((&p, &m), di) in plus.iter().zip(&minus).zip(&d) {
+        if di.is_some() {
+            loss_sum += 0.5 * (f64::from(p) + f64::from(m));
+            finite += 1;
+        }
+    }
+    let loss = if finite == 0 {
         f64::NAN
     } else {
-        plus.iter()
-            .zip(&minus)
-            .map(|(&p, &m)| 0.5 * (f64::from(p) + f64::from(m)))
-            .sum::<f64>()
-            / n as f64
+        loss_sum / finite as f64
     };
     Ok(StepOutcome {
         batch_size: n,
@@ -528,5 +594,6 @@ fn dpzo_step<B: DpBackend>(
         visual_tokens: vis,
         kept: coords,
         coords,
+        nonfinite,
     })
 }
