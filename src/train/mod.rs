@@ -311,6 +311,9 @@ pub struct RunSummary {
     pub stop_reason: String,
 }
 
+/// Draws reserved in the ledger per durable write (see [`Trainer::run`]).
+pub const RESERVE_DRAWS: u32 = 64;
+
 /// A training run in progress: model, optimizer state, privacy state, step counter.
 ///
 /// The run's secret key and its draw counter are private: every step takes a
@@ -343,6 +346,8 @@ pub struct Trainer<'a, B: DpBackend> {
     pub eval_data: Option<Dataset>,
     key: RunKey,
     draws: u32,
+    /// Draws below this are reserved in the ledger (durably, before use).
+    reserved: u32,
     run_id: String,
     fingerprint: Option<String>,
     claimed: bool,
@@ -409,6 +414,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             eval_data: None,
             key,
             draws: 0,
+            reserved: 0,
             run_id: checkpoint::random_id()?,
             fingerprint: None,
             claimed: false,
@@ -478,8 +484,10 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             ledger: Some(st.ledger),
             eval_data: None,
             key: st.key,
-            draws: u32::try_from(draws)
-                .map_err(|_| Error::Format(format!("{}: draw counter {draws} overflows", dir.display())))?,
+            draws: u32::try_from(draws).map_err(|_| {
+                Error::Format(format!("{}: draw counter {draws} overflows", dir.display()))
+            })?,
+            reserved: 0,
             run_id: st.run_id,
             fingerprint: Some(fp),
             claimed: true,
@@ -599,6 +607,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         let mut last_eval = None;
         for _ in 0..allowed {
             let t0 = Instant::now();
+            self.reserve_draw()?;
             self.backend.reset_device_peak();
             let indices = sampler.batch(self.draws);
             let out = self.one_step(data, &indices)?;
@@ -733,6 +742,20 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         })
     }
 
+    /// Makes sure the next draw is reserved in the ledger before it is used, a
+    /// block of [`RESERVE_DRAWS`] at a time: after a crash, resuming continues past
+    /// every draw the lost process may have used, released or not.
+    fn reserve_draw(&mut self) -> Result<()> {
+        if self.draws < self.reserved {
+            return Ok(());
+        }
+        let (Some(ledger), Some(fp)) = (self.ledger.clone(), self.fingerprint.clone()) else {
+            return Ok(());
+        };
+        self.reserved = self.draws.saturating_add(RESERVE_DRAWS);
+        self.record_ledger(&ledger, &fp)
+    }
+
     /// Records the steps in the ledger, then writes the checkpoint that releases them.
     fn save_checkpoint(&self) -> Result<()> {
         let Some(dir) = &self.out_dir else {
@@ -809,7 +832,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             method: self.cfg.method.to_string(),
             history: self.privacy.history.clone(),
             steps: self.privacy.steps().max(u64::from(self.step)),
-            draws: u64::from(self.draws),
+            draws: u64::from(self.draws.max(self.reserved)),
             delta: self.cfg.delta,
             accountant: kind.to_string(),
             epsilon: self.epsilon()?,

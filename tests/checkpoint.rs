@@ -1,0 +1,169 @@
+//! Crash safety of checkpoints and the ledger: a failure is injected after every
+//! single durable write of a resumed run's checkpoints. After each, resuming
+//! either continues with fresh draws (noise the crashed process never drew) or refuses with a
+//! message, and the ledger never counts fewer steps than the checkpoints on disk
+//! (the released models) hold.
+use std::path::{Path, PathBuf};
+
+use dualpriv::backend::cpu::Cpu;
+use dualpriv::data::synthetic::{Dataset, Split};
+use dualpriv::dp::accountant::ledger::Ledger;
+use dualpriv::dp::noise::RngKind;
+use dualpriv::model::Mllm;
+use dualpriv::train::checkpoint::{self, fail_after_writes, CheckpointState, ModelSpec};
+use dualpriv::train::method::Method;
+use dualpriv::train::optim::OptConfig;
+use dualpriv::train::sampler::Sampling;
+use dualpriv::train::{PruneScope, TrainConfig, Trainer};
+
+fn spec() -> ModelSpec {
+    ModelSpec {
+        preset: "tiny".into(),
+        lora_rank: Some(2),
+        lora_alpha: 4.0,
+        full_groups: vec![],
+    }
+}
+
+fn cfg(d: &Dataset, steps: u32) -> TrainConfig {
+    TrainConfig {
+        method: Method::Dualpriv,
+        batch: 4,
+        micro_batch: 4,
+        sampling: Sampling::Poisson,
+        steps,
+        opt: OptConfig::adamw(1e-2),
+        clip_norm: 1.0,
+        epsilon: None,
+        delta: 1e-5,
+        noise_multiplier: Some(1.0),
+        accountant: "rdp".into(),
+        keep_tokens: None,
+        context_tokens: 0,
+        fuse_noise_std: 0.0,
+        keep_frac: 0.5,
+        prune_scope: PruneScope::Tensor,
+        dpzo_lambda: 1e-3,
+        rng: RngKind::Chacha20,
+        log_private_stats: false,
+        eval_every: 0,
+        text_len: d.max_text_len(),
+    }
+}
+
+/// Every state.json on disk (complete or not): the checkpoints an adversary with
+/// the disk could read, whichever folder `CURRENT` names.
+fn states_on_disk(dir: &Path) -> Vec<CheckpointState> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path().join("state.json");
+        if let Ok(b) = std::fs::read(&p) {
+            out.push(serde_json::from_slice(&b).unwrap());
+        }
+    }
+    out
+}
+
+/// The highest step of any model file on disk (its folder's name is step-N-…).
+fn released_steps(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("model.safetensors").exists())
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix("step-")?.get(..8)?.parse().ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn fresh(root: &Path, d: &Dataset) -> PathBuf {
+    let _ = std::fs::remove_dir_all(root);
+    let (c, m) = spec().build().unwrap();
+    let model = Mllm::new(&Cpu, &c, &m, 0).unwrap();
+    let mut t = Trainer::new(&Cpu, model, spec(), cfg(d, 2), d).unwrap();
+    let dir = root.join("run");
+    t.out_dir = Some(dir.clone());
+    t.run(d, 1).unwrap();
+    dir
+}
+
+#[test]
+fn a_crash_after_any_write_never_undercounts_or_reuses_noise() {
+    let d = Dataset::generate(Split::Private, 16, 3, 32).unwrap();
+    let root = std::env::temp_dir().join(format!("dualpriv-crash-{}", std::process::id()));
+    let mut tried = 0;
+    for k in 1.. {
+        let dir = fresh(&root, &d);
+        let ledger = root.join("privacy-ledger.json");
+        let mut t = Trainer::resume(&Cpu, &dir, &d, Some(5)).unwrap();
+        let draws_before = t.draws();
+        fail_after_writes(Some(k));
+        let res = t.run(&d, 1);
+        fail_after_writes(None);
+        let crashed = res.is_err();
+        // The process "dies": whatever was in memory is gone.
+        let used = t.draws();
+        drop(t);
+        let entry = Ledger::load(&ledger).unwrap().entries[0].clone();
+        let released = released_steps(&dir);
+        assert!(
+            entry.steps >= released,
+            "write {k}: the ledger counts {} steps but a model of step {released} is on disk",
+            entry.steps
+        );
+        let max_state_draws = states_on_disk(&dir).iter().map(|s| s.draws).max().unwrap();
+        assert!(entry.draws >= u64::from(max_state_draws), "write {k}: ledger draws behind a checkpoint");
+        match Trainer::resume(&Cpu, &dir, &d, Some(6)) {
+            Ok(mut r) => {
+                // New steps draw after every draw a checkpoint on disk (released
+                // or not) was made with, and after the ledger's count.
+                assert!(u64::from(r.draws()) >= entry.draws, "write {k}");
+                assert!(r.draws() >= max_state_draws && r.draws() >= draws_before, "write {k}");
+                // ... and after every draw the crashed process used at all.
+                assert!(r.draws() >= used, "write {k}: draw {} reused (crashed run used {used})", r.draws());
+                assert!(r.privacy.steps() >= entry.steps, "write {k}: ε restarts lower");
+                r.run(&d, 0).unwrap();
+                let after = Ledger::load(&ledger).unwrap().entries[0].clone();
+                assert!(after.steps > entry.steps && after.draws > entry.draws);
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.len() > 20, "write {k}: refusal without a reason: {msg}");
+            }
+        }
+        tried += 1;
+        if !crashed {
+            // k passed the last write of the run: every write was tried.
+            assert!(used >= 5, "the run completed");
+            break;
+        }
+    }
+    assert!(tried > 12, "only {tried} crash points: three saves of ≥ 5 writes each");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn mixed_checkpoint_pieces_are_refused() {
+    let d = Dataset::generate(Split::Private, 16, 3, 32).unwrap();
+    let root = std::env::temp_dir().join(format!("dualpriv-mixed-{}", std::process::id()));
+    let dir = fresh(&root, &d);
+    let cur = checkpoint::current(&dir).unwrap().unwrap();
+    // Keep the step-2 optimizer file, then move on one step and put it back.
+    let old_optim = std::fs::read(cur.join("optim.safetensors")).unwrap();
+    let mut t = Trainer::resume(&Cpu, &dir, &d, Some(3)).unwrap();
+    t.run(&d, 0).unwrap();
+    let cur = checkpoint::current(&dir).unwrap().unwrap();
+    std::fs::write(cur.join("optim.safetensors"), old_optim).unwrap();
+    let err = Trainer::resume(&Cpu, &dir, &d, Some(4)).err().expect("mixed pieces must be refused").to_string();
+    assert!(err.contains("optim.safetensors") && err.contains("mixes"), "{err}");
+    // state.json is private to its owner: it holds the run key.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(cur.join("state.json")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0);
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
