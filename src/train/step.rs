@@ -537,6 +537,60 @@ fn losses<B: DpBackend>(ctx: &StepContext<'_, B>, micro: &[&[usize]]) -> Result<
     Ok((all, vis))
 }
 
+/// DPZO's clipped sum of one batch: Σ_i clip((ℓ_i(θ+λz) − ℓ_i(θ−λz)) / 2λ, ±C),
+/// with z the draw's direction; θ is perturbed in place and put back.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DpzoSum {
+    /// Σ_i d_i over the finite differences (the value the noise is added to).
+    pub sum: f64,
+    /// Examples whose difference was not finite (dropped, like clip factor 0).
+    pub nonfinite: usize,
+    /// Mean of ½(ℓ⁺ + ℓ⁻) over the finite examples; NaN when there are none.
+    pub loss: f64,
+    /// Visual tokens per example.
+    pub visual_tokens: usize,
+}
+
+/// [`DpzoSum`] of `indices` at draw `draw` (no noise, no update).
+pub fn dpzo_clipped_sum<B: DpBackend>(
+    ctx: &mut StepContext<'_, B>,
+    draw: u32,
+    indices: &[usize],
+) -> Result<DpzoSum> {
+    let cfg = ctx.cfg;
+    let lambda = cfg.dpzo_lambda;
+    let micro: Vec<&[usize]> = indices.chunks(cfg.micro_batch.max(1)).collect();
+    perturb(ctx, draw, lambda)?;
+    let (plus, visual_tokens) = losses(ctx, &micro)?;
+    perturb(ctx, draw, -2.0 * lambda)?;
+    let (minus, _) = losses(ctx, &micro)?;
+    perturb(ctx, draw, lambda)?;
+    let c = f64::from(cfg.clip_norm);
+    // A non-finite difference is dropped (contributes 0, like clip factor 0), and
+    // counted; aborting would reveal that such an example was sampled.
+    let (mut sum, mut nonfinite, mut loss_sum) = (0.0, 0usize, 0.0);
+    for (&p, &m) in plus.iter().zip(&minus) {
+        let d = (f64::from(p) - f64::from(m)) / (2.0 * f64::from(lambda));
+        if d.is_finite() {
+            sum += d.clamp(-c, c);
+            loss_sum += 0.5 * (f64::from(p) + f64::from(m));
+        } else {
+            nonfinite += 1;
+        }
+    }
+    let finite = plus.len() - nonfinite;
+    Ok(DpzoSum {
+        sum,
+        nonfinite,
+        loss: if finite == 0 {
+            f64::NAN
+        } else {
+            loss_sum / finite as f64
+        },
+        visual_tokens,
+    })
+}
+
 /// DPZero (REFERENCE.md §4): d_i = clip((ℓ(θ+λz) − ℓ(θ−λz)) / 2λ, ±C),
 /// g = (Σ d_i + N(0, σ²C²)) / B_expected, θ ← θ − η·g·z with z regenerated.
 fn dpzo_step<B: DpBackend>(
@@ -544,56 +598,24 @@ fn dpzo_step<B: DpBackend>(
     draw: u32,
     indices: &[usize],
 ) -> Result<StepOutcome> {
+    let s = dpzo_clipped_sum(ctx, draw, indices)?;
     let cfg = ctx.cfg;
-    let lambda = cfg.dpzo_lambda;
-    let micro: Vec<&[usize]> = indices.chunks(cfg.micro_batch.max(1)).collect();
-    perturb(ctx, draw, lambda)?;
-    let (plus, vis) = losses(ctx, &micro)?;
-    perturb(ctx, draw, -2.0 * lambda)?;
-    let (minus, _) = losses(ctx, &micro)?;
-    perturb(ctx, draw, lambda)?;
-    let c = f64::from(cfg.clip_norm);
-    // A non-finite difference is dropped (contributes 0, like clip factor 0), and
-    // counted; aborting would reveal that such an example was sampled.
-    let d: Vec<Option<f64>> = plus
-        .iter()
-        .zip(&minus)
-        .map(|(&p, &m)| {
-            let v = (f64::from(p) - f64::from(m)) / (2.0 * f64::from(lambda));
-            v.is_finite().then(|| v.clamp(-c, c))
-        })
-        .collect();
-    let nonfinite = d.iter().filter(|v| v.is_none()).count();
-    let sum: f64 = d.iter().flatten().sum();
     let g = dpzo_noisy_scalar(
         ctx.key,
         cfg.rng,
         draw,
-        sum,
+        s.sum,
         noise_std(true, ctx.sigma, cfg.clip_norm),
         cfg.batch,
     );
     let coords: u64 = ctx.model.trainable().iter().map(|p| p.len as u64).sum();
     perturb(ctx, draw, -(f64::from(cfg.opt.lr) * g) as f32)?;
-    let n = indices.len();
-    let (mut loss_sum, mut finite) = (0.0, 0usize);
-    for ((&p, &m), di) in plus.iter().zip(&minus).zip(&d) {
-        if di.is_some() {
-            loss_sum += 0.5 * (f64::from(p) + f64::from(m));
-            finite += 1;
-        }
-    }
-    let loss = if finite == 0 {
-        f64::NAN
-    } else {
-        loss_sum / finite as f64
-    };
     Ok(StepOutcome {
-        batch_size: n,
-        loss,
-        visual_tokens: vis,
+        batch_size: indices.len(),
+        loss: s.loss,
+        visual_tokens: s.visual_tokens,
         kept: coords,
         coords,
-        nonfinite,
+        nonfinite: s.nonfinite,
     })
 }

@@ -1,0 +1,438 @@
+//! The DP guarantee, tested as an adversary would attack it.
+//!
+//! * **Sensitivity through the whole model.** For every DP method, LoRA and full
+//!   fine-tuning, micro-batches of 1, 3 and B, token pruning on and off, the
+//!   clipped sums of D and D ∪ {x} under the same key differ by at most C in ℓ2
+//!   (1e-5 slack for f32 rounding), with x inserted first, in the middle or last,
+//!   and x adversarial: huge pixels, pixels that overflow to ∞, NaN pixels.
+//!   (Near-cancelling per-layer gradients are checked at the layer level on both
+//!   backends in tests/clip.rs, where they can be constructed exactly.)
+//! * **The noise is really added, at the right scale**: in a real SGD step the
+//!   update minus the clean update has std σC/B over ≥ 10⁴ coordinates.
+//! * **No noise reuse**: steps, tensors and runs draw uncorrelated noise.
+//! * **Keys**: every run draws its own key from the OS; CLI runs never share one.
+use std::collections::HashMap;
+
+use dualpriv::backend::cpu::Cpu;
+use dualpriv::backend::dp::DpBackend;
+use dualpriv::data::synthetic::{Dataset, Split};
+use dualpriv::dp::key::{Domain, RunKey};
+use dualpriv::dp::noise::{NoiseKey, RngKind};
+use dualpriv::model::Mllm;
+use dualpriv::train::checkpoint::ModelSpec;
+use dualpriv::train::method::Method;
+use dualpriv::train::optim::OptConfig;
+use dualpriv::train::sampler::Sampling;
+use dualpriv::train::step::{
+    dpzo_clipped_sum, dpzo_noisy_scalar, gradient_sums, OptState, StepContext,
+};
+use dualpriv::train::{PruneScope, TrainConfig, Trainer};
+
+const C: f32 = 0.05;
+
+fn lora() -> ModelSpec {
+    ModelSpec {
+        preset: "tiny".into(),
+        lora_rank: Some(4),
+        lora_alpha: 8.0,
+        full_groups: vec![],
+    }
+}
+
+fn full() -> ModelSpec {
+    ModelSpec {
+        preset: "tiny".into(),
+        lora_rank: None,
+        lora_alpha: 0.0,
+        full_groups: ["projector", "attention", "mlp", "lm_head"]
+            .map(String::from)
+            .to_vec(),
+    }
+}
+
+/// A model whose every trainable tensor carries signal (LoRA B starts at zero).
+fn model<B: DpBackend>(be: &B, spec: &ModelSpec) -> Mllm<B> {
+    let (c, m) = spec.build().unwrap();
+    let mut model = Mllm::new(be, &c, &m, 1).unwrap();
+    let ids: Vec<u32> = model.trainable().iter().map(|p| p.id).collect();
+    let k = RunKey::from_insecure_seed(99).stream(Domain::Direction, RngKind::Chacha20);
+    for id in ids {
+        let key = NoiseKey {
+            seed: k.seed64(), // MERGE
+            tensor_id: id,
+            step: 0,
+        };
+        be.noise_axpy(model.param_mut(id), key, 0.02).unwrap();
+    }
+    model
+}
+
+fn cfg(method: Method, d: &Dataset, micro: usize) -> TrainConfig {
+    TrainConfig {
+        method,
+        batch: d.len(),
+        micro_batch: micro,
+        sampling: Sampling::Poisson,
+        steps: 1,
+        opt: OptConfig::sgd(1.0),
+        clip_norm: C,
+        epsilon: None,
+        delta: 1e-5,
+        noise_multiplier: Some(1.0),
+        accountant: "rdp".into(),
+        keep_tokens: None,
+        context_tokens: 0,
+        fuse_noise_std: 0.0,
+        keep_frac: 1.0,
+        prune_scope: PruneScope::Tensor,
+        dpzo_lambda: 1e-2,
+        rng: RngKind::Chacha20,
+        log_private_stats: false,
+        eval_every: 0,
+        text_len: d.max_text_len(),
+    }
+}
+
+/// ‖S(D′) − S(D)‖₂ over every trainable tensor, in f64.
+fn sum_distance<B: DpBackend>(
+    be: &B,
+    a: &HashMap<u32, B::Buf>,
+    b: &HashMap<u32, B::Buf>,
+) -> f64 {
+    let mut ids: Vec<&u32> = a.keys().chain(b.keys()).collect();
+    ids.sort();
+    ids.dedup();
+    let mut sq = 0.0;
+    for id in ids {
+        let x = a.get(id).map(|v| be.download(v).unwrap());
+        let y = b.get(id).map(|v| be.download(v).unwrap());
+        let n = x.as_ref().or(y.as_ref()).map_or(0, |v| v.len());
+        let (x, y) = (x.unwrap_or(vec![0.0; n]), y.unwrap_or(vec![0.0; n]));
+        assert!(x.iter().chain(&y).all(|v| v.is_finite()), "tensor {id}: non-finite sum");
+        sq += x
+            .iter()
+            .zip(&y)
+            .map(|(p, q)| (f64::from(*p) - f64::from(*q)).powi(2))
+            .sum::<f64>();
+    }
+    sq.sqrt()
+}
+
+/// The adversarial inserted examples: a plain one, huge pixels, pixels that
+/// overflow to ∞ in the vision tower, NaN pixels.
+fn adversaries(base: &Dataset) -> Vec<(&'static str, dualpriv::data::synthetic::Example)> {
+    let x = Dataset::generate(Split::Private, 1, 99, base.image_size).unwrap().examples[0].clone();
+    let scaled = |name, f: fn(f32) -> f32| {
+        let mut e = x.clone();
+        e.image.iter_mut().for_each(|v| *v = f(*v));
+        (name, e)
+    };
+    vec![
+        ("plain", x.clone()),
+        scaled("huge pixels", |v| v * 1e4),
+        scaled("overflowing pixels", |v| v * 3e38),
+        scaled("NaN pixels", |_| f32::NAN),
+    ]
+}
+
+fn with_inserted(d: &Dataset, at: usize, x: &dualpriv::data::synthetic::Example) -> Dataset {
+    let mut e = d.clone();
+    e.examples.insert(at, x.clone());
+    e
+}
+
+/// Checks the add/remove sensitivity of one configuration; returns the largest
+/// distance seen relative to C (so callers can check clipping was active).
+fn check_sensitivity<B: DpBackend>(be: &B, spec: &ModelSpec, c: &TrainConfig, d: &Dataset) -> f64 {
+    let key = RunKey::from_insecure_seed(5);
+    let m = model(be, spec);
+    let idx: Vec<usize> = (0..d.len()).collect();
+    let base = gradient_sums(be, &m, &key, c, d, &idx).unwrap();
+    assert_eq!(base.nonfinite, 0);
+    let mut worst = 0.0f64;
+    for (name, x) in adversaries(d) {
+        for at in [0, d.len() / 2, d.len()] {
+            let dx = with_inserted(d, at, &x);
+            let idx: Vec<usize> = (0..dx.len()).collect();
+            let s = gradient_sums(be, &m, &key, c, &dx, &idx).unwrap();
+            let dist = sum_distance(be, &s.grads, &base.grads);
+            let what = format!(
+                "{} {} micro {} tokens {:?}: x = {name} at {at}",
+                c.method,
+                if spec.lora_rank.is_some() { "lora" } else { "full" },
+                c.micro_batch,
+                c.keep_tokens
+            );
+            assert!(
+                dist <= f64::from(C) * (1.0 + 1e-5),
+                "{what}: ‖S(D ∪ {{x}}) − S(D)‖ = {dist:e} > C = {C}"
+            );
+            if name == "NaN pixels" || name == "overflowing pixels" {
+                assert_eq!(s.nonfinite, 1, "{what}: the non-finite example is counted");
+            }
+            worst = worst.max(dist / f64::from(C));
+        }
+    }
+    worst
+}
+
+#[test]
+fn clipped_sums_have_sensitivity_c_through_the_whole_model() {
+    let d = Dataset::generate(Split::Private, 6, 7, 32).unwrap();
+    for spec in [lora(), full()] {
+        for method in [Method::Dpsgd, Method::Ghost, Method::Dualpriv] {
+            for micro in [1, 3, d.len() + 1] {
+                for pruning in [false, true] {
+                    if pruning && method != Method::Dualpriv && micro != 3 {
+                        continue; // token pruning is orthogonal to the method; sample it
+                    }
+                    let mut c = cfg(method, &d, micro);
+                    if pruning {
+                        c.keep_tokens = Some(5);
+                        c.context_tokens = 2;
+                    }
+                    let worst = check_sensitivity(&Cpu, &spec, &c, &d);
+                    // Clipping was active: the plain example alone moved the sum by ~C.
+                    assert!(worst > 0.5, "{method}: largest change {worst} C; is x clipped?");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dpzo_scalar_has_sensitivity_c() {
+    let d = Dataset::generate(Split::Private, 6, 7, 32).unwrap();
+    let key = RunKey::from_insecure_seed(5);
+    for micro in [1, 3, 7] {
+        let c = cfg(Method::Dpzo, &d, micro);
+        let sum_of = |data: &Dataset| {
+            // A fresh model per evaluation: DPZO perturbs θ in place, and the
+            // rounding of θ ± λz must not enter the comparison.
+            let mut m = model(&Cpu, &lora());
+            let mut opt = OptState::default();
+            let mut ctx = StepContext {
+                backend: &Cpu,
+                model: &mut m,
+                opt: &mut opt,
+                data,
+                cfg: &c,
+                sigma: 1.0,
+                key: &key,
+            };
+            let idx: Vec<usize> = (0..data.len()).collect();
+            dpzo_clipped_sum(&mut ctx, 0, &idx).unwrap()
+        };
+        let base = sum_of(&d);
+        for (name, x) in adversaries(&d) {
+            for at in [0, 3, 6] {
+                let s = sum_of(&with_inserted(&d, at, &x));
+                let dist = (s.sum - base.sum).abs();
+                assert!(
+                    dist <= f64::from(C) * (1.0 + 1e-5),
+                    "dpzo micro {micro}: x = {name} at {at}: |ΔS| = {dist:e} > C"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_token_noise_is_refused_for_dp_methods() {
+    // Slot-keyed noise on fused tokens changes the other examples' gradients when
+    // one is inserted (the review measured 1.87·C); it is refused, not accounted.
+    let d = Dataset::generate(Split::Private, 6, 7, 32).unwrap();
+    for method in [Method::Dpsgd, Method::Ghost, Method::Dualpriv, Method::Dpzo] {
+        let mut c = cfg(method, &d, 6);
+        c.keep_tokens = Some(5);
+        c.context_tokens = 2;
+        c.fuse_noise_std = 0.1;
+        c.delta = 1e-3;
+        let err = Trainer::new(&Cpu, model(&Cpu, &lora()), lora(), c, &d)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("fused-token noise"), "{method}: {err}");
+    }
+}
+
+/// Mean and std of the noise part of one real SGD step (lr = 1): the update
+/// minus the clean update −S/B, over every trainable coordinate.
+fn noise_of_step(method: Method, scope: PruneScope, micro: usize, sigma: f64) -> (f64, f64, usize) {
+    let d = Dataset::generate(Split::Private, 8, 3, 32).unwrap();
+    let mut c = cfg(method, &d, micro);
+    c.noise_multiplier = Some(sigma);
+    c.delta = 1e-3;
+    c.prune_scope = scope;
+    let idx: Vec<usize> = (0..d.len()).collect();
+    let m = model(&Cpu, &lora());
+    let mut t = Trainer::new(&Cpu, m, lora(), c.clone(), &d).unwrap();
+    let clean = gradient_sums(&Cpu, &t.model, t.key(), &c, &d, &idx).unwrap();
+    let before: Vec<(u32, Vec<f32>)> = t
+        .model
+        .trainable()
+        .iter()
+        .map(|p| (p.id, t.model.param(p.id).clone()))
+        .collect();
+    t.one_step(&d, &idx).unwrap();
+    let mut z = Vec::new();
+    for (id, b) in &before {
+        let after = t.model.param(*id);
+        let s = &clean.grads[id];
+        for j in 0..b.len() {
+            // θ' = θ − (S + σC·n)/B  ⇒  σC·n/B = θ − θ' − S/B.
+            let noise = f64::from(b[j]) - f64::from(after[j]) - f64::from(s[j]) / c.batch as f64;
+            z.push(noise);
+        }
+    }
+    let n = z.len() as f64;
+    let mean = z.iter().sum::<f64>() / n;
+    let var = z.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt(), z.len())
+}
+
+#[test]
+fn a_real_step_adds_noise_of_std_sigma_c_over_b() {
+    let (sigma, b) = (2.0, 8.0);
+    let want = sigma * f64::from(C) / b;
+    for (method, scope, micro) in [
+        (Method::Dpsgd, PruneScope::Tensor, 8),
+        (Method::Ghost, PruneScope::Tensor, 8),
+        (Method::Ghost, PruneScope::Tensor, 3),
+        (Method::Dualpriv, PruneScope::Tensor, 8),
+        (Method::Dualpriv, PruneScope::Global, 8),
+    ] {
+        let (mean, std, n) = noise_of_step(method, scope, micro, sigma);
+        assert!(n >= 10_000, "{n} coordinates");
+        // Standard errors of a normal sample's mean and std.
+        let (se_mean, se_std) = (want / (n as f64).sqrt(), want / (2.0 * n as f64).sqrt());
+        assert!(
+            (std - want).abs() < 3.0 * se_std,
+            "{method} {scope:?} micro {micro}: noise std {std:e}, want σC/B = {want:e} ± {se_std:e}"
+        );
+        assert!(mean.abs() < 5.0 * se_mean, "{method}: noise mean {mean:e}");
+    }
+}
+
+#[test]
+fn dpzo_scalar_noise_has_std_sigma_c_over_b() {
+    let key = RunKey::from_insecure_seed(8);
+    let (sigma_c, b) = (0.3, 16);
+    let n = 20_000u32;
+    let g: Vec<f64> = (0..n)
+        .map(|draw| dpzo_noisy_scalar(&key, RngKind::Chacha20, draw, 0.0, sigma_c, b))
+        .collect();
+    let want = sigma_c / b as f64;
+    let mean = g.iter().sum::<f64>() / f64::from(n);
+    let std = (g.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / f64::from(n - 1)).sqrt();
+    let se = want / (2.0 * f64::from(n)).sqrt();
+    assert!((std - want).abs() < 3.0 * se, "std {std} vs {want}");
+    assert!(mean.abs() < 5.0 * want / f64::from(n).sqrt(), "mean {mean}");
+}
+
+fn correlation(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
+}
+
+/// The noise updates of consecutive noise-only steps (empty batches) of a run.
+fn noise_updates(t: &mut Trainer<'_, Cpu>, d: &Dataset, steps: usize) -> Vec<Vec<f64>> {
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let before: Vec<f32> = t
+            .model
+            .trainable()
+            .iter()
+            .flat_map(|p| t.model.param(p.id).clone())
+            .collect();
+        t.one_step(d, &[]).unwrap();
+        let after: Vec<f32> = t
+            .model
+            .trainable()
+            .iter()
+            .flat_map(|p| t.model.param(p.id).clone())
+            .collect();
+        out.push(before.iter().zip(&after).map(|(a, b)| f64::from(*a) - f64::from(*b)).collect());
+    }
+    out
+}
+
+#[test]
+fn steps_tensors_and_runs_never_share_noise() {
+    let d = Dataset::generate(Split::Private, 8, 3, 32).unwrap();
+    let mut c = cfg(Method::Ghost, &d, 8);
+    c.delta = 1e-3;
+    let new = || Trainer::new(&Cpu, model(&Cpu, &lora()), lora(), c.clone(), &d).unwrap();
+    let (mut a, mut b) = (new(), new());
+    assert_ne!(a.key(), b.key(), "two runs drew the same key");
+    // Calling one_step twice on the same batch still advances the draw.
+    let ua = noise_updates(&mut a, &d, 2);
+    let ub = noise_updates(&mut b, &d, 1);
+    let n = ua[0].len();
+    assert!(n >= 10_000);
+    let bound = 5.0 / (n as f64).sqrt();
+    for (what, x, y) in [
+        ("steps 1 and 2 of a run", &ua[0], &ua[1]),
+        ("two runs", &ua[0], &ub[0]),
+    ] {
+        let r = correlation(x, y);
+        assert!(r.abs() < bound, "{what}: correlation {r} (5 SE = {bound})");
+    }
+    // Two tensors of one step: the two largest trainable tensors' noise.
+    let mut sizes: Vec<(usize, u32)> = a.model.trainable().iter().map(|p| (p.len, p.id)).collect();
+    sizes.sort();
+    let (la, ta) = sizes[sizes.len() - 1];
+    let (_, tb) = sizes[sizes.len() - 2];
+    let stream = a.key().stream(Domain::Noise, RngKind::Chacha20);
+    let draw = |tensor_id: u32, len: usize| {
+        let mut v = vec![0.0f32; len];
+        NoiseKey {
+            seed: stream.seed64(), // MERGE
+            tensor_id,
+            step: 0,
+        }
+        .fill(0, &mut v);
+        v.into_iter().map(f64::from).collect::<Vec<f64>>()
+    };
+    let len = la.min(sizes[sizes.len() - 2].0);
+    let r = correlation(&draw(ta, len), &draw(tb, len));
+    assert!(r.abs() < 5.0 / (len as f64).sqrt(), "two tensors: correlation {r}");
+}
+
+#[test]
+fn the_cli_draws_a_fresh_key_for_every_private_run() {
+    let root = std::env::temp_dir().join(format!("dualpriv-cli-keys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let run = |name: &str, extra: &[&str]| {
+        let out = root.join(name);
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_dualpriv"))
+            .args(["train", "--method", "ghost", "--steps", "1", "--train-examples", "64"])
+            .args(["--batch", "8", "--micro-batch", "8", "--noise-multiplier", "1"])
+            .args(["--lora-rank", "2", "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        let cur = std::fs::read_to_string(out.join("CURRENT")).unwrap();
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join(cur.trim()).join("state.json")).unwrap())
+                .unwrap();
+        (state["key"].clone(), String::from_utf8_lossy(&status.stdout).into_owned())
+    };
+    let (k1, o1) = run("a", &[]);
+    let (k2, _) = run("b", &[]);
+    assert_ne!(k1["hex"], k2["hex"], "two CLI runs with the same flags share a key");
+    assert!(k1.get("insecure_seed").is_none());
+    assert!(o1.contains("epsilon = ") && !o1.contains("inf"), "{o1}");
+    // --insecure-seed: a reproducible key, reported as not private.
+    let (k3, o3) = run("c", &["--insecure-seed", "4"]);
+    let (k4, _) = run("d", &["--insecure-seed", "4"]);
+    assert_eq!(k3["hex"], k4["hex"]);
+    assert!(o3.contains("epsilon = inf (not private"), "{o3}");
+    let _ = std::fs::remove_dir_all(&root);
+}
