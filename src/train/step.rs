@@ -210,7 +210,8 @@ fn clipping<B: DpBackend>(
                     &mut norms,
                 )?;
             }
-            Ok(Clipping::Factors(be.clip_factors(&norms, cfg.clip_norm)?))
+            // TODO(nonfinite count): report `.1` (examples clipped to 0) in the metrics.
+            Ok(Clipping::Factors(be.clip_factors(&norms, cfg.clip_norm)?.0))
         }
         Method::Dpsgd => {
             let mut norms = be.norms_zeros(b)?;
@@ -228,7 +229,8 @@ fn clipping<B: DpBackend>(
                 };
                 per.push((w, bias));
             }
-            let f = be.clip_factors(&norms, cfg.clip_norm)?;
+            // TODO(nonfinite count): report `.1` (examples clipped to 0) in the metrics.
+            let f = be.clip_factors(&norms, cfg.clip_norm)?.0;
             Ok(Clipping::Materialised(per, f))
         }
         Method::Dpzo => unreachable!("dpzo has no backward"),
