@@ -187,14 +187,20 @@ fn clip_factor_edge_cases() {
     assert!((c[1] - 0.5).abs() < 1e-6);
     assert_eq!(c[2], 1.0);
     assert_eq!(bad, 0);
-    assert_eq!(clip_factors(&[1e30], f64::INFINITY).unwrap(), (vec![1.0], 0));
+    assert_eq!(
+        clip_factors(&[1e30], f64::INFINITY).unwrap(),
+        (vec![1.0], 0)
+    );
     // f32 rounding of a near-zero ghost norm can go slightly negative: it counts as 0.
     assert_eq!(clip_factors(&[-1e-12], 1.0).unwrap(), (vec![1.0], 0));
     // A non-finite norm is factor 0 (the example drops out), counted, not an error.
     let (c, bad) = clip_factors(&[f64::NAN, 0.25, f64::INFINITY, f64::NEG_INFINITY], 1.0).unwrap();
     assert_eq!(c, vec![0.0, 1.0, 0.0, 0.0]);
     assert_eq!(bad, 3);
-    assert_eq!(clip_factors(&[f64::NAN], f64::INFINITY).unwrap(), (vec![0.0], 1));
+    assert_eq!(
+        clip_factors(&[f64::NAN], f64::INFINITY).unwrap(),
+        (vec![0.0], 1)
+    );
     assert!(matches!(
         clip_factors(&[1.0], 0.0),
         Err(dualpriv::Error::Config(_))
@@ -228,7 +234,6 @@ fn shape_mismatches_are_errors() {
 
 use dualpriv::backend::cpu::Cpu;
 use dualpriv::backend::dp::DpBackend;
-use dualpriv::backend::Backend;
 
 /// The ways a DP method forms its clipped sums.
 #[derive(Clone, Copy, Debug)]

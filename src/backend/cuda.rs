@@ -349,7 +349,13 @@ impl Cuda {
         g: RowMajor,
     ) -> Result<()> {
         self.gpu.bind()?;
-        g.run(&self.gpu, precision, &a.view(), &b.view(), &mut c.view_mut())
+        g.run(
+            &self.gpu,
+            precision,
+            &a.view(),
+            &b.view(),
+            &mut c.view_mut(),
+        )
     }
 
     /// Model GEMMs, `batch` of them ([`Precision::Model`]).

@@ -213,22 +213,17 @@ fn present(m: &[f32], per: usize, factors: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// A batch's X, G, factors and shape.
+type Batch = (Vec<f32>, Vec<f32>, Vec<f32>, LinearShape);
+
 /// The batch without its factor-0 examples, or `None` when every factor is non-zero
 /// (the common case, which needs no copy).
-fn without_absent(
-    x: &[f32],
-    g: &[f32],
-    factors: &[f32],
-    s: LinearShape,
-) -> Option<(Vec<f32>, Vec<f32>, Vec<f32>, LinearShape)> {
+fn without_absent(x: &[f32], g: &[f32], factors: &[f32], s: LinearShape) -> Option<Batch> {
     if !factors.contains(&0.0) {
         return None;
     }
     let kept: Vec<f32> = factors.iter().copied().filter(|&c| c != 0.0).collect();
-    let shape = LinearShape {
-        b: kept.len(),
-        ..s
-    };
+    let shape = LinearShape { b: kept.len(), ..s };
     Some((
         present(x, s.t * s.d, factors),
         present(g, s.t * s.p, factors),
