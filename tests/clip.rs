@@ -337,8 +337,15 @@ fn non_finite_examples_are_absent<B: DpBackend>(be: &B, exact: bool) {
             assert_eq!((all.factors[1], all.factors[3]), (0.0, 0.0), "{what}");
             for (j, &i) in keep.iter().enumerate() {
                 assert!(all.norms[i].is_finite(), "{what}: norm {i}");
-                assert_eq!(all.norms[i], want.norms[j], "{what}: norm {i}");
-                assert_eq!(all.factors[i], want.factors[j], "{what}: factor {i}");
+                if exact {
+                    assert_eq!(all.norms[i], want.norms[j], "{what}: norm {i}");
+                    assert_eq!(all.factors[i], want.factors[j], "{what}: factor {i}");
+                } else {
+                    // GPU tiles add their f64 totals atomically, in any order.
+                    assert!(rel(all.norms[i], want.norms[j]) < 1e-12, "{what}: norm {i}");
+                    let e = rel(f64::from(all.factors[i]), f64::from(want.factors[j]));
+                    assert!(e < 1e-6, "{what}: factor {i}");
+                }
             }
             assert!(
                 all.weight.iter().chain(&all.bias).all(|v| v.is_finite()),

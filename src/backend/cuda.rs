@@ -180,13 +180,14 @@ pub struct Cuda {
 }
 
 impl Cuda {
-    /// Opens GPU 0 with TF32 tensor cores for f32 GEMMs. Without a driver this is
-    /// [`Error::NoCudaDriver`].
+    /// Opens GPU 0 with TF32 tensor cores for the model's f32 GEMMs (the DP GEMMs
+    /// stay strict FP32). Without a driver this is [`Error::NoCudaDriver`].
     pub fn new() -> Result<Self> {
         Self::with_options(0, true)
     }
 
-    /// Opens GPU `ordinal`; `tf32` selects TF32 tensor-core GEMMs (false: strict FP32).
+    /// Opens GPU `ordinal`; `tf32` selects TF32 tensor cores for the model's GEMMs
+    /// (false: strict FP32). The DP GEMMs are strict FP32 either way.
     pub fn with_options(ordinal: usize, tf32: bool) -> Result<Self> {
         let gpu = Gpu::with_device(ordinal)?;
         gpu.set_tf32(tf32)?;
@@ -206,7 +207,7 @@ impl Cuda {
         &self.gpu
     }
 
-    /// Whether GEMMs use TF32 tensor cores.
+    /// Whether the model's GEMMs use TF32 tensor cores.
     pub fn tf32(&self) -> bool {
         self.tf32
     }

@@ -292,10 +292,12 @@ pub fn clipped_weight_sum<
         alpha: 1.0,
         beta: if accumulate { 1.0 } else { 0.0 },
     };
-    let some_zero = match some_zero {
-        Some(z) => z,
-        None => any_zero(gpu, factors)?,
-    };
+    // With no rows (total == 0) there is nothing to mask.
+    let some_zero = total > 0
+        && match some_zero {
+            Some(z) => z,
+            None => any_zero(gpu, factors)?,
+        };
     let strict = Precision::Strict;
     match (scale_x, some_zero) {
         (true, false) => gemm.run(gpu, strict, g, workspace, out),
