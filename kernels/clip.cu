@@ -131,34 +131,51 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   add_block_total(s * s, out + b);
 }
 
-// c[b] = min(1, C / (sqrt(sq[b]) + 1e-6)); a non-finite norm bumps *bad and gets
-// factor 0 so the host can refuse the step. A slightly negative sum (f32 rounding
-// of a near-zero ghost norm) counts as 0, as on the CPU.
+// c[b] = min(1, C / (sqrt(sq[b]) + 1e-6)); a non-finite norm gets factor 0 (the
+// example drops out of the clipped sums) and bumps counts[0]; counts[1] counts every
+// factor that is 0 (also a finite norm so large that C / norm underflows), so the
+// host knows whether the sums must mask. A slightly negative sum (f32 rounding of a
+// near-zero ghost norm) counts as 0, as on the CPU.
 extern "C" __global__ void clip_factors_f32(const double* __restrict__ sq, int B, float C,
                                             float* __restrict__ c,
-                                            unsigned long long* __restrict__ bad) {
+                                            unsigned long long* __restrict__ counts) {
   int b = blockIdx.x * blockDim.x + threadIdx.x;
   if (b >= B) return;
   double s = sq[b];
-  if (!isfinite(s)) {
-    atomicAdd(bad, 1ull);
-    c[b] = 0.f;
-    return;
+  float f = 0.f;
+  if (isfinite(s)) {
+    f = (float)fmin(1.0, (double)C / (sqrt(fmax(s, 0.0)) + 1e-6));
+  } else {
+    atomicAdd(&counts[0], 1ull);
   }
-  c[b] = (float)fmin(1.0, (double)C / (sqrt(fmax(s, 0.0)) + 1e-6));
+  if (f == 0.f) atomicAdd(&counts[1], 1ull);
+  c[b] = f;
 }
 
 // y[b, t, :] = c[b] * x[b, t, :] for a B x T x n tensor: the diag(c) of the
-// book-keeping GEMM, applied to the narrower of X and G.
+// book-keeping GEMM, applied to the narrower of X and G. A factor-0 example is
+// absent: its rows become 0 even when they hold NaN or Inf (0 * NaN = NaN).
 extern "C" __global__ void scale_examples_f32(const float* __restrict__ x,
                                               const float* __restrict__ c, long long per_example,
                                               long long total, float* __restrict__ y) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x)
-    y[i] = c[i / per_example] * x[i];
+       i += (long long)gridDim.x * blockDim.x) {
+    float f = c[i / per_example];
+    y[i] = f == 0.f ? 0.f : f * x[i];
+  }
 }
 
-// out[c] (+)= sum_b c_b sum_t G_b,t,c. grid = ceil(p/256), block = 256.
+// y[i] = c[i / per_example] == 0 ? 0 : x[i]: the other GEMM operand with absent
+// examples zeroed. Only launched when some factor is 0.
+extern "C" __global__ void mask_examples_f32(const float* __restrict__ x,
+                                             const float* __restrict__ c, long long per_example,
+                                             long long total, float* __restrict__ y) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x)
+    y[i] = c[i / per_example] == 0.f ? 0.f : x[i];
+}
+
+// out[c] (+)= sum_{b: c_b != 0} c_b sum_t G_b,t,c. grid = ceil(p/256), block = 256.
 extern "C" __global__ void clipped_bias_sum_f32(const float* __restrict__ g,
                                                 const float* __restrict__ c, int B, int T, int p,
                                                 int accumulate, float* __restrict__ out) {
@@ -166,6 +183,7 @@ extern "C" __global__ void clipped_bias_sum_f32(const float* __restrict__ g,
   if (col >= p) return;
   double s = 0.0;
   for (int b = 0; b < B; ++b) {
+    if (c[b] == 0.f) continue;  // absent, whatever its rows hold
     double e = 0.0;
     const float* gb = g + (long long)b * T * p + col;
     for (int t = 0; t < T; ++t) e += (double)gb[(long long)t * p];

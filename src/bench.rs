@@ -270,7 +270,7 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
     let mut ws = gpu.zeros::<f32>(gpu::clip::workspace_len(s))?;
     let mut out = gpu.zeros::<f32>(s.p * s.d)?;
     let ms = time(5, &mut || {
-        gpu::clip::clipped_weight_sum(&gpu, &dx, &dg, &dc, s, &mut ws, &mut out, true)
+        gpu::clip::clipped_weight_sum(&gpu, &dx, &dg, &dc, s, &mut ws, &mut out, true, Some(false))
     })?;
     rows.push(BenchRow {
         name: "BK clipped sum (FP32 cuBLAS)".into(),

@@ -97,7 +97,7 @@ fn bk_clipped_sum_equals_brute_force() {
         let x = uniform(&mut r, s.b * s.t * s.d);
         let g = uniform(&mut r, s.b * s.t * s.p);
         let norms = layer_sq_norms(&x, &g, s, s.preferred_method(), false).unwrap();
-        let c = clip_factors(&norms, 0.5).unwrap();
+        let (c, _) = clip_factors(&norms, 0.5).unwrap();
         let mut got = vec![0.0f32; s.p * s.d];
         clipped_weight_sum(&x, &g, &c, s, &mut got).unwrap();
         let mut want = vec![0.0f64; s.p * s.d];
@@ -151,7 +151,7 @@ fn one_huge_example_contributes_at_most_c() {
     }
     let clip = 1.0;
     let norms = layer_sq_norms(&x, &g, s, NormMethod::Ghost, true).unwrap();
-    let c = clip_factors(&norms, clip).unwrap();
+    let (c, _) = clip_factors(&norms, clip).unwrap();
     // The outlier's clipped gradient (weight and bias together) has norm ≤ C.
     let grads = per_example_grads(&x, &g, s);
     let bias_sq = bias_sq_norms(&g, s).unwrap();
@@ -182,21 +182,25 @@ fn one_huge_example_contributes_at_most_c() {
 
 #[test]
 fn clip_factor_edge_cases() {
-    let c = clip_factors(&[0.0, 4.0, 0.25], 1.0).unwrap();
+    let (c, bad) = clip_factors(&[0.0, 4.0, 0.25], 1.0).unwrap();
     assert_eq!(c[0], 1.0);
     assert!((c[1] - 0.5).abs() < 1e-6);
     assert_eq!(c[2], 1.0);
-    assert_eq!(clip_factors(&[1e30], f64::INFINITY).unwrap(), vec![1.0]);
+    assert_eq!(bad, 0);
+    assert_eq!(
+        clip_factors(&[1e30], f64::INFINITY).unwrap(),
+        (vec![1.0], 0)
+    );
     // f32 rounding of a near-zero ghost norm can go slightly negative: it counts as 0.
-    assert_eq!(clip_factors(&[-1e-12], 1.0).unwrap(), vec![1.0]);
-    assert!(matches!(
-        clip_factors(&[f64::NAN], 1.0),
-        Err(dualpriv::Error::NonFinite(_))
-    ));
-    assert!(matches!(
-        clip_factors(&[f64::INFINITY], 1.0),
-        Err(dualpriv::Error::NonFinite(_))
-    ));
+    assert_eq!(clip_factors(&[-1e-12], 1.0).unwrap(), (vec![1.0], 0));
+    // A non-finite norm is factor 0 (the example drops out), counted, not an error.
+    let (c, bad) = clip_factors(&[f64::NAN, 0.25, f64::INFINITY, f64::NEG_INFINITY], 1.0).unwrap();
+    assert_eq!(c, vec![0.0, 1.0, 0.0, 0.0]);
+    assert_eq!(bad, 3);
+    assert_eq!(
+        clip_factors(&[f64::NAN], f64::INFINITY).unwrap(),
+        (vec![0.0], 1)
+    );
     assert!(matches!(
         clip_factors(&[1.0], 0.0),
         Err(dualpriv::Error::Config(_))
@@ -225,15 +229,209 @@ fn shape_mismatches_are_errors() {
     assert!(clipped_weight_sum(&x, &g, &[1.0], s, &mut out).is_err());
 }
 
+// ---------------------------------------------------------------------------
+// Backend-level bodies: run on the CPU here and on the CUDA backend in `mod gpu`.
+
+use dualpriv::backend::cpu::Cpu;
+use dualpriv::backend::dp::DpBackend;
+
+/// The ways a DP method forms its clipped sums.
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    /// Norms from X, G by this formula, then the book-keeping sums.
+    Bk(NormMethod),
+    /// DP-SGD: materialised per-example gradients, their norms and weighted sum.
+    Materialised,
+}
+
+const PATHS: [Path; 3] = [
+    Path::Bk(NormMethod::Ghost),
+    Path::Bk(NormMethod::Instantiated),
+    Path::Materialised,
+];
+
+/// What a path releases for one batch: host norms, factors, non-finite count, and
+/// the clipped weight and bias sums.
+struct Released {
+    norms: Vec<f64>,
+    factors: Vec<f32>,
+    non_finite: usize,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+fn release<B: DpBackend>(
+    be: &B,
+    x: &[f32],
+    g: &[f32],
+    s: LinearShape,
+    path: Path,
+    clip: f32,
+) -> Released {
+    let (dx, dg) = (be.upload(x).unwrap(), be.upload(g).unwrap());
+    let mut norms = be.norms_zeros(s.b).unwrap();
+    let mut weight = be.zeros(s.p * s.d).unwrap();
+    let mut bias = be.zeros(s.p).unwrap();
+    let (factors, non_finite) = match path {
+        Path::Bk(m) => {
+            be.add_layer_sq_norms(&dx, &dg, s, m, true, &mut norms)
+                .unwrap();
+            let (f, n) = be.clip_factors(&norms, clip).unwrap();
+            be.clipped_weight_sum(&dx, &dg, &f, s, &mut weight, false)
+                .unwrap();
+            be.clipped_bias_sum(&dg, &f, s, &mut bias, false).unwrap();
+            (f, n)
+        }
+        Path::Materialised => {
+            let w = be.per_example_weight_grads(&dx, &dg, s).unwrap();
+            let bg = be.per_example_bias_grads(&dg, s).unwrap();
+            be.add_row_sq_norms(&w, s.b, &mut norms).unwrap();
+            be.add_row_sq_norms(&bg, s.b, &mut norms).unwrap();
+            let (f, n) = be.clip_factors(&norms, clip).unwrap();
+            be.weighted_row_sum(&w, &f, s.b, &mut weight, false)
+                .unwrap();
+            be.weighted_row_sum(&bg, &f, s.b, &mut bias, false).unwrap();
+            (f, n)
+        }
+    };
+    Released {
+        norms: be.norms_download(&norms).unwrap(),
+        factors: be.download(&factors).unwrap(),
+        non_finite,
+        weight: be.download(&weight).unwrap(),
+        bias: be.download(&bias).unwrap(),
+    }
+}
+
+/// Examples `keep` of a batch (X and G rows).
+fn subset(x: &[f32], g: &[f32], s: LinearShape, keep: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let rows = |m: &[f32], w: usize| -> Vec<f32> {
+        keep.iter()
+            .flat_map(|&i| m[i * s.t * w..(i + 1) * s.t * w].iter().copied())
+            .collect()
+    };
+    (rows(x, s.d), rows(g, s.p))
+}
+
+/// In a batch of 5, example 1's X holds a NaN and example 3's G a +Inf: both get
+/// factor 0, the count is 2, the other examples' norms stay finite and unchanged,
+/// and every clipped sum equals that of the batch without them (`exact`: bit for
+/// bit; otherwise to FP32 rounding of a different GEMM shape).
+fn non_finite_examples_are_absent<B: DpBackend>(be: &B, exact: bool) {
+    let mut r = rng(11);
+    for (t, d, p) in [(3, 4, 6), (3, 7, 2), (40, 9, 11)] {
+        let s = LinearShape { b: 5, t, d, p };
+        let mut x = uniform(&mut r, s.b * t * d);
+        let mut g = uniform(&mut r, s.b * t * p);
+        x[(t + 1) * d + 2 % d] = f32::NAN;
+        g[3 * t * p + p / 2] = f32::INFINITY;
+        let keep = [0, 2, 4];
+        let (xk, gk) = subset(&x, &g, s, &keep);
+        let sk = LinearShape { b: 3, ..s };
+        for path in PATHS {
+            let clip = 0.3;
+            let all = release(be, &x, &g, s, path, clip);
+            let want = release(be, &xk, &gk, sk, path, clip);
+            let what = format!("{} {s:?} {path:?}", be.name());
+            assert_eq!(all.non_finite, 2, "{what}");
+            assert_eq!((all.factors[1], all.factors[3]), (0.0, 0.0), "{what}");
+            for (j, &i) in keep.iter().enumerate() {
+                assert!(all.norms[i].is_finite(), "{what}: norm {i}");
+                if exact {
+                    assert_eq!(all.norms[i], want.norms[j], "{what}: norm {i}");
+                    assert_eq!(all.factors[i], want.factors[j], "{what}: factor {i}");
+                } else {
+                    // GPU tiles add their f64 totals atomically, in any order.
+                    assert!(rel(all.norms[i], want.norms[j]) < 1e-12, "{what}: norm {i}");
+                    let e = rel(f64::from(all.factors[i]), f64::from(want.factors[j]));
+                    assert!(e < 1e-6, "{what}: factor {i}");
+                }
+            }
+            assert!(
+                all.weight.iter().chain(&all.bias).all(|v| v.is_finite()),
+                "{what}: a non-finite value reached the sum"
+            );
+            if exact {
+                assert_eq!(all.weight, want.weight, "{what}: weight sum");
+                assert_eq!(all.bias, want.bias, "{what}: bias sum");
+            } else {
+                let scale = |v: &[f32]| v.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                let e = max_rel_err(&all.weight, &want.weight, scale(&want.weight));
+                assert!(e < 1e-5, "{what}: weight sum error {e:.2e}");
+                let e = max_rel_err(&all.bias, &want.bias, scale(&want.bias));
+                assert!(e < 1e-5, "{what}: bias sum error {e:.2e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn non_finite_examples_are_absent_cpu() {
+    non_finite_examples_are_absent(&Cpu, true);
+}
+
+/// The adversarial example's X: two tokens whose rows differ by e = (134, 182), and
+/// G rows h and −h, so G_iᵀX_i = −h·eᵀ cancels terms ~1.8e4 down to entries ~1e3
+/// (‖X_i‖/‖e‖ ≈ 22). All values are integers whose Gram and product entries stay
+/// below 2²⁴, so strict FP32 forms the norms exactly; the x's are odd and above
+/// 2048, which TF32's 11 significant bits cannot hold. Emulating a TF32 GEMM (inputs
+/// rounded or truncated to TF32) releases 1.0054·C for this example; strict FP32
+/// stays within 4·22·2⁻²⁴ ≈ 5e-6 of C.
+const ADV_X: [f32; 4] = [2453.0, 2429.0, 2587.0, 2611.0];
+const ADV_H: [f32; 3] = [3.0, -5.0, 7.0];
+
+/// On `be`, removing the adversarial example changes each path's clipped weight sum
+/// by at most C·(1 + 1e-5) (and by about C: it is clipped).
+fn adversarial_example_contributes_at_most_c<B: DpBackend>(be: &B) {
+    let s = LinearShape {
+        b: 3,
+        t: 2,
+        d: 2,
+        p: 3,
+    };
+    let mut r = rng(12);
+    let mut x = uniform(&mut r, s.b * s.t * s.d);
+    let mut g = uniform(&mut r, s.b * s.t * s.p);
+    x[s.t * s.d..2 * s.t * s.d].copy_from_slice(&ADV_X);
+    let adv_g: Vec<f32> = ADV_H.iter().chain(&ADV_H.map(|v| -v)).copied().collect();
+    g[s.t * s.p..2 * s.t * s.p].copy_from_slice(&adv_g);
+    let (xk, gk) = subset(&x, &g, s, &[0, 2]);
+    let clip = 1.0f32;
+    for path in PATHS {
+        let with = release(be, &x, &g, s, path, clip);
+        let without = release(be, &xk, &gk, LinearShape { b: 2, ..s }, path, clip);
+        let diff = with
+            .weight
+            .iter()
+            .zip(&without.weight)
+            .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let what = format!("{} {path:?}", be.name());
+        assert!(with.factors[1] < 1e-3, "{what}: not clipped");
+        assert!(
+            diff <= f64::from(clip) * (1.0 + 1e-5),
+            "{what}: the example contributes {diff} > C = {clip}"
+        );
+        assert!(diff >= f64::from(clip) * (1.0 - 1e-3), "{what}: {diff}");
+    }
+}
+
+#[test]
+fn adversarial_example_contributes_at_most_c_cpu() {
+    adversarial_example_contributes_at_most_c(&Cpu);
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
+    use dualpriv::backend::cuda::cuda_or_skip;
     use dualpriv::gpu::{clip as gclip, gpu_or_skip};
 
     /// GPU norms accumulate Gram/product tiles in f32 and tile totals in f64:
     /// 1e-4 relative against the f64 reference covers T, d, p up to a few thousand.
     const NORM_TOL: f64 = 1e-4;
-    /// The clipped sum is one strict-FP32 cuBLAS GEMM (TF32 off).
+    /// The clipped sum is one strict-FP32 cuBLAS GEMM (the DP handle).
     const SUM_TOL: f32 = 1e-4;
 
     #[test]
@@ -270,15 +468,17 @@ mod gpu {
                 }
             }
             let norms = layer_sq_norms(&x, &g, s, s.preferred_method(), true).unwrap();
-            let c = clip_factors(&norms, 0.7).unwrap();
+            let (c, _) = clip_factors(&norms, 0.7).unwrap();
             let dnorms = gpu.upload(&norms).unwrap();
             let mut dc = gpu.zeros::<f32>(s.b).unwrap();
-            gclip::clip_factors(&gpu, &dnorms, 0.7, &mut dc).unwrap();
+            let counts = gclip::clip_factors(&gpu, &dnorms, 0.7, &mut dc).unwrap();
+            assert_eq!(counts, gclip::FactorCounts::default());
             let gc = gpu.download(&dc).unwrap();
             assert!(max_rel_err(&gc, &c, 1e-6) < 1e-6);
             let mut ws = gpu.zeros::<f32>(gclip::workspace_len(s).max(1)).unwrap();
             let mut out = gpu.upload(&vec![1.0f32; s.p * s.d]).unwrap();
-            gclip::clipped_weight_sum(&gpu, &dx, &dg, &dc, s, &mut ws, &mut out, true).unwrap();
+            gclip::clipped_weight_sum(&gpu, &dx, &dg, &dc, s, &mut ws, &mut out, true, None)
+                .unwrap();
             let mut want = vec![1.0f32; s.p * s.d];
             clipped_weight_sum(&x, &g, &c, s, &mut want).unwrap();
             assert!(
@@ -297,15 +497,42 @@ mod gpu {
     }
 
     #[test]
-    fn gpu_non_finite_norm_is_an_error() {
-        let Some(gpu) = gpu_or_skip("gpu_non_finite_norm_is_an_error") else {
+    fn gpu_non_finite_norm_gets_factor_zero() {
+        let Some(gpu) = gpu_or_skip("gpu_non_finite_norm_gets_factor_zero") else {
             return;
         };
-        let dn = gpu.upload(&[1.0f64, f64::NAN]).unwrap();
-        let mut dc = gpu.zeros::<f32>(2).unwrap();
-        assert!(matches!(
-            gclip::clip_factors(&gpu, &dn, 1.0, &mut dc),
-            Err(dualpriv::Error::NonFinite(_))
-        ));
+        let dn = gpu
+            .upload(&[0.25f64, f64::NAN, 0.01, f64::INFINITY, 1e300])
+            .unwrap();
+        let mut dc = gpu.zeros::<f32>(5).unwrap();
+        let counts = gclip::clip_factors(&gpu, &dn, 1.0, &mut dc).unwrap();
+        // 1e300 is finite, but C/1e150 underflows f32: a zero factor, not non-finite.
+        assert_eq!(
+            counts,
+            gclip::FactorCounts {
+                non_finite: 2,
+                zero: 3
+            }
+        );
+        assert_eq!(gpu.download(&dc).unwrap(), vec![1.0, 0.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn gpu_non_finite_examples_are_absent() {
+        let Some(be) = cuda_or_skip("gpu_non_finite_examples_are_absent") else {
+            return;
+        };
+        non_finite_examples_are_absent(&be, false);
+    }
+
+    /// On the shipped defaults (`Cuda::new()`, TF32 model GEMMs) the DP GEMMs are
+    /// strict: the near-cancelling example contributes at most C.
+    #[test]
+    fn gpu_adversarial_example_contributes_at_most_c() {
+        let Some(be) = cuda_or_skip("gpu_adversarial_example_contributes_at_most_c") else {
+            return;
+        };
+        assert!(be.tf32(), "the shipped default has TF32 model GEMMs");
+        adversarial_example_contributes_at_most_c(&be);
     }
 }

@@ -2,6 +2,11 @@
 //! then one whole training step per method on `tiny`. Without a GPU every test
 //! prints `skipped: no CUDA driver` and passes.
 //!
+//! The op tests judge kernels at FP32 tolerances, so they open a backend whose
+//! model GEMMs are strict too (`cuda_strict_or_skip`); the whole-step tests run the
+//! shipped defaults (`cuda_or_skip`: `Cuda::new()`, TF32 model GEMMs, DP GEMMs
+//! strict), as training does.
+//!
 //! Tolerances (strict-FP32 cuBLAS unless a test says TF32):
 //! * elementwise ops, copies, embedding: 2e-6 relative to the output's scale
 //!   (f32 transcendental functions differ from the CPU's f64 ones by a few ulp, and
@@ -9,16 +14,14 @@
 //! * row reductions (norms, softmax, loss) and GEMMs: 1e-5 (f32 accumulation in a
 //!   different order from the CPU's f64 / packed-GEMM order);
 //! * TF32 GEMMs: 3e-3 (10-bit mantissa inputs);
-//! * whole steps: 1e-4 on clipped sums and updated weights; with top-k pruning, at
-//!   most 0.1 % of coordinates may fall on the other side of the threshold (their
-//!   noisy values tie to within rounding).
+//! * whole steps (TF32 forward/backward): see `TF32_STEP_*` below.
 #![cfg(feature = "cuda")]
 
 mod common;
 
 use common::{rng, uniform};
 use dualpriv::backend::cpu::Cpu;
-use dualpriv::backend::cuda::{cuda_or_skip, Cuda};
+use dualpriv::backend::cuda::{cuda_or_skip, cuda_strict_or_skip, Cuda};
 use dualpriv::backend::dp::DpBackend;
 use dualpriv::backend::{AttnShape, Backend, Blocks, MatmulSpec, PatchShape, RopeShape, RowShape};
 use dualpriv::data::synthetic::{Dataset, Split};
@@ -251,7 +254,7 @@ fn op_tokens<B: Backend>(
 
 #[test]
 fn norms_match_the_cpu() {
-    let Some(g) = cuda_or_skip("norms_match_the_cpu") else {
+    let Some(g) = cuda_strict_or_skip("norms_match_the_cpu") else {
         return;
     };
     let mut r = rng(1);
@@ -288,7 +291,7 @@ fn norms_match_the_cpu() {
 
 #[test]
 fn rope_matches_the_cpu() {
-    let Some(g) = cuda_or_skip("rope_matches_the_cpu") else {
+    let Some(g) = cuda_strict_or_skip("rope_matches_the_cpu") else {
         return;
     };
     let mut r = rng(2);
@@ -312,7 +315,7 @@ fn rope_matches_the_cpu() {
 
 #[test]
 fn attention_matches_the_cpu() {
-    let Some(g) = cuda_or_skip("attention_matches_the_cpu") else {
+    let Some(g) = cuda_strict_or_skip("attention_matches_the_cpu") else {
         return;
     };
     let mut r = rng(3);
@@ -344,7 +347,7 @@ fn attention_matches_the_cpu() {
 
 #[test]
 fn activations_match_the_cpu() {
-    let Some(g) = cuda_or_skip("activations_match_the_cpu") else {
+    let Some(g) = cuda_strict_or_skip("activations_match_the_cpu") else {
         return;
     };
     let mut r = rng(4);
@@ -361,7 +364,7 @@ fn activations_match_the_cpu() {
 
 #[test]
 fn embedding_and_loss_match_the_cpu() {
-    let Some(g) = cuda_or_skip("embedding_and_loss_match_the_cpu") else {
+    let Some(g) = cuda_strict_or_skip("embedding_and_loss_match_the_cpu") else {
         return;
     };
     let mut r = rng(5);
@@ -392,7 +395,7 @@ fn embedding_and_loss_match_the_cpu() {
 
 #[test]
 fn gemm_copies_and_patches_match_the_cpu() {
-    let Some(g) = cuda_or_skip("gemm_copies_and_patches_match_the_cpu") else {
+    let Some(g) = cuda_strict_or_skip("gemm_copies_and_patches_match_the_cpu") else {
         return;
     };
     let mut r = rng(6);
@@ -407,15 +410,15 @@ fn gemm_copies_and_patches_match_the_cpu() {
         &cpu,
         1e-5,
     );
-    // TF32 tensor cores: the same GEMMs within TF32 accuracy.
-    let tf = Cuda::with_options(0, true).unwrap();
+    // TF32 tensor cores (the shipped default): the same GEMMs within TF32 accuracy.
+    let tf = Cuda::new().unwrap();
     let out = op_misc(&tf, &a, &b, &c, &img);
     assert_close("TF32 matmul", &out[..4], &cpu[..4], 3e-3);
 }
 
 #[test]
 fn token_selection_matches_the_cpu() {
-    let Some(g) = cuda_or_skip("token_selection_matches_the_cpu") else {
+    let Some(g) = cuda_strict_or_skip("token_selection_matches_the_cpu") else {
         return;
     };
     let mut r = rng(7);
@@ -462,7 +465,26 @@ fn running_out_of_memory_is_an_error() {
 }
 
 // ---------------------------------------------------------------------------
-// Whole steps on the tiny model
+// Whole steps on the tiny model, on the shipped defaults
+//
+// The model's forward and backward GEMMs run in TF32 there (10-bit mantissa inputs:
+// ≈2.4e-4 relative per GEMM, 3e-3 worst case in `gemm_copies_and_patches...`), and
+// the errors compound through the layers before reaching the loss and the captured
+// X and G. The clipped sums themselves are strict FP32, so what differs from the
+// CPU is the model's activations and gradients, not the DP arithmetic. These
+// tolerances are first estimates from that analysis, to be tightened once measured
+// on a GPU.
+
+/// Relative loss difference allowed: TF32 logits, averaged over tokens.
+const TF32_STEP_LOSS: f64 = 1e-3;
+/// Error of a clipped sum relative to its largest entry: TF32 X and G captures.
+const TF32_STEP_SUM: f32 = 1e-2;
+/// An updated weight differs when off by more than this times the tensor's scale.
+const TF32_STEP_WEIGHT: f32 = 1e-3;
+/// Fraction of updated weights that may differ: AdamW's first step moves a weight by
+/// ≈ lr·sign(g), so a coordinate whose (noisy) gradient is within the TF32 error of
+/// 0, or one at the top-k threshold, may move the other way on one backend.
+const TF32_STEP_DIFFER: f64 = 0.01;
 
 fn data() -> Dataset {
     Dataset::generate(Split::Private, 24, 7, 32).unwrap()
@@ -554,7 +576,7 @@ fn clipped_sums_match_the_cpu_for_every_method() {
         let sg = gradient_sums(&g, &mg, &c, &d, &idx).unwrap();
         let rel = (sc.loss_sum - sg.loss_sum).abs() / sc.loss_sum.abs();
         assert!(
-            rel < 1e-5,
+            rel < TF32_STEP_LOSS,
             "{method}: loss {} vs {}",
             sg.loss_sum,
             sc.loss_sum
@@ -563,7 +585,10 @@ fn clipped_sums_match_the_cpu_for_every_method() {
         for (id, cv) in &sc.grads {
             let gv = g.download(&sg.grads[id]).unwrap();
             let e = scaled_err(&gv, cv);
-            assert!(e < 1e-4, "{method}: tensor {id} clipped sum error {e:.3e}");
+            assert!(
+                e < TF32_STEP_SUM,
+                "{method}: tensor {id} clipped sum error {e:.3e}"
+            );
         }
     }
 }
@@ -588,7 +613,7 @@ fn one_step_matches_the_cpu_for_every_method() {
         let oc = tc.one_step(&d, &idx).unwrap();
         let og = tg.one_step(&d, &idx).unwrap();
         assert!(
-            (oc.loss - og.loss).abs() < 1e-5 * oc.loss.abs().max(1.0),
+            (oc.loss - og.loss).abs() < TF32_STEP_LOSS * oc.loss.abs().max(1.0),
             "{method}: loss {} vs {}",
             og.loss,
             oc.loss
@@ -602,16 +627,10 @@ fn one_step_matches_the_cpu_for_every_method() {
             differ += a
                 .iter()
                 .zip(b)
-                .filter(|(x, y)| (*x - *y).abs() > 1e-4 * scale)
+                .filter(|(x, y)| (*x - *y).abs() > TF32_STEP_WEIGHT * scale)
                 .count();
         }
-        // Without pruning every coordinate must agree; with top-k a coordinate whose
-        // noisy value sits at the threshold may be kept on one backend only.
-        let allowed = if method == Method::Dualpriv {
-            total / 1000
-        } else {
-            0
-        };
+        let allowed = (total as f64 * TF32_STEP_DIFFER) as usize;
         assert!(
             differ <= allowed,
             "{method}: {differ} of {total} updated weights differ (allowed {allowed})"

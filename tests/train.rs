@@ -374,8 +374,10 @@ fn empty_batches_release_noise_only() {
 #[test]
 fn resuming_gives_the_same_weights() {
     let d = data(24);
-    let dir = std::env::temp_dir().join(format!("dualpriv-resume-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // A private root: the default ledger goes beside the run folder.
+    let root = std::env::temp_dir().join(format!("dualpriv-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let dir = root.join("run");
     let mut c = cfg(Method::Dualpriv, &d);
     c.noise_multiplier = Some(0.8);
     c.keep_frac = 0.7;
@@ -423,7 +425,7 @@ fn resuming_gives_the_same_weights() {
     assert_eq!(params(&second.model), params(&first.model));
     // Resuming on other data is refused.
     assert!(Trainer::resume(&Cpu, &dir, &data(25), None).is_err());
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 #[test]

@@ -17,12 +17,19 @@
 //!
 //! # Numerics
 //!
-//! Row reductions run in f32 (the CPU reference uses f64) and cuBLAS may use TF32
-//! tensor cores ([`Cuda::with_options`]); tests state the tolerances each allows.
-//! The DP mechanisms reproduce the CPU's Philox noise bit for bit.
+//! Row reductions run in f32 (the CPU reference uses f64) and the model's cuBLAS
+//! GEMMs may use TF32 tensor cores ([`Cuda::with_options`]; on by default); tests
+//! state the tolerances each allows. The rule for DP: every GEMM that forms a
+//! per-example norm or a clipped sum (`clipped_weight_sum`, `per_example_weight_grads`,
+//! `weighted_row_sum`) runs on the strict-FP32 handle ([`Precision::Strict`]) whatever
+//! the TF32 setting, because a TF32 residual of a near-cancelling example would
+//! survive clipping and exceed the sensitivity C; the network's forward and backward
+//! GEMMs are [`Precision::Model`]. The DP mechanisms reproduce the CPU's Philox
+//! noise bit for bit.
 #![allow(clippy::too_many_arguments)]
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
@@ -36,7 +43,7 @@ use crate::dp::clip::{LinearShape, NormMethod};
 use crate::dp::noise::NoiseKey;
 use crate::dp::prune::{PruneReport, UpdateConfig};
 use crate::error::ensure_shape;
-use crate::gpu::blas::RowMajor;
+use crate::gpu::blas::{Precision, RowMajor};
 use crate::gpu::noise_prune::{DeviceTensor, PrunePlan};
 use crate::gpu::tokens::TokenWorkspace;
 use crate::gpu::{self, cuda_err, dptr, dptr_mut, grid_for, launch, launch_cfg, Gpu};
@@ -91,7 +98,15 @@ pub struct GpuBuf {
     slice: Option<CudaSlice<f32>>,
     len: usize,
     pool: Arc<Pool>,
+    /// What is known about zeros among the values, for clip factors: `ZEROS_*`.
+    /// Any mutable access resets it to unknown.
+    zeros: AtomicU8,
 }
+
+/// [`GpuBuf::zeros`] states: unknown, no value is 0, some value is 0.
+const ZEROS_UNKNOWN: u8 = 0;
+const ZEROS_NONE: u8 = 1;
+const ZEROS_SOME: u8 = 2;
 
 impl GpuBuf {
     fn alloc(&self) -> &CudaSlice<f32> {
@@ -111,6 +126,7 @@ impl GpuBuf {
 
     /// The buffer's `len` values, mutably.
     pub fn view_mut(&mut self) -> CudaViewMut<'_, f32> {
+        *self.zeros.get_mut() = ZEROS_UNKNOWN;
         let len = self.len;
         self.slice
             .as_mut()
@@ -164,13 +180,14 @@ pub struct Cuda {
 }
 
 impl Cuda {
-    /// Opens GPU 0 with TF32 tensor cores for f32 GEMMs. Without a driver this is
-    /// [`Error::NoCudaDriver`].
+    /// Opens GPU 0 with TF32 tensor cores for the model's f32 GEMMs (the DP GEMMs
+    /// stay strict FP32). Without a driver this is [`Error::NoCudaDriver`].
     pub fn new() -> Result<Self> {
         Self::with_options(0, true)
     }
 
-    /// Opens GPU `ordinal`; `tf32` selects TF32 tensor-core GEMMs (false: strict FP32).
+    /// Opens GPU `ordinal`; `tf32` selects TF32 tensor cores for the model's GEMMs
+    /// (false: strict FP32). The DP GEMMs are strict FP32 either way.
     pub fn with_options(ordinal: usize, tf32: bool) -> Result<Self> {
         let gpu = Gpu::with_device(ordinal)?;
         gpu.set_tf32(tf32)?;
@@ -190,7 +207,7 @@ impl Cuda {
         &self.gpu
     }
 
-    /// Whether GEMMs use TF32 tensor cores.
+    /// Whether the model's GEMMs use TF32 tensor cores.
     pub fn tf32(&self) -> bool {
         self.tf32
     }
@@ -257,6 +274,7 @@ impl Cuda {
             slice: Some(slice),
             len: n,
             pool: self.pool.clone(),
+            zeros: AtomicU8::new(ZEROS_UNKNOWN),
         })
     }
 
@@ -280,6 +298,7 @@ impl Cuda {
     }
 
     fn ptr_mut(&self, b: &mut GpuBuf) -> u64 {
+        *b.zeros.get_mut() = ZEROS_UNKNOWN;
         let st = self.st().clone();
         dptr_mut(
             b.slice.as_mut().expect("GpuBuf slice present until drop"),
@@ -317,13 +336,44 @@ impl Cuda {
         unsafe { launch(&mut l, cfg, name) }
     }
 
+    /// A model GEMM ([`Precision::Model`]: TF32 when on).
     fn gemm(&self, c: &mut GpuBuf, a: &GpuBuf, b: &GpuBuf, g: RowMajor) -> Result<()> {
-        self.gpu.bind()?;
-        g.run(&self.gpu, &a.view(), &b.view(), &mut c.view_mut())
+        self.gemm_with(Precision::Model, c, a, b, g)
     }
 
+    fn gemm_with(
+        &self,
+        precision: Precision,
+        c: &mut GpuBuf,
+        a: &GpuBuf,
+        b: &GpuBuf,
+        g: RowMajor,
+    ) -> Result<()> {
+        self.gpu.bind()?;
+        g.run(
+            &self.gpu,
+            precision,
+            &a.view(),
+            &b.view(),
+            &mut c.view_mut(),
+        )
+    }
+
+    /// Model GEMMs, `batch` of them ([`Precision::Model`]).
     fn gemm_batched(
         &self,
+        c: &mut GpuBuf,
+        a: &GpuBuf,
+        b: &GpuBuf,
+        g: RowMajor,
+        batch: usize,
+    ) -> Result<()> {
+        self.gemm_batched_with(Precision::Model, c, a, b, g, batch)
+    }
+
+    fn gemm_batched_with(
+        &self,
+        precision: Precision,
         c: &mut GpuBuf,
         a: &GpuBuf,
         b: &GpuBuf,
@@ -334,7 +384,14 @@ impl Cuda {
             return Ok(());
         }
         self.gpu.bind()?;
-        g.run_batched(&self.gpu, batch, &a.view(), &b.view(), &mut c.view_mut())
+        g.run_batched(
+            &self.gpu,
+            precision,
+            batch,
+            &a.view(),
+            &b.view(),
+            &mut c.view_mut(),
+        )
     }
 
     fn memset0(&self, b: &mut GpuBuf) -> Result<()> {
@@ -1127,6 +1184,23 @@ impl Cuda {
 // ---------------------------------------------------------------------------
 // DP operations
 
+impl Cuda {
+    /// Whether some factor is 0: known for factors from `clip_factors` (unchanged
+    /// since), otherwise found by downloading them once and remembered.
+    fn some_zero(&self, factors: &GpuBuf) -> Result<bool> {
+        match factors.zeros.load(Ordering::Relaxed) {
+            ZEROS_NONE => Ok(false),
+            ZEROS_SOME => Ok(true),
+            _ => {
+                let z = gpu::clip::any_zero(&self.gpu, &factors.view())?;
+                let known = if z { ZEROS_SOME } else { ZEROS_NONE };
+                factors.zeros.store(known, Ordering::Relaxed);
+                Ok(z)
+            }
+        }
+    }
+}
+
 /// Per-example f64 squared-norm accumulators on the device, with their logical
 /// length (an empty batch still owns a one-element allocation).
 pub struct GpuNorms {
@@ -1177,13 +1251,21 @@ impl DpBackend for Cuda {
         )
     }
 
-    fn clip_factors(&self, total: &GpuNorms, clip_norm: f32) -> Result<GpuBuf> {
+    fn clip_factors(&self, total: &GpuNorms, clip_norm: f32) -> Result<(GpuBuf, usize)> {
         let mut f = self.take(total.len)?;
         if total.len == 0 {
-            return Ok(f);
+            return Ok((f, 0));
         }
-        gpu::clip::clip_factors(&self.gpu, &total.slice, clip_norm, &mut f.view_mut())?;
-        Ok(f)
+        let counts =
+            gpu::clip::clip_factors(&self.gpu, &total.slice, clip_norm, &mut f.view_mut())?;
+        // Set after the write (view_mut resets it): the sums skip masking on ZEROS_NONE.
+        let known = if counts.zero == 0 {
+            ZEROS_NONE
+        } else {
+            ZEROS_SOME
+        };
+        *f.zeros.get_mut() = known;
+        Ok((f, counts.non_finite))
     }
 
     fn clipped_weight_sum(
@@ -1203,6 +1285,7 @@ impl DpBackend for Cuda {
                 self.memset0(out)
             };
         }
+        let some_zero = self.some_zero(factors)?;
         let mut ws = self.take(gpu::clip::workspace_len(s))?;
         gpu::clip::clipped_weight_sum(
             &self.gpu,
@@ -1213,6 +1296,7 @@ impl DpBackend for Cuda {
             &mut ws.view_mut(),
             &mut out.view_mut(),
             accumulate,
+            Some(some_zero),
         )
     }
 
@@ -1250,7 +1334,8 @@ impl DpBackend for Cuda {
             self.memset0(&mut out)?;
             return Ok(out);
         }
-        // Every example's G_iᵀ X_i (p×d) as one strided batched GEMM.
+        // Every example's G_iᵀ X_i (p×d) as one strided batched GEMM, strict: these
+        // are both the measured norms and the summed values.
         let gemm = RowMajor {
             ta: true,
             tb: false,
@@ -1260,7 +1345,7 @@ impl DpBackend for Cuda {
             alpha: 1.0,
             beta: 0.0,
         };
-        self.gemm_batched(&mut out, g, x, gemm, s.b)?;
+        self.gemm_batched_with(Precision::Strict, &mut out, g, x, gemm, s.b)?;
         Ok(out)
     }
 
@@ -1331,7 +1416,7 @@ impl DpBackend for Cuda {
                 self.memset0(out)
             };
         }
-        // out[1×L] = cᵀ[1×rows] · M[rows×L]
+        // out[1×L] = cᵀ[1×rows] · M[rows×L], strict FP32.
         let g = RowMajor {
             ta: false,
             tb: false,
@@ -1341,7 +1426,20 @@ impl DpBackend for Cuda {
             alpha: 1.0,
             beta: if accumulate { 1.0 } else { 0.0 },
         };
-        self.gemm(out, factors, per_example, g)
+        if !self.some_zero(factors)? {
+            return self.gemm_with(Precision::Strict, out, factors, per_example, g);
+        }
+        // Rare path: factor-0 rows (possibly NaN) zeroed in a copy, so 0·NaN cannot
+        // reach the sum.
+        let mut masked = self.take(per_example.len)?;
+        gpu::clip::mask_examples(
+            &self.gpu,
+            &per_example.view(),
+            &factors.view(),
+            out.len,
+            &mut masked.view_mut(),
+        )?;
+        self.gemm_with(Precision::Strict, out, factors, &masked, g)
     }
 
     fn noise_prune_update(
@@ -1411,14 +1509,24 @@ impl DpBackend for Cuda {
     }
 }
 
-/// For tests: a strict-FP32 [`Cuda`] backend, or `None` after printing
-/// `skipped: no CUDA driver` when this machine has none. Any other failure to
-/// open the GPU is a real error.
+/// For tests: the [`Cuda`] backend with its shipped defaults ([`Cuda::new`], TF32
+/// model GEMMs), or `None` after [`gpu::skip_without_driver`] when this machine has
+/// none. Any other failure to open the GPU is a real error.
 pub fn cuda_or_skip(test: &str) -> Option<Cuda> {
-    match Cuda::with_options(0, false) {
+    open_or_skip(test, Cuda::new())
+}
+
+/// For op-level tests that judge kernels against the CPU at FP32 tolerances: a
+/// backend whose model GEMMs are strict FP32 too, or `None` as [`cuda_or_skip`].
+pub fn cuda_strict_or_skip(test: &str) -> Option<Cuda> {
+    open_or_skip(test, Cuda::with_options(0, false))
+}
+
+fn open_or_skip(test: &str, opened: Result<Cuda>) -> Option<Cuda> {
+    match opened {
         Ok(c) => Some(c),
         Err(Error::NoCudaDriver) => {
-            println!("{test}: skipped: no CUDA driver");
+            gpu::skip_without_driver(test);
             None
         }
         Err(e) => panic!("{test}: a CUDA driver is present but the GPU failed to open: {e}"),

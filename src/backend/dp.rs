@@ -45,9 +45,12 @@ pub trait DpBackend: Backend {
         has_bias: bool,
         total: &mut Self::Norms,
     ) -> Result<()>;
-    /// Clip factors c_i = min(1, C/(‖g_i‖ + 1e-6)); a non-finite norm is an error.
-    fn clip_factors(&self, total: &Self::Norms, clip_norm: f32) -> Result<Self::Buf>;
-    /// Σ_i c_i G_iᵀ X_i (p×d) into `out`, added when `accumulate`.
+    /// Clip factors c_i = min(1, C/(‖g_i‖ + 1e-6)) and the number of examples with
+    /// a non-finite norm, which get c_i = 0. Every clipped sum below treats a
+    /// factor-0 example as absent even when its rows hold NaN or Inf.
+    fn clip_factors(&self, total: &Self::Norms, clip_norm: f32) -> Result<(Self::Buf, usize)>;
+    /// Σ_i c_i G_iᵀ X_i (p×d) over the examples with c_i ≠ 0 into `out`, added when
+    /// `accumulate`.
     fn clipped_weight_sum(
         &self,
         x: &Self::Buf,
@@ -57,7 +60,8 @@ pub trait DpBackend: Backend {
         out: &mut Self::Buf,
         accumulate: bool,
     ) -> Result<()>;
-    /// Σ_i c_i Σ_t G_i,t (p) into `out`, added when `accumulate`.
+    /// Σ_i c_i Σ_t G_i,t (p) over the examples with c_i ≠ 0 into `out`, added when
+    /// `accumulate`.
     fn clipped_bias_sum(
         &self,
         g: &Self::Buf,
@@ -83,7 +87,8 @@ pub trait DpBackend: Backend {
         rows: usize,
         total: &mut Self::Norms,
     ) -> Result<()>;
-    /// Σ_i c_i row_i into `out` (the clipped sum from materialised gradients).
+    /// Σ_i c_i row_i over the rows with c_i ≠ 0 into `out` (the clipped sum from
+    /// materialised gradients).
     fn weighted_row_sum(
         &self,
         per_example: &Self::Buf,
@@ -134,7 +139,7 @@ impl DpBackend for Cpu {
         Ok(())
     }
 
-    fn clip_factors(&self, total: &Vec<f64>, clip_norm: f32) -> Result<Vec<f32>> {
+    fn clip_factors(&self, total: &Vec<f64>, clip_norm: f32) -> Result<(Vec<f32>, usize)> {
         clip::clip_factors(total, f64::from(clip_norm))
     }
 
@@ -254,7 +259,12 @@ impl DpBackend for Cpu {
         } else {
             vec![0.0; cols]
         };
-        for (c, row) in factors.iter().zip(per_example.chunks(cols.max(1))) {
+        // A factor-0 row is absent: skipped, not multiplied (0·NaN = NaN).
+        for (c, row) in factors
+            .iter()
+            .zip(per_example.chunks(cols.max(1)))
+            .filter(|(&c, _)| c != 0.0)
+        {
             for (a, &v) in acc.iter_mut().zip(row) {
                 *a += f64::from(*c) * f64::from(v);
             }

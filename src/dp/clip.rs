@@ -12,6 +12,11 @@
 //! norm over all layers, c_i = min(1, C / (‖g_i‖ + 1e-6)), and the book-keeping
 //! clipped sum Σ_i c_i G_iᵀ X_i is one GEMM over all B·T rows with G scaled by c.
 //!
+//! An example whose total norm is not finite (a NaN or Inf in its activations or
+//! gradients) gets factor 0, and every clipped sum treats a factor-0 example as
+//! absent, so its NaN rows cannot poison the sum (0·NaN = NaN) and the step goes on:
+//! aborting would itself reveal that such an example was sampled.
+//!
 //! This is the CPU reference: f64 accumulation throughout. `kernels/clip.cu` is its
 //! CUDA twin.
 use rayon::prelude::*;
@@ -174,27 +179,57 @@ pub fn layer_sq_norms(
 }
 
 /// Clip factors c_i = min(1, C / (‖g_i‖ + 1e-6)) from per-example squared norms
-/// summed over all layers. A non-finite norm is an error: clipping it would hide a
-/// NaN gradient inside a DP release. A slightly negative sum (f32 rounding of a
+/// summed over all layers, and the number of examples whose norm is not finite
+/// (NaN or ±Inf): those get c_i = 0 and drop out of every clipped sum, so the
+/// released sum still has sensitivity C. A slightly negative sum (f32 rounding of a
 /// near-zero ghost norm) counts as 0.
-pub fn clip_factors(total_sq_norms: &[f64], clip_norm: f64) -> Result<Vec<f32>> {
+pub fn clip_factors(total_sq_norms: &[f64], clip_norm: f64) -> Result<(Vec<f32>, usize)> {
     if clip_norm.is_nan() || clip_norm <= 0.0 {
         return Err(Error::Config(format!(
             "clip norm C = {clip_norm} must be positive (use a value like 1.0)"
         )));
     }
-    total_sq_norms
+    let mut non_finite = 0;
+    let factors = total_sq_norms
         .iter()
-        .enumerate()
-        .map(|(i, &sq)| {
+        .map(|&sq| {
             if !sq.is_finite() {
-                return Err(Error::NonFinite(format!(
-                    "example {i} has squared gradient norm {sq}; check the loss and inputs"
-                )));
+                non_finite += 1;
+                return 0.0;
             }
-            Ok((clip_norm / (sq.max(0.0).sqrt() + CLIP_EPS)).min(1.0) as f32)
+            (clip_norm / (sq.max(0.0).sqrt() + CLIP_EPS)).min(1.0) as f32
         })
+        .collect();
+    Ok((factors, non_finite))
+}
+
+/// The rows (`per` values each) of the examples with a non-zero factor, and those
+/// factors: a factor-0 example is absent, whatever its rows hold.
+fn present(m: &[f32], per: usize, factors: &[f32]) -> Vec<f32> {
+    m.chunks(per.max(1))
+        .zip(factors)
+        .filter(|(_, &c)| c != 0.0)
+        .flat_map(|(rows, _)| rows.iter().copied())
         .collect()
+}
+
+/// A batch's X, G, factors and shape.
+type Batch = (Vec<f32>, Vec<f32>, Vec<f32>, LinearShape);
+
+/// The batch without its factor-0 examples, or `None` when every factor is non-zero
+/// (the common case, which needs no copy).
+fn without_absent(x: &[f32], g: &[f32], factors: &[f32], s: LinearShape) -> Option<Batch> {
+    if !factors.contains(&0.0) {
+        return None;
+    }
+    let kept: Vec<f32> = factors.iter().copied().filter(|&c| c != 0.0).collect();
+    let shape = LinearShape { b: kept.len(), ..s };
+    Some((
+        present(x, s.t * s.d, factors),
+        present(g, s.t * s.p, factors),
+        kept,
+        shape,
+    ))
 }
 
 /// The argument checks shared by both clipped weight sums.
@@ -217,7 +252,9 @@ fn check_weight_sum(
 
 /// [`clipped_weight_sum`] in f32, the CPU backend's production path: the narrower of
 /// X and G is scaled by each example's factor, then one packed f32 GEMM over all b·t
-/// rows, the same plan as the GPU's. Added into `out`.
+/// rows, the same plan as the GPU's. Added into `out`. Factor-0 examples are
+/// dropped first (a copy, only when there are any), so the result is bit for bit
+/// that of the batch without them.
 pub fn clipped_weight_sum_f32(
     x: &[f32],
     g: &[f32],
@@ -226,6 +263,9 @@ pub fn clipped_weight_sum_f32(
     out: &mut [f32],
 ) -> Result<()> {
     check_weight_sum(x, g, factors, s, out.len())?;
+    if let Some((x, g, factors, s)) = without_absent(x, g, factors, s) {
+        return clipped_weight_sum_f32(&x, &g, &factors, s, out);
+    }
     let bt = s.b * s.t;
     if bt == 0 || out.is_empty() {
         return Ok(());
@@ -249,8 +289,9 @@ pub fn clipped_weight_sum_f32(
     Ok(())
 }
 
-/// The book-keeping clipped weight-gradient sum Σ_i c_i G_iᵀ X_i, as a p×d matrix
-/// (the layout of W), added into `out` (so micro-batches accumulate).
+/// The book-keeping clipped weight-gradient sum Σ_i c_i G_iᵀ X_i over the examples
+/// with c_i ≠ 0, as a p×d matrix (the layout of W), added into `out` (so
+/// micro-batches accumulate).
 pub fn clipped_weight_sum(
     x: &[f32],
     g: &[f32],
@@ -259,6 +300,9 @@ pub fn clipped_weight_sum(
     out: &mut [f32],
 ) -> Result<()> {
     check_weight_sum(x, g, factors, s, out.len())?;
+    if let Some((x, g, factors, s)) = without_absent(x, g, factors, s) {
+        return clipped_weight_sum(&x, &g, &factors, s, out);
+    }
     let (bt, t, p) = (s.b * s.t, s.t, s.p);
     // Scale each example's rows of G by its factor: Xᵀ diag(c) G as one GEMM.
     let gs: Vec<f64> = g
@@ -281,7 +325,8 @@ pub fn clipped_weight_sum(
     Ok(())
 }
 
-/// The clipped bias-gradient sum Σ_i c_i Σ_t G_i,t (length p), added into `out`.
+/// The clipped bias-gradient sum Σ_i c_i Σ_t G_i,t (length p) over the examples
+/// with c_i ≠ 0, added into `out`.
 pub fn clipped_bias_sum(g: &[f32], factors: &[f32], s: LinearShape, out: &mut [f32]) -> Result<()> {
     s.check_g(g)?;
     s.check_factors(factors)?;
@@ -294,6 +339,10 @@ pub fn clipped_bias_sum(g: &[f32], factors: &[f32], s: LinearShape, out: &mut [f
     })?;
     let mut acc = to_f64(out);
     for (i, &c) in factors.iter().enumerate() {
+        // A factor-0 example is absent: skipped, not multiplied (0·NaN = NaN).
+        if c == 0.0 {
+            continue;
+        }
         for row in g[i * s.t * s.p..(i + 1) * s.t * s.p].chunks_exact(s.p.max(1)) {
             for (a, &v) in acc.iter_mut().zip(row) {
                 *a += f64::from(c) * f64::from(v);

@@ -2,10 +2,16 @@
 //! book-keeping clipped sum on the GPU. CPU twin: [`crate::dp::clip`].
 //!
 //! Norms are *added* into a `[B]` f64 buffer so one buffer collects the total over
-//! all layers; zero it once per micro-batch.
+//! all layers; zero it once per micro-batch. The norm kernels are hand-written FP32
+//! FMA tiles (no tensor cores); the clipped sum's GEMM runs on the strict-FP32
+//! handle ([`Precision::Strict`]).
+//!
+//! A non-finite norm gets factor 0, and the sums treat a factor-0 example as absent:
+//! the scaled operand gets `c == 0 ? 0 : c·v`, and only when some factor is 0 is the
+//! other operand copied with those examples zeroed (the rare path).
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
-use super::blas::RowMajor;
+use super::blas::{Precision, RowMajor};
 use super::{dptr, dptr_mut, launch, launch_cfg, Gpu};
 use crate::dp::clip::{LinearShape, NormMethod};
 use crate::error::{ensure_shape, Error, Result};
@@ -92,14 +98,24 @@ pub fn add_layer_sq_norms<X: DevicePtr<f32>, G: DevicePtr<f32>>(
     Ok(())
 }
 
-/// Clip factors c_i = min(1, C / (‖g_i‖ + 1e-6)) from the total squared norms.
-/// Synchronises to check for a non-finite norm, which is an error.
+/// What [`clip_factors`] counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FactorCounts {
+    /// Examples with a non-finite norm (their factor is 0).
+    pub non_finite: usize,
+    /// Factors that are 0: the non-finite ones, plus any finite norm so large that
+    /// C/‖g_i‖ underflows. When this is 0 the sums need no masking.
+    pub zero: usize,
+}
+
+/// Clip factors c_i = min(1, C / (‖g_i‖ + 1e-6)) from the total squared norms; a
+/// non-finite norm gets c_i = 0. Synchronises to download the two counts.
 pub fn clip_factors<F: DevicePtrMut<f32>>(
     gpu: &Gpu,
     total: &CudaSlice<f64>,
     clip_norm: f32,
     factors: &mut F,
-) -> Result<()> {
+) -> Result<FactorCounts> {
     if clip_norm.is_nan() || clip_norm <= 0.0 {
         return Err(Error::Config(format!(
             "clip norm C = {clip_norm} must be positive"
@@ -110,13 +126,17 @@ pub fn clip_factors<F: DevicePtrMut<f32>>(
     })?;
     let b = i32_dim(total.len(), "batch")?;
     if b == 0 {
-        return Ok(());
+        return Ok(FactorCounts::default());
     }
-    let mut bad = gpu.zeros::<u64>(1)?;
+    let mut counts = gpu.zeros::<u64>(2)?;
     let fp = dptr_mut(factors, gpu.stream());
     let f = gpu.func(MODULE, "clip_factors_f32")?;
     let mut l = gpu.stream().launch_builder(&f);
-    l.arg(total).arg(&b).arg(&clip_norm).arg(&fp).arg(&mut bad);
+    l.arg(total)
+        .arg(&b)
+        .arg(&clip_norm)
+        .arg(&fp)
+        .arg(&mut counts);
     let grid = (b as u32).div_ceil(THREADS);
     // SAFETY: argument types match the kernel signature.
     unsafe {
@@ -126,13 +146,61 @@ pub fn clip_factors<F: DevicePtrMut<f32>>(
             "clip_factors_f32",
         )
     }?;
-    let bad = gpu.download(&bad)?[0];
-    if bad > 0 {
-        return Err(Error::NonFinite(format!(
-            "{bad} example(s) have a non-finite gradient norm; check the loss and inputs"
-        )));
+    let counts = gpu.download(&counts)?;
+    Ok(FactorCounts {
+        non_finite: counts[0] as usize,
+        zero: counts[1] as usize,
+    })
+}
+
+/// Whether some factor is 0, by downloading them (a sync): for factor buffers that
+/// did not come from [`clip_factors`].
+pub fn any_zero<F: DevicePtr<f32>>(gpu: &Gpu, factors: &F) -> Result<bool> {
+    if factors.len() == 0 {
+        return Ok(false);
     }
-    Ok(())
+    Ok(gpu.download(factors)?.contains(&0.0))
+}
+
+/// `dst[i] = c[i / per_example] == 0 ? 0 : src[i]` over `dst.len()` values: `src`
+/// with the rows of factor-0 examples zeroed, for the rare path of the sums.
+pub fn mask_examples<S: DevicePtr<f32>, F: DevicePtr<f32>, D: DevicePtrMut<f32>>(
+    gpu: &Gpu,
+    src: &S,
+    factors: &F,
+    per_example: usize,
+    dst: &mut D,
+) -> Result<()> {
+    let total = dst.len();
+    ensure_shape(
+        src.len() >= total && per_example > 0 && factors.len() * per_example >= total,
+        || {
+            format!(
+                "mask of {total} values from {} with {} factors of {per_example}",
+                src.len(),
+                factors.len()
+            )
+        },
+    )?;
+    if total == 0 {
+        return Ok(());
+    }
+    let st = gpu.stream();
+    let (sp, fp, dp) = (dptr(src, st), dptr(factors, st), dptr_mut(dst, st));
+    let (per, n) = (per_example as i64, total as i64);
+    let f = gpu.func(MODULE, "mask_examples_f32")?;
+    let mut l = st.launch_builder(&f);
+    l.arg(&sp).arg(&fp).arg(&per).arg(&n).arg(&dp);
+    let grid = super::grid_for(total, THREADS, gpu.sm_count() * 8);
+    // SAFETY: argument types match; `src` and `dst` hold `total` values and the
+    // factors cover every example index below total / per_example.
+    unsafe {
+        launch(
+            &mut l,
+            launch_cfg((grid, 1, 1), THREADS, 0),
+            "mask_examples_f32",
+        )
+    }
 }
 
 /// Workspace (f32 values) that [`clipped_weight_sum`] needs: the narrower of X and G.
@@ -140,9 +208,12 @@ pub fn workspace_len(s: LinearShape) -> usize {
     s.b * s.t * s.d.min(s.p)
 }
 
-/// The book-keeping clipped sum Σ_i c_i G_iᵀ X_i (p×d, W's layout) as one GEMM
-/// over all b·t rows, with the narrower of X and G scaled by c in `workspace`.
-/// `accumulate` adds into `out` (micro-batches); otherwise `out` is overwritten.
+/// The book-keeping clipped sum Σ_i c_i G_iᵀ X_i (p×d, W's layout) as one
+/// strict-FP32 GEMM over all b·t rows, with the narrower of X and G scaled by c in
+/// `workspace`. `accumulate` adds into `out` (micro-batches); otherwise `out` is
+/// overwritten. `some_zero` says whether a factor is 0 (`None`: unknown, the
+/// factors are downloaded to find out); when one is, the wider operand is copied
+/// with those examples zeroed, so a NaN there cannot reach the sum.
 #[allow(clippy::too_many_arguments)]
 pub fn clipped_weight_sum<
     X: DevicePtr<f32>,
@@ -159,6 +230,7 @@ pub fn clipped_weight_sum<
     workspace: &mut W,
     out: &mut O,
     accumulate: bool,
+    some_zero: Option<bool>,
 ) -> Result<()> {
     check_xg(s, x.len(), g.len())?;
     ensure_shape(factors.len() == s.b, || {
@@ -220,14 +292,31 @@ pub fn clipped_weight_sum<
         alpha: 1.0,
         beta: if accumulate { 1.0 } else { 0.0 },
     };
-    if scale_x {
-        gemm.run(gpu, g, workspace, out)
-    } else {
-        gemm.run(gpu, workspace, x, out)
+    // With no rows (total == 0) there is nothing to mask.
+    let some_zero = total > 0
+        && match some_zero {
+            Some(z) => z,
+            None => any_zero(gpu, factors)?,
+        };
+    let strict = Precision::Strict;
+    match (scale_x, some_zero) {
+        (true, false) => gemm.run(gpu, strict, g, workspace, out),
+        (false, false) => gemm.run(gpu, strict, workspace, x, out),
+        (true, true) => {
+            let mut gm = gpu.zeros::<f32>(g.len())?;
+            mask_examples(gpu, g, factors, s.t * s.p, &mut gm)?;
+            gemm.run(gpu, strict, &gm, workspace, out)
+        }
+        (false, true) => {
+            let mut xm = gpu.zeros::<f32>(x.len())?;
+            mask_examples(gpu, x, factors, s.t * s.d, &mut xm)?;
+            gemm.run(gpu, strict, workspace, &xm, out)
+        }
     }
 }
 
-/// The clipped bias sum Σ_i c_i Σ_t G_i,t (length p); `accumulate` adds into `out`.
+/// The clipped bias sum Σ_i c_i Σ_t G_i,t (length p) over the examples with c_i ≠ 0;
+/// `accumulate` adds into `out`.
 pub fn clipped_bias_sum<G: DevicePtr<f32>, F: DevicePtr<f32>, O: DevicePtrMut<f32>>(
     gpu: &Gpu,
     g: &G,

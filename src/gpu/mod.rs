@@ -1,6 +1,10 @@
 //! The GPU runtime: one context and stream, the embedded kernel fatbins loaded once
 //! with their functions cached, and cuBLAS with row-major helpers.
 //!
+//! cuBLAS has two handles on the one stream: the model handle, whose math mode
+//! [`Gpu::set_tf32`] switches, and the DP handle, fixed at strict FP32 for the GEMMs
+//! that form per-example norms and clipped sums ([`blas::Precision`]).
+//!
 //! cudarc panics on any driver call when libcuda is absent, so [`Gpu::new`] checks
 //! `is_culib_present()` first and returns [`Error::NoCudaDriver`] instead.
 use std::collections::HashMap;
@@ -43,11 +47,12 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// One GPU: context, stream, cuBLAS handle and the loaded kernel modules.
+/// One GPU: context, stream, cuBLAS handles and the loaded kernel modules.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    blas_strict: CudaBlas,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     sm_count: u32,
     funcs: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
@@ -79,6 +84,9 @@ impl Gpu {
             )
             .map_err(cuda_err("reading the SM count"))? as u32;
         let blas = CudaBlas::new(stream.clone()).map_err(cuda_err("creating cuBLAS handle"))?;
+        let blas_strict =
+            CudaBlas::new(stream.clone()).map_err(cuda_err("creating cuBLAS handle"))?;
+        set_math_mode(&blas_strict, STRICT_MATH)?;
         let mut modules = HashMap::new();
         for (stem, bytes) in fatbins::FATBINS {
             let m = ctx
@@ -90,6 +98,7 @@ impl Gpu {
             ctx,
             stream,
             blas,
+            blas_strict,
             modules,
             sm_count,
             funcs: Mutex::new(HashMap::new()),
@@ -111,9 +120,18 @@ impl Gpu {
         &self.stream
     }
 
-    /// The cuBLAS handle bound to [`Self::stream`].
+    /// The model's cuBLAS handle bound to [`Self::stream`]: TF32 when
+    /// [`Self::set_tf32`] turned it on.
     pub fn blas(&self) -> &CudaBlas {
         &self.blas
+    }
+
+    /// The cuBLAS handle for `precision`, both bound to [`Self::stream`].
+    pub fn blas_for(&self, precision: blas::Precision) -> &CudaBlas {
+        match precision {
+            blas::Precision::Model => &self.blas,
+            blas::Precision::Strict => &self.blas_strict,
+        }
     }
 
     /// Kernel `name` from `kernels/<module>.cu`, loaded on first use and cached.
@@ -189,33 +207,51 @@ impl Gpu {
             .map_err(cuda_err("reading event time"))
     }
 
-    /// Switches cuBLAS f32 GEMMs to TF32 tensor cores (`true`) or strict FP32.
+    /// Switches the model handle's f32 GEMMs to TF32 tensor cores (`true`) or strict
+    /// FP32. The DP handle ([`blas::Precision::Strict`]) stays strict either way.
     pub fn set_tf32(&self, on: bool) -> Result<()> {
         let mode = if on {
             blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
         } else {
             blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH
         };
-        // SAFETY: the handle is valid for the life of self.
-        let st = unsafe { blas_sys::cublasSetMathMode(*self.blas.handle(), mode) };
-        if st == blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            Ok(())
-        } else {
-            Err(Error::Cuda {
-                context: "cublasSetMathMode".into(),
-                message: format!("{st:?}"),
-            })
-        }
+        set_math_mode(&self.blas, mode)
     }
 }
 
-/// For tests: a [`Gpu`], or `None` after printing `skipped: no CUDA driver` when
-/// this machine has none. Any other failure to open the GPU is a real error.
+/// The DP handle's math mode: PEDANTIC, not DEFAULT (why: [`blas`] module docs).
+const STRICT_MATH: blas_sys::cublasMath_t = blas_sys::cublasMath_t::CUBLAS_PEDANTIC_MATH;
+
+fn set_math_mode(blas: &CudaBlas, mode: blas_sys::cublasMath_t) -> Result<()> {
+    // SAFETY: the handle is valid for the life of `blas`.
+    let st = unsafe { blas_sys::cublasSetMathMode(*blas.handle(), mode) };
+    if st == blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Cuda {
+            context: format!("cublasSetMathMode({mode:?})"),
+            message: format!("{st:?}"),
+        })
+    }
+}
+
+/// For GPU tests without a driver: prints `skipped: no CUDA driver` and returns,
+/// unless `DUALPRIV_REQUIRE_GPU=1`, where a missing GPU fails the test (so a CI run
+/// meant for the GPU cannot pass by skipping everything).
+pub fn skip_without_driver(test: &str) {
+    if std::env::var("DUALPRIV_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        panic!("{test}: DUALPRIV_REQUIRE_GPU=1 but there is no CUDA driver");
+    }
+    println!("{test}: skipped: no CUDA driver");
+}
+
+/// For tests: a [`Gpu`], or `None` after [`skip_without_driver`] when this machine
+/// has none. Any other failure to open the GPU is a real error.
 pub fn gpu_or_skip(test: &str) -> Option<Gpu> {
     match Gpu::new() {
         Ok(g) => Some(g),
         Err(Error::NoCudaDriver) => {
-            println!("{test}: skipped: no CUDA driver");
+            skip_without_driver(test);
             None
         }
         Err(e) => panic!("{test}: a CUDA driver is present but the GPU failed to open: {e}"),

@@ -229,16 +229,6 @@ enum Clipping<B: DpBackend> {
     Materialised(Vec<(B::Buf, Option<B::Buf>)>, B::Buf),
 }
 
-/// Clip factors and the number of non-finite examples (factor 0) among them.
-fn clip_factors_counted<B: DpBackend>(
-    be: &B,
-    norms: &B::Norms,
-    clip_norm: f32,
-) -> Result<(B::Buf, usize)> {
-    // MERGE: the clip branch returns the count itself.
-    Ok((be.clip_factors(norms, clip_norm)?, 0))
-}
-
 fn clipping<B: DpBackend>(
     be: &B,
     cfg: &TrainConfig,
@@ -259,7 +249,7 @@ fn clipping<B: DpBackend>(
                     &mut norms,
                 )?;
             }
-            let (f, bad) = clip_factors_counted(be, &norms, cfg.clip_norm)?;
+            let (f, bad) = be.clip_factors(&norms, cfg.clip_norm)?;
             Ok((Clipping::Factors(f), bad))
         }
         Method::Dpsgd => {
@@ -278,7 +268,7 @@ fn clipping<B: DpBackend>(
                 };
                 per.push((w, bias));
             }
-            let (f, bad) = clip_factors_counted(be, &norms, cfg.clip_norm)?;
+            let (f, bad) = be.clip_factors(&norms, cfg.clip_norm)?;
             Ok((Clipping::Materialised(per, f), bad))
         }
         Method::Dpzo => unreachable!("dpzo has no backward"),
