@@ -5,6 +5,11 @@
 // product lives in registers (2x2 per thread), so neither the B x T x T Gram
 // matrices nor the B x d x p per-example gradients ever touch global memory.
 // Per-example results are added (double atomics) into a [B] total over layers.
+//
+// The tile products accumulate in f64 (each f32 x f32 product is exact in f64), as
+// the CPU reference does. The norm decides the clip factor, so an underestimate
+// releases more than C: with f32 accumulation an example whose token rows nearly
+// cancel (‖X^T G‖ much smaller than the Gram entries) loses the norm to rounding.
 #include "common.cuh"
 
 namespace {
@@ -34,13 +39,14 @@ __device__ __forceinline__ void load_tile(float (*s)[KT + 1], const Operand& a, 
   }
 }
 
-// acc[i][j] = sum_k A[r0 + ty*2 + i][k] * B[c0 + tx*2 + j][k] over the whole inner dim.
+// acc[i][j] = sum_k A[r0 + ty*2 + i][k] * B[c0 + tx*2 + j][k] over the whole inner dim,
+// in f64.
 __device__ __forceinline__ void tile_product(const Operand& a, const Operand& b, int r0, int c0,
-                                             bool r_fast, float acc[2][2]) {
+                                             bool r_fast, double acc[2][2]) {
   __shared__ float sa[TILE][KT + 1];
   __shared__ float sb[TILE][KT + 1];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  acc[0][0] = acc[0][1] = acc[1][0] = acc[1][1] = 0.f;
+  acc[0][0] = acc[0][1] = acc[1][0] = acc[1][1] = 0.0;
   for (int k0 = 0; k0 < a.inner; k0 += KT) {
     __syncthreads();
     load_tile(sa, a, r0, k0, r_fast);
@@ -48,8 +54,8 @@ __device__ __forceinline__ void tile_product(const Operand& a, const Operand& b,
     __syncthreads();
 #pragma unroll 8
     for (int k = 0; k < KT; ++k) {
-      float a0 = sa[ty * 2][k], a1 = sa[ty * 2 + 1][k];
-      float b0 = sb[tx * 2][k], b1 = sb[tx * 2 + 1][k];
+      const double a0 = sa[ty * 2][k], a1 = sa[ty * 2 + 1][k];
+      const double b0 = sb[tx * 2][k], b1 = sb[tx * 2 + 1][k];
       acc[0][0] += a0 * b0;
       acc[0][1] += a0 * b1;
       acc[1][0] += a1 * b0;
@@ -87,14 +93,14 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const float* xb = x + (long long)b * T * d;
   const float* gb = g + (long long)b * T * p;
   Operand xo{xb, d, 1, T, d}, go{gb, p, 1, T, p};
-  float ax[2][2], ag[2][2];
+  double ax[2][2], ag[2][2];
   tile_product(xo, xo, ti * TILE, tj * TILE, false, ax);
   tile_product(go, go, ti * TILE, tj * TILE, false, ag);
   double v = 0.0;
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) v += (double)ax[i][j] * (double)ag[i][j];
+    for (int j = 0; j < 2; ++j) v += ax[i][j] * ag[i][j];
   if (ti != tj) v *= 2.0;
   add_block_total(v, out + b);
 }
@@ -109,13 +115,13 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int r0 = (blockIdx.x / tiles_p) * TILE, c0 = (blockIdx.x % tiles_p) * TILE;
   // Column operands: row r is feature r, inner index k is token k.
   Operand xo{x + (long long)b * T * d, 1, d, d, T}, go{g + (long long)b * T * p, 1, p, p, T};
-  float a[2][2];
+  double a[2][2];
   tile_product(xo, go, r0, c0, true, a);
   double v = 0.0;
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) v += (double)a[i][j] * (double)a[i][j];
+    for (int j = 0; j < 2; ++j) v += a[i][j] * a[i][j];
   add_block_total(v, out + b);
 }
 

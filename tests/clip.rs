@@ -422,15 +422,63 @@ fn adversarial_example_contributes_at_most_c_cpu() {
     adversarial_example_contributes_at_most_c(&Cpu);
 }
 
+/// Example 1 has token rows x₁ = a, x₂ = a + δ with |a| ≈ 1024 and δ ∈ {⅛, ¼, ⅜},
+/// and output gradients g₁ = b, g₂ = −b: ∇W = −bδᵀ, so ‖∇W‖² = ‖b‖²‖δ‖² exactly,
+/// while the Gram entries are ~10⁶ times larger. Every input is exact in f32, every
+/// product exact in f64: the norms must come out exact on `be`, in both forms.
+/// An f32 accumulation loses the norm entirely here, and an underestimated norm
+/// gives a clip factor that releases more than C.
+fn norms_survive_cancellation<B: DpBackend>(be: &B) {
+    let s = LinearShape {
+        b: 2,
+        t: 2,
+        d: 64,
+        p: 48,
+    };
+    let mut r = rng(5);
+    let mut x = uniform(&mut r, s.b * s.t * s.d);
+    let mut g = uniform(&mut r, s.b * s.t * s.p);
+    let a: Vec<f32> = (0..s.d).map(|k| 1024.0 + k as f32).collect();
+    let delta: Vec<f32> = (0..s.d).map(|k| 0.125 * (1 + k % 3) as f32).collect();
+    let b: Vec<f32> = (0..s.p).map(|k| (k % 7) as f32 - 3.0).collect();
+    let (xo, go) = (s.t * s.d, s.t * s.p);
+    for k in 0..s.d {
+        x[xo + k] = a[k];
+        x[xo + s.d + k] = a[k] + delta[k];
+    }
+    for k in 0..s.p {
+        g[go + k] = b[k];
+        g[go + s.p + k] = -b[k];
+    }
+    let want = b.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>()
+        * delta.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>();
+    let (xb, gb) = (be.upload(&x).unwrap(), be.upload(&g).unwrap());
+    for method in [NormMethod::Ghost, NormMethod::Instantiated] {
+        let mut n = be.norms_zeros(s.b).unwrap();
+        be.add_layer_sq_norms(&xb, &gb, s, method, false, &mut n).unwrap();
+        let got = be.norms_download(&n).unwrap()[1];
+        assert!(
+            (got - want).abs() <= 1e-9 * want,
+            "{} {method:?}: ‖∇W‖² = {got}, exact {want}",
+            be.name()
+        );
+    }
+}
+
+#[test]
+fn norms_survive_cancellation_cpu() {
+    norms_survive_cancellation(&Cpu);
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
     use dualpriv::backend::cuda::cuda_or_skip;
     use dualpriv::gpu::{clip as gclip, gpu_or_skip};
 
-    /// GPU norms accumulate Gram/product tiles in f32 and tile totals in f64:
-    /// 1e-4 relative against the f64 reference covers T, d, p up to a few thousand.
-    const NORM_TOL: f64 = 1e-4;
+    /// GPU norms accumulate in f64 like the CPU; only the order of the tile sums
+    /// differs.
+    const NORM_TOL: f64 = 1e-9;
     /// The clipped sum is one strict-FP32 cuBLAS GEMM (the DP handle).
     const SUM_TOL: f32 = 1e-4;
 
@@ -534,5 +582,13 @@ mod gpu {
         };
         assert!(be.tf32(), "the shipped default has TF32 model GEMMs");
         adversarial_example_contributes_at_most_c(&be);
+    }
+
+    #[test]
+    fn gpu_norms_survive_cancellation() {
+        let Some(be) = cuda_or_skip("gpu_norms_survive_cancellation") else {
+            return;
+        };
+        norms_survive_cancellation(&be);
     }
 }

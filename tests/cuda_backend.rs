@@ -25,7 +25,8 @@ use dualpriv::backend::cuda::{cuda_or_skip, cuda_strict_or_skip, Cuda};
 use dualpriv::backend::dp::DpBackend;
 use dualpriv::backend::{AttnShape, Backend, Blocks, MatmulSpec, PatchShape, RopeShape, RowShape};
 use dualpriv::data::synthetic::{Dataset, Split};
-use dualpriv::dp::noise::NoiseKey;
+use dualpriv::dp::key::RunKey;
+use dualpriv::dp::noise::{NoiseKey, RngKind};
 use dualpriv::model::Mllm;
 use dualpriv::train::checkpoint::ModelSpec;
 use dualpriv::train::method::Method;
@@ -544,10 +545,16 @@ fn cfg(method: Method, d: &Dataset) -> TrainConfig {
         keep_frac: if dual { 0.8 } else { 1.0 },
         prune_scope: PruneScope::Tensor,
         dpzo_lambda: 1e-2,
-        seed: 3,
-        noise_seed: 11,
+        rng: RngKind::Chacha20,
+        log_private_stats: false,
+        eval_every: 0,
         text_len: d.max_text_len(),
     }
+}
+
+/// The pinned (public) key of the step tests.
+fn key() -> RunKey {
+    RunKey::from_insecure_seed(11)
 }
 
 fn params<B: DpBackend>(be: &B, m: &Mllm<B>) -> Vec<Vec<f32>> {
@@ -572,8 +579,8 @@ fn clipped_sums_match_the_cpu_for_every_method() {
         Method::Dualpriv,
     ] {
         let c = cfg(method, &d);
-        let sc = gradient_sums(&Cpu, &mc, &c, &d, &idx).unwrap();
-        let sg = gradient_sums(&g, &mg, &c, &d, &idx).unwrap();
+        let sc = gradient_sums(&Cpu, &mc, &key(), &c, &d, &idx).unwrap();
+        let sg = gradient_sums(&g, &mg, &key(), &c, &d, &idx).unwrap();
         let rel = (sc.loss_sum - sg.loss_sum).abs() / sc.loss_sum.abs();
         assert!(
             rel < TF32_STEP_LOSS,
@@ -608,8 +615,9 @@ fn one_step_matches_the_cpu_for_every_method() {
         Method::Dpzo,
     ] {
         let c = cfg(method, &d);
-        let mut tc = Trainer::new(&Cpu, model(&Cpu), lora(), c.clone(), &d).unwrap();
-        let mut tg = Trainer::new(&g, model(&g), lora(), c, &d).unwrap();
+        // One key for both: the same batches and noise on both backends.
+        let mut tc = Trainer::with_key(&Cpu, model(&Cpu), lora(), c.clone(), &d, key()).unwrap();
+        let mut tg = Trainer::with_key(&g, model(&g), lora(), c, &d, key()).unwrap();
         let oc = tc.one_step(&d, &idx).unwrap();
         let og = tg.one_step(&d, &idx).unwrap();
         assert!(

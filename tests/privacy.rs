@@ -436,3 +436,30 @@ fn the_cli_draws_a_fresh_key_for_every_private_run() {
     assert!(o3.contains("epsilon = inf (not private"), "{o3}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// The sensitivity test on the GPU with the backend's shipped defaults (TF32 for
+/// the model's GEMMs, strict FP32 for the DP ones).
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_clipped_sums_have_sensitivity_c_through_the_whole_model() {
+    let Some(be) =
+        dualpriv::backend::cuda::cuda_or_skip("gpu_clipped_sums_have_sensitivity_c_through_the_whole_model")
+    else {
+        return;
+    };
+    assert!(be.tf32(), "the shipped default");
+    let d = Dataset::generate(Split::Private, 6, 7, 32).unwrap();
+    for spec in [lora(), full()] {
+        for method in [Method::Dpsgd, Method::Ghost, Method::Dualpriv] {
+            for micro in [1, 3, d.len() + 1] {
+                let mut c = cfg(method, &d, micro);
+                if method == Method::Dualpriv {
+                    c.keep_tokens = Some(5);
+                    c.context_tokens = 2;
+                }
+                let worst = check_sensitivity(&be, &spec, &c, &d);
+                assert!(worst > 0.5, "{method}: largest change {worst} C");
+            }
+        }
+    }
+}
