@@ -265,16 +265,10 @@ pub fn demo<B: DpBackend>(backend: &B, a: &DemoArgs) -> Result<DemoReport> {
         Method::Dpzo,
     ] {
         let model = Mllm::load(backend, &mcfg, &mode, &ckpt)?;
-        let cfg = demo_train_config(method, a.epsilon, a.delta, text_len);
-        let tokens = cfg.token_select();
         crate::mem::reset_peak();
         let t0 = Instant::now();
-        // Trainer::new draws a fresh secret key from the OS: no two methods (and no
-        // two demos) share batches or noise.
-        let mut t = Trainer::new(backend, model, spec.clone(), cfg, &train)?;
-        t.out_dir = Some(session.join(method.to_string()));
-        t.ledger = Some(a.out.join("privacy-ledger.json"));
-        t.progress = a.progress;
+        let mut t = demo_trainer(backend, model, method, a, &train, text_len, &session)?;
+        let tokens = t.cfg.token_select();
         let s = t.run(&train, 0)?;
         let seconds = t0.elapsed().as_secs_f64();
         let accuracy = evaluate(backend, &t.model, &test, tokens.as_ref(), text_len)?;
@@ -292,6 +286,26 @@ pub fn demo<B: DpBackend>(backend: &B, a: &DemoArgs) -> Result<DemoReport> {
         pretrained_accuracy,
         majority_baseline,
     })
+}
+
+/// The demo's trainer for one method, writing to `session/<method>` and the shared
+/// ledger `a.out/privacy-ledger.json`. [`Trainer::new`] draws a fresh secret key
+/// from the OS, so no two methods (and no two demos) share batches or noise.
+pub fn demo_trainer<'a, B: DpBackend>(
+    backend: &'a B,
+    model: Mllm<B>,
+    method: Method,
+    a: &DemoArgs,
+    train: &Dataset,
+    text_len: usize,
+    session: &Path,
+) -> Result<Trainer<'a, B>> {
+    let cfg = demo_train_config(method, a.epsilon, a.delta, text_len);
+    let mut t = Trainer::new(backend, model, demo_spec(), cfg, train)?;
+    t.out_dir = Some(session.join(method.to_string()));
+    t.ledger = Some(a.out.join("privacy-ledger.json"));
+    t.progress = a.progress;
+    Ok(t)
 }
 
 /// The pretraining recipe that produced the shipped checkpoint.

@@ -463,3 +463,72 @@ fn gpu_clipped_sums_have_sensitivity_c_through_the_whole_model() {
         }
     }
 }
+
+#[test]
+fn metrics_reveal_only_what_epsilon_covers_unless_asked() {
+    let root = std::env::temp_dir().join(format!("dualpriv-metrics-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let d = Dataset::generate(Split::Private, 16, 3, 32).unwrap();
+    let held_out = Dataset::generate(Split::Test, 8, 2, 32).unwrap();
+    let lines = |private_stats: bool, name: &str| {
+        let mut c = cfg(Method::Ghost, &d, 4);
+        c.batch = 4;
+        c.steps = 3;
+        c.log_private_stats = private_stats;
+        c.eval_every = 2;
+        c.text_len = d.max_text_len().max(held_out.max_text_len());
+        let mut t = Trainer::new(&Cpu, model(&Cpu, &lora()), lora(), c, &d).unwrap();
+        t.out_dir = Some(root.join(name));
+        t.eval_data = Some(held_out.clone());
+        let s = t.run(&d, 0).unwrap();
+        assert_eq!(s.final_loss.is_some(), private_stats);
+        let text = std::fs::read_to_string(root.join(name).join("metrics.jsonl")).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let plain = lines(false, "plain");
+    assert_eq!(plain.len(), 3);
+    let mut last = 0.0;
+    for (i, l) in plain.iter().enumerate() {
+        // ε after every step, growing; never the private batch's loss or size.
+        let e = l["epsilon"].as_f64().expect("ε on every line");
+        assert!(e > last, "step {}: ε {e} after {last}", i + 1);
+        last = e;
+        for private in ["loss", "batch_size", "nonfinite_examples"] {
+            assert!(l.get(private).is_none(), "{private} logged by default: {l}");
+        }
+    }
+    // Held-out evaluation every 2 steps and at the end.
+    assert!(plain[0].get("eval_accuracy").is_none());
+    assert!(plain[1]["eval_accuracy"].is_f64() && plain[2]["eval_loss"].is_f64());
+    let with = lines(true, "private");
+    assert!(with.iter().all(|l| l["batch_size"].is_u64() && l.get("nonfinite_examples").is_some()));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn demo_methods_get_different_keys() {
+    use dualpriv::run::{demo_spec, demo_trainer, DemoArgs};
+    let d = Dataset::generate(Split::Private, 512, 1, 32).unwrap();
+    let a = DemoArgs {
+        pretrained: "assets/tiny-pretrained".into(),
+        out: std::env::temp_dir().join("dualpriv-demo-keys"),
+        train_examples: 512,
+        test_examples: 8,
+        epsilon: 3.0,
+        delta: 1e-5,
+        progress: false,
+    };
+    let session = a.out.join("s");
+    let t = |m: Method| {
+        let (c, mode) = demo_spec().build().unwrap();
+        let model = Mllm::new(&Cpu, &c, &mode, 0).unwrap();
+        demo_trainer(&Cpu, model, m, &a, &d, d.max_text_len(), &session).unwrap()
+    };
+    let (x, y, z) = (t(Method::Dpsgd), t(Method::Dualpriv), t(Method::Dpsgd));
+    assert_ne!(x.key(), y.key(), "two demo methods share a key");
+    assert_ne!(x.key(), z.key(), "two demos share a key");
+    assert!(x.not_private().is_none() && !x.key().is_insecure());
+    assert_ne!(x.out_dir, y.out_dir);
+}

@@ -524,11 +524,17 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
 
     /// ε spent so far, `None` (∞) when the run is not covered.
     pub fn epsilon(&self) -> Result<Option<f64>> {
+        self.epsilon_with(accountant::epsilon)
+    }
+
+    fn epsilon_with(
+        &self,
+        f: fn(AccountantKind, &[(f64, f64, u64)], f64) -> Result<f64>,
+    ) -> Result<Option<f64>> {
         if self.not_private().is_some() {
             return Ok(None);
         }
-        let kind = self.cfg.accountant_kind()?;
-        self.privacy.epsilon(kind, self.cfg.delta).map(Some)
+        f(self.cfg.accountant_kind()?, &self.privacy.history, self.cfg.delta).map(Some)
     }
 
     /// Takes the output folder for a new run (it must be empty or absent), and
@@ -615,7 +621,13 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
                 self.privacy.record(q, self.sigma);
             }
             self.step += 1;
-            let eps = self.epsilon()?;
+            // Every step's ε, never a stale one: a certified upper bound on a
+            // coarse grid, and the fine value at the last step.
+            let eps = if self.step == self.cfg.steps {
+                self.epsilon()?
+            } else {
+                self.epsilon_with(accountant::epsilon_coarse)?
+            };
             if out.loss.is_finite() {
                 recent.push(out.loss);
                 if recent.len() > 10 {
