@@ -1403,7 +1403,7 @@ impl DpBackend for Cuda {
         plan.run(&self.gpu, &tensors, cfg)
     }
 
-    fn noise_axpy(&self, y: &mut GpuBuf, key: NoiseKey, a: f32) -> Result<()> {
+    fn noise_axpy(&self, y: &mut GpuBuf, key: NoiseKey, a: f64) -> Result<()> {
         if y.len == 0 {
             return Ok(());
         }

@@ -88,7 +88,10 @@ impl TrainConfig {
             keep: k,
             context: self.context_tokens,
             fuse_noise_std: self.fuse_noise_std,
-            noise_seed: self.noise_seed ^ 0x70CE_5EED,
+            noise: crate::dp::noise::StreamKey::from_insecure_seed(
+                crate::dp::noise::RngKind::Chacha20,
+                self.noise_seed ^ 0x70CE_5EED,
+            ),
         })
     }
 

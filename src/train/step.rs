@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 use crate::backend::dp::{DpBackend, TensorUpdate};
 use crate::data::synthetic::Dataset;
-use crate::dp::noise::NoiseKey;
+use crate::dp::noise::{NoiseKey, RngKind, StreamKey};
 use crate::dp::prune::{PruneReport, UpdateConfig};
 use crate::model::{Capture, Mllm};
 use crate::train::method::Method;
@@ -108,8 +108,8 @@ fn update_config(
         } else {
             1.0
         },
-        noise_std: noise_std(private, ctx.sigma, cfg.clip_norm),
-        seed: cfg.noise_seed,
+        noise_std: f64::from(noise_std(private, ctx.sigma, cfg.clip_norm)),
+        noise: StreamKey::from_insecure_seed(RngKind::Chacha20, cfg.noise_seed),
         step,
         // DP-SGD divides by the expected batch size so the sum's sensitivity is C.
         inv_batch: 1.0
@@ -451,12 +451,15 @@ fn perturb<B: DpBackend>(ctx: &mut StepContext<'_, B>, step: u32, scale: f32) ->
     let ids: Vec<u32> = ctx.model.trainable().iter().map(|p| p.id).collect();
     for id in ids {
         let key = NoiseKey {
-            seed: ctx.cfg.noise_seed ^ DPZO_DIRECTION_SALT,
+            stream: StreamKey::from_insecure_seed(
+                RngKind::Chacha20,
+                ctx.cfg.noise_seed ^ DPZO_DIRECTION_SALT,
+            ),
             tensor_id: id,
             step,
         };
         let p = ctx.model.param_mut(id);
-        ctx.backend.noise_axpy(p, key, scale)?;
+        ctx.backend.noise_axpy(p, key, f64::from(scale))?;
     }
     Ok(())
 }
@@ -503,12 +506,12 @@ fn dpzo_step<B: DpBackend>(
         ));
     }
     let z0 = NoiseKey {
-        seed: cfg.noise_seed,
+        stream: StreamKey::from_insecure_seed(RngKind::Chacha20, cfg.noise_seed),
         tensor_id: DPZO_SCALAR_ID,
         step,
     }
     .normal(0);
-    let g = (sum + f64::from(noise_std(true, ctx.sigma, cfg.clip_norm)) * f64::from(z0))
+    let g = (sum + f64::from(noise_std(true, ctx.sigma, cfg.clip_norm)) * z0)
         / cfg.batch as f64;
     let coords: u64 = ctx.model.trainable().iter().map(|p| p.len as u64).sum();
     perturb(ctx, step, -(f64::from(cfg.opt.lr) * g) as f32)?;
