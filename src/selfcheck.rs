@@ -145,9 +145,8 @@ fn cpu_prune(inp: &Inputs) -> Result<(prune::PruneReport, Vec<f32>)> {
 /// 00:00:00:09:00:00:00:4a:00:00:00:00 (djb layout: counter = 1 | 0x09000000 << 32,
 /// nonce = 0x4a000000).
 pub fn chacha20_rfc8439_ok() -> bool {
-    let key: [u32; 8] = std::array::from_fn(|i| {
-        u32::from_le_bytes(std::array::from_fn(|j| (4 * i + j) as u8))
-    });
+    let key: [u32; 8] =
+        std::array::from_fn(|i| u32::from_le_bytes(std::array::from_fn(|j| (4 * i + j) as u8)));
     let want: [u32; 16] = [
         0xe4e7f110, 0x15593bd1, 0x1fdd0f50, 0xc47120a3, 0xc7f4d1c7, 0x0368c033, 0x9aaa2204,
         0x4e6cd4c3, 0x466482d2, 0x09aa9f07, 0x05d7c214, 0xa2028bd9, 0xd19c12b5, 0xb94e16de,

@@ -159,7 +159,10 @@ fn insecure_seed_expansion_is_rand_chacha_and_debug_hides_the_key() {
     let p = StreamKey::from_insecure_seed(RngKind::Philox, 42);
     assert_eq!(p.key, want);
     let dbg = format!("{k:?}");
-    assert!(dbg.contains("<secret>") && dbg.contains("Chacha20"), "{dbg}");
+    assert!(
+        dbg.contains("<secret>") && dbg.contains("Chacha20"),
+        "{dbg}"
+    );
     for w in k.key {
         assert!(!dbg.contains(&format!("{w}")) && !dbg.contains(&format!("{w:x}")));
     }
@@ -226,7 +229,10 @@ fn groups_follow_the_documented_layout() {
                 let th = std::f64::consts::TAU * u1;
                 let tol = 4e-15 * r.max(1.0);
                 assert!((z[2 * p] - r * th.cos()).abs() <= tol, "{rng} g={g} p={p}");
-                assert!((z[2 * p + 1] - r * th.sin()).abs() <= tol, "{rng} g={g} p={p}");
+                assert!(
+                    (z[2 * p + 1] - r * th.sin()).abs() <= tol,
+                    "{rng} g={g} p={p}"
+                );
                 assert_eq!(box_muller(x[2 * p], x[2 * p + 1]), [z[2 * p], z[2 * p + 1]]);
             }
             for l in 0..8 {
@@ -307,8 +313,14 @@ fn gaussian_moments_within_5_sigma() {
         let m4 = v.iter().map(|&x| (x - mean).powi(4)).sum::<f64>() / n;
         // Standard errors: mean 1/√n; variance √(2/n); fourth moment √(96/n).
         assert!(mean.abs() < 5.0 / n.sqrt(), "{rng}: mean {mean}");
-        assert!((m2 - 1.0).abs() < 5.0 * (2.0 / n).sqrt(), "{rng}: variance {m2}");
-        assert!((m4 - 3.0).abs() < 5.0 * (96.0 / n).sqrt(), "{rng}: kurtosis {m4}");
+        assert!(
+            (m2 - 1.0).abs() < 5.0 * (2.0 / n).sqrt(),
+            "{rng}: variance {m2}"
+        );
+        assert!(
+            (m4 - 3.0).abs() < 5.0 * (96.0 / n).sqrt(),
+            "{rng}: kurtosis {m4}"
+        );
         // Tail mass beyond 3σ: p = 0.0026998, binomial standard error.
         let tail = v.iter().filter(|x| x.abs() > 3.0).count() as f64 / n;
         let p = 0.002_699_8;
@@ -475,6 +487,50 @@ mod gpu {
                     );
                 }
             }
+        }
+    }
+
+    /// The device's raw ChaCha20 block function on the RFC 8439 §2.3.2 vector and
+    /// Appendix A.1 #1/#2, and on random counters/nonces against the CPU.
+    #[test]
+    fn gpu_chacha20_block_rfc8439_and_random() {
+        let Some(gpu) = gpu_or_skip("gpu_chacha20_block_rfc8439_and_random") else {
+            return;
+        };
+        let rfc_key = key_words(&(0u8..32).collect::<Vec<_>>());
+        let got = dualpriv::gpu::noise::chacha20_blocks(
+            &gpu,
+            &rfc_key,
+            &[1 | (0x0900_0000 << 32)],
+            &[0x4a00_0000],
+        )
+        .unwrap();
+        assert_eq!(got[0][0], 0xe4e7f110);
+        assert_eq!(got[0][15], 0x4e3c50a2);
+        assert_eq!(
+            got[0],
+            chacha20_block(&rfc_key, 1 | (0x0900_0000 << 32), 0x4a00_0000)
+        );
+        let zero = dualpriv::gpu::noise::chacha20_blocks(&gpu, &[0; 8], &[0, 1], &[0, 0]).unwrap();
+        assert_eq!(
+            &serialize(&zero[0])[..8],
+            &[0x76, 0xb8, 0xe0, 0xad, 0xa0, 0xf1, 0x3d, 0x90]
+        );
+        assert_eq!(
+            &serialize(&zero[1])[..8],
+            &[0x9f, 0x07, 0xe7, 0xbe, 0x55, 0x51, 0x38, 0x7a]
+        );
+        let mut r = common::rng(2);
+        let key: [u32; 8] = std::array::from_fn(|_| r.random());
+        let counters: Vec<u64> = (0..1000).map(|i| r.random::<u64>() >> (i % 64)).collect();
+        let nonces: Vec<u64> = (0..1000).map(|_| r.random()).collect();
+        let got = dualpriv::gpu::noise::chacha20_blocks(&gpu, &key, &counters, &nonces).unwrap();
+        for (i, w) in got.iter().enumerate() {
+            assert_eq!(
+                *w,
+                chacha20_block(&key, counters[i], nonces[i]),
+                "block {i}"
+            );
         }
     }
 

@@ -1417,9 +1417,12 @@ impl DpBackend for Cuda {
 pub fn cuda_or_skip(test: &str) -> Option<Cuda> {
     match Cuda::with_options(0, false) {
         Ok(c) => Some(c),
-        Err(Error::NoCudaDriver) => {
+        Err(Error::NoCudaDriver) if !crate::gpu::gpu_required() => {
             println!("{test}: skipped: no CUDA driver");
             None
+        }
+        Err(Error::NoCudaDriver) => {
+            panic!("{test}: DUALPRIV_REQUIRE_GPU=1 but there is no CUDA driver")
         }
         Err(e) => panic!("{test}: a CUDA driver is present but the GPU failed to open: {e}"),
     }

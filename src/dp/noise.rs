@@ -408,7 +408,8 @@ impl NoiseKey {
                 let mut w = [0u32; 16];
                 for j in 0..4u64 {
                     let c = g.wrapping_mul(4).wrapping_add(j);
-                    let r = philox4x32_10([c as u32, (c >> 32) as u32, self.tensor_id, self.step], k);
+                    let r =
+                        philox4x32_10([c as u32, (c >> 32) as u32, self.tensor_id, self.step], k);
                     w[4 * j as usize..4 * j as usize + 4].copy_from_slice(&r);
                 }
                 w
@@ -433,7 +434,10 @@ impl NoiseKey {
         if len == 0 {
             return;
         }
-        let (first, last) = (offset / Self::GROUP, (offset + len as u64 - 1) / Self::GROUP);
+        let (first, last) = (
+            offset / Self::GROUP,
+            (offset + len as u64 - 1) / Self::GROUP,
+        );
         let mut g = first;
         if self.stream.rng == RngKind::Chacha20 {
             let nonce = self.nonce();
@@ -454,7 +458,11 @@ impl NoiseKey {
     /// The part of group `g` that falls in `offset .. offset + len`, as
     /// (lane range in the group, index range in the output).
     #[inline(always)]
-    fn overlap(offset: u64, len: usize, g: u64) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    fn overlap(
+        offset: u64,
+        len: usize,
+        g: u64,
+    ) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
         let start = (g * Self::GROUP).max(offset);
         let end = ((g + 1) * Self::GROUP).min(offset + len as u64);
         let lane = (start - g * Self::GROUP) as usize;

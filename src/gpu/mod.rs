@@ -209,14 +209,24 @@ impl Gpu {
     }
 }
 
+/// Whether `DUALPRIV_REQUIRE_GPU=1` is set: then the `*_or_skip` helpers fail
+/// instead of skipping when there is no CUDA driver (for GPU CI).
+pub fn gpu_required() -> bool {
+    std::env::var("DUALPRIV_REQUIRE_GPU").is_ok_and(|v| v.trim() == "1")
+}
+
 /// For tests: a [`Gpu`], or `None` after printing `skipped: no CUDA driver` when
-/// this machine has none. Any other failure to open the GPU is a real error.
+/// this machine has none (a panic instead under `DUALPRIV_REQUIRE_GPU=1`). Any other
+/// failure to open the GPU is a real error.
 pub fn gpu_or_skip(test: &str) -> Option<Gpu> {
     match Gpu::new() {
         Ok(g) => Some(g),
-        Err(Error::NoCudaDriver) => {
+        Err(Error::NoCudaDriver) if !crate::gpu::gpu_required() => {
             println!("{test}: skipped: no CUDA driver");
             None
+        }
+        Err(Error::NoCudaDriver) => {
+            panic!("{test}: DUALPRIV_REQUIRE_GPU=1 but there is no CUDA driver")
         }
         Err(e) => panic!("{test}: a CUDA driver is present but the GPU failed to open: {e}"),
     }

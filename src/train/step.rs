@@ -511,8 +511,7 @@ fn dpzo_step<B: DpBackend>(
         step,
     }
     .normal(0);
-    let g = (sum + f64::from(noise_std(true, ctx.sigma, cfg.clip_norm)) * z0)
-        / cfg.batch as f64;
+    let g = (sum + f64::from(noise_std(true, ctx.sigma, cfg.clip_norm)) * z0) / cfg.batch as f64;
     let coords: u64 = ctx.model.trainable().iter().map(|p| p.len as u64).sum();
     perturb(ctx, step, -(f64::from(cfg.opt.lr) * g) as f32)?;
     let n = indices.len();
