@@ -124,6 +124,7 @@ const LANES: usize = 8;
 
 /// `LANES` consecutive ChaCha20 blocks (counters `counter ..`), the same words as
 /// [`chacha20_block`] on each, computed lane-parallel.
+#[allow(clippy::needless_range_loop)] // lane loops index several arrays in step
 fn chacha20_blocks(key: &[u32; 8], counter: u64, nonce: u64) -> [[u32; 16]; LANES] {
     let mut input = [[0u32; LANES]; 16];
     for w in 0..4 {

@@ -49,7 +49,7 @@ const _: () = assert!(std::mem::offset_of!(NoiseArgs, rng) == 32);
 const _: () = assert!(std::mem::offset_of!(NoiseArgs, step) == 36);
 const _: () = assert!(std::mem::offset_of!(NoiseArgs, std) == 40);
 // The kernel regenerates noise in groups of 8 that must not straddle apply chunks.
-const _: () = assert!(CHUNK % 8 == 0 && CHUNK % 1024 == 0);
+const _: () = assert!(CHUNK.is_multiple_of(8) && CHUNK.is_multiple_of(1024));
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
