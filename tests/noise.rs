@@ -287,6 +287,111 @@ fn box_muller_is_close_to_libm_everywhere() {
     }
 }
 
+/// Golden f64 normals (bit patterns) of the RFC 8439 key, tensor 3, step 11, groups
+/// 0, 1 and 2^32 + 5. `tools/cuda-emu/noise_harness.cpp` checks the emulated CUDA
+/// kernels against the same constants, so the CPU and the kernel source agree bit
+/// for bit even where no GPU is available.
+const GOLDEN: [(RngKind, u64, [u64; 8]); 6] = [
+    (
+        RngKind::Chacha20,
+        0,
+        [
+            0xbfd2a6cbad2d5160,
+            0x3fab15dd188d71ca,
+            0x3ff30e75ab250804,
+            0xbffe8105aacc7b44,
+            0x3ff3e21413dded6b,
+            0x3febda44bc09f11d,
+            0xbfbf3cc99b0237d4,
+            0xbfdb275281f1a7c3,
+        ],
+    ),
+    (
+        RngKind::Chacha20,
+        1,
+        [
+            0xbfe01f46521370b2,
+            0x3fd98f188e70e7b8,
+            0x3feb6b54203d806e,
+            0xbfe3e0e7c27871ca,
+            0x3fca011809a3e791,
+            0x3ff3f5649c14ffc9,
+            0x3ff01402e41743ae,
+            0x3ff44cc72cc9469b,
+        ],
+    ),
+    (
+        RngKind::Chacha20,
+        4294967301,
+        [
+            0xbfea6d91d810c1c7,
+            0x3fe5c55da9ec8792,
+            0x3ff16d4b5c42194f,
+            0xbff959a0c92a98e9,
+            0xbfd0356ae26ddf7c,
+            0xbfc1eb09eca12575,
+            0xbfe7bdddf07b83a9,
+            0x3fceec650131cdc1,
+        ],
+    ),
+    (
+        RngKind::Philox,
+        0,
+        [
+            0xbff2d56f9be537a9,
+            0x3feda17d2644b444,
+            0xbffa25a59dfff317,
+            0x3ff033c2bfe8cb15,
+            0xbfd28499c25c7446,
+            0xbfe694f4bce1954f,
+            0x3ff1a9b335952537,
+            0x3fd97422e86f036a,
+        ],
+    ),
+    (
+        RngKind::Philox,
+        1,
+        [
+            0x3ff4102dcf39c9c9,
+            0x3ff53a8c18bd6e38,
+            0xbfc0a661cc00b033,
+            0xbfe39106f50617a7,
+            0xbfeeae20c5682b4a,
+            0x3fefeb682a760f9f,
+            0x3fee91b8503ff9e9,
+            0x3ff19b6ec96fe0dd,
+        ],
+    ),
+    (
+        RngKind::Philox,
+        4294967301,
+        [
+            0xbfd468d8ea6a5137,
+            0x3fca2c87c37a0bdb,
+            0x3f27a5feefe6447a,
+            0x3fdab37ac0d5fd7b,
+            0xbff4eb4e34d6b488,
+            0xbfd9db47fec53640,
+            0xbffaa4c5aaed874a,
+            0xc002a4537143568c,
+        ],
+    ),
+];
+
+#[test]
+fn golden_normals_shared_with_the_cuda_emulator() {
+    let key = key_words(&(0u8..32).collect::<Vec<_>>());
+    for (rng, g, bits) in GOLDEN {
+        let k = NoiseKey {
+            stream: StreamKey { rng, key },
+            tensor_id: 3,
+            step: 11,
+        };
+        let got: Vec<u64> = k.normal_group(g).iter().map(|z| z.to_bits()).collect();
+        assert_eq!(got, bits, "{rng} group {g}");
+    }
+}
+
 const N: usize = 1_000_000;
 
 fn samples(key: NoiseKey) -> Vec<f64> {
