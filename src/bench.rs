@@ -383,6 +383,27 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
     Ok(rows)
 }
 
+/// ChaCha20 / Philox throughput ratios of the rows that differ only in the generator
+/// (their names contain "ChaCha20" and "Philox" at the same place), one line each.
+pub fn rng_ratios(rows: &[BenchRow]) -> String {
+    let mut s = String::new();
+    for c in rows.iter().filter(|r| r.name.contains("ChaCha20")) {
+        let twin = c.name.replace("ChaCha20", "Philox");
+        if let Some(p) = rows.iter().find(|r| r.name == twin && r.shape == c.shape) {
+            s += &format!(
+                "ChaCha20 / Philox throughput, {}: {:.2}\n",
+                c.name
+                    .replacen("ChaCha20", "", 1)
+                    .replace("(, ", "(")
+                    .replace("()", "")
+                    .trim(),
+                c.throughput.0 / p.throughput.0
+            );
+        }
+    }
+    s
+}
+
 /// Formats rows as a markdown table.
 pub fn markdown(rows: &[BenchRow]) -> String {
     let mut s = String::from("| kernel | shape | median ms | throughput |\n|---|---|---|---|\n");

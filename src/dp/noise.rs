@@ -120,7 +120,7 @@ pub fn chacha20_block(key: &[u32; 8], counter: u64, nonce: u64) -> [u32; 16] {
 
 /// Lanes of [`chacha20_blocks`]: blocks computed side by side so the compiler can
 /// keep one block per SIMD lane.
-const LANES: usize = 8;
+const LANES: usize = 4;
 
 /// `LANES` consecutive ChaCha20 blocks (counters `counter ..`), the same words as
 /// [`chacha20_block`] on each, computed lane-parallel.
