@@ -19,7 +19,7 @@
 //!
 //! Row reductions run in f32 (the CPU reference uses f64) and cuBLAS may use TF32
 //! tensor cores ([`Cuda::with_options`]); tests state the tolerances each allows.
-//! The DP mechanisms reproduce the CPU's Philox noise bit for bit.
+//! The DP mechanisms reproduce the CPU's ChaCha20 / Philox noise bit for bit.
 #![allow(clippy::too_many_arguments)]
 
 use std::collections::HashMap;
