@@ -1,10 +1,15 @@
 //! CPU micro-benchmarks of every mechanism (`cargo bench`). The GPU figures come
-//! from `dualpriv bench-kernels --backend cuda`.
+//! from `dualpriv bench-kernels --backend cuda`. After the table it prints the
+//! ChaCha20 / Philox throughput ratios of the noise rows (generation, axpy, and the
+//! fused noise + top-k update).
 fn main() {
     // `cargo test --benches` passes --test-ish flags; only run timings under `cargo bench`.
     if std::env::args().any(|a| a == "--bench") {
         match dualpriv::bench::run(dualpriv::bench::Device::Cpu) {
-            Ok(rows) => print!("{}", dualpriv::bench::markdown(&rows)),
+            Ok(rows) => {
+                print!("{}", dualpriv::bench::markdown(&rows));
+                print!("{}", dualpriv::bench::rng_ratios(&rows));
+            }
             Err(e) => {
                 eprintln!("bench failed: {e}");
                 std::process::exit(1);

@@ -2,8 +2,9 @@
 // masked optimizer update. CPU twin: src/dp/prune.rs.
 //
 // For every coordinate j of a set of tensors (one tensor: per-tensor scope; many:
-// global scope), the released gradient is  n_j = sum_j + sigma*C * noise(j), with
-// the Philox noise regenerated on the fly in every pass, never stored. The k
+// global scope), the released gradient is  n_j = (float)(sum_j + sigma*C * z_j) in f64
+// (plain product and sum, as the CPU), with the Gaussian z_j (ChaCha20 by default,
+// or Philox; gaussian.cuh) regenerated on the fly in every pass, never stored. The k
 // coordinates with the largest |n_j| are updated; the rest keep their parameters
 // and optimizer moments. The threshold is exact: a three-pass radix select on the
 // magnitude key bits(n) & 0x7fffffff (11, 11, 10 bits), with ties at the
@@ -12,13 +13,17 @@
 // The whole step is device-side: every kernel reads its parameters from the
 // SelectState, so the host issues hist/pick x3, tie count/scan, apply, and reads
 // one small struct at the end.
+#include <stddef.h>
+
 #include "common.cuh"
-#include "philox.cuh"
+#include "gaussian.cuh"
 
 namespace {
 constexpr int BINS = 2048;
 constexpr int THREADS = 256;
-constexpr long long CHUNK = 8192;  // elements per apply block (a multiple of 4 and 1024)
+constexpr long long CHUNK = 8192;  // elements per apply block (a multiple of 8 and 1024)
+constexpr int GROUP = 8;           // normals per generator call (one ChaCha20 block)
+static_assert(CHUNK % GROUP == 0 && CHUNK % 1024 == 0, "CHUNK");
 }  // namespace
 
 // One tensor of the selection set. Mirrors `Segment` in src/gpu/noise_prune.rs.
@@ -33,12 +38,14 @@ struct Segment {
   unsigned int pad;
 };
 
-// Mirrors `NoiseArgs` in src/gpu/noise_prune.rs.
+// Mirrors `NoiseArgs` in src/gpu/noise_prune.rs (48 bytes, std at offset 40).
 struct NoiseArgs {
-  unsigned long long seed;
+  unsigned int key[8];  // the gradient-noise domain key
+  unsigned int rng;     // dp::RNG_CHACHA20 or dp::RNG_PHILOX
   unsigned int step;
-  float std;  // sigma * C
+  double std;           // sigma * C
 };
+static_assert(sizeof(NoiseArgs) == 48 && offsetof(NoiseArgs, std) == 40, "NoiseArgs layout");
 
 // Mirrors `OptArgs`: kind 0 = SGD (momentum may be 0), 1 = AdamW.
 struct OptArgs {
@@ -66,20 +73,23 @@ struct SelectState {
 
 __device__ __forceinline__ unsigned int mag_key(float x) { return __float_as_uint(x) & 0x7fffffffu; }
 
-// The four noisy values of group q (elements 4q..4q+3) of a segment; `n` of them valid.
-__device__ __forceinline__ void noisy4(const Segment& s, const NoiseArgs& na, unsigned long long q,
-                                       float out[4], int* n) {
-  unsigned long long e = q * 4;
-  *n = (int)min(4ull, s.len - e);
-  if (na.std == 0.f) {  // no noise: pass the sum through untouched (keeps -0.0, as the CPU does)
+// The eight noisy values of group q (elements 8q..8q+7) of a segment; `n` of them valid.
+// noisy = (float)(std * z + (double)grad), plain f64 product and sum: the CPU's
+// `(f64(S) + noise_std * z) as f32`.
+__device__ __forceinline__ void noisy8(const Segment& s, const NoiseArgs& na, unsigned long long q,
+                                       float out[GROUP], int* n) {
+  unsigned long long e = q * GROUP;
+  *n = (int)min((unsigned long long)GROUP, s.len - e);
+  if (na.std == 0.0) {  // no noise: pass the sum through untouched (keeps -0.0, as the CPU does)
 #pragma unroll
-    for (int l = 0; l < 4; ++l) out[l] = l < *n ? s.grad[e + l] : 0.f;
+    for (int l = 0; l < GROUP; ++l) out[l] = l < *n ? s.grad[e + l] : 0.f;
     return;
   }
-  const float4 z = dp::normal4(na.seed, s.tensor_id, na.step, q);
-  const float zs[4] = {z.x, z.y, z.z, z.w};
+  double z[GROUP];
+  dp::normal8(na.rng, na.key, s.tensor_id, na.step, q, z);
 #pragma unroll
-  for (int l = 0; l < 4; ++l) out[l] = l < *n ? __fmaf_rn(na.std, zs[l], s.grad[e + l]) : 0.f;
+  for (int l = 0; l < GROUP; ++l)
+    out[l] = l < *n ? (float)__dadd_rn(__dmul_rn(na.std, z[l]), (double)s.grad[e + l]) : 0.f;
 }
 
 // Histogram pass `pass` (0, 1, 2) over keys matching the prefix fixed so far.
@@ -98,12 +108,12 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   unsigned long long bad = 0;
   for (int si = 0; si < nsegs; ++si) {
     const Segment s = segs[si];
-    const unsigned long long groups = (s.len + 3) / 4;
+    const unsigned long long groups = (s.len + GROUP - 1) / GROUP;
     for (unsigned long long q = blockIdx.x * (unsigned long long)THREADS + threadIdx.x; q < groups;
          q += (unsigned long long)gridDim.x * THREADS) {
-      float v[4];
+      float v[GROUP];
       int n;
-      noisy4(s, na, q, v, &n);
+      noisy8(s, na, q, v, &n);
       for (int l = 0; l < n; ++l) {
         if (pass == 0 && !isfinite(v[l])) ++bad;
         unsigned int key = isfinite(v[l]) ? mag_key(v[l]) : 0u;
@@ -190,10 +200,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const Segment s = segs[si];
   const unsigned int thr = st->prefix;
   unsigned int c = 0;
-  for (unsigned long long e = start + threadIdx.x * 4ull; e < end; e += THREADS * 4ull) {
-    float v[4];
+  for (unsigned long long e = start + threadIdx.x * (unsigned long long)GROUP; e < end;
+       e += THREADS * (unsigned long long)GROUP) {
+    float v[GROUP];
     int n;
-    noisy4(s, na, e / 4, v, &n);
+    noisy8(s, na, e / GROUP, v, &n);
     for (int l = 0; l < n; ++l) c += mag_key(v[l]) == thr;
   }
   c = dp::block_sum(c, scratch);
@@ -272,12 +283,12 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const unsigned long long tie_quota = st->ties_to_keep;
   unsigned int kept = 0;
   // Every thread runs the same number of iterations so the scan's barriers match.
-  for (unsigned long long e0 = start; e0 < end; e0 += THREADS * 4ull) {
-    const unsigned long long e = e0 + threadIdx.x * 4ull;
-    float v[4];
+  for (unsigned long long e0 = start; e0 < end; e0 += THREADS * (unsigned long long)GROUP) {
+    const unsigned long long e = e0 + threadIdx.x * (unsigned long long)GROUP;
+    float v[GROUP];
     int n = 0;
-    if (e < end) noisy4(s, na, e / 4, v, &n);
-    bool keep[4] = {false, false, false, false};
+    if (e < end) noisy8(s, na, e / GROUP, v, &n);
+    bool keep[GROUP] = {false, false, false, false, false, false, false, false};
     unsigned int my_ties = 0;
     for (int l = 0; l < n; ++l) {
       unsigned int key = mag_key(v[l]);

@@ -13,7 +13,7 @@
 // them into FMAs (the CPU rounds each product). Division and sqrtf are IEEE-rounded
 // (no --use_fast_math), so scores, similarities and therefore all selections match.
 #include "common.cuh"
-#include "philox.cuh"
+#include "gaussian.cuh"
 
 // The largest P = N - 1 tokens_select handles: one thread per patch in one block.
 #define TOKENS_MAX_PATCHES 1024
@@ -159,8 +159,10 @@ extern "C" __global__ void tokens_select(const float* __restrict__ attn,
 }
 
 // out[b, o, d] for o < 1+K: hidden[b, kept[b, o], d]; for o = 1+K+m:
-// hidden[b, centers[b, m], d] + (sum of members' hidden[., d]) / max(count, 1), plus
-// noise_std * normal_at(seed, tensor_id, 0, (b*M + m)*D + d) when noise_std > 0.
+// hidden[b, centers[b, m], d] + (sum of members' hidden[., d]) / max(count, 1), then,
+// when noise_std > 0, (float)(v + (double)noise_std * normal_at(noise, (b*M + m)*D + d))
+// in f64 (plain product and sum), as the CPU's add_scaled. `noise` carries the key,
+// generator, tensor id and step of TokenSelectConfig::noise_key().
 // Grid: (ceil(D / blockDim.x), 1+K+M, B); coalesced over d.
 extern "C" __global__ void tokens_gather_fuse(const float* __restrict__ hidden,
                                               const unsigned* __restrict__ kept,
@@ -168,8 +170,7 @@ extern "C" __global__ void tokens_gather_fuse(const float* __restrict__ hidden,
                                               const unsigned* __restrict__ centers,
                                               const unsigned* __restrict__ assign,
                                               float* __restrict__ out, int N, int D, int K,
-                                              int M, float noise_std,
-                                              unsigned long long seed, unsigned tensor_id) {
+                                              int M, float noise_std, dp::StreamArgs noise) {
   const int d = blockIdx.x * blockDim.x + threadIdx.x;
   const int o = blockIdx.y;
   const size_t b = blockIdx.z;
@@ -196,7 +197,7 @@ extern "C" __global__ void tokens_gather_fuse(const float* __restrict__ hidden,
     v = __fadd_rn(center, acc / (float)max(count, 1));
     if (noise_std > 0.0f) {
       const unsigned long long i = ((unsigned long long)b * M + m) * D + d;
-      v = __fadd_rn(v, __fmul_rn(noise_std, dp::normal_at(seed, tensor_id, 0u, i)));
+      v = dp::add_scaled(v, (double)noise_std, dp::normal_at(noise, i));
     }
   }
   out[(b * O + o) * (size_t)D + d] = v;

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::dp::clip::{self, LinearShape, NormMethod};
-use crate::dp::noise::NoiseKey;
+use crate::dp::noise::{NoiseKey, RngKind, StreamKey};
 use crate::dp::prune::{self, Optimizer, TensorState, UpdateConfig};
 use crate::vision::tokens::{self, TokenSelectConfig, TokenShape};
 use crate::Result;
@@ -101,11 +101,11 @@ fn norm_flops(s: LinearShape, m: NormMethod) -> f64 {
 }
 
 /// The noise + top-k + AdamW step both devices time (σC = 1, B = 64).
-fn prune_config(keep_frac: f64) -> UpdateConfig {
+fn prune_config(keep_frac: f64, rng: RngKind) -> UpdateConfig {
     UpdateConfig {
         keep_frac,
         noise_std: 1.0,
-        seed: 3,
+        noise: StreamKey::from_insecure_seed(rng, 3),
         step: 1,
         inv_batch: 1.0 / 64.0,
         opt: Optimizer::AdamW {
@@ -140,9 +140,16 @@ fn llava_tokens(batch: usize) -> (TokenShape, TokenSelectConfig) {
             keep: 53,
             context: 10,
             fuse_noise_std: 0.0,
-            noise_seed: 0,
+            noise: StreamKey::from_insecure_seed(RngKind::Chacha20, 0),
         },
     )
+}
+
+fn rng_label(rng: RngKind) -> &'static str {
+    match rng {
+        RngKind::Chacha20 => "ChaCha20",
+        RngKind::Philox => "Philox",
+    }
 }
 
 fn shape_str(s: LinearShape) -> String {
@@ -175,41 +182,56 @@ fn run_cpu() -> Result<Vec<BenchRow>> {
         throughput: (2.0 * (s.b * s.t * s.d * s.p) as f64 / ms / 1e6, "GFLOP/s"),
     });
     let n = sz.coords;
-    let key = NoiseKey {
-        seed: 1,
-        tensor_id: 0,
-        step: 0,
-    };
-    let mut z = vec![0.0f32; n];
-    let ms = time_cpu(5, || {
-        key.fill(0, &mut z);
-        Ok(())
-    })?;
-    rows.push(BenchRow {
-        name: "Philox noise".into(),
-        shape: format!("N={n}"),
-        median_ms: ms,
-        throughput: (n as f64 / ms / 1e3, "Mnormal/s"),
-    });
     let grad = random(&mut r, n);
-    let (mut p, mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
-    let cfg = prune_config(0.8);
-    let ms = time_cpu(3, || {
-        let mut t = [TensorState {
+    for rng in [RngKind::Chacha20, RngKind::Philox] {
+        let key = NoiseKey {
+            stream: StreamKey::from_insecure_seed(rng, 1),
             tensor_id: 0,
-            grad: &grad,
-            param: &mut p,
-            m: &mut m,
-            v: &mut v,
-        }];
-        prune::noise_prune_update(&mut t, &cfg).map(|_| ())
-    })?;
-    rows.push(BenchRow {
-        name: "noise + top-k + AdamW".into(),
-        shape: format!("N={n} keep=0.8"),
-        median_ms: ms,
-        throughput: (n as f64 / ms / 1e3, "Mcoord/s"),
-    });
+            step: 0,
+        };
+        let mut z = vec![0.0f64; n];
+        let ms = time_cpu(5, || {
+            key.fill(0, &mut z);
+            Ok(())
+        })?;
+        rows.push(BenchRow {
+            name: format!("{} noise (f64 normals)", rng_label(rng)),
+            shape: format!("N={n}"),
+            median_ms: ms,
+            throughput: (n as f64 / ms / 1e3, "Mnormal/s"),
+        });
+        let mut y = vec![0.0f32; n];
+        let ms = time_cpu(5, || {
+            key.add_scaled(0, 1.0, &mut y);
+            Ok(())
+        })?;
+        rows.push(BenchRow {
+            name: format!("{} noise axpy (f32 += f64 noise)", rng_label(rng)),
+            shape: format!("N={n}"),
+            median_ms: ms,
+            throughput: (n as f64 / ms / 1e3, "Mnormal/s"),
+        });
+    }
+    for rng in [RngKind::Chacha20, RngKind::Philox] {
+        let (mut p, mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+        let cfg = prune_config(0.8, rng);
+        let ms = time_cpu(3, || {
+            let mut t = [TensorState {
+                tensor_id: 0,
+                grad: &grad,
+                param: &mut p,
+                m: &mut m,
+                v: &mut v,
+            }];
+            prune::noise_prune_update(&mut t, &cfg).map(|_| ())
+        })?;
+        rows.push(BenchRow {
+            name: format!("noise + top-k + AdamW ({})", rng_label(rng)),
+            shape: format!("N={n} keep=0.8"),
+            median_ms: ms,
+            throughput: (n as f64 / ms / 1e3, "Mcoord/s"),
+        });
+    }
     let (ts, tc) = llava_tokens(sz.token_batch);
     let attn = random(&mut r, ts.attn_len()?)
         .iter()
@@ -280,21 +302,24 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
     });
     drop((dx, dg, ws, out));
     let n = sz.coords;
-    let key = NoiseKey {
-        seed: 1,
-        tensor_id: 0,
-        step: 0,
-    };
     let mut z = gpu.zeros::<f32>(n)?;
-    let ms = time(5, &mut || {
-        gpu::noise::noise_axpy(&gpu, key, 0, 1.0, false, &mut z)
-    })?;
-    rows.push(BenchRow {
-        name: "Philox noise (write)".into(),
-        shape: format!("N={n}"),
-        median_ms: ms,
-        throughput: (4.0 * n as f64 / ms / 1e6, "GB/s"),
-    });
+    for rng in [RngKind::Chacha20, RngKind::Philox] {
+        let key = NoiseKey {
+            stream: StreamKey::from_insecure_seed(rng, 1),
+            tensor_id: 0,
+            step: 0,
+        };
+        let ms = time(5, &mut || {
+            gpu::noise::noise_axpy(&gpu, key, 0, 1.0, false, &mut z)
+        })?;
+        rows.push(BenchRow {
+            name: format!("{} noise (write)", rng_label(rng)),
+            shape: format!("N={n}"),
+            median_ms: ms,
+            throughput: (4.0 * n as f64 / ms / 1e6, "GB/s"),
+        });
+    }
+    drop(z);
     let grad = gpu.upload(&random(&mut r, n))?;
     let (mut p, mut m, mut v) = (
         gpu.zeros::<f32>(n)?,
@@ -302,25 +327,27 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
         gpu.zeros::<f32>(n)?,
     );
     let mut plan = gpu::noise_prune::PrunePlan::new(&gpu, 1, n as u64)?;
-    for keep in [0.8, 1.0] {
-        let cfg = prune_config(keep);
-        let ms = time(3, &mut || {
-            let t = gpu::noise_prune::DeviceTensor::new(
-                &gpu,
-                0,
-                &grad,
-                &mut p,
-                Some(&mut m),
-                Some(&mut v),
-            )?;
-            plan.run(&gpu, &[t], &cfg).map(|_| ())
-        })?;
-        rows.push(BenchRow {
-            name: format!("noise + top-k + AdamW (keep={keep})"),
-            shape: format!("N={n}"),
-            median_ms: ms,
-            throughput: (n as f64 / ms / 1e6, "Gcoord/s"),
-        });
+    for rng in [RngKind::Chacha20, RngKind::Philox] {
+        for keep in [0.8, 1.0] {
+            let cfg = prune_config(keep, rng);
+            let ms = time(3, &mut || {
+                let t = gpu::noise_prune::DeviceTensor::new(
+                    &gpu,
+                    0,
+                    &grad,
+                    &mut p,
+                    Some(&mut m),
+                    Some(&mut v),
+                )?;
+                plan.run(&gpu, &[t], &cfg).map(|_| ())
+            })?;
+            rows.push(BenchRow {
+                name: format!("noise + top-k + AdamW ({}, keep={keep})", rng_label(rng)),
+                shape: format!("N={n}"),
+                median_ms: ms,
+                throughput: (n as f64 / ms / 1e6, "Gcoord/s"),
+            });
+        }
     }
     drop((grad, p, m, v, plan));
     let (ts, tc) = llava_tokens(sz.token_batch);
@@ -354,6 +381,27 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
         throughput: (ts.batch as f64 / ms * 1e3, "images/s"),
     });
     Ok(rows)
+}
+
+/// ChaCha20 / Philox throughput ratios of the rows that differ only in the generator
+/// (their names contain "ChaCha20" and "Philox" at the same place), one line each.
+pub fn rng_ratios(rows: &[BenchRow]) -> String {
+    let mut s = String::new();
+    for c in rows.iter().filter(|r| r.name.contains("ChaCha20")) {
+        let twin = c.name.replace("ChaCha20", "Philox");
+        if let Some(p) = rows.iter().find(|r| r.name == twin && r.shape == c.shape) {
+            s += &format!(
+                "ChaCha20 / Philox throughput, {}: {:.2}\n",
+                c.name
+                    .replacen("ChaCha20", "", 1)
+                    .replace("(, ", "(")
+                    .replace("()", "")
+                    .trim(),
+                c.throughput.0 / p.throughput.0
+            );
+        }
+    }
+    s
 }
 
 /// Formats rows as a markdown table.

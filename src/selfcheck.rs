@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::dp::clip::{self, LinearShape};
-use crate::dp::noise::philox4x32_10;
+use crate::dp::noise::{chacha20_block, philox4x32_10, RngKind, StreamKey};
 use crate::dp::prune::{self, Optimizer, TensorState, UpdateConfig};
 use crate::vision::tokens::{self, TokenSelectConfig, TokenShape};
 use crate::Result;
@@ -95,7 +95,7 @@ fn inputs() -> Result<Inputs> {
         keep: 53,
         context: 10,
         fuse_noise_std: 0.0,
-        noise_seed: 0,
+        noise: StreamKey::from_insecure_seed(RngKind::Chacha20, 0),
     };
     Ok(Inputs {
         x: random(&mut r, s.b * s.t * s.d),
@@ -113,7 +113,7 @@ fn inputs() -> Result<Inputs> {
         prune: UpdateConfig {
             keep_frac: 0.8,
             noise_std: 0.5,
-            seed: 11,
+            noise: StreamKey::from_insecure_seed(RngKind::Chacha20, 11),
             step: 2,
             inv_batch: 0.125,
             opt: Optimizer::Sgd {
@@ -141,6 +141,20 @@ fn cpu_prune(inp: &Inputs) -> Result<(prune::PruneReport, Vec<f32>)> {
     Ok((r, p))
 }
 
+/// The RFC 8439 §2.3.2 block-function test vector: key 00..1f, block count 1, nonce
+/// 00:00:00:09:00:00:00:4a:00:00:00:00 (djb layout: counter = 1 | 0x09000000 << 32,
+/// nonce = 0x4a000000).
+pub fn chacha20_rfc8439_ok() -> bool {
+    let key: [u32; 8] =
+        std::array::from_fn(|i| u32::from_le_bytes(std::array::from_fn(|j| (4 * i + j) as u8)));
+    let want: [u32; 16] = [
+        0xe4e7f110, 0x15593bd1, 0x1fdd0f50, 0xc47120a3, 0xc7f4d1c7, 0x0368c033, 0x9aaa2204,
+        0x4e6cd4c3, 0x466482d2, 0x09aa9f07, 0x05d7c214, 0xa2028bd9, 0xd19c12b5, 0xb94e16de,
+        0xe883d0cb, 0x4e3c50a2,
+    ];
+    chacha20_block(&key, 1 | (0x0900_0000u64 << 32), 0x4a00_0000) == want
+}
+
 /// Runs every check.
 pub fn run() -> Result<Report> {
     let mut rep = Report { checks: Vec::new() };
@@ -150,6 +164,11 @@ pub fn run() -> Result<Report> {
         "Philox4x32-10 known answer",
         kat,
         "Random123 vector 1".into(),
+    );
+    rep.add(
+        "ChaCha20 block known answer",
+        chacha20_rfc8439_ok(),
+        "RFC 8439 §2.3.2".into(),
     );
 
     let ghost = clip::ghost_sq_norms(&inp.x, &inp.g, inp.s)?;
@@ -246,22 +265,28 @@ fn gpu_checks(rep: &mut Report, inp: &Inputs) -> Result<()> {
             format!("max rel err {e:.1e}"),
         );
     }
-    let key = NoiseKey {
-        seed: 5,
-        tensor_id: 1,
-        step: 9,
-    };
-    let mut want = vec![0.0f32; 10_001];
-    key.fill(0, &mut want);
-    let mut z = gpu.zeros::<f32>(want.len())?;
-    gpu::noise::noise_axpy(&gpu, key, 0, 1.0, false, &mut z)?;
-    let got = gpu.download(&z)?;
-    let exact = got.iter().zip(&want).filter(|(a, b)| a == b).count();
-    rep.add(
-        "GPU Philox noise vs CPU",
-        exact + 1 >= want.len(),
-        format!("{exact}/{} bit-exact", want.len()),
-    );
+    for rng in [RngKind::Chacha20, RngKind::Philox] {
+        let key = NoiseKey {
+            stream: StreamKey::from_insecure_seed(rng, 5),
+            tensor_id: 1,
+            step: 9,
+        };
+        let mut want = vec![0.0f32; 10_001];
+        key.add_scaled(0, 1.0, &mut want);
+        let mut z = gpu.zeros::<f32>(want.len())?;
+        gpu::noise::noise_axpy(&gpu, key, 0, 1.0, true, &mut z)?;
+        let got = gpu.download(&z)?;
+        let exact = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() == b.to_bits())
+            .count();
+        rep.add(
+            &format!("GPU {rng} noise vs CPU"),
+            exact == want.len(),
+            format!("{exact}/{} bit-exact", want.len()),
+        );
+    }
     let dgr = gpu.upload(&inp.grad)?;
     let mut dp = gpu.zeros::<f32>(inp.grad.len())?;
     let mut plan = gpu::noise_prune::PrunePlan::new(&gpu, 1, inp.grad.len() as u64)?;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use dualpriv::backend::cpu::{Cpu, Cpu64};
 use dualpriv::backend::Backend;
 use dualpriv::data::Batch;
+use dualpriv::dp::noise::{RngKind, StreamKey};
 use dualpriv::model::{
     Capture, FullGroup, LlmConfig, LoraTarget, Mllm, ModelConfig, TrainMode, VisionConfig,
     VisionFeature,
@@ -213,7 +214,7 @@ fn captures_match_finite_differences_lora_with_pruning() {
         keep: 2,
         context: 1,
         fuse_noise_std: 0.0,
-        noise_seed: 0,
+        noise: StreamKey::from_insecure_seed(RngKind::Chacha20, 0),
     };
     fd_check_model(TrainMode::lora(3, 6.0), VisionFeature::Patch, Some(tok));
     // LoRA on a subset of linears, with the CLS token kept.
@@ -312,7 +313,7 @@ fn full_pruning_equals_no_pruning_with_cls() {
         keep: cfg.vision.patches(),
         context: 0,
         fuse_noise_std: 0.0,
-        noise_seed: 0,
+        noise: StreamKey::from_insecure_seed(RngKind::Chacha20, 0),
     };
     let l0 = m.per_example_loss(&Cpu, &bt, None).unwrap();
     let l1 = m.per_example_loss(&Cpu, &bt, Some(&all)).unwrap();
@@ -325,7 +326,7 @@ fn full_pruning_equals_no_pruning_with_cls() {
         keep: 6,
         context: 2,
         fuse_noise_std: 0.0,
-        noise_seed: 0,
+        noise: StreamKey::from_insecure_seed(RngKind::Chacha20, 0),
     };
     let fb = m.forward_backward(&Cpu, &bt, Some(&pruned)).unwrap();
     assert_eq!(fb.visual_tokens, 9);
@@ -578,7 +579,7 @@ fn bad_inputs_are_errors() {
         keep: 60,
         context: 10,
         fuse_noise_std: 0.0,
-        noise_seed: 0,
+        noise: StreamKey::from_insecure_seed(RngKind::Chacha20, 0),
     };
     assert!(m.forward_backward(&Cpu, &good, Some(&too_many)).is_err());
     let mut b = good.clone();

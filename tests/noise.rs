@@ -1,6 +1,12 @@
-//! Philox known answers, Gaussian statistics, stream independence, and the CUDA
-//! noise against the CPU reference.
-use dualpriv::dp::noise::{philox4x32_10, NoiseKey};
+//! Known answers (RFC 8439 ChaCha20, Random123 Philox), the cross-check against
+//! `rand_chacha`, Gaussian statistics and tails for both generators, stream
+//! independence, random access, and the CUDA noise against the CPU bit for bit.
+mod common;
+use dualpriv::dp::noise::{
+    box_muller, chacha20_block, philox4x32_10, uniform53, NoiseKey, RngKind, StreamKey,
+};
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
 
 #[test]
 fn philox_known_answers_random123() {
@@ -21,48 +27,461 @@ fn philox_known_answers_random123() {
     );
 }
 
+fn hex_bytes(s: &str) -> Vec<u8> {
+    s.split_whitespace()
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect()
+}
+
+fn key_words(bytes: &[u8]) -> [u32; 8] {
+    std::array::from_fn(|i| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()))
+}
+
+fn serialize(w: &[u32; 16]) -> Vec<u8> {
+    w.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// RFC 8439 §2.3.2: key 00 01 .. 1f, block count 1, nonce
+/// 00:00:00:09:00:00:00:4a:00:00:00:00. In djb's layout the words 12..15 are
+/// 1, 0x09000000, 0x4a000000, 0: counter = 1 | 0x09000000 << 32, nonce = 0x4a000000.
+#[test]
+fn chacha20_block_rfc8439_section_2_3_2() {
+    let key = key_words(&(0u8..32).collect::<Vec<_>>());
+    let got = chacha20_block(&key, 1 | (0x0900_0000 << 32), 0x4a00_0000);
+    let want_state = [
+        0xe4e7f110, 0x15593bd1, 0x1fdd0f50, 0xc47120a3, 0xc7f4d1c7, 0x0368c033, 0x9aaa2204,
+        0x4e6cd4c3, 0x466482d2, 0x09aa9f07, 0x05d7c214, 0xa2028bd9, 0xd19c12b5, 0xb94e16de,
+        0xe883d0cb, 0x4e3c50a2,
+    ];
+    assert_eq!(got, want_state);
+    let serialized = hex_bytes(
+        "10 f1 e7 e4 d1 3b 59 15 50 0f dd 1f a3 20 71 c4
+         c7 d1 f4 c7 33 c0 68 03 04 22 aa 9a c3 d4 6c 4e
+         d2 82 64 46 07 9f aa 09 14 c2 d7 05 d9 8b 02 a2
+         b5 12 9c d1 de 16 4e b9 cb d0 83 e8 a2 50 3c 4e",
+    );
+    assert_eq!(serialize(&got), serialized);
+    assert!(dualpriv::selfcheck::chacha20_rfc8439_ok());
+}
+
+/// RFC 8439 Appendix A.1, block-function test vectors #1..#5.
+#[test]
+fn chacha20_block_rfc8439_appendix_a1() {
+    let zero = [0u32; 8];
+    // #1: all-zero key, counter 0, nonce 0.
+    assert_eq!(
+        serialize(&chacha20_block(&zero, 0, 0)),
+        hex_bytes(
+            "76 b8 e0 ad a0 f1 3d 90 40 5d 6a e5 53 86 bd 28
+             bd d2 19 b8 a0 8d ed 1a a8 36 ef cc 8b 77 0d c7
+             da 41 59 7c 51 57 48 8d 77 24 e0 3f b8 d8 4a 37
+             6a 43 b8 f4 15 18 a1 1c c3 87 b6 69 b2 ee 65 86"
+        )
+    );
+    // #2: all-zero key, counter 1.
+    assert_eq!(
+        serialize(&chacha20_block(&zero, 1, 0)),
+        hex_bytes(
+            "9f 07 e7 be 55 51 38 7a 98 ba 97 7c 73 2d 08 0d
+             cb 0f 29 a0 48 e3 65 69 12 c6 53 3e 32 ee 7a ed
+             29 b7 21 76 9c e6 4e 43 d5 71 33 b0 74 d8 39 d5
+             31 ed 1f 28 51 0a fb 45 ac e1 0a 1f 4b 79 4d 6f"
+        )
+    );
+    // #3: key ending in 01, counter 1.
+    let mut k = [0u8; 32];
+    k[31] = 1;
+    assert_eq!(
+        serialize(&chacha20_block(&key_words(&k), 1, 0)),
+        hex_bytes(
+            "3a eb 52 24 ec f8 49 92 9b 9d 82 8d b1 ce d4 dd
+             83 20 25 e8 01 8b 81 60 b8 22 84 f3 c9 49 aa 5a
+             8e ca 00 bb b4 a7 3b da d1 92 b5 c4 2f 73 f2 fd
+             4e 27 36 44 c8 b3 61 25 a6 4a dd eb 00 6c 13 a0"
+        )
+    );
+    // #4: key 00 ff 00 .., counter 2.
+    let mut k = [0u8; 32];
+    k[1] = 0xff;
+    assert_eq!(
+        chacha20_block(&key_words(&k), 2, 0),
+        [
+            0xfb4dd572, 0x4bc42ef1, 0xdf922636, 0x327f1394, 0xa78dea8f, 0x5e269039, 0xa1bebbc1,
+            0xcaf09aae, 0xa25ab213, 0x48a6b46c, 0x1b9d9bcb, 0x092c5be6, 0x546ca624, 0x1bec45d5,
+            0x87f47473, 0x96f0992e,
+        ]
+    );
+    // #5: zero key, counter 0, nonce 00 .. 00 02 (RFC word 15 = 0x02000000, i.e.
+    // the high half of the djb nonce).
+    assert_eq!(
+        chacha20_block(&zero, 0, 0x0200_0000u64 << 32),
+        [
+            0x374dc6c2, 0x3736d58c, 0xb904e24a, 0xcd3f93ef, 0x88228b1a, 0x96a4dfb3, 0x5b76ab72,
+            0xc727ee54, 0x0e0e978a, 0xf3145c95, 0x1b748ea8, 0xf786c297, 0x99c28f5f, 0x628314e8,
+            0x398a19fa, 0x6ded1b53,
+        ]
+    );
+}
+
+/// `chacha20_block` against `rand_chacha::ChaCha20Rng` (djb layout: 64-bit word
+/// position, 64-bit stream) on random keys, counters and nonces.
+#[test]
+fn chacha20_block_matches_rand_chacha() {
+    let mut r = common::rng(1);
+    for case in 0..200 {
+        let mut seed = [0u8; 32];
+        r.fill(&mut seed[..]);
+        let counter: u64 = if case % 4 == 0 {
+            u64::from(u32::MAX) - 1 + (case as u64 % 3)
+        } else {
+            r.random::<u64>() >> (case % 40)
+        };
+        let nonce: u64 = r.random();
+        let mut c = ChaCha20Rng::from_seed(seed);
+        c.set_stream(nonce);
+        c.set_word_pos(u128::from(counter) * 16);
+        let want: [u32; 16] = std::array::from_fn(|_| c.next_u32());
+        assert_eq!(
+            chacha20_block(&key_words(&seed), counter, nonce),
+            want,
+            "case {case}"
+        );
+    }
+}
+
+#[test]
+fn insecure_seed_expansion_is_rand_chacha_and_debug_hides_the_key() {
+    let k = StreamKey::from_insecure_seed(RngKind::Chacha20, 42);
+    let mut c = ChaCha20Rng::seed_from_u64(42);
+    let want: [u32; 8] = std::array::from_fn(|_| c.next_u32());
+    assert_eq!(k.key, want);
+    assert_eq!(k.rng, RngKind::Chacha20);
+    let p = StreamKey::from_insecure_seed(RngKind::Philox, 42);
+    assert_eq!(p.key, want);
+    let dbg = format!("{k:?}");
+    assert!(
+        dbg.contains("<secret>") && dbg.contains("Chacha20"),
+        "{dbg}"
+    );
+    for w in k.key {
+        assert!(!dbg.contains(&format!("{w}")) && !dbg.contains(&format!("{w:x}")));
+    }
+    let key = NoiseKey {
+        stream: k,
+        tensor_id: 1,
+        step: 2,
+    };
+    assert!(format!("{key:?}").contains("<secret>"));
+}
+
+#[test]
+fn rng_kind_parses_displays_and_serializes() {
+    assert_eq!("chacha20".parse::<RngKind>().unwrap(), RngKind::Chacha20);
+    assert_eq!("philox".parse::<RngKind>().unwrap(), RngKind::Philox);
+    assert_eq!(RngKind::default(), RngKind::Chacha20);
+    let e = "aes".parse::<RngKind>().unwrap_err().to_string();
+    assert!(e.contains("chacha20") && e.contains("philox"), "{e}");
+    for k in [RngKind::Chacha20, RngKind::Philox] {
+        assert_eq!(k.to_string().parse::<RngKind>().unwrap(), k);
+        let j = serde_json::to_string(&k).unwrap();
+        assert_eq!(j, format!("\"{k}\""));
+        assert_eq!(serde_json::from_str::<RngKind>(&j).unwrap(), k);
+    }
+}
+
+/// The documented layout, rebuilt here from the primitives.
+#[test]
+fn groups_follow_the_documented_layout() {
+    for rng in [RngKind::Chacha20, RngKind::Philox] {
+        let key = NoiseKey {
+            stream: StreamKey::from_insecure_seed(rng, 7),
+            tensor_id: 0xabcd_0123,
+            step: 77,
+        };
+        for g in [0u64, 1, 5, (1 << 32) + 3, u64::MAX / 8] {
+            let w: [u32; 16] = match rng {
+                RngKind::Chacha20 => chacha20_block(
+                    &key.stream.key,
+                    g,
+                    u64::from(key.tensor_id) | (u64::from(key.step) << 32),
+                ),
+                RngKind::Philox => {
+                    let mut w = [0u32; 16];
+                    for j in 0..4u64 {
+                        let c = 4 * g + j;
+                        let r = philox4x32_10(
+                            [c as u32, (c >> 32) as u32, key.tensor_id, key.step],
+                            [key.stream.key[0], key.stream.key[1]],
+                        );
+                        w[4 * j as usize..][..4].copy_from_slice(&r);
+                    }
+                    w
+                }
+            };
+            let x: Vec<u64> = (0..8)
+                .map(|k| u64::from(w[2 * k]) | (u64::from(w[2 * k + 1]) << 32))
+                .collect();
+            let z = key.normal_group(g);
+            for p in 0..4 {
+                // Within a few 1e-15 of libm's Box–Muller on the same uniforms.
+                let (u0, u1) = (uniform53(x[2 * p]), uniform53(x[2 * p + 1]));
+                let r = (-2.0 * u0.ln()).sqrt();
+                let th = std::f64::consts::TAU * u1;
+                let tol = 4e-15 * r.max(1.0);
+                assert!((z[2 * p] - r * th.cos()).abs() <= tol, "{rng} g={g} p={p}");
+                assert!(
+                    (z[2 * p + 1] - r * th.sin()).abs() <= tol,
+                    "{rng} g={g} p={p}"
+                );
+                assert_eq!(box_muller(x[2 * p], x[2 * p + 1]), [z[2 * p], z[2 * p + 1]]);
+            }
+            for l in 0..8 {
+                assert_eq!(key.normal(8 * g + l).to_bits(), z[l as usize].to_bits());
+            }
+        }
+    }
+}
+
+/// The hand-written ln and sincos against libm over the whole (0, 1] grid's range,
+/// including both ends and the quadrant boundaries.
+#[test]
+fn box_muller_is_close_to_libm_everywhere() {
+    let mut r = common::rng(3);
+    let mut xs: Vec<u64> = vec![0, u64::MAX, 1 << 11, (1 << 63) - 1, 1 << 63];
+    for q in 0..=4u64 {
+        for d in [0i64, -1, 1, -(1 << 11), 1 << 11] {
+            // k = ((x >> 11) + 1) at the quarter turns q·2^51, ± a step.
+            let k = (q << 51) as i64 + d;
+            if (1..=(1i64 << 53)).contains(&k) {
+                xs.push(((k - 1) as u64) << 11);
+            }
+        }
+    }
+    for e in 0..63 {
+        xs.push(1u64 << e);
+        xs.push(r.random::<u64>() >> e);
+    }
+    xs.extend((0..20_000).map(|_| r.random::<u64>()));
+    let mut worst: f64 = 0.0;
+    for &x0 in &xs {
+        for &x1 in xs.iter().step_by(97) {
+            let [c, s] = box_muller(x0, x1);
+            let (u0, u1) = (uniform53(x0), uniform53(x1));
+            let rr = (-2.0 * u0.ln()).sqrt();
+            let th = std::f64::consts::TAU * u1;
+            let e = (c - rr * th.cos()).abs().max((s - rr * th.sin()).abs()) / rr.max(1e-300);
+            worst = worst.max(if rr == 0.0 { c.abs() + s.abs() } else { e });
+        }
+    }
+    assert!(worst < 3e-15, "worst relative error {worst:e}");
+    // ln alone through r: r² = −2 ln u to within 2 ulp-ish.
+    for &x in &xs {
+        let u = uniform53(x);
+        let [c, s] = box_muller(x, 0);
+        let r2 = c * c + s * s;
+        let want = -2.0 * u.ln();
+        assert!(
+            (r2 - want).abs() <= 8.0 * f64::EPSILON * want,
+            "u={u}: {r2} vs {want}"
+        );
+    }
+}
+
+/// Golden f64 normals (bit patterns) of the RFC 8439 key, tensor 3, step 11, groups
+/// 0, 1 and 2^32 + 5. `tools/cuda-emu/noise_harness.cpp` checks the emulated CUDA
+/// kernels against the same constants, so the CPU and the kernel source agree bit
+/// for bit even where no GPU is available.
+const GOLDEN: [(RngKind, u64, [u64; 8]); 6] = [
+    (
+        RngKind::Chacha20,
+        0,
+        [
+            0xbfd2a6cbad2d5160,
+            0x3fab15dd188d71ca,
+            0x3ff30e75ab250804,
+            0xbffe8105aacc7b44,
+            0x3ff3e21413dded6b,
+            0x3febda44bc09f11d,
+            0xbfbf3cc99b0237d4,
+            0xbfdb275281f1a7c3,
+        ],
+    ),
+    (
+        RngKind::Chacha20,
+        1,
+        [
+            0xbfe01f46521370b2,
+            0x3fd98f188e70e7b8,
+            0x3feb6b54203d806e,
+            0xbfe3e0e7c27871ca,
+            0x3fca011809a3e791,
+            0x3ff3f5649c14ffc9,
+            0x3ff01402e41743ae,
+            0x3ff44cc72cc9469b,
+        ],
+    ),
+    (
+        RngKind::Chacha20,
+        4294967301,
+        [
+            0xbfea6d91d810c1c7,
+            0x3fe5c55da9ec8792,
+            0x3ff16d4b5c42194f,
+            0xbff959a0c92a98e9,
+            0xbfd0356ae26ddf7c,
+            0xbfc1eb09eca12575,
+            0xbfe7bdddf07b83a9,
+            0x3fceec650131cdc1,
+        ],
+    ),
+    (
+        RngKind::Philox,
+        0,
+        [
+            0xbff2d56f9be537a9,
+            0x3feda17d2644b444,
+            0xbffa25a59dfff317,
+            0x3ff033c2bfe8cb15,
+            0xbfd28499c25c7446,
+            0xbfe694f4bce1954f,
+            0x3ff1a9b335952537,
+            0x3fd97422e86f036a,
+        ],
+    ),
+    (
+        RngKind::Philox,
+        1,
+        [
+            0x3ff4102dcf39c9c9,
+            0x3ff53a8c18bd6e38,
+            0xbfc0a661cc00b033,
+            0xbfe39106f50617a7,
+            0xbfeeae20c5682b4a,
+            0x3fefeb682a760f9f,
+            0x3fee91b8503ff9e9,
+            0x3ff19b6ec96fe0dd,
+        ],
+    ),
+    (
+        RngKind::Philox,
+        4294967301,
+        [
+            0xbfd468d8ea6a5137,
+            0x3fca2c87c37a0bdb,
+            0x3f27a5feefe6447a,
+            0x3fdab37ac0d5fd7b,
+            0xbff4eb4e34d6b488,
+            0xbfd9db47fec53640,
+            0xbffaa4c5aaed874a,
+            0xc002a4537143568c,
+        ],
+    ),
+];
+
+#[test]
+fn golden_normals_shared_with_the_cuda_emulator() {
+    let key = key_words(&(0u8..32).collect::<Vec<_>>());
+    for (rng, g, bits) in GOLDEN {
+        let k = NoiseKey {
+            stream: StreamKey { rng, key },
+            tensor_id: 3,
+            step: 11,
+        };
+        let got: Vec<u64> = k.normal_group(g).iter().map(|z| z.to_bits()).collect();
+        assert_eq!(got, bits, "{rng} group {g}");
+    }
+}
+
 const N: usize = 1_000_000;
 
-fn samples(key: NoiseKey) -> Vec<f32> {
+fn samples(key: NoiseKey) -> Vec<f64> {
     let mut v = vec![0.0; N];
     key.fill(0, &mut v);
     v
 }
 
+fn key(rng: RngKind, seed: u64, tensor_id: u32, step: u32) -> NoiseKey {
+    NoiseKey {
+        stream: StreamKey::from_insecure_seed(rng, seed),
+        tensor_id,
+        step,
+    }
+}
+
 #[test]
 fn gaussian_moments_within_5_sigma() {
-    let v = samples(NoiseKey {
-        seed: 42,
-        tensor_id: 7,
-        step: 3,
-    });
-    let n = N as f64;
-    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
-    let m2 = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
-    let m4 = v.iter().map(|&x| (x as f64 - mean).powi(4)).sum::<f64>() / n;
-    // Standard errors: mean 1/√n; variance √(2/n); fourth moment √(96/n).
-    assert!(mean.abs() < 5.0 / n.sqrt(), "mean {mean}");
-    assert!((m2 - 1.0).abs() < 5.0 * (2.0 / n).sqrt(), "variance {m2}");
-    assert!((m4 - 3.0).abs() < 5.0 * (96.0 / n).sqrt(), "kurtosis {m4}");
-    // Tail mass beyond 3σ: p = 0.0026998, binomial standard error.
-    let tail = v.iter().filter(|x| x.abs() > 3.0).count() as f64 / n;
-    let p = 0.002_699_8;
-    assert!(
-        (tail - p).abs() < 5.0 * (p * (1.0 - p) / n).sqrt(),
-        "tail {tail}"
-    );
-    assert!(v.iter().all(|x| x.is_finite()));
+    for rng in [RngKind::Chacha20, RngKind::Philox] {
+        let v = samples(key(rng, 42, 7, 3));
+        let n = N as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let m2 = v.iter().map(|&x| (x - mean).powi(2)).sum::<f64>() / n;
+        let m4 = v.iter().map(|&x| (x - mean).powi(4)).sum::<f64>() / n;
+        // Standard errors: mean 1/√n; variance √(2/n); fourth moment √(96/n).
+        assert!(mean.abs() < 5.0 / n.sqrt(), "{rng}: mean {mean}");
+        assert!(
+            (m2 - 1.0).abs() < 5.0 * (2.0 / n).sqrt(),
+            "{rng}: variance {m2}"
+        );
+        assert!(
+            (m4 - 3.0).abs() < 5.0 * (96.0 / n).sqrt(),
+            "{rng}: kurtosis {m4}"
+        );
+        // Tail mass beyond 3σ: p = 0.0026998, binomial standard error.
+        let tail = v.iter().filter(|x| x.abs() > 3.0).count() as f64 / n;
+        let p = 0.002_699_8;
+        assert!(
+            (tail - p).abs() < 5.0 * (p * (1.0 - p) / n).sqrt(),
+            "{rng}: tail {tail}"
+        );
+        assert!(v.iter().all(|x| x.is_finite()));
+    }
+}
+
+/// The 32-bit uniforms capped |z| at sqrt(−2 ln 2⁻³²) = 6.66; 53-bit ones reach 8.57.
+/// P(|z| > 5) = 5.7e-7, so 4·10⁶ normals would see none with probability 0.1; 2·10⁷
+/// expect 11.5 (none: 1e-5). Also checks that the uniforms carry 53 bits.
+#[test]
+fn tails_go_beyond_5_and_uniforms_have_53_bits() {
+    for rng in [RngKind::Chacha20, RngKind::Philox] {
+        let k = key(rng, 5, 1, 0);
+        let mut v = vec![0.0f64; 20_000_000];
+        k.fill(0, &mut v);
+        let max = v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let beyond5 = v.iter().filter(|x| x.abs() > 5.0).count();
+        assert!(max > 5.0 && beyond5 >= 1, "{rng}: max |z| {max}");
+        assert!(max < 8.58, "{rng}: max |z| {max} above the 53-bit bound");
+        // P(|z| > 5) = 5.733e-7: the count is Poisson(11.5); 5 sigma is ±17.
+        let expect = 5.733e-7 * v.len() as f64;
+        assert!(
+            (beyond5 as f64 - expect).abs() < 5.0 * expect.sqrt() + 1.0,
+            "{rng}: {beyond5} beyond 5, expected {expect}"
+        );
+    }
+    // 53-bit uniforms: the low mantissa bits vary, and the extremes are exact.
+    assert_eq!(uniform53(u64::MAX), 1.0);
+    assert_eq!(uniform53(0), 2f64.powi(-53));
+    assert_eq!(uniform53(1 << 11), 2.0 * 2f64.powi(-53));
+    let [c, s] = box_muller(0, u64::MAX); // u0 = 2^-53, θ = 2π
+    assert_eq!(s, 0.0);
+    assert!((c - (2.0 * 53.0 * 2f64.ln()).sqrt()).abs() < 1e-14, "{c}");
+    let mut r = common::rng(9);
+    let mut low_or = 0u64;
+    let mut low_and = u64::MAX;
+    for _ in 0..1000 {
+        let u = uniform53(r.random());
+        // u·2^53 is the 53-bit integer; its low 21 bits (beyond a 32-bit uniform).
+        let k = (u * 2f64.powi(53)) as u64;
+        assert_eq!(k as f64 * 2f64.powi(-53), u);
+        low_or |= k & 0x1f_ffff;
+        low_and &= k & 0x1f_ffff;
+    }
+    assert_eq!((low_or, low_and), (0x1f_ffff, 0), "low bits do not vary");
 }
 
 /// Correlation of two streams must be within 5 standard errors (1/√n) of 0.
-fn assert_uncorrelated(a: &[f32], b: &[f32], what: &str) {
+fn assert_uncorrelated(a: &[f64], b: &[f64], what: &str) {
     let n = a.len() as f64;
-    let c = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| x as f64 * y as f64)
-        .sum::<f64>()
-        / n;
+    let c = a.iter().zip(b).map(|(&x, &y)| x * y).sum::<f64>() / n;
     assert!(c.abs() < 5.0 / n.sqrt(), "{what}: correlation {c}");
     assert!(
         a.iter().zip(b).filter(|(x, y)| x == y).count() < 10,
@@ -71,96 +490,189 @@ fn assert_uncorrelated(a: &[f32], b: &[f32], what: &str) {
 }
 
 #[test]
-fn streams_are_independent_across_step_tensor_and_seed() {
-    let base = samples(NoiseKey {
-        seed: 1,
-        tensor_id: 0,
-        step: 0,
-    });
+fn streams_are_independent_across_step_tensor_key_and_generator() {
+    for rng in [RngKind::Chacha20, RngKind::Philox] {
+        let base = samples(key(rng, 1, 0, 0));
+        assert_uncorrelated(&base, &samples(key(rng, 1, 0, 1)), "step");
+        assert_uncorrelated(&base, &samples(key(rng, 1, 1, 0)), "tensor id");
+        assert_uncorrelated(&base, &samples(key(rng, 2, 0, 0)), "key");
+        // Neighbouring elements (the Box–Muller pair, the pairs, the groups).
+        for lag in [1, 2, 7, 8] {
+            assert_uncorrelated(&base[..N - lag], &base[lag..], &format!("{rng} lag {lag}"));
+        }
+    }
     assert_uncorrelated(
-        &base,
-        &samples(NoiseKey {
-            seed: 1,
-            tensor_id: 0,
-            step: 1,
-        }),
-        "step",
+        &samples(key(RngKind::Chacha20, 1, 0, 0)),
+        &samples(key(RngKind::Philox, 1, 0, 0)),
+        "generator",
     );
-    assert_uncorrelated(
-        &base,
-        &samples(NoiseKey {
-            seed: 1,
-            tensor_id: 1,
-            step: 0,
-        }),
-        "tensor id",
-    );
-    assert_uncorrelated(
-        &base,
-        &samples(NoiseKey {
-            seed: 2,
-            tensor_id: 0,
-            step: 0,
-        }),
-        "seed",
-    );
-    // Neighbouring elements of one stream (the two Box–Muller outputs, the two pairs).
-    assert_uncorrelated(&base[..N - 1], &base[1..], "lag 1");
-    assert_uncorrelated(&base[..N - 2], &base[2..], "lag 2");
+    // ChaCha20 uses all 256 key bits: flipping a high word changes the stream.
+    let k = key(RngKind::Chacha20, 1, 0, 0);
+    let mut k2 = k;
+    k2.stream.key[7] ^= 1;
+    assert_uncorrelated(&samples(k), &samples(k2), "key word 7");
 }
 
 #[test]
-fn regeneration_is_random_access() {
-    let key = NoiseKey {
-        seed: 0xdead_beef_0123,
-        tensor_id: 9,
-        step: 77,
-    };
-    let mut whole = vec![0.0; 103];
-    key.fill(0, &mut whole);
-    for off in [0usize, 1, 2, 3, 5, 50] {
-        let mut part = vec![0.0; 103 - off];
-        key.fill(off as u64, &mut part);
-        assert_eq!(part, whole[off..]);
+fn regeneration_is_random_access_and_split_invariant() {
+    for rng in [RngKind::Chacha20, RngKind::Philox] {
+        let key = key(rng, 0xdead_beef_0123, 9, 77);
+        let mut whole = vec![0.0; 300_001];
+        key.fill(0, &mut whole);
+        for off in [0usize, 1, 2, 3, 5, 7, 8, 9, 50, 65, 70_001] {
+            for len in [0usize, 1, 7, 8, 9, 63, 64, 65, 1000] {
+                let mut part = vec![0.0; len];
+                key.fill(off as u64, &mut part);
+                assert_eq!(part, whole[off..off + len], "{rng} off {off} len {len}");
+            }
+            let mut part = vec![0.0; whole.len() - off];
+            key.fill(off as u64, &mut part);
+            assert_eq!(part, whole[off..], "{rng} off {off}");
+        }
+        for (i, &w) in whole.iter().enumerate().step_by(13) {
+            assert_eq!(key.normal(i as u64).to_bits(), w.to_bits());
+        }
+        // add_scaled = (f64(y) + a·z) as f32 per element, for any split.
+        let mut r = common::rng(4);
+        let y0 = common::uniform(&mut r, 100_003);
+        let a = 0.37;
+        let want: Vec<f32> = y0
+            .iter()
+            .zip(&whole[5..])
+            .map(|(&y, &z)| (f64::from(y) + a * z) as f32)
+            .collect();
+        let mut y = y0.clone();
+        key.add_scaled(5, a, &mut y);
+        assert_eq!(y, want);
+        let mut y = y0.clone();
+        let (l, rr) = y.split_at_mut(12_345);
+        key.add_scaled(5, a, l);
+        key.add_scaled(5 + 12_345, a, rr);
+        assert_eq!(y, want);
+        // Indices beyond 2^35 use the counter's high word.
+        let far = 1u64 << 36;
+        assert_ne!(key.normal(far), key.normal(far - (1 << 35)));
+        assert_eq!(key.normal(far + 5), key.normal_group((far + 5) / 8)[5]);
     }
-    for (i, &w) in whole.iter().enumerate() {
-        assert_eq!(key.normal(i as u64), w);
-    }
-    // Indices beyond 2^34 use the counter's second word.
-    let far = 1u64 << 36;
-    assert_ne!(key.normal(far), key.normal(far - (1 << 34)));
-    assert_eq!(key.normal(far + 5), key.normal4((far + 5) >> 2)[1]);
 }
 
 #[cfg(feature = "cuda")]
-#[test]
-fn gpu_noise_matches_cpu_bit_for_bit() {
+mod gpu {
+    use super::*;
     use dualpriv::gpu::{gpu_or_skip, noise::noise_axpy};
-    let Some(gpu) = gpu_or_skip("gpu_noise_matches_cpu_bit_for_bit") else {
-        return;
-    };
-    let key = NoiseKey {
-        seed: 0x1234_5678_9abc,
-        tensor_id: 3,
-        step: 11,
-    };
-    for (offset, n) in [(0u64, N), (3, 1001), ((1u64 << 34) + 1, 4099)] {
-        let mut want = vec![0.0f32; n];
-        key.fill(offset, &mut want);
-        let mut y = gpu.zeros::<f32>(n).unwrap();
-        noise_axpy(&gpu, key, offset, 1.0, false, &mut y).unwrap();
-        let got = gpu.download(&y).unwrap();
-        // f64 Box–Muller on both sides: equal bits except for rare double-rounding
-        // cases, which may differ by one ulp.
-        let mut exact = 0;
-        for (g, w) in got.iter().zip(&want) {
-            let ulps = (g.to_bits() as i64 - w.to_bits() as i64).abs();
-            assert!(ulps <= 1, "offset {offset}: {g} vs {w}");
-            exact += (ulps == 0) as usize;
+
+    #[test]
+    fn gpu_noise_matches_cpu_bit_for_bit() {
+        let Some(gpu) = gpu_or_skip("gpu_noise_matches_cpu_bit_for_bit") else {
+            return;
+        };
+        for rng in [RngKind::Chacha20, RngKind::Philox] {
+            let key = key(rng, 0x1234_5678_9abc, 3, 11);
+            for (offset, n) in [(0u64, N), (3, 1001), ((1u64 << 35) + 1, 4099)] {
+                // Written (a·z) and accumulated (y + a·z), a ≠ 1 so the product counts.
+                for (accumulate, a) in [(false, 1.0), (true, -0.3)] {
+                    let mut r = common::rng(offset);
+                    let y0 = if accumulate {
+                        common::uniform(&mut r, n)
+                    } else {
+                        vec![0.0f32; n]
+                    };
+                    let mut want = y0.clone();
+                    key.add_scaled(offset, a, &mut want);
+                    let mut y = gpu.upload(&y0).unwrap();
+                    noise_axpy(&gpu, key, offset, a, accumulate, &mut y).unwrap();
+                    let got = gpu.download(&y).unwrap();
+                    let bad = got
+                        .iter()
+                        .zip(&want)
+                        .position(|(g, w)| g.to_bits() != w.to_bits());
+                    assert!(
+                        bad.is_none(),
+                        "{rng} offset {offset} acc {accumulate}: first mismatch at {bad:?}"
+                    );
+                }
+            }
         }
-        assert!(
-            exact as f64 >= 0.9999 * n as f64,
-            "only {exact}/{n} bit-exact"
+    }
+
+    /// The device's raw ChaCha20 block function on the RFC 8439 §2.3.2 vector and
+    /// Appendix A.1 #1/#2, and on random counters/nonces against the CPU.
+    #[test]
+    fn gpu_chacha20_block_rfc8439_and_random() {
+        let Some(gpu) = gpu_or_skip("gpu_chacha20_block_rfc8439_and_random") else {
+            return;
+        };
+        let rfc_key = key_words(&(0u8..32).collect::<Vec<_>>());
+        let got = dualpriv::gpu::noise::chacha20_blocks(
+            &gpu,
+            &rfc_key,
+            &[1 | (0x0900_0000 << 32)],
+            &[0x4a00_0000],
+        )
+        .unwrap();
+        assert_eq!(got[0][0], 0xe4e7f110);
+        assert_eq!(got[0][15], 0x4e3c50a2);
+        assert_eq!(
+            got[0],
+            chacha20_block(&rfc_key, 1 | (0x0900_0000 << 32), 0x4a00_0000)
+        );
+        let zero = dualpriv::gpu::noise::chacha20_blocks(&gpu, &[0; 8], &[0, 1], &[0, 0]).unwrap();
+        assert_eq!(
+            &serialize(&zero[0])[..8],
+            &[0x76, 0xb8, 0xe0, 0xad, 0xa0, 0xf1, 0x3d, 0x90]
+        );
+        assert_eq!(
+            &serialize(&zero[1])[..8],
+            &[0x9f, 0x07, 0xe7, 0xbe, 0x55, 0x51, 0x38, 0x7a]
+        );
+        let mut r = common::rng(2);
+        let key: [u32; 8] = std::array::from_fn(|_| r.random());
+        let counters: Vec<u64> = (0..1000).map(|i| r.random::<u64>() >> (i % 64)).collect();
+        let nonces: Vec<u64> = (0..1000).map(|_| r.random()).collect();
+        let got = dualpriv::gpu::noise::chacha20_blocks(&gpu, &key, &counters, &nonces).unwrap();
+        for (i, w) in got.iter().enumerate() {
+            assert_eq!(
+                *w,
+                chacha20_block(&key, counters[i], nonces[i]),
+                "block {i}"
+            );
+        }
+    }
+
+    /// The RFC 8439 §2.3.2 block on the GPU: a stream whose key is the RFC key and
+    /// whose nonce (tensor_id | step << 32) is the RFC nonce 0x4a000000 gives group
+    /// g = RFC counter its normals; noise_axpy with a = 1 on zeros must produce the
+    /// normals computed on the CPU from the RFC's printed output words.
+    #[test]
+    fn gpu_chacha20_reproduces_the_rfc8439_block() {
+        let Some(gpu) = gpu_or_skip("gpu_chacha20_reproduces_the_rfc8439_block") else {
+            return;
+        };
+        let key = NoiseKey {
+            stream: StreamKey {
+                rng: RngKind::Chacha20,
+                key: key_words(&(0u8..32).collect::<Vec<_>>()),
+            },
+            tensor_id: 0x4a00_0000,
+            step: 0,
+        };
+        let rfc: [u32; 16] = [
+            0xe4e7f110, 0x15593bd1, 0x1fdd0f50, 0xc47120a3, 0xc7f4d1c7, 0x0368c033, 0x9aaa2204,
+            0x4e6cd4c3, 0x466482d2, 0x09aa9f07, 0x05d7c214, 0xa2028bd9, 0xd19c12b5, 0xb94e16de,
+            0xe883d0cb, 0x4e3c50a2,
+        ];
+        let g = 1u64 | (0x0900_0000 << 32);
+        let x = |k: usize| u64::from(rfc[2 * k]) | (u64::from(rfc[2 * k + 1]) << 32);
+        let want: Vec<f32> = (0..4)
+            .flat_map(|p| box_muller(x(2 * p), x(2 * p + 1)))
+            .map(|z| z as f32)
+            .collect();
+        let mut y = gpu.zeros::<f32>(8).unwrap();
+        noise_axpy(&gpu, key, g * 8, 1.0, true, &mut y).unwrap();
+        let got = gpu.download(&y).unwrap();
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         );
     }
 }

@@ -58,7 +58,7 @@ fn model<B: DpBackend>(be: &B, spec: &ModelSpec) -> Mllm<B> {
     let k = RunKey::from_insecure_seed(99).stream(Domain::Direction, RngKind::Chacha20);
     for id in ids {
         let key = NoiseKey {
-            seed: k.seed64(), // MERGE
+            stream: k,
             tensor_id: id,
             step: 0,
         };
@@ -389,14 +389,14 @@ fn steps_tensors_and_runs_never_share_noise() {
     let (_, tb) = sizes[sizes.len() - 2];
     let stream = a.key().stream(Domain::Noise, RngKind::Chacha20);
     let draw = |tensor_id: u32, len: usize| {
-        let mut v = vec![0.0f32; len];
+        let mut v = vec![0.0f64; len];
         NoiseKey {
-            seed: stream.seed64(), // MERGE
+            stream,
             tensor_id,
             step: 0,
         }
         .fill(0, &mut v);
-        v.into_iter().map(f64::from).collect::<Vec<f64>>()
+        v
     };
     let len = la.min(sizes[sizes.len() - 2].0);
     let r = correlation(&draw(ta, len), &draw(tb, len));

@@ -1,7 +1,7 @@
 //! Visual token selection: the CPU reference (`dualpriv::vision::tokens`) against a
 //! brute-force f64 reference written here in the most obvious way, its edge cases
 //! and errors, and the GPU (`dualpriv::gpu::tokens`) against the CPU.
-use dualpriv::dp::noise::NoiseKey;
+use dualpriv::dp::noise::{NoiseKey, RngKind, StreamKey};
 use dualpriv::vision::tokens::{
     cls_scores, dominant_indices, gather_fuse, plan_tokens, select_tokens, TokenSelectConfig,
     TokenShape, NOT_A_MEMBER, TOKENS_NOISE_TENSOR_ID,
@@ -34,7 +34,7 @@ fn cfg(keep: usize, context: usize) -> TokenSelectConfig {
         keep,
         context,
         fuse_noise_std: 0.0,
-        noise_seed: 0,
+        noise: StreamKey::from_insecure_seed(RngKind::Chacha20, 0),
     }
 }
 
@@ -341,14 +341,14 @@ fn empty_cluster_equals_its_center() {
 }
 
 #[test]
-fn noise_changes_only_contextual_tokens_by_the_philox_stream() {
+fn noise_changes_only_contextual_tokens_by_the_noise_stream() {
     let s = shape(2, 40, 3, 5, 7);
     let (k, m, sigma, seed) = (12, 6, 0.25f32, 0xDEAD_BEEF_u64);
     let inp = gen(s, 3);
     let clean = select_tokens(&inp.attn, &inp.keys, &inp.hidden, &s, &cfg(k, m)).unwrap();
     let noisy_cfg = TokenSelectConfig {
         fuse_noise_std: sigma,
-        noise_seed: seed,
+        noise: StreamKey::from_insecure_seed(RngKind::Chacha20, seed),
         ..cfg(k, m)
     };
     let noisy = select_tokens(&inp.attn, &inp.keys, &inp.hidden, &s, &noisy_cfg).unwrap();
@@ -356,7 +356,7 @@ fn noise_changes_only_contextual_tokens_by_the_philox_stream() {
     assert_eq!(noisy, again, "deterministic for a seed");
     assert_eq!(noisy.kept, clean.kept);
     let key = NoiseKey {
-        seed,
+        stream: StreamKey::from_insecure_seed(RngKind::Chacha20, seed),
         tensor_id: TOKENS_NOISE_TENSOR_ID,
         step: 0,
     };
@@ -371,17 +371,27 @@ fn noise_changes_only_contextual_tokens_by_the_philox_stream() {
                     assert_eq!(y.to_bits(), x.to_bits(), "kept token changed");
                 } else {
                     let i = ((b * m + (t - 1 - k)) * d + e) as u64;
-                    assert_eq!(y, x + sigma * key.normal(i), "image {b} token {t} dim {e}");
+                    let want = (f64::from(x) + f64::from(sigma) * key.normal(i)) as f32;
+                    assert_eq!(y.to_bits(), want.to_bits(), "image {b} token {t} dim {e}");
                 }
             }
         }
     }
     let other = TokenSelectConfig {
-        noise_seed: seed + 1,
+        noise: StreamKey::from_insecure_seed(RngKind::Chacha20, seed + 1),
         ..noisy_cfg
     };
     let other = select_tokens(&inp.attn, &inp.keys, &inp.hidden, &s, &other).unwrap();
     assert_ne!(other.tokens, noisy.tokens, "another seed gives other noise");
+    let philox = TokenSelectConfig {
+        noise: StreamKey::from_insecure_seed(RngKind::Philox, seed),
+        ..noisy_cfg
+    };
+    let philox = select_tokens(&inp.attn, &inp.keys, &inp.hidden, &s, &philox).unwrap();
+    assert_ne!(
+        philox.tokens, noisy.tokens,
+        "the generator is part of the stream"
+    );
 }
 
 fn expect_config(r: dualpriv::Result<impl std::fmt::Debug>, needles: &[&str]) {
@@ -516,7 +526,14 @@ mod gpu {
             );
             let noisy = TokenSelectConfig {
                 fuse_noise_std: 0.3,
-                noise_seed: 42 + i as u64,
+                noise: StreamKey::from_insecure_seed(
+                    if i % 2 == 0 {
+                        RngKind::Chacha20
+                    } else {
+                        RngKind::Philox
+                    },
+                    42 + i as u64,
+                ),
                 ..cfg(k, m)
             };
             check(

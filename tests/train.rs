@@ -4,14 +4,13 @@
 use dualpriv::backend::cpu::Cpu;
 use dualpriv::backend::dp::DpBackend;
 use dualpriv::data::synthetic::{Dataset, Split};
-use dualpriv::dp::noise::NoiseKey;
+use dualpriv::dp::noise::{NoiseKey, RngKind, StreamKey};
 use dualpriv::model::Mllm;
 use dualpriv::train::checkpoint::ModelSpec;
 use dualpriv::train::method::Method;
 use dualpriv::train::optim::{OptConfig, OptKind};
 use dualpriv::train::sampler::{Sampler, Sampling};
 use dualpriv::dp::key::RunKey;
-use dualpriv::dp::noise::RngKind;
 use dualpriv::train::step::{
     dpzo_direction, gradient_sums, train_step, OptState, StepContext, StepOutcome,
 };
@@ -78,7 +77,7 @@ fn model(spec: &ModelSpec, seed: u64) -> Mllm<Cpu> {
         Cpu.noise_axpy(
             model.param_mut(id),
             NoiseKey {
-                seed: 99,
+                stream: StreamKey::from_insecure_seed(RngKind::Chacha20, 99),
                 tensor_id: id,
                 step: 0,
             },
@@ -213,20 +212,20 @@ fn dpzo_estimates_the_directional_derivative() {
     let mut dot = 0.0f64;
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (k, p) in m.trainable().iter().enumerate() {
-        let mut z = vec![0.0f32; p.len];
+        let mut z = vec![0.0f64; p.len];
         dpzo_direction(&key(), RngKind::Chacha20, p.id, 0).fill(0, &mut z);
         let g = &plain.grads[&p.id];
         dot += g
             .iter()
             .zip(&z)
-            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .map(|(a, b)| f64::from(*a) * b)
             .sum::<f64>();
         let after = m.param(p.id);
         for j in 0..p.len {
             // Δθ = −lr · s · z, so s = −Δθ / (lr · z) (least squares over coordinates).
             let dth = f64::from(after[j]) - f64::from(before[k][j]);
-            num += -dth * f64::from(z[j]);
-            den += f64::from(c.opt.lr) * f64::from(z[j]).powi(2);
+            num += -dth * z[j];
+            den += f64::from(c.opt.lr) * z[j].powi(2);
         }
     }
     let scalar = num / den * c.batch as f64;

@@ -24,8 +24,8 @@
 //! `weighted_row_sum`) runs on the strict-FP32 handle ([`Precision::Strict`]) whatever
 //! the TF32 setting, because a TF32 residual of a near-cancelling example would
 //! survive clipping and exceed the sensitivity C; the network's forward and backward
-//! GEMMs are [`Precision::Model`]. The DP mechanisms reproduce the CPU's Philox
-//! noise bit for bit.
+//! GEMMs are [`Precision::Model`]. The DP mechanisms reproduce the CPU's ChaCha20 /
+//! Philox noise bit for bit.
 #![allow(clippy::too_many_arguments)]
 
 use std::collections::HashMap;
@@ -1501,7 +1501,7 @@ impl DpBackend for Cuda {
         plan.run(&self.gpu, &tensors, cfg)
     }
 
-    fn noise_axpy(&self, y: &mut GpuBuf, key: NoiseKey, a: f32) -> Result<()> {
+    fn noise_axpy(&self, y: &mut GpuBuf, key: NoiseKey, a: f64) -> Result<()> {
         if y.len == 0 {
             return Ok(());
         }
@@ -1528,6 +1528,9 @@ fn open_or_skip(test: &str, opened: Result<Cuda>) -> Option<Cuda> {
         Err(Error::NoCudaDriver) => {
             gpu::skip_without_driver(test);
             None
+        }
+        Err(Error::NoCudaDriver) => {
+            panic!("{test}: DUALPRIV_REQUIRE_GPU=1 but there is no CUDA driver")
         }
         Err(e) => panic!("{test}: a CUDA driver is present but the GPU failed to open: {e}"),
     }

@@ -103,8 +103,9 @@ pub trait DpBackend: Backend {
         set: &mut [TensorUpdate<'_, Self>],
         cfg: &UpdateConfig,
     ) -> Result<PruneReport>;
-    /// `y += a · noise(0..len)` for the stream `key` (DPZO's perturbation direction).
-    fn noise_axpy(&self, y: &mut Self::Buf, key: NoiseKey, a: f32) -> Result<()>;
+    /// `y ← (f64(y) + a · noise(0..len)) as f32` for the stream `key` (DPZO's
+    /// perturbation direction): [`NoiseKey::add_scaled`] at offset 0.
+    fn noise_axpy(&self, y: &mut Self::Buf, key: NoiseKey, a: f64) -> Result<()>;
 }
 
 impl DpBackend for Cpu {
@@ -293,12 +294,8 @@ impl DpBackend for Cpu {
         prune::noise_prune_update(&mut states, cfg)
     }
 
-    fn noise_axpy(&self, y: &mut Vec<f32>, key: NoiseKey, a: f32) -> Result<()> {
-        let mut z = vec![0.0f32; y.len()];
-        key.fill(0, &mut z);
-        for (y, z) in y.iter_mut().zip(z) {
-            *y = a.mul_add(z, *y);
-        }
+    fn noise_axpy(&self, y: &mut Vec<f32>, key: NoiseKey, a: f64) -> Result<()> {
+        key.add_scaled(0, a, y);
         Ok(())
     }
 }

@@ -307,6 +307,7 @@ fn main() -> ExitCode {
             };
             bench::run(dev).map(|rows| {
                 print!("{}", bench::markdown(&rows));
+                print!("{}", bench::rng_ratios(&rows));
                 true
             })
         }

@@ -1,8 +1,10 @@
 //! Noisy-gradient update pruning (Dual-Priv's second mechanism), the CPU reference.
 //!
 //! For a selection set of tensors (one tensor in per-tensor scope, many in global
-//! scope) the released gradient is ñ_j = S_j + σC·noise(j): the clipped sum plus
-//! regenerable Philox noise. Only the k = ⌈keep_frac·N⌉ coordinates with the
+//! scope) the released gradient is ñ_j = (f64(S_j) + σC·z_j) as f32: the clipped
+//! sum plus regenerable Gaussian noise z_j from the step's [`StreamKey`] (ChaCha20
+//! by default, see [`crate::dp::noise`]), formed in f64 with a plain product and a
+//! plain sum so the GPU rounds it the same way. Only the k = ⌈keep_frac·N⌉ coordinates with the
 //! largest |ñ_j| are updated; every other coordinate keeps its parameter and its
 //! optimizer moments. The mask depends on the released ñ alone, so it is
 //! post-processing and costs no privacy; a mask from clean gradients would not be.
@@ -13,7 +15,7 @@
 //! are kept; of those with key = τ, the first ones in set order (tensor order, then
 //! index) are kept until exactly k are. A NaN or Inf in ñ aborts the step before
 //! anything is written.
-use crate::dp::noise::NoiseKey;
+use crate::dp::noise::{NoiseKey, StreamKey};
 use crate::{Error, Result};
 
 /// The magnitude key: for finite floats, `key(a) < key(b)` iff `|a| < |b|`.
@@ -259,9 +261,10 @@ pub struct UpdateConfig {
     /// Fraction of the set's coordinates to update, in [0, 1].
     pub keep_frac: f64,
     /// Noise standard deviation σ·C on the clipped sum (0 for non-private runs).
-    pub noise_std: f32,
-    /// The run's noise seed.
-    pub seed: u64,
+    pub noise_std: f64,
+    /// The secret key of the gradient-noise domain (tensor id and step complete
+    /// each tensor's stream).
+    pub noise: StreamKey,
     /// The logical step: part of every tensor's noise counter.
     pub step: u32,
     /// 1 / B_expected: DP-SGD divides by the expected, not the actual, batch size.
@@ -386,20 +389,18 @@ pub fn noise_prune_update(
     })
 }
 
-/// ñ = S + σC·noise for one tensor, with the kernel's fused multiply-add.
+/// ñ_j = (f64(S_j) + σC·z_j) as f32 for one tensor (plain f64 product and sum, as
+/// the kernel). With σC = 0 the sum passes through unchanged (−0.0 included).
 pub fn noisy_gradient(grad: &[f32], tensor_id: u32, cfg: &UpdateConfig) -> Vec<f32> {
+    let mut out = grad.to_vec();
     if cfg.noise_std == 0.0 {
-        return grad.to_vec();
+        return out;
     }
-    let key = NoiseKey {
-        seed: cfg.seed,
+    NoiseKey {
+        stream: cfg.noise,
         tensor_id,
         step: cfg.step,
-    };
-    let mut z = vec![0.0f32; grad.len()];
-    key.fill(0, &mut z);
-    grad.iter()
-        .zip(z)
-        .map(|(&g, z)| cfg.noise_std.mul_add(z, g))
-        .collect()
+    }
+    .add_scaled(0, cfg.noise_std, &mut out);
+    out
 }

@@ -235,11 +235,17 @@ fn set_math_mode(blas: &CudaBlas, mode: blas_sys::cublasMath_t) -> Result<()> {
     }
 }
 
+/// Whether `DUALPRIV_REQUIRE_GPU=1` is set: then the `*_or_skip` helpers fail
+/// instead of skipping when there is no CUDA driver (for GPU CI).
+pub fn gpu_required() -> bool {
+    std::env::var("DUALPRIV_REQUIRE_GPU").is_ok_and(|v| v.trim() == "1")
+}
+
 /// For GPU tests without a driver: prints `skipped: no CUDA driver` and returns,
 /// unless `DUALPRIV_REQUIRE_GPU=1`, where a missing GPU fails the test (so a CI run
 /// meant for the GPU cannot pass by skipping everything).
 pub fn skip_without_driver(test: &str) {
-    if std::env::var("DUALPRIV_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+    if gpu_required() {
         panic!("{test}: DUALPRIV_REQUIRE_GPU=1 but there is no CUDA driver");
     }
     println!("{test}: skipped: no CUDA driver");
@@ -253,6 +259,9 @@ pub fn gpu_or_skip(test: &str) -> Option<Gpu> {
         Err(Error::NoCudaDriver) => {
             skip_without_driver(test);
             None
+        }
+        Err(Error::NoCudaDriver) => {
+            panic!("{test}: DUALPRIV_REQUIRE_GPU=1 but there is no CUDA driver")
         }
         Err(e) => panic!("{test}: a CUDA driver is present but the GPU failed to open: {e}"),
     }

@@ -32,13 +32,24 @@ struct Segment {
     pad: u32,
 }
 
+/// Mirrors `NoiseArgs` in the kernel: the gradient-noise key words, the generator
+/// code, the step and σ·C in f64.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 struct NoiseArgs {
-    seed: u64,
+    key: [u32; 8],
+    rng: u32,
     step: u32,
-    std: f32,
+    std: f64,
 }
+
+const _: () = assert!(std::mem::size_of::<NoiseArgs>() == 48);
+const _: () = assert!(std::mem::align_of::<NoiseArgs>() == 8);
+const _: () = assert!(std::mem::offset_of!(NoiseArgs, rng) == 32);
+const _: () = assert!(std::mem::offset_of!(NoiseArgs, step) == 36);
+const _: () = assert!(std::mem::offset_of!(NoiseArgs, std) == 40);
+// The kernel regenerates noise in groups of 8 that must not straddle apply chunks.
+const _: () = assert!(CHUNK.is_multiple_of(8) && CHUNK.is_multiple_of(1024));
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -300,7 +311,8 @@ impl PrunePlan {
             .map_err(cuda_err("uploading select state"))?;
         let nsegs = segs.len() as i32;
         let na = NoiseArgs {
-            seed: cfg.seed,
+            key: cfg.noise.key,
+            rng: cfg.noise.rng.code(),
             step: cfg.step,
             std: cfg.noise_std,
         };

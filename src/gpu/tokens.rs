@@ -230,8 +230,7 @@ pub fn gather_fuse_dev(
     ws.check_fits(shape, cfg)?;
 
     let noise_std = cfg.fuse_noise_std;
-    let seed = cfg.noise_seed;
-    let tensor_id = cfg.noise_key().tensor_id;
+    let noise = super::noise::StreamArgs::new(&cfg.noise_key());
     let threads = (shape.hidden.div_ceil(32) * 32).min(GATHER_THREADS as usize) as u32;
     let launch = LaunchConfig {
         grid_dim: (
@@ -255,8 +254,7 @@ pub fn gather_fuse_dev(
         .arg(&k)
         .arg(&m)
         .arg(&noise_std)
-        .arg(&seed)
-        .arg(&tensor_id);
+        .arg(&noise);
     // SAFETY: types match the kernel; 1+K+M ≤ N ≤ 1025 and B ≤ 65535 fit the grid;
     // all buffers were checked. The indices come from plan_tokens_dev, so they are
     // below N (kept, remaining, centers) and below M (assign).

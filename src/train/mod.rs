@@ -100,7 +100,10 @@ impl TrainConfig {
             keep: k,
             context: self.context_tokens,
             fuse_noise_std: 0.0,
-            noise_seed: 0, // MERGE
+            noise: crate::dp::noise::StreamKey {
+                rng: self.rng,
+                key: [0; 8],
+            },
         })
     }
 
@@ -109,7 +112,7 @@ impl TrainConfig {
     pub fn train_token_select(&self, key: &RunKey) -> Option<TokenSelectConfig> {
         self.token_select().map(|mut t| {
             t.fuse_noise_std = self.fuse_noise_std;
-            t.noise_seed = key.stream(Domain::Tokens, self.rng).seed64(); // MERGE
+            t.noise = key.stream(Domain::Tokens, self.rng);
             t
         })
     }

@@ -34,7 +34,7 @@ pub const DPZO_SCALAR_ID: u32 = 0xD0_2E20;
 /// so directions never correlate with the DP noise.
 pub fn dpzo_direction(key: &RunKey, rng: RngKind, tensor_id: u32, draw: u32) -> NoiseKey {
     NoiseKey {
-        seed: key.stream(Domain::Direction, rng).seed64(), // MERGE
+        stream: key.stream(Domain::Direction, rng),
         tensor_id,
         step: draw,
     }
@@ -51,12 +51,12 @@ pub fn dpzo_noisy_scalar(
     batch: usize,
 ) -> f64 {
     let z = NoiseKey {
-        seed: key.stream(Domain::Noise, rng).seed64(), // MERGE
+        stream: key.stream(Domain::Noise, rng),
         tensor_id: DPZO_SCALAR_ID,
         step: draw,
     }
     .normal(0);
-    (clipped_sum + noise_std * f64::from(z)) / batch as f64
+    (clipped_sum + noise_std * z) / batch as f64
 }
 
 /// First and second moments of one parameter.
@@ -146,8 +146,8 @@ fn update_config(
         } else {
             1.0
         },
-        noise_std: noise_std(private, ctx.sigma, cfg.clip_norm) as f32, // MERGE
-        seed: ctx.key.stream(Domain::Noise, cfg.rng).seed64(),           // MERGE
+        noise_std: noise_std(private, ctx.sigma, cfg.clip_norm),
+        noise: ctx.key.stream(Domain::Noise, cfg.rng),
         step: draw,
         // DP-SGD divides by the expected batch size so the sum's sensitivity is C.
         inv_batch: 1.0
@@ -507,7 +507,7 @@ fn perturb<B: DpBackend>(ctx: &mut StepContext<'_, B>, draw: u32, scale: f32) ->
     for id in ids {
         let key = dpzo_direction(ctx.key, ctx.cfg.rng, id, draw);
         let p = ctx.model.param_mut(id);
-        ctx.backend.noise_axpy(p, key, scale)?; // MERGE: f64 scale
+        ctx.backend.noise_axpy(p, key, f64::from(scale))?;
     }
     Ok(())
 }

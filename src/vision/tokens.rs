@@ -37,11 +37,11 @@
 
 use rayon::prelude::*;
 
-use crate::dp::noise::NoiseKey;
+use crate::dp::noise::{NoiseKey, RngKind, StreamKey};
 use crate::error::ensure_shape;
 use crate::{Error, Result};
 
-/// The Philox `tensor_id` of the optional contextual-token noise
+/// The noise `tensor_id` of the optional contextual-token noise
 /// (see [`TokenSelectConfig::fuse_noise_std`]). It is distinct from every gradient
 /// noise stream, so enabling this heuristic never reuses DP-SGD noise.
 pub const TOKENS_NOISE_TENSOR_ID: u32 = 0xF05E_0001;
@@ -130,17 +130,18 @@ pub struct TokenSelectConfig {
     /// Standard deviation σ of Gaussian noise added to every element of the
     /// contextual tokens; 0 disables it.
     ///
-    /// Element i of the `[B, M, D]` contextual block gets `σ · z_i` with
-    /// `z_i = NoiseKey { seed: noise_seed, tensor_id: TOKENS_NOISE_TENSOR_ID, step: 0 }.normal(i)`,
-    /// so the GPU regenerates the same noise.
+    /// Element i of the `[B, M, D]` contextual block, of value v, becomes
+    /// `(f64(v) + f64(σ) · z_i) as f32` (plain f64 product and sum) with
+    /// `z_i = NoiseKey { stream: noise, tensor_id: TOKENS_NOISE_TENSOR_ID, step: 0 }.normal(i)`,
+    /// so the GPU regenerates the same noise and rounds the same way.
     ///
     /// **This noise is a heuristic, not part of the formal DP guarantee.** Token
     /// selection is a per-example computation that happens before per-example
     /// gradient clipping, so DP-SGD's clipping and noise already cover whatever it
     /// does; this noise adds no accounted privacy and must not be counted in ε.
     pub fuse_noise_std: f32,
-    /// Seed of the contextual-token noise stream.
-    pub noise_seed: u64,
+    /// Key of the contextual-token noise domain.
+    pub noise: StreamKey,
 }
 
 impl TokenSelectConfig {
@@ -149,7 +150,10 @@ impl TokenSelectConfig {
         keep: 53,
         context: 10,
         fuse_noise_std: 0.0,
-        noise_seed: 0,
+        noise: StreamKey {
+            rng: RngKind::Chacha20,
+            key: [0; 8],
+        },
     };
 
     /// Tokens per image in the output: 1 + K + M.
@@ -165,7 +169,7 @@ impl TokenSelectConfig {
     /// The noise stream of [`Self::fuse_noise_std`].
     pub fn noise_key(&self) -> NoiseKey {
         NoiseKey {
-            seed: self.noise_seed,
+            stream: self.noise,
             tensor_id: TOKENS_NOISE_TENSOR_ID,
             step: 0,
         }
@@ -479,11 +483,11 @@ pub fn gather_fuse(
             }
             if cfg.fuse_noise_std > 0.0 {
                 // Flat index within the [B, M, D] contextual block.
-                let mut z = vec![0.0f32; m * d];
-                cfg.noise_key().fill((b * m * d) as u64, &mut z);
-                for (y, z) in ctx_out.iter_mut().zip(&z) {
-                    *y += cfg.fuse_noise_std * z;
-                }
+                cfg.noise_key().add_scaled(
+                    (b * m * d) as u64,
+                    f64::from(cfg.fuse_noise_std),
+                    ctx_out,
+                );
             }
         });
     Ok(out)

@@ -1,0 +1,162 @@
+// Regenerable Gaussian noise: 16 random words per group of 8 normals from ChaCha20
+// (default, cryptographic) or Philox4x32-10 (`--rng philox`, not cryptographic),
+// 53-bit uniforms, and Box-Muller in f64. CPU twin: src/dp/noise.rs, whose module doc
+// gives the layout; both produce the same bits for the same (key, tensor_id, step, i),
+// so any kernel on any grid regenerates noise(i) and the noise tensor is never stored.
+//
+// ln, sin and cos are NOT the CUDA math library's (its last ulp differs from glibc):
+// they are the same sequence of correctly rounded IEEE operations as on the CPU,
+// written with __dadd_rn / __dmul_rn / __ddiv_rn / __dsqrt_rn so nvcc cannot contract
+// anything into an FMA. The constants are the CPU's bit patterns, as hex literals.
+#pragma once
+#include <stdint.h>
+
+#include "chacha.cuh"
+#include "philox.cuh"
+
+namespace dp {
+
+// Generator codes of the launch structs (RngKind::code in Rust).
+constexpr uint32_t RNG_CHACHA20 = 0;
+constexpr uint32_t RNG_PHILOX = 1;
+
+// One noise stream: a domain key, its generator, a tensor and a step. Mirrors
+// `StreamArgs` in src/gpu/noise.rs (48 bytes).
+struct StreamArgs {
+  uint32_t key[8];
+  uint32_t rng;  // RNG_CHACHA20 or RNG_PHILOX
+  uint32_t tensor_id;
+  uint32_t step;
+  uint32_t pad;
+};
+static_assert(sizeof(StreamArgs) == 48, "StreamArgs layout");
+
+// The 16 words of group g.
+__device__ __forceinline__ void group_words(uint32_t rng, const uint32_t key[8],
+                                            uint32_t tensor_id, uint32_t step, uint64_t g,
+                                            uint32_t w[16]) {
+  if (rng == RNG_PHILOX) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint64_t c = g * 4 + j;
+      u32x4 r = philox4x32_10(u32x4{(uint32_t)c, (uint32_t)(c >> 32), tensor_id, step},
+                              key[0], key[1]);
+      w[4 * j] = r.x;
+      w[4 * j + 1] = r.y;
+      w[4 * j + 2] = r.z;
+      w[4 * j + 3] = r.w;
+    }
+  } else {
+    chacha20_block(key, g, (uint64_t)tensor_id | ((uint64_t)step << 32), w);
+  }
+}
+
+// ln u for a positive normal double (ln_pos in src/dp/noise.rs).
+__device__ __forceinline__ double ln_pos(double u) {
+  const double SQRT2 = 0x1.6a09e667f3bcdp+0;
+  const double LN2_HI = 0x1.62e42fee00000p-1, LN2_LO = 0x1.a39ef35793c76p-33;
+  const unsigned long long bits = (unsigned long long)__double_as_longlong(u);
+  long long e = (long long)((bits >> 52) & 0x7ff) - 1023;
+  double m = __longlong_as_double((long long)((bits & 0x000fffffffffffffull) |
+                                              0x3ff0000000000000ull));
+  if (m > SQRT2) {
+    m = __dmul_rn(m, 0.5);
+    e += 1;
+  }
+  const double f = __dadd_rn(m, -1.0);
+  const double s = __ddiv_rn(f, __dadd_rn(2.0, f));
+  const double z = __dmul_rn(s, s);
+  double p = 0x1.8618618618618p-5;  // 1/21
+  p = __dadd_rn(__dmul_rn(p, z), 0x1.af286bca1af28p-5);  // 1/19
+  p = __dadd_rn(__dmul_rn(p, z), 0x1.e1e1e1e1e1e1ep-5);  // 1/17
+  p = __dadd_rn(__dmul_rn(p, z), 0x1.1111111111111p-4);  // 1/15
+  p = __dadd_rn(__dmul_rn(p, z), 0x1.3b13b13b13b14p-4);  // 1/13
+  p = __dadd_rn(__dmul_rn(p, z), 0x1.745d1745d1746p-4);  // 1/11
+  p = __dadd_rn(__dmul_rn(p, z), 0x1.c71c71c71c71cp-4);  // 1/9
+  p = __dadd_rn(__dmul_rn(p, z), 0x1.2492492492492p-3);  // 1/7
+  p = __dadd_rn(__dmul_rn(p, z), 0x1.999999999999ap-3);  // 1/5
+  p = __dadd_rn(__dmul_rn(p, z), 0x1.5555555555555p-2);  // 1/3
+  const double t = __dadd_rn(s, s);
+  const double ln_m = __dadd_rn(t, __dmul_rn(t, __dmul_rn(z, p)));
+  const double ef = (double)e;
+  return __dadd_rn(__dmul_rn(ef, LN2_HI), __dadd_rn(__dmul_rn(ef, LN2_LO), ln_m));
+}
+
+// (sin, cos) of 2*pi*k*2^-53, k in [1, 2^53] (sincos_turn in src/dp/noise.rs).
+__device__ __forceinline__ void sincos_turn(uint64_t k, double* sn, double* cs) {
+  const uint64_t q = (k + (1ull << 50)) >> 51;
+  const double f = __dmul_rn((double)((long long)k - (long long)(q << 51)), 0x1p-51);
+  const double x = __dmul_rn(f, 0x1.921fb54442d18p+0);  // f * pi/2
+  const double z = __dmul_rn(x, x);
+  double ps = 0x1.952c77030ad4ap-49;                      // 1/17!
+  ps = __dadd_rn(__dmul_rn(ps, z), -0x1.ae7f3e733b81fp-41);  // -1/15!
+  ps = __dadd_rn(__dmul_rn(ps, z), 0x1.6124613a86d09p-33);   // 1/13!
+  ps = __dadd_rn(__dmul_rn(ps, z), -0x1.ae64567f544e4p-26);  // -1/11!
+  ps = __dadd_rn(__dmul_rn(ps, z), 0x1.71de3a556c734p-19);   // 1/9!
+  ps = __dadd_rn(__dmul_rn(ps, z), -0x1.a01a01a01a01ap-13);  // -1/7!
+  ps = __dadd_rn(__dmul_rn(ps, z), 0x1.1111111111111p-7);    // 1/5!
+  ps = __dadd_rn(__dmul_rn(ps, z), -0x1.5555555555555p-3);   // -1/3!
+  const double s = __dadd_rn(x, __dmul_rn(x, __dmul_rn(z, ps)));
+  double pc = -0x1.6827863b97d97p-53;                     // -1/18!
+  pc = __dadd_rn(__dmul_rn(pc, z), 0x1.ae7f3e733b81fp-45);   // 1/16!
+  pc = __dadd_rn(__dmul_rn(pc, z), -0x1.93974a8c07c9dp-37);  // -1/14!
+  pc = __dadd_rn(__dmul_rn(pc, z), 0x1.1eed8eff8d898p-29);   // 1/12!
+  pc = __dadd_rn(__dmul_rn(pc, z), -0x1.27e4fb7789f5cp-22);  // -1/10!
+  pc = __dadd_rn(__dmul_rn(pc, z), 0x1.a01a01a01a01ap-16);   // 1/8!
+  pc = __dadd_rn(__dmul_rn(pc, z), -0x1.6c16c16c16c17p-10);  // -1/6!
+  pc = __dadd_rn(__dmul_rn(pc, z), 0x1.5555555555555p-5);    // 1/4!
+  pc = __dadd_rn(__dmul_rn(pc, z), -0x1.0000000000000p-1);   // -1/2!
+  const double c = __dadd_rn(1.0, __dmul_rn(z, pc));
+  switch (q & 3) {
+    case 0: *sn = s; *cs = c; break;
+    case 1: *sn = c; *cs = -s; break;
+    case 2: *sn = -s; *cs = -c; break;
+    default: *sn = -c; *cs = s; break;
+  }
+}
+
+// Box-Muller on two 64-bit words (box_muller in src/dp/noise.rs).
+__device__ __forceinline__ void box_muller(uint64_t x0, uint64_t x1, double* z0, double* z1) {
+  const double u0 = __dmul_rn((double)((x0 >> 11) + 1), 0x1p-53);
+  const double r = __dsqrt_rn(__dmul_rn(-2.0, ln_pos(u0)));
+  double sn, cs;
+  sincos_turn((x1 >> 11) + 1, &sn, &cs);
+  *z0 = __dmul_rn(r, cs);
+  *z1 = __dmul_rn(r, sn);
+}
+
+__device__ __forceinline__ uint64_t word64(const uint32_t w[16], int k) {
+  return (uint64_t)w[2 * k] | ((uint64_t)w[2 * k + 1] << 32);
+}
+
+// The eight standard normals of group g, i.e. elements 8g .. 8g+7.
+__device__ __forceinline__ void normal8(uint32_t rng, const uint32_t key[8], uint32_t tensor_id,
+                                        uint32_t step, uint64_t g, double out[8]) {
+  uint32_t w[16];
+  group_words(rng, key, tensor_id, step, g, w);
+#pragma unroll
+  for (int p = 0; p < 4; ++p) box_muller(word64(w, 2 * p), word64(w, 2 * p + 1), &out[2 * p], &out[2 * p + 1]);
+}
+
+__device__ __forceinline__ void normal8(const StreamArgs& s, uint64_t g, double out[8]) {
+  normal8(s.rng, s.key, s.tensor_id, s.step, g, out);
+}
+
+// The standard normal of element i alone: its group's words, but only its own pair's
+// Box-Muller (the same bits as normal8).
+__device__ __forceinline__ double normal_at(const StreamArgs& s, uint64_t i) {
+  uint32_t w[16];
+  group_words(s.rng, s.key, s.tensor_id, s.step, i >> 3, w);
+  const int lane = (int)(i & 7), p = lane >> 1;
+  double z0, z1;
+  box_muller(word64(w, 2 * p), word64(w, 2 * p + 1), &z0, &z1);
+  return (lane & 1) ? z1 : z0;
+}
+
+// (float)(y + a*z) in f64 with a plain product then a plain sum: the CPU's
+// `(f64(y) + a * z) as f32`.
+__device__ __forceinline__ float add_scaled(float y, double a, double z) {
+  return (float)__dadd_rn((double)y, __dmul_rn(a, z));
+}
+
+}  // namespace dp
