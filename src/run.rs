@@ -5,14 +5,14 @@ use std::time::Instant;
 
 use crate::backend::dp::DpBackend;
 use crate::data::synthetic::{Dataset, Split};
+use crate::dp::key::RunKey;
+use crate::dp::noise::RngKind;
 use crate::model::config::ModelConfig;
 use crate::model::Mllm;
 use crate::train::checkpoint::ModelSpec;
 use crate::train::method::Method;
 use crate::train::optim::OptConfig;
 use crate::train::sampler::Sampling;
-use crate::dp::key::RunKey;
-use crate::dp::noise::RngKind;
 use crate::train::{PruneScope, RunSummary, TrainConfig, Trainer};
 use crate::Result;
 

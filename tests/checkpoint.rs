@@ -114,16 +114,29 @@ fn a_crash_after_any_write_never_undercounts_or_reuses_noise() {
             entry.steps
         );
         let max_state_draws = states_on_disk(&dir).iter().map(|s| s.draws).max().unwrap();
-        assert!(entry.draws >= u64::from(max_state_draws), "write {k}: ledger draws behind a checkpoint");
+        assert!(
+            entry.draws >= u64::from(max_state_draws),
+            "write {k}: ledger draws behind a checkpoint"
+        );
         match Trainer::resume(&Cpu, &dir, &d, Some(6)) {
             Ok(mut r) => {
                 // New steps draw after every draw a checkpoint on disk (released
                 // or not) was made with, and after the ledger's count.
                 assert!(u64::from(r.draws()) >= entry.draws, "write {k}");
-                assert!(r.draws() >= max_state_draws && r.draws() >= draws_before, "write {k}");
+                assert!(
+                    r.draws() >= max_state_draws && r.draws() >= draws_before,
+                    "write {k}"
+                );
                 // ... and after every draw the crashed process used at all.
-                assert!(r.draws() >= used, "write {k}: draw {} reused (crashed run used {used})", r.draws());
-                assert!(r.privacy.steps() >= entry.steps, "write {k}: ε restarts lower");
+                assert!(
+                    r.draws() >= used,
+                    "write {k}: draw {} reused (crashed run used {used})",
+                    r.draws()
+                );
+                assert!(
+                    r.privacy.steps() >= entry.steps,
+                    "write {k}: ε restarts lower"
+                );
                 r.run(&d, 0).unwrap();
                 let after = Ledger::load(&ledger).unwrap().entries[0].clone();
                 assert!(after.steps > entry.steps && after.draws > entry.draws);
@@ -140,7 +153,10 @@ fn a_crash_after_any_write_never_undercounts_or_reuses_noise() {
             break;
         }
     }
-    assert!(tried > 12, "only {tried} crash points: three saves of ≥ 5 writes each");
+    assert!(
+        tried > 12,
+        "only {tried} crash points: three saves of ≥ 5 writes each"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -156,13 +172,22 @@ fn mixed_checkpoint_pieces_are_refused() {
     t.run(&d, 0).unwrap();
     let cur = checkpoint::current(&dir).unwrap().unwrap();
     std::fs::write(cur.join("optim.safetensors"), old_optim).unwrap();
-    let err = Trainer::resume(&Cpu, &dir, &d, Some(4)).err().expect("mixed pieces must be refused").to_string();
-    assert!(err.contains("optim.safetensors") && err.contains("mixes"), "{err}");
+    let err = Trainer::resume(&Cpu, &dir, &d, Some(4))
+        .err()
+        .expect("mixed pieces must be refused")
+        .to_string();
+    assert!(
+        err.contains("optim.safetensors") && err.contains("mixes"),
+        "{err}"
+    );
     // state.json is private to its owner: it holds the run key.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(cur.join("state.json")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(cur.join("state.json"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0);
     }
     let _ = std::fs::remove_dir_all(&root);

@@ -455,7 +455,8 @@ fn norms_survive_cancellation<B: DpBackend>(be: &B) {
     let (xb, gb) = (be.upload(&x).unwrap(), be.upload(&g).unwrap());
     for method in [NormMethod::Ghost, NormMethod::Instantiated] {
         let mut n = be.norms_zeros(s.b).unwrap();
-        be.add_layer_sq_norms(&xb, &gb, s, method, false, &mut n).unwrap();
+        be.add_layer_sq_norms(&xb, &gb, s, method, false, &mut n)
+            .unwrap();
         let got = be.norms_download(&n).unwrap()[1];
         assert!(
             (got - want).abs() <= 1e-9 * want,

@@ -26,7 +26,7 @@ use dualpriv::backend::dp::DpBackend;
 use dualpriv::backend::{AttnShape, Backend, Blocks, MatmulSpec, PatchShape, RopeShape, RowShape};
 use dualpriv::data::synthetic::{Dataset, Split};
 use dualpriv::dp::key::RunKey;
-use dualpriv::dp::noise::{NoiseKey, RngKind};
+use dualpriv::dp::noise::{NoiseKey, RngKind, StreamKey};
 use dualpriv::model::Mllm;
 use dualpriv::train::checkpoint::ModelSpec;
 use dualpriv::train::method::Method;

@@ -95,9 +95,15 @@ fn determinism_and_distinct_streams() {
     assert_eq!(a.fingerprint(&k), b.fingerprint(&k));
     assert_eq!(a.examples, b.examples);
     assert_eq!(a.fingerprint(&k).len(), 32);
-    assert_ne!(a.fingerprint(&k), gen(Split::Private, 300, 8).fingerprint(&k));
+    assert_ne!(
+        a.fingerprint(&k),
+        gen(Split::Private, 300, 8).fingerprint(&k)
+    );
     assert_ne!(a.fingerprint(&k), gen(Split::Test, 300, 7).fingerprint(&k));
-    assert_ne!(a.fingerprint(&k), gen(Split::Public, 300, 7).fingerprint(&k));
+    assert_ne!(
+        a.fingerprint(&k),
+        gen(Split::Public, 300, 7).fingerprint(&k)
+    );
     // Keyed: another ledger key gives an unrelated fingerprint of the same data.
     assert_ne!(a.fingerprint(&k), a.fingerprint(&[8u8; 32]));
     // Per-example streams: a prefix of a larger dataset is the smaller dataset.
@@ -220,7 +226,10 @@ fn empty_collate_and_empty_dataset() {
     assert_eq!(e.max_text_len(), 0);
     assert_eq!(e.collate(&[], 16).unwrap().size, 0);
     assert_eq!(e.baselines().majority, 0.0);
-    assert_eq!(e.fingerprint(&[0; 32]), gen(Split::Test, 0, 9).fingerprint(&[0; 32]));
+    assert_eq!(
+        e.fingerprint(&[0; 32]),
+        gen(Split::Test, 0, 9).fingerprint(&[0; 32])
+    );
 }
 
 #[test]

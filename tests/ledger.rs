@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 use dualpriv::backend::cpu::Cpu;
 use dualpriv::data::synthetic::{Dataset, Split};
-use dualpriv::dp::key::RunKey;
-use dualpriv::dp::noise::RngKind;
 use dualpriv::dp::accountant::ledger::{extends, Ledger, LedgerEntry};
 use dualpriv::dp::accountant::AccountantKind;
+use dualpriv::dp::key::RunKey;
+use dualpriv::dp::noise::RngKind;
 use dualpriv::model::Mllm;
 use dualpriv::train::checkpoint::ModelSpec;
 use dualpriv::train::method::Method;
@@ -147,7 +147,9 @@ fn runs_on_the_same_data_accumulate_and_resume_continues() {
         .is_infinite());
     let six =
         dualpriv::dp::accountant::epsilon(AccountantKind::Rdp, &[(0.25, 1.0, 7)], 1e-5).unwrap();
-    let now = l4.cumulative_epsilon(&fp, AccountantKind::Rdp, 1e-5).unwrap();
+    let now = l4
+        .cumulative_epsilon(&fp, AccountantKind::Rdp, 1e-5)
+        .unwrap();
     assert!((now - six).abs() < 1e-9, "4 + 3 steps on d: {now} vs {six}");
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -165,7 +167,10 @@ fn a_new_run_cannot_reset_a_ledger_entry() {
         .run(&d, 0)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("not empty") && err.contains("--resume"), "{err}");
+    assert!(
+        err.contains("not empty") && err.contains("--resume"),
+        "{err}"
+    );
     let l = Ledger::load(&root.join("privacy-ledger.json")).unwrap();
     assert_eq!(l.entries.len(), 1);
     assert_eq!(l.entries[0].steps, 2);
@@ -177,7 +182,11 @@ fn a_new_run_cannot_reset_a_ledger_entry() {
     let l = Ledger::load(&root.join("privacy-ledger.json")).unwrap();
     assert_eq!(l.entries.iter().map(|e| e.steps).sum::<u64>(), 5);
     let total = l
-        .cumulative_epsilon(&d.fingerprint(&ledger_key(&root)), AccountantKind::Rdp, 1e-5)
+        .cumulative_epsilon(
+            &d.fingerprint(&ledger_key(&root)),
+            AccountantKind::Rdp,
+            1e-5,
+        )
         .unwrap();
     let five =
         dualpriv::dp::accountant::epsilon(AccountantKind::Rdp, &[(0.25, 1.0, 5)], 1e-5).unwrap();
@@ -210,9 +219,16 @@ fn runs_that_are_not_private_are_recorded_as_infinite() {
     }
     // The metrics say so too: ε is null on every line.
     let metrics = std::fs::read_to_string(root.join("insecure/metrics.jsonl")).unwrap();
-    assert!(metrics.lines().all(|l| l.contains("\"epsilon\":null")), "{metrics}");
+    assert!(
+        metrics.lines().all(|l| l.contains("\"epsilon\":null")),
+        "{metrics}"
+    );
     assert!(l
-        .cumulative_epsilon(&d.fingerprint(&ledger_key(&root)), AccountantKind::Rdp, 1e-5)
+        .cumulative_epsilon(
+            &d.fingerprint(&ledger_key(&root)),
+            AccountantKind::Rdp,
+            1e-5
+        )
         .unwrap()
         .is_infinite());
     let _ = std::fs::remove_dir_all(&root);
@@ -241,7 +257,8 @@ fn entries_only_grow() {
     l.record(entry("x", 1.0, vec![(0.1, 1.0, 10)])).unwrap();
     // Extending the last entry or appending one is an update.
     l.record(entry("x", 1.2, vec![(0.1, 1.0, 12)])).unwrap();
-    l.record(entry("x", 1.5, vec![(0.1, 1.0, 12), (0.2, 1.0, 1)])).unwrap();
+    l.record(entry("x", 1.5, vec![(0.1, 1.0, 12), (0.2, 1.0, 1)]))
+        .unwrap();
     // Shorter, rewritten or re-keyed histories are refused, and the entry stays.
     for bad in [
         entry("x", 0.5, vec![(0.1, 1.0, 5)]),
@@ -266,10 +283,20 @@ fn entries_only_grow() {
 fn fingerprints_are_keyed_per_ledger() {
     let (r1, r2) = (tmp("key1"), tmp("key2"));
     let d = Dataset::generate(Split::Private, 16, 3, 32).unwrap();
-    trainer(&d, Method::Ghost, 1, r1.join("a")).run(&d, 0).unwrap();
-    trainer(&d, Method::Ghost, 1, r2.join("a")).run(&d, 0).unwrap();
-    let f1 = &Ledger::load(&r1.join("privacy-ledger.json")).unwrap().entries[0].data_fingerprint;
-    let f2 = &Ledger::load(&r2.join("privacy-ledger.json")).unwrap().entries[0].data_fingerprint;
+    trainer(&d, Method::Ghost, 1, r1.join("a"))
+        .run(&d, 0)
+        .unwrap();
+    trainer(&d, Method::Ghost, 1, r2.join("a"))
+        .run(&d, 0)
+        .unwrap();
+    let f1 = &Ledger::load(&r1.join("privacy-ledger.json"))
+        .unwrap()
+        .entries[0]
+        .data_fingerprint;
+    let f2 = &Ledger::load(&r2.join("privacy-ledger.json"))
+        .unwrap()
+        .entries[0]
+        .data_fingerprint;
     // The same data under two ledger keys: unrelated fingerprints, so the ledger
     // does not identify the dataset to a reader without the key.
     assert_ne!(f1, f2);
@@ -277,7 +304,10 @@ fn fingerprints_are_keyed_per_ledger() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(r1.join("privacy-ledger.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(r1.join("privacy-ledger.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "the ledger key is private to its owner");
     }
     let _ = std::fs::remove_dir_all(&r1);

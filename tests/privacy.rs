@@ -94,11 +94,7 @@ fn cfg(method: Method, d: &Dataset, micro: usize) -> TrainConfig {
 }
 
 /// ‖S(D′) − S(D)‖₂ over every trainable tensor, in f64.
-fn sum_distance<B: DpBackend>(
-    be: &B,
-    a: &HashMap<u32, B::Buf>,
-    b: &HashMap<u32, B::Buf>,
-) -> f64 {
+fn sum_distance<B: DpBackend>(be: &B, a: &HashMap<u32, B::Buf>, b: &HashMap<u32, B::Buf>) -> f64 {
     let mut ids: Vec<&u32> = a.keys().chain(b.keys()).collect();
     ids.sort();
     ids.dedup();
@@ -108,7 +104,10 @@ fn sum_distance<B: DpBackend>(
         let y = b.get(id).map(|v| be.download(v).unwrap());
         let n = x.as_ref().or(y.as_ref()).map_or(0, |v| v.len());
         let (x, y) = (x.unwrap_or(vec![0.0; n]), y.unwrap_or(vec![0.0; n]));
-        assert!(x.iter().chain(&y).all(|v| v.is_finite()), "tensor {id}: non-finite sum");
+        assert!(
+            x.iter().chain(&y).all(|v| v.is_finite()),
+            "tensor {id}: non-finite sum"
+        );
         sq += x
             .iter()
             .zip(&y)
@@ -121,7 +120,10 @@ fn sum_distance<B: DpBackend>(
 /// The adversarial inserted examples: a plain one, huge pixels, pixels that
 /// overflow to ∞ in the vision tower, NaN pixels.
 fn adversaries(base: &Dataset) -> Vec<(&'static str, dualpriv::data::synthetic::Example)> {
-    let x = Dataset::generate(Split::Private, 1, 99, base.image_size).unwrap().examples[0].clone();
+    let x = Dataset::generate(Split::Private, 1, 99, base.image_size)
+        .unwrap()
+        .examples[0]
+        .clone();
     let scaled = |name, f: fn(f32) -> f32| {
         let mut e = x.clone();
         e.image.iter_mut().for_each(|v| *v = f(*v));
@@ -159,7 +161,11 @@ fn check_sensitivity<B: DpBackend>(be: &B, spec: &ModelSpec, c: &TrainConfig, d:
             let what = format!(
                 "{} {} micro {} tokens {:?}: x = {name} at {at}",
                 c.method,
-                if spec.lora_rank.is_some() { "lora" } else { "full" },
+                if spec.lora_rank.is_some() {
+                    "lora"
+                } else {
+                    "full"
+                },
                 c.micro_batch,
                 c.keep_tokens
             );
@@ -193,7 +199,10 @@ fn clipped_sums_have_sensitivity_c_through_the_whole_model() {
                     }
                     let worst = check_sensitivity(&Cpu, &spec, &c, &d);
                     // Clipping was active: the plain example alone moved the sum by ~C.
-                    assert!(worst > 0.5, "{method}: largest change {worst} C; is x clipped?");
+                    assert!(
+                        worst > 0.5,
+                        "{method}: largest change {worst} C; is x clipped?"
+                    );
                 }
             }
         }
@@ -356,7 +365,13 @@ fn noise_updates(t: &mut Trainer<'_, Cpu>, d: &Dataset, steps: usize) -> Vec<Vec
             .iter()
             .flat_map(|p| t.model.param(p.id).clone())
             .collect();
-        out.push(before.iter().zip(&after).map(|(a, b)| f64::from(*a) - f64::from(*b)).collect());
+        out.push(
+            before
+                .iter()
+                .zip(&after)
+                .map(|(a, b)| f64::from(*a) - f64::from(*b))
+                .collect(),
+        );
     }
     out
 }
@@ -400,7 +415,10 @@ fn steps_tensors_and_runs_never_share_noise() {
     };
     let len = la.min(sizes[sizes.len() - 2].0);
     let r = correlation(&draw(ta, len), &draw(tb, len));
-    assert!(r.abs() < 5.0 / (len as f64).sqrt(), "two tensors: correlation {r}");
+    assert!(
+        r.abs() < 5.0 / (len as f64).sqrt(),
+        "two tensors: correlation {r}"
+    );
 }
 
 #[test]
@@ -410,23 +428,49 @@ fn the_cli_draws_a_fresh_key_for_every_private_run() {
     let run = |name: &str, extra: &[&str]| {
         let out = root.join(name);
         let status = std::process::Command::new(env!("CARGO_BIN_EXE_dualpriv"))
-            .args(["train", "--method", "ghost", "--steps", "1", "--train-examples", "64"])
-            .args(["--batch", "8", "--micro-batch", "8", "--noise-multiplier", "1"])
+            .args([
+                "train",
+                "--method",
+                "ghost",
+                "--steps",
+                "1",
+                "--train-examples",
+                "64",
+            ])
+            .args([
+                "--batch",
+                "8",
+                "--micro-batch",
+                "8",
+                "--noise-multiplier",
+                "1",
+            ])
             .args(["--lora-rank", "2", "--out"])
             .arg(&out)
             .args(extra)
             .output()
             .unwrap();
-        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
         let cur = std::fs::read_to_string(out.join("CURRENT")).unwrap();
-        let state: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join(cur.trim()).join("state.json")).unwrap())
-                .unwrap();
-        (state["key"].clone(), String::from_utf8_lossy(&status.stdout).into_owned())
+        let state: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out.join(cur.trim()).join("state.json")).unwrap(),
+        )
+        .unwrap();
+        (
+            state["key"].clone(),
+            String::from_utf8_lossy(&status.stdout).into_owned(),
+        )
     };
     let (k1, o1) = run("a", &[]);
     let (k2, _) = run("b", &[]);
-    assert_ne!(k1["hex"], k2["hex"], "two CLI runs with the same flags share a key");
+    assert_ne!(
+        k1["hex"], k2["hex"],
+        "two CLI runs with the same flags share a key"
+    );
     assert!(k1.get("insecure_seed").is_none());
     assert!(o1.contains("epsilon = ") && !o1.contains("inf"), "{o1}");
     // --insecure-seed: a reproducible key, reported as not private.
@@ -442,9 +486,9 @@ fn the_cli_draws_a_fresh_key_for_every_private_run() {
 #[cfg(feature = "cuda")]
 #[test]
 fn gpu_clipped_sums_have_sensitivity_c_through_the_whole_model() {
-    let Some(be) =
-        dualpriv::backend::cuda::cuda_or_skip("gpu_clipped_sums_have_sensitivity_c_through_the_whole_model")
-    else {
+    let Some(be) = dualpriv::backend::cuda::cuda_or_skip(
+        "gpu_clipped_sums_have_sensitivity_c_through_the_whole_model",
+    ) else {
         return;
     };
     assert!(be.tf32(), "the shipped default");
@@ -503,7 +547,9 @@ fn metrics_reveal_only_what_epsilon_covers_unless_asked() {
     assert!(plain[0].get("eval_accuracy").is_none());
     assert!(plain[1]["eval_accuracy"].is_f64() && plain[2]["eval_loss"].is_f64());
     let with = lines(true, "private");
-    assert!(with.iter().all(|l| l["batch_size"].is_u64() && l.get("nonfinite_examples").is_some()));
+    assert!(with
+        .iter()
+        .all(|l| l["batch_size"].is_u64() && l.get("nonfinite_examples").is_some()));
     let _ = std::fs::remove_dir_all(&root);
 }
 

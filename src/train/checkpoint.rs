@@ -179,7 +179,9 @@ pub fn current(dir: &Path) -> Result<Option<PathBuf>> {
 /// The weights file of `dir`: its current checkpoint's, or `dir/model.safetensors`
 /// for a plain model folder (a pretrained checkpoint).
 pub fn model_path(dir: &Path) -> Result<PathBuf> {
-    Ok(current(dir)?.unwrap_or_else(|| dir.to_path_buf()).join("model.safetensors"))
+    Ok(current(dir)?
+        .unwrap_or_else(|| dir.to_path_buf())
+        .join("model.safetensors"))
 }
 
 /// Writes a complete checkpoint of `t` into run folder `dir` and makes it current.
@@ -253,7 +255,10 @@ fn safetensors_meta(p: &Path) -> Result<HashMap<String, String>> {
     f.read_exact(&mut len).map_err(|e| io_err(p, e))?;
     let n = u64::from_le_bytes(len);
     if n > 100 << 20 {
-        return Err(Error::Format(format!("{}: safetensors header of {n} bytes", p.display())));
+        return Err(Error::Format(format!(
+            "{}: safetensors header of {n} bytes",
+            p.display()
+        )));
     }
     let mut head = vec![0u8; n as usize];
     f.read_exact(&mut head).map_err(|e| io_err(p, e))?;

@@ -135,7 +135,10 @@ impl TrainConfig {
             return bad(format!("clip norm {} must be > 0", self.clip_norm));
         }
         if !(0.0..=1.0).contains(&self.keep_frac) {
-            return bad(format!("keep fraction {} must be in [0, 1]", self.keep_frac));
+            return bad(format!(
+                "keep fraction {} must be in [0, 1]",
+                self.keep_frac
+            ));
         }
         if self.method == Method::Dpzo && !(self.dpzo_lambda > 0.0 && self.dpzo_lambda.is_finite())
         {
@@ -313,6 +316,9 @@ pub struct RunSummary {
     /// Why training stopped.
     pub stop_reason: String,
 }
+
+/// An accountant's ε(history, δ): [`accountant::epsilon`] or its coarse twin.
+type EpsilonFn = fn(AccountantKind, &[(f64, f64, u64)], f64) -> Result<f64>;
 
 /// Draws reserved in the ledger per durable write (see [`Trainer::run`]).
 pub const RESERVE_DRAWS: u32 = 64;
@@ -530,14 +536,16 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         self.epsilon_with(accountant::epsilon)
     }
 
-    fn epsilon_with(
-        &self,
-        f: fn(AccountantKind, &[(f64, f64, u64)], f64) -> Result<f64>,
-    ) -> Result<Option<f64>> {
+    fn epsilon_with(&self, f: EpsilonFn) -> Result<Option<f64>> {
         if self.not_private().is_some() {
             return Ok(None);
         }
-        f(self.cfg.accountant_kind()?, &self.privacy.history, self.cfg.delta).map(Some)
+        f(
+            self.cfg.accountant_kind()?,
+            &self.privacy.history,
+            self.cfg.delta,
+        )
+        .map(Some)
     }
 
     /// Takes the output folder for a new run (it must be empty or absent), and
@@ -559,7 +567,9 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
             let path = match &self.ledger {
                 Some(p) => p.clone(),
-                None => Ledger::default_path(&std::fs::canonicalize(dir).map_err(|e| io_err(dir, e))?),
+                None => {
+                    Ledger::default_path(&std::fs::canonicalize(dir).map_err(|e| io_err(dir, e))?)
+                }
             };
             let fkey = Ledger::fingerprint_key(&path)?;
             self.fingerprint = Some(data.fingerprint(&fkey));
@@ -640,7 +650,8 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             let every = self.cfg.eval_every;
             let eval = match &self.eval_data {
                 Some(held_out)
-                    if every > 0 && (self.step.is_multiple_of(every) || self.step == self.cfg.steps) =>
+                    if every > 0
+                        && (self.step.is_multiple_of(every) || self.step == self.cfg.steps) =>
                 {
                     let tokens = self.cfg.token_select();
                     let text_len = self.cfg.text_len.max(held_out.max_text_len());
