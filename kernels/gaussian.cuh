@@ -1,6 +1,7 @@
 // Regenerable Gaussian noise: 16 random words per group of 8 normals from ChaCha20
 // (default, cryptographic) or Philox4x32-10 (`--rng philox`, not cryptographic),
-// 53-bit uniforms, and Box-Muller in f64. CPU twin: src/dp/noise.rs, whose module doc
+// a radius uniform with >= 32 significant bits at every scale (tail block below 2^-32),
+// 53-bit angles, and Box-Muller in f64. CPU twin: src/dp/noise.rs, whose module doc
 // gives the layout; both produce the same bits for the same (key, tensor_id, step, i),
 // so any kernel on any grid regenerates noise(i) and the noise tensor is never stored.
 //
@@ -32,13 +33,14 @@ struct StreamArgs {
 static_assert(sizeof(StreamArgs) == 48, "StreamArgs layout");
 
 // The 16 words of group g.
+// `tail` is 0, or TAIL_BIT for the group's tail block (block_words in src/dp/noise.rs).
 __device__ __forceinline__ void group_words(uint32_t rng, const uint32_t key[8],
                                             uint32_t tensor_id, uint32_t step, uint64_t g,
-                                            uint32_t w[16]) {
+                                            uint32_t w[16], uint64_t tail = 0) {
   if (rng == RNG_PHILOX) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const uint64_t c = g * 4 + j;
+      const uint64_t c = (g * 4 + j) | tail;
       u32x4 r = philox4x32_10(u32x4{(uint32_t)c, (uint32_t)(c >> 32), tensor_id, step},
                               key[0], key[1]);
       w[4 * j] = r.x;
@@ -47,7 +49,7 @@ __device__ __forceinline__ void group_words(uint32_t rng, const uint32_t key[8],
       w[4 * j + 3] = r.w;
     }
   } else {
-    chacha20_block(key, g, (uint64_t)tensor_id | ((uint64_t)step << 32), w);
+    chacha20_block(key, g | tail, (uint64_t)tensor_id | ((uint64_t)step << 32), w);
   }
 }
 
@@ -115,9 +117,21 @@ __device__ __forceinline__ void sincos_turn(uint64_t k, double* sn, double* cs) 
   }
 }
 
-// Box-Muller on two 64-bit words (box_muller in src/dp/noise.rs).
-__device__ __forceinline__ void box_muller(uint64_t x0, uint64_t x1, double* z0, double* z1) {
-  const double u0 = __dmul_rn((double)((x0 >> 11) + 1), 0x1p-53);
+constexpr uint64_t TAIL_BIT = 1ull << 63;
+
+// The radius uniform (radius_uniform in src/dp/noise.rs): (x + 1)·2^-64, or, when
+// x < 2^32, (x·2^64 + y + 1)·2^-128 with y from the tail block; rounded once each.
+__device__ __forceinline__ double radius_uniform(uint64_t x, uint64_t y) {
+  if (x >> 32) return __dmul_rn(__dadd_rn(__ull2double_rn(x), 1.0), 0x1p-64);
+  return __dadd_rn(__dmul_rn(__ull2double_rn(x), 0x1p-64),
+                   __dmul_rn(__dadd_rn(__ull2double_rn(y), 1.0), 0x1p-128));
+}
+
+// Box-Muller on two 64-bit words (box_muller in src/dp/noise.rs); y is the tail word,
+// read only when x0 < 2^32.
+__device__ __forceinline__ void box_muller(uint64_t x0, uint64_t x1, uint64_t y, double* z0,
+                                           double* z1) {
+  const double u0 = radius_uniform(x0, y);
   const double r = __dsqrt_rn(__dmul_rn(-2.0, ln_pos(u0)));
   double sn, cs;
   sincos_turn((x1 >> 11) + 1, &sn, &cs);
@@ -129,13 +143,28 @@ __device__ __forceinline__ uint64_t word64(const uint32_t w[16], int k) {
   return (uint64_t)w[2 * k] | ((uint64_t)w[2 * k + 1] << 32);
 }
 
+// The tail word of pair p of group g: only drawn (a second block) when x0 < 2^32,
+// which happens with probability 2^-32.
+__device__ __forceinline__ uint64_t tail_word(uint32_t rng, const uint32_t key[8],
+                                              uint32_t tensor_id, uint32_t step, uint64_t g,
+                                              uint64_t x0, int p) {
+  if (x0 >> 32) return 0;
+  uint32_t t[16];
+  group_words(rng, key, tensor_id, step, g, t, TAIL_BIT);
+  return word64(t, 2 * p);
+}
+
 // The eight standard normals of group g, i.e. elements 8g .. 8g+7.
 __device__ __forceinline__ void normal8(uint32_t rng, const uint32_t key[8], uint32_t tensor_id,
                                         uint32_t step, uint64_t g, double out[8]) {
   uint32_t w[16];
   group_words(rng, key, tensor_id, step, g, w);
 #pragma unroll
-  for (int p = 0; p < 4; ++p) box_muller(word64(w, 2 * p), word64(w, 2 * p + 1), &out[2 * p], &out[2 * p + 1]);
+  for (int p = 0; p < 4; ++p) {
+    const uint64_t x0 = word64(w, 2 * p);
+    const uint64_t y = tail_word(rng, key, tensor_id, step, g, x0, p);
+    box_muller(x0, word64(w, 2 * p + 1), y, &out[2 * p], &out[2 * p + 1]);
+  }
 }
 
 __device__ __forceinline__ void normal8(const StreamArgs& s, uint64_t g, double out[8]) {
@@ -146,10 +175,13 @@ __device__ __forceinline__ void normal8(const StreamArgs& s, uint64_t g, double 
 // Box-Muller (the same bits as normal8).
 __device__ __forceinline__ double normal_at(const StreamArgs& s, uint64_t i) {
   uint32_t w[16];
-  group_words(s.rng, s.key, s.tensor_id, s.step, i >> 3, w);
+  const uint64_t g = i >> 3;
+  group_words(s.rng, s.key, s.tensor_id, s.step, g, w);
   const int lane = (int)(i & 7), p = lane >> 1;
+  const uint64_t x0 = word64(w, 2 * p);
+  const uint64_t y = tail_word(s.rng, s.key, s.tensor_id, s.step, g, x0, p);
   double z0, z1;
-  box_muller(word64(w, 2 * p), word64(w, 2 * p + 1), &z0, &z1);
+  box_muller(x0, word64(w, 2 * p + 1), y, &z0, &z1);
   return (lane & 1) ? z1 : z0;
 }
 

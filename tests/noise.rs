@@ -3,7 +3,8 @@
 //! independence, random access, and the CUDA noise against the CPU bit for bit.
 mod common;
 use dualpriv::dp::noise::{
-    box_muller, chacha20_block, philox4x32_10, uniform53, NoiseKey, RngKind, StreamKey,
+    box_muller, chacha20_block, philox4x32_10, radius_uniform, uniform53, NoiseKey, RngKind,
+    StreamKey,
 };
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -222,9 +223,11 @@ fn groups_follow_the_documented_layout() {
                 .map(|k| u64::from(w[2 * k]) | (u64::from(w[2 * k + 1]) << 32))
                 .collect();
             let z = key.normal_group(g);
+            let tail = key.tail_words(g);
             for p in 0..4 {
                 // Within a few 1e-15 of libm's Box–Muller on the same uniforms.
-                let (u0, u1) = (uniform53(x[2 * p]), uniform53(x[2 * p + 1]));
+                let y = u64::from(tail[4 * p]) | (u64::from(tail[4 * p + 1]) << 32);
+                let (u0, u1) = (radius_uniform(x[2 * p], y), uniform53(x[2 * p + 1]));
                 let r = (-2.0 * u0.ln()).sqrt();
                 let th = std::f64::consts::TAU * u1;
                 let tol = 4e-15 * r.max(1.0);
@@ -233,7 +236,10 @@ fn groups_follow_the_documented_layout() {
                     (z[2 * p + 1] - r * th.sin()).abs() <= tol,
                     "{rng} g={g} p={p}"
                 );
-                assert_eq!(box_muller(x[2 * p], x[2 * p + 1]), [z[2 * p], z[2 * p + 1]]);
+                assert_eq!(
+                    box_muller(x[2 * p], x[2 * p + 1], || y),
+                    [z[2 * p], z[2 * p + 1]]
+                );
             }
             for l in 0..8 {
                 assert_eq!(key.normal(8 * g + l).to_bits(), z[l as usize].to_bits());
@@ -265,8 +271,8 @@ fn box_muller_is_close_to_libm_everywhere() {
     let mut worst: f64 = 0.0;
     for &x0 in &xs {
         for &x1 in xs.iter().step_by(97) {
-            let [c, s] = box_muller(x0, x1);
-            let (u0, u1) = (uniform53(x0), uniform53(x1));
+            let [c, s] = box_muller(x0, x1, || x1);
+            let (u0, u1) = (radius_uniform(x0, x1), uniform53(x1));
             let rr = (-2.0 * u0.ln()).sqrt();
             let th = std::f64::consts::TAU * u1;
             let e = (c - rr * th.cos()).abs().max((s - rr * th.sin()).abs()) / rr.max(1e-300);
@@ -276,8 +282,8 @@ fn box_muller_is_close_to_libm_everywhere() {
     assert!(worst < 3e-15, "worst relative error {worst:e}");
     // ln alone through r: r² = −2 ln u to within 2 ulp-ish.
     for &x in &xs {
-        let u = uniform53(x);
-        let [c, s] = box_muller(x, 0);
+        let u = radius_uniform(x, 7);
+        let [c, s] = box_muller(x, 0, || 7);
         let r2 = c * c + s * s;
         let want = -2.0 * u.ln();
         assert!(
@@ -296,22 +302,22 @@ const GOLDEN: [(RngKind, u64, [u64; 8]); 6] = [
         RngKind::Chacha20,
         0,
         [
-            0xbfd2a6cbad2d5160,
-            0x3fab15dd188d71ca,
-            0x3ff30e75ab250804,
-            0xbffe8105aacc7b44,
-            0x3ff3e21413dded6b,
-            0x3febda44bc09f11d,
-            0xbfbf3cc99b0237d4,
-            0xbfdb275281f1a7c3,
+            0xbfd2a6cbad2d5167,
+            0x3fab15dd188d71d4,
+            0x3ff30e75ab250805,
+            0xbffe8105aacc7b46,
+            0x3ff3e21413dded6c,
+            0x3febda44bc09f11e,
+            0xbfbf3cc99b0237d9,
+            0xbfdb275281f1a7c8,
         ],
     ),
     (
         RngKind::Chacha20,
         1,
         [
-            0xbfe01f46521370b2,
-            0x3fd98f188e70e7b8,
+            0xbfe01f46521370b4,
+            0x3fd98f188e70e7bb,
             0x3feb6b54203d806e,
             0xbfe3e0e7c27871ca,
             0x3fca011809a3e791,
@@ -322,14 +328,14 @@ const GOLDEN: [(RngKind, u64, [u64; 8]); 6] = [
     ),
     (
         RngKind::Chacha20,
-        4294967301,
+        (1 << 32) + 5,
         [
-            0xbfea6d91d810c1c7,
-            0x3fe5c55da9ec8792,
+            0xbfea6d91d810c1c9,
+            0x3fe5c55da9ec8793,
             0x3ff16d4b5c42194f,
-            0xbff959a0c92a98e9,
-            0xbfd0356ae26ddf7c,
-            0xbfc1eb09eca12575,
+            0xbff959a0c92a98ea,
+            0xbfd0356ae26ddf83,
+            0xbfc1eb09eca1257c,
             0xbfe7bdddf07b83a9,
             0x3fceec650131cdc1,
         ],
@@ -338,8 +344,8 @@ const GOLDEN: [(RngKind, u64, [u64; 8]); 6] = [
         RngKind::Philox,
         0,
         [
-            0xbff2d56f9be537a9,
-            0x3feda17d2644b444,
+            0xbff2d56f9be537aa,
+            0x3feda17d2644b445,
             0xbffa25a59dfff317,
             0x3ff033c2bfe8cb15,
             0xbfd28499c25c7446,
@@ -352,19 +358,19 @@ const GOLDEN: [(RngKind, u64, [u64; 8]); 6] = [
         RngKind::Philox,
         1,
         [
-            0x3ff4102dcf39c9c9,
-            0x3ff53a8c18bd6e38,
+            0x3ff4102dcf39c9ca,
+            0x3ff53a8c18bd6e39,
             0xbfc0a661cc00b033,
             0xbfe39106f50617a7,
             0xbfeeae20c5682b4a,
             0x3fefeb682a760f9f,
-            0x3fee91b8503ff9e9,
-            0x3ff19b6ec96fe0dd,
+            0x3fee91b8503ff9ea,
+            0x3ff19b6ec96fe0de,
         ],
     ),
     (
         RngKind::Philox,
-        4294967301,
+        (1 << 32) + 5,
         [
             0xbfd468d8ea6a5137,
             0x3fca2c87c37a0bdb,
@@ -372,8 +378,8 @@ const GOLDEN: [(RngKind, u64, [u64; 8]); 6] = [
             0x3fdab37ac0d5fd7b,
             0xbff4eb4e34d6b488,
             0xbfd9db47fec53640,
-            0xbffaa4c5aaed874a,
-            0xc002a4537143568c,
+            0xbffaa4c5aaed8750,
+            0xc002a45371435690,
         ],
     ),
 ];
@@ -437,7 +443,8 @@ fn gaussian_moments_within_5_sigma() {
     }
 }
 
-/// The 32-bit uniforms capped |z| at sqrt(−2 ln 2⁻³²) = 6.66; 53-bit ones reach 8.57.
+/// The 32-bit uniforms capped |z| at sqrt(−2 ln 2⁻³²) = 6.66; the radius uniform now
+/// reaches 2⁻¹²⁸, |z| ≤ sqrt(256 ln 2) = 13.32.
 /// P(|z| > 5) = 5.7e-7, so 4·10⁶ normals would see none with probability 0.1; 2·10⁷
 /// expect 11.5 (none: 1e-5). Also checks that the uniforms carry 53 bits.
 #[test]
@@ -449,7 +456,7 @@ fn tails_go_beyond_5_and_uniforms_have_53_bits() {
         let max = v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
         let beyond5 = v.iter().filter(|x| x.abs() > 5.0).count();
         assert!(max > 5.0 && beyond5 >= 1, "{rng}: max |z| {max}");
-        assert!(max < 8.58, "{rng}: max |z| {max} above the 53-bit bound");
+        assert!(max < 13.33, "{rng}: max |z| {max} above the bound");
         // P(|z| > 5) = 5.733e-7: the count is Poisson(11.5); 5 sigma is ±17.
         let expect = 5.733e-7 * v.len() as f64;
         assert!(
@@ -461,9 +468,28 @@ fn tails_go_beyond_5_and_uniforms_have_53_bits() {
     assert_eq!(uniform53(u64::MAX), 1.0);
     assert_eq!(uniform53(0), 2f64.powi(-53));
     assert_eq!(uniform53(1 << 11), 2.0 * 2f64.powi(-53));
-    let [c, s] = box_muller(0, u64::MAX); // u0 = 2^-53, θ = 2π
+    // The deepest tail: x0 = 0 and tail word 0 give u0 = 2^-128 (θ = 2π).
+    let [c, s] = box_muller(0, u64::MAX, || 0);
     assert_eq!(s, 0.0);
-    assert!((c - (2.0 * 53.0 * 2f64.ln()).sqrt()).abs() < 1e-14, "{c}");
+    assert!((c - (2.0 * 128.0 * 2f64.ln()).sqrt()).abs() < 1e-13, "{c}");
+    assert_eq!(radius_uniform(0, u64::MAX), 2f64.powi(-64));
+    assert_eq!(radius_uniform(u64::MAX, 0), 1.0);
+    assert_eq!(
+        radius_uniform(1 << 32, 0),
+        (2f64.powi(32) + 1.0) * 2f64.powi(-64)
+    );
+    // The tail word is drawn only below 2^32.
+    let mut calls = 0;
+    box_muller(1 << 32, 5, || {
+        calls += 1;
+        0
+    });
+    assert_eq!(calls, 0);
+    box_muller((1 << 32) - 1, 5, || {
+        calls += 1;
+        0
+    });
+    assert_eq!(calls, 1);
     let mut r = common::rng(9);
     let mut low_or = 0u64;
     let mut low_and = u64::MAX;
@@ -664,7 +690,7 @@ mod gpu {
         let g = 1u64 | (0x0900_0000 << 32);
         let x = |k: usize| u64::from(rfc[2 * k]) | (u64::from(rfc[2 * k + 1]) << 32);
         let want: Vec<f32> = (0..4)
-            .flat_map(|p| box_muller(x(2 * p), x(2 * p + 1)))
+            .flat_map(|p| box_muller(x(2 * p), x(2 * p + 1), || 0)) // high words ≠ 0: no tail
             .map(|z| z as f32)
             .collect();
         let mut y = gpu.zeros::<f32>(8).unwrap();
@@ -674,5 +700,57 @@ mod gpu {
             got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
             want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         );
+    }
+}
+
+/// The floating-point attack on the Gaussian mechanism (Mironov, CCS 2012) needs
+/// outputs on a lattice coarser than their own rounding. In Box–Muller the deep
+/// tail is where that happens: with u = k·2⁻⁵³ the radii of consecutive k differ
+/// by ≈ 1/(k·r), wider than an f32 ulp of the output for k below ~10⁵ (a 1e-11
+/// event per pair). The radius uniform keeps ≥ 32 significant bits down to 2⁻⁹⁶:
+/// relative radius gaps stay below 2⁻³⁰, far inside an f32 ulp (2⁻²³).
+#[test]
+fn radii_are_dense_even_in_the_deep_tail() {
+    let radius = |x: u64, y: u64| (-2.0 * radius_uniform(x, y).ln()).sqrt();
+    let mut r = common::rng(17);
+    let mut worst: f64 = 0.0;
+    for _ in 0..20_000 {
+        // Words at every magnitude, including the tail-block regime below 2^32.
+        let e = r.random_range(0..64u32);
+        let x: u64 = r.random::<u64>() >> e;
+        let y: u64 = r.random::<u64>() | (1 << 63);
+        let (a, b) = if x >> 32 != 0 {
+            // The next representable u: x + 1 below 2^53, one f64 step above.
+            let step = if x < 1 << 53 { 1 } else { 1 << 11 };
+            (radius(x, 0), radius(x.saturating_add(step), 0))
+        } else {
+            (radius(x, y), radius(x, y.saturating_add(1 << 32)))
+        };
+        if a > 0.0 && b > 0.0 && a != b {
+            worst = worst.max((a - b).abs() / a);
+        }
+    }
+    assert!(worst < 2f64.powi(-30), "relative radius gap {worst:e}");
+    // The old 53-bit radius had gaps of ~1% at the very end of its range.
+    let old = |k: u64| (-2.0 * (k as f64 * 2f64.powi(-53)).ln()).sqrt();
+    assert!((old(1) - old(2)) / old(1) > 5e-3);
+}
+
+#[test]
+#[ignore]
+fn print_golden() {
+    let key = key_words(&(0u8..32).collect::<Vec<_>>());
+    for (rng, g, _) in GOLDEN {
+        let k = NoiseKey {
+            stream: StreamKey { rng, key },
+            tensor_id: 3,
+            step: 11,
+        };
+        let bits: Vec<String> = k
+            .normal_group(g)
+            .iter()
+            .map(|z| format!("0x{:016x}", z.to_bits()))
+            .collect();
+        println!("GOLD {} {} {}", rng.code(), g, bits.join(","));
     }
 }

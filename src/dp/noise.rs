@@ -20,12 +20,17 @@
 //!   ((4g+j) >> 32) as u32, tensor_id, step}, key = (key\[0\], key\[1\])), j = 0..3.
 //!   Only 64 of the key's 256 bits are used.
 //!
-//! The words give eight u64s x_k = w\[2k\] | w\[2k+1\] << 32, and each one a uniform
-//! in (0, 1] with 53 random bits, u_k = ((x_k >> 11) + 1) · 2⁻⁵³ (never 0).
-//! Box–Muller on the pairs (u_2p, u_2p+1): r = sqrt(−2 ln u_2p), θ = 2π u_2p+1,
-//! normal 2p = r cos θ and normal 2p+1 = r sin θ, all in f64. The largest |z| that
-//! can occur is sqrt(2 · 53 · ln 2) ≈ 8.57 (at u = 2⁻⁵³); with 32-bit uniforms it
-//! was 6.66.
+//! The words give eight u64s x_k = w\[2k\] | w\[2k+1\] << 32, four Box–Muller pairs
+//! (x_2p, x_2p+1): r = sqrt(−2 ln u), θ = 2π·((x_2p+1 >> 11) + 1)·2⁻⁵³, normal 2p =
+//! r cos θ and normal 2p+1 = r sin θ, all in f64. The radius uniform u
+//! ([`radius_uniform`]) keeps ≥ 32 significant bits at every scale, so the radii
+//! never fall on a lattice coarse enough to see through the f32 rounding of the
+//! released sum (the floating-point attack of Mironov, CCS 2012, on rings of equal
+//! radius in the deep tail): u = (x_2p + 1)·2⁻⁶⁴ when x_2p ≥ 2³², and, with
+//! probability 2⁻³², u = (x_2p·2⁶⁴ + y + 1)·2⁻¹²⁸ with y the same word of the
+//! group's *tail block* (the block of counter g | 2⁶³). The largest |z| that can
+//! occur is sqrt(2·128·ln 2) ≈ 13.3 (u = 2⁻¹²⁸); 53-bit uniforms stopped at 8.57
+//! and the old 32-bit ones at 6.66.
 //!
 //! # Bit-identical on every device
 //!
@@ -295,9 +300,13 @@ const FRAC_PI_2: f64 = f64::from_bits(0x3ff921fb54442d18);
 /// ln 2 = LN2_HI + LN2_LO; LN2_HI has 21 trailing zero bits, so e·LN2_HI is exact.
 const LN2_HI: f64 = f64::from_bits(0x3fe62e42fee00000);
 const LN2_LO: f64 = f64::from_bits(0x3dea39ef35793c76);
-/// 2⁻⁵³ and 2⁻⁵¹.
+/// 2⁻⁵³, 2⁻⁵¹, 2⁻⁶⁴ and 2⁻¹²⁸.
 const TWO_M53: f64 = f64::from_bits(0x3ca0000000000000);
 const TWO_M51: f64 = f64::from_bits(0x3cc0000000000000);
+const TWO_M64: f64 = f64::from_bits(0x3bf0000000000000);
+const TWO_M128: f64 = f64::from_bits(0x37f0000000000000);
+/// Set in the block counter of a group's tail block (groups stay below 2⁶¹).
+pub const TAIL_BIT: u64 = 1 << 63;
 
 /// ln u for a positive normal double, with basic IEEE operations only (see the
 /// module doc); within a few ulp of the true value.
@@ -351,12 +360,25 @@ fn sincos_turn(k: u64) -> (f64, f64) {
     }
 }
 
-/// Box–Muller on two 64-bit random words: the normals (r cos θ, r sin θ) with
-/// u0 = ((x0 >> 11) + 1) · 2⁻⁵³, r = sqrt(−2 ln u0), θ = 2π ((x1 >> 11) + 1) · 2⁻⁵³.
+/// The radius uniform in (0, 1] of word x (and, only when x < 2³², the tail word
+/// y): (x + 1)·2⁻⁶⁴, or (x·2⁶⁴ + y + 1)·2⁻¹²⁸, each rounded once to f64. At least
+/// 32 significant bits at every scale down to 2⁻⁹⁶ (see the module doc for why).
 #[inline(always)]
-pub fn box_muller(x0: u64, x1: u64) -> [f64; 2] {
-    let u0 = ((x0 >> 11) + 1) as f64 * TWO_M53;
-    let r = (-2.0 * ln_pos(u0)).sqrt();
+pub fn radius_uniform(x: u64, y: u64) -> f64 {
+    if x >> 32 != 0 {
+        (x as f64 + 1.0) * TWO_M64
+    } else {
+        (x as f64) * TWO_M64 + (y as f64 + 1.0) * TWO_M128
+    }
+}
+
+/// Box–Muller on two 64-bit random words: the normals (r cos θ, r sin θ) with
+/// r = sqrt(−2 ln [`radius_uniform`](x0, tail)), θ = 2π ((x1 >> 11) + 1) · 2⁻⁵³.
+/// `tail` is called (once) only when x0 < 2³².
+#[inline(always)]
+pub fn box_muller(x0: u64, x1: u64, tail: impl FnOnce() -> u64) -> [f64; 2] {
+    let y = if x0 >> 32 == 0 { tail() } else { 0 };
+    let r = (-2.0 * ln_pos(radius_uniform(x0, y))).sqrt();
     let (s, c) = sincos_turn((x1 >> 11) + 1);
     [r * c, r * s]
 }
@@ -366,12 +388,18 @@ pub fn uniform53(x: u64) -> f64 {
     ((x >> 11) + 1) as f64 * TWO_M53
 }
 
+fn word64(w: &[u32; 16], k: usize) -> u64 {
+    u64::from(w[2 * k]) | (u64::from(w[2 * k + 1]) << 32)
+}
+
+/// The eight normals of a group's words; `tail` gives its tail block (rarely needed).
 #[inline(always)]
-fn normals_of_words(w: &[u32; 16]) -> [f64; 8] {
-    let x = |k: usize| u64::from(w[2 * k]) | (u64::from(w[2 * k + 1]) << 32);
+fn normals_of_words(w: &[u32; 16], tail: impl Fn() -> [u32; 16]) -> [f64; 8] {
     let mut out = [0.0; 8];
     for p in 0..4 {
-        let [a, b] = box_muller(x(2 * p), x(2 * p + 1));
+        let [a, b] = box_muller(word64(w, 2 * p), word64(w, 2 * p + 1), || {
+            word64(&tail(), 2 * p)
+        });
         out[2 * p] = a;
         out[2 * p + 1] = b;
     }
@@ -402,13 +430,22 @@ impl NoiseKey {
 
     /// The 16 random words of group g (see the module doc for the layout).
     pub fn group_words(&self, g: u64) -> [u32; 16] {
+        self.block_words(g, 0)
+    }
+
+    /// The words of group g's tail block (see [`radius_uniform`]).
+    pub fn tail_words(&self, g: u64) -> [u32; 16] {
+        self.block_words(g, TAIL_BIT)
+    }
+
+    fn block_words(&self, g: u64, tail: u64) -> [u32; 16] {
         match self.stream.rng {
-            RngKind::Chacha20 => chacha20_block(&self.stream.key, g, self.nonce()),
+            RngKind::Chacha20 => chacha20_block(&self.stream.key, g | tail, self.nonce()),
             RngKind::Philox => {
                 let k = [self.stream.key[0], self.stream.key[1]];
                 let mut w = [0u32; 16];
                 for j in 0..4u64 {
-                    let c = g.wrapping_mul(4).wrapping_add(j);
+                    let c = g.wrapping_mul(4).wrapping_add(j) | tail;
                     let r =
                         philox4x32_10([c as u32, (c >> 32) as u32, self.tensor_id, self.step], k);
                     w[4 * j as usize..4 * j as usize + 4].copy_from_slice(&r);
@@ -420,7 +457,7 @@ impl NoiseKey {
 
     /// The eight standard normals of elements 8g .. 8g+7.
     pub fn normal_group(&self, g: u64) -> [f64; 8] {
-        normals_of_words(&self.group_words(g))
+        normals_of_words(&self.group_words(g), || self.tail_words(g))
     }
 
     /// The standard normal noise(i).
@@ -445,7 +482,8 @@ impl NoiseKey {
             while g + LANES as u64 <= last + 1 {
                 let blocks = chacha20_blocks(&self.stream.key, g, nonce);
                 for (l, w) in blocks.iter().enumerate() {
-                    f(g + l as u64, &normals_of_words(w));
+                    let gl = g + l as u64;
+                    f(gl, &normals_of_words(w, || self.tail_words(gl)));
                 }
                 g += LANES as u64;
             }

@@ -4,7 +4,7 @@
 //      section 2.3.2 and Appendix A.1 #1-#5;
 //   2. dp::normal8, bit for bit, against the golden f64 normals of tests/noise.rs
 //      (GOLDEN, computed by src/dp/noise.rs), for both generators;
-//   3. dp::normal8 against libm's Box-Muller on the same 53-bit uniforms (within
+//   3. dp::normal8 against libm's Box-Muller on the same uniforms (within
 //      4e-15 * max(r, 1)) over many groups;
 //   4. noise_axpy_f32 (grid-stride, offsets, accumulate) against (float)(y + a*z)
 //      computed from dp::normal8 on the host, bit for bit.
@@ -16,6 +16,7 @@
 
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ull2double_rn(unsigned long long x) { return (double)x; }  // round to nearest
 inline double __ddiv_rn(double a, double b) { return a / b; }
 inline double __dsqrt_rn(double a) { return std::sqrt(a); }
 inline long long __double_as_longlong(double x) { long long r; memcpy(&r, &x, 8); return r; }
@@ -27,12 +28,12 @@ inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned 
 // Generated from tests/noise.rs GOLDEN (RFC 8439 key, tensor 3, step 11).
 struct Golden { unsigned rng; unsigned long long group; unsigned long long bits[8]; };
 static const Golden GOLDEN[6] = {
-    {0, 0ull, {0xbfd2a6cbad2d5160ull, 0x3fab15dd188d71caull, 0x3ff30e75ab250804ull, 0xbffe8105aacc7b44ull, 0x3ff3e21413dded6bull, 0x3febda44bc09f11dull, 0xbfbf3cc99b0237d4ull, 0xbfdb275281f1a7c3ull}},
-    {0, 1ull, {0xbfe01f46521370b2ull, 0x3fd98f188e70e7b8ull, 0x3feb6b54203d806eull, 0xbfe3e0e7c27871caull, 0x3fca011809a3e791ull, 0x3ff3f5649c14ffc9ull, 0x3ff01402e41743aeull, 0x3ff44cc72cc9469bull}},
-    {0, 4294967301ull, {0xbfea6d91d810c1c7ull, 0x3fe5c55da9ec8792ull, 0x3ff16d4b5c42194full, 0xbff959a0c92a98e9ull, 0xbfd0356ae26ddf7cull, 0xbfc1eb09eca12575ull, 0xbfe7bdddf07b83a9ull, 0x3fceec650131cdc1ull}},
-    {1, 0ull, {0xbff2d56f9be537a9ull, 0x3feda17d2644b444ull, 0xbffa25a59dfff317ull, 0x3ff033c2bfe8cb15ull, 0xbfd28499c25c7446ull, 0xbfe694f4bce1954full, 0x3ff1a9b335952537ull, 0x3fd97422e86f036aull}},
-    {1, 1ull, {0x3ff4102dcf39c9c9ull, 0x3ff53a8c18bd6e38ull, 0xbfc0a661cc00b033ull, 0xbfe39106f50617a7ull, 0xbfeeae20c5682b4aull, 0x3fefeb682a760f9full, 0x3fee91b8503ff9e9ull, 0x3ff19b6ec96fe0ddull}},
-    {1, 4294967301ull, {0xbfd468d8ea6a5137ull, 0x3fca2c87c37a0bdbull, 0x3f27a5feefe6447aull, 0x3fdab37ac0d5fd7bull, 0xbff4eb4e34d6b488ull, 0xbfd9db47fec53640ull, 0xbffaa4c5aaed874aull, 0xc002a4537143568cull}},
+    {0, 0ull, {0xbfd2a6cbad2d5167ull, 0x3fab15dd188d71d4ull, 0x3ff30e75ab250805ull, 0xbffe8105aacc7b46ull, 0x3ff3e21413dded6cull, 0x3febda44bc09f11eull, 0xbfbf3cc99b0237d9ull, 0xbfdb275281f1a7c8ull}},
+    {0, 1ull, {0xbfe01f46521370b4ull, 0x3fd98f188e70e7bbull, 0x3feb6b54203d806eull, 0xbfe3e0e7c27871caull, 0x3fca011809a3e791ull, 0x3ff3f5649c14ffc9ull, 0x3ff01402e41743aeull, 0x3ff44cc72cc9469bull}},
+    {0, 4294967301ull, {0xbfea6d91d810c1c9ull, 0x3fe5c55da9ec8793ull, 0x3ff16d4b5c42194full, 0xbff959a0c92a98eaull, 0xbfd0356ae26ddf83ull, 0xbfc1eb09eca1257cull, 0xbfe7bdddf07b83a9ull, 0x3fceec650131cdc1ull}},
+    {1, 0ull, {0xbff2d56f9be537aaull, 0x3feda17d2644b445ull, 0xbffa25a59dfff317ull, 0x3ff033c2bfe8cb15ull, 0xbfd28499c25c7446ull, 0xbfe694f4bce1954full, 0x3ff1a9b335952537ull, 0x3fd97422e86f036aull}},
+    {1, 1ull, {0x3ff4102dcf39c9caull, 0x3ff53a8c18bd6e39ull, 0xbfc0a661cc00b033ull, 0xbfe39106f50617a7ull, 0xbfeeae20c5682b4aull, 0x3fefeb682a760f9full, 0x3fee91b8503ff9eaull, 0x3ff19b6ec96fe0deull}},
+    {1, 4294967301ull, {0xbfd468d8ea6a5137ull, 0x3fca2c87c37a0bdbull, 0x3f27a5feefe6447aull, 0x3fdab37ac0d5fd7bull, 0xbff4eb4e34d6b488ull, 0xbfd9db47fec53640ull, 0xbffaa4c5aaed8750ull, 0xc002a45371435690ull}},
 };
 
 static int g_fail = 0;
@@ -119,7 +120,15 @@ static void t_libm() {
       dp::normal8(rng, key, 7, 9, q, z);
       for (int p = 0; p < 4; ++p) {
         unsigned long long x0 = dp::word64(w, 2 * p), x1 = dp::word64(w, 2 * p + 1);
-        double u0 = (double)((x0 >> 11) + 1) * 0x1p-53, u1 = (double)((x1 >> 11) + 1) * 0x1p-53;
+        unsigned long long y = 0;
+        if (!(x0 >> 32)) {
+          unsigned t[16];
+          dp::group_words(rng, key, 7, 9, q, t, dp::TAIL_BIT);
+          y = dp::word64(t, 2 * p);
+        }
+        double u0 = (x0 >> 32) ? ((double)x0 + 1.0) * 0x1p-64
+                               : (double)x0 * 0x1p-64 + ((double)y + 1.0) * 0x1p-128;
+        double u1 = (double)((x1 >> 11) + 1) * 0x1p-53;
         double r = std::sqrt(-2.0 * std::log(u0)), th = 6.283185307179586 * u1;
         double e = std::max(std::fabs(z[2 * p] - r * std::cos(th)), std::fabs(z[2 * p + 1] - r * std::sin(th)));
         worst = std::max(worst, e / std::max(r, 1.0));
@@ -129,6 +138,20 @@ static void t_libm() {
     snprintf(what, sizeof what, "%s normals vs libm Box-Muller: worst %.2e (< 4e-15)", rng ? "philox" : "chacha20", worst);
     check(worst < 4e-15, what);
   }
+}
+
+// The radius uniform's tail regime (x0 < 2^32, probability 2^-32 per pair, so no
+// sampled group reaches it): the same values as radius_uniform in src/dp/noise.rs.
+static void t_tail() {
+  check(dp::radius_uniform(0, ~0ull) == 0x1p-64, "radius_uniform(0, max) = 2^-64");
+  check(dp::radius_uniform(0, 0) == 0x1p-128, "radius_uniform(0, 0) = 2^-128");
+  check(dp::radius_uniform(~0ull, 0) == 1.0, "radius_uniform(max, 0) = 1");
+  const double want = 5.0 * 0x1p-64 + 124.0 * 0x1p-128;
+  check(dp::radius_uniform(5, 123) == want, "radius_uniform(5, 123) rounds once");
+  check(dp::radius_uniform(1ull << 32, 99) == (0x1p32 + 1.0) * 0x1p-64, "radius_uniform(2^32, y) ignores y");
+  double z0, z1;
+  dp::box_muller(0, ~0ull, 0, &z0, &z1);
+  check(std::fabs(z0 - std::sqrt(256.0 * std::log(2.0))) < 1e-13 && z1 == 0.0, "box_muller deepest tail: r = 13.32");
 }
 
 static void t_axpy() {
@@ -158,6 +181,7 @@ static void t_axpy() {
 int main() {
   t_chacha();
   t_golden();
+  t_tail();
   t_libm();
   t_axpy();
   printf("DONE failures=%d reports=%zu\n", g_fail, g_reports.size());
