@@ -67,7 +67,8 @@ run() {
   local fails=0 t name
   for t in "$bundle"/tests/*; do
     name=$(basename "$t")
-    timeout 300 "$t" --test-threads=1 --nocapture > "$out/test-$name.log" 2>&1
+    # A GPU run must not pass by skipping: a missing driver fails every GPU test.
+    DUALPRIV_REQUIRE_GPU=1 timeout 300 "$t" --test-threads=1 --nocapture > "$out/test-$name.log" 2>&1
     local rc=$?
     local line
     line=$(grep -E '^test result:' "$out/test-$name.log" | tail -n 1)

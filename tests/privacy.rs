@@ -421,13 +421,25 @@ fn steps_tensors_and_runs_never_share_noise() {
     );
 }
 
+/// The CLI binary: cargo's, or the one beside the test binaries of a GPU bundle
+/// (`scripts/gpu-test.sh` copies both).
+fn dualpriv_binary() -> std::path::PathBuf {
+    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_dualpriv"));
+    let exe = std::env::current_exe().unwrap();
+    let beside = exe.ancestors().skip(1).take(2).map(|d| d.join("dualpriv"));
+    std::iter::once(built)
+        .chain(beside)
+        .find(|p| p.is_file())
+        .expect("the dualpriv binary")
+}
+
 #[test]
 fn the_cli_draws_a_fresh_key_for_every_private_run() {
     let root = std::env::temp_dir().join(format!("dualpriv-cli-keys-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let run = |name: &str, extra: &[&str]| {
         let out = root.join(name);
-        let status = std::process::Command::new(env!("CARGO_BIN_EXE_dualpriv"))
+        let status = std::process::Command::new(dualpriv_binary())
             .args([
                 "train",
                 "--method",
