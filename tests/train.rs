@@ -257,7 +257,7 @@ fn every_method_lowers_the_training_loss() {
         let mut c = cfg(method, &d);
         c.steps = 12;
         c.clip_norm = 1.0;
-        c.noise_multiplier = method.is_private().then_some(0.1);
+        c.noise_multiplier = method.is_private().then_some(0.15);
         c.opt = OptConfig {
             kind: OptKind::Adamw,
             lr: 1e-2,
@@ -511,6 +511,10 @@ fn bad_configs_are_errors() {
     assert!(!bad(&|_| {}), "the base config is valid");
     // σ = 0 releases the clipped sum in the clear.
     assert!(bad(&|c| c.noise_multiplier = Some(0.0)));
+    // σ so small that the sampler's support (|z| ≤ 13.32) would show: 1/σ = 12
+    // (4 steps × q = 1 × Φ̄(1.32) ≫ δ/100).
+    assert!(bad(&|c| c.noise_multiplier = Some(1.0 / 12.0)));
+    assert!(!bad(&|c| c.noise_multiplier = Some(0.2)));
     // δ ≥ 1/N admits publishing a random example outright.
     assert!(bad(&|c| c.delta = 1.0 / 8.0));
     assert!(bad(&|c| c.delta = 0.2));

@@ -305,6 +305,9 @@ const TWO_M53: f64 = f64::from_bits(0x3ca0000000000000);
 const TWO_M51: f64 = f64::from_bits(0x3cc0000000000000);
 const TWO_M64: f64 = f64::from_bits(0x3bf0000000000000);
 const TWO_M128: f64 = f64::from_bits(0x37f0000000000000);
+/// The largest |z| the sampler can produce: sqrt(−2 ln 2⁻¹²⁸) = sqrt(256 ln 2).
+pub const MAX_ABS_NORMAL: f64 = 13.320_873_778_523_163;
+
 /// Set in the block counter of a group's tail block (groups stay below 2⁶¹).
 pub const TAIL_BIT: u64 = 1 << 63;
 

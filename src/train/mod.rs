@@ -19,7 +19,7 @@ use crate::data::synthetic::Dataset;
 use crate::dp::accountant::ledger::{self, Ledger, LedgerEntry};
 use crate::dp::accountant::{self, AccountantKind};
 use crate::dp::key::{Domain, RunKey};
-use crate::dp::noise::RngKind;
+use crate::dp::noise::{RngKind, MAX_ABS_NORMAL};
 use crate::model::Mllm;
 use crate::vision::tokens::TokenSelectConfig;
 use crate::{Error, Result};
@@ -317,6 +317,37 @@ pub struct RunSummary {
     pub stop_reason: String,
 }
 
+/// Refuses a σ so small that the sampler's bounded support shows: the noise is
+/// truncated at |z| ≤ [`MAX_ABS_NORMAL`], so a neighbour's shift of up to C makes an
+/// output impossible under one dataset with probability ≤ q·Φ̄(13.32 − 1/σ) per step
+/// (the example must be sampled), which the accountant does not count. Allowed while
+/// `steps` of it stay below δ/100.
+fn check_truncation(sigma: f64, q: f64, steps: u32, delta: f64) -> Result<()> {
+    let leak_at = |s: f64| {
+        f64::from(steps.max(1)) * q * accountant::special::norm_cdf(1.0 / s - MAX_ABS_NORMAL)
+    };
+    let leak = leak_at(sigma);
+    if leak > delta / 100.0 {
+        // The smallest σ that passes, by bisection on 1/σ.
+        let (mut lo, mut hi) = (0.0, 1.0 / sigma);
+        for _ in 0..60 {
+            let mid = 0.5 * (lo + hi);
+            if leak_at(1.0 / mid) > delta / 100.0 {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        return Err(Error::Config(format!(
+            "σ = {sigma} is too small for the noise sampler: its normals stop at ±{MAX_ABS_NORMAL:.2}, \
+             so over {steps} steps the truncation adds up to {leak:.1e} to δ = {delta}; use σ ≥ {:.3} \
+             (a larger ε target or fewer steps)",
+            1.0 / lo.max(1e-300)
+        )));
+    }
+    Ok(())
+}
+
 /// An accountant's ε(history, δ): [`accountant::epsilon`] or its coarse twin.
 type EpsilonFn = fn(AccountantKind, &[(f64, f64, u64)], f64) -> Result<f64>;
 
@@ -408,6 +439,9 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             )?,
             (true, None, None) => unreachable!("validated"),
         };
+        if cfg.method.is_private() {
+            check_truncation(sigma, sampler.rate(), cfg.steps, cfg.delta)?;
+        }
         Ok(Self {
             backend,
             model,
