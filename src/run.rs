@@ -87,6 +87,7 @@ pub fn pretrain<B: DpBackend>(backend: &B, a: &PretrainArgs) -> Result<(RunSumma
         rng: RngKind::Chacha20,
         log_private_stats: false,
         eval_every: 0,
+        public_size: None,
         text_len,
     };
     // Public data, non-private method: a key from the public seed keeps the
@@ -194,6 +195,7 @@ pub fn demo_train_config(method: Method, epsilon: f64, delta: f64, text_len: usi
         rng: RngKind::Chacha20,
         log_private_stats: false,
         eval_every: 0,
+        public_size: None,
         text_len,
     }
 }
@@ -300,7 +302,9 @@ pub fn demo_trainer<'a, B: DpBackend>(
     text_len: usize,
     session: &Path,
 ) -> Result<Trainer<'a, B>> {
-    let cfg = demo_train_config(method, a.epsilon, a.delta, text_len);
+    let mut cfg = demo_train_config(method, a.epsilon, a.delta, text_len);
+    // The split's size is a flag of the demo: public.
+    cfg.public_size = Some(a.train_examples);
     let mut t = Trainer::new(backend, model, demo_spec(), cfg, train)?;
     t.out_dir = Some(session.join(method.to_string()));
     t.ledger = Some(a.out.join("privacy-ledger.json"));

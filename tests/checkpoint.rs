@@ -47,6 +47,7 @@ fn cfg(d: &Dataset, steps: u32) -> TrainConfig {
         rng: RngKind::Chacha20,
         log_private_stats: false,
         eval_every: 0,
+        public_size: None,
         text_len: d.max_text_len(),
     }
 }

@@ -634,6 +634,7 @@ fn cfg(method: Method, d: &Dataset) -> TrainConfig {
         rng: RngKind::Chacha20,
         log_private_stats: false,
         eval_every: 0,
+        public_size: None,
         text_len: d.max_text_len(),
     }
 }

@@ -74,6 +74,7 @@ fn trainer_with<'a>(
         rng: RngKind::Chacha20,
         log_private_stats: false,
         eval_every: 0,
+        public_size: None,
         text_len: d.max_text_len(),
     };
     let model = Mllm::new(&Cpu, &c, &m, 0).unwrap();

@@ -89,6 +89,7 @@ fn cfg(method: Method, d: &Dataset, micro: usize) -> TrainConfig {
         rng: RngKind::Chacha20,
         log_private_stats: false,
         eval_every: 0,
+        public_size: None,
         text_len: d.max_text_len(),
     }
 }
@@ -589,4 +590,59 @@ fn demo_methods_get_different_keys() {
     assert_ne!(x.key(), z.key(), "two demos share a key");
     assert!(x.not_private().is_none() && !x.key().is_insecure());
     assert_ne!(x.out_dir, y.out_dir);
+}
+
+#[test]
+fn published_rates_do_not_depend_on_the_private_size() {
+    // Under add/remove, D and D ∪ {x} differ in N: q = B/N and the σ calibrated
+    // from it would publish N. With a public size they are the same on both.
+    let d = Dataset::generate(Split::Private, 40, 3, 32).unwrap();
+    let x = Dataset::generate(Split::Private, 1, 99, 32)
+        .unwrap()
+        .examples[0]
+        .clone();
+    let dx = with_inserted(&d, 7, &x);
+    let trainer = |data: &Dataset| {
+        let mut c = cfg(Method::Ghost, data, 4);
+        c.batch = 4;
+        c.steps = 20;
+        c.noise_multiplier = None;
+        c.epsilon = Some(3.0);
+        c.public_size = Some(40);
+        c.text_len = d.max_text_len().max(dx.max_text_len());
+        Trainer::new(&Cpu, model(&Cpu, &lora()), lora(), c, data).unwrap()
+    };
+    let (mut a, mut b) = (trainer(&d), trainer(&dx));
+    assert_eq!(a.sigma.to_bits(), b.sigma.to_bits(), "σ reveals N");
+    a.run(&d, 0).unwrap();
+    b.run(&dx, 0).unwrap();
+    assert_eq!(a.privacy, b.privacy, "the (q, σ, steps) history reveals N");
+    assert_eq!(a.privacy.history[0].0, 0.1);
+}
+
+#[test]
+fn a_malformed_example_fails_the_run_before_any_step() {
+    // A malformed example that fails only when sampled would reveal when it was
+    // sampled; every example is checked before step 1 instead.
+    let d = Dataset::generate(Split::Private, 16, 3, 32).unwrap();
+    for bad in 0..2 {
+        let mut e = d.clone();
+        match bad {
+            0 => e.examples[11].input_ids[1] = 10_000, // out of the vocabulary
+            _ => e.examples[11].input_ids.truncate(1), // too short to hold an answer
+        }
+        let mut c = cfg(Method::Ghost, &e, 4);
+        c.batch = 1; // q = 1/16: example 11 is usually not in the first batches
+        c.steps = 3;
+        c.delta = 1e-3;
+        let mut t = Trainer::new(&Cpu, model(&Cpu, &lora()), lora(), c, &e).unwrap();
+        let err = t
+            .run(&e, 0)
+            .err()
+            .expect("a malformed example must fail the run")
+            .to_string();
+        assert!(err.contains("before training"), "{err}");
+        assert_eq!(t.step, 0, "no step ran");
+        assert_eq!(t.draws(), 0, "no draw was used");
+    }
 }

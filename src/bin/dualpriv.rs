@@ -578,6 +578,8 @@ fn train_on<B: DpBackend>(be: &B, a: TrainArgs) -> dualpriv::Result<()> {
         rng: a.rng.parse()?,
         log_private_stats: a.log_private_stats,
         eval_every: a.eval_every,
+        // The built-in data's size is a flag, so public; q and σ derive from it.
+        public_size: Some(a.train_examples),
         text_len,
     };
     let model = Mllm::load(be, &mcfg, &mode, &checkpoint::model_path(&a.init)?)?;
@@ -598,7 +600,7 @@ fn train_on<B: DpBackend>(be: &B, a: TrainArgs) -> dualpriv::Result<()> {
     eprintln!(
         "{method}: {} trainable values, q = {:.4}, sigma = {:.4}",
         t.model.trainable().iter().map(|p| p.len).sum::<usize>(),
-        a.batch as f64 / data.len() as f64,
+        a.batch as f64 / a.train_examples as f64,
         t.sigma
     );
     report(t.run(&data, a.checkpoint_every)?)

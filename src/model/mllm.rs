@@ -218,7 +218,9 @@ impl<B: Backend> Mllm<B> {
     }
 
     /// Checks a batch against the model; returns (B, T).
-    fn check_batch(&self, batch: &Batch) -> Result<(usize, usize)> {
+    /// Checks a collated batch against the model (image size, lengths, token ids,
+    /// loss mask); returns (batch size, text length).
+    pub fn check_batch(&self, batch: &Batch) -> Result<(usize, usize)> {
         let (b, t, s) = (batch.size, batch.text_len, self.cfg.vision.image_size);
         ensure_shape(batch.image_size == s, || {
             format!(

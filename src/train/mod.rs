@@ -88,6 +88,11 @@ pub struct TrainConfig {
     /// Evaluate on the held-out split every N steps (0: never).
     #[serde(default)]
     pub eval_every: u32,
+    /// The dataset size N declared public: q = batch / N, the δ < 1/N check and σ use
+    /// it. `None` uses the training set's length, which q, σ and ε then publish (under
+    /// add/remove adjacency N itself differs between neighbours, so it is not covered).
+    #[serde(default)]
+    pub public_size: Option<usize>,
     /// Text tokens per example after padding.
     pub text_len: usize,
 }
@@ -120,6 +125,26 @@ impl TrainConfig {
     /// The parsed accountant kind.
     pub fn accountant_kind(&self) -> Result<AccountantKind> {
         self.accountant.parse()
+    }
+
+    /// The sampler of this config on `data` (its rate from the public size when
+    /// declared), after every check that needs the data: [`Self::validate`], δ < 1/N.
+    pub fn check(&self, data: &Dataset, key: &RunKey) -> Result<Sampler> {
+        self.validate()?;
+        let mut sampler = Sampler::new(data.len(), self.batch, self.sampling, key)?;
+        if let Some(n) = self.public_size {
+            sampler = sampler.with_public_size(n)?;
+        }
+        let n = self.public_size.unwrap_or(data.len());
+        if self.method.is_private() && self.delta >= 1.0 / n as f64 {
+            return Err(Error::Config(format!(
+                "δ = {} is not below 1/N = 1/{n}: a mechanism that publishes one random example \
+                 outright meets such a δ. Use δ ≤ {:.1e} (1/(10·N))",
+                self.delta,
+                0.1 / n as f64
+            )));
+        }
+        Ok(sampler)
     }
 
     /// Checks ranges before any work is done.
@@ -416,17 +441,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         data: &Dataset,
         key: RunKey,
     ) -> Result<Self> {
-        cfg.validate()?;
-        let sampler = Sampler::new(data.len(), cfg.batch, cfg.sampling, &key)?;
-        if cfg.method.is_private() && cfg.delta >= 1.0 / data.len() as f64 {
-            return Err(Error::Config(format!(
-                "δ = {} is not below 1/N = 1/{}: a mechanism that publishes one random example \
-                 outright meets such a δ. Use δ ≤ {:.1e} (1/(10·N))",
-                cfg.delta,
-                data.len(),
-                0.1 / data.len() as f64
-            )));
-        }
+        let sampler = cfg.check(data, &key)?;
         let sigma = match (cfg.method.is_private(), cfg.noise_multiplier, cfg.epsilon) {
             (false, ..) => 0.0,
             (true, Some(s), _) => s,
@@ -582,6 +597,26 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         .map(Some)
     }
 
+    /// Collates and checks every training example once, before the first step: a
+    /// malformed example must fail the run up front, whether or not it would be
+    /// sampled. Failing inside a step would reveal that it was sampled (and when).
+    fn check_every_example(&self, data: &Dataset) -> Result<()> {
+        let idx: Vec<usize> = (0..data.len()).collect();
+        for chunk in idx.chunks(256) {
+            let batch = data.collate(chunk, self.cfg.text_len).map_err(|e| {
+                Error::Config(format!(
+                    "the training data has a malformed example ({e}); fix or drop it before training"
+                ))
+            })?;
+            self.model.check_batch(&batch).map_err(|e| {
+                Error::Config(format!(
+                    "the training data does not fit the model ({e}); fix or drop that example before training"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
     /// Takes the output folder for a new run (it must be empty or absent), and
     /// computes the keyed data fingerprint of the ledger. Idempotent.
     fn claim_out(&mut self, data: &Dataset) -> Result<()> {
@@ -617,13 +652,18 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
     /// Checkpoints every `checkpoint_every` steps (and at the end) when `out_dir` is set.
     pub fn run(&mut self, data: &Dataset, checkpoint_every: u32) -> Result<RunSummary> {
         let started = Instant::now();
-        let sampler = Sampler::new(data.len(), self.cfg.batch, self.cfg.sampling, &self.key)?;
+        // `cfg` is public: check it again, so no edit after `new` bypasses a refusal.
+        let sampler = self.cfg.check(data, &self.key)?;
         let q = sampler.rate();
+        if self.cfg.method.is_private() {
+            check_truncation(self.sigma, q, self.cfg.steps, self.cfg.delta)?;
+        }
         let kind = self.cfg.accountant_kind()?;
         let private = self.cfg.method.is_private();
         if let (true, Some(why)) = (private, self.not_private()) {
             eprintln!("warning: this run is NOT private ({why}); its ε is reported as ∞");
         }
+        self.check_every_example(data)?;
         self.claim_out(data)?;
         if private {
             self.warn_prior_spend(kind)?;

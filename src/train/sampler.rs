@@ -30,6 +30,7 @@ pub struct Sampler {
     expected: usize,
     mode: Sampling,
     key: RunKey,
+    rate: f64,
 }
 
 impl Sampler {
@@ -48,12 +49,27 @@ impl Sampler {
             expected,
             mode,
             key: key.clone(),
+            rate: expected as f64 / n as f64,
         })
     }
 
-    /// The sampling rate q = B_expected / N.
+    /// Poisson rate q = B_expected / `public_size` instead of the private N: under
+    /// add/remove adjacency N differs between neighbours, so a q (and the σ
+    /// calibrated from it) computed from N would publish it.
+    pub fn with_public_size(mut self, public_size: usize) -> Result<Self> {
+        if public_size < self.expected {
+            return Err(Error::Config(format!(
+                "public dataset size {public_size} is below the expected batch size {}",
+                self.expected
+            )));
+        }
+        self.rate = self.expected as f64 / public_size as f64;
+        Ok(self)
+    }
+
+    /// The sampling rate q (Poisson): B_expected / N, or / the public size.
     pub fn rate(&self) -> f64 {
-        self.expected as f64 / self.n as f64
+        self.rate
     }
 
     /// Indices of the examples in draw `draw`'s batch, ascending.
