@@ -193,3 +193,49 @@ fn mixed_checkpoint_pieces_are_refused() {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let dst = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+#[test]
+fn two_copies_of_a_run_never_share_draws() {
+    // A run folder copied and resumed twice shares the run key: without care both
+    // copies would draw the same noise. The second resume takes the run over in the
+    // ledger; the first can then reserve nothing more, so it stops before a step.
+    let d = Dataset::generate(Split::Private, 16, 3, 32).unwrap();
+    let root = std::env::temp_dir().join(format!("dualpriv-copies-{}", std::process::id()));
+    let dir = fresh(&root, &d);
+    let copy = root.join("copy");
+    copy_dir(&dir, &copy);
+    let mut a = Trainer::resume(&Cpu, &dir, &d, Some(4)).unwrap();
+    let mut b = Trainer::resume(&Cpu, &copy, &d, Some(4)).unwrap();
+    let err = a
+        .run(&d, 0)
+        .err()
+        .expect("the run taken over must stop")
+        .to_string();
+    assert!(err.contains("resumed by another process"), "{err}");
+    assert_eq!(a.step, 2, "no step after the take-over");
+    let before = b.draws();
+    b.run(&d, 0).unwrap();
+    assert!(
+        before >= a.draws(),
+        "b starts at draw {before}, a had reached {}",
+        a.draws()
+    );
+    let entry = Ledger::load(&root.join("privacy-ledger.json"))
+        .unwrap()
+        .entries[0]
+        .clone();
+    assert_eq!(entry.steps, 4);
+    let _ = std::fs::remove_dir_all(&root);
+}

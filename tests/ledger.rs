@@ -249,16 +249,20 @@ fn entry(run_id: &str, eps: f64, history: Vec<(f64, f64, u64)>) -> LedgerEntry {
         accountant: "rdp".into(),
         epsilon: Some(eps),
         not_private: None,
+        rng: "chacha20".into(),
+        session: "s".into(),
     }
 }
 
 #[test]
 fn entries_only_grow() {
     let mut l = Ledger::default();
-    l.record(entry("x", 1.0, vec![(0.1, 1.0, 10)])).unwrap();
+    l.record(entry("x", 1.0, vec![(0.1, 1.0, 10)]), false)
+        .unwrap();
     // Extending the last entry or appending one is an update.
-    l.record(entry("x", 1.2, vec![(0.1, 1.0, 12)])).unwrap();
-    l.record(entry("x", 1.5, vec![(0.1, 1.0, 12), (0.2, 1.0, 1)]))
+    l.record(entry("x", 1.2, vec![(0.1, 1.0, 12)]), false)
+        .unwrap();
+    l.record(entry("x", 1.5, vec![(0.1, 1.0, 12), (0.2, 1.0, 1)]), false)
         .unwrap();
     // Shorter, rewritten or re-keyed histories are refused, and the entry stays.
     for bad in [
@@ -266,16 +270,23 @@ fn entries_only_grow() {
         entry("x", 0.5, vec![(0.1, 2.0, 13)]),
         entry("x", 0.5, vec![(0.1, 1.0, 12)]),
     ] {
-        assert!(l.record(bad).is_err());
+        assert!(l.record(bad, false).is_err());
     }
     let mut other_data = entry("x", 2.0, vec![(0.1, 1.0, 12), (0.2, 1.0, 2)]);
     other_data.data_fingerprint = "g".into();
-    assert!(l.record(other_data).is_err());
+    assert!(l.record(other_data, false).is_err());
     let mut fewer_draws = entry("x", 2.0, vec![(0.1, 1.0, 12), (0.2, 1.0, 2)]);
     fewer_draws.draws = 3;
-    assert!(l.record(fewer_draws).is_err());
+    assert!(l.record(fewer_draws, false).is_err());
     assert_eq!(l.entries.len(), 1);
     assert_eq!(l.entries[0].steps, 13);
+    // Another session (a second copy of the run) may not update it, unless it takes
+    // the run over, as a resume does.
+    let mut other = entry("x", 2.0, vec![(0.1, 1.0, 12), (0.2, 1.0, 2)]);
+    other.session = "t".into();
+    assert!(l.record(other.clone(), false).is_err());
+    l.record(other, true).unwrap();
+    assert_eq!(l.entries[0].session, "t");
     assert!(extends(&[], &[(0.1, 1.0, 1)]));
     assert!(!extends(&[(0.1, 1.0, 2)], &[]));
 }
@@ -320,7 +331,8 @@ fn writes_are_atomic_and_corruption_is_never_reset() {
     let root = tmp("atomic");
     let p = root.join("privacy-ledger.json");
     let mut l = Ledger::default();
-    l.record(entry("x", 1.0, vec![(0.1, 1.0, 10)])).unwrap();
+    l.record(entry("x", 1.0, vec![(0.1, 1.0, 10)]), false)
+        .unwrap();
     l.save(&p).unwrap();
     // A crash mid-write leaves only a partial temporary file; the ledger is intact.
     std::fs::write(
@@ -329,8 +341,10 @@ fn writes_are_atomic_and_corruption_is_never_reset() {
     )
     .unwrap();
     assert_eq!(Ledger::load(&p).unwrap(), l);
-    l.record(entry("x", 2.0, vec![(0.1, 1.0, 20)])).unwrap();
-    l.record(entry("y", 0.5, vec![(0.1, 1.0, 3)])).unwrap();
+    l.record(entry("x", 2.0, vec![(0.1, 1.0, 20)]), false)
+        .unwrap();
+    l.record(entry("y", 0.5, vec![(0.1, 1.0, 3)]), false)
+        .unwrap();
     l.save(&p).unwrap();
     let back = Ledger::load(&p).unwrap();
     assert_eq!(back.entries.len(), 2);

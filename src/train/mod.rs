@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::dp::DpBackend;
 use crate::data::synthetic::Dataset;
-use crate::dp::accountant::ledger::{self, Ledger, LedgerEntry};
+use crate::dp::accountant::ledger::{self, Ledger, LedgerEntry, LedgerLock};
 use crate::dp::accountant::{self, AccountantKind};
 use crate::dp::key::{Domain, RunKey};
 use crate::dp::noise::{RngKind, MAX_ABS_NORMAL};
@@ -414,6 +414,8 @@ pub struct Trainer<'a, B: DpBackend> {
     /// Draws below this are reserved in the ledger (durably, before use).
     reserved: u32,
     run_id: String,
+    /// This process's claim on the run in the ledger (see [`LedgerEntry::session`]).
+    session: String,
     fingerprint: Option<String>,
     claimed: bool,
 }
@@ -474,6 +476,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             draws: 0,
             reserved: 0,
             run_id: checkpoint::random_id()?,
+            session: checkpoint::random_id()?,
             fingerprint: None,
             claimed: false,
         })
@@ -526,7 +529,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             cfg.steps = s;
         }
         let draws = u64::from(st.draws).max(entry.draws);
-        Ok(Self {
+        let mut t = Self {
             backend,
             model,
             model_spec: st.model,
@@ -547,9 +550,17 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             })?,
             reserved: 0,
             run_id: st.run_id,
+            session: checkpoint::random_id()?,
             fingerprint: Some(fp),
             claimed: true,
-        })
+        };
+        // Take the run over in the ledger, under its lock: continue after every draw
+        // any process reserved for it, from the history it recorded.
+        let (path, fp) = (t.ledger.clone(), t.fingerprint.clone());
+        if let (Some(path), Some(fp)) = (path, fp) {
+            t.record_ledger(&path, &fp, true)?;
+        }
+        Ok(t)
     }
 
     /// The run's key (secret unless it came from an insecure seed).
@@ -853,12 +864,12 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             return Ok(());
         };
         self.reserved = self.draws.saturating_add(RESERVE_DRAWS);
-        self.record_ledger(&ledger, &fp)
+        self.record_ledger(&ledger, &fp, false)
     }
 
     /// Records the steps in the ledger, then writes the checkpoint that releases them.
-    fn save_checkpoint(&self) -> Result<()> {
-        let Some(dir) = &self.out_dir else {
+    fn save_checkpoint(&mut self) -> Result<()> {
+        let Some(dir) = self.out_dir.clone() else {
             return Ok(());
         };
         let (ledger, fingerprint) = match (&self.ledger, &self.fingerprint) {
@@ -869,7 +880,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
                 ))
             }
         };
-        self.record_ledger(&ledger, &fingerprint)?;
+        self.record_ledger(&ledger, &fingerprint, false)?;
         let state = checkpoint::CheckpointState {
             version: checkpoint::VERSION,
             checkpoint_id: checkpoint::random_id()?,
@@ -884,7 +895,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             ledger,
             key: self.key.clone(),
         };
-        checkpoint::save(self, dir, &state)
+        checkpoint::save(self, &dir, &state)
     }
 
     /// Warns when earlier runs already spent privacy on the same data.
@@ -916,16 +927,25 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         Ok(())
     }
 
-    /// Adds or extends this run's entry in the ledger (every run, private or not).
-    fn record_ledger(&self, path: &Path, fingerprint: &str) -> Result<()> {
+    /// Adds or extends this run's entry in the ledger (every run, private or not),
+    /// under the ledger's lock. `take_over` (a resume) makes this process the run's
+    /// owner and moves the draw counter and history up to what the ledger holds.
+    fn record_ledger(&mut self, path: &Path, fingerprint: &str, take_over: bool) -> Result<()> {
         let kind = self.cfg.accountant_kind()?;
+        let _lock = LedgerLock::acquire(path)?;
         let mut ledger = Ledger::load(path)?;
+        if let (true, Some(e)) = (take_over, ledger.entry(&self.run_id)) {
+            if ledger::extends(&self.privacy.history, &e.history) {
+                self.privacy.history = e.history.clone();
+            }
+            self.draws = self.draws.max(u32::try_from(e.draws).unwrap_or(u32::MAX));
+        }
         let run = self
             .out_dir
             .as_ref()
             .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone()))
             .map_or_else(String::new, |d| d.display().to_string());
-        ledger.record(LedgerEntry {
+        let entry = LedgerEntry {
             run_id: self.run_id.clone(),
             run,
             data_fingerprint: fingerprint.to_string(),
@@ -937,7 +957,10 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             accountant: kind.to_string(),
             epsilon: self.epsilon()?,
             not_private: self.not_private().map(String::from),
-        })?;
+            rng: self.cfg.rng.to_string(),
+            session: self.session.clone(),
+        };
+        ledger.record(entry, take_over)?;
         ledger.save(path)
     }
 }

@@ -54,6 +54,13 @@ pub struct LedgerEntry {
     /// Why the run is not private, when it is not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_private: Option<String>,
+    /// The noise generator (`chacha20`, or `philox`: not cryptographic).
+    #[serde(default)]
+    pub rng: String,
+    /// Random id of the process that currently owns the run: a resume takes the run
+    /// over, and the process it took over from can record nothing more.
+    #[serde(default)]
+    pub session: String,
 }
 
 impl LedgerEntry {
@@ -149,10 +156,18 @@ impl Ledger {
 
     /// Inserts the entry of a new run, or updates its own entry. An update that
     /// does not extend the stored history and draws, or that changes the data or
-    /// method, is refused: a ledger entry can only grow.
-    pub fn record(&mut self, entry: LedgerEntry) -> Result<()> {
+    /// method, is refused: a ledger entry can only grow. So is an update from a
+    /// session that no longer owns the run, unless it takes the run over (a resume).
+    pub fn record(&mut self, entry: LedgerEntry, take_over: bool) -> Result<()> {
         match self.entries.iter_mut().find(|e| e.run_id == entry.run_id) {
             Some(e) => {
+                if e.session != entry.session && !take_over {
+                    return Err(Error::Config(format!(
+                        "run {} ({}) was resumed by another process since this one started; this \
+                         process stops, so that two copies of one run never share a ledger entry",
+                        e.run_id, e.run
+                    )));
+                }
                 let grows = extends(&e.history, &entry.history)
                     && entry.steps >= e.steps
                     && entry.draws >= e.draws;
@@ -222,6 +237,50 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
         *o = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
     }
     Some(out)
+}
+
+/// Holds `<ledger>.lock` for a read-modify-write of the ledger, so concurrent runs
+/// (or two copies of one run folder) serialise their updates; removed on drop.
+pub struct LedgerLock {
+    path: PathBuf,
+}
+
+impl LedgerLock {
+    /// Waits up to 30 s for the lock of the ledger at `ledger`.
+    pub fn acquire(ledger: &Path) -> Result<Self> {
+        let path = ledger.with_extension("lock");
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+                path: dir.display().to_string(),
+                message: e.to_string(),
+            })?;
+        }
+        for _ in 0..600 {
+            match private_create_new(&path) {
+                Ok(_) => return Ok(Self { path }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                Err(e) => {
+                    return Err(Error::Io {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    })
+                }
+            }
+        }
+        Err(Error::Config(format!(
+            "{}: another dualpriv process has held the ledger lock for 30 s; if none is running \
+             (a crash left it), delete the lock file",
+            path.display()
+        )))
+    }
+}
+
+impl Drop for LedgerLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Creates `path` (which must not exist), readable and writable by the owner only.
