@@ -220,8 +220,7 @@ fn two_copies_of_a_run_never_share_draws() {
     let mut b = Trainer::resume(&Cpu, &copy, &d, Some(4)).unwrap();
     let err = a
         .run(&d, 0)
-        .err()
-        .expect("the run taken over must stop")
+        .expect_err("the run taken over must stop")
         .to_string();
     assert!(err.contains("resumed by another process"), "{err}");
     assert_eq!(a.step, 2, "no step after the take-over");

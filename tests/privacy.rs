@@ -638,8 +638,7 @@ fn a_malformed_example_fails_the_run_before_any_step() {
         let mut t = Trainer::new(&Cpu, model(&Cpu, &lora()), lora(), c, &e).unwrap();
         let err = t
             .run(&e, 0)
-            .err()
-            .expect("a malformed example must fail the run")
+            .expect_err("a malformed example must fail the run")
             .to_string();
         assert!(err.contains("before training"), "{err}");
         assert_eq!(t.step, 0, "no step ran");
