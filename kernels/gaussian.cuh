@@ -127,12 +127,30 @@ __device__ __forceinline__ double radius_uniform(uint64_t x, uint64_t y) {
                    __dmul_rn(__dadd_rn(__ull2double_rn(y), 1.0), 0x1p-128));
 }
 
+// r^2 = -2 ln u (radius_sq in src/dp/noise.rs): near u = 1 from v = 1 - u = (~x)*2^-64
+// (refined by y below 2^-32) through the series -ln(1 - v) = v(1 + v/2 + ... + v^6/7).
+__device__ __forceinline__ double radius_sq(uint64_t x, uint64_t y) {
+  const uint64_t nx = ~x;
+  if (nx >= (1ull << 53)) return __dmul_rn(-2.0, ln_pos(radius_uniform(x, y)));
+  const double v = (nx >> 32) ? __dmul_rn(__ull2double_rn(nx), 0x1p-64)
+                              : __dadd_rn(__dmul_rn(__ull2double_rn(nx), 0x1p-64),
+                                          __dmul_rn(__ull2double_rn(y), 0x1p-128));
+  const double inv_k[6] = {0x1.0000000000000p-1, 0x1.5555555555555p-2, 0x1.0000000000000p-2,
+                           0x1.999999999999ap-3, 0x1.5555555555555p-3, 0x1.2492492492492p-3};
+  double p = inv_k[5];
+#pragma unroll
+  for (int k = 4; k >= 0; --k) p = __dadd_rn(__dmul_rn(p, v), inv_k[k]);
+  return __dmul_rn(2.0, __dmul_rn(v, __dadd_rn(__dmul_rn(p, v), 1.0)));
+}
+
+// Whether the pair whose radius word is x needs its tail word (needs_tail on the CPU).
+__device__ __forceinline__ bool needs_tail(uint64_t x) { return (x >> 32) == 0 || (~x >> 32) == 0; }
+
 // Box-Muller on two 64-bit words (box_muller in src/dp/noise.rs); y is the tail word,
-// read only when x0 < 2^32.
+// read only when needs_tail(x0).
 __device__ __forceinline__ void box_muller(uint64_t x0, uint64_t x1, uint64_t y, double* z0,
                                            double* z1) {
-  const double u0 = radius_uniform(x0, y);
-  const double r = __dsqrt_rn(__dmul_rn(-2.0, ln_pos(u0)));
+  const double r = __dsqrt_rn(radius_sq(x0, y));
   double sn, cs;
   sincos_turn((x1 >> 11) + 1, &sn, &cs);
   *z0 = __dmul_rn(r, cs);
@@ -143,12 +161,12 @@ __device__ __forceinline__ uint64_t word64(const uint32_t w[16], int k) {
   return (uint64_t)w[2 * k] | ((uint64_t)w[2 * k + 1] << 32);
 }
 
-// The tail word of pair p of group g: only drawn (a second block) when x0 < 2^32,
-// which happens with probability 2^-32.
+// The tail word of pair p of group g: only drawn (a second block) when x0 or ~x0 is
+// below 2^32, which happens with probability 2^-31.
 __device__ __forceinline__ uint64_t tail_word(uint32_t rng, const uint32_t key[8],
                                               uint32_t tensor_id, uint32_t step, uint64_t g,
                                               uint64_t x0, int p) {
-  if (x0 >> 32) return 0;
+  if (!needs_tail(x0)) return 0;
   uint32_t t[16];
   group_words(rng, key, tensor_id, step, g, t, TAIL_BIT);
   return word64(t, 2 * p);

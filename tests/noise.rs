@@ -3,8 +3,8 @@
 //! independence, random access, and the CUDA noise against the CPU bit for bit.
 mod common;
 use dualpriv::dp::noise::{
-    box_muller, chacha20_block, philox4x32_10, radius_uniform, uniform53, NoiseKey, RngKind,
-    StreamKey,
+    box_muller, chacha20_block, needs_tail, philox4x32_10, radius_sq, radius_uniform, uniform53,
+    NoiseKey, RngKind, StreamKey,
 };
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -227,8 +227,7 @@ fn groups_follow_the_documented_layout() {
             for p in 0..4 {
                 // Within a few 1e-15 of libm's Box–Muller on the same uniforms.
                 let y = u64::from(tail[4 * p]) | (u64::from(tail[4 * p + 1]) << 32);
-                let (u0, u1) = (radius_uniform(x[2 * p], y), uniform53(x[2 * p + 1]));
-                let r = (-2.0 * u0.ln()).sqrt();
+                let (r, u1) = (libm_r2(x[2 * p], y).sqrt(), uniform53(x[2 * p + 1]));
                 let th = std::f64::consts::TAU * u1;
                 let tol = 4e-15 * r.max(1.0);
                 assert!((z[2 * p] - r * th.cos()).abs() <= tol, "{rng} g={g} p={p}");
@@ -272,8 +271,7 @@ fn box_muller_is_close_to_libm_everywhere() {
     for &x0 in &xs {
         for &x1 in xs.iter().step_by(97) {
             let [c, s] = box_muller(x0, x1, || x1);
-            let (u0, u1) = (radius_uniform(x0, x1), uniform53(x1));
-            let rr = (-2.0 * u0.ln()).sqrt();
+            let (rr, u1) = (libm_r2(x0, x1).sqrt(), uniform53(x1));
             let th = std::f64::consts::TAU * u1;
             let e = (c - rr * th.cos()).abs().max((s - rr * th.sin()).abs()) / rr.max(1e-300);
             worst = worst.max(if rr == 0.0 { c.abs() + s.abs() } else { e });
@@ -283,13 +281,30 @@ fn box_muller_is_close_to_libm_everywhere() {
     // ln alone through r: r² = −2 ln u to within 2 ulp-ish.
     for &x in &xs {
         let u = radius_uniform(x, 7);
+        let want_r2 = libm_r2(x, 7);
         let [c, s] = box_muller(x, 0, || 7);
         let r2 = c * c + s * s;
-        let want = -2.0 * u.ln();
+        let want = if u < 0.999 { -2.0 * u.ln() } else { want_r2 };
         assert!(
             (r2 - want).abs() <= 8.0 * f64::EPSILON * want,
             "u={u}: {r2} vs {want}"
         );
+    }
+}
+
+/// libm's r² = −2 ln u for the radius words (x, y): from 1 − u when u is near 1,
+/// where the f64 u itself has lost the bits that matter.
+fn libm_r2(x: u64, y: u64) -> f64 {
+    let nx = !x;
+    if nx < 1 << 53 {
+        let v = if nx >> 32 != 0 {
+            nx as f64 * 2f64.powi(-64)
+        } else {
+            nx as f64 * 2f64.powi(-64) + y as f64 * 2f64.powi(-128)
+        };
+        -2.0 * (-v).ln_1p()
+    } else {
+        -2.0 * radius_uniform(x, y).ln()
     }
 }
 
@@ -711,7 +726,7 @@ mod gpu {
 /// relative radius gaps stay below 2⁻³⁰, far inside an f32 ulp (2⁻²³).
 #[test]
 fn radii_are_dense_even_in_the_deep_tail() {
-    let radius = |x: u64, y: u64| (-2.0 * radius_uniform(x, y).ln()).sqrt();
+    let radius = |x: u64, y: u64| radius_sq(x, y).sqrt();
     let mut r = common::rng(17);
     let mut worst: f64 = 0.0;
     for _ in 0..20_000 {
@@ -731,6 +746,37 @@ fn radii_are_dense_even_in_the_deep_tail() {
         }
     }
     assert!(worst < 2f64.powi(-30), "relative radius gap {worst:e}");
+    // Near u = 1 (the smallest radii, r ≈ sqrt(2(1 − u))): 1 − u as an f64 would leave
+    // rings √k·2⁻²⁶ apart; from the word itself they stay dense.
+    let mut worst_small: f64 = 0.0;
+    for _ in 0..20_000 {
+        let e = r.random_range(0..64u32);
+        let nx: u64 = r.random::<u64>() >> e;
+        let y: u64 = r.random::<u64>() | (1 << 63);
+        let x = !nx;
+        let (a, b) = if !needs_tail(x) {
+            let step = if nx < 1 << 53 { 1 } else { 1 << 11 };
+            (radius(x, 0), radius(x.wrapping_sub(step), 0))
+        } else {
+            (radius(x, y), radius(x, y.saturating_add(1 << 32)))
+        };
+        if a > 0.0 && b > 0.0 && a != b {
+            worst_small = worst_small.max((a - b).abs() / a);
+        }
+    }
+    assert!(
+        worst_small < 2f64.powi(-30),
+        "small radii: relative gap {worst_small:e}"
+    );
+    // Against libm's log1p: r² within a few ulp where the series runs.
+    for k in [1u64, 7, 1 << 20, (1 << 40) + 3, (1 << 53) - 1] {
+        let (x, y) = (!k, 0x9e37_79b9_7f4a_7c15);
+        let (got, want) = (radius_sq(x, y), libm_r2(x, y));
+        assert!(
+            (got - want).abs() <= 4.0 * f64::EPSILON * want,
+            "!x = {k}: {got} vs {want}"
+        );
+    }
     // The old 53-bit radius had gaps of ~1% at the very end of its range.
     let old = |k: u64| (-2.0 * (k as f64 * 2f64.powi(-53)).ln()).sqrt();
     assert!((old(1) - old(2)) / old(1) > 5e-3);
@@ -752,5 +798,15 @@ fn print_golden() {
             .map(|z| format!("0x{:016x}", z.to_bits()))
             .collect();
         println!("GOLD {} {} {}", rng.code(), g, bits.join(","));
+    }
+    for (x, y) in [
+        (!7u64, 0u64),
+        (!(1u64 << 40), 0),
+        (!3u64, 0x9e37_79b9_7f4a_7c15),
+    ] {
+        println!(
+            "RSQ 0x{x:016x} 0x{y:016x} 0x{:016x}",
+            radius_sq(x, y).to_bits()
+        );
     }
 }

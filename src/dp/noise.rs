@@ -28,7 +28,9 @@
 //! released sum (the floating-point attack of Mironov, CCS 2012, on rings of equal
 //! radius in the deep tail): u = (x_2p + 1)·2⁻⁶⁴ when x_2p ≥ 2³², and, with
 //! probability 2⁻³², u = (x_2p·2⁶⁴ + y + 1)·2⁻¹²⁸ with y the same word of the
-//! group's *tail block* (the block of counter g | 2⁶³). The largest |z| that can
+//! group's *tail block* (the block of counter g | 2⁶³). Near u = 1 (the smallest
+//! radii) ln u is taken from v = 1 − u directly ([`radius_sq`]), refined by y the
+//! same way when v < 2⁻³². The largest |z| that can
 //! occur is sqrt(2·128·ln 2) ≈ 13.3 (u = 2⁻¹²⁸); 53-bit uniforms stopped at 8.57
 //! and the old 32-bit ones at 6.66.
 //!
@@ -375,13 +377,52 @@ pub fn radius_uniform(x: u64, y: u64) -> f64 {
     }
 }
 
+/// 1/k for the series of −ln(1 − v), k = 2..7 (the same bit patterns as the kernel's).
+const INV_K: [f64; 6] = [
+    f64::from_bits(0x3fe0000000000000),
+    f64::from_bits(0x3fd5555555555555),
+    f64::from_bits(0x3fd0000000000000),
+    f64::from_bits(0x3fc999999999999a),
+    f64::from_bits(0x3fc5555555555555),
+    f64::from_bits(0x3fc2492492492492),
+];
+
+/// r² = −2 ln u for the radius uniform of (x, y) ([`radius_uniform`]), with u near 1
+/// handled through v = 1 − u = (!x)·2⁻⁶⁴ (refined by y below 2⁻³²) and the series
+/// −ln(1 − v) = v(1 + v/2 + … + v⁶/7) for v < 2⁻¹¹: forming 1 − v in f64 would put
+/// the small radii on rings of radius √k·2⁻²⁶, resolvable through f32 rounding when
+/// the clipped sum is 0 (an empty batch). `y` is read only when x or !x is below 2³².
+#[inline(always)]
+pub fn radius_sq(x: u64, y: u64) -> f64 {
+    let nx = !x;
+    if nx >= 1 << 53 {
+        return -2.0 * ln_pos(radius_uniform(x, y));
+    }
+    let v = if nx >> 32 != 0 {
+        nx as f64 * TWO_M64
+    } else {
+        nx as f64 * TWO_M64 + y as f64 * TWO_M128
+    };
+    let mut p = INV_K[5];
+    for c in INV_K[..5].iter().rev() {
+        p = p * v + c;
+    }
+    2.0 * (v * (p * v + 1.0))
+}
+
+/// Whether the pair whose radius word is x needs its tail word.
+#[inline(always)]
+pub fn needs_tail(x: u64) -> bool {
+    x >> 32 == 0 || !x >> 32 == 0
+}
+
 /// Box–Muller on two 64-bit random words: the normals (r cos θ, r sin θ) with
-/// r = sqrt(−2 ln [`radius_uniform`](x0, tail)), θ = 2π ((x1 >> 11) + 1) · 2⁻⁵³.
-/// `tail` is called (once) only when x0 < 2³².
+/// r = sqrt([`radius_sq`](x0, tail)), θ = 2π ((x1 >> 11) + 1) · 2⁻⁵³. `tail` is
+/// called (once) only when [`needs_tail`]`(x0)`.
 #[inline(always)]
 pub fn box_muller(x0: u64, x1: u64, tail: impl FnOnce() -> u64) -> [f64; 2] {
-    let y = if x0 >> 32 == 0 { tail() } else { 0 };
-    let r = (-2.0 * ln_pos(radius_uniform(x0, y))).sqrt();
+    let y = if needs_tail(x0) { tail() } else { 0 };
+    let r = radius_sq(x0, y).sqrt();
     let (s, c) = sincos_turn((x1 >> 11) + 1);
     [r * c, r * s]
 }

@@ -121,7 +121,7 @@ static void t_libm() {
       for (int p = 0; p < 4; ++p) {
         unsigned long long x0 = dp::word64(w, 2 * p), x1 = dp::word64(w, 2 * p + 1);
         unsigned long long y = 0;
-        if (!(x0 >> 32)) {
+        if (dp::needs_tail(x0)) {
           unsigned t[16];
           dp::group_words(rng, key, 7, 9, q, t, dp::TAIL_BIT);
           y = dp::word64(t, 2 * p);
@@ -129,7 +129,11 @@ static void t_libm() {
         double u0 = (x0 >> 32) ? ((double)x0 + 1.0) * 0x1p-64
                                : (double)x0 * 0x1p-64 + ((double)y + 1.0) * 0x1p-128;
         double u1 = (double)((x1 >> 11) + 1) * 0x1p-53;
-        double r = std::sqrt(-2.0 * std::log(u0)), th = 6.283185307179586 * u1;
+        // Near u = 1 the reference takes log1p of 1 - u, which the f64 u has lost.
+        const unsigned long long nx = ~x0;
+        const double v = (nx >> 32) ? (double)nx * 0x1p-64 : (double)nx * 0x1p-64 + (double)y * 0x1p-128;
+        double r = std::sqrt(nx < (1ull << 53) ? -2.0 * std::log1p(-v) : -2.0 * std::log(u0));
+        double th = 6.283185307179586 * u1;
         double e = std::max(std::fabs(z[2 * p] - r * std::cos(th)), std::fabs(z[2 * p + 1] - r * std::sin(th)));
         worst = std::max(worst, e / std::max(r, 1.0));
       }
@@ -149,6 +153,20 @@ static void t_tail() {
   const double want = 5.0 * 0x1p-64 + 124.0 * 0x1p-128;
   check(dp::radius_uniform(5, 123) == want, "radius_uniform(5, 123) rounds once");
   check(dp::radius_uniform(1ull << 32, 99) == (0x1p32 + 1.0) * 0x1p-64, "radius_uniform(2^32, y) ignores y");
+  // Near u = 1: r^2 from 1 - u directly (radius_sq), bit for bit with tests/noise.rs.
+  const unsigned long long rsq[3][3] = {
+      {0xfffffffffffffff8ull, 0x0ull, 0x3c2c000000000000ull},
+      {0xfffffeffffffffffull, 0x0ull, 0x3e80000008000005ull},
+      {0xfffffffffffffffcull, 0x9e3779b97f4a7c15ull, 0x3c1cf1bbcdcbfa54ull},
+  };
+  for (const auto& c : rsq) {
+    const double got = dp::radius_sq(c[0], c[1]);
+    char what[96];
+    snprintf(what, sizeof what, "radius_sq(~%llu) bit for bit", ~c[0]);
+    check((unsigned long long)__double_as_longlong(got) == c[2], what);
+  }
+  check(dp::needs_tail(~0ull - 5) && dp::needs_tail(5) && !dp::needs_tail(1ull << 40),
+        "needs_tail at both ends only");
   double z0, z1;
   dp::box_muller(0, ~0ull, 0, &z0, &z1);
   check(std::fabs(z0 - std::sqrt(256.0 * std::log(2.0))) < 1e-13 && z1 == 0.0, "box_muller deepest tail: r = 13.32");
