@@ -674,6 +674,13 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         if let (true, Some(why)) = (private, self.not_private()) {
             eprintln!("warning: this run is NOT private ({why}); its ε is reported as ∞");
         }
+        if private && self.cfg.rng == RngKind::Philox {
+            eprintln!(
+                "warning: --rng philox is not a cryptographic generator (64 of the key's bits, \
+                 outputs not proven unpredictable); its ε assumes the noise cannot be predicted. \
+                 Use chacha20 for private data"
+            );
+        }
         self.check_every_example(data)?;
         self.claim_out(data)?;
         if private {
