@@ -11,6 +11,8 @@
 //!   update minus the clean update has std σC/B over ≥ 10⁴ coordinates.
 //! * **No noise reuse**: steps, tensors and runs draw uncorrelated noise.
 //! * **Keys**: every run draws its own key from the OS; CLI runs never share one.
+mod common;
+
 use std::collections::HashMap;
 
 use dualpriv::backend::cpu::Cpu;
@@ -31,23 +33,11 @@ use dualpriv::train::{PruneScope, TrainConfig, Trainer};
 const C: f32 = 0.05;
 
 fn lora() -> ModelSpec {
-    ModelSpec {
-        preset: "tiny".into(),
-        lora_rank: Some(4),
-        lora_alpha: 8.0,
-        full_groups: vec![],
-    }
+    common::tiny_lora()
 }
 
 fn full() -> ModelSpec {
-    ModelSpec {
-        preset: "tiny".into(),
-        lora_rank: None,
-        lora_alpha: 0.0,
-        full_groups: ["projector", "attention", "mlp", "lm_head"]
-            .map(String::from)
-            .to_vec(),
-    }
+    common::tiny_full()
 }
 
 /// A model whose every trainable tensor carries signal (LoRA B starts at zero).

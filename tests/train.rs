@@ -1,6 +1,8 @@
 //! The training driver on the tiny model: the methods agree where the math says
 //! they must, every method learns, pruning with keep_frac = 1 is a no-op, resuming
 //! is exact, and the privacy budget is enforced.
+mod common;
+
 use dualpriv::backend::cpu::Cpu;
 use dualpriv::backend::dp::DpBackend;
 use dualpriv::data::synthetic::{Dataset, Split};
@@ -48,23 +50,11 @@ fn data(n: usize) -> Dataset {
 }
 
 fn lora() -> ModelSpec {
-    ModelSpec {
-        preset: "tiny".into(),
-        lora_rank: Some(4),
-        lora_alpha: 8.0,
-        full_groups: vec![],
-    }
+    common::tiny_lora()
 }
 
 fn full() -> ModelSpec {
-    ModelSpec {
-        preset: "tiny".into(),
-        lora_rank: None,
-        lora_alpha: 0.0,
-        full_groups: ["projector", "attention", "mlp", "lm_head"]
-            .map(String::from)
-            .to_vec(),
-    }
+    common::tiny_full()
 }
 
 fn model(spec: &ModelSpec, seed: u64) -> Mllm<Cpu> {

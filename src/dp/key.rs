@@ -120,20 +120,26 @@ impl RunKey {
     }
 
     fn to_hex(&self) -> String {
-        self.bytes.iter().map(|b| format!("{b:02x}")).collect()
+        to_hex(&self.bytes)
     }
+}
 
-    fn from_hex(s: &str) -> Option<[u8; 32]> {
-        let s = s.as_bytes();
-        if s.len() != 64 {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
-            *o = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-        }
-        Some(out)
+/// Lower-case hex of bytes.
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 32 bytes from exactly 64 hex digits.
+pub(crate) fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    let s = s.as_bytes();
+    if s.len() != 64 {
+        return None;
     }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        *o = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// The serialised form in `state.json`.
@@ -157,7 +163,7 @@ impl Serialize for RunKey {
 impl<'de> Deserialize<'de> for RunKey {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let r = KeyRepr::deserialize(d)?;
-        let bytes = Self::from_hex(&r.hex)
+        let bytes = parse_hex32(&r.hex)
             .ok_or_else(|| serde::de::Error::custom("the run key must be 64 hex digits"))?;
         Ok(Self {
             bytes,

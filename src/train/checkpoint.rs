@@ -154,7 +154,7 @@ pub fn random_id() -> Result<String> {
     let mut b = [0u8; 16];
     getrandom::fill(&mut b)
         .map_err(|e| Error::Config(format!("the operating system's random source failed: {e}")))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    Ok(crate::dp::key::to_hex(&b))
 }
 
 /// The current checkpoint folder of run folder `dir`, or `None` when it has none.

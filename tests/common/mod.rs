@@ -1,7 +1,30 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
+use dualpriv::train::checkpoint::ModelSpec;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+/// The tiny preset with LoRA r = 4 on every linear.
+pub fn tiny_lora() -> ModelSpec {
+    ModelSpec {
+        preset: "tiny".into(),
+        lora_rank: Some(4),
+        lora_alpha: 8.0,
+        full_groups: vec![],
+    }
+}
+
+/// The tiny preset with full fine-tuning of projector, attention, MLP and LM head.
+pub fn tiny_full() -> ModelSpec {
+    ModelSpec {
+        preset: "tiny".into(),
+        lora_rank: None,
+        lora_alpha: 0.0,
+        full_groups: ["projector", "attention", "mlp", "lm_head"]
+            .map(String::from)
+            .to_vec(),
+    }
+}
 
 /// Deterministic RNG for a test.
 pub fn rng(seed: u64) -> ChaCha8Rng {

@@ -123,7 +123,7 @@ impl Ledger {
             message: e.to_string(),
         };
         match std::fs::read_to_string(&kp) {
-            Ok(s) => parse_hex32(s.trim()).ok_or_else(|| {
+            Ok(s) => crate::dp::key::parse_hex32(s.trim()).ok_or_else(|| {
                 Error::Config(format!(
                     "{}: not a ledger key (expected 64 hex digits); restore it from a backup",
                     kp.display()
@@ -137,7 +137,7 @@ impl Ledger {
                 getrandom::fill(&mut key).map_err(|e| {
                     Error::Config(format!("the operating system's random source failed: {e}"))
                 })?;
-                let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+                let hex = crate::dp::key::to_hex(&key);
                 let mut f = private_create_new(&kp).map_err(io)?;
                 f.write_all(hex.as_bytes()).map_err(io)?;
                 f.sync_all().map_err(io)?;
@@ -225,18 +225,6 @@ impl Ledger {
             on.iter().flat_map(|e| e.history.iter().copied()).collect();
         epsilon(kind, &history, delta)
     }
-}
-
-fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    let b = s.as_bytes();
-    if b.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
-        *o = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// Holds `<ledger>.lock` for a read-modify-write of the ledger, so concurrent runs
