@@ -418,6 +418,8 @@ pub struct Trainer<'a, B: DpBackend> {
     session: String,
     fingerprint: Option<String>,
     claimed: bool,
+    /// (length, split, seed) of the data [`Self::check_every_example`] last passed.
+    checked: Option<(usize, crate::data::synthetic::Split, u64)>,
 }
 
 impl<'a, B: DpBackend> Trainer<'a, B> {
@@ -479,6 +481,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             session: checkpoint::random_id()?,
             fingerprint: None,
             claimed: false,
+            checked: None,
         })
     }
 
@@ -489,7 +492,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
     /// noise. `steps`, when given, replaces the planned total (to train longer).
     pub fn resume(backend: &'a B, dir: &Path, data: &Dataset, steps: Option<u32>) -> Result<Self> {
         let (st, folder) = checkpoint::load_state(dir)?;
-        let fkey = Ledger::fingerprint_key(&st.ledger)?;
+        let fkey = Ledger::existing_fingerprint_key(&st.ledger)?;
         let fp = data.fingerprint(&fkey);
         if st.data_fingerprint != fp {
             return Err(Error::Config(format!(
@@ -553,6 +556,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             session: checkpoint::random_id()?,
             fingerprint: Some(fp),
             claimed: true,
+            checked: None,
         };
         // Take the run over in the ledger, under its lock: continue after every draw
         // any process reserved for it, from the history it recorded.
@@ -611,7 +615,11 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
     /// Collates and checks every training example once, before the first step: a
     /// malformed example must fail the run up front, whether or not it would be
     /// sampled. Failing inside a step would reveal that it was sampled (and when).
-    fn check_every_example(&self, data: &Dataset) -> Result<()> {
+    fn check_every_example(&mut self, data: &Dataset) -> Result<()> {
+        let id = (data.len(), data.split, data.seed);
+        if self.checked == Some(id) {
+            return Ok(());
+        }
         let idx: Vec<usize> = (0..data.len()).collect();
         for chunk in idx.chunks(256) {
             let batch = data.collate(chunk, self.cfg.text_len).map_err(|e| {
@@ -625,6 +633,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
                 ))
             })?;
         }
+        self.checked = Some(id);
         Ok(())
     }
 

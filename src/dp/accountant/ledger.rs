@@ -114,6 +114,20 @@ impl Ledger {
         }
     }
 
+    /// The fingerprint key of an existing ledger (resuming needs the key that
+    /// fingerprinted the run's data; a new one would look like other data).
+    pub fn existing_fingerprint_key(path: &Path) -> Result<[u8; 32]> {
+        let kp = path.with_extension("key");
+        if !kp.exists() {
+            return Err(Error::Config(format!(
+                "{}: the ledger's fingerprint key is missing, so this run's data cannot be \
+                 recognised; restore the key file from a backup",
+                kp.display()
+            )));
+        }
+        Self::fingerprint_key(path)
+    }
+
     /// The fingerprint key of the ledger at `path` (`<ledger>.key`), created with
     /// fresh OS entropy, readable by the owner only, on first use.
     pub fn fingerprint_key(path: &Path) -> Result<[u8; 32]> {
