@@ -137,20 +137,47 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   add_block_total(s * s, out + b);
 }
 
-// c[b] = min(1, C / (sqrt(sq[b]) + 1e-6)); a non-finite norm gets factor 0 (the
-// example drops out of the clipped sums) and bumps counts[0]; counts[1] counts every
-// factor that is 0 (also a finite norm so large that C / norm underflows), so the
-// host knows whether the sums must mask. A slightly negative sum (f32 rounding of a
-// near-zero ghost norm) counts as 0, as on the CPU.
-extern "C" __global__ void clip_factors_f32(const double* __restrict__ sq, int B, float C,
+// Rounding bound of a layer's clipped sums: out[b] += gamma * sum_t ||x_b,t|| *
+// ||g_b,t|| (+ gamma * ||g_b,t|| when has_bias), f64 as the CPU
+// (clip::layer_rounding_bounds). The clipped sums are f32 sums; this is what example
+// b's own terms can add to them through rounding, so the clip norm pays for it.
+// grid = (ceil(T / 8), B), block = 256: one warp per token.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    rounding_bound_f32(const float* __restrict__ x, const float* __restrict__ g, int T, int d,
+                       int p, double gamma, int has_bias, double* __restrict__ out) {
+  const int b = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int t = blockIdx.x * (THREADS / 32) + warp;
+  if (t >= T) return;  // whole warps only: no block-wide sync below
+  const float* xt = x + ((long long)b * T + t) * d;
+  const float* gt = g + ((long long)b * T + t) * p;
+  double sx = 0.0, sg = 0.0;
+  for (int k = lane; k < d; k += 32) sx += (double)xt[k] * xt[k];
+  for (int k = lane; k < p; k += 32) sg += (double)gt[k] * gt[k];
+  sx = dp::warp_sum(sx);
+  sg = dp::warp_sum(sg);
+  if (lane == 0) {
+    const double gn = sqrt(sg);
+    atomicAdd(out + b, gamma * (sqrt(sx) * gn + (has_bias ? gn : 0.0)));
+  }
+}
+
+// c[b] = min(1, C / (sqrt(sq[b]) + bound[b] + 1e-6)), bound[b] the rounding bound
+// of the clipped sums (clip::clip_factors: c_b (||g_b|| + bound_b) <= C bounds what
+// the f32 sums release); a non-finite norm or bound gets factor 0 (the example drops
+// out of the clipped sums) and bumps counts[0]; counts[1] counts every factor that
+// is 0 (also a finite norm so large that C / norm underflows), so the host knows
+// whether the sums must mask. A slightly negative squared norm counts as 0, as on
+// the CPU.
+extern "C" __global__ void clip_factors_f32(const double* __restrict__ sq,
+                                            const double* __restrict__ bound, int B, float C,
                                             float* __restrict__ c,
                                             unsigned long long* __restrict__ counts) {
   int b = blockIdx.x * blockDim.x + threadIdx.x;
   if (b >= B) return;
-  double s = sq[b];
+  double s = sq[b], e = bound[b];
   float f = 0.f;
-  if (isfinite(s)) {
-    f = (float)fmin(1.0, (double)C / (sqrt(fmax(s, 0.0)) + 1e-6));
+  if (isfinite(s) && isfinite(e)) {
+    f = (float)fmin(1.0, (double)C / (sqrt(fmax(s, 0.0)) + fmax(e, 0.0) + 1e-6));
   } else {
     atomicAdd(&counts[0], 1ull);
   }

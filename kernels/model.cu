@@ -369,15 +369,21 @@ extern "C" __global__ void sum_over_tokens_f32(float* out, const float* g, int b
   }
 }
 
-// total[r] += sum_j rows[r, j]^2, one block per row, f64 accumulation as the CPU.
-extern "C" __global__ void add_row_sq_norms_f32(const float* rows, long long cols, double* total) {
+// total[r] += sum_j rows[r, j]^2 and bound[r] += gamma * sqrt(that), the rounding
+// bound of their weighted sum (clip::row_gamma); one block per row, f64 accumulation
+// as the CPU.
+extern "C" __global__ void add_row_sq_norms_f32(const float* rows, long long cols, double gamma,
+                                                double* total, double* bound) {
   __shared__ double scratch[32];
   const long long r = blockIdx.x;
   const float* x = rows + r * cols;
   double s = 0.0;
   for (long long j = threadIdx.x; j < cols; j += blockDim.x) s += (double)x[j] * x[j];
   s = dp::block_sum(s, scratch);
-  if (threadIdx.x == 0) total[r] += s;
+  if (threadIdx.x == 0) {
+    total[r] += s;
+    bound[r] += gamma * sqrt(s);
+  }
 }
 
 // c *= beta (a GEMM with an empty inner dimension)

@@ -180,7 +180,7 @@ pub fn run() -> Result<Report> {
         format!("max rel err {e:.1e}"),
     );
 
-    let c = clip::clip_factors(&[1e12, 0.25], 1.0)?.0;
+    let c = clip::clip_factors(&[1e12, 0.25], &[0.0, 0.0], 1.0)?.0;
     let ok = (c[0] as f64 * 1e6 - 1.0).abs() < 1e-5 && c[1] == 1.0;
     rep.add(
         "clipping bounds a 1e6-norm example by C",

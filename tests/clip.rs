@@ -97,7 +97,8 @@ fn bk_clipped_sum_equals_brute_force() {
         let x = uniform(&mut r, s.b * s.t * s.d);
         let g = uniform(&mut r, s.b * s.t * s.p);
         let norms = layer_sq_norms(&x, &g, s, s.preferred_method(), false).unwrap();
-        let (c, _) = clip_factors(&norms, 0.5).unwrap();
+        let bounds = layer_rounding_bounds(&x, &g, s, false).unwrap();
+        let (c, _) = clip_factors(&norms, &bounds, 0.5).unwrap();
         let mut got = vec![0.0f32; s.p * s.d];
         clipped_weight_sum(&x, &g, &c, s, &mut got).unwrap();
         let mut want = vec![0.0f64; s.p * s.d];
@@ -151,7 +152,8 @@ fn one_huge_example_contributes_at_most_c() {
     }
     let clip = 1.0;
     let norms = layer_sq_norms(&x, &g, s, NormMethod::Ghost, true).unwrap();
-    let (c, _) = clip_factors(&norms, clip).unwrap();
+    let bounds = layer_rounding_bounds(&x, &g, s, true).unwrap();
+    let (c, _) = clip_factors(&norms, &bounds, clip).unwrap();
     // The outlier's clipped gradient (weight and bias together) has norm ≤ C.
     let grads = per_example_grads(&x, &g, s);
     let bias_sq = bias_sq_norms(&g, s).unwrap();
@@ -182,31 +184,48 @@ fn one_huge_example_contributes_at_most_c() {
 
 #[test]
 fn clip_factor_edge_cases() {
-    let (c, bad) = clip_factors(&[0.0, 4.0, 0.25], 1.0).unwrap();
+    let z = |n: usize| vec![0.0f64; n];
+    let (c, bad) = clip_factors(&[0.0, 4.0, 0.25], &z(3), 1.0).unwrap();
     assert_eq!(c[0], 1.0);
     assert!((c[1] - 0.5).abs() < 1e-6);
     assert_eq!(c[2], 1.0);
     assert_eq!(bad, 0);
     assert_eq!(
-        clip_factors(&[1e30], f64::INFINITY).unwrap(),
+        clip_factors(&[1e30], &[1e30], f64::INFINITY).unwrap(),
         (vec![1.0], 0)
     );
     // f32 rounding of a near-zero ghost norm can go slightly negative: it counts as 0.
-    assert_eq!(clip_factors(&[-1e-12], 1.0).unwrap(), (vec![1.0], 0));
+    assert_eq!(clip_factors(&[-1e-12], &z(1), 1.0).unwrap(), (vec![1.0], 0));
     // A non-finite norm is factor 0 (the example drops out), counted, not an error.
-    let (c, bad) = clip_factors(&[f64::NAN, 0.25, f64::INFINITY, f64::NEG_INFINITY], 1.0).unwrap();
+    let (c, bad) = clip_factors(
+        &[f64::NAN, 0.25, f64::INFINITY, f64::NEG_INFINITY],
+        &z(4),
+        1.0,
+    )
+    .unwrap();
     assert_eq!(c, vec![0.0, 1.0, 0.0, 0.0]);
     assert_eq!(bad, 3);
     assert_eq!(
-        clip_factors(&[f64::NAN], f64::INFINITY).unwrap(),
+        clip_factors(&[f64::NAN], &z(1), f64::INFINITY).unwrap(),
         (vec![0.0], 1)
     );
+    // The rounding bound adds to the norm: a zero-norm example with a bound of 4C
+    // gets 1/4, and a non-finite bound is factor 0, counted like a non-finite norm.
+    let (c, bad) = clip_factors(
+        &[0.0, 1.0, 0.0, f64::NAN],
+        &[4.0, 1.0, f64::NAN, f64::NAN],
+        1.0,
+    )
+    .unwrap();
+    assert!((c[0] - 0.25).abs() < 1e-6 && (c[1] - 0.5).abs() < 1e-6);
+    assert_eq!((c[2], c[3], bad), (0.0, 0.0, 2));
+    assert!(clip_factors(&[1.0], &z(2), 1.0).is_err());
     assert!(matches!(
-        clip_factors(&[1.0], 0.0),
+        clip_factors(&[1.0], &z(1), 0.0),
         Err(dualpriv::Error::Config(_))
     ));
     assert!(matches!(
-        clip_factors(&[1.0], f64::NAN),
+        clip_factors(&[1.0], &z(1), f64::NAN),
         Err(dualpriv::Error::Config(_))
     ));
 }
@@ -250,8 +269,8 @@ const PATHS: [Path; 3] = [
     Path::Materialised,
 ];
 
-/// What a path releases for one batch: host norms, factors, non-finite count, and
-/// the clipped weight and bias sums.
+/// What a path releases for one batch: host squared norms, factors, non-finite
+/// count, and the clipped weight and bias sums.
 struct Released {
     norms: Vec<f64>,
     factors: Vec<f32>,
@@ -295,7 +314,7 @@ fn release<B: DpBackend>(
         }
     };
     Released {
-        norms: be.norms_download(&norms).unwrap(),
+        norms: be.norms_download(&norms).unwrap().sq,
         factors: be.download(&factors).unwrap(),
         non_finite,
         weight: be.download(&weight).unwrap(),
@@ -457,7 +476,7 @@ fn norms_survive_cancellation<B: DpBackend>(be: &B) {
         let mut n = be.norms_zeros(s.b).unwrap();
         be.add_layer_sq_norms(&xb, &gb, s, method, false, &mut n)
             .unwrap();
-        let got = be.norms_download(&n).unwrap()[1];
+        let got = be.norms_download(&n).unwrap().sq[1];
         assert!(
             (got - want).abs() <= 1e-9 * want,
             "{} {method:?}: ‖∇W‖² = {got}, exact {want}",
@@ -469,6 +488,145 @@ fn norms_survive_cancellation<B: DpBackend>(be: &B) {
 #[test]
 fn norms_survive_cancellation_cpu() {
     norms_survive_cancellation(&Cpu);
+}
+
+/// The bound itself: for random shapes and factors (some examples with cancelling
+/// or huge rows), the f32 clipped sum's error attributable to one example,
+/// |fl32 sum with it − fl32 sum without it − exact c_i∇W_i| in Frobenius norm (f64
+/// brute force), stays below c_i·(layer_gamma·Σ_t ‖x_t‖‖g_t‖) — the rounding of the
+/// other examples' terms (the background) is bounded separately and added.
+#[test]
+fn rounding_bound_covers_the_f32_sum_error() {
+    use rand::Rng;
+    let mut r = rng(31);
+    for trial in 0..40 {
+        let s = LinearShape {
+            b: r.random_range(2..6),
+            t: r.random_range(1..5),
+            d: r.random_range(1..40),
+            p: r.random_range(1..40),
+        };
+        let mut x = uniform(&mut r, s.b * s.t * s.d);
+        let mut g = uniform(&mut r, s.b * s.t * s.p);
+        let i = r.random_range(0..s.b);
+        // Example i: huge rows, cancelling when t ≥ 2 and the trial says so.
+        let scale = 10f32.powi(r.random_range(0..5));
+        for t in 0..s.t {
+            let o = (i * s.t + t) * s.d;
+            for v in &mut x[o..o + s.d] {
+                *v *= scale;
+            }
+        }
+        if s.t >= 2 && trial % 2 == 0 {
+            let (a, b) = (i * s.t * s.d, (i * s.t + 1) * s.d);
+            let row: Vec<f32> = x[a..a + s.d].to_vec();
+            x[b..b + s.d].copy_from_slice(&row);
+            let (a, b) = (i * s.t * s.p, (i * s.t + 1) * s.p);
+            let row: Vec<f32> = g[a..a + s.p].iter().map(|v| -v * scale).collect();
+            g[b..b + s.p].copy_from_slice(&row);
+            for v in &mut g[a..a + s.p] {
+                *v *= scale;
+            }
+        }
+        let c: Vec<f32> = (0..s.b).map(|_| r.random_range(0.01f32..1.0)).collect();
+        let mut with = vec![0.0f32; s.p * s.d];
+        clipped_weight_sum_f32(&x, &g, &c, s, &mut with).unwrap();
+        let mut c0 = c.clone();
+        c0[i] = 0.0;
+        let mut without = vec![0.0f32; s.p * s.d];
+        clipped_weight_sum_f32(&x, &g, &c0, s, &mut without).unwrap();
+        let grads = per_example_grads(&x, &g, s);
+        // Error attributable to example i, beyond its exact clipped gradient.
+        let own = with
+            .iter()
+            .zip(&without)
+            .zip(&grads[i])
+            .map(|((a, b), w)| (f64::from(*a) - f64::from(*b) - f64::from(c[i]) * w).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let bound = f64::from(c[i]) * layer_rounding_bounds(&x, &g, s, false).unwrap()[i];
+        // The others' terms round differently with and without i: at most
+        // 2γ Σ_{j≠i} c_j Σ_t ‖x_t‖‖g_t‖ (and their sum's own error once).
+        let all = layer_rounding_bounds(&x, &g, s, false).unwrap();
+        let background: f64 = (0..s.b)
+            .filter(|&j| j != i)
+            .map(|j| 2.0 * f64::from(c[j]) * all[j])
+            .sum();
+        assert!(
+            own <= bound + background,
+            "{s:?} example {i}: error {own:.3e} > bound {bound:.3e} + {background:.3e}"
+        );
+        assert!(bound > 0.0 || scale == 0.0);
+    }
+}
+
+/// The review's rounding attack: examples whose two token rows cancel exactly
+/// (x₂ = x₁, g₂ = −g₁, entries ~1e3–1e4), so ‖∇W_i‖ = 0 and the bias gradient is
+/// 0, but the f32 GEMM of the book-keeping sum still leaves a rounding residual
+/// ~ b·t·2⁻²⁴·Σ_t ‖x_t‖‖g_t‖ of them in the released sum. Removing any one of them
+/// (neighbouring batches) must change every path's weight and bias sums by at most
+/// C·(1 + 1e-6), the difference taken in f64.
+fn cancelling_examples_contribute_at_most_c<B: DpBackend>(be: &B) {
+    use rand::Rng;
+    let mut r = rng(21);
+    let attackers = [1usize, 3, 4];
+    for (d, p) in [(16, 24), (24, 16), (33, 9)] {
+        let s = LinearShape { b: 6, t: 2, d, p };
+        let mut x = uniform(&mut r, s.b * s.t * s.d);
+        let mut g = uniform(&mut r, s.b * s.t * s.p);
+        let mut big = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    let m: f32 = r.random_range(1e3f32..1e4);
+                    if r.random_bool(0.5) {
+                        m
+                    } else {
+                        -m
+                    }
+                })
+                .collect()
+        };
+        for &i in &attackers {
+            let (xr, gr) = (big(s.d), big(s.p));
+            for t in 0..s.t {
+                let o = (i * s.t + t) * s.d;
+                x[o..o + s.d].copy_from_slice(&xr);
+                let o = (i * s.t + t) * s.p;
+                let sign = if t == 0 { 1.0 } else { -1.0 };
+                for (v, &w) in g[o..o + s.p].iter_mut().zip(&gr) {
+                    *v = sign * w;
+                }
+            }
+        }
+        let clip = 1.0f32;
+        for path in PATHS {
+            let with = release(be, &x, &g, s, path, clip);
+            for &i in &attackers {
+                let keep: Vec<usize> = (0..s.b).filter(|&k| k != i).collect();
+                let (xk, gk) = subset(&x, &g, s, &keep);
+                let without = release(be, &xk, &gk, LinearShape { b: s.b - 1, ..s }, path, clip);
+                let dist = |a: &[f32], b: &[f32]| {
+                    a.iter()
+                        .zip(b)
+                        .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+                        .sum::<f64>()
+                };
+                let diff =
+                    (dist(&with.weight, &without.weight) + dist(&with.bias, &without.bias)).sqrt();
+                let what = format!("{} {s:?} {path:?} example {i}", be.name());
+                eprintln!("{what}: contributes {:.4e} C", diff / f64::from(clip));
+                assert!(
+                    diff <= f64::from(clip) * (1.0 + 1e-6),
+                    "{what}: a zero-gradient example contributes {diff} > C = {clip}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn cancelling_examples_contribute_at_most_c_cpu() {
+    cancelling_examples_contribute_at_most_c(&Cpu);
 }
 
 #[cfg(feature = "cuda")]
@@ -516,11 +674,27 @@ mod gpu {
                     }
                 }
             }
+            for bias in [false, true] {
+                let mut tot = gpu.zeros::<f64>(s.b).unwrap();
+                gclip::add_layer_rounding_bounds(&gpu, &dx, &dg, s, bias, &mut tot).unwrap();
+                let got = gpu.download(&tot).unwrap();
+                let want = layer_rounding_bounds(&x, &g, s, bias).unwrap();
+                for i in 0..s.b {
+                    assert!(
+                        rel(got[i], want[i]) < NORM_TOL,
+                        "{s:?} bound bias={bias}: {} vs {}",
+                        got[i],
+                        want[i]
+                    );
+                }
+            }
             let norms = layer_sq_norms(&x, &g, s, s.preferred_method(), true).unwrap();
-            let (c, _) = clip_factors(&norms, 0.7).unwrap();
+            let bounds = layer_rounding_bounds(&x, &g, s, true).unwrap();
+            let (c, _) = clip_factors(&norms, &bounds, 0.7).unwrap();
             let dnorms = gpu.upload(&norms).unwrap();
+            let dbounds = gpu.upload(&bounds).unwrap();
             let mut dc = gpu.zeros::<f32>(s.b).unwrap();
-            let counts = gclip::clip_factors(&gpu, &dnorms, 0.7, &mut dc).unwrap();
+            let counts = gclip::clip_factors(&gpu, &dnorms, &dbounds, 0.7, &mut dc).unwrap();
             assert_eq!(counts, gclip::FactorCounts::default());
             let gc = gpu.download(&dc).unwrap();
             assert!(max_rel_err(&gc, &c, 1e-6) < 1e-6);
@@ -551,19 +725,24 @@ mod gpu {
             return;
         };
         let dn = gpu
-            .upload(&[0.25f64, f64::NAN, 0.01, f64::INFINITY, 1e300])
+            .upload(&[0.25f64, f64::NAN, 0.01, f64::INFINITY, 1e300, 0.0])
             .unwrap();
-        let mut dc = gpu.zeros::<f32>(5).unwrap();
-        let counts = gclip::clip_factors(&gpu, &dn, 1.0, &mut dc).unwrap();
+        let de = gpu.upload(&[0.0f64, 0.0, 0.0, 0.0, 0.0, f64::NAN]).unwrap();
+        let mut dc = gpu.zeros::<f32>(6).unwrap();
+        let counts = gclip::clip_factors(&gpu, &dn, &de, 1.0, &mut dc).unwrap();
         // 1e300 is finite, but C/1e150 underflows f32: a zero factor, not non-finite.
+        // A non-finite rounding bound counts like a non-finite norm.
         assert_eq!(
             counts,
             gclip::FactorCounts {
-                non_finite: 2,
-                zero: 3
+                non_finite: 3,
+                zero: 4
             }
         );
-        assert_eq!(gpu.download(&dc).unwrap(), vec![1.0, 0.0, 1.0, 0.0, 0.0]);
+        assert_eq!(
+            gpu.download(&dc).unwrap(),
+            vec![1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+        );
     }
 
     #[test]
@@ -583,6 +762,14 @@ mod gpu {
         };
         assert!(be.tf32(), "the shipped default has TF32 model GEMMs");
         adversarial_example_contributes_at_most_c(&be);
+    }
+
+    #[test]
+    fn gpu_cancelling_examples_contribute_at_most_c() {
+        let Some(be) = cuda_or_skip("gpu_cancelling_examples_contribute_at_most_c") else {
+            return;
+        };
+        cancelling_examples_contribute_at_most_c(&be);
     }
 
     #[test]

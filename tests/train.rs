@@ -140,7 +140,11 @@ fn ghost_and_dpsgd_clipped_sums_agree() {
         assert_eq!(g.grads.len(), m.trainable().len());
         for (id, gv) in &g.grads {
             let e = max_rel(gv, &p.grads[id]);
-            assert!(e < 1e-5, "{spec:?} param {id}: ghost vs dpsgd rel err {e}");
+            // Not 1e-5 any more: each path inflates the clip norm by the bound on its
+            // own f32 rounding (γ_{b·t}·Σ_t‖x_t‖‖g_t‖ for the BK sum, γ_b·‖∇W_i‖ for
+            // dpsgd's row sum; γ ≈ 512·2⁻²⁴ ≈ 3e-5 here), so the factors of clipped
+            // examples differ by up to a few γ relative.
+            assert!(e < 5e-4, "{spec:?} param {id}: ghost vs dpsgd rel err {e}");
         }
     }
 }

@@ -39,7 +39,7 @@ use super::dp::{DpBackend, TensorUpdate};
 use super::{
     AttnShape, Backend, Blocks, DeviceMemory, MatmulSpec, PatchShape, RopeShape, RowShape,
 };
-use crate::dp::clip::{LinearShape, NormMethod};
+use crate::dp::clip::{self as dpclip, LinearShape, NormMethod, NormTotals};
 use crate::dp::noise::NoiseKey;
 use crate::dp::prune::{PruneReport, UpdateConfig};
 use crate::error::ensure_shape;
@@ -1201,10 +1201,11 @@ impl Cuda {
     }
 }
 
-/// Per-example f64 squared-norm accumulators on the device, with their logical
-/// length (an empty batch still owns a one-element allocation).
+/// Per-example f64 squared-norm and rounding-bound accumulators on the device, with
+/// their logical length (an empty batch still owns one-element allocations).
 pub struct GpuNorms {
     slice: CudaSlice<f64>,
+    bound: CudaSlice<f64>,
     len: usize,
 }
 
@@ -1214,15 +1215,19 @@ impl DpBackend for Cuda {
     fn norms_zeros(&self, b: usize) -> Result<GpuNorms> {
         Ok(GpuNorms {
             slice: self.gpu.zeros(b.max(1))?,
+            bound: self.gpu.zeros(b.max(1))?,
             len: b,
         })
     }
 
-    fn norms_download(&self, n: &GpuNorms) -> Result<Vec<f64>> {
+    fn norms_download(&self, n: &GpuNorms) -> Result<NormTotals> {
         if n.len == 0 {
-            return Ok(Vec::new());
+            return Ok(NormTotals::default());
         }
-        self.gpu.download(&n.slice)
+        Ok(NormTotals {
+            sq: self.gpu.download(&n.slice)?,
+            bound: self.gpu.download(&n.bound)?,
+        })
     }
 
     fn add_layer_sq_norms(
@@ -1248,6 +1253,14 @@ impl DpBackend for Cuda {
             method,
             has_bias,
             &mut total.slice,
+        )?;
+        gpu::clip::add_layer_rounding_bounds(
+            &self.gpu,
+            &x.view(),
+            &g.view(),
+            s,
+            has_bias,
+            &mut total.bound,
         )
     }
 
@@ -1256,8 +1269,13 @@ impl DpBackend for Cuda {
         if total.len == 0 {
             return Ok((f, 0));
         }
-        let counts =
-            gpu::clip::clip_factors(&self.gpu, &total.slice, clip_norm, &mut f.view_mut())?;
+        let counts = gpu::clip::clip_factors(
+            &self.gpu,
+            &total.slice,
+            &total.bound,
+            clip_norm,
+            &mut f.view_mut(),
+        )?;
         // Set after the write (view_mut resets it): the sums skip masking on ZEROS_NONE.
         let known = if counts.zero == 0 {
             ZEROS_NONE
@@ -1384,9 +1402,17 @@ impl DpBackend for Cuda {
         if rows == 0 || per_example.len == 0 {
             return Ok(());
         }
-        let cols = (per_example.len / rows) as i64;
-        let (pp, tp) = (self.ptr(per_example), dptr_mut(&mut total.slice, self.st()));
-        self.per_row("add_row_sq_norms_f32", rows, &[&pp, &cols, &tp])
+        let cols = per_example.len / rows;
+        let gamma = dpclip::row_gamma(rows, cols);
+        let cols = cols as i64;
+        let pp = self.ptr(per_example);
+        let tp = dptr_mut(&mut total.slice, self.st());
+        let bp = dptr_mut(&mut total.bound, self.st());
+        self.per_row(
+            "add_row_sq_norms_f32",
+            rows,
+            &[&pp, &cols, &gamma, &tp, &bp],
+        )
     }
 
     fn weighted_row_sum(

@@ -5,7 +5,7 @@
 //! [`crate::dp`]; the CUDA one calls the kernels.
 use super::cpu::Cpu;
 use super::Backend;
-use crate::dp::clip::{self, LinearShape, NormMethod};
+use crate::dp::clip::{self, LinearShape, NormMethod, NormTotals};
 use crate::dp::noise::NoiseKey;
 use crate::dp::prune::{self, PruneReport, TensorState, UpdateConfig};
 use crate::error::ensure_shape;
@@ -28,14 +28,16 @@ pub struct TensorUpdate<'a, B: Backend + ?Sized> {
 
 /// DP operations of a backend.
 pub trait DpBackend: Backend {
-    /// Per-example f64 accumulators of squared gradient norms.
+    /// Per-example f64 accumulators of squared gradient norms and of the rounding
+    /// bounds of the clipped sums ([`clip::layer_rounding_bounds`]).
     type Norms;
 
     /// `b` zeroed accumulators.
     fn norms_zeros(&self, b: usize) -> Result<Self::Norms>;
-    /// The accumulated squared norms.
-    fn norms_download(&self, n: &Self::Norms) -> Result<Vec<f64>>;
-    /// Adds one linear layer's per-example squared norms (plus its bias term).
+    /// The accumulated squared norms and rounding bounds.
+    fn norms_download(&self, n: &Self::Norms) -> Result<NormTotals>;
+    /// Adds one linear layer's per-example squared norms (plus its bias term) and
+    /// the bound on the rounding its clipped sums can add to each example's part.
     fn add_layer_sq_norms(
         &self,
         x: &Self::Buf,
@@ -45,8 +47,9 @@ pub trait DpBackend: Backend {
         has_bias: bool,
         total: &mut Self::Norms,
     ) -> Result<()>;
-    /// Clip factors c_i = min(1, C/(‖g_i‖ + 1e-6)) and the number of examples with
-    /// a non-finite norm, which get c_i = 0. Every clipped sum below treats a
+    /// Clip factors c_i = min(1, C/(‖g_i‖ + E_i + 1e-6)), E_i the accumulated
+    /// rounding bound, and the number of examples with a non-finite norm or bound,
+    /// which get c_i = 0. Every clipped sum below treats a
     /// factor-0 example as absent even when its rows hold NaN or Inf.
     fn clip_factors(&self, total: &Self::Norms, clip_norm: f32) -> Result<(Self::Buf, usize)>;
     /// Σ_i c_i G_iᵀ X_i (p×d) over the examples with c_i ≠ 0 into `out`, added when
@@ -80,7 +83,8 @@ pub trait DpBackend: Backend {
     ) -> Result<Self::Buf>;
     /// Every example's bias gradient Σ_t G_i,t: a b×p buffer.
     fn per_example_bias_grads(&self, g: &Self::Buf, s: LinearShape) -> Result<Self::Buf>;
-    /// Adds the squared norm of each of the `rows` rows of `per_example` to `total`.
+    /// Adds the squared norm of each of the `rows` rows of `per_example` to `total`,
+    /// and the bound [`clip::row_gamma`]·‖row‖ on the rounding of their weighted sum.
     fn add_row_sq_norms(
         &self,
         per_example: &Self::Buf,
@@ -109,13 +113,13 @@ pub trait DpBackend: Backend {
 }
 
 impl DpBackend for Cpu {
-    type Norms = Vec<f64>;
+    type Norms = NormTotals;
 
-    fn norms_zeros(&self, b: usize) -> Result<Vec<f64>> {
-        Ok(vec![0.0; b])
+    fn norms_zeros(&self, b: usize) -> Result<NormTotals> {
+        Ok(NormTotals::zeros(b))
     }
 
-    fn norms_download(&self, n: &Vec<f64>) -> Result<Vec<f64>> {
+    fn norms_download(&self, n: &NormTotals) -> Result<NormTotals> {
         Ok(n.clone())
     }
 
@@ -126,22 +130,30 @@ impl DpBackend for Cpu {
         s: LinearShape,
         method: NormMethod,
         has_bias: bool,
-        total: &mut Vec<f64>,
+        total: &mut NormTotals,
     ) -> Result<()> {
-        ensure_shape(total.len() == s.b, || {
-            format!("{} norm slots for batch {}", total.len(), s.b)
+        ensure_shape(total.sq.len() == s.b && total.bound.len() == s.b, || {
+            format!("{} norm slots for batch {}", total.sq.len(), s.b)
         })?;
         for (t, n) in total
+            .sq
             .iter_mut()
             .zip(clip::layer_sq_norms(x, g, s, method, has_bias)?)
         {
             *t += n;
         }
+        for (t, e) in total
+            .bound
+            .iter_mut()
+            .zip(clip::layer_rounding_bounds(x, g, s, has_bias)?)
+        {
+            *t += e;
+        }
         Ok(())
     }
 
-    fn clip_factors(&self, total: &Vec<f64>, clip_norm: f32) -> Result<(Vec<f32>, usize)> {
-        clip::clip_factors(total, f64::from(clip_norm))
+    fn clip_factors(&self, total: &NormTotals, clip_norm: f32) -> Result<(Vec<f32>, usize)> {
+        clip::clip_factors(&total.sq, &total.bound, f64::from(clip_norm))
     }
 
     fn clipped_weight_sum(
@@ -210,15 +222,15 @@ impl DpBackend for Cpu {
         &self,
         per_example: &Vec<f32>,
         rows: usize,
-        total: &mut Vec<f64>,
+        total: &mut NormTotals,
     ) -> Result<()> {
+        let slots = total.sq.len().min(total.bound.len());
         ensure_shape(
-            total.len() == rows && (rows == 0 || per_example.len().is_multiple_of(rows)),
+            slots == rows && (rows == 0 || per_example.len().is_multiple_of(rows)),
             || {
                 format!(
-                    "{} values in {rows} rows with {} norm slots",
+                    "{} values in {rows} rows with {slots} norm slots",
                     per_example.len(),
-                    total.len()
                 )
             },
         )?;
@@ -226,11 +238,21 @@ impl DpBackend for Cpu {
             return Ok(());
         }
         let cols = per_example.len() / rows;
-        for (t, row) in total.iter_mut().zip(per_example.chunks(cols.max(1))) {
-            *t += row
+        // The weighted sum Σ_i c_i row_i: example i's terms carry at most
+        // γ·c_i‖row_i‖ of its rounding (the norm is of the same f32 row it sums).
+        let gamma = clip::row_gamma(rows, cols);
+        for ((t, e), row) in total
+            .sq
+            .iter_mut()
+            .zip(total.bound.iter_mut())
+            .zip(per_example.chunks(cols.max(1)))
+        {
+            let sq = row
                 .iter()
                 .map(|&v| f64::from(v) * f64::from(v))
                 .sum::<f64>();
+            *t += sq;
+            *e += gamma * sq.sqrt();
         }
         Ok(())
     }

@@ -9,8 +9,10 @@
 //!
 //! and fastDP's mixed rule picks ghost when 2T² < p·d. The bias gradient is
 //! Σ_t G_i,t, so its squared norm is ‖Σ_t G_i,t‖². Clip factors come from the total
-//! norm over all layers, c_i = min(1, C / (‖g_i‖ + 1e-6)), and the book-keeping
-//! clipped sum Σ_i c_i G_iᵀ X_i is one GEMM over all B·T rows with G scaled by c.
+//! norm over all layers inflated by a bound on the f32 rounding the example's own
+//! terms can add to the released sums, c_i = min(1, C / (‖g_i‖ + E_i + 1e-6))
+//! ([`clip_factors`], [`layer_rounding_bounds`]), and the book-keeping clipped sum
+//! Σ_i c_i G_iᵀ X_i is one GEMM over all B·T rows with G scaled by c.
 //!
 //! An example whose total norm is not finite (a NaN or Inf in its activations or
 //! gradients) gets factor 0, and every clipped sum treats a factor-0 example as
@@ -178,26 +180,172 @@ pub fn layer_sq_norms(
     Ok(n)
 }
 
-/// Clip factors c_i = min(1, C / (‖g_i‖ + 1e-6)) from per-example squared norms
-/// summed over all layers, and the number of examples whose norm is not finite
-/// (NaN or ±Inf): those get c_i = 0 and drop out of every clipped sum, so the
-/// released sum still has sensitivity C. A slightly negative sum (f32 rounding of a
-/// near-zero ghost norm) counts as 0.
-pub fn clip_factors(total_sq_norms: &[f64], clip_norm: f64) -> Result<(Vec<f32>, usize)> {
+// ---------------------------------------------------------------------------
+// Rounding bounds: the clipped sums are f32 sums, and their rounding error is not
+// bounded by C unless the clip norm pays for it.
+//
+// A sum of n floating-point terms, in any order (any binary tree of additions,
+// FMA or not), is Σ_k a_k (1 + θ_k) with |θ_k| ≤ γ_n = n·u / (1 − n·u), where n
+// bounds the number of roundings on term k's path (Higham, Accuracy and Stability
+// of Numerical Algorithms, §3.1; an addition of an exact 0 does not round). The
+// book-keeping sum's entry (q, j) is Σ_{i,t} fl(c_i·g_itq)·x_itj (or c_i on X) over
+// the micro-batch's b·t rows; the part of its error carried by example i's terms is
+// at most γ·c_i Σ_t |g_itq||x_itj|, whose Frobenius norm over (q, j) is at most
+// γ·c_i Σ_t ‖x_it‖‖g_it‖ (Cauchy–Schwarz on |G_i|ᵀ|X_i|). So with
+//
+//     E_i = Σ_layers γ_l Σ_t ‖x_it‖‖g_it‖   (+ γ_l Σ_t ‖g_it‖ for a bias)
+//     c_i = min(1, C / (‖∇_i‖ + E_i + 1e-6))
+//
+// example i's computed contribution is c_i‖∇_i‖ + (its own rounding) ≤ c_i(‖∇_i‖ +
+// E_i) ≤ C, however its token rows cancel. Without E_i, an example with ‖∇_i‖ = 0
+// but huge rows gets c_i = 1 and releases its rounding residual unclipped.
+//
+// Not covered: the rounding of the *other* examples' terms also changes when
+// example i is removed (≤ 2γ Σ_{j≠i} c_j E_j: the floating-point background of any
+// f32 sum, which example i's magnitudes cannot amplify).
+
+/// Unit roundoff of f32 (round to nearest).
+pub const F32_UNIT: f64 = 1.0 / (1u64 << 24) as f64;
+/// Unit roundoff of f64.
+pub const F64_UNIT: f64 = 1.0 / (1u64 << 53) as f64;
+/// Micro-batch accumulations (`axpy` of one micro-batch's sum into the step's)
+/// that [`sum_gamma`] covers, one rounding each. Beyond that many, a further
+/// accumulation rounds i's already-clipped contribution (≤ C) by at most u·C: it
+/// cannot amplify the raw magnitudes.
+pub const ACCUMULATIONS: usize = 256;
+
+/// γ_n = n·u / (1 − n·u); +∞ once n·u ≥ 1 (no bound: the factor becomes 0).
+pub fn gamma(n: usize, u: f64) -> f64 {
+    let nu = n as f64 * u;
+    if nu >= 1.0 {
+        f64::INFINITY
+    } else {
+        nu / (1.0 - nu)
+    }
+}
+
+/// The γ of an f32 clipped sum over `rows` rows (the GEMM's inner length b·t, or
+/// the b rows of a weighted row sum): per term, one rounding of c_i to f32, one of
+/// the scaled operand c_i·v, one of the product, at most `rows` additions in the
+/// micro-batch's sum (its rows plus the output buffer it adds into), and
+/// [`ACCUMULATIONS`] later accumulations across micro-batches. The count is rounded
+/// up to a power of two (safe side, at most 2×): γ is then the same for a batch
+/// with or without one example except at a power-of-two crossing, so adding an
+/// example almost never moves the other examples' factors.
+pub fn sum_gamma(rows: usize) -> f64 {
+    let n = rows.saturating_add(3 + ACCUMULATIONS);
+    gamma(
+        n.checked_next_power_of_two().unwrap_or(usize::MAX),
+        F32_UNIT,
+    )
+}
+
+/// Bound (as a multiple of Σ_t ‖x_t‖‖g_t‖) on how much the f64 norm formulas can
+/// underestimate ‖∇W_i‖. Ghost: each Gram entry has error ≤ γ_d‖x_s‖‖x_t‖ (resp.
+/// γ_p for G), the T² products and their sum γ_{T²+1}, so the squared norm is off
+/// by ≤ γ_{2(d+p)+T²+8}·E² and the norm by ≤ √γ·E (|a − b| ≤ √|a² − b²| for a, b ≥
+/// 0). The instantiated form and the bias norm are within this too (their error is
+/// γ_T·E, smaller). Negligible next to [`sum_gamma`] but free to include.
+pub fn norm_gamma(t: usize, d: usize, p: usize) -> f64 {
+    let n = 2usize
+        .saturating_mul(d.saturating_add(p))
+        .saturating_add(t.saturating_mul(t))
+        .saturating_add(8);
+    gamma(n, F64_UNIT).sqrt()
+}
+
+/// The γ of one linear layer: the f32 book-keeping sum over its b·t rows plus the
+/// norm formula's own error. Both bias and weight terms use it (the bias sum
+/// accumulates in f64 and is rounded once, far inside it).
+pub fn layer_gamma(s: LinearShape) -> f64 {
+    sum_gamma(s.b.saturating_mul(s.t)) + norm_gamma(s.t, s.d, s.p)
+}
+
+/// The γ of a weighted sum of `rows` materialised rows of `cols` values (dpsgd):
+/// the sum's rounding ([`sum_gamma`]) plus the row norm's f64 error γ_{cols+2}.
+pub fn row_gamma(rows: usize, cols: usize) -> f64 {
+    sum_gamma(rows) + gamma(cols.saturating_add(2), F64_UNIT)
+}
+
+/// Per-example rounding bounds of one linear layer: layer_gamma·(Σ_t ‖x_it‖‖g_it‖,
+/// plus Σ_t ‖g_it‖ when it has a bias). In f64, like the norms.
+pub fn layer_rounding_bounds(
+    x: &[f32],
+    g: &[f32],
+    s: LinearShape,
+    has_bias: bool,
+) -> Result<Vec<f64>> {
+    s.check(x, g)?;
+    let gamma = layer_gamma(s);
+    let norm = |v: &[f32]| v.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
+    Ok((0..s.b)
+        .map(|i| {
+            (0..s.t)
+                .map(|t| {
+                    let r = i * s.t + t;
+                    let gn = norm(&g[r * s.p..(r + 1) * s.p]);
+                    let xn = norm(&x[r * s.d..(r + 1) * s.d]);
+                    gamma * (xn * gn + if has_bias { gn } else { 0.0 })
+                })
+                .sum()
+        })
+        .collect())
+}
+
+/// Per-example accumulators over all layers: squared gradient norms and rounding
+/// bounds (both f64, both added layer by layer).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NormTotals {
+    /// Σ_layers ‖∇W_il‖² (plus bias terms).
+    pub sq: Vec<f64>,
+    /// Σ_layers γ_l·E_il: what the f32 clipped sums can add to example i's part.
+    pub bound: Vec<f64>,
+}
+
+impl NormTotals {
+    /// `b` zeroed accumulators.
+    pub fn zeros(b: usize) -> Self {
+        Self {
+            sq: vec![0.0; b],
+            bound: vec![0.0; b],
+        }
+    }
+}
+
+/// Clip factors c_i = min(1, C / (‖g_i‖ + E_i + 1e-6)) from per-example squared
+/// norms and rounding bounds E_i summed over all layers (see the rounding-bounds
+/// note above: c_i(‖g_i‖ + E_i) ≤ C bounds what the f32 sums release), and the
+/// number of examples whose norm or bound is not finite (NaN or ±Inf): those get
+/// c_i = 0 and drop out of every clipped sum, so the released sum still has
+/// sensitivity C. A slightly negative squared norm counts as 0.
+pub fn clip_factors(
+    total_sq_norms: &[f64],
+    bounds: &[f64],
+    clip_norm: f64,
+) -> Result<(Vec<f32>, usize)> {
     if clip_norm.is_nan() || clip_norm <= 0.0 {
         return Err(Error::Config(format!(
             "clip norm C = {clip_norm} must be positive (use a value like 1.0)"
         )));
     }
+    ensure_shape(bounds.len() == total_sq_norms.len(), || {
+        format!(
+            "{} rounding bounds for {} norms",
+            bounds.len(),
+            total_sq_norms.len()
+        )
+    })?;
     let mut non_finite = 0;
     let factors = total_sq_norms
         .iter()
-        .map(|&sq| {
-            if !sq.is_finite() {
+        .zip(bounds)
+        .map(|(&sq, &e)| {
+            if !sq.is_finite() || !e.is_finite() {
                 non_finite += 1;
                 return 0.0;
             }
-            (clip_norm / (sq.max(0.0).sqrt() + CLIP_EPS)).min(1.0) as f32
+            // Same operation order as `clip_factors_f32` in kernels/clip.cu.
+            (clip_norm / (sq.max(0.0).sqrt() + e.max(0.0) + CLIP_EPS)).min(1.0) as f32
         })
         .collect();
     Ok((factors, non_finite))

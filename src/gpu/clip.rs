@@ -13,7 +13,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::blas::{Precision, RowMajor};
 use super::{dptr, dptr_mut, launch, launch_cfg, Gpu};
-use crate::dp::clip::{LinearShape, NormMethod};
+use crate::dp::clip::{self, LinearShape, NormMethod};
 use crate::error::{ensure_shape, Error, Result};
 
 const MODULE: &str = "clip";
@@ -98,6 +98,44 @@ pub fn add_layer_sq_norms<X: DevicePtr<f32>, G: DevicePtr<f32>>(
     Ok(())
 }
 
+/// Adds one linear layer's per-example rounding bounds
+/// ([`clip::layer_rounding_bounds`]: γ·Σ_t ‖x_t‖‖g_t‖, plus γ·Σ_t ‖g_t‖ when
+/// `has_bias`) into `bound` (length b, f64).
+pub fn add_layer_rounding_bounds<X: DevicePtr<f32>, G: DevicePtr<f32>>(
+    gpu: &Gpu,
+    x: &X,
+    g: &G,
+    s: LinearShape,
+    has_bias: bool,
+    bound: &mut CudaSlice<f64>,
+) -> Result<()> {
+    check_xg(s, x.len(), g.len())?;
+    ensure_shape(bound.len() == s.b, || {
+        format!("bound buffer has {} slots for batch {}", bound.len(), s.b)
+    })?;
+    if s.b == 0 || s.t == 0 || s.p == 0 {
+        return Ok(());
+    }
+    let st = gpu.stream();
+    let (xp, gp) = (dptr(x, st), dptr(g, st));
+    let (t, d, p) = (i32_dim(s.t, "T")?, i32_dim(s.d, "d")?, i32_dim(s.p, "p")?);
+    let (gamma, bias) = (clip::layer_gamma(s), has_bias as i32);
+    let name = "rounding_bound_f32";
+    let f = gpu.func(MODULE, name)?;
+    let mut l = st.launch_builder(&f);
+    l.arg(&xp)
+        .arg(&gp)
+        .arg(&t)
+        .arg(&d)
+        .arg(&p)
+        .arg(&gamma)
+        .arg(&bias)
+        .arg(&mut *bound);
+    let grid = (s.t.div_ceil((THREADS / 32) as usize) as u32, s.b as u32, 1);
+    // SAFETY: argument types match the kernel signature; shapes checked above.
+    unsafe { launch(&mut l, launch_cfg(grid, THREADS, 0), name) }
+}
+
 /// What [`clip_factors`] counted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FactorCounts {
@@ -108,11 +146,13 @@ pub struct FactorCounts {
     pub zero: usize,
 }
 
-/// Clip factors c_i = min(1, C / (‖g_i‖ + 1e-6)) from the total squared norms; a
-/// non-finite norm gets c_i = 0. Synchronises to download the two counts.
+/// Clip factors c_i = min(1, C / (‖g_i‖ + E_i + 1e-6)) from the total squared norms
+/// and rounding bounds E_i ([`clip::clip_factors`]); a non-finite norm or bound gets
+/// c_i = 0. Synchronises to download the two counts.
 pub fn clip_factors<F: DevicePtrMut<f32>>(
     gpu: &Gpu,
     total: &CudaSlice<f64>,
+    bound: &CudaSlice<f64>,
     clip_norm: f32,
     factors: &mut F,
 ) -> Result<FactorCounts> {
@@ -121,9 +161,17 @@ pub fn clip_factors<F: DevicePtrMut<f32>>(
             "clip norm C = {clip_norm} must be positive"
         )));
     }
-    ensure_shape(factors.len() == total.len(), || {
-        format!("{} factor slots for {} norms", factors.len(), total.len())
-    })?;
+    ensure_shape(
+        factors.len() == total.len() && bound.len() == total.len(),
+        || {
+            format!(
+                "{} factor slots and {} bounds for {} norms",
+                factors.len(),
+                bound.len(),
+                total.len()
+            )
+        },
+    )?;
     let b = i32_dim(total.len(), "batch")?;
     if b == 0 {
         return Ok(FactorCounts::default());
@@ -133,6 +181,7 @@ pub fn clip_factors<F: DevicePtrMut<f32>>(
     let f = gpu.func(MODULE, "clip_factors_f32")?;
     let mut l = gpu.stream().launch_builder(&f);
     l.arg(total)
+        .arg(bound)
         .arg(&b)
         .arg(&clip_norm)
         .arg(&fp)
