@@ -177,7 +177,8 @@ extern "C" __global__ void clip_factors_f32(const double* __restrict__ sq,
   double s = sq[b], e = bound[b];
   float f = 0.f;
   if (isfinite(s) && isfinite(e)) {
-    f = (float)fmin(1.0, (double)C / (sqrt(fmax(s, 0.0)) + fmax(e, 0.0) + 1e-6));
+    // Rounded toward zero (down), like the CPU: never above the exact factor.
+    f = __double2float_rz(fmin(1.0, (double)C / (sqrt(fmax(s, 0.0)) + fmax(e, 0.0) + 1e-6)));
   } else {
     atomicAdd(&counts[0], 1ull);
   }

@@ -97,7 +97,7 @@ fn bk_clipped_sum_equals_brute_force() {
         let x = uniform(&mut r, s.b * s.t * s.d);
         let g = uniform(&mut r, s.b * s.t * s.p);
         let norms = layer_sq_norms(&x, &g, s, s.preferred_method(), false).unwrap();
-        let bounds = layer_rounding_bounds(&x, &g, s, false).unwrap();
+        let bounds = layer_rounding_bounds(&x, &g, s, false, s.b).unwrap();
         let (c, _) = clip_factors(&norms, &bounds, 0.5).unwrap();
         let mut got = vec![0.0f32; s.p * s.d];
         clipped_weight_sum(&x, &g, &c, s, &mut got).unwrap();
@@ -152,7 +152,7 @@ fn one_huge_example_contributes_at_most_c() {
     }
     let clip = 1.0;
     let norms = layer_sq_norms(&x, &g, s, NormMethod::Ghost, true).unwrap();
-    let bounds = layer_rounding_bounds(&x, &g, s, true).unwrap();
+    let bounds = layer_rounding_bounds(&x, &g, s, true, s.b).unwrap();
     let (c, _) = clip_factors(&norms, &bounds, clip).unwrap();
     // The outlier's clipped gradient (weight and bias together) has norm ≤ C.
     let grads = per_example_grads(&x, &g, s);
@@ -288,7 +288,7 @@ fn release<B: DpBackend>(
     clip: f32,
 ) -> Released {
     let (dx, dg) = (be.upload(x).unwrap(), be.upload(g).unwrap());
-    let mut norms = be.norms_zeros(s.b).unwrap();
+    let mut norms = be.norms_zeros(s.b, s.b).unwrap();
     let mut weight = be.zeros(s.p * s.d).unwrap();
     let mut bias = be.zeros(s.p).unwrap();
     let (factors, non_finite) = match path {
@@ -473,7 +473,7 @@ fn norms_survive_cancellation<B: DpBackend>(be: &B) {
         * delta.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>();
     let (xb, gb) = (be.upload(&x).unwrap(), be.upload(&g).unwrap());
     for method in [NormMethod::Ghost, NormMethod::Instantiated] {
-        let mut n = be.norms_zeros(s.b).unwrap();
+        let mut n = be.norms_zeros(s.b, s.b).unwrap();
         be.add_layer_sq_norms(&xb, &gb, s, method, false, &mut n)
             .unwrap();
         let got = be.norms_download(&n).unwrap().sq[1];
@@ -544,10 +544,10 @@ fn rounding_bound_covers_the_f32_sum_error() {
             .map(|((a, b), w)| (f64::from(*a) - f64::from(*b) - f64::from(c[i]) * w).powi(2))
             .sum::<f64>()
             .sqrt();
-        let bound = f64::from(c[i]) * layer_rounding_bounds(&x, &g, s, false).unwrap()[i];
+        let bound = f64::from(c[i]) * layer_rounding_bounds(&x, &g, s, false, s.b).unwrap()[i];
         // The others' terms round differently with and without i: at most
         // 2γ Σ_{j≠i} c_j Σ_t ‖x_t‖‖g_t‖ (and their sum's own error once).
-        let all = layer_rounding_bounds(&x, &g, s, false).unwrap();
+        let all = layer_rounding_bounds(&x, &g, s, false, s.b).unwrap();
         let background: f64 = (0..s.b)
             .filter(|&j| j != i)
             .map(|j| 2.0 * f64::from(c[j]) * all[j])
@@ -676,9 +676,9 @@ mod gpu {
             }
             for bias in [false, true] {
                 let mut tot = gpu.zeros::<f64>(s.b).unwrap();
-                gclip::add_layer_rounding_bounds(&gpu, &dx, &dg, s, bias, &mut tot).unwrap();
+                gclip::add_layer_rounding_bounds(&gpu, &dx, &dg, s, bias, s.b, &mut tot).unwrap();
                 let got = gpu.download(&tot).unwrap();
-                let want = layer_rounding_bounds(&x, &g, s, bias).unwrap();
+                let want = layer_rounding_bounds(&x, &g, s, bias, s.b).unwrap();
                 for i in 0..s.b {
                     assert!(
                         rel(got[i], want[i]) < NORM_TOL,
@@ -689,7 +689,7 @@ mod gpu {
                 }
             }
             let norms = layer_sq_norms(&x, &g, s, s.preferred_method(), true).unwrap();
-            let bounds = layer_rounding_bounds(&x, &g, s, true).unwrap();
+            let bounds = layer_rounding_bounds(&x, &g, s, true, s.b).unwrap();
             let (c, _) = clip_factors(&norms, &bounds, 0.7).unwrap();
             let dnorms = gpu.upload(&norms).unwrap();
             let dbounds = gpu.upload(&bounds).unwrap();
@@ -778,5 +778,57 @@ mod gpu {
             return;
         };
         norms_survive_cancellation(&be);
+    }
+}
+
+/// The rounding bound's γ grows with the rows of the clipped-sum GEMM. Taken from
+/// the sampled micro-batch, one more example at a power-of-two crossing would change
+/// every other example's clip factor (by ~γ relative, over all B of them: far more
+/// than the slack of the sensitivity bound). With the public micro-batch bound, the
+/// others' factors are bit-identical with or without the added example.
+#[test]
+fn other_examples_factors_ignore_the_sampled_batch_size() {
+    let s = |b: usize| LinearShape {
+        b,
+        t: 1,
+        d: 4,
+        p: 3,
+    };
+    // 253 + 3 + 256 = 512 rounds to 512; 254 + 259 = 513 rounds to 1024.
+    let b = 253;
+    let mut r = rng(31);
+    let x = uniform(&mut r, (b + 1) * 4);
+    let g = uniform(&mut r, (b + 1) * 3);
+    let factors = |rows: usize, cap: usize| {
+        let (xb, gb) = (x[..rows * 4].to_vec(), g[..rows * 3].to_vec());
+        let mut n = Cpu.norms_zeros(rows, cap).unwrap();
+        Cpu.add_layer_sq_norms(&xb, &gb, s(rows), NormMethod::Ghost, true, &mut n)
+            .unwrap();
+        Cpu.clip_factors(&n, 1e-3).unwrap().0
+    };
+    let (with, without) = (factors(b + 1, 256), factors(b, 256));
+    assert_eq!(&with[..b], &without[..], "the others' factors moved");
+    // Taking γ from the sampled size instead does move them (the test can fail).
+    let (with, without) = (factors(b + 1, 0), factors(b, 0));
+    assert_ne!(&with[..b], &without[..]);
+}
+
+#[test]
+fn clip_factors_never_round_up() {
+    use rand::Rng;
+    // c·(‖g‖ + E + 1e-6) ≤ C must hold for the f32 factor itself.
+    let mut r = rng(41);
+    let sq: Vec<f64> = (0..10_000)
+        .map(|_| 10f64.powf(r.random_range(-6.0..6.0)))
+        .collect();
+    let bounds = vec![0.0; sq.len()];
+    let (c, _) = clip_factors(&sq, &bounds, 0.7).unwrap();
+    for (&ci, &s) in c.iter().zip(&sq) {
+        let exact = (0.7 / (s.sqrt() + CLIP_EPS)).min(1.0);
+        assert!(f64::from(ci) <= exact, "{ci} > {exact}");
+        assert!(
+            f64::from(ci.next_up()) > exact,
+            "{ci} is not the largest f32 below {exact}"
+        );
     }
 }

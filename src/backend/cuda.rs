@@ -1207,16 +1207,18 @@ pub struct GpuNorms {
     slice: CudaSlice<f64>,
     bound: CudaSlice<f64>,
     len: usize,
+    rows_cap: usize,
 }
 
 impl DpBackend for Cuda {
     type Norms = GpuNorms;
 
-    fn norms_zeros(&self, b: usize) -> Result<GpuNorms> {
+    fn norms_zeros(&self, b: usize, rows_cap: usize) -> Result<GpuNorms> {
         Ok(GpuNorms {
             slice: self.gpu.zeros(b.max(1))?,
             bound: self.gpu.zeros(b.max(1))?,
             len: b,
+            rows_cap,
         })
     }
 
@@ -1227,6 +1229,7 @@ impl DpBackend for Cuda {
         Ok(NormTotals {
             sq: self.gpu.download(&n.slice)?,
             bound: self.gpu.download(&n.bound)?,
+            rows_cap: n.rows_cap,
         })
     }
 
@@ -1260,6 +1263,7 @@ impl DpBackend for Cuda {
             &g.view(),
             s,
             has_bias,
+            total.rows_cap,
             &mut total.bound,
         )
     }
@@ -1403,7 +1407,7 @@ impl DpBackend for Cuda {
             return Ok(());
         }
         let cols = per_example.len / rows;
-        let gamma = dpclip::row_gamma(rows, cols);
+        let gamma = dpclip::row_gamma(rows.max(total.rows_cap), cols);
         let cols = cols as i64;
         let pp = self.ptr(per_example);
         let tp = dptr_mut(&mut total.slice, self.st());

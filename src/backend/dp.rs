@@ -32,8 +32,10 @@ pub trait DpBackend: Backend {
     /// bounds of the clipped sums ([`clip::layer_rounding_bounds`]).
     type Norms;
 
-    /// `b` zeroed accumulators.
-    fn norms_zeros(&self, b: usize) -> Result<Self::Norms>;
+    /// `b` zeroed accumulators. `rows_cap` is a public bound on the micro-batch size
+    /// (the config's), used by the rounding bounds instead of the sampled b, so that
+    /// one more sampled example never changes the other examples' clip factors.
+    fn norms_zeros(&self, b: usize, rows_cap: usize) -> Result<Self::Norms>;
     /// The accumulated squared norms and rounding bounds.
     fn norms_download(&self, n: &Self::Norms) -> Result<NormTotals>;
     /// Adds one linear layer's per-example squared norms (plus its bias term) and
@@ -115,8 +117,8 @@ pub trait DpBackend: Backend {
 impl DpBackend for Cpu {
     type Norms = NormTotals;
 
-    fn norms_zeros(&self, b: usize) -> Result<NormTotals> {
-        Ok(NormTotals::zeros(b))
+    fn norms_zeros(&self, b: usize, rows_cap: usize) -> Result<NormTotals> {
+        Ok(NormTotals::zeros(b, rows_cap))
     }
 
     fn norms_download(&self, n: &NormTotals) -> Result<NormTotals> {
@@ -142,11 +144,13 @@ impl DpBackend for Cpu {
         {
             *t += n;
         }
-        for (t, e) in total
-            .bound
-            .iter_mut()
-            .zip(clip::layer_rounding_bounds(x, g, s, has_bias)?)
-        {
+        for (t, e) in total.bound.iter_mut().zip(clip::layer_rounding_bounds(
+            x,
+            g,
+            s,
+            has_bias,
+            total.rows_cap,
+        )?) {
             *t += e;
         }
         Ok(())
@@ -240,7 +244,7 @@ impl DpBackend for Cpu {
         let cols = per_example.len() / rows;
         // The weighted sum Σ_i c_i row_i: example i's terms carry at most
         // γ·c_i‖row_i‖ of its rounding (the norm is of the same f32 row it sums).
-        let gamma = clip::row_gamma(rows, cols);
+        let gamma = clip::row_gamma(rows.max(total.rows_cap), cols);
         for ((t, e), row) in total
             .sq
             .iter_mut()

@@ -257,8 +257,12 @@ pub fn norm_gamma(t: usize, d: usize, p: usize) -> f64 {
 /// The γ of one linear layer: the f32 book-keeping sum over its b·t rows plus the
 /// norm formula's own error. Both bias and weight terms use it (the bias sum
 /// accumulates in f64 and is rounded once, far inside it).
-pub fn layer_gamma(s: LinearShape) -> f64 {
-    sum_gamma(s.b.saturating_mul(s.t)) + norm_gamma(s.t, s.d, s.p)
+///
+/// `rows_cap` is a public bound on the micro-batch size (the config's): γ uses
+/// max(b, rows_cap)·t, so it does not depend on how many examples Poisson sampling
+/// drew, and adding one example never moves the other examples' factors.
+pub fn layer_gamma(s: LinearShape, rows_cap: usize) -> f64 {
+    sum_gamma(s.b.max(rows_cap).saturating_mul(s.t)) + norm_gamma(s.t, s.d, s.p)
 }
 
 /// The γ of a weighted sum of `rows` materialised rows of `cols` values (dpsgd):
@@ -274,9 +278,10 @@ pub fn layer_rounding_bounds(
     g: &[f32],
     s: LinearShape,
     has_bias: bool,
+    rows_cap: usize,
 ) -> Result<Vec<f64>> {
     s.check(x, g)?;
-    let gamma = layer_gamma(s);
+    let gamma = layer_gamma(s, rows_cap);
     let norm = |v: &[f32]| v.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
     Ok((0..s.b)
         .map(|i| {
@@ -300,14 +305,17 @@ pub struct NormTotals {
     pub sq: Vec<f64>,
     /// Σ_layers γ_l·E_il: what the f32 clipped sums can add to example i's part.
     pub bound: Vec<f64>,
+    /// The public micro-batch bound the γ's use (see [`layer_gamma`]).
+    pub rows_cap: usize,
 }
 
 impl NormTotals {
-    /// `b` zeroed accumulators.
-    pub fn zeros(b: usize) -> Self {
+    /// `b` zeroed accumulators whose bounds use the public micro-batch bound `rows_cap`.
+    pub fn zeros(b: usize, rows_cap: usize) -> Self {
         Self {
             sq: vec![0.0; b],
             bound: vec![0.0; b],
+            rows_cap,
         }
     }
 }
@@ -344,8 +352,16 @@ pub fn clip_factors(
                 non_finite += 1;
                 return 0.0;
             }
-            // Same operation order as `clip_factors_f32` in kernels/clip.cu.
-            (clip_norm / (sq.max(0.0).sqrt() + e.max(0.0) + CLIP_EPS)).min(1.0) as f32
+            // Same operation order as `clip_factors_f32` in kernels/clip.cu, and
+            // rounded down to f32 (as its __double2float_rz): a factor rounded up
+            // would let c·‖g‖ exceed C by an ulp.
+            let c = (clip_norm / (sq.max(0.0).sqrt() + e.max(0.0) + CLIP_EPS)).min(1.0);
+            let f = c as f32;
+            if f64::from(f) > c {
+                f.next_down()
+            } else {
+                f
+            }
         })
         .collect();
     Ok((factors, non_finite))

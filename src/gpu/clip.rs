@@ -107,6 +107,7 @@ pub fn add_layer_rounding_bounds<X: DevicePtr<f32>, G: DevicePtr<f32>>(
     g: &G,
     s: LinearShape,
     has_bias: bool,
+    rows_cap: usize,
     bound: &mut CudaSlice<f64>,
 ) -> Result<()> {
     check_xg(s, x.len(), g.len())?;
@@ -119,7 +120,7 @@ pub fn add_layer_rounding_bounds<X: DevicePtr<f32>, G: DevicePtr<f32>>(
     let st = gpu.stream();
     let (xp, gp) = (dptr(x, st), dptr(g, st));
     let (t, d, p) = (i32_dim(s.t, "T")?, i32_dim(s.d, "d")?, i32_dim(s.p, "p")?);
-    let (gamma, bias) = (clip::layer_gamma(s), has_bias as i32);
+    let (gamma, bias) = (clip::layer_gamma(s, rows_cap), has_bias as i32);
     let name = "rounding_bound_f32";
     let f = gpu.func(MODULE, name)?;
     let mut l = st.launch_builder(&f);

@@ -238,7 +238,7 @@ fn clipping<B: DpBackend>(
     match cfg.method {
         Method::Nonprivate => Ok((Clipping::Ones(be.upload(&vec![1.0; b])?), 0)),
         Method::Ghost | Method::Dualpriv => {
-            let mut norms = be.norms_zeros(b)?;
+            let mut norms = be.norms_zeros(b, cfg.micro_batch)?;
             for c in caps {
                 be.add_layer_sq_norms(
                     &c.x,
@@ -253,7 +253,7 @@ fn clipping<B: DpBackend>(
             Ok((Clipping::Factors(f), bad))
         }
         Method::Dpsgd => {
-            let mut norms = be.norms_zeros(b)?;
+            let mut norms = be.norms_zeros(b, cfg.micro_batch)?;
             let mut per = Vec::with_capacity(caps.len());
             for c in caps {
                 let w = be.per_example_weight_grads(&c.x, &c.g, c.shape)?;
