@@ -238,3 +238,43 @@ fn two_copies_of_a_run_never_share_draws() {
     assert_eq!(entry.steps, 4);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn published_steps_are_always_charged() {
+    // The second review's attack: a run killed between checkpoints had published
+    // evaluations of steps the ledger never charged. Each DP step is charged in the
+    // ledger before it runs, so for every point where the run can die, the ledger
+    // counts at least the steps metrics.jsonl shows.
+    let d = Dataset::generate(Split::Private, 16, 3, 32).unwrap();
+    let held_out = Dataset::generate(Split::Test, 8, 2, 32).unwrap();
+    let root = std::env::temp_dir().join(format!("dualpriv-charged-{}", std::process::id()));
+    for k in 1..=6 {
+        let _ = std::fs::remove_dir_all(&root);
+        let (c, m) = spec().build().unwrap();
+        let mut cf = cfg(&d, 5);
+        cf.eval_every = 1;
+        cf.text_len = d.max_text_len().max(held_out.max_text_len());
+        let model = Mllm::new(&Cpu, &c, &m, 0).unwrap();
+        let mut t = Trainer::new(&Cpu, model, spec(), cf, &d).unwrap();
+        t.out_dir = Some(root.join("run"));
+        t.eval_data = Some(held_out.clone());
+        fail_after_writes(Some(k));
+        let _ = t.run(&d, 0); // dies after its k-th durable write
+        fail_after_writes(None);
+        let shown = std::fs::read_to_string(root.join("run/metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("eval_accuracy"))
+            .count() as u64;
+        let entry = Ledger::load(&root.join("privacy-ledger.json"))
+            .unwrap()
+            .entries[0]
+            .clone();
+        assert!(
+            entry.steps >= shown,
+            "crash after write {k}: {shown} evaluated steps published, {} charged",
+            entry.steps
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

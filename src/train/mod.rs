@@ -376,7 +376,8 @@ fn check_truncation(sigma: f64, q: f64, steps: u32, delta: f64) -> Result<()> {
 /// An accountant's ε(history, δ): [`accountant::epsilon`] or its coarse twin.
 type EpsilonFn = fn(AccountantKind, &[(f64, f64, u64)], f64) -> Result<f64>;
 
-/// Draws reserved in the ledger per durable write (see [`Trainer::run`]).
+/// Draws a non-private run reserves in the ledger per durable write (a DP run
+/// reserves and charges one per step, see [`Trainer::run`]).
 pub const RESERVE_DRAWS: u32 = 64;
 
 /// A training run in progress: model, optimizer state, privacy state, step counter.
@@ -562,7 +563,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         // any process reserved for it, from the history it recorded.
         let (path, fp) = (t.ledger.clone(), t.fingerprint.clone());
         if let (Some(path), Some(fp)) = (path, fp) {
-            t.record_ledger(&path, &fp, true)?;
+            t.record_ledger(&path, &fp, true, accountant::epsilon)?;
         }
         Ok(t)
     }
@@ -727,13 +728,16 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         let mut last_eval = None;
         for _ in 0..allowed {
             let t0 = Instant::now();
+            // Write-ahead: a DP step is charged (in the ledger, durably) before it
+            // runs, so a crash or kill can never leave a step that metrics or an
+            // evaluation published uncharged.
+            if private {
+                self.privacy.record(q, self.sigma);
+            }
             self.reserve_draw()?;
             self.backend.reset_device_peak();
             let indices = sampler.batch(self.draws);
             let out = self.one_step(data, &indices)?;
-            if private {
-                self.privacy.record(q, self.sigma);
-            }
             self.step += 1;
             // Every step's ε, never a stale one: a certified upper bound on a
             // coarse grid, and the fine value at the last step.
@@ -869,18 +873,24 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         })
     }
 
-    /// Makes sure the next draw is reserved in the ledger before it is used, a
-    /// block of [`RESERVE_DRAWS`] at a time: after a crash, resuming continues past
-    /// every draw the lost process may have used, released or not.
+    /// Makes sure the next draw is reserved in the ledger before it is used: for a
+    /// DP run this draw alone, with its step already charged in the history; for
+    /// a non-private run a block of [`RESERVE_DRAWS`]. After a crash, resuming
+    /// continues past every draw the lost process may have used, and the ledger
+    /// counts every step it may have published (in metrics or an evaluation).
     fn reserve_draw(&mut self) -> Result<()> {
-        if self.draws < self.reserved {
+        let private = self.cfg.method.is_private();
+        if self.draws < self.reserved && !private {
             return Ok(());
         }
         let (Some(ledger), Some(fp)) = (self.ledger.clone(), self.fingerprint.clone()) else {
             return Ok(());
         };
-        self.reserved = self.draws.saturating_add(RESERVE_DRAWS);
-        self.record_ledger(&ledger, &fp, false)
+        let block = if private { 1 } else { RESERVE_DRAWS };
+        self.reserved = self.draws.saturating_add(block);
+        // Every step writes the ledger: the coarse ε (a certified upper bound, ~20 ms)
+        // keeps that cheap; checkpoints record the fine one.
+        self.record_ledger(&ledger, &fp, false, accountant::epsilon_coarse)
     }
 
     /// Records the steps in the ledger, then writes the checkpoint that releases them.
@@ -896,7 +906,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
                 ))
             }
         };
-        self.record_ledger(&ledger, &fingerprint, false)?;
+        self.record_ledger(&ledger, &fingerprint, false, accountant::epsilon)?;
         let state = checkpoint::CheckpointState {
             version: checkpoint::VERSION,
             checkpoint_id: checkpoint::random_id()?,
@@ -946,7 +956,13 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
     /// Adds or extends this run's entry in the ledger (every run, private or not),
     /// under the ledger's lock. `take_over` (a resume) makes this process the run's
     /// owner and moves the draw counter and history up to what the ledger holds.
-    fn record_ledger(&mut self, path: &Path, fingerprint: &str, take_over: bool) -> Result<()> {
+    fn record_ledger(
+        &mut self,
+        path: &Path,
+        fingerprint: &str,
+        take_over: bool,
+        eps: EpsilonFn,
+    ) -> Result<()> {
         let kind = self.cfg.accountant_kind()?;
         let _lock = LedgerLock::acquire(path)?;
         let mut ledger = Ledger::load(path)?;
@@ -971,7 +987,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             draws: u64::from(self.draws.max(self.reserved)),
             delta: self.cfg.delta,
             accountant: kind.to_string(),
-            epsilon: self.epsilon()?,
+            epsilon: self.epsilon_with(eps)?,
             not_private: self.not_private().map(String::from),
             rng: self.cfg.rng.to_string(),
             session: self.session.clone(),
