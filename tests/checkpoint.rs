@@ -278,3 +278,19 @@ fn published_steps_are_always_charged() {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn every_resume_draws_a_fresh_key() {
+    // The second review: a copy of a run folder resumed against a copy of its ledger
+    // (another machine, a restored backup) shares the run key and the draw counter,
+    // so it would redraw the same noise. Each resume draws a new key instead.
+    let d = Dataset::generate(Split::Private, 16, 3, 32).unwrap();
+    let root = std::env::temp_dir().join(format!("dualpriv-rekey-{}", std::process::id()));
+    let dir = fresh(&root, &d);
+    let (st, _) = checkpoint::load_state(&dir).unwrap();
+    let a = Trainer::resume(&Cpu, &dir, &d, Some(4)).unwrap();
+    let b = Trainer::resume(&Cpu, &dir, &d, Some(4)).unwrap();
+    assert_ne!(a.key(), &st.key, "the resume kept the saved key");
+    assert_ne!(a.key(), b.key(), "two resumes share a key");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -548,7 +548,14 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             progress: false,
             ledger: Some(st.ledger),
             eval_data: None,
-            key: st.key,
+            // A fresh key for everything after the resume (an insecure key stays, so
+            // such runs replay): even a copy of this folder resumed against another
+            // copy of the ledger, or a restored backup, draws noise never drawn before.
+            key: if st.key.is_insecure() {
+                st.key
+            } else {
+                RunKey::from_os()?
+            },
             draws: u32::try_from(draws).map_err(|_| {
                 Error::Format(format!("{}: draw counter {draws} overflows", dir.display()))
             })?,
@@ -683,6 +690,14 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         let private = self.cfg.method.is_private();
         if let (true, Some(why)) = (private, self.not_private()) {
             eprintln!("warning: this run is NOT private ({why}); its ε is reported as ∞");
+        }
+        if private && self.cfg.public_size.is_none() && self.not_private().is_none() {
+            eprintln!(
+                "warning: the sampling rate q = {} / N uses the training set's own size N, which \
+                 q, σ and ε then publish; under add/remove adjacency N is not protected. Declare a \
+                 public size (TrainConfig::public_size) to cover it",
+                self.cfg.batch
+            );
         }
         if private && self.cfg.rng == RngKind::Philox {
             eprintln!(

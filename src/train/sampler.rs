@@ -41,7 +41,7 @@ impl Sampler {
         }
         if expected == 0 || expected > n {
             return Err(Error::Config(format!(
-                "expected batch size {expected} must be in 1..={n} (the training set size)"
+                "expected batch size {expected} must be at least 1 and at most the training set size"
             )));
         }
         Ok(Self {
