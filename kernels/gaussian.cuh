@@ -1,7 +1,7 @@
 // Regenerable Gaussian noise: 16 random words per group of 8 normals from ChaCha20
 // (default, cryptographic) or Philox4x32-10 (`--rng philox`, not cryptographic),
 // a radius uniform with >= 32 significant bits at every scale (tail block below 2^-32),
-// 53-bit angles, and Box-Muller in f64. CPU twin: src/dp/noise.rs, whose module doc
+// an angle refined near the axes the same way, and Box-Muller in f64. CPU twin: src/dp/noise.rs, whose module doc
 // gives the layout; both produce the same bits for the same (key, tensor_id, step, i),
 // so any kernel on any grid regenerates noise(i) and the noise tensor is never stored.
 //
@@ -84,10 +84,22 @@ __device__ __forceinline__ double ln_pos(double u) {
   return __dadd_rn(__dmul_rn(ef, LN2_HI), __dadd_rn(__dmul_rn(ef, LN2_LO), ln_m));
 }
 
-// (sin, cos) of 2*pi*k*2^-53, k in [1, 2^53] (sincos_turn in src/dp/noise.rs).
-__device__ __forceinline__ void sincos_turn(uint64_t k, double* sn, double* cs) {
-  const uint64_t q = (k + (1ull << 50)) >> 51;
-  const double f = __dmul_rn((double)((long long)k - (long long)(q << 51)), 0x1p-51);
+// Whether the angle word k is within 2^32 of a quarter turn (needs_angle_tail).
+__device__ __forceinline__ bool needs_angle_tail(uint64_t k) {
+  const uint64_t q = (k + (1ull << 61)) >> 62;
+  const long long m = (long long)(k - (q << 62));
+  const unsigned long long a = m < 0 ? 0ull - (unsigned long long)m : (unsigned long long)m;
+  return (a >> 32) == 0;
+}
+
+// (sin, cos) of the angle of word k (sincos_turn / angle_parts in src/dp/noise.rs):
+// q the nearest quarter turn, the offset f = m*2^-62, refined by the tail word y near
+// an axis.
+__device__ __forceinline__ void sincos_turn(uint64_t k, uint64_t y, double* sn, double* cs) {
+  const uint64_t q = (k + (1ull << 61)) >> 62;
+  const long long m = (long long)(k - (q << 62));
+  const double fm = __dmul_rn(__ll2double_rn(m), 0x1p-62);
+  const double f = needs_angle_tail(k) ? __dadd_rn(fm, __dmul_rn(__ull2double_rn(y), 0x1p-126)) : fm;
   const double x = __dmul_rn(f, 0x1.921fb54442d18p+0);  // f * pi/2
   const double z = __dmul_rn(x, x);
   double ps = 0x1.952c77030ad4ap-49;                      // 1/17!
@@ -146,13 +158,13 @@ __device__ __forceinline__ double radius_sq(uint64_t x, uint64_t y) {
 // Whether the pair whose radius word is x needs its tail word (needs_tail on the CPU).
 __device__ __forceinline__ bool needs_tail(uint64_t x) { return (x >> 32) == 0 || (~x >> 32) == 0; }
 
-// Box-Muller on two 64-bit words (box_muller in src/dp/noise.rs); y is the tail word,
-// read only when needs_tail(x0).
-__device__ __forceinline__ void box_muller(uint64_t x0, uint64_t x1, uint64_t y, double* z0,
-                                           double* z1) {
-  const double r = __dsqrt_rn(radius_sq(x0, y));
+// Box-Muller on two 64-bit words (box_muller in src/dp/noise.rs); y0, y1 are the tail
+// words, read only when needs_tail(x0) / needs_angle_tail(x1).
+__device__ __forceinline__ void box_muller(uint64_t x0, uint64_t x1, uint64_t y0, uint64_t y1,
+                                           double* z0, double* z1) {
+  const double r = __dsqrt_rn(radius_sq(x0, y0));
   double sn, cs;
-  sincos_turn((x1 >> 11) + 1, &sn, &cs);
+  sincos_turn(x1, y1, &sn, &cs);
   *z0 = __dmul_rn(r, cs);
   *z1 = __dmul_rn(r, sn);
 }
@@ -161,15 +173,19 @@ __device__ __forceinline__ uint64_t word64(const uint32_t w[16], int k) {
   return (uint64_t)w[2 * k] | ((uint64_t)w[2 * k + 1] << 32);
 }
 
-// The tail word of pair p of group g: only drawn (a second block) when x0 or ~x0 is
-// below 2^32, which happens with probability 2^-31.
-__device__ __forceinline__ uint64_t tail_word(uint32_t rng, const uint32_t key[8],
-                                              uint32_t tensor_id, uint32_t step, uint64_t g,
-                                              uint64_t x0, int p) {
-  if (!needs_tail(x0)) return 0;
+// The tail words of pair p of group g: only drawn (a second block) when the radius
+// word x0 or the angle word x1 needs them, with probability ~2^-29.
+__device__ __forceinline__ void tail_words(uint32_t rng, const uint32_t key[8],
+                                           uint32_t tensor_id, uint32_t step, uint64_t g,
+                                           uint64_t x0, uint64_t x1, int p, uint64_t* y0,
+                                           uint64_t* y1) {
+  *y0 = 0;
+  *y1 = 0;
+  if (!needs_tail(x0) && !needs_angle_tail(x1)) return;
   uint32_t t[16];
   group_words(rng, key, tensor_id, step, g, t, TAIL_BIT);
-  return word64(t, 2 * p);
+  *y0 = word64(t, 2 * p);
+  *y1 = word64(t, 2 * p + 1);
 }
 
 // The eight standard normals of group g, i.e. elements 8g .. 8g+7.
@@ -179,9 +195,10 @@ __device__ __forceinline__ void normal8(uint32_t rng, const uint32_t key[8], uin
   group_words(rng, key, tensor_id, step, g, w);
 #pragma unroll
   for (int p = 0; p < 4; ++p) {
-    const uint64_t x0 = word64(w, 2 * p);
-    const uint64_t y = tail_word(rng, key, tensor_id, step, g, x0, p);
-    box_muller(x0, word64(w, 2 * p + 1), y, &out[2 * p], &out[2 * p + 1]);
+    const uint64_t x0 = word64(w, 2 * p), x1 = word64(w, 2 * p + 1);
+    uint64_t y0, y1;
+    tail_words(rng, key, tensor_id, step, g, x0, x1, p, &y0, &y1);
+    box_muller(x0, x1, y0, y1, &out[2 * p], &out[2 * p + 1]);
   }
 }
 
@@ -196,10 +213,11 @@ __device__ __forceinline__ double normal_at(const StreamArgs& s, uint64_t i) {
   const uint64_t g = i >> 3;
   group_words(s.rng, s.key, s.tensor_id, s.step, g, w);
   const int lane = (int)(i & 7), p = lane >> 1;
-  const uint64_t x0 = word64(w, 2 * p);
-  const uint64_t y = tail_word(s.rng, s.key, s.tensor_id, s.step, g, x0, p);
+  const uint64_t x0 = word64(w, 2 * p), x1 = word64(w, 2 * p + 1);
+  uint64_t y0, y1;
+  tail_words(s.rng, s.key, s.tensor_id, s.step, g, x0, x1, p, &y0, &y1);
   double z0, z1;
-  box_muller(x0, word64(w, 2 * p + 1), y, &z0, &z1);
+  box_muller(x0, x1, y0, y1, &z0, &z1);
   return (lane & 1) ? z1 : z0;
 }
 

@@ -3,8 +3,8 @@
 //! independence, random access, and the CUDA noise against the CPU bit for bit.
 mod common;
 use dualpriv::dp::noise::{
-    box_muller, chacha20_block, needs_tail, philox4x32_10, radius_sq, radius_uniform, uniform53,
-    NoiseKey, RngKind, StreamKey,
+    angle_parts, box_muller, chacha20_block, needs_angle_tail, needs_tail, philox4x32_10,
+    radius_sq, radius_uniform, NoiseKey, RngKind, StreamKey,
 };
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -226,17 +226,15 @@ fn groups_follow_the_documented_layout() {
             let tail = key.tail_words(g);
             for p in 0..4 {
                 // Within a few 1e-15 of libm's Box–Muller on the same uniforms.
-                let y = u64::from(tail[4 * p]) | (u64::from(tail[4 * p + 1]) << 32);
-                let (r, u1) = (libm_r2(x[2 * p], y).sqrt(), uniform53(x[2 * p + 1]));
-                let th = std::f64::consts::TAU * u1;
+                let word = |k: usize| u64::from(tail[2 * k]) | (u64::from(tail[2 * k + 1]) << 32);
+                let (y0, y1) = (word(2 * p), word(2 * p + 1));
+                let r = libm_r2(x[2 * p], y0).sqrt();
+                let (sn, cs) = libm_sincos(x[2 * p + 1], y1);
                 let tol = 4e-15 * r.max(1.0);
-                assert!((z[2 * p] - r * th.cos()).abs() <= tol, "{rng} g={g} p={p}");
-                assert!(
-                    (z[2 * p + 1] - r * th.sin()).abs() <= tol,
-                    "{rng} g={g} p={p}"
-                );
+                assert!((z[2 * p] - r * cs).abs() <= tol, "{rng} g={g} p={p}");
+                assert!((z[2 * p + 1] - r * sn).abs() <= tol, "{rng} g={g} p={p}");
                 assert_eq!(
-                    box_muller(x[2 * p], x[2 * p + 1], || y),
+                    box_muller(x[2 * p], x[2 * p + 1], || [y0, y1]),
                     [z[2 * p], z[2 * p + 1]]
                 );
             }
@@ -253,13 +251,10 @@ fn groups_follow_the_documented_layout() {
 fn box_muller_is_close_to_libm_everywhere() {
     let mut r = common::rng(3);
     let mut xs: Vec<u64> = vec![0, u64::MAX, 1 << 11, (1 << 63) - 1, 1 << 63];
-    for q in 0..=4u64 {
-        for d in [0i64, -1, 1, -(1 << 11), 1 << 11] {
-            // k = ((x >> 11) + 1) at the quarter turns q·2^51, ± a step.
-            let k = (q << 51) as i64 + d;
-            if (1..=(1i64 << 53)).contains(&k) {
-                xs.push(((k - 1) as u64) << 11);
-            }
+    for q in 0..4u64 {
+        for d in [0i64, -1, 1, -(1 << 32), 1 << 32, (1 << 61) - 1, -(1 << 61)] {
+            // Angle words at the quarter turns q·2^62, ± a step, ± the refinement edge.
+            xs.push((q << 62).wrapping_add(d as u64));
         }
     }
     for e in 0..63 {
@@ -270,10 +265,10 @@ fn box_muller_is_close_to_libm_everywhere() {
     let mut worst: f64 = 0.0;
     for &x0 in &xs {
         for &x1 in xs.iter().step_by(97) {
-            let [c, s] = box_muller(x0, x1, || x1);
-            let (rr, u1) = (libm_r2(x0, x1).sqrt(), uniform53(x1));
-            let th = std::f64::consts::TAU * u1;
-            let e = (c - rr * th.cos()).abs().max((s - rr * th.sin()).abs()) / rr.max(1e-300);
+            let [c, s] = box_muller(x0, x1, || [x1, x0]);
+            let rr = libm_r2(x0, x1).sqrt();
+            let (sn, cs) = libm_sincos(x1, x0);
+            let e = (c - rr * cs).abs().max((s - rr * sn).abs()) / rr.max(1e-300);
             worst = worst.max(if rr == 0.0 { c.abs() + s.abs() } else { e });
         }
     }
@@ -282,13 +277,27 @@ fn box_muller_is_close_to_libm_everywhere() {
     for &x in &xs {
         let u = radius_uniform(x, 7);
         let want_r2 = libm_r2(x, 7);
-        let [c, s] = box_muller(x, 0, || 7);
+        let [c, s] = box_muller(x, 0, || [7, 0]);
         let r2 = c * c + s * s;
         let want = if u < 0.999 { -2.0 * u.ln() } else { want_r2 };
         assert!(
             (r2 - want).abs() <= 8.0 * f64::EPSILON * want,
             "u={u}: {r2} vs {want}"
         );
+    }
+}
+
+/// libm's (sin θ, cos θ) for the angle words (k, y): sin/cos of the offset from the
+/// nearest axis, rotated by the quarter turn (θ itself in f64 would lose the offset).
+fn libm_sincos(k: u64, y: u64) -> (f64, f64) {
+    let (q, f) = angle_parts(k, y);
+    let x = f * std::f64::consts::FRAC_PI_2;
+    let (s, c) = (x.sin(), x.cos());
+    match q & 3 {
+        0 => (s, c),
+        1 => (c, -s),
+        2 => (-s, -c),
+        _ => (-c, s),
     }
 }
 
@@ -318,12 +327,12 @@ const GOLDEN: [(RngKind, u64, [u64; 8]); 6] = [
         0,
         [
             0xbfd2a6cbad2d5167,
-            0x3fab15dd188d71d4,
+            0x3fab15dd188d71d6,
             0x3ff30e75ab250805,
             0xbffe8105aacc7b46,
             0x3ff3e21413dded6c,
             0x3febda44bc09f11e,
-            0xbfbf3cc99b0237d9,
+            0xbfbf3cc99b0237db,
             0xbfdb275281f1a7c8,
         ],
     ),
@@ -331,40 +340,40 @@ const GOLDEN: [(RngKind, u64, [u64; 8]); 6] = [
         RngKind::Chacha20,
         1,
         [
-            0xbfe01f46521370b4,
-            0x3fd98f188e70e7bb,
-            0x3feb6b54203d806e,
-            0xbfe3e0e7c27871ca,
-            0x3fca011809a3e791,
+            0xbfe01f46521370b2,
+            0x3fd98f188e70e7c1,
+            0x3feb6b54203d806a,
+            0xbfe3e0e7c27871d0,
+            0x3fca011809a3e794,
             0x3ff3f5649c14ffc9,
-            0x3ff01402e41743ae,
-            0x3ff44cc72cc9469b,
+            0x3ff01402e41743b1,
+            0x3ff44cc72cc94699,
         ],
     ),
     (
         RngKind::Chacha20,
         (1 << 32) + 5,
         [
-            0xbfea6d91d810c1c9,
-            0x3fe5c55da9ec8793,
-            0x3ff16d4b5c42194f,
-            0xbff959a0c92a98ea,
-            0xbfd0356ae26ddf83,
-            0xbfc1eb09eca1257c,
-            0xbfe7bdddf07b83a9,
-            0x3fceec650131cdc1,
+            0xbfea6d91d810c1c6,
+            0x3fe5c55da9ec8796,
+            0x3ff16d4b5c42194e,
+            0xbff959a0c92a98eb,
+            0xbfd0356ae26ddf84,
+            0xbfc1eb09eca12579,
+            0xbfe7bdddf07b83a7,
+            0x3fceec650131cdcf,
         ],
     ),
     (
         RngKind::Philox,
         0,
         [
-            0xbff2d56f9be537aa,
-            0x3feda17d2644b445,
-            0xbffa25a59dfff317,
-            0x3ff033c2bfe8cb15,
-            0xbfd28499c25c7446,
-            0xbfe694f4bce1954f,
+            0xbff2d56f9be537a9,
+            0x3feda17d2644b448,
+            0xbffa25a59dfff315,
+            0x3ff033c2bfe8cb18,
+            0xbfd28499c25c744e,
+            0xbfe694f4bce1954d,
             0x3ff1a9b335952537,
             0x3fd97422e86f036a,
         ],
@@ -373,28 +382,28 @@ const GOLDEN: [(RngKind, u64, [u64; 8]); 6] = [
         RngKind::Philox,
         1,
         [
-            0x3ff4102dcf39c9ca,
-            0x3ff53a8c18bd6e39,
-            0xbfc0a661cc00b033,
-            0xbfe39106f50617a7,
-            0xbfeeae20c5682b4a,
-            0x3fefeb682a760f9f,
-            0x3fee91b8503ff9ea,
-            0x3ff19b6ec96fe0de,
+            0x3ff4102dcf39c9cb,
+            0x3ff53a8c18bd6e38,
+            0xbfc0a661cc00b041,
+            0xbfe39106f50617a6,
+            0xbfeeae20c5682b48,
+            0x3fefeb682a760fa0,
+            0x3fee91b8503ff9f0,
+            0x3ff19b6ec96fe0db,
         ],
     ),
     (
         RngKind::Philox,
         (1 << 32) + 5,
         [
-            0xbfd468d8ea6a5137,
-            0x3fca2c87c37a0bdb,
-            0x3f27a5feefe6447a,
+            0xbfd468d8ea6a5136,
+            0x3fca2c87c37a0bdc,
+            0x3f27a5feefe65cee,
             0x3fdab37ac0d5fd7b,
-            0xbff4eb4e34d6b488,
-            0xbfd9db47fec53640,
-            0xbffaa4c5aaed8750,
-            0xc002a45371435690,
+            0xbff4eb4e34d6b489,
+            0xbfd9db47fec53630,
+            0xbffaa4c5aaed8754,
+            0xc002a4537143568e,
         ],
     ),
 ];
@@ -463,7 +472,7 @@ fn gaussian_moments_within_5_sigma() {
 /// P(|z| > 5) = 5.7e-7, so 4·10⁶ normals would see none with probability 0.1; 2·10⁷
 /// expect 11.5 (none: 1e-5). Also checks that the uniforms carry 53 bits.
 #[test]
-fn tails_go_beyond_5_and_uniforms_have_53_bits() {
+fn tails_go_beyond_5_and_uniforms_use_64_bits() {
     for rng in [RngKind::Chacha20, RngKind::Philox] {
         let k = key(rng, 5, 1, 0);
         let mut v = vec![0.0f64; 20_000_000];
@@ -479,12 +488,8 @@ fn tails_go_beyond_5_and_uniforms_have_53_bits() {
             "{rng}: {beyond5} beyond 5, expected {expect}"
         );
     }
-    // 53-bit uniforms: the low mantissa bits vary, and the extremes are exact.
-    assert_eq!(uniform53(u64::MAX), 1.0);
-    assert_eq!(uniform53(0), 2f64.powi(-53));
-    assert_eq!(uniform53(1 << 11), 2.0 * 2f64.powi(-53));
-    // The deepest tail: x0 = 0 and tail word 0 give u0 = 2^-128 (θ = 2π).
-    let [c, s] = box_muller(0, u64::MAX, || 0);
+    // The deepest tail: x0 = 0 and tail word 0 give u0 = 2^-128 (θ = 0 exactly).
+    let [c, s] = box_muller(0, 0, || [0, 0]);
     assert_eq!(s, 0.0);
     assert!((c - (2.0 * 128.0 * 2f64.ln()).sqrt()).abs() < 1e-13, "{c}");
     assert_eq!(radius_uniform(0, u64::MAX), 2f64.powi(-64));
@@ -493,30 +498,34 @@ fn tails_go_beyond_5_and_uniforms_have_53_bits() {
         radius_uniform(1 << 32, 0),
         (2f64.powi(32) + 1.0) * 2f64.powi(-64)
     );
-    // The tail word is drawn only below 2^32.
+    // The tail words are drawn only near the ends of the radius and near the axes.
     let mut calls = 0;
-    box_muller(1 << 32, 5, || {
+    let away = 1 << 40; // 2^40 from the axis at 0
+    box_muller(1 << 32, away, || {
         calls += 1;
-        0
+        [0, 0]
     });
     assert_eq!(calls, 0);
-    box_muller((1 << 32) - 1, 5, || {
+    box_muller((1 << 32) - 1, away, || {
         calls += 1;
-        0
+        [0, 0]
     });
-    assert_eq!(calls, 1);
+    box_muller(1 << 40, (1 << 62) + 5, || {
+        calls += 1;
+        [0, 0]
+    });
+    assert_eq!(calls, 2);
+    assert!(needs_angle_tail(u64::MAX) && !needs_angle_tail(1 << 33));
+    // The angle uses all 64 bits of its word: within 2^53 of an axis the offset is
+    // exact, so the lowest bit moves it (a 53-bit angle ignored the low 11 bits).
     let mut r = common::rng(9);
-    let mut low_or = 0u64;
-    let mut low_and = u64::MAX;
     for _ in 0..1000 {
-        let u = uniform53(r.random());
-        // u·2^53 is the 53-bit integer; its low 21 bits (beyond a 32-bit uniform).
-        let k = (u * 2f64.powi(53)) as u64;
-        assert_eq!(k as f64 * 2f64.powi(-53), u);
-        low_or |= k & 0x1f_ffff;
-        low_and &= k & 0x1f_ffff;
+        let m: u64 = r.random_range(1u64 << 33..1 << 52);
+        let k = (1u64 << 62) + m;
+        let (f0, f1) = (angle_parts(k, 0).1, angle_parts(k + 1, 0).1);
+        assert_eq!(f0, m as f64 * 2f64.powi(-62));
+        assert!(f1 > f0, "bit 0 of the angle word is ignored");
     }
-    assert_eq!((low_or, low_and), (0x1f_ffff, 0), "low bits do not vary");
 }
 
 /// Correlation of two streams must be within 5 standard errors (1/√n) of 0.
@@ -705,7 +714,13 @@ mod gpu {
         let g = 1u64 | (0x0900_0000 << 32);
         let x = |k: usize| u64::from(rfc[2 * k]) | (u64::from(rfc[2 * k + 1]) << 32);
         let want: Vec<f32> = (0..4)
-            .flat_map(|p| box_muller(x(2 * p), x(2 * p + 1), || 0)) // high words ≠ 0: no tail
+            .flat_map(|p| {
+                box_muller(x(2 * p), x(2 * p + 1), || {
+                    let t = key.tail_words(g);
+                    let w = |k: usize| u64::from(t[2 * k]) | (u64::from(t[2 * k + 1]) << 32);
+                    [w(2 * p), w(2 * p + 1)]
+                })
+            })
             .map(|z| z as f32)
             .collect();
         let mut y = gpu.zeros::<f32>(8).unwrap();
@@ -827,7 +842,7 @@ fn the_radius_lattice_test_is_at_chance_at_both_ends() {
         let y: u64 = r.random();
         // Deep tail: x0 < 2^16, where f32 rounding still resolves a 2^-64 lattice.
         let x0: u64 = r.random_range(0..1u64 << 16);
-        let [z1, z2] = box_muller(x0, x1, || y);
+        let [z1, z2] = box_muller(x0, x1, || [y, y]);
         let s = [r.random_range(-0.5f32..0.5), r.random_range(-0.5f32..0.5)];
         let o = [(f64::from(s[0]) + z1) as f32, (f64::from(s[1]) + z2) as f32];
         let (e1, e2) = (
@@ -838,7 +853,7 @@ fn the_radius_lattice_test_is_at_chance_at_both_ends() {
         tail_hits += usize::from((k - k.round()).abs() < 0.05);
         // Smallest radii: ~x0 < 2^16 (u within 2^-48 of 1), an empty batch (S = 0).
         let x0 = !r.random_range(0..1u64 << 16);
-        let [z1, z2] = box_muller(x0, x1, || y);
+        let [z1, z2] = box_muller(x0, x1, || [y, y]);
         let o = [z1 as f32, z2 as f32];
         let rho2 = f64::from(o[0]).powi(2) + f64::from(o[1]).powi(2);
         let k = rho2 / 2.0 * 2f64.powi(64);
@@ -851,4 +866,36 @@ fn the_radius_lattice_test_is_at_chance_at_both_ends() {
             "{what}: the lattice test passed {hits}/{n}"
         );
     }
+}
+
+/// The third review's attack on the angle: near an axis one output of the pair is
+/// tiny and f32 keeps its 24 significant bits, so with S = 0 (an empty batch) the
+/// ratio o₁/o₀ = tan(πf/2) gives the offset f of the angle word from the axis; on a
+/// 2⁻⁶² (or 53-bit) lattice it recovers the lattice index exactly, distinguishing
+/// S = 0 from any other sum. With the tail-word refinement the index is at chance.
+#[test]
+fn the_angle_lattice_test_is_at_chance_near_the_axes() {
+    let mut r = common::rng(29);
+    let n = 4000;
+    let hits = |refine: bool, r: &mut rand_chacha::ChaCha8Rng| {
+        let mut hits = 0;
+        for _ in 0..n {
+            let m: i64 = r.random_range(-(1i64 << 16)..1 << 16);
+            let x1 = m as u64; // quarter turn 0, offset m
+            let x0: u64 = r.random::<u64>() | (1 << 40) | (1 << 62); // an ordinary radius
+            let y1: u64 = if refine { r.random() } else { 0 };
+            let [z0, z1] = box_muller(x0, x1, || [0, y1]);
+            let (o0, o1) = (z0 as f32, z1 as f32);
+            let k =
+                f64::from(o1).atan2(f64::from(o0)) / std::f64::consts::FRAC_PI_2 * 2f64.powi(62);
+            hits += usize::from((k - k.round()).abs() < 0.05);
+        }
+        hits
+    };
+    // Without the refinement the lattice shows (the test can fail) ...
+    let coarse = hits(false, &mut r);
+    assert!(coarse > 3000, "coarse angles: {coarse}/{n}");
+    // ... with it the index is at chance: Binomial(n, 0.1), 5 sd above is 495.
+    let fine = hits(true, &mut r);
+    assert!(fine < 495, "the angle lattice test passed {fine}/{n}");
 }

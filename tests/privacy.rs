@@ -459,27 +459,39 @@ fn the_cli_draws_a_fresh_key_for_every_private_run() {
             String::from_utf8_lossy(&status.stderr)
         );
         let cur = std::fs::read_to_string(out.join("CURRENT")).unwrap();
-        let state: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(out.join(cur.trim()).join("state.json")).unwrap(),
-        )
-        .unwrap();
+        // The weights alone (the header carries the random checkpoint id).
+        let bytes = std::fs::read(out.join(cur.trim()).join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut names = st.names();
+        names.sort();
+        let model: Vec<Vec<u8>> = names
+            .iter()
+            .map(|n| st.tensor(n).unwrap().data().to_vec())
+            .collect();
+        let state = std::fs::read_to_string(out.join(cur.trim()).join("state.json")).unwrap();
         (
-            state["key"].clone(),
+            model,
+            state,
             String::from_utf8_lossy(&status.stdout).into_owned(),
         )
     };
-    let (k1, o1) = run("a", &[]);
-    let (k2, _) = run("b", &[]);
+    // Two secure runs with the same flags: different batches and noise, so different
+    // weights; and no key material written anywhere.
+    let (m1, s1, o1) = run("a", &[]);
+    let (m2, s2, _) = run("b", &[]);
     assert_ne!(
-        k1["hex"], k2["hex"],
-        "two CLI runs with the same flags share a key"
+        m1, m2,
+        "two CLI runs with the same flags drew the same randomness"
     );
-    assert!(k1.get("insecure_seed").is_none());
+    assert!(
+        !s1.contains("\"hex\"") && !s2.contains("\"hex\""),
+        "a secure key was saved"
+    );
     assert!(o1.contains("epsilon = ") && !o1.contains("inf"), "{o1}");
-    // --insecure-seed: a reproducible key, reported as not private.
-    let (k3, o3) = run("c", &["--insecure-seed", "4"]);
-    let (k4, _) = run("d", &["--insecure-seed", "4"]);
-    assert_eq!(k3["hex"], k4["hex"]);
+    // --insecure-seed: a reproducible key (the same weights), reported as not private.
+    let (m3, _, o3) = run("c", &["--insecure-seed", "4"]);
+    let (m4, _, _) = run("d", &["--insecure-seed", "4"]);
+    assert_eq!(m3, m4);
     assert!(o3.contains("epsilon = inf (not private"), "{o3}");
     let _ = std::fs::remove_dir_all(&root);
 }

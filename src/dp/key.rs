@@ -4,7 +4,8 @@
 //! DP-SGD's ε assumes the adversary cannot predict which examples were sampled
 //! (amplification by subsampling) nor the noise added to the clipped sums. Both
 //! therefore come from one 256-bit key per run, drawn from the operating system's
-//! entropy ([`RunKey::from_os`]) and kept only in the run's private `state.json`.
+//! entropy ([`RunKey::from_os`]) and kept in memory only: checkpoints do not store
+//! it, and a resumed run draws a fresh one.
 //! Each use gets its own sub-key ([`Domain`]), derived by the ChaCha20 stream
 //! cipher keyed with the run key (a PRF), so no two mechanisms share a stream.
 //!

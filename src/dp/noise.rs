@@ -21,18 +21,24 @@
 //!   Only 64 of the key's 256 bits are used.
 //!
 //! The words give eight u64s x_k = w\[2k\] | w\[2k+1\] << 32, four Box–Muller pairs
-//! (x_2p, x_2p+1): r = sqrt(−2 ln u), θ = 2π·((x_2p+1 >> 11) + 1)·2⁻⁵³, normal 2p =
-//! r cos θ and normal 2p+1 = r sin θ, all in f64. The radius uniform u
-//! ([`radius_uniform`]) keeps ≥ 32 significant bits at every scale, so the radii
-//! never fall on a lattice coarse enough to see through the f32 rounding of the
-//! released sum (the floating-point attack of Mironov, CCS 2012, on rings of equal
-//! radius in the deep tail): u = (x_2p + 1)·2⁻⁶⁴ when x_2p ≥ 2³², and, with
-//! probability 2⁻³², u = (x_2p·2⁶⁴ + y + 1)·2⁻¹²⁸ with y the same word of the
-//! group's *tail block* (the block of counter g | 2⁶³). Near u = 1 (the smallest
-//! radii) ln u is taken from v = 1 − u directly ([`radius_sq`]), refined by y the
-//! same way when v < 2⁻³². The largest |z| that can
-//! occur is sqrt(2·128·ln 2) ≈ 13.3 (u = 2⁻¹²⁸); 53-bit uniforms stopped at 8.57
-//! and the old 32-bit ones at 6.66.
+//! (x_2p, x_2p+1): r = sqrt(−2 ln u) from x_2p, θ = 2π·x_2p+1·2⁻⁶⁴ from x_2p+1,
+//! normal 2p = r cos θ and normal 2p+1 = r sin θ, all in f64. Both keep ≥ 32
+//! significant bits at every scale, so no released pair falls on a lattice coarse
+//! enough to see through the f32 rounding of the released sum (the floating-point
+//! attack of Mironov, CCS 2012, here on rings of equal radius and rays of equal
+//! angle):
+//! - the radius uniform ([`radius_uniform`]) is u = (x_2p + 1)·2⁻⁶⁴ when x_2p ≥ 2³²,
+//!   and u = (x_2p·2⁶⁴ + y_2p + 1)·2⁻¹²⁸ below, with y_2p the same word of the
+//!   group's *tail block* (the block of counter g | 2⁶³); near u = 1 (the smallest
+//!   radii) ln u is taken from v = 1 − u directly ([`radius_sq`]), refined the same
+//!   way when v < 2⁻³²;
+//! - the angle's offset from the nearest axis ([`angle_parts`]) is refined by the
+//!   tail word y_2p+1 when it is within 2³² units of the axis, where one output is
+//!   tiny and f32 would store its lattice position exactly.
+//!
+//! The tail block is needed with probability ~2⁻²⁹ per pair. The largest |z| that can
+//! occur is sqrt(2·128·ln 2) ≈ 13.3 (u = 2⁻¹²⁸); 53-bit uniforms stopped at 8.57 and
+//! the old 32-bit ones at 6.66.
 //!
 //! # Bit-identical on every device
 //!
@@ -302,9 +308,9 @@ const FRAC_PI_2: f64 = f64::from_bits(0x3ff921fb54442d18);
 /// ln 2 = LN2_HI + LN2_LO; LN2_HI has 21 trailing zero bits, so e·LN2_HI is exact.
 const LN2_HI: f64 = f64::from_bits(0x3fe62e42fee00000);
 const LN2_LO: f64 = f64::from_bits(0x3dea39ef35793c76);
-/// 2⁻⁵³, 2⁻⁵¹, 2⁻⁶⁴ and 2⁻¹²⁸.
-const TWO_M53: f64 = f64::from_bits(0x3ca0000000000000);
-const TWO_M51: f64 = f64::from_bits(0x3cc0000000000000);
+/// 2⁻⁶², 2⁻⁶⁴, 2⁻¹²⁶ and 2⁻¹²⁸.
+const TWO_M62: f64 = f64::from_bits(0x3c10000000000000);
+const TWO_M126: f64 = f64::from_bits(0x3810000000000000);
 const TWO_M64: f64 = f64::from_bits(0x3bf0000000000000);
 const TWO_M128: f64 = f64::from_bits(0x37f0000000000000);
 /// The largest |z| the sampler can produce: sqrt(−2 ln 2⁻¹²⁸) = sqrt(256 ln 2).
@@ -337,12 +343,38 @@ fn ln_pos(u: f64) -> f64 {
     ef * LN2_HI + (ef * LN2_LO + ln_m)
 }
 
-/// (sin θ, cos θ) for θ = 2π · k · 2⁻⁵³, k ∈ [1, 2⁵³]: exact integer reduction to
-/// the nearest quarter turn, then Taylor polynomials on |x| ≤ π/4.
+/// Whether the angle word k lies within 2³² of a quarter turn, where its offset
+/// needs the tail block's word (see [`angle_parts`]).
 #[inline(always)]
-fn sincos_turn(k: u64) -> (f64, f64) {
-    let q = (k + (1 << 50)) >> 51; // nearest quarter turn, 0..=4
-    let f = (k as i64 - (q << 51) as i64) as f64 * TWO_M51; // exact, |f| <= 1/2
+pub fn needs_angle_tail(k: u64) -> bool {
+    let q = k.wrapping_add(1 << 61) >> 62;
+    let m = k.wrapping_sub(q << 62) as i64;
+    m.unsigned_abs() >> 32 == 0
+}
+
+/// The angle θ = (π/2)(q + f) of word k (θ = 2π·k·2⁻⁶⁴ to within its cell): q, the
+/// nearest quarter turn, and the offset f = m·2⁻⁶² with m = k − q·2⁶² exact in
+/// integers, |f| ≤ 1/2. Near an axis (|m| < 2³²) the offset is refined by the tail
+/// word y, f = (m·2⁶⁴ + y)·2⁻¹²⁶: the small coordinate r·sin(πf/2) is stored in f32
+/// with 24 significant bits, so a 2⁻⁶² lattice of f would show (the third review
+/// recovered m exactly for |m| ≤ 2²⁰ with 53-bit angles).
+#[inline(always)]
+pub fn angle_parts(k: u64, y: u64) -> (u64, f64) {
+    let q = k.wrapping_add(1 << 61) >> 62; // 0..=3 (a full turn wraps to 0)
+    let m = k.wrapping_sub(q << 62) as i64;
+    let f = if needs_angle_tail(k) {
+        m as f64 * TWO_M62 + y as f64 * TWO_M126
+    } else {
+        m as f64 * TWO_M62
+    };
+    (q, f)
+}
+
+/// (sin θ, cos θ) for the angle of word k ([`angle_parts`]): exact integer reduction
+/// to the nearest quarter turn, then Taylor polynomials on |x| ≤ π/4.
+#[inline(always)]
+fn sincos_turn(k: u64, y: u64) -> (f64, f64) {
+    let (q, f) = angle_parts(k, y);
     let x = f * FRAC_PI_2;
     let z = x * x;
     // sin: odd coefficients 1/3!, 1/5!, .., 1/17! (indices 1, 3, .., 15).
@@ -417,19 +449,19 @@ pub fn needs_tail(x: u64) -> bool {
 }
 
 /// Box–Muller on two 64-bit random words: the normals (r cos θ, r sin θ) with
-/// r = sqrt([`radius_sq`](x0, tail)), θ = 2π ((x1 >> 11) + 1) · 2⁻⁵³. `tail` is
-/// called (once) only when [`needs_tail`]`(x0)`.
+/// r = sqrt([`radius_sq`](x0, y0)) and θ from [`angle_parts`](x1, y1). `tail` gives
+/// the tail words (y0, y1) and is called (once) only when x0 or x1 needs them
+/// ([`needs_tail`], [`needs_angle_tail`]; probability ~2⁻²⁹).
 #[inline(always)]
-pub fn box_muller(x0: u64, x1: u64, tail: impl FnOnce() -> u64) -> [f64; 2] {
-    let y = if needs_tail(x0) { tail() } else { 0 };
-    let r = radius_sq(x0, y).sqrt();
-    let (s, c) = sincos_turn((x1 >> 11) + 1);
+pub fn box_muller(x0: u64, x1: u64, tail: impl FnOnce() -> [u64; 2]) -> [f64; 2] {
+    let [y0, y1] = if needs_tail(x0) || needs_angle_tail(x1) {
+        tail()
+    } else {
+        [0, 0]
+    };
+    let r = radius_sq(x0, y0).sqrt();
+    let (s, c) = sincos_turn(x1, y1);
     [r * c, r * s]
-}
-
-/// The uniform in (0, 1] of one 64-bit word: ((x >> 11) + 1) · 2⁻⁵³.
-pub fn uniform53(x: u64) -> f64 {
-    ((x >> 11) + 1) as f64 * TWO_M53
 }
 
 fn word64(w: &[u32; 16], k: usize) -> u64 {
@@ -442,7 +474,8 @@ fn normals_of_words(w: &[u32; 16], tail: impl Fn() -> [u32; 16]) -> [f64; 8] {
     let mut out = [0.0; 8];
     for p in 0..4 {
         let [a, b] = box_muller(word64(w, 2 * p), word64(w, 2 * p + 1), || {
-            word64(&tail(), 2 * p)
+            let t = tail();
+            [word64(&t, 2 * p), word64(&t, 2 * p + 1)]
         });
         out[2 * p] = a;
         out[2 * p + 1] = b;

@@ -5,7 +5,7 @@
 //! DIR/CURRENT                         name of the complete checkpoint folder
 //! DIR/step-00000012-<id>/model.safetensors   all weights (LoRA included)
 //! DIR/step-00000012-<id>/optim.safetensors   optimizer moments by parameter id
-//! DIR/step-00000012-<id>/state.json          config, step, draws, σ, privacy, the run key
+//! DIR/step-00000012-<id>/state.json          config, step, draws, σ, privacy
 //! DIR/metrics.jsonl
 //! ```
 //! A save ([`save`]) first records the steps in the privacy ledger, then writes a
@@ -15,8 +15,9 @@
 //! the new one; never a mix. Model and optimizer files carry the checkpoint's id and
 //! step in their metadata, and resuming refuses a folder whose pieces disagree.
 //!
-//! `state.json` holds the run's secret key (for exact resume) and is created
-//! readable by the owner only: publish `model.safetensors`, never `state.json`.
+//! The run's secret key is never written: a resume draws a fresh one (only an
+//! `--insecure-seed` key, public anyway, is saved, so such runs replay). Files are
+//! still created readable by the owner only; publish `model.safetensors`.
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -110,8 +111,10 @@ pub struct CheckpointState {
     pub data_fingerprint: String,
     /// The privacy ledger the run records into.
     pub ledger: PathBuf,
-    /// The run's secret key: the reason this file must stay private.
-    pub key: RunKey,
+    /// The key, saved only when it is public (`--insecure-seed`); a secure run's
+    /// key is never written, and its resume draws a fresh one.
+    #[serde(default)]
+    pub key: Option<RunKey>,
 }
 
 /// Format version of `state.json`.

@@ -551,10 +551,9 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             // A fresh key for everything after the resume (an insecure key stays, so
             // such runs replay): even a copy of this folder resumed against another
             // copy of the ledger, or a restored backup, draws noise never drawn before.
-            key: if st.key.is_insecure() {
-                st.key
-            } else {
-                RunKey::from_os()?
+            key: match st.key {
+                Some(k) if k.is_insecure() => k,
+                _ => RunKey::from_os()?,
             },
             draws: u32::try_from(draws).map_err(|_| {
                 Error::Format(format!("{}: draw counter {draws} overflows", dir.display()))
@@ -934,7 +933,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             privacy: self.privacy.clone(),
             data_fingerprint: fingerprint,
             ledger,
-            key: self.key.clone(),
+            key: self.key.is_insecure().then(|| self.key.clone()),
         };
         checkpoint::save(self, &dir, &state)
     }

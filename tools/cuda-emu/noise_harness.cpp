@@ -17,6 +17,7 @@
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __ull2double_rn(unsigned long long x) { return (double)x; }  // round to nearest
+inline double __ll2double_rn(long long x) { return (double)x; }  // round to nearest
 inline double __ddiv_rn(double a, double b) { return a / b; }
 inline double __dsqrt_rn(double a) { return std::sqrt(a); }
 inline long long __double_as_longlong(double x) { long long r; memcpy(&r, &x, 8); return r; }
@@ -28,12 +29,12 @@ inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned 
 // Generated from tests/noise.rs GOLDEN (RFC 8439 key, tensor 3, step 11).
 struct Golden { unsigned rng; unsigned long long group; unsigned long long bits[8]; };
 static const Golden GOLDEN[6] = {
-    {0, 0ull, {0xbfd2a6cbad2d5167ull, 0x3fab15dd188d71d4ull, 0x3ff30e75ab250805ull, 0xbffe8105aacc7b46ull, 0x3ff3e21413dded6cull, 0x3febda44bc09f11eull, 0xbfbf3cc99b0237d9ull, 0xbfdb275281f1a7c8ull}},
-    {0, 1ull, {0xbfe01f46521370b4ull, 0x3fd98f188e70e7bbull, 0x3feb6b54203d806eull, 0xbfe3e0e7c27871caull, 0x3fca011809a3e791ull, 0x3ff3f5649c14ffc9ull, 0x3ff01402e41743aeull, 0x3ff44cc72cc9469bull}},
-    {0, 4294967301ull, {0xbfea6d91d810c1c9ull, 0x3fe5c55da9ec8793ull, 0x3ff16d4b5c42194full, 0xbff959a0c92a98eaull, 0xbfd0356ae26ddf83ull, 0xbfc1eb09eca1257cull, 0xbfe7bdddf07b83a9ull, 0x3fceec650131cdc1ull}},
-    {1, 0ull, {0xbff2d56f9be537aaull, 0x3feda17d2644b445ull, 0xbffa25a59dfff317ull, 0x3ff033c2bfe8cb15ull, 0xbfd28499c25c7446ull, 0xbfe694f4bce1954full, 0x3ff1a9b335952537ull, 0x3fd97422e86f036aull}},
-    {1, 1ull, {0x3ff4102dcf39c9caull, 0x3ff53a8c18bd6e39ull, 0xbfc0a661cc00b033ull, 0xbfe39106f50617a7ull, 0xbfeeae20c5682b4aull, 0x3fefeb682a760f9full, 0x3fee91b8503ff9eaull, 0x3ff19b6ec96fe0deull}},
-    {1, 4294967301ull, {0xbfd468d8ea6a5137ull, 0x3fca2c87c37a0bdbull, 0x3f27a5feefe6447aull, 0x3fdab37ac0d5fd7bull, 0xbff4eb4e34d6b488ull, 0xbfd9db47fec53640ull, 0xbffaa4c5aaed8750ull, 0xc002a45371435690ull}},
+    {0, 0ull, {0xbfd2a6cbad2d5167ull, 0x3fab15dd188d71d6ull, 0x3ff30e75ab250805ull, 0xbffe8105aacc7b46ull, 0x3ff3e21413dded6cull, 0x3febda44bc09f11eull, 0xbfbf3cc99b0237dbull, 0xbfdb275281f1a7c8ull}},
+    {0, 1ull, {0xbfe01f46521370b2ull, 0x3fd98f188e70e7c1ull, 0x3feb6b54203d806aull, 0xbfe3e0e7c27871d0ull, 0x3fca011809a3e794ull, 0x3ff3f5649c14ffc9ull, 0x3ff01402e41743b1ull, 0x3ff44cc72cc94699ull}},
+    {0, 4294967301ull, {0xbfea6d91d810c1c6ull, 0x3fe5c55da9ec8796ull, 0x3ff16d4b5c42194eull, 0xbff959a0c92a98ebull, 0xbfd0356ae26ddf84ull, 0xbfc1eb09eca12579ull, 0xbfe7bdddf07b83a7ull, 0x3fceec650131cdcfull}},
+    {1, 0ull, {0xbff2d56f9be537a9ull, 0x3feda17d2644b448ull, 0xbffa25a59dfff315ull, 0x3ff033c2bfe8cb18ull, 0xbfd28499c25c744eull, 0xbfe694f4bce1954dull, 0x3ff1a9b335952537ull, 0x3fd97422e86f036aull}},
+    {1, 1ull, {0x3ff4102dcf39c9cbull, 0x3ff53a8c18bd6e38ull, 0xbfc0a661cc00b041ull, 0xbfe39106f50617a6ull, 0xbfeeae20c5682b48ull, 0x3fefeb682a760fa0ull, 0x3fee91b8503ff9f0ull, 0x3ff19b6ec96fe0dbull}},
+    {1, 4294967301ull, {0xbfd468d8ea6a5136ull, 0x3fca2c87c37a0bdcull, 0x3f27a5feefe65ceeull, 0x3fdab37ac0d5fd7bull, 0xbff4eb4e34d6b489ull, 0xbfd9db47fec53630ull, 0xbffaa4c5aaed8754ull, 0xc002a4537143568eull}},
 };
 
 static int g_fail = 0;
@@ -120,21 +121,29 @@ static void t_libm() {
       dp::normal8(rng, key, 7, 9, q, z);
       for (int p = 0; p < 4; ++p) {
         unsigned long long x0 = dp::word64(w, 2 * p), x1 = dp::word64(w, 2 * p + 1);
-        unsigned long long y = 0;
-        if (dp::needs_tail(x0)) {
+        unsigned long long y = 0, y1 = 0;
+        if (dp::needs_tail(x0) || dp::needs_angle_tail(x1)) {
           unsigned t[16];
           dp::group_words(rng, key, 7, 9, q, t, dp::TAIL_BIT);
           y = dp::word64(t, 2 * p);
+          y1 = dp::word64(t, 2 * p + 1);
         }
         double u0 = (x0 >> 32) ? ((double)x0 + 1.0) * 0x1p-64
                                : (double)x0 * 0x1p-64 + ((double)y + 1.0) * 0x1p-128;
-        double u1 = (double)((x1 >> 11) + 1) * 0x1p-53;
         // Near u = 1 the reference takes log1p of 1 - u, which the f64 u has lost.
         const unsigned long long nx = ~x0;
         const double v = (nx >> 32) ? (double)nx * 0x1p-64 : (double)nx * 0x1p-64 + (double)y * 0x1p-128;
         double r = std::sqrt(nx < (1ull << 53) ? -2.0 * std::log1p(-v) : -2.0 * std::log(u0));
-        double th = 6.283185307179586 * u1;
-        double e = std::max(std::fabs(z[2 * p] - r * std::cos(th)), std::fabs(z[2 * p + 1] - r * std::sin(th)));
+        // The angle: libm sin/cos of the offset from the nearest axis, then the quarter turn.
+        const unsigned long long qt = (x1 + (1ull << 61)) >> 62;
+        const long long m = (long long)(x1 - (qt << 62));
+        double f = (double)m * 0x1p-62;
+        if (dp::needs_angle_tail(x1)) f += (double)y1 * 0x1p-126;
+        const double xa = f * 1.5707963267948966;
+        const double sa = std::sin(xa), ca = std::cos(xa);
+        const double sn = qt == 0 ? sa : qt == 1 ? ca : qt == 2 ? -sa : -ca;
+        const double cs = qt == 0 ? ca : qt == 1 ? -sa : qt == 2 ? -ca : sa;
+        double e = std::max(std::fabs(z[2 * p] - r * cs), std::fabs(z[2 * p + 1] - r * sn));
         worst = std::max(worst, e / std::max(r, 1.0));
       }
     }
@@ -167,8 +176,11 @@ static void t_tail() {
   }
   check(dp::needs_tail(~0ull - 5) && dp::needs_tail(5) && !dp::needs_tail(1ull << 40),
         "needs_tail at both ends only");
+  check(dp::needs_angle_tail(~0ull) && dp::needs_angle_tail((1ull << 62) + 7) &&
+            !dp::needs_angle_tail(1ull << 33),
+        "needs_angle_tail near the axes only");
   double z0, z1;
-  dp::box_muller(0, ~0ull, 0, &z0, &z1);
+  dp::box_muller(0, 0, 0, 0, &z0, &z1);
   check(std::fabs(z0 - std::sqrt(256.0 * std::log(2.0))) < 1e-13 && z1 == 0.0, "box_muller deepest tail: r = 13.32");
 }
 
