@@ -378,6 +378,8 @@ fn steps_tensors_and_runs_never_share_noise() {
     // Calling one_step twice on the same batch still advances the draw.
     let ua = noise_updates(&mut a, &d, 2);
     let ub = noise_updates(&mut b, &d, 1);
+    // Direct one_step calls are charged too (no API call updates the model uncharged).
+    assert_eq!((a.privacy.steps(), b.privacy.steps()), (2, 1));
     let n = ua[0].len();
     assert!(n >= 10_000);
     let bound = 5.0 / (n as f64).sqrt();

@@ -751,7 +751,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             self.reserve_draw()?;
             self.backend.reset_device_peak();
             let indices = sampler.batch(self.draws);
-            let out = self.one_step(data, &indices)?;
+            let out = self.step_charged(data, &indices)?;
             self.step += 1;
             // Every step's ε, never a stale one: a certified upper bound on a
             // coarse grid, and the fine value at the last step.
@@ -857,10 +857,21 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         })
     }
 
-    /// Runs one logical step on the given examples with the next draw of noise
-    /// (the counter advances even when the step fails). No accounting: [`Self::run`]
-    /// records the step, and the ε it reports assumes Poisson-sampled `indices`.
+    /// Runs one logical step on the given examples with the next draw of noise (the
+    /// counter advances even when the step fails) and charges it in
+    /// [`Self::privacy`] first, so no API call updates the model uncharged. The ε
+    /// assumes Poisson-sampled `indices` ([`Self::run`] draws them), and only
+    /// [`Self::run`] writes the ledger.
     pub fn one_step(&mut self, data: &Dataset, indices: &[usize]) -> Result<StepOutcome> {
+        if self.cfg.method.is_private() {
+            let q = self.cfg.check(data, &self.key)?.rate();
+            self.privacy.record(q, self.sigma);
+        }
+        self.step_charged(data, indices)
+    }
+
+    /// One step on the next draw; the caller has charged it.
+    fn step_charged(&mut self, data: &Dataset, indices: &[usize]) -> Result<StepOutcome> {
         let draw = self.draws;
         self.draws = self.draws.checked_add(1).ok_or_else(|| {
             Error::Config("the run has used all 2³² draws of its key; start a new run".into())
