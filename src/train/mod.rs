@@ -406,7 +406,9 @@ pub struct Trainer<'a, B: DpBackend> {
     pub out_dir: Option<PathBuf>,
     /// Whether to draw a progress bar.
     pub progress: bool,
-    /// The privacy ledger file (default: `privacy-ledger.json` beside `out_dir`).
+    /// The privacy ledger file (default: `privacy-ledger.json` beside `out_dir`);
+    /// written only by runs with an `out_dir` (without one nothing is persisted, and
+    /// the caller accounts for what it publishes from [`Self::epsilon`]).
     pub ledger: Option<PathBuf>,
     /// Held-out examples for `eval_every` (never the private training data).
     pub eval_data: Option<Dataset>,
