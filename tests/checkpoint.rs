@@ -8,13 +8,11 @@ use std::path::{Path, PathBuf};
 use dualpriv::backend::cpu::Cpu;
 use dualpriv::data::synthetic::{Dataset, Split};
 use dualpriv::dp::accountant::ledger::Ledger;
-use dualpriv::dp::noise::RngKind;
 use dualpriv::model::Mllm;
 use dualpriv::train::checkpoint::{self, fail_after_writes, CheckpointState, ModelSpec};
 use dualpriv::train::method::Method;
 use dualpriv::train::optim::OptConfig;
-use dualpriv::train::sampler::Sampling;
-use dualpriv::train::{PruneScope, TrainConfig, Trainer};
+use dualpriv::train::{TrainConfig, Trainer};
 
 fn spec() -> ModelSpec {
     ModelSpec {
@@ -27,28 +25,10 @@ fn spec() -> ModelSpec {
 
 fn cfg(d: &Dataset, steps: u32) -> TrainConfig {
     TrainConfig {
-        method: Method::Dualpriv,
-        batch: 4,
-        micro_batch: 4,
-        sampling: Sampling::Poisson,
         steps,
         opt: OptConfig::adamw(1e-2),
-        clip_norm: 1.0,
-        epsilon: None,
-        delta: 1e-5,
-        noise_multiplier: Some(1.0),
-        accountant: "rdp".into(),
-        keep_tokens: None,
-        context_tokens: 0,
-        fuse_noise_std: 0.0,
         keep_frac: 0.5,
-        prune_scope: PruneScope::Tensor,
-        dpzo_lambda: 1e-3,
-        rng: RngKind::Chacha20,
-        log_private_stats: false,
-        eval_every: 0,
-        public_size: None,
-        text_len: d.max_text_len(),
+        ..TrainConfig::new(Method::Dualpriv, 4, d.max_text_len())
     }
 }
 

@@ -9,13 +9,11 @@ use dualpriv::data::synthetic::{Dataset, Split};
 use dualpriv::dp::accountant::ledger::{extends, Ledger, LedgerEntry};
 use dualpriv::dp::accountant::AccountantKind;
 use dualpriv::dp::key::RunKey;
-use dualpriv::dp::noise::RngKind;
 use dualpriv::model::Mllm;
 use dualpriv::train::checkpoint::ModelSpec;
 use dualpriv::train::method::Method;
-use dualpriv::train::optim::{OptConfig, OptKind};
 use dualpriv::train::sampler::Sampling;
-use dualpriv::train::{PruneScope, TrainConfig, Trainer};
+use dualpriv::train::{TrainConfig, Trainer};
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("dualpriv-ledger-{name}-{}", std::process::id()));
@@ -46,36 +44,8 @@ fn trainer_with<'a>(
 ) -> Trainer<'a, Cpu> {
     let (c, m) = spec().build().unwrap();
     let cfg = TrainConfig {
-        method,
-        batch: 4,
-        micro_batch: 4,
-        sampling: Sampling::Poisson,
         steps,
-        opt: OptConfig {
-            kind: OptKind::Sgd,
-            lr: 0.01,
-            momentum: 0.0,
-            weight_decay: 0.0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-        },
-        clip_norm: 1.0,
-        epsilon: None,
-        delta: 1e-5,
-        noise_multiplier: method.is_private().then_some(1.0),
-        accountant: "rdp".into(),
-        keep_tokens: None,
-        context_tokens: 0,
-        fuse_noise_std: 0.0,
-        keep_frac: 1.0,
-        prune_scope: PruneScope::Tensor,
-        dpzo_lambda: 1e-3,
-        rng: RngKind::Chacha20,
-        log_private_stats: false,
-        eval_every: 0,
-        public_size: None,
-        text_len: d.max_text_len(),
+        ..TrainConfig::new(method, 4, d.max_text_len())
     };
     let model = Mllm::new(&Cpu, &c, &m, 0).unwrap();
     let mut t = match key {

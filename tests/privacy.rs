@@ -24,7 +24,6 @@ use dualpriv::model::Mllm;
 use dualpriv::train::checkpoint::ModelSpec;
 use dualpriv::train::method::Method;
 use dualpriv::train::optim::OptConfig;
-use dualpriv::train::sampler::Sampling;
 use dualpriv::train::step::{
     dpzo_clipped_sum, dpzo_noisy_scalar, gradient_sums, OptState, StepContext,
 };
@@ -59,28 +58,12 @@ fn model<B: DpBackend>(be: &B, spec: &ModelSpec) -> Mllm<B> {
 
 fn cfg(method: Method, d: &Dataset, micro: usize) -> TrainConfig {
     TrainConfig {
-        method,
-        batch: d.len(),
         micro_batch: micro,
-        sampling: Sampling::Poisson,
-        steps: 1,
         opt: OptConfig::sgd(1.0),
         clip_norm: C,
-        epsilon: None,
-        delta: 1e-5,
         noise_multiplier: Some(1.0),
-        accountant: "rdp".into(),
-        keep_tokens: None,
-        context_tokens: 0,
-        fuse_noise_std: 0.0,
-        keep_frac: 1.0,
-        prune_scope: PruneScope::Tensor,
         dpzo_lambda: 1e-2,
-        rng: RngKind::Chacha20,
-        log_private_stats: false,
-        eval_every: 0,
-        public_size: None,
-        text_len: d.max_text_len(),
+        ..TrainConfig::new(method, d.len(), d.max_text_len())
     }
 }
 

@@ -98,6 +98,37 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// A config of `method` with expected batch `batch` (also the micro-batch) and
+    /// `text_len` text tokens, and plain defaults for the rest: one step of SGD at
+    /// lr 0.01, C = 1, σ = 1 (no ε target), δ = 1e-5, RDP, no pruning, ChaCha20.
+    /// Override fields with struct-update syntax.
+    pub fn new(method: Method, batch: usize, text_len: usize) -> Self {
+        Self {
+            method,
+            batch,
+            micro_batch: batch,
+            sampling: Sampling::Poisson,
+            steps: 1,
+            opt: OptConfig::sgd(1e-2),
+            clip_norm: 1.0,
+            epsilon: None,
+            delta: 1e-5,
+            noise_multiplier: method.is_private().then_some(1.0),
+            accountant: "rdp".into(),
+            keep_tokens: None,
+            context_tokens: 0,
+            fuse_noise_std: 0.0,
+            keep_frac: 1.0,
+            prune_scope: PruneScope::Tensor,
+            dpzo_lambda: 1e-3,
+            rng: RngKind::Chacha20,
+            log_private_stats: false,
+            eval_every: 0,
+            public_size: None,
+            text_len,
+        }
+    }
+
     /// The token-selection config, when pruning is on, without the fused-token
     /// noise (evaluation and prediction are deterministic).
     pub fn token_select(&self) -> Option<TokenSelectConfig> {
