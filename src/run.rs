@@ -6,14 +6,13 @@ use std::time::Instant;
 use crate::backend::dp::DpBackend;
 use crate::data::synthetic::{Dataset, Split};
 use crate::dp::key::RunKey;
-use crate::dp::noise::RngKind;
 use crate::model::config::ModelConfig;
 use crate::model::Mllm;
 use crate::train::checkpoint::ModelSpec;
 use crate::train::method::Method;
 use crate::train::optim::OptConfig;
 use crate::train::sampler::Sampling;
-use crate::train::{PruneScope, RunSummary, TrainConfig, Trainer};
+use crate::train::{RunSummary, TrainConfig, Trainer};
 use crate::Result;
 
 /// Image side of the built-in task for the `tiny` preset.
@@ -67,28 +66,10 @@ pub fn pretrain<B: DpBackend>(backend: &B, a: &PretrainArgs) -> Result<(RunSumma
     let text_len = data.max_text_len().max(held_out.max_text_len());
     let model = Mllm::new(backend, &mcfg, &mode, a.seed)?;
     let cfg = TrainConfig {
-        method: Method::Nonprivate,
-        batch: a.batch,
-        micro_batch: a.batch,
         sampling: Sampling::Shuffle,
         steps: a.steps,
         opt: OptConfig::adamw(a.lr),
-        clip_norm: 1.0,
-        epsilon: None,
-        delta: 1e-5,
-        noise_multiplier: None,
-        accountant: "rdp".into(),
-        keep_tokens: None,
-        context_tokens: 0,
-        fuse_noise_std: 0.0,
-        keep_frac: 1.0,
-        prune_scope: PruneScope::Tensor,
-        dpzo_lambda: 1e-3,
-        rng: RngKind::Chacha20,
-        log_private_stats: false,
-        eval_every: 0,
-        public_size: None,
-        text_len,
+        ..TrainConfig::new(Method::Nonprivate, a.batch, text_len)
     };
     // Public data, non-private method: a key from the public seed keeps the
     // shipped checkpoint reproducible (the shuffle order follows the seed).
@@ -167,20 +148,15 @@ pub struct DemoArgs {
 /// The fine-tuning config every demo method uses (same data, steps, optimizer).
 pub fn demo_train_config(method: Method, epsilon: f64, delta: f64, text_len: usize) -> TrainConfig {
     let dpzo = method == Method::Dpzo;
+    // Few large batches: DP noise on the mean gradient shrinks as σ/B, and the
+    // whole demo must fit a few minutes on 2 CPU cores.
     TrainConfig {
-        method,
-        // Few large batches: DP noise on the mean gradient shrinks as σ/B, and the
-        // whole demo must fit a few minutes on 2 CPU cores.
-        batch: 256,
-        micro_batch: 256,
-        sampling: Sampling::Poisson,
         steps: 25,
         opt: if dpzo {
             OptConfig::sgd(2e-3)
         } else {
             OptConfig::adamw(1e-2)
         },
-        clip_norm: 1.0,
         epsilon: method.is_private().then_some(epsilon),
         delta,
         noise_multiplier: None,
@@ -188,15 +164,9 @@ pub fn demo_train_config(method: Method, epsilon: f64, delta: f64, text_len: usi
         // The tiny preset's default (K, M) = (6, 2): 9 visual tokens instead of 16.
         keep_tokens: (method == Method::Dualpriv).then_some(6),
         context_tokens: if method == Method::Dualpriv { 2 } else { 0 },
-        fuse_noise_std: 0.0,
         keep_frac: 0.8,
-        prune_scope: PruneScope::Tensor,
         dpzo_lambda: 1e-2,
-        rng: RngKind::Chacha20,
-        log_private_stats: false,
-        eval_every: 0,
-        public_size: None,
-        text_len,
+        ..TrainConfig::new(method, 256, text_len)
     }
 }
 

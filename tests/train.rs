@@ -80,36 +80,13 @@ fn model(spec: &ModelSpec, seed: u64) -> Mllm<Cpu> {
 
 fn cfg(method: Method, d: &Dataset) -> TrainConfig {
     TrainConfig {
-        method,
-        batch: 8,
-        micro_batch: 8,
-        sampling: Sampling::Poisson,
         steps: 4,
-        opt: OptConfig {
-            kind: OptKind::Sgd,
-            lr: 0.05,
-            momentum: 0.0,
-            weight_decay: 0.0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-        },
+        opt: OptConfig::sgd(0.05),
         clip_norm: 0.05,
-        epsilon: None,
-        delta: 1e-5,
+        // σ = 0 for the raw-mechanism equivalence checks (the trainer refuses it;
+        // tests that train set a σ > 0).
         noise_multiplier: method.is_private().then_some(0.0),
-        accountant: "rdp".into(),
-        keep_tokens: None,
-        context_tokens: 0,
-        fuse_noise_std: 0.0,
-        keep_frac: 1.0,
-        prune_scope: PruneScope::Tensor,
-        dpzo_lambda: 1e-3,
-        rng: RngKind::Chacha20,
-        log_private_stats: false,
-        eval_every: 0,
-        public_size: None,
-        text_len: d.max_text_len(),
+        ..TrainConfig::new(method, 8, d.max_text_len())
     }
 }
 
