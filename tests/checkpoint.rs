@@ -3,6 +3,8 @@
 //! either continues with fresh draws (noise the crashed process never drew) or refuses with a
 //! message, and the ledger never counts fewer steps than the checkpoints on disk
 //! (the released models) hold.
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use dualpriv::backend::cpu::Cpu;
@@ -15,12 +17,7 @@ use dualpriv::train::optim::OptConfig;
 use dualpriv::train::{TrainConfig, Trainer};
 
 fn spec() -> ModelSpec {
-    ModelSpec {
-        preset: "tiny".into(),
-        lora_rank: Some(2),
-        lora_alpha: 4.0,
-        full_groups: vec![],
-    }
+    common::tiny_lora_rank(2)
 }
 
 fn cfg(d: &Dataset, steps: u32) -> TrainConfig {

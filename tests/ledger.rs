@@ -2,6 +2,8 @@
 //! entry instead of adding one, entries only grow, a run folder cannot be reused
 //! to reset one, runs that are not private count as ε = ∞, fingerprints are
 //! keyed, and writes are atomic.
+mod common;
+
 use std::path::PathBuf;
 
 use dualpriv::backend::cpu::Cpu;
@@ -23,12 +25,7 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn spec() -> ModelSpec {
-    ModelSpec {
-        preset: "tiny".into(),
-        lora_rank: Some(2),
-        lora_alpha: 4.0,
-        full_groups: vec![],
-    }
+    common::tiny_lora_rank(2)
 }
 
 fn trainer<'a>(d: &Dataset, method: Method, steps: u32, out: PathBuf) -> Trainer<'a, Cpu> {

@@ -404,6 +404,9 @@ fn check_truncation(sigma: f64, q: f64, steps: u32, delta: f64) -> Result<()> {
     Ok(())
 }
 
+/// A privacy history: (q, σ, steps) entries.
+type History = Vec<(f64, f64, u64)>;
+
 /// An accountant's ε(history, δ): [`accountant::epsilon`] or its coarse twin.
 type EpsilonFn = fn(AccountantKind, &[(f64, f64, u64)], f64) -> Result<f64>;
 
@@ -454,6 +457,8 @@ pub struct Trainer<'a, B: DpBackend> {
     claimed: bool,
     /// (length, split, seed) of the data [`Self::check_every_example`] last passed.
     checked: Option<(usize, crate::data::synthetic::Split, u64)>,
+    /// The last coarse ε and the history it is for.
+    coarse_eps: std::cell::RefCell<Option<(History, Option<f64>)>>,
 }
 
 impl<'a, B: DpBackend> Trainer<'a, B> {
@@ -516,6 +521,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             fingerprint: None,
             claimed: false,
             checked: None,
+            coarse_eps: Default::default(),
         })
     }
 
@@ -597,12 +603,13 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             fingerprint: Some(fp),
             claimed: true,
             checked: None,
+            coarse_eps: Default::default(),
         };
         // Take the run over in the ledger, under its lock: continue after every draw
         // any process reserved for it, from the history it recorded.
         let (path, fp) = (t.ledger.clone(), t.fingerprint.clone());
         if let (Some(path), Some(fp)) = (path, fp) {
-            t.record_ledger(&path, &fp, true, accountant::epsilon)?;
+            t.record_ledger(&path, &fp, true, true)?;
         }
         Ok(t)
     }
@@ -638,6 +645,19 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
     /// ε spent so far, `None` (∞) when the run is not covered.
     pub fn epsilon(&self) -> Result<Option<f64>> {
         self.epsilon_with(accountant::epsilon)
+    }
+
+    /// The coarse-grid ε (see [`accountant::epsilon_coarse`]), computed once per
+    /// history: the write-ahead ledger record and the metrics line of a step share it.
+    fn epsilon_coarse(&self) -> Result<Option<f64>> {
+        if let Some((h, e)) = self.coarse_eps.borrow().as_ref() {
+            if *h == self.privacy.history {
+                return Ok(*e);
+            }
+        }
+        let e = self.epsilon_with(accountant::epsilon_coarse)?;
+        *self.coarse_eps.borrow_mut() = Some((self.privacy.history.clone(), e));
+        Ok(e)
     }
 
     fn epsilon_with(&self, f: EpsilonFn) -> Result<Option<f64>> {
@@ -791,7 +811,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             let eps = if self.step == self.cfg.steps {
                 self.epsilon()?
             } else {
-                self.epsilon_with(accountant::epsilon_coarse)?
+                self.epsilon_coarse()?
             };
             if out.loss.is_finite() {
                 recent.push(out.loss);
@@ -948,7 +968,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         self.reserved = self.draws.saturating_add(block);
         // Every step writes the ledger: the coarse ε (a certified upper bound, ~20 ms)
         // keeps that cheap; checkpoints record the fine one.
-        self.record_ledger(&ledger, &fp, false, accountant::epsilon_coarse)
+        self.record_ledger(&ledger, &fp, false, false)
     }
 
     /// Records the steps in the ledger, then writes the checkpoint that releases them.
@@ -964,7 +984,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
                 ))
             }
         };
-        self.record_ledger(&ledger, &fingerprint, false, accountant::epsilon)?;
+        self.record_ledger(&ledger, &fingerprint, false, true)?;
         let state = checkpoint::CheckpointState {
             version: checkpoint::VERSION,
             checkpoint_id: checkpoint::random_id()?,
@@ -1014,12 +1034,14 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
     /// Adds or extends this run's entry in the ledger (every run, private or not),
     /// under the ledger's lock. `take_over` (a resume) makes this process the run's
     /// owner and moves the draw counter and history up to what the ledger holds.
+    /// `fine_epsilon` records the fine-grid ε (checkpoints, resumes) instead of the
+    /// coarse one the per-step write-ahead uses.
     fn record_ledger(
         &mut self,
         path: &Path,
         fingerprint: &str,
         take_over: bool,
-        eps: EpsilonFn,
+        fine_epsilon: bool,
     ) -> Result<()> {
         let kind = self.cfg.accountant_kind()?;
         let _lock = LedgerLock::acquire(path)?;
@@ -1045,7 +1067,11 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             draws: u64::from(self.draws.max(self.reserved)),
             delta: self.cfg.delta,
             accountant: kind.to_string(),
-            epsilon: self.epsilon_with(eps)?,
+            epsilon: if fine_epsilon {
+                self.epsilon()?
+            } else {
+                self.epsilon_coarse()?
+            },
             not_private: self.not_private().map(String::from),
             rng: self.cfg.rng.to_string(),
             session: self.session.clone(),

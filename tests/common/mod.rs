@@ -6,10 +6,15 @@ use rand_chacha::ChaCha8Rng;
 
 /// The tiny preset with LoRA r = 4 on every linear.
 pub fn tiny_lora() -> ModelSpec {
+    tiny_lora_rank(4)
+}
+
+/// The tiny preset with LoRA rank `r` (alpha 2r) on every linear.
+pub fn tiny_lora_rank(r: usize) -> ModelSpec {
     ModelSpec {
         preset: "tiny".into(),
-        lora_rank: Some(4),
-        lora_alpha: 8.0,
+        lora_rank: Some(r),
+        lora_alpha: 2.0 * r as f32,
         full_groups: vec![],
     }
 }
