@@ -35,7 +35,8 @@ fn main() {
     sources.sort();
 
     let mut table = String::from("/// Embedded fatbins, one per `kernels/*.cu`: (stem, bytes).\n");
-    table.push_str("pub const FATBINS: &[(&str, &[u8])] = &[\n");
+    table.push_str("pub(crate) const FATBINS: &[(&str, &[u8])] = &[\n");
+    let mut handles = String::new();
     for src in &sources {
         let stem = src.file_stem().unwrap().to_string_lossy().to_string();
         let dst = out.join(format!("{stem}.fatbin"));
@@ -44,9 +45,73 @@ fn main() {
             "    ({stem:?}, include_bytes!({:?})),\n",
             dst.to_string_lossy()
         ));
+        let text =
+            fs::read_to_string(src).unwrap_or_else(|e| panic!("reading {}: {e}", src.display()));
+        handles.push_str(&kernel_handles(&stem, &text));
     }
     table.push_str("];\n");
+    table.push_str(&handles);
     fs::write(out.join("kernels.rs"), table).expect("write kernels.rs");
+}
+
+/// One module per `.cu` file with a [`Kernel`] constant per `extern "C" __global__`
+/// entry point, so a renamed or deleted kernel fails at compile time instead of at
+/// the first launch. `rmsnorm_fwd_f32` in `norms.cu` becomes `norms::RMSNORM_FWD_F32`.
+fn kernel_handles(stem: &str, text: &str) -> String {
+    let mut names = entry_points(text);
+    names.sort();
+    names.dedup();
+    let mut s = format!("/// Kernels of `kernels/{stem}.cu`.\npub mod {stem} {{\n");
+    s.push_str(&format!(
+        "    /// The module name of `kernels/{stem}.cu`.\n    pub const MODULE: &str = {stem:?};\n"
+    ));
+    for n in &names {
+        s.push_str(&format!(
+            "    /// `{n}` in `kernels/{stem}.cu`.\n    pub const {}: super::Kernel = \
+             super::Kernel {{ module: {stem:?}, name: {n:?} }};\n",
+            n.to_uppercase()
+        ));
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// Names of the `extern "C" __global__` functions in a CUDA source, skipping the
+/// return type and any `__launch_bounds__(...)`. Line comments are ignored.
+fn entry_points(text: &str) -> Vec<String> {
+    let code: String = text
+        .lines()
+        .map(|l| l.split("//").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let marker = "extern \"C\" __global__";
+    let mut names = Vec::new();
+    let mut rest = code.as_str();
+    while let Some(at) = rest.find(marker) {
+        rest = &rest[at + marker.len()..];
+        let mut s = rest.trim_start();
+        loop {
+            if let Some(t) = s.strip_prefix("void") {
+                s = t.trim_start();
+            } else if let Some(t) = s.strip_prefix("__launch_bounds__") {
+                let close = t.find(')').expect("__launch_bounds__ without ')'");
+                s = t[close + 1..].trim_start();
+            } else {
+                break;
+            }
+        }
+        let name: String = s
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        assert!(
+            !name.is_empty() && s[name.len()..].trim_start().starts_with('('),
+            "could not read a kernel name after `{marker}`: {:?}",
+            &s[..s.len().min(60)]
+        );
+        names.push(name);
+    }
+    names
 }
 
 fn find_nvcc() -> Option<PathBuf> {

@@ -1,5 +1,5 @@
 // Regenerable Gaussian noise as standalone kernels (the fused DP path regenerates it
-// inside noise_prune.cu instead). CPU twin: NoiseKey::add_scaled in src/dp/noise.rs.
+// inside prune.cu instead). CPU twin: NoiseKey::add_scaled in src/dp/noise.rs.
 #include "gaussian.cuh"
 
 // y[j] = (float)((accumulate ? y[j] : 0) + a * noise(offset + j)) for j < n, the sum

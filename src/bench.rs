@@ -326,12 +326,12 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
         gpu.zeros::<f32>(n)?,
         gpu.zeros::<f32>(n)?,
     );
-    let mut plan = gpu::noise_prune::PrunePlan::new(&gpu, 1, n as u64)?;
+    let mut plan = gpu::prune::PrunePlan::new(&gpu, 1, n as u64)?;
     for rng in [RngKind::Chacha20, RngKind::Philox] {
         for keep in [0.8, 1.0] {
             let cfg = prune_config(keep, rng);
             let ms = time(3, &mut || {
-                let t = gpu::noise_prune::DeviceTensor::new(
+                let t = gpu::prune::DeviceTensor::new(
                     &gpu,
                     0,
                     &grad,

@@ -289,8 +289,8 @@ fn gpu_checks(rep: &mut Report, inp: &Inputs) -> Result<()> {
     }
     let dgr = gpu.upload(&inp.grad)?;
     let mut dp = gpu.zeros::<f32>(inp.grad.len())?;
-    let mut plan = gpu::noise_prune::PrunePlan::new(&gpu, 1, inp.grad.len() as u64)?;
-    let t = gpu::noise_prune::DeviceTensor::plain(&gpu, 0, &dgr, &mut dp)?;
+    let mut plan = gpu::prune::PrunePlan::new(&gpu, 1, inp.grad.len() as u64)?;
+    let t = gpu::prune::DeviceTensor::plain(&gpu, 0, &dgr, &mut dp)?;
     let r = plan.run(&gpu, &[t], &inp.prune)?;
     let (want, p) = cpu_prune(inp)?;
     let same = gpu.download(&dp)? == p;

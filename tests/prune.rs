@@ -418,7 +418,7 @@ fn bad_configs_and_buffers_are_errors() {
 mod gpu {
     use super::*;
     use dualpriv::gpu::gpu_or_skip;
-    use dualpriv::gpu::noise_prune::{DeviceTensor, PrunePlan};
+    use dualpriv::gpu::prune::{DeviceTensor, PrunePlan};
 
     /// Runs the CPU reference and the GPU on the same tensors and compares the
     /// report, the mask and every updated value bit for bit: the noisy values are

@@ -1,7 +1,7 @@
 //! The CUDA backend: the same [`Backend`] and [`DpBackend`] ops as [`super::cpu::Cpu`],
 //! on one GPU. GEMMs go through cuBLAS ([`crate::gpu::blas`], row-major helpers);
 //! everything else is a kernel in `kernels/model.cu` (model ops) or the foundation
-//! kernels (`clip.cu`, `noise_prune.cu`, `noise.cu`, `tokens.cu`).
+//! kernels (`clip.cu`, `prune.cu`, `noise.cu`, `tokens.cu`).
 //!
 //! # Memory
 //!
@@ -28,6 +28,7 @@
 //! Philox noise bit for bit.
 #![allow(clippy::too_many_arguments)]
 
+use crate::gpu::kernels::model as K;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,13 +45,12 @@ use crate::dp::noise::NoiseKey;
 use crate::dp::prune::{PruneReport, UpdateConfig};
 use crate::error::ensure_shape;
 use crate::gpu::blas::{Precision, RowMajor};
-use crate::gpu::noise_prune::{DeviceTensor, PrunePlan};
+use crate::gpu::prune::{DeviceTensor, PrunePlan};
 use crate::gpu::tokens::TokenWorkspace;
-use crate::gpu::{self, cuda_err, dptr, dptr_mut, grid_for, launch, launch_cfg, Gpu};
+use crate::gpu::{self, cuda_err, dptr, dptr_mut, grid_for, launch, launch_cfg, Gpu, Kernel};
 use crate::vision::tokens::{TokenSelectConfig, TokenShape};
 use crate::{Error, Result};
 
-const MODULE: &str = "model";
 const THREADS: u32 = 256;
 const ROW_THREADS: u32 = 256;
 
@@ -307,7 +307,7 @@ impl Cuda {
     }
 
     /// Launches a grid-stride elementwise kernel over `n` items.
-    fn elementwise(&self, name: &'static str, n: usize, args: &[&dyn KernelArg]) -> Result<()> {
+    fn elementwise(&self, name: Kernel, n: usize, args: &[&dyn KernelArg]) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
@@ -316,7 +316,7 @@ impl Cuda {
     }
 
     /// Launches a one-block-per-row kernel over `rows` rows.
-    fn per_row(&self, name: &'static str, rows: usize, args: &[&dyn KernelArg]) -> Result<()> {
+    fn per_row(&self, name: Kernel, rows: usize, args: &[&dyn KernelArg]) -> Result<()> {
         if rows == 0 {
             return Ok(());
         }
@@ -325,8 +325,8 @@ impl Cuda {
         self.run(name, launch_cfg((rows, 1, 1), ROW_THREADS, 0), args)
     }
 
-    fn run(&self, name: &'static str, cfg: LaunchConfig, args: &[&dyn KernelArg]) -> Result<()> {
-        let f = self.gpu.func(MODULE, name)?;
+    fn run(&self, name: Kernel, cfg: LaunchConfig, args: &[&dyn KernelArg]) -> Result<()> {
+        let f = self.gpu.func(name)?;
         let mut l = self.st().launch_builder(&f);
         for a in args {
             a.push(&mut l);
@@ -524,7 +524,7 @@ impl Backend for Cuda {
         }
         let (d, s) = (self.ptr_mut(dst), self.ptr(src));
         self.elementwise(
-            "copy_blocks_f32",
+            K::COPY_BLOCKS_F32,
             b.count * b.len,
             &[
                 &d,
@@ -552,7 +552,7 @@ impl Backend for Cuda {
                 return self.memset0(c);
             }
             let cp = self.ptr_mut(c);
-            return self.elementwise("scale_f32", c.len, &[&cp, &s.beta, &i64_of(c.len)]);
+            return self.elementwise(K::SCALE_F32, c.len, &[&cp, &s.beta, &i64_of(c.len)]);
         }
         let g = RowMajor {
             ta: s.trans_a,
@@ -571,7 +571,7 @@ impl Backend for Cuda {
         check_len("biased output", y.len, checked(&[s.rows, s.dim], "bias")?)?;
         let (yp, bp) = (self.ptr_mut(y), self.ptr(bias));
         self.elementwise(
-            "add_bias_f32",
+            K::ADD_BIAS_F32,
             y.len,
             &[&yp, &bp, &i64_of(s.rows), &i64_of(s.dim)],
         )
@@ -580,7 +580,7 @@ impl Backend for Cuda {
     fn axpy(&self, y: &mut GpuBuf, alpha: f32, x: &GpuBuf) -> Result<()> {
         check_len("axpy x", x.len, y.len)?;
         let (yp, xp) = (self.ptr_mut(y), self.ptr(x));
-        self.elementwise("axpy_f32", y.len, &[&yp, &alpha, &xp, &i64_of(y.len)])
+        self.elementwise(K::AXPY_F32, y.len, &[&yp, &alpha, &xp, &i64_of(y.len)])
     }
 
     fn layernorm_fwd(
@@ -614,7 +614,7 @@ impl Backend for Cuda {
         );
         let dim = i32_of(s.dim, "layernorm dim")?;
         self.per_row(
-            "layernorm_fwd_f32",
+            K::LAYERNORM_FWD_F32,
             s.rows,
             &[
                 &args.0, &args.1, &args.2, &args.3, &args.4, &args.5, &dim, &eps,
@@ -658,7 +658,7 @@ impl Backend for Cuda {
         ];
         let dim = i32_of(s.dim, "layernorm dim")?;
         self.per_row(
-            "layernorm_bwd_f32",
+            K::LAYERNORM_BWD_F32,
             s.rows,
             &[&p[0], &p[1], &p[2], &p[3], &p[4], &p[5], &p[6], &p[7], &dim],
         )
@@ -689,7 +689,7 @@ impl Backend for Cuda {
         ];
         let dim = i32_of(s.dim, "rmsnorm dim")?;
         self.per_row(
-            "rmsnorm_fwd_f32",
+            K::RMSNORM_FWD_F32,
             s.rows,
             &[&p[0], &p[1], &p[2], &p[3], &dim, &eps],
         )
@@ -725,7 +725,7 @@ impl Backend for Cuda {
         ];
         let dim = i32_of(s.dim, "rmsnorm dim")?;
         self.per_row(
-            "rmsnorm_bwd_f32",
+            K::RMSNORM_BWD_F32,
             s.rows,
             &[&p[0], &p[1], &p[2], &p[3], &p[4], &p[5], &dim],
         )
@@ -776,7 +776,7 @@ impl Backend for Cuda {
         self.gemm_batched(probs, &qh, &kh, scores, bh)?;
         let pp = self.ptr_mut(probs);
         let (t, causal) = (i32_of(s.t, "tokens")?, s.causal as i32);
-        self.per_row("softmax_fwd_f32", bh * s.t, &[&pp, &t, &causal])?;
+        self.per_row(K::SOFTMAX_FWD_F32, bh * s.t, &[&pp, &t, &causal])?;
         let mut oh = self.take(s.q_len())?;
         let pv = RowMajor {
             ta: false,
@@ -851,7 +851,7 @@ impl Backend for Cuda {
         self.gemm_batched(&mut ds, &doh, &vh, nt, bh)?;
         let (dsp, pp) = (self.ptr_mut(&mut ds), self.ptr(probs));
         let ti = i32_of(t, "tokens")?;
-        self.per_row("softmax_bwd_f32", bh * t, &[&dsp, &pp, &ti, &scale])?;
+        self.per_row(K::SOFTMAX_BWD_F32, bh * t, &[&dsp, &pp, &ti, &scale])?;
         // dQ = dS K, dK (per query head) = dSᵀ Q
         let mut dqh = self.take(s.q_len())?;
         let nn = RowMajor {
@@ -873,11 +873,11 @@ impl Backend for Cuda {
     }
 
     fn quick_gelu_fwd(&self, out: &mut GpuBuf, x: &GpuBuf) -> Result<()> {
-        self.unary("quick_gelu_fwd_f32", "quick_gelu input", out, x)
+        self.unary(K::QUICK_GELU_FWD_F32, "quick_gelu input", out, x)
     }
 
     fn gelu_fwd(&self, out: &mut GpuBuf, x: &GpuBuf) -> Result<()> {
-        self.unary("gelu_fwd_f32", "gelu input", out, x)
+        self.unary(K::GELU_FWD_F32, "gelu input", out, x)
     }
 
     fn gelu_bwd(&self, dx: &mut GpuBuf, dout: &GpuBuf, x: &GpuBuf) -> Result<()> {
@@ -885,7 +885,7 @@ impl Backend for Cuda {
         check_len("gelu_bwd x", x.len, dx.len)?;
         let p = [self.ptr_mut(dx), self.ptr(dout), self.ptr(x)];
         let n = dx.len;
-        self.elementwise("gelu_bwd_f32", n, &[&p[0], &p[1], &p[2], &i64_of(n)])
+        self.elementwise(K::GELU_BWD_F32, n, &[&p[0], &p[1], &p[2], &i64_of(n)])
     }
 
     fn swiglu_fwd(&self, out: &mut GpuBuf, gate: &GpuBuf, up: &GpuBuf) -> Result<()> {
@@ -893,7 +893,7 @@ impl Backend for Cuda {
         check_len("swiglu up", up.len, out.len)?;
         let p = [self.ptr_mut(out), self.ptr(gate), self.ptr(up)];
         let n = out.len;
-        self.elementwise("swiglu_fwd_f32", n, &[&p[0], &p[1], &p[2], &i64_of(n)])
+        self.elementwise(K::SWIGLU_FWD_F32, n, &[&p[0], &p[1], &p[2], &i64_of(n)])
     }
 
     fn swiglu_bwd(
@@ -921,7 +921,7 @@ impl Backend for Cuda {
             self.ptr(up),
         ];
         self.elementwise(
-            "swiglu_bwd_f32",
+            K::SWIGLU_BWD_F32,
             n,
             &[&p[0], &p[1], &p[2], &p[3], &p[4], &i64_of(n)],
         )
@@ -937,7 +937,7 @@ impl Backend for Cuda {
     ) -> Result<()> {
         check_embedding("embedding", &ids.host, table.len, out.len, s, vocab)?;
         let (o, t) = (self.ptr_mut(out), self.ptr(table));
-        self.embedding_launch("embedding_fwd_f32", o, t, ids, s)
+        self.embedding_launch(K::EMBEDDING_FWD_F32, o, t, ids, s)
     }
 
     fn embedding_bwd(
@@ -950,7 +950,7 @@ impl Backend for Cuda {
     ) -> Result<()> {
         check_embedding("embedding_bwd", &ids.host, dtable.len, dout.len, s, vocab)?;
         let (t, o) = (self.ptr_mut(dtable), self.ptr(dout));
-        self.embedding_launch("embedding_bwd_f32", t, o, ids, s)
+        self.embedding_launch(K::EMBEDDING_BWD_F32, t, o, ids, s)
     }
 
     fn cross_entropy(
@@ -993,7 +993,7 @@ impl Backend for Cuda {
         ];
         let vocab = i32_of(s.dim, "vocabulary")?;
         self.per_row(
-            "cross_entropy_f32",
+            K::CROSS_ENTROPY_F32,
             s.rows,
             &[&p[0], &p[1], &p[2], &p[3], &p[4], &vocab],
         )
@@ -1026,7 +1026,7 @@ impl Backend for Cuda {
             i32_of(s.patch, "patch")?,
         ];
         self.elementwise(
-            "patchify_f32",
+            K::PATCHIFY_F32,
             out.len,
             &[&p[0], &p[1], &dims[0], &dims[1], &dims[2], &dims[3]],
         )
@@ -1078,7 +1078,7 @@ impl Cuda {
     /// Launches an embedding kernel: `(written, read, ids, rows, dim)` over rows × dim.
     fn embedding_launch(
         &self,
-        name: &'static str,
+        name: Kernel,
         written: u64,
         read: u64,
         ids: &GpuIds,
@@ -1110,7 +1110,7 @@ impl Cuda {
             i32_of(s.hd, "head dim")?,
         ];
         self.elementwise(
-            "rope_f32",
+            K::ROPE_F32,
             rows * (s.hd / 2),
             &[
                 &xp,
@@ -1124,7 +1124,7 @@ impl Cuda {
         )
     }
 
-    fn unary(&self, name: &'static str, what: &str, out: &mut GpuBuf, x: &GpuBuf) -> Result<()> {
+    fn unary(&self, name: Kernel, what: &str, out: &mut GpuBuf, x: &GpuBuf) -> Result<()> {
         check_len(what, x.len, out.len)?;
         let p = [self.ptr_mut(out), self.ptr(x)];
         let n = out.len;
@@ -1144,7 +1144,7 @@ impl Cuda {
             i32_of(rep, "group")?,
         ];
         self.elementwise(
-            "split_heads_f32",
+            K::SPLIT_HEADS_F32,
             s.q_len(),
             &[
                 &p[0], &p[1], &dims[0], &dims[1], &dims[2], &dims[3], &dims[4], &dims[5],
@@ -1172,7 +1172,7 @@ impl Cuda {
             i32_of(rep, "group")?,
         ];
         self.elementwise(
-            "merge_heads_f32",
+            K::MERGE_HEADS_F32,
             n,
             &[
                 &p[0], &p[1], &dims[0], &dims[1], &dims[2], &dims[3], &dims[4],
@@ -1381,7 +1381,7 @@ impl DpBackend for Cuda {
             i32_of(s.p, "p")?,
         ];
         self.elementwise(
-            "sum_over_tokens_f32",
+            K::SUM_OVER_TOKENS_F32,
             s.b * s.p,
             &[&p[0], &p[1], &dims[0], &dims[1], &dims[2]],
         )?;
@@ -1413,7 +1413,7 @@ impl DpBackend for Cuda {
         let tp = dptr_mut(&mut total.slice, self.st());
         let bp = dptr_mut(&mut total.bound, self.st());
         self.per_row(
-            "add_row_sq_norms_f32",
+            K::ADD_ROW_SQ_NORMS_F32,
             rows,
             &[&pp, &cols, &gamma, &tp, &bp],
         )

@@ -11,7 +11,7 @@
 //!
 //! The threshold is exact. Magnitudes are ordered by the key bits(ñ) & 0x7fffffff,
 //! and a three-pass radix select (11, 11, 10 bits, [`radix_select`]) finds the
-//! k-th largest key τ, as `kernels/noise_prune.cu` does. Coordinates with key > τ
+//! k-th largest key τ, as `kernels/prune.cu` does. Coordinates with key > τ
 //! are kept; of those with key = τ, the first ones in set order (tensor order, then
 //! index) are kept until exactly k are. A NaN or Inf in ñ aborts the step before
 //! anything is written.

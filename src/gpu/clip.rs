@@ -9,6 +9,7 @@
 //! A non-finite norm gets factor 0, and the sums treat a factor-0 example as absent:
 //! the scaled operand gets `c == 0 ? 0 : c·v`, and only when some factor is 0 is the
 //! other operand copied with those examples zeroed (the rare path).
+use crate::gpu::kernels::clip as K;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::blas::{Precision, RowMajor};
@@ -16,7 +17,6 @@ use super::{dptr, dptr_mut, launch, launch_cfg, Gpu};
 use crate::dp::clip::{self, LinearShape, NormMethod};
 use crate::error::{ensure_shape, Error, Result};
 
-const MODULE: &str = "clip";
 const THREADS: u32 = 256;
 const TILE: usize = 32;
 
@@ -73,27 +73,27 @@ pub fn add_layer_sq_norms<X: DevicePtr<f32>, G: DevicePtr<f32>>(
         let (name, blocks) = match method {
             NormMethod::Ghost => {
                 let tiles = s.t.div_ceil(TILE);
-                ("ghost_sq_norm_f32", tiles * (tiles + 1) / 2)
+                (K::GHOST_SQ_NORM_F32, tiles * (tiles + 1) / 2)
             }
             NormMethod::Instantiated => {
-                ("inst_sq_norm_f32", s.d.div_ceil(TILE) * s.p.div_ceil(TILE))
+                (K::INST_SQ_NORM_F32, s.d.div_ceil(TILE) * s.p.div_ceil(TILE))
             }
         };
         let blocks = u32::try_from(blocks)
             .map_err(|_| Error::Shape(format!("{name}: {blocks} tiles is too many")))?;
-        let f = gpu.func(MODULE, name)?;
+        let f = gpu.func(name)?;
         let mut l = st.launch_builder(&f);
         l.arg(&xp).arg(&gp).arg(&t).arg(&d).arg(&p).arg(&mut *total);
         // SAFETY: argument types match the kernel signature; shapes checked above.
         unsafe { launch(&mut l, launch_cfg((blocks, b, 1), THREADS, 0), name) }?;
     }
     if has_bias && s.p > 0 {
-        let f = gpu.func(MODULE, "bias_sq_norm_f32")?;
+        let f = gpu.func(K::BIAS_SQ_NORM_F32)?;
         let mut l = st.launch_builder(&f);
         l.arg(&gp).arg(&t).arg(&p).arg(&mut *total);
         let grid = (s.p.div_ceil(THREADS as usize) as u32, b, 1);
         // SAFETY: as above.
-        unsafe { launch(&mut l, launch_cfg(grid, THREADS, 0), "bias_sq_norm_f32") }?;
+        unsafe { launch(&mut l, launch_cfg(grid, THREADS, 0), K::BIAS_SQ_NORM_F32) }?;
     }
     Ok(())
 }
@@ -121,8 +121,8 @@ pub fn add_layer_rounding_bounds<X: DevicePtr<f32>, G: DevicePtr<f32>>(
     let (xp, gp) = (dptr(x, st), dptr(g, st));
     let (t, d, p) = (i32_dim(s.t, "T")?, i32_dim(s.d, "d")?, i32_dim(s.p, "p")?);
     let (gamma, bias) = (clip::layer_gamma(s, rows_cap), has_bias as i32);
-    let name = "rounding_bound_f32";
-    let f = gpu.func(MODULE, name)?;
+    let name = K::ROUNDING_BOUND_F32;
+    let f = gpu.func(name)?;
     let mut l = st.launch_builder(&f);
     l.arg(&xp)
         .arg(&gp)
@@ -179,7 +179,7 @@ pub fn clip_factors<F: DevicePtrMut<f32>>(
     }
     let mut counts = gpu.zeros::<u64>(2)?;
     let fp = dptr_mut(factors, gpu.stream());
-    let f = gpu.func(MODULE, "clip_factors_f32")?;
+    let f = gpu.func(K::CLIP_FACTORS_F32)?;
     let mut l = gpu.stream().launch_builder(&f);
     l.arg(total)
         .arg(bound)
@@ -193,7 +193,7 @@ pub fn clip_factors<F: DevicePtrMut<f32>>(
         launch(
             &mut l,
             launch_cfg((grid, 1, 1), THREADS, 0),
-            "clip_factors_f32",
+            K::CLIP_FACTORS_F32,
         )
     }?;
     let counts = gpu.download(&counts)?;
@@ -238,7 +238,7 @@ pub fn mask_examples<S: DevicePtr<f32>, F: DevicePtr<f32>, D: DevicePtrMut<f32>>
     let st = gpu.stream();
     let (sp, fp, dp) = (dptr(src, st), dptr(factors, st), dptr_mut(dst, st));
     let (per, n) = (per_example as i64, total as i64);
-    let f = gpu.func(MODULE, "mask_examples_f32")?;
+    let f = gpu.func(K::MASK_EXAMPLES_F32)?;
     let mut l = st.launch_builder(&f);
     l.arg(&sp).arg(&fp).arg(&per).arg(&n).arg(&dp);
     let grid = super::grid_for(total, THREADS, gpu.sm_count() * 8);
@@ -248,7 +248,7 @@ pub fn mask_examples<S: DevicePtr<f32>, F: DevicePtr<f32>, D: DevicePtrMut<f32>>
         launch(
             &mut l,
             launch_cfg((grid, 1, 1), THREADS, 0),
-            "mask_examples_f32",
+            K::MASK_EXAMPLES_F32,
         )
     }
 }
@@ -316,7 +316,7 @@ pub fn clipped_weight_sum<
             dptr(factors, gpu.stream()),
             dptr_mut(workspace, gpu.stream()),
         );
-        let f = gpu.func(MODULE, "scale_examples_f32")?;
+        let f = gpu.func(K::SCALE_EXAMPLES_F32)?;
         let mut l = gpu.stream().launch_builder(&f);
         l.arg(&src_ptr)
             .arg(&fp)
@@ -329,7 +329,7 @@ pub fn clipped_weight_sum<
             launch(
                 &mut l,
                 launch_cfg((grid, 1, 1), THREADS, 0),
-                "scale_examples_f32",
+                K::SCALE_EXAMPLES_F32,
             )
         }?;
     }
@@ -397,7 +397,7 @@ pub fn clipped_bias_sum<G: DevicePtr<f32>, F: DevicePtr<f32>, O: DevicePtrMut<f3
         i32_dim(s.p, "p")?,
         accumulate as i32,
     );
-    let f = gpu.func(MODULE, "clipped_bias_sum_f32")?;
+    let f = gpu.func(K::CLIPPED_BIAS_SUM_F32)?;
     let mut l = st.launch_builder(&f);
     l.arg(&gp)
         .arg(&fp)
@@ -412,7 +412,7 @@ pub fn clipped_bias_sum<G: DevicePtr<f32>, F: DevicePtr<f32>, O: DevicePtrMut<f3
         launch(
             &mut l,
             launch_cfg((grid, 1, 1), THREADS, 0),
-            "clipped_bias_sum_f32",
+            K::CLIPPED_BIAS_SUM_F32,
         )
     }
 }

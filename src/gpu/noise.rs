@@ -1,5 +1,6 @@
 //! Launcher for `kernels/noise.cu`: ChaCha20 / Philox Gaussian noise written or
 //! added into a buffer. CPU twin: [`crate::dp::noise::NoiseKey::add_scaled`].
+use crate::gpu::kernels::noise as K;
 use cudarc::driver::{DevicePtrMut, DeviceRepr, PushKernelArg};
 
 use super::{dptr_mut, grid_for, launch, launch_cfg, Gpu};
@@ -61,12 +62,12 @@ pub fn noise_axpy<Y: DevicePtrMut<f32>>(
     let yp = dptr_mut(y, gpu.stream());
     let acc = accumulate as i32;
     let args = StreamArgs::new(&key);
-    let f = gpu.func("noise", "noise_axpy_f32")?;
+    let f = gpu.func(K::NOISE_AXPY_F32)?;
     let mut l = gpu.stream().launch_builder(&f);
     l.arg(&args).arg(&offset).arg(&n).arg(&a).arg(&acc).arg(&yp);
     let grid = grid_for((n as usize).div_ceil(8) + 1, 256, gpu.sm_count() * 8);
     // SAFETY: argument types mirror the kernel; the kernel writes y[0..n).
-    unsafe { launch(&mut l, launch_cfg((grid, 1, 1), 256, 0), "noise_axpy_f32") }
+    unsafe { launch(&mut l, launch_cfg((grid, 1, 1), 256, 0), K::NOISE_AXPY_F32) }
 }
 
 /// Runs the raw ChaCha20 block function on the device (a test hook for the RFC 8439
@@ -99,7 +100,7 @@ pub fn chacha20_blocks(
     let dc = gpu.upload(counter)?;
     let dn = gpu.upload(nonce)?;
     let mut out = gpu.zeros::<u32>(16 * nb)?;
-    let f = gpu.func("noise", "chacha20_blocks_test")?;
+    let f = gpu.func(K::CHACHA20_BLOCKS_TEST)?;
     let mut l = gpu.stream().launch_builder(&f);
     l.arg(&args).arg(&dc).arg(&dn).arg(&nblocks).arg(&mut out);
     let grid = (nb as u32).div_ceil(64);
@@ -108,7 +109,7 @@ pub fn chacha20_blocks(
         launch(
             &mut l,
             launch_cfg((grid, 1, 1), 64, 0),
-            "chacha20_blocks_test",
+            K::CHACHA20_BLOCKS_TEST,
         )
     }?;
     let w = gpu.download(&out)?;

@@ -5,6 +5,7 @@
 //! keys, only when M > 0), `tokens_select` (one block per image: scores, top-K,
 //! centers, assignments) and `tokens_gather_fuse` (the output tokens). The small
 //! intermediate buffers live in a reusable [`TokenWorkspace`].
+use crate::gpu::kernels::tokens as K;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::{cuda_err, grid_for, Gpu};
@@ -176,7 +177,7 @@ pub fn plan_tokens_dev(
             block_dim: (METRIC_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let f = gpu.func("tokens", "tokens_key_metric")?;
+        let f = gpu.func(K::TOKENS_KEY_METRIC)?;
         let mut b = stream.launch_builder(&f);
         b.arg(keys).arg(&mut ws.metric).arg(&bn).arg(&h).arg(&hd);
         // SAFETY: argument types match the kernel's signature; the buffers hold at
@@ -191,7 +192,7 @@ pub fn plan_tokens_dev(
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
-    let f = gpu.func("tokens", "tokens_select")?;
+    let f = gpu.func(K::TOKENS_SELECT)?;
     let mut b = stream.launch_builder(&f);
     b.arg(attn_cls)
         .arg(&ws.metric)
@@ -241,7 +242,7 @@ pub fn gather_fuse_dev(
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
-    let f = gpu.func("tokens", "tokens_gather_fuse")?;
+    let f = gpu.func(K::TOKENS_GATHER_FUSE)?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(hidden)
         .arg(kept)

@@ -26,7 +26,7 @@ constexpr int GROUP = 8;           // normals per generator call (one ChaCha20 b
 static_assert(CHUNK % GROUP == 0 && CHUNK % 1024 == 0, "CHUNK");
 }  // namespace
 
-// One tensor of the selection set. Mirrors `Segment` in src/gpu/noise_prune.rs.
+// One tensor of the selection set. Mirrors `Segment` in src/gpu/prune.rs.
 struct Segment {
   const float* grad;  // clipped sum
   float* param;
@@ -38,7 +38,7 @@ struct Segment {
   unsigned int pad;
 };
 
-// Mirrors `NoiseArgs` in src/gpu/noise_prune.rs (48 bytes, std at offset 40).
+// Mirrors `NoiseArgs` in src/gpu/prune.rs (48 bytes, std at offset 40).
 struct NoiseArgs {
   unsigned int key[8];  // the gradient-noise domain key
   unsigned int rng;     // dp::RNG_CHACHA20 or dp::RNG_PHILOX

@@ -1,8 +1,9 @@
-//! Launcher for `kernels/noise_prune.cu`: noise + exact top-k threshold + masked
+//! Launcher for `kernels/prune.cu`: noise + exact top-k threshold + masked
 //! optimizer update in one device-side sequence. CPU twin: [`crate::dp::prune`].
 //!
 //! A [`PrunePlan`] owns every buffer the sequence needs, sized once for the largest
 //! selection set, so a training step allocates nothing.
+use crate::gpu::kernels::prune as K;
 use std::marker::PhantomData;
 
 use cudarc::driver::{
@@ -13,7 +14,6 @@ use super::{cuda_err, dptr, dptr_mut, launch, launch_cfg, Gpu};
 use crate::dp::prune::{keep_count, Optimizer, PruneReport, UpdateConfig};
 use crate::{Error, Result};
 
-const MODULE: &str = "noise_prune";
 const THREADS: u32 = 256;
 /// Coordinates per apply block; must equal `CHUNK` in the kernel.
 const CHUNK: u64 = 8192;
@@ -319,10 +319,7 @@ impl PrunePlan {
         let oa = OptArgs::new(&cfg.opt, cfg.inv_batch);
         let selecting = k > 0 && !keep_all;
         let hist_grid = (gpu.sm_count() * 4).max(1);
-        let (hist, pick) = (
-            gpu.func(MODULE, "prune_hist")?,
-            gpu.func(MODULE, "prune_pick")?,
-        );
+        let (hist, pick) = (gpu.func(K::PRUNE_HIST)?, gpu.func(K::PRUNE_PICK)?);
         // Pass 0 always runs: it is also the NaN/Inf check.
         for pass in 0..if selecting { 3 } else { 1 } {
             let mut l = st.launch_builder(&hist);
@@ -336,14 +333,14 @@ impl PrunePlan {
                 launch(
                     &mut l,
                     launch_cfg((hist_grid, 1, 1), THREADS, 0),
-                    "prune_hist",
+                    K::PRUNE_HIST,
                 )
             }?;
             if selecting {
                 let mut l = st.launch_builder(&pick);
                 l.arg(&mut self.state).arg(&pass);
                 // SAFETY: as above.
-                unsafe { launch(&mut l, launch_cfg((1, 1, 1), 32, 0), "prune_pick") }?;
+                unsafe { launch(&mut l, launch_cfg((1, 1, 1), 32, 0), K::PRUNE_PICK) }?;
             }
         }
         let grid = (
@@ -352,7 +349,7 @@ impl PrunePlan {
             1,
         );
         if selecting {
-            let f = gpu.func(MODULE, "prune_tie_count")?;
+            let f = gpu.func(K::PRUNE_TIE_COUNT)?;
             let mut l = st.launch_builder(&f);
             l.arg(&self.segs)
                 .arg(&nsegs)
@@ -360,18 +357,18 @@ impl PrunePlan {
                 .arg(&self.state)
                 .arg(&mut self.chunk_ties);
             // SAFETY: chunk_ties holds `chunks` slots (checked against max_chunks).
-            unsafe { launch(&mut l, launch_cfg(grid, THREADS, 0), "prune_tie_count") }?;
-            let f = gpu.func(MODULE, "prune_tie_scan")?;
+            unsafe { launch(&mut l, launch_cfg(grid, THREADS, 0), K::PRUNE_TIE_COUNT) }?;
+            let f = gpu.func(K::PRUNE_TIE_SCAN)?;
             let mut l = st.launch_builder(&f);
             l.arg(&self.state)
                 .arg(&self.chunk_ties)
                 .arg(&chunks)
                 .arg(&mut self.chunk_offset);
             // SAFETY: as above.
-            unsafe { launch(&mut l, launch_cfg((1, 1, 1), 1024, 0), "prune_tie_scan") }?;
+            unsafe { launch(&mut l, launch_cfg((1, 1, 1), 1024, 0), K::PRUNE_TIE_SCAN) }?;
         }
         if k > 0 {
-            let f = gpu.func(MODULE, "prune_apply")?;
+            let f = gpu.func(K::PRUNE_APPLY)?;
             let mut l = st.launch_builder(&f);
             l.arg(&self.segs)
                 .arg(&nsegs)
@@ -380,7 +377,7 @@ impl PrunePlan {
                 .arg(&mut self.state)
                 .arg(&self.chunk_offset);
             // SAFETY: as above.
-            unsafe { launch(&mut l, launch_cfg(grid, THREADS, 0), "prune_apply") }?;
+            unsafe { launch(&mut l, launch_cfg(grid, THREADS, 0), K::PRUNE_APPLY) }?;
         }
         let s = gpu.download(&self.state)?[0];
         if s.nonfinite > 0 {
