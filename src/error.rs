@@ -45,6 +45,9 @@ pub enum Error {
     /// The device ran out of memory; the message names the request and the fix.
     #[error("out of device memory: {0}")]
     OutOfMemory(String),
+    /// A broken internal invariant: a bug in dualpriv, not in the caller's input.
+    #[error("internal error (a bug in dualpriv; please report it): {0}")]
+    Internal(String),
     /// A NaN or Inf reached a place where it would silently corrupt a DP release.
     #[error("non-finite values: {0}")]
     NonFinite(String),
