@@ -208,6 +208,7 @@ fn dpzo_scalar_has_sensitivity_c() {
             dpzo_clipped_sum(&mut ctx, 0, &idx).unwrap()
         };
         let base = sum_of(&d);
+        let mut worst = 0.0f64;
         for (name, x) in adversaries(&d) {
             for at in [0, 3, 6] {
                 let s = sum_of(&with_inserted(&d, at, &x));
@@ -216,8 +217,11 @@ fn dpzo_scalar_has_sensitivity_c() {
                     dist <= f64::from(C) * (1.0 + 1e-5),
                     "dpzo micro {micro}: x = {name} at {at}: |ΔS| = {dist:e} > C"
                 );
+                worst = worst.max(dist / f64::from(C));
             }
         }
+        // Clipping was active: the plain example alone moved the sum by ~C.
+        assert!(worst > 0.5, "dpzo micro {micro}: largest change {worst} C");
     }
 }
 
