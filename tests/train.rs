@@ -145,6 +145,7 @@ fn without_noise_and_clipping_dp_gradients_equal_the_plain_gradient() {
     let m = model(&full(), 2);
     let idx: Vec<usize> = (0..8).collect();
     let plain = gradient_sums(&Cpu, &m, &key(), &cfg(Method::Nonprivate, &d), &d, &idx).unwrap();
+    assert_eq!(plain.grads.len(), m.trainable().len());
     for method in [Method::Dpsgd, Method::Ghost, Method::Dualpriv] {
         let mut c = cfg(method, &d);
         c.clip_norm = f32::INFINITY;
@@ -278,6 +279,7 @@ fn keep_frac_one_per_tensor_equals_ghost() {
     a.run(&d, 0).unwrap();
     b.run(&d, 0).unwrap();
     assert_eq!(params(&a.model), params(&b.model));
+    assert_ne!(params(&a.model), params(&model(&lora(), 5)), "the runs trained");
     // keep_frac < 1 really prunes: some coordinates are left untouched.
     let mut q = cfg(Method::Dualpriv, &d);
     q.noise_multiplier = Some(0.7);
@@ -308,6 +310,7 @@ fn global_scope_and_micro_batches() {
     let mut c = cfg(Method::Ghost, &d);
     c.micro_batch = 3;
     let three = gradient_sums(&Cpu, &m, &key(), &c, &d, &idx).unwrap();
+    assert_eq!(one.grads.len(), m.trainable().len());
     for (id, g) in &one.grads {
         assert!(
             rel_err(&three.grads[id], g, scale(g)) < 1e-5,
