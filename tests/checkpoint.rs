@@ -253,7 +253,10 @@ fn published_steps_are_always_charged() {
         most_shown = most_shown.max(shown);
     }
     // Some crash points had published evaluations (else the check above is vacuous).
-    assert!(most_shown > 0, "no evaluation in metrics.jsonl at any crash point");
+    assert!(
+        most_shown > 0,
+        "no evaluation in metrics.jsonl at any crash point"
+    );
 }
 
 #[test]
