@@ -1,6 +1,8 @@
 //! The synthetic multimodal task: determinism, answers recomputed from the scene,
 //! scene validity, the collated layout, vocabulary bounds, errors, class balance,
 //! image statistics, the per-split question mix, baselines and the PPM preview.
+mod common;
+
 use std::collections::HashMap;
 
 use dualpriv::data::synthetic::{
@@ -299,7 +301,10 @@ fn answer_counts(d: &Dataset) -> HashMap<QuestionKind, HashMap<u32, usize>> {
 fn answer_classes_are_balanced() {
     for split in [Split::Public, Split::Private] {
         let d = gen(split, 4000, 21);
-        for (kind, counts) in answer_counts(&d) {
+        let by_kind = answer_counts(&d);
+        let kinds = split.kind_mix().iter().filter(|&&f| f > 0.0).count();
+        assert_eq!(by_kind.len(), kinds, "{split:?}: every asked kind appears");
+        for (kind, counts) in by_kind {
             let total: usize = counts.values().sum();
             assert_eq!(
                 counts.len(),
@@ -431,8 +436,7 @@ fn baselines_on_the_test_split() {
 #[test]
 fn ppm_preview() {
     let d = Dataset::generate(Split::Private, 4, 42, 32).unwrap();
-    let dir = std::env::temp_dir().join(format!("dualpriv-data-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::tmp_dir("ppm_preview");
     for (i, ex) in d.examples.iter().enumerate() {
         let path = dir.join(format!("example{i}.ppm"));
         write_ppm(&path, &ex.image, 32).unwrap();
@@ -445,8 +449,6 @@ fn ppm_preview() {
     let bad = write_ppm(&dir.join("bad.ppm"), &[0.0; 5], 32).unwrap_err();
     assert_eq!(bad.kind(), std::io::ErrorKind::InvalidInput);
     if std::env::var_os("DUALPRIV_KEEP_PPM").is_some() {
-        println!("kept previews in {}", dir.display());
-    } else {
-        std::fs::remove_dir_all(&dir).unwrap();
+        println!("kept previews in {}", dir.keep().display());
     }
 }

@@ -836,29 +836,35 @@ fn print_golden() {
 fn the_radius_lattice_test_is_at_chance_at_both_ends() {
     let mut r = common::rng(23);
     let n = 4000;
-    let (mut tail_hits, mut centre_hits) = (0, 0);
-    for _ in 0..n {
-        let x1: u64 = r.random();
-        let y: u64 = r.random();
-        // Deep tail: x0 < 2^16, where f32 rounding still resolves a 2^-64 lattice.
-        let x0: u64 = r.random_range(0..1u64 << 16);
-        let [z1, z2] = box_muller(x0, x1, || [y, y]);
-        let s = [r.random_range(-0.5f32..0.5), r.random_range(-0.5f32..0.5)];
-        let o = [(f64::from(s[0]) + z1) as f32, (f64::from(s[1]) + z2) as f32];
-        let (e1, e2) = (
-            f64::from(o[0]) - f64::from(s[0]),
-            f64::from(o[1]) - f64::from(s[1]),
-        );
-        let k = (-(e1 * e1 + e2 * e2) / 2.0).exp() * 2f64.powi(64);
-        tail_hits += usize::from((k - k.round()).abs() < 0.05);
-        // Smallest radii: ~x0 < 2^16 (u within 2^-48 of 1), an empty batch (S = 0).
-        let x0 = !r.random_range(0..1u64 << 16);
-        let [z1, z2] = box_muller(x0, x1, || [y, y]);
-        let o = [z1 as f32, z2 as f32];
-        let rho2 = f64::from(o[0]).powi(2) + f64::from(o[1]).powi(2);
-        let k = rho2 / 2.0 * 2f64.powi(64);
-        centre_hits += usize::from((k - k.round()).abs() < 0.05);
-    }
+    // (deep tail, smallest radii) hits; `refine` = false zeroes the tail words, which
+    // leaves the radii on the 2^-64 lattice of the first word alone.
+    let hits = |refine: bool, r: &mut rand_chacha::ChaCha8Rng| {
+        let (mut tail_hits, mut centre_hits) = (0, 0);
+        for _ in 0..n {
+            let x1: u64 = r.random();
+            let y: u64 = if refine { r.random() } else { 0 };
+            // Deep tail: x0 < 2^16, where f32 rounding still resolves a 2^-64 lattice.
+            let x0: u64 = r.random_range(0..1u64 << 16);
+            let [z1, z2] = box_muller(x0, x1, || [y, y]);
+            let s = [r.random_range(-0.5f32..0.5), r.random_range(-0.5f32..0.5)];
+            let o = [(f64::from(s[0]) + z1) as f32, (f64::from(s[1]) + z2) as f32];
+            let (e1, e2) = (
+                f64::from(o[0]) - f64::from(s[0]),
+                f64::from(o[1]) - f64::from(s[1]),
+            );
+            let k = (-(e1 * e1 + e2 * e2) / 2.0).exp() * 2f64.powi(64);
+            tail_hits += usize::from((k - k.round()).abs() < 0.05);
+            // Smallest radii: ~x0 < 2^16 (u within 2^-48 of 1), an empty batch (S = 0).
+            let x0 = !r.random_range(0..1u64 << 16);
+            let [z1, z2] = box_muller(x0, x1, || [y, y]);
+            let o = [z1 as f32, z2 as f32];
+            let rho2 = f64::from(o[0]).powi(2) + f64::from(o[1]).powi(2);
+            let k = rho2 / 2.0 * 2f64.powi(64);
+            centre_hits += usize::from((k - k.round()).abs() < 0.05);
+        }
+        (tail_hits, centre_hits)
+    };
+    let (tail_hits, centre_hits) = hits(true, &mut r);
     // Chance: Binomial(n, 0.1), mean 400, sd 19; 5 sd above chance fails.
     for (what, hits) in [("deep tail", tail_hits), ("smallest radii", centre_hits)] {
         assert!(
@@ -866,6 +872,12 @@ fn the_radius_lattice_test_is_at_chance_at_both_ends() {
             "{what}: the lattice test passed {hits}/{n}"
         );
     }
+    // Without the refinement the lattice shows at both ends (the test can fail).
+    let (tail_coarse, centre_coarse) = hits(false, &mut r);
+    assert!(
+        tail_coarse > 2000 && centre_coarse > 2000,
+        "unrefined radii: {tail_coarse}, {centre_coarse} of {n}"
+    );
 }
 
 /// The third review's attack on the angle: near an axis one output of the pair is

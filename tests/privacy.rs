@@ -58,12 +58,13 @@ fn model<B: DpBackend>(be: &B, spec: &ModelSpec) -> Mllm<B> {
 
 fn cfg(method: Method, d: &Dataset, micro: usize) -> TrainConfig {
     TrainConfig {
+        batch: d.len(),
         micro_batch: micro,
         opt: OptConfig::sgd(1.0),
         clip_norm: C,
         noise_multiplier: Some(1.0),
         dpzo_lambda: 1e-2,
-        ..TrainConfig::new(method, d.len(), d.max_text_len())
+        ..common::train_cfg(method, d)
     }
 }
 
@@ -207,6 +208,7 @@ fn dpzo_scalar_has_sensitivity_c() {
             dpzo_clipped_sum(&mut ctx, 0, &idx).unwrap()
         };
         let base = sum_of(&d);
+        let mut worst = 0.0f64;
         for (name, x) in adversaries(&d) {
             for at in [0, 3, 6] {
                 let s = sum_of(&with_inserted(&d, at, &x));
@@ -215,8 +217,11 @@ fn dpzo_scalar_has_sensitivity_c() {
                     dist <= f64::from(C) * (1.0 + 1e-5),
                     "dpzo micro {micro}: x = {name} at {at}: |ΔS| = {dist:e} > C"
                 );
+                worst = worst.max(dist / f64::from(C));
             }
         }
+        // Clipping was active: the plain example alone moved the sum by ~C.
+        assert!(worst > 0.5, "dpzo micro {micro}: largest change {worst} C");
     }
 }
 
@@ -411,8 +416,7 @@ fn dualpriv_binary() -> std::path::PathBuf {
 
 #[test]
 fn the_cli_draws_a_fresh_key_for_every_private_run() {
-    let root = std::env::temp_dir().join(format!("dualpriv-cli-keys-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
+    let root = common::tmp_dir("the_cli_draws_a_fresh_key_for_every_private_run");
     let run = |name: &str, extra: &[&str]| {
         let out = root.join(name);
         let status = std::process::Command::new(dualpriv_binary())
@@ -478,7 +482,6 @@ fn the_cli_draws_a_fresh_key_for_every_private_run() {
     let (m4, _, _) = run("d", &["--insecure-seed", "4"]);
     assert_eq!(m3, m4);
     assert!(o3.contains("epsilon = inf (not private"), "{o3}");
-    let _ = std::fs::remove_dir_all(&root);
 }
 
 /// The sensitivity test on the GPU with the backend's shipped defaults (TF32 for
@@ -510,8 +513,7 @@ fn gpu_clipped_sums_have_sensitivity_c_through_the_whole_model() {
 
 #[test]
 fn metrics_reveal_only_what_epsilon_covers_unless_asked() {
-    let root = std::env::temp_dir().join(format!("dualpriv-metrics-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
+    let root = common::tmp_dir("metrics_reveal_only_what_epsilon_covers_unless_asked");
     let d = Dataset::generate(Split::Private, 16, 3, 32).unwrap();
     let held_out = Dataset::generate(Split::Test, 8, 2, 32).unwrap();
     let lines = |private_stats: bool, name: &str| {
@@ -547,19 +549,20 @@ fn metrics_reveal_only_what_epsilon_covers_unless_asked() {
     assert!(plain[0].get("eval_accuracy").is_none());
     assert!(plain[1]["eval_accuracy"].is_f64() && plain[2]["eval_loss"].is_f64());
     let with = lines(true, "private");
+    assert_eq!(with.len(), 3);
     assert!(with
         .iter()
         .all(|l| l["batch_size"].is_u64() && l.get("nonfinite_examples").is_some()));
-    let _ = std::fs::remove_dir_all(&root);
 }
 
 #[test]
 fn demo_methods_get_different_keys() {
     use dualpriv::run::{demo_spec, demo_trainer, DemoArgs};
     let d = Dataset::generate(Split::Private, 512, 1, 32).unwrap();
+    let dir = common::tmp_dir("demo_methods_get_different_keys");
     let a = DemoArgs {
         pretrained: "assets/tiny-pretrained".into(),
-        out: std::env::temp_dir().join("dualpriv-demo-keys"),
+        out: dir.to_path_buf(),
         train_examples: 512,
         test_examples: 8,
         epsilon: 3.0,

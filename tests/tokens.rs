@@ -1,6 +1,8 @@
 //! Visual token selection: the CPU reference (`dualpriv::vision::tokens`) against a
 //! brute-force f64 reference written here in the most obvious way, its edge cases
 //! and errors, and the GPU (`dualpriv::gpu::tokens`) against the CPU.
+mod common;
+
 use dualpriv::dp::noise::{NoiseKey, RngKind, StreamKey};
 use dualpriv::vision::tokens::{
     cls_scores, dominant_indices, gather_fuse, plan_tokens, select_tokens, TokenSelectConfig,
@@ -8,8 +10,7 @@ use dualpriv::vision::tokens::{
 };
 use dualpriv::Error;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 
 /// One batch of layer outputs.
 struct Inputs {
@@ -42,7 +43,7 @@ fn cfg(keep: usize, context: usize) -> TokenSelectConfig {
 /// level (a random permutation, 0.01 apart) plus per-head jitter below 0.001, so
 /// f32 and f64 rank them identically.
 fn gen(s: TokenShape, seed: u64) -> Inputs {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut rng = common::rng(seed);
     let (n, p) = (s.tokens, s.patches());
     let mut attn = vec![0.0f32; s.batch * s.heads * n];
     for b in 0..s.batch {
@@ -556,7 +557,7 @@ mod gpu {
             return;
         };
         let s = shape(2, 577, 16, 64, 1024);
-        let mut rng = ChaCha8Rng::seed_from_u64(2024);
+        let mut rng = common::rng(2024);
         let mut draw = |len: usize, scale: f32| -> Vec<f32> {
             (0..len).map(|_| rng.random::<f32>() * scale).collect()
         };

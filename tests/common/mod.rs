@@ -64,6 +64,12 @@ impl TmpDir {
     pub fn path(&self) -> &Path {
         &self.0
     }
+
+    /// Keeps the folder after the test (to inspect what it wrote) and returns its
+    /// path.
+    pub fn keep(mut self) -> PathBuf {
+        std::mem::take(&mut self.0)
+    }
 }
 
 impl std::ops::Deref for TmpDir {
@@ -81,7 +87,8 @@ impl AsRef<Path> for TmpDir {
 
 impl Drop for TmpDir {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
+        // An empty path is a folder given up by `keep`.
+        if !std::thread::panicking() && !self.0.as_os_str().is_empty() {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
@@ -98,19 +105,20 @@ pub fn tmp_dir(name: &str) -> TmpDir {
 }
 
 /// Largest |a-b| / max(|b|, floor) over two slices: the one relative-error measure
-/// of the test suite.
+/// of the test suite. With `floor` = [`max_abs`]`(b)` it is the error relative to
+/// b's scale.
 pub fn rel_err(a: &[f32], b: &[f32], floor: f32) -> f32 {
-    max_rel_err(a, b, floor)
-}
-
-/// Largest |a-b| / max(|b|, floor) over two slices (the name older tests use; same
-/// as [`rel_err`]).
-pub fn max_rel_err(a: &[f32], b: &[f32], floor: f32) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs() / y.abs().max(floor))
         .fold(0.0, f32::max)
+}
+
+/// Largest |v| (0 for an empty slice): the scale an f32 sum's error is judged
+/// against.
+pub fn max_abs(v: &[f32]) -> f32 {
+    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
 }
 
 /// Relative difference of two f64 values.
