@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use crate::backend::dp::DpBackend;
 use crate::data::synthetic::{Dataset, Split};
+use crate::dp::accountant::AccountantKind;
 use crate::dp::key::RunKey;
 use crate::model::config::ModelConfig;
 use crate::model::Mllm;
@@ -160,7 +161,7 @@ pub fn demo_train_config(method: Method, epsilon: f64, delta: f64, text_len: usi
         epsilon: method.is_private().then_some(epsilon),
         delta,
         noise_multiplier: None,
-        accountant: "pld".into(),
+        accountant: AccountantKind::Pld,
         // The tiny preset's default (K, M) = (6, 2): 9 visual tokens instead of 16.
         keep_tokens: (method == Method::Dualpriv).then_some(6),
         context_tokens: if method == Method::Dualpriv { 2 } else { 0 },

@@ -9,6 +9,7 @@ use dualpriv::backend::cpu::Cpu;
 use dualpriv::backend::dp::DpBackend;
 use dualpriv::bench::{self, Device};
 use dualpriv::data::synthetic::{Dataset, Split};
+use dualpriv::dp::accountant::AccountantKind;
 use dualpriv::dp::key::RunKey;
 use dualpriv::model::Mllm;
 use dualpriv::run;
@@ -203,8 +204,8 @@ enum Cmd {
         #[arg(long, default_value_t = 1e-5)]
         delta: f64,
         /// Accountant: pld (the default; tight, matches dp_accounting) or rdp (Opacus-compatible).
-        #[arg(long, default_value = "pld")]
-        accountant: String,
+        #[arg(long, value_enum, ignore_case = true, default_value = "pld")]
+        accountant: AccountantKind,
     },
 }
 
@@ -324,7 +325,7 @@ fn main() -> ExitCode {
             target_epsilon,
             steps,
             delta,
-            &accountant,
+            accountant,
         )
         .map(|_| true),
     };
@@ -344,9 +345,9 @@ fn main() -> ExitCode {
 /// Options of `dualpriv train`.
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// nonprivate, dpsgd, ghost, dualpriv or dpzo.
-    #[arg(long, default_value = "dualpriv")]
-    method: String,
+    /// The training method.
+    #[arg(long, value_enum, ignore_case = true, default_value = "dualpriv")]
+    method: Method,
     /// Pretrained checkpoint folder to start from (model.safetensors).
     #[arg(long, default_value = "assets/tiny-pretrained")]
     init: PathBuf,
@@ -369,8 +370,8 @@ struct TrainArgs {
     #[arg(long, conflicts_with = "epsilon")]
     noise_multiplier: Option<f64>,
     /// Accountant: pld (tighter) or rdp.
-    #[arg(long, default_value = "pld")]
-    accountant: String,
+    #[arg(long, value_enum, ignore_case = true, default_value = "pld")]
+    accountant: AccountantKind,
     /// Logical steps.
     #[arg(long, default_value_t = 25)]
     steps: u32,
@@ -381,11 +382,11 @@ struct TrainArgs {
     #[arg(long, default_value_t = 128)]
     micro_batch: usize,
     /// poisson (accounted) or shuffle (NOT covered by the accounting).
-    #[arg(long, default_value = "poisson")]
-    sampling: String,
-    /// adamw or sgd.
-    #[arg(long, default_value = "adamw")]
-    optimizer: String,
+    #[arg(long, value_enum, default_value = "poisson")]
+    sampling: Sampling,
+    /// The optimizer.
+    #[arg(long, value_enum, default_value = "adamw")]
+    optimizer: OptKind,
     /// Learning rate.
     #[arg(long, default_value_t = 1e-2)]
     lr: f32,
@@ -414,8 +415,8 @@ struct TrainArgs {
     #[arg(long, default_value_t = 0.8)]
     keep_frac: f64,
     /// tensor or global top-k threshold.
-    #[arg(long, default_value = "tensor")]
-    prune_scope: String,
+    #[arg(long, value_enum, default_value = "tensor")]
+    prune_scope: PruneScope,
     /// LoRA rank (0: full fine-tuning of --full groups).
     #[arg(long, default_value_t = 8)]
     lora_rank: usize,
@@ -461,15 +462,6 @@ struct TrainArgs {
     backend: Backend,
 }
 
-fn parse<T>(
-    flag: &str,
-    v: &str,
-    f: impl Fn(&str) -> Option<T>,
-    valid: &str,
-) -> dualpriv::Result<T> {
-    f(v).ok_or_else(|| dualpriv::Error::Config(format!("--{flag} {v:?}: expected {valid}")))
-}
-
 fn train(a: TrainArgs) -> dualpriv::Result<()> {
     match a.backend {
         Backend::Cpu => train_on(&Cpu, a),
@@ -492,7 +484,7 @@ fn train_on<B: DpBackend>(be: &B, a: TrainArgs) -> dualpriv::Result<()> {
         );
         return report(t.run(&data, a.checkpoint_every)?);
     }
-    let method: Method = a.method.parse()?;
+    let method = a.method;
     let spec = ModelSpec {
         preset: a.preset.clone(),
         lora_rank: (a.lora_rank > 0).then_some(a.lora_rank),
@@ -505,36 +497,6 @@ fn train_on<B: DpBackend>(be: &B, a: TrainArgs) -> dualpriv::Result<()> {
             .collect(),
     };
     let (mcfg, mode) = spec.build()?;
-    let kind = parse(
-        "optimizer",
-        &a.optimizer,
-        |s| match s {
-            "adamw" => Some(OptKind::Adamw),
-            "sgd" => Some(OptKind::Sgd),
-            _ => None,
-        },
-        "adamw or sgd",
-    )?;
-    let sampling = parse(
-        "sampling",
-        &a.sampling,
-        |s| match s {
-            "poisson" => Some(Sampling::Poisson),
-            "shuffle" => Some(Sampling::Shuffle),
-            _ => None,
-        },
-        "poisson or shuffle",
-    )?;
-    let prune_scope = parse(
-        "prune-scope",
-        &a.prune_scope,
-        |s| match s {
-            "tensor" => Some(PruneScope::Tensor),
-            "global" => Some(PruneScope::Global),
-            _ => None,
-        },
-        "tensor or global",
-    )?;
     let (default_keep, default_context) = mcfg.vision.default_token_select();
     let keep_tokens = match (a.no_token_pruning, a.keep_tokens, method) {
         (true, ..) => None,
@@ -546,25 +508,22 @@ fn train_on<B: DpBackend>(be: &B, a: TrainArgs) -> dualpriv::Result<()> {
         .max_text_len()
         .max(Dataset::generate(Split::Test, 1000, 2, run::TINY_IMAGE)?.max_text_len());
     let cfg = TrainConfig {
-        method,
-        batch: a.batch,
         micro_batch: a.micro_batch,
-        sampling,
+        sampling: a.sampling,
         steps: a.steps,
         opt: OptConfig {
-            kind,
-            lr: a.lr,
             momentum: a.momentum,
             weight_decay: a.weight_decay,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
+            ..match a.optimizer {
+                OptKind::Adamw => OptConfig::adamw(a.lr),
+                OptKind::Sgd => OptConfig::sgd(a.lr),
+            }
         },
         clip_norm: a.clip_norm,
         epsilon: a.epsilon,
         delta: a.delta,
         noise_multiplier: a.noise_multiplier,
-        accountant: a.accountant.clone(),
+        accountant: a.accountant,
         keep_tokens,
         context_tokens: if keep_tokens.is_some() {
             a.context_tokens.unwrap_or(default_context)
@@ -573,14 +532,14 @@ fn train_on<B: DpBackend>(be: &B, a: TrainArgs) -> dualpriv::Result<()> {
         },
         fuse_noise_std: a.fuse_noise_std,
         keep_frac: a.keep_frac,
-        prune_scope,
+        prune_scope: a.prune_scope,
         dpzo_lambda: a.dpzo_lambda,
         rng: a.rng.parse()?,
         log_private_stats: a.log_private_stats,
         eval_every: a.eval_every,
         // The built-in data's size is a flag, so public; q and σ derive from it.
         public_size: Some(a.train_examples),
-        text_len,
+        ..TrainConfig::new(method, a.batch, text_len)
     };
     let model = Mllm::load(be, &mcfg, &mode, &checkpoint::model_path(&a.init)?)?;
     let key = match a.insecure_seed {
@@ -786,10 +745,9 @@ fn account(
     target: Option<f64>,
     steps: u64,
     delta: f64,
-    kind: &str,
+    kind: AccountantKind,
 ) -> dualpriv::Result<()> {
-    use dualpriv::dp::accountant::{calibrate_sigma, epsilon, AccountantKind};
-    let kind: AccountantKind = kind.parse()?;
+    use dualpriv::dp::accountant::{calibrate_sigma, epsilon};
     if steps == 0 {
         return Err(dualpriv::Error::Config("--steps must be at least 1".into()));
     }

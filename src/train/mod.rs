@@ -29,7 +29,7 @@ use sampler::{Sampler, Sampling};
 use step::{OptState, StepContext, StepOutcome};
 
 /// Whether the top-k threshold is taken per tensor or over all trainable tensors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PruneScope {
     /// One threshold per tensor; each tensor is applied and freed as soon as formed.
@@ -62,8 +62,8 @@ pub struct TrainConfig {
     pub delta: f64,
     /// A fixed noise multiplier σ (> 0 for DP methods) instead of calibration.
     pub noise_multiplier: Option<f64>,
-    /// The accountant: "rdp" or "pld".
-    pub accountant: String,
+    /// The accountant.
+    pub accountant: AccountantKind,
     /// Visual token pruning: K dominant patches (None: off).
     pub keep_tokens: Option<usize>,
     /// Visual token pruning: M contextual tokens.
@@ -114,7 +114,7 @@ impl TrainConfig {
             epsilon: None,
             delta: 1e-5,
             noise_multiplier: method.is_private().then_some(1.0),
-            accountant: "rdp".into(),
+            accountant: AccountantKind::Rdp,
             keep_tokens: None,
             context_tokens: 0,
             fuse_noise_std: 0.0,
@@ -151,11 +151,6 @@ impl TrainConfig {
             t.noise = key.stream(Domain::Tokens, self.rng);
             t
         })
-    }
-
-    /// The parsed accountant kind.
-    pub fn accountant_kind(&self) -> Result<AccountantKind> {
-        self.accountant.parse()
     }
 
     /// The sampler of this config on `data` (its rate from the public size when
@@ -206,7 +201,6 @@ impl TrainConfig {
                 self.fuse_noise_std
             ));
         }
-        self.accountant_kind()?;
         if self.method.is_private() {
             if !(self.delta > 0.0 && self.delta < 1.0) {
                 return bad(format!("δ = {} must be in (0, 1)", self.delta));
@@ -489,13 +483,17 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             (false, ..) => 0.0,
             (true, Some(s), _) => s,
             (true, None, Some(eps)) => accountant::calibrate_sigma(
-                cfg.accountant_kind()?,
+                cfg.accountant,
                 sampler.rate(),
                 u64::from(cfg.steps),
                 eps,
                 cfg.delta,
             )?,
-            (true, None, None) => unreachable!("validated"),
+            (true, None, None) => {
+                return Err(Error::Internal(
+                    "a validated DP config has neither ε nor σ".into(),
+                ))
+            }
         };
         if cfg.method.is_private() {
             check_truncation(sigma, sampler.rate(), cfg.steps, cfg.delta)?;
@@ -664,12 +662,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         if self.not_private().is_some() {
             return Ok(None);
         }
-        f(
-            self.cfg.accountant_kind()?,
-            &self.privacy.history,
-            self.cfg.delta,
-        )
-        .map(Some)
+        f(self.cfg.accountant, &self.privacy.history, self.cfg.delta).map(Some)
     }
 
     /// Collates and checks every training example once, before the first step: a
@@ -738,7 +731,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         if self.cfg.method.is_private() {
             check_truncation(self.sigma, q, self.cfg.steps, self.cfg.delta)?;
         }
-        let kind = self.cfg.accountant_kind()?;
+        let kind = self.cfg.accountant;
         let private = self.cfg.method.is_private();
         if let (true, Some(why)) = (private, self.not_private()) {
             eprintln!("warning: this run is NOT private ({why}); its ε is reported as ∞");
@@ -1043,7 +1036,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         take_over: bool,
         fine_epsilon: bool,
     ) -> Result<()> {
-        let kind = self.cfg.accountant_kind()?;
+        let kind = self.cfg.accountant;
         let _lock = LedgerLock::acquire(path)?;
         let mut ledger = Ledger::load(path)?;
         if let (true, Some(e)) = (take_over, ledger.entry(&self.run_id)) {

@@ -5,7 +5,7 @@ use crate::dp::prune::Optimizer;
 use crate::{Error, Result};
 
 /// The optimizer family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum OptKind {
     /// SGD with optional momentum.
