@@ -7,7 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
-pub mod bench;
+pub mod cmd;
 pub mod data;
 pub mod dp;
 pub mod error;
@@ -16,7 +16,6 @@ pub mod gpu;
 pub mod linalg;
 pub mod mem;
 pub mod model;
-pub mod run;
 pub mod selfcheck;
 pub mod train;
 pub mod vision;

@@ -8,6 +8,7 @@
 //! computes per-example norms (ghost or instantiated) and clipped sums
 //! (book-keeping), REFERENCE.md §3.
 pub mod config;
+pub mod flops;
 pub mod llama;
 pub mod lora;
 pub mod mllm;
