@@ -17,6 +17,7 @@ use dualpriv::cmd::pretrain::{self, PretrainArgs};
 use dualpriv::cmd::train::{self, TrainArgs};
 use dualpriv::dp::accountant::AccountantKind;
 use dualpriv::dp::noise::RngKind;
+use dualpriv::error::Setting;
 use dualpriv::selfcheck;
 use dualpriv::train::checkpoint::ModelSpec;
 use dualpriv::train::method::Method;
@@ -380,10 +381,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("dualpriv: {e}");
+            match flag_of(&e) {
+                Some(flag) => eprintln!("dualpriv: {e} ({flag})"),
+                None => eprintln!("dualpriv: {e}"),
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// The flag behind an error the library reports in its own terms.
+fn flag_of(e: &Error) -> Option<&'static str> {
+    Some(match e {
+        Error::NoCudaDriver => "--backend cpu",
+        Error::Setting { setting, .. } => match setting {
+            Setting::OutDir => "to continue that run: --resume DIR; for a new one: another --out",
+            Setting::RunDir => "`dualpriv train --out DIR` writes a run folder",
+            Setting::Steps => "--steps",
+            Setting::Optimizer => "--lr, --momentum, --weight-decay",
+            _ => return None,
+        },
+        _ => return None,
+    })
 }
 
 /// Flags of `dualpriv train` (their defaults are [`TrainArgs::default`]'s, tested).

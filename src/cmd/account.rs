@@ -2,6 +2,7 @@
 //! mechanism, ε for a noise multiplier or the smallest noise multiplier for a
 //! target ε.
 use crate::dp::accountant::{calibrate_sigma, epsilon, AccountantKind};
+use crate::error::Setting;
 use crate::{Error, Result};
 
 /// Settings of `dualpriv account`: one phase of `steps` steps at (q, σ).
@@ -35,7 +36,10 @@ impl AccountArgs {
     /// one of σ and a target ε.
     pub fn validate(&self) -> Result<()> {
         if self.steps == 0 {
-            return Err(Error::Config("--steps must be at least 1".into()));
+            return Err(Error::Setting {
+                setting: Setting::Steps,
+                message: "the number of steps must be at least 1".into(),
+            });
         }
         match (self.noise_multiplier, self.target_epsilon) {
             (Some(_), None) | (None, Some(_)) => Ok(()),

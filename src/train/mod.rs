@@ -20,6 +20,7 @@ use crate::dp::accountant::ledger::{self, Ledger, LedgerEntry, LedgerLock};
 use crate::dp::accountant::{self, AccountantKind};
 use crate::dp::key::{Domain, RunKey};
 use crate::dp::noise::{RngKind, MAX_ABS_NORMAL};
+use crate::error::Setting;
 use crate::model::Mllm;
 use crate::vision::tokens::TokenSelectConfig;
 use crate::{Error, Result};
@@ -632,7 +633,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         if !self.cfg.method.is_private() {
             Some("non-private method")
         } else if self.key.is_insecure() {
-            Some("--insecure-seed: anyone can recompute its batches and noise")
+            Some("insecure seed: anyone can recompute its batches and noise")
         } else if self.cfg.sampling == Sampling::Shuffle {
             Some("shuffled batches: the accountant assumes Poisson sampling")
         } else {
@@ -699,12 +700,15 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         if let Some(dir) = &self.out_dir {
             let busy = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
             if busy {
-                return Err(Error::Config(format!(
-                    "{}: the output folder is not empty; a new run would overwrite an earlier \
-                     run's checkpoint and ledger entry. Resume it (`--resume {}`) or choose a new folder",
-                    dir.display(),
-                    dir.display()
-                )));
+                return Err(Error::Setting {
+                    setting: Setting::OutDir,
+                    message: format!(
+                        "{}: the output folder is not empty; a new run would overwrite an earlier \
+                         run's checkpoint and ledger entry. Resume that run (Trainer::resume) or \
+                         choose a new folder",
+                        dir.display()
+                    ),
+                });
             }
             std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
             let path = match &self.ledger {
@@ -746,9 +750,9 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         }
         if private && self.cfg.rng == RngKind::Philox {
             eprintln!(
-                "warning: --rng philox is not a cryptographic generator (64 of the key's bits, \
+                "warning: the Philox noise generator is not cryptographic (64 of the key's bits, \
                  outputs not proven unpredictable); its ε assumes the noise cannot be predicted. \
-                 Use chacha20 for private data"
+                 Use ChaCha20 (the default) for private data"
             );
         }
         self.check_every_example(data)?;
@@ -972,8 +976,8 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         let (ledger, fingerprint) = match (&self.ledger, &self.fingerprint) {
             (Some(l), Some(f)) => (l.clone(), f.clone()),
             _ => {
-                return Err(Error::Config(
-                    "internal: checkpoint before the output folder was claimed".into(),
+                return Err(Error::Internal(
+                    "checkpoint before the output folder was claimed".into(),
                 ))
             }
         };

@@ -203,7 +203,7 @@ fn apply<B: DpBackend>(
         moments.push(
             by_id
                 .remove(id)
-                .ok_or_else(|| Error::Config(format!("parameter {id} listed twice")))?,
+                .ok_or_else(|| Error::Internal(format!("parameter {id} listed twice")))?,
         );
     }
     let mut set: Vec<TensorUpdate<'_, B>> = params
