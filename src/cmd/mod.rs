@@ -9,7 +9,7 @@
 //! * [`account`]: ε for a noise multiplier, or the σ for a target ε;
 //! * [`demo`]: the README's main job, every method fine-tuned and evaluated;
 //! * [`pretrain`]: non-private pretraining of the public starting checkpoint;
-//! * [`bench`]: step time of each method, and micro-benchmarks of each kernel.
+//! * [`bench`](mod@bench): step time of each method, and micro-benchmarks of each kernel.
 //!
 //! `dualpriv selfcheck` is [`crate::selfcheck`].
 pub mod account;
