@@ -5,10 +5,10 @@
 fn main() {
     // `cargo test --benches` passes --test-ish flags; only run timings under `cargo bench`.
     if std::env::args().any(|a| a == "--bench") {
-        match dualpriv::bench::run(dualpriv::bench::Device::Cpu) {
+        match dualpriv::cmd::bench::kernels(dualpriv::cmd::bench::Device::Cpu) {
             Ok(rows) => {
-                print!("{}", dualpriv::bench::markdown(&rows));
-                print!("{}", dualpriv::bench::rng_ratios(&rows));
+                print!("{}", dualpriv::cmd::bench::markdown(&rows));
+                print!("{}", dualpriv::cmd::bench::rng_ratios(&rows));
             }
             Err(e) => {
                 eprintln!("bench failed: {e}");

@@ -25,7 +25,8 @@ assert metadata.version("dp-accounting") == "0.6.0", metadata.version("dp-accoun
 
 OPACUS_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 
-# (q, sigma, steps, delta). The first three are REFERENCE.md §5's vectors; the
+# (q, sigma, steps, delta). The first three are the reference vectors of
+# tests/accountant.rs (Opacus 1.6.0 RDP and dp_accounting 0.6.0 PLD values); the
 # rest span q in [1e-3, 1], sigma in [0.5, 10], T in [1, 1e5], delta in
 # [1e-10, 1e-3], chosen so that eps stays in a meaningful range (~1e-3 .. ~60).
 CASES = [

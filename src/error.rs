@@ -1,5 +1,7 @@
 //! The crate's error type. Every failure a user can cause (bad shapes, configs,
-//! a missing GPU) lands here with a message that names the problem and the fix.
+//! a missing GPU, unreadable files) lands here with a message that names the
+//! problem and the fix in library terms; front ends add their own option names
+//! ([`Error::Setting`]).
 use thiserror::Error;
 
 /// Errors returned by dualpriv.
@@ -8,7 +10,7 @@ pub enum Error {
     /// No CUDA driver library could be loaded on this machine.
     #[error(
         "no CUDA driver: libcuda could not be loaded. Run on a machine with an NVIDIA GPU and \
-         driver, or use the CPU backend (--backend cpu)"
+         driver, or use the CPU backend"
     )]
     NoCudaDriver,
     /// The CUDA driver is present but cuBLAS is not.
@@ -31,6 +33,16 @@ pub enum Error {
     /// A configuration value is out of its valid range.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A choice of the caller's is invalid or conflicts with what is on disk, and
+    /// the fix is another choice of `setting`. The message says so in library
+    /// terms; a front end names its own option for `setting` (the CLI, its flag).
+    #[error("invalid configuration: {message}")]
+    Setting {
+        /// The setting to change.
+        setting: Setting,
+        /// What is wrong, and the fix.
+        message: String,
+    },
     /// A file could not be read or written.
     #[error("{path}: {message}")]
     Io {
@@ -51,6 +63,38 @@ pub enum Error {
     /// A NaN or Inf reached a place where it would silently corrupt a DP release.
     #[error("non-finite values: {0}")]
     NonFinite(String),
+}
+
+/// The settings an [`Error::Setting`] names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Setting {
+    /// The output folder of a new run ([`crate::train::Trainer::out_dir`]).
+    OutDir,
+    /// A run folder to read: the run to resume or the checkpoint to evaluate.
+    RunDir,
+    /// The number of steps.
+    Steps,
+    /// The optimizer's learning rate, momentum and weight decay.
+    Optimizer,
+}
+
+impl Error {
+    /// An [`Error::Io`] naming `path`.
+    pub(crate) fn io(path: &std::path::Path, e: impl std::fmt::Display) -> Self {
+        Self::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// An [`Error::Io`] for a failure of the operating system's random source.
+    pub(crate) fn entropy(e: impl std::fmt::Display) -> Self {
+        Self::Io {
+            path: "getrandom".into(),
+            message: format!("the operating system's random source failed: {e}"),
+        }
+    }
 }
 
 /// Result alias for dualpriv.

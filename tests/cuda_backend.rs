@@ -620,7 +620,7 @@ fn cfg(method: Method, d: &Dataset) -> TrainConfig {
         epsilon: None,
         delta: 1e-5,
         noise_multiplier: method.is_private().then_some(0.8),
-        accountant: "rdp".into(),
+        accountant: dualpriv::dp::accountant::AccountantKind::Rdp,
         // All 16 patches kept: the selection kernels run, but a randomly initialised
         // ViT's near-uniform CLS attention would let f32 rounding reorder near-tied
         // patches between backends. Pruned selection on identical inputs is checked

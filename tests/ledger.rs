@@ -128,7 +128,7 @@ fn a_new_run_cannot_reset_a_ledger_entry() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("not empty") && err.contains("--resume"),
+        err.contains("not empty") && err.contains("Trainer::resume"),
         "{err}"
     );
     let l = Ledger::load(&root.join("privacy-ledger.json")).unwrap();

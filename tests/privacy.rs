@@ -557,7 +557,7 @@ fn metrics_reveal_only_what_epsilon_covers_unless_asked() {
 
 #[test]
 fn demo_methods_get_different_keys() {
-    use dualpriv::run::{demo_spec, demo_trainer, DemoArgs};
+    use dualpriv::cmd::demo::{demo_spec, demo_trainer, DemoArgs};
     let d = Dataset::generate(Split::Private, 512, 1, 32).unwrap();
     let dir = common::tmp_dir("demo_methods_get_different_keys");
     let a = DemoArgs {

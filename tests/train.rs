@@ -509,7 +509,15 @@ fn bad_configs_are_errors() {
     assert!(bad(&|c| c.clip_norm = 0.0));
     assert!(bad(&|c| c.keep_frac = 1.5));
     assert!(bad(&|c| c.delta = 1.0));
-    assert!(bad(&|c| c.accountant = "moments".into()));
+    assert!("moments"
+        .parse::<dualpriv::dp::accountant::AccountantKind>()
+        .is_err());
+    assert!(serde_json::from_str::<TrainConfig>(
+        &serde_json::to_string(&base)
+            .unwrap()
+            .replace("\"rdp\"", "\"moments\"")
+    )
+    .is_err());
     assert!(bad(&|c| {
         c.noise_multiplier = None;
         c.epsilon = None;

@@ -1,23 +1,30 @@
-//! The dualpriv command line. Training commands arrive with the training driver;
-//! today it runs the self-check and the kernel micro-benchmarks.
+//! The dualpriv command line: flags and printing only. Each command's work is a
+//! library function in [`dualpriv::cmd`] (or [`dualpriv::selfcheck`]); this file
+//! maps the flags onto its settings, prints what it returns, and names the flag
+//! behind an error the library reports in its own terms.
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use std::path::PathBuf;
 
 use dualpriv::backend::cpu::Cpu;
 use dualpriv::backend::dp::DpBackend;
-use dualpriv::bench::{self, Device};
-use dualpriv::data::synthetic::{Dataset, Split};
-use dualpriv::dp::key::RunKey;
-use dualpriv::model::Mllm;
-use dualpriv::run;
+use dualpriv::cmd::account::{self, AccountAnswer, AccountArgs};
+use dualpriv::cmd::bench::{self, BenchArgs, Device};
+use dualpriv::cmd::demo::{self, DemoArgs, DemoReport};
+use dualpriv::cmd::eval::{self, EvalArgs};
+use dualpriv::cmd::pretrain::{self, PretrainArgs};
+use dualpriv::cmd::train::{self, TrainArgs};
+use dualpriv::dp::accountant::AccountantKind;
+use dualpriv::dp::noise::RngKind;
+use dualpriv::error::Setting;
 use dualpriv::selfcheck;
-use dualpriv::train::checkpoint::{self, ModelSpec};
+use dualpriv::train::checkpoint::ModelSpec;
 use dualpriv::train::method::Method;
 use dualpriv::train::optim::{OptConfig, OptKind};
 use dualpriv::train::sampler::Sampling;
-use dualpriv::train::{PruneScope, TrainConfig, Trainer};
+use dualpriv::train::{PruneScope, RunSummary};
+use dualpriv::{Error, Result};
 
 #[global_allocator]
 static ALLOC: dualpriv::mem::CountingAlloc = dualpriv::mem::CountingAlloc;
@@ -102,7 +109,7 @@ enum Cmd {
     ///   dualpriv train --method dualpriv --init assets/tiny-pretrained --out runs/ablate --epsilon 3 --keep-frac 1 --no-token-pruning
     ///   dualpriv train --resume runs/dp --steps 200
     #[command(verbatim_doc_comment)]
-    Train(Box<TrainArgs>),
+    Train(Box<TrainFlags>),
     /// Step time, memory and throughput of each training method on a fixed batch.
     ///
     /// Examples:
@@ -203,8 +210,8 @@ enum Cmd {
         #[arg(long, default_value_t = 1e-5)]
         delta: f64,
         /// Accountant: pld (the default; tight, matches dp_accounting) or rdp (Opacus-compatible).
-        #[arg(long, default_value = "pld")]
-        accountant: String,
+        #[arg(long, value_enum, ignore_case = true, default_value = "pld")]
+        accountant: AccountantKind,
     },
 }
 
@@ -219,7 +226,7 @@ fn main() -> ExitCode {
             epsilon,
             delta,
         } => {
-            let a = run::DemoArgs {
+            let a = DemoArgs {
                 pretrained,
                 out,
                 train_examples,
@@ -228,7 +235,7 @@ fn main() -> ExitCode {
                 delta,
                 progress: true,
             };
-            run::demo(&Cpu, &a).map(|rep| {
+            demo::demo(&Cpu, &a).map(|rep| {
                 print_demo(&rep);
                 true
             })
@@ -242,7 +249,7 @@ fn main() -> ExitCode {
             lr,
             seed,
         } => {
-            let a = run::PretrainArgs {
+            let a = PretrainArgs {
                 preset,
                 out,
                 examples,
@@ -252,7 +259,7 @@ fn main() -> ExitCode {
                 seed,
                 progress: true,
             };
-            run::pretrain(&Cpu, &a).map(|(s, acc)| {
+            pretrain::pretrain(&Cpu, &a).map(|(s, acc)| {
                 println!(
                     "pretrained {} steps in {:.1} s; held-out public accuracy {acc:.4}",
                     s.steps, s.seconds
@@ -261,7 +268,15 @@ fn main() -> ExitCode {
                 true
             })
         }
-        Cmd::Train(a) => train(*a).map(|_| true),
+        Cmd::Train(f) => {
+            let backend = f.backend;
+            let a = f.into_args();
+            match backend {
+                Backend::Cpu => train_on(&Cpu, &a),
+                Backend::Cuda => with_cuda(|be| train_on(be, &a)),
+            }
+            .map(|_| true)
+        }
         Cmd::Bench {
             backend,
             preset,
@@ -272,30 +287,46 @@ fn main() -> ExitCode {
             lora_rank,
             steps,
             json,
-        } => bench_args(
-            preset,
-            &method,
-            batch,
-            keep_tokens,
-            keep_frac,
-            lora_rank,
-            steps,
-        )
-        .and_then(|a| match backend {
-            Backend::Cpu => bench_on(&Cpu, &a, json),
-            Backend::Cuda => with_cuda(|be| bench_on(be, &a, json)),
-        })
-        .map(|_| true),
+        } => parse_methods(&method)
+            .map(|methods| BenchArgs {
+                preset,
+                methods,
+                batch,
+                keep_tokens,
+                keep_frac,
+                lora_rank,
+                warmup: 2,
+                steps,
+            })
+            .and_then(|a| match backend {
+                Backend::Cpu => bench_on(&Cpu, &a, json),
+                Backend::Cuda => with_cuda(|be| bench_on(be, &a, json)),
+            })
+            .map(|_| true),
         Cmd::Eval {
             checkpoint,
             test_examples,
             data_seed,
             backend,
-        } => match backend {
-            Backend::Cpu => eval_on(&Cpu, &checkpoint, test_examples, data_seed),
-            Backend::Cuda => with_cuda(|be| eval_on(be, &checkpoint, test_examples, data_seed)),
+        } => {
+            let a = EvalArgs {
+                checkpoint,
+                test_examples,
+                data_seed,
+            };
+            match backend {
+                Backend::Cpu => eval::eval(&Cpu, &a),
+                Backend::Cuda => with_cuda(|be| eval::eval(be, &a)),
+            }
+            .map(|r| {
+                println!(
+                    "test examples = {}, majority baseline = {:.4}",
+                    r.examples, r.majority_baseline
+                );
+                println!("accuracy = {:.4}", r.accuracy);
+                true
+            })
         }
-        .map(|_| true),
         Cmd::Selfcheck => selfcheck::run().map(|rep| {
             print!("{}", rep.markdown());
             rep.all_passed()
@@ -305,7 +336,7 @@ fn main() -> ExitCode {
                 Backend::Cpu => Device::Cpu,
                 Backend::Cuda => Device::Cuda,
             };
-            bench::run(dev).map(|rows| {
+            bench::kernels(dev).map(|rows| {
                 print!("{}", bench::markdown(&rows));
                 print!("{}", bench::rng_ratios(&rows));
                 true
@@ -318,15 +349,30 @@ fn main() -> ExitCode {
             steps,
             delta,
             accountant,
-        } => account(
-            sample_rate,
-            noise_multiplier,
-            target_epsilon,
-            steps,
-            delta,
-            &accountant,
-        )
-        .map(|_| true),
+        } => {
+            let a = AccountArgs {
+                accountant,
+                sample_rate,
+                noise_multiplier,
+                target_epsilon,
+                steps,
+                delta,
+            };
+            a.validate()
+                .map(|()| {
+                    println!(
+                        "accountant = {accountant}, q = {sample_rate}, steps = {steps}, delta = {delta}"
+                    )
+                })
+                .and_then(|()| account::account(&a))
+                .map(|ans| {
+                    match ans {
+                        AccountAnswer::Epsilon(e) => println!("epsilon = {e}"),
+                        AccountAnswer::NoiseMultiplier(s) => println!("noise_multiplier = {s}"),
+                    }
+                    true
+                })
+        }
     };
     match res {
         Ok(true) => ExitCode::SUCCESS,
@@ -335,18 +381,36 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("dualpriv: {e}");
+            match flag_of(&e) {
+                Some(flag) => eprintln!("dualpriv: {e} ({flag})"),
+                None => eprintln!("dualpriv: {e}"),
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-/// Options of `dualpriv train`.
+/// The flag behind an error the library reports in its own terms.
+fn flag_of(e: &Error) -> Option<&'static str> {
+    Some(match e {
+        Error::NoCudaDriver => "--backend cpu",
+        Error::Setting { setting, .. } => match setting {
+            Setting::OutDir => "to continue that run: --resume DIR; for a new one: another --out",
+            Setting::RunDir => "`dualpriv train --out DIR` writes a run folder",
+            Setting::Steps => "--steps",
+            Setting::Optimizer => "--lr, --momentum, --weight-decay",
+            _ => return None,
+        },
+        _ => return None,
+    })
+}
+
+/// Flags of `dualpriv train` (their defaults are [`TrainArgs::default`]'s, tested).
 #[derive(clap::Args)]
-struct TrainArgs {
-    /// nonprivate, dpsgd, ghost, dualpriv or dpzo.
-    #[arg(long, default_value = "dualpriv")]
-    method: String,
+struct TrainFlags {
+    /// The training method.
+    #[arg(long, value_enum, ignore_case = true, default_value = "dualpriv")]
+    method: Method,
     /// Pretrained checkpoint folder to start from (model.safetensors).
     #[arg(long, default_value = "assets/tiny-pretrained")]
     init: PathBuf,
@@ -369,8 +433,8 @@ struct TrainArgs {
     #[arg(long, conflicts_with = "epsilon")]
     noise_multiplier: Option<f64>,
     /// Accountant: pld (tighter) or rdp.
-    #[arg(long, default_value = "pld")]
-    accountant: String,
+    #[arg(long, value_enum, ignore_case = true, default_value = "pld")]
+    accountant: AccountantKind,
     /// Logical steps.
     #[arg(long, default_value_t = 25)]
     steps: u32,
@@ -381,11 +445,11 @@ struct TrainArgs {
     #[arg(long, default_value_t = 128)]
     micro_batch: usize,
     /// poisson (accounted) or shuffle (NOT covered by the accounting).
-    #[arg(long, default_value = "poisson")]
-    sampling: String,
-    /// adamw or sgd.
-    #[arg(long, default_value = "adamw")]
-    optimizer: String,
+    #[arg(long, value_enum, default_value = "poisson")]
+    sampling: Sampling,
+    /// The optimizer.
+    #[arg(long, value_enum, default_value = "adamw")]
+    optimizer: OptKind,
     /// Learning rate.
     #[arg(long, default_value_t = 1e-2)]
     lr: f32,
@@ -414,8 +478,8 @@ struct TrainArgs {
     #[arg(long, default_value_t = 0.8)]
     keep_frac: f64,
     /// tensor or global top-k threshold.
-    #[arg(long, default_value = "tensor")]
-    prune_scope: String,
+    #[arg(long, value_enum, default_value = "tensor")]
+    prune_scope: PruneScope,
     /// LoRA rank (0: full fine-tuning of --full groups).
     #[arg(long, default_value_t = 8)]
     lora_rank: usize,
@@ -441,8 +505,8 @@ struct TrainArgs {
     insecure_seed: Option<u64>,
     /// Noise generator: chacha20 (cryptographic, default) or philox (faster, not
     /// cryptographic).
-    #[arg(long, default_value = "chacha20")]
-    rng: String,
+    #[arg(long, default_value = "chacha20", value_parser = parse_rng)]
+    rng: RngKind,
     /// Also log the private batches' loss, size and non-finite count to
     /// metrics.jsonl and the progress bar. NOT covered by ε.
     #[arg(long)]
@@ -461,188 +525,110 @@ struct TrainArgs {
     backend: Backend,
 }
 
-fn parse<T>(
-    flag: &str,
-    v: &str,
-    f: impl Fn(&str) -> Option<T>,
-    valid: &str,
-) -> dualpriv::Result<T> {
-    f(v).ok_or_else(|| dualpriv::Error::Config(format!("--{flag} {v:?}: expected {valid}")))
+/// `--rng`: the library's names, any case.
+fn parse_rng(s: &str) -> std::result::Result<RngKind, String> {
+    s.parse().map_err(|e: Error| e.to_string())
 }
 
-fn train(a: TrainArgs) -> dualpriv::Result<()> {
-    match a.backend {
-        Backend::Cpu => train_on(&Cpu, a),
-        Backend::Cuda => with_cuda(|be| train_on(be, a)),
+impl TrainFlags {
+    /// The library's settings for these flags.
+    fn into_args(self) -> TrainArgs {
+        let opt = match self.optimizer {
+            OptKind::Adamw => OptConfig::adamw(self.lr),
+            OptKind::Sgd => OptConfig::sgd(self.lr),
+        };
+        TrainArgs {
+            method: self.method,
+            model: ModelSpec {
+                preset: self.preset,
+                lora_rank: (self.lora_rank > 0).then_some(self.lora_rank),
+                lora_alpha: self.lora_alpha,
+                full_groups: self
+                    .full
+                    .split(',')
+                    .map(|g| g.trim().to_string())
+                    .filter(|g| !g.is_empty())
+                    .collect(),
+            },
+            init: self.init,
+            out: self.out,
+            resume: self.resume,
+            epsilon: self.epsilon,
+            delta: self.delta,
+            noise_multiplier: self.noise_multiplier,
+            accountant: self.accountant,
+            steps: self.steps,
+            batch: self.batch,
+            micro_batch: self.micro_batch,
+            sampling: self.sampling,
+            opt: OptConfig {
+                momentum: self.momentum,
+                weight_decay: self.weight_decay,
+                ..opt
+            },
+            clip_norm: self.clip_norm,
+            token_pruning: !self.no_token_pruning,
+            keep_tokens: self.keep_tokens,
+            context_tokens: self.context_tokens,
+            fuse_noise_std: self.fuse_noise_std,
+            keep_frac: self.keep_frac,
+            prune_scope: self.prune_scope,
+            dpzo_lambda: self.dpzo_lambda,
+            train_examples: self.train_examples,
+            seed: self.seed,
+            insecure_seed: self.insecure_seed,
+            rng: self.rng,
+            log_private_stats: self.log_private_stats,
+            eval_every: self.eval_every,
+            eval_examples: self.eval_examples,
+            checkpoint_every: self.checkpoint_every,
+            progress: true,
+        }
     }
 }
 
-fn train_on<B: DpBackend>(be: &B, a: TrainArgs) -> dualpriv::Result<()> {
-    let data = Dataset::generate(Split::Private, a.train_examples, a.seed, run::TINY_IMAGE)?;
-    let held_out = Dataset::generate(Split::Test, a.eval_examples.max(1), 2, run::TINY_IMAGE)?;
-    if let Some(dir) = &a.resume {
-        let mut t = Trainer::resume(be, dir, &data, Some(a.steps))?;
-        t.progress = true;
-        t.eval_data = Some(held_out);
+fn train_on<B: DpBackend>(be: &B, a: &TrainArgs) -> Result<()> {
+    if let (Some(s), None) = (a.insecure_seed, &a.resume) {
         eprintln!(
+            "warning: --insecure-seed {s}: batches and noise follow a public number, so this \
+             run is NOT private; its ε is reported as ∞ in its outputs and the ledger"
+        );
+    }
+    let mut job = train::prepare(be, a)?;
+    let t = &job.trainer;
+    match &a.resume {
+        Some(dir) => eprintln!(
             "resuming {} at step {} of {}",
             dir.display(),
             t.step,
             t.cfg.steps
-        );
-        return report(t.run(&data, a.checkpoint_every)?);
+        ),
+        None => eprintln!(
+            "{}: {} trainable values, q = {:.4}, sigma = {:.4}",
+            a.method,
+            t.model.trainable().iter().map(|p| p.len).sum::<usize>(),
+            a.batch as f64 / a.train_examples as f64,
+            t.sigma
+        ),
     }
-    let method: Method = a.method.parse()?;
-    let spec = ModelSpec {
-        preset: a.preset.clone(),
-        lora_rank: (a.lora_rank > 0).then_some(a.lora_rank),
-        lora_alpha: a.lora_alpha,
-        full_groups: a
-            .full
-            .split(',')
-            .map(|g| g.trim().to_string())
-            .filter(|g| !g.is_empty())
-            .collect(),
-    };
-    let (mcfg, mode) = spec.build()?;
-    let kind = parse(
-        "optimizer",
-        &a.optimizer,
-        |s| match s {
-            "adamw" => Some(OptKind::Adamw),
-            "sgd" => Some(OptKind::Sgd),
-            _ => None,
-        },
-        "adamw or sgd",
-    )?;
-    let sampling = parse(
-        "sampling",
-        &a.sampling,
-        |s| match s {
-            "poisson" => Some(Sampling::Poisson),
-            "shuffle" => Some(Sampling::Shuffle),
-            _ => None,
-        },
-        "poisson or shuffle",
-    )?;
-    let prune_scope = parse(
-        "prune-scope",
-        &a.prune_scope,
-        |s| match s {
-            "tensor" => Some(PruneScope::Tensor),
-            "global" => Some(PruneScope::Global),
-            _ => None,
-        },
-        "tensor or global",
-    )?;
-    let (default_keep, default_context) = mcfg.vision.default_token_select();
-    let keep_tokens = match (a.no_token_pruning, a.keep_tokens, method) {
-        (true, ..) => None,
-        (false, Some(k), _) => Some(k),
-        (false, None, Method::Dualpriv) => Some(default_keep),
-        _ => None,
-    };
-    let text_len = data
-        .max_text_len()
-        .max(Dataset::generate(Split::Test, 1000, 2, run::TINY_IMAGE)?.max_text_len());
-    let cfg = TrainConfig {
-        method,
-        batch: a.batch,
-        micro_batch: a.micro_batch,
-        sampling,
-        steps: a.steps,
-        opt: OptConfig {
-            kind,
-            lr: a.lr,
-            momentum: a.momentum,
-            weight_decay: a.weight_decay,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-        },
-        clip_norm: a.clip_norm,
-        epsilon: a.epsilon,
-        delta: a.delta,
-        noise_multiplier: a.noise_multiplier,
-        accountant: a.accountant.clone(),
-        keep_tokens,
-        context_tokens: if keep_tokens.is_some() {
-            a.context_tokens.unwrap_or(default_context)
-        } else {
-            0
-        },
-        fuse_noise_std: a.fuse_noise_std,
-        keep_frac: a.keep_frac,
-        prune_scope,
-        dpzo_lambda: a.dpzo_lambda,
-        rng: a.rng.parse()?,
-        log_private_stats: a.log_private_stats,
-        eval_every: a.eval_every,
-        // The built-in data's size is a flag, so public; q and σ derive from it.
-        public_size: Some(a.train_examples),
-        text_len,
-    };
-    let model = Mllm::load(be, &mcfg, &mode, &checkpoint::model_path(&a.init)?)?;
-    let key = match a.insecure_seed {
-        Some(s) => {
-            eprintln!(
-                "warning: --insecure-seed {s}: batches and noise follow a public number, so this \
-                 run is NOT private; its ε is reported as ∞ in its outputs and the ledger"
-            );
-            RunKey::from_insecure_seed(s)
-        }
-        None => RunKey::from_os()?,
-    };
-    let mut t = Trainer::with_key(be, model, spec, cfg, &data, key)?;
-    t.out_dir = a.out.clone();
-    t.progress = true;
-    t.eval_data = Some(held_out);
-    eprintln!(
-        "{method}: {} trainable values, q = {:.4}, sigma = {:.4}",
-        t.model.trainable().iter().map(|p| p.len).sum::<usize>(),
-        a.batch as f64 / a.train_examples as f64,
-        t.sigma
-    );
-    report(t.run(&data, a.checkpoint_every)?)
+    report(job.run()?);
+    Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn bench_args(
-    preset: String,
-    method: &str,
-    batch: usize,
-    keep_tokens: Option<usize>,
-    keep_frac: f64,
-    lora_rank: usize,
-    steps: usize,
-) -> dualpriv::Result<run::BenchArgs> {
-    let methods: Vec<Method> = if method == "all" {
-        Method::ALL.to_vec()
-    } else {
-        method
-            .split(',')
-            .map(|m| m.parse())
-            .collect::<dualpriv::Result<_>>()?
-    };
-    Ok(run::BenchArgs {
-        preset,
-        methods,
-        batch,
-        keep_tokens,
-        keep_frac,
-        lora_rank,
-        warmup: 2,
-        steps,
-    })
+/// `--method`: a comma list of methods, or `all`.
+fn parse_methods(list: &str) -> Result<Vec<Method>> {
+    if list == "all" {
+        return Ok(Method::ALL.to_vec());
+    }
+    list.split(',').map(|m| m.parse()).collect()
 }
 
-fn bench_on<B: DpBackend>(be: &B, a: &run::BenchArgs, json: bool) -> dualpriv::Result<()> {
-    let rows = run::bench_methods(be, a)?;
+fn bench_on<B: DpBackend>(be: &B, a: &BenchArgs, json: bool) -> Result<()> {
+    let rows = bench::methods(be, a)?;
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&rows)
-                .map_err(|e| dualpriv::Error::Config(e.to_string()))?
+            serde_json::to_string_pretty(&rows).map_err(|e| Error::Format(e.to_string()))?
         );
         return Ok(());
     }
@@ -681,7 +667,7 @@ fn bench_on<B: DpBackend>(be: &B, a: &run::BenchArgs, json: bool) -> dualpriv::R
     Ok(())
 }
 
-fn report(s: dualpriv::train::RunSummary) -> dualpriv::Result<()> {
+fn report(s: RunSummary) {
     let mut line = format!(
         "steps = {} | sigma = {:.4} | {:.1} s | peak heap {} | {}",
         s.steps,
@@ -704,35 +690,13 @@ fn report(s: dualpriv::train::RunSummary) -> dualpriv::Result<()> {
         Some(why) => println!("epsilon = inf (not private: {why})"),
         None => println!("epsilon = {}", s.epsilon),
     }
-    Ok(())
-}
-
-fn eval_on<B: DpBackend>(
-    be: &B,
-    dir: &std::path::Path,
-    n: usize,
-    seed: u64,
-) -> dualpriv::Result<()> {
-    let (st, folder) = checkpoint::load_state(dir)?;
-    let (mcfg, mode) = st.model.build()?;
-    let model = Mllm::load(be, &mcfg, &mode, &folder.join("model.safetensors"))?;
-    let test = Dataset::generate(Split::Test, n, seed, mcfg.vision.image_size)?;
-    let tokens = st.train.token_select();
-    let text_len = st.train.text_len.max(test.max_text_len());
-    let acc = run::evaluate(be, &model, &test, tokens.as_ref(), text_len)?;
-    println!(
-        "test examples = {n}, majority baseline = {:.4}",
-        dualpriv::data::synthetic::majority_baseline(&test)
-    );
-    println!("accuracy = {acc:.4}");
-    Ok(())
 }
 
 fn mib(b: usize) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
 }
 
-fn print_demo(rep: &run::DemoReport) {
+fn print_demo(rep: &DemoReport) {
     let rows = &rep.rows;
     println!(
         "test accuracy before fine-tuning = {:.4}, majority-answer baseline = {:.4}",
@@ -780,49 +744,40 @@ fn print_demo(rep: &run::DemoReport) {
     );
 }
 
-fn account(
-    q: f64,
-    sigma: Option<f64>,
-    target: Option<f64>,
-    steps: u64,
-    delta: f64,
-    kind: &str,
-) -> dualpriv::Result<()> {
-    use dualpriv::dp::accountant::{calibrate_sigma, epsilon, AccountantKind};
-    let kind: AccountantKind = kind.parse()?;
-    if steps == 0 {
-        return Err(dualpriv::Error::Config("--steps must be at least 1".into()));
-    }
-    println!("accountant = {kind}, q = {q}, steps = {steps}, delta = {delta}");
-    match (sigma, target) {
-        (Some(s), _) => println!("epsilon = {}", epsilon(kind, &[(q, s, steps)], delta)?),
-        (None, Some(e)) => println!(
-            "noise_multiplier = {}",
-            calibrate_sigma(kind, q, steps, e, delta)?
-        ),
-        (None, None) => unreachable!("clap requires one of them"),
-    }
-    Ok(())
-}
-
 /// Runs `f` on the CUDA backend: a missing driver or a build without the `cuda`
 /// feature is an error that says what to do, never a panic.
 #[cfg(feature = "cuda")]
-fn with_cuda<T>(
-    f: impl FnOnce(&dualpriv::backend::cuda::Cuda) -> dualpriv::Result<T>,
-) -> dualpriv::Result<T> {
+fn with_cuda<T>(f: impl FnOnce(&dualpriv::backend::cuda::Cuda) -> Result<T>) -> Result<T> {
     let be = dualpriv::backend::cuda::Cuda::new()?;
     f(&be)
 }
 
 /// Without the `cuda` feature there is no GPU backend in this binary.
 #[cfg(not(feature = "cuda"))]
-fn with_cuda<T>(
-    _f: impl FnOnce(&dualpriv::backend::cpu::Cpu) -> dualpriv::Result<T>,
-) -> dualpriv::Result<T> {
-    Err(dualpriv::Error::Config(
+fn with_cuda<T>(_f: impl FnOnce(&Cpu) -> Result<T>) -> Result<T> {
+    Err(Error::Config(
         "--backend cuda: this binary was built without the `cuda` feature; rebuild with \
          `cargo build --release --features cuda` (or use --backend cpu)"
             .into(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flags' defaults are the library's: `dualpriv train` and
+    /// [`TrainArgs::default`] describe the same run.
+    #[test]
+    fn train_flag_defaults_are_the_library_defaults() {
+        let Cmd::Train(f) = Cli::parse_from(["dualpriv", "train", "--out", "x"]).cmd else {
+            panic!("not the train command");
+        };
+        let want = TrainArgs {
+            out: Some("x".into()),
+            progress: true,
+            ..TrainArgs::default()
+        };
+        assert_eq!(f.into_args(), want);
+    }
 }

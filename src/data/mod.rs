@@ -23,8 +23,10 @@ pub struct Batch {
     pub input_ids: Vec<u32>,
     /// `[B, T]` next-token targets (`input_ids` shifted left by one; PAD at the end).
     pub targets: Vec<u32>,
-    /// `[B, T]` 1.0 where the target is an answer token (exactly one position per
-    /// example, [`synthetic::Example::answer_position`]), else 0.0.
+    /// `[B, T]` 1.0 at the positions whose loss counts, else 0.0 (no other values).
+    /// An example's loss is the mean cross-entropy over its masked positions (0 when
+    /// it has none), and [`crate::model::Mllm::predict`] reads its first one. The
+    /// built-in task marks one per example, [`synthetic::Example::answer_position`].
     pub loss_mask: Vec<f32>,
     /// Dataset indices of the examples, for logging and debugging.
     pub example_ids: Vec<usize>,

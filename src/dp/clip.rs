@@ -2,7 +2,8 @@
 //!
 //! For a linear layer Y = X·Wᵀ (+ b) with input X of shape B×T×d and output
 //! gradient G of shape B×T×p, example i's weight gradient is ∇W_i = G_iᵀ X_i (p×d).
-//! Its squared Frobenius norm has two forms (REFERENCE.md §3):
+//! Its squared Frobenius norm has two forms (the ghost one from Li et al. 2022,
+//! arXiv 2110.05679):
 //!
 //! * ghost:        ‖∇W_i‖² = ⟨X_i X_iᵀ, G_i G_iᵀ⟩_F, cost O(T²(d+p));
 //! * instantiated: ‖∇W_i‖² = ‖X_iᵀ G_i‖²_F,       cost O(T·d·p);

@@ -55,9 +55,7 @@ impl RunKey {
     pub fn from_os() -> Result<Self> {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes).map_err(|e| {
-            Error::Config(format!(
-                "the operating system's random source failed ({e}); a DP run cannot start without a secret key"
-            ))
+            Error::entropy(format!("{e}; a DP run cannot start without a secret key"))
         })?;
         Ok(Self {
             bytes,

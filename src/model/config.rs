@@ -138,7 +138,9 @@ fn clip_vit_l14_336() -> VisionConfig {
 impl ModelConfig {
     /// A named preset: `tiny` (trains in seconds on a CPU), `tinyllava-1b`
     /// (CLIP ViT-L/14-336 + TinyLlama-1.1B) or `llava-7b` (CLIP ViT-L/14-336 +
-    /// Vicuna-7B), REFERENCE.md §7.
+    /// Vicuna-7B), with the sizes of the `config.json` of
+    /// `openai/clip-vit-large-patch14-336`, `TinyLlama/TinyLlama-1.1B-Chat-v1.0` and
+    /// `lmsys/vicuna-7b-v1.5` on the Hugging Face Hub.
     pub fn preset(name: &str) -> Result<ModelConfig> {
         let cfg = match name {
             "tiny" => ModelConfig {

@@ -5,9 +5,10 @@
 //!
 //! The backward never forms weight gradients: every trainable linear hands back a
 //! [`Capture`] (its input X and output gradient G), from which the training loop
-//! computes per-example norms (ghost or instantiated) and clipped sums
-//! (book-keeping), REFERENCE.md §3.
+//! computes per-example norms (ghost or instantiated; Li et al. 2022, arXiv
+//! 2110.05679) and clipped sums (book-keeping; Bu et al. 2023, arXiv 2210.00038).
 pub mod config;
+pub mod flops;
 pub mod llama;
 pub mod lora;
 pub mod mllm;

@@ -139,11 +139,11 @@ impl<B: Backend> Store<B> {
             .map(|(t, b)| {
                 TensorView::new(Dtype::F32, t.shape.clone(), b)
                     .map(|v| (t.name.clone(), v))
-                    .map_err(|e| Error::Config(format!("checkpoint tensor {}: {e}", t.name)))
+                    .map_err(|e| Error::Internal(format!("checkpoint tensor {}: {e}", t.name)))
             })
             .collect::<Result<Vec<_>>>()?;
         safetensors::serialize_to_file(views, Some(meta), path)
-            .map_err(|e| Error::Config(format!("cannot write checkpoint {}: {e}", path.display())))
+            .map_err(|e| Error::io(path, format!("cannot write checkpoint: {e}")))
     }
 
     /// Overwrites tensors from the bytes of a safetensors file (`path` is for
@@ -158,7 +158,7 @@ impl<B: Backend> Store<B> {
         path: &Path,
         may_be_missing: impl Fn(&str) -> bool,
     ) -> Result<()> {
-        let bad = |m: String| Error::Config(format!("checkpoint {}: {m}", path.display()));
+        let bad = |m: String| Error::Format(format!("checkpoint {}: {m}", path.display()));
         let st = SafeTensors::deserialize(file)
             .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let mut names = st.names();
@@ -204,10 +204,10 @@ impl<B: Backend> Store<B> {
 
 /// Reads a checkpoint file and its header metadata.
 pub(crate) fn read_checkpoint(path: &Path) -> Result<(Vec<u8>, HashMap<String, String>)> {
-    let file = std::fs::read(path)
-        .map_err(|e| Error::Config(format!("cannot read checkpoint {}: {e}", path.display())))?;
+    let file =
+        std::fs::read(path).map_err(|e| Error::io(path, format!("cannot read checkpoint: {e}")))?;
     let (_, meta) = SafeTensors::read_metadata(&file).map_err(|e| {
-        Error::Config(format!(
+        Error::Format(format!(
             "checkpoint {} is not a safetensors file: {e}",
             path.display()
         ))

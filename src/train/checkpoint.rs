@@ -32,6 +32,7 @@ use super::{io_err, PrivacyState, TrainConfig, Trainer};
 use crate::backend::dp::DpBackend;
 use crate::dp::accountant::ledger::write_durable;
 use crate::dp::key::RunKey;
+use crate::error::Setting;
 use crate::model::{FullGroup, LoraTarget, ModelConfig, TrainMode};
 use crate::{Error, Result};
 
@@ -155,8 +156,7 @@ pub(crate) fn after_write(path: &Path) -> Result<()> {
 /// A random 128-bit id as 32 hex digits.
 pub fn random_id() -> Result<String> {
     let mut b = [0u8; 16];
-    getrandom::fill(&mut b)
-        .map_err(|e| Error::Config(format!("the operating system's random source failed: {e}")))?;
+    getrandom::fill(&mut b).map_err(Error::entropy)?;
     Ok(crate::dp::key::to_hex(&b))
 }
 
@@ -276,11 +276,13 @@ fn safetensors_meta(p: &Path) -> Result<HashMap<String, String>> {
 /// that its model and optimizer files belong to it (same checkpoint id and step);
 /// returns the state and the checkpoint folder.
 pub fn load_state(dir: &Path) -> Result<(CheckpointState, PathBuf)> {
-    let folder = current(dir)?.ok_or_else(|| {
-        Error::Config(format!(
-            "{}: no checkpoint here (no {CURRENT} file); a run folder is written by `dualpriv train --out`",
+    let folder = current(dir)?.ok_or_else(|| Error::Setting {
+        setting: Setting::RunDir,
+        message: format!(
+            "{}: no checkpoint here (no {CURRENT} file); a run folder is the output folder of a \
+             training run",
             dir.display()
-        ))
+        ),
     })?;
     let p = folder.join("state.json");
     let bytes = std::fs::read(&p).map_err(|e| io_err(&p, e))?;
@@ -302,7 +304,7 @@ pub fn load_state(dir: &Path) -> Result<(CheckpointState, PathBuf)> {
         let meta = safetensors_meta(&f)?;
         let (id, step) = (meta.get("checkpoint_id"), meta.get("step"));
         if id != Some(&s.checkpoint_id) || step != Some(&s.step.to_string()) {
-            return Err(Error::Config(format!(
+            return Err(Error::Format(format!(
                 "{}: belongs to checkpoint {} at step {}, but {} is checkpoint {} at step {}; \
                  the folder mixes pieces of different checkpoints, so resuming is refused",
                 f.display(),
@@ -321,15 +323,15 @@ pub fn load_optim<B: DpBackend>(backend: &B, dir: &Path) -> Result<OptState<B>> 
     let p = dir.join("optim.safetensors");
     let bytes = std::fs::read(&p).map_err(|e| io_err(&p, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
+        .map_err(|e| Error::Format(format!("{}: {e}", p.display())))?;
     let mut moments: HashMap<u32, Moments<B>> = HashMap::new();
     for (name, view) in st.tensors() {
         let (tag, id) = name
             .split_once('.')
             .and_then(|(t, i)| i.parse::<u32>().ok().map(|i| (t.to_string(), i)))
-            .ok_or_else(|| Error::Config(format!("{}: unexpected tensor {name}", p.display())))?;
+            .ok_or_else(|| Error::Format(format!("{}: unexpected tensor {name}", p.display())))?;
         if view.dtype() != Dtype::F32 {
-            return Err(Error::Config(format!(
+            return Err(Error::Format(format!(
                 "{}: tensor {name} is not f32",
                 p.display()
             )));
@@ -345,7 +347,7 @@ pub fn load_optim<B: DpBackend>(backend: &B, dir: &Path) -> Result<OptState<B>> 
             "m" => e.m = Some(buf),
             "v" => e.v = Some(buf),
             _ => {
-                return Err(Error::Config(format!(
+                return Err(Error::Format(format!(
                     "{}: unexpected tensor {name}",
                     p.display()
                 )))

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 /// How a step turns a batch into a parameter update.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// The plain mean gradient; no clipping, no noise.

@@ -20,6 +20,7 @@ use crate::dp::accountant::ledger::{self, Ledger, LedgerEntry, LedgerLock};
 use crate::dp::accountant::{self, AccountantKind};
 use crate::dp::key::{Domain, RunKey};
 use crate::dp::noise::{RngKind, MAX_ABS_NORMAL};
+use crate::error::Setting;
 use crate::model::Mllm;
 use crate::vision::tokens::TokenSelectConfig;
 use crate::{Error, Result};
@@ -29,7 +30,7 @@ use sampler::{Sampler, Sampling};
 use step::{OptState, StepContext, StepOutcome};
 
 /// Whether the top-k threshold is taken per tensor or over all trainable tensors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PruneScope {
     /// One threshold per tensor; each tensor is applied and freed as soon as formed.
@@ -62,8 +63,8 @@ pub struct TrainConfig {
     pub delta: f64,
     /// A fixed noise multiplier σ (> 0 for DP methods) instead of calibration.
     pub noise_multiplier: Option<f64>,
-    /// The accountant: "rdp" or "pld".
-    pub accountant: String,
+    /// The accountant.
+    pub accountant: AccountantKind,
     /// Visual token pruning: K dominant patches (None: off).
     pub keep_tokens: Option<usize>,
     /// Visual token pruning: M contextual tokens.
@@ -114,7 +115,7 @@ impl TrainConfig {
             epsilon: None,
             delta: 1e-5,
             noise_multiplier: method.is_private().then_some(1.0),
-            accountant: "rdp".into(),
+            accountant: AccountantKind::Rdp,
             keep_tokens: None,
             context_tokens: 0,
             fuse_noise_std: 0.0,
@@ -151,11 +152,6 @@ impl TrainConfig {
             t.noise = key.stream(Domain::Tokens, self.rng);
             t
         })
-    }
-
-    /// The parsed accountant kind.
-    pub fn accountant_kind(&self) -> Result<AccountantKind> {
-        self.accountant.parse()
     }
 
     /// The sampler of this config on `data` (its rate from the public size when
@@ -206,7 +202,6 @@ impl TrainConfig {
                 self.fuse_noise_std
             ));
         }
-        self.accountant_kind()?;
         if self.method.is_private() {
             if !(self.delta > 0.0 && self.delta < 1.0) {
                 return bad(format!("δ = {} must be in (0, 1)", self.delta));
@@ -489,13 +484,17 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             (false, ..) => 0.0,
             (true, Some(s), _) => s,
             (true, None, Some(eps)) => accountant::calibrate_sigma(
-                cfg.accountant_kind()?,
+                cfg.accountant,
                 sampler.rate(),
                 u64::from(cfg.steps),
                 eps,
                 cfg.delta,
             )?,
-            (true, None, None) => unreachable!("validated"),
+            (true, None, None) => {
+                return Err(Error::Internal(
+                    "a validated DP config has neither ε nor σ".into(),
+                ))
+            }
         };
         if cfg.method.is_private() {
             check_truncation(sigma, sampler.rate(), cfg.steps, cfg.delta)?;
@@ -634,7 +633,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         if !self.cfg.method.is_private() {
             Some("non-private method")
         } else if self.key.is_insecure() {
-            Some("--insecure-seed: anyone can recompute its batches and noise")
+            Some("insecure seed: anyone can recompute its batches and noise")
         } else if self.cfg.sampling == Sampling::Shuffle {
             Some("shuffled batches: the accountant assumes Poisson sampling")
         } else {
@@ -664,12 +663,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         if self.not_private().is_some() {
             return Ok(None);
         }
-        f(
-            self.cfg.accountant_kind()?,
-            &self.privacy.history,
-            self.cfg.delta,
-        )
-        .map(Some)
+        f(self.cfg.accountant, &self.privacy.history, self.cfg.delta).map(Some)
     }
 
     /// Collates and checks every training example once, before the first step: a
@@ -706,12 +700,15 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         if let Some(dir) = &self.out_dir {
             let busy = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
             if busy {
-                return Err(Error::Config(format!(
-                    "{}: the output folder is not empty; a new run would overwrite an earlier \
-                     run's checkpoint and ledger entry. Resume it (`--resume {}`) or choose a new folder",
-                    dir.display(),
-                    dir.display()
-                )));
+                return Err(Error::Setting {
+                    setting: Setting::OutDir,
+                    message: format!(
+                        "{}: the output folder is not empty; a new run would overwrite an earlier \
+                         run's checkpoint and ledger entry. Resume that run (Trainer::resume) or \
+                         choose a new folder",
+                        dir.display()
+                    ),
+                });
             }
             std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
             let path = match &self.ledger {
@@ -738,7 +735,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         if self.cfg.method.is_private() {
             check_truncation(self.sigma, q, self.cfg.steps, self.cfg.delta)?;
         }
-        let kind = self.cfg.accountant_kind()?;
+        let kind = self.cfg.accountant;
         let private = self.cfg.method.is_private();
         if let (true, Some(why)) = (private, self.not_private()) {
             eprintln!("warning: this run is NOT private ({why}); its ε is reported as ∞");
@@ -753,9 +750,9 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         }
         if private && self.cfg.rng == RngKind::Philox {
             eprintln!(
-                "warning: --rng philox is not a cryptographic generator (64 of the key's bits, \
+                "warning: the Philox noise generator is not cryptographic (64 of the key's bits, \
                  outputs not proven unpredictable); its ε assumes the noise cannot be predicted. \
-                 Use chacha20 for private data"
+                 Use ChaCha20 (the default) for private data"
             );
         }
         self.check_every_example(data)?;
@@ -979,8 +976,8 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         let (ledger, fingerprint) = match (&self.ledger, &self.fingerprint) {
             (Some(l), Some(f)) => (l.clone(), f.clone()),
             _ => {
-                return Err(Error::Config(
-                    "internal: checkpoint before the output folder was claimed".into(),
+                return Err(Error::Internal(
+                    "checkpoint before the output folder was claimed".into(),
                 ))
             }
         };
@@ -1043,7 +1040,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         take_over: bool,
         fine_epsilon: bool,
     ) -> Result<()> {
-        let kind = self.cfg.accountant_kind()?;
+        let kind = self.cfg.accountant;
         let _lock = LedgerLock::acquire(path)?;
         let mut ledger = Ledger::load(path)?;
         if let (true, Some(e)) = (take_over, ledger.entry(&self.run_id)) {

@@ -2,10 +2,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::dp::prune::Optimizer;
+use crate::error::Setting;
 use crate::{Error, Result};
 
 /// The optimizer family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum OptKind {
     /// SGD with optional momentum.
@@ -72,8 +73,15 @@ impl OptConfig {
                 t: t.max(1),
             },
         };
-        o.validate().map_err(|e| {
-            Error::Config(format!("{e} (check --lr / --momentum / --weight-decay)"))
+        o.validate().map_err(|e| Error::Setting {
+            setting: Setting::Optimizer,
+            message: format!(
+                "{} (check the learning rate, momentum and weight decay)",
+                match e {
+                    Error::Config(m) => m,
+                    e => e.to_string(),
+                }
+            ),
         })?;
         Ok(o)
     }

@@ -13,7 +13,7 @@ use crate::dp::key::{Domain, RunKey};
 use crate::{Error, Result};
 
 /// How logical batches are drawn.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Sampling {
     /// Poisson sampling with rate q = B_expected / N: what the accountant assumes.

@@ -203,7 +203,7 @@ fn apply<B: DpBackend>(
         moments.push(
             by_id
                 .remove(id)
-                .ok_or_else(|| Error::Config(format!("parameter {id} listed twice")))?,
+                .ok_or_else(|| Error::Internal(format!("parameter {id} listed twice")))?,
         );
     }
     let mut set: Vec<TensorUpdate<'_, B>> = params
@@ -581,8 +581,9 @@ pub fn dpzo_clipped_sum<B: DpBackend>(
     })
 }
 
-/// DPZero (REFERENCE.md §4): d_i = clip((ℓ(θ+λz) − ℓ(θ−λz)) / 2λ, ±C),
-/// g = (Σ d_i + N(0, σ²C²)) / B_expected, θ ← θ − η·g·z with z regenerated.
+/// DPZero (Zhang et al. 2024, arXiv 2310.09639; github.com/Liang137/DPZero):
+/// d_i = clip((ℓ(θ+λz) − ℓ(θ−λz)) / 2λ, ±C), g = (Σ d_i + N(0, σ²C²)) / B_expected,
+/// θ ← θ − η·g·z with z regenerated.
 fn dpzo_step<B: DpBackend>(
     ctx: &mut StepContext<'_, B>,
     draw: u32,

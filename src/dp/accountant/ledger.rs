@@ -104,13 +104,13 @@ impl Ledger {
     pub fn load(path: &Path) -> Result<Self> {
         match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                Error::Config(format!(
+                Error::Format(format!(
                     "{}: the privacy ledger is corrupt ({e}); restore it from a backup rather than deleting it",
                     path.display()
                 ))
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(Error::Io { path: path.display().to_string(), message: e.to_string() }),
+            Err(e) => Err(Error::io(path, e)),
         }
     }
 
@@ -119,11 +119,11 @@ impl Ledger {
     pub fn existing_fingerprint_key(path: &Path) -> Result<[u8; 32]> {
         let kp = path.with_extension("key");
         if !kp.exists() {
-            return Err(Error::Config(format!(
-                "{}: the ledger's fingerprint key is missing, so this run's data cannot be \
+            return Err(Error::io(
+                &kp,
+                "the ledger's fingerprint key is missing, so this run's data cannot be \
                  recognised; restore the key file from a backup",
-                kp.display()
-            )));
+            ));
         }
         Self::fingerprint_key(path)
     }
@@ -138,7 +138,7 @@ impl Ledger {
         };
         match std::fs::read_to_string(&kp) {
             Ok(s) => crate::dp::key::parse_hex32(s.trim()).ok_or_else(|| {
-                Error::Config(format!(
+                Error::Format(format!(
                     "{}: not a ledger key (expected 64 hex digits); restore it from a backup",
                     kp.display()
                 ))
@@ -148,9 +148,7 @@ impl Ledger {
                     std::fs::create_dir_all(dir).map_err(io)?;
                 }
                 let mut key = [0u8; 32];
-                getrandom::fill(&mut key).map_err(|e| {
-                    Error::Config(format!("the operating system's random source failed: {e}"))
-                })?;
+                getrandom::fill(&mut key).map_err(Error::entropy)?;
                 let hex = crate::dp::key::to_hex(&key);
                 let mut f = private_create_new(&kp).map_err(io)?;
                 f.write_all(hex.as_bytes()).map_err(io)?;
@@ -271,11 +269,11 @@ impl LedgerLock {
                 }
             }
         }
-        Err(Error::Config(format!(
-            "{}: another dualpriv process has held the ledger lock for 30 s; if none is running \
+        Err(Error::io(
+            &path,
+            "another dualpriv process has held the ledger lock for 30 s; if none is running \
              (a crash left it), delete the lock file",
-            path.display()
-        )))
+        ))
     }
 }
 

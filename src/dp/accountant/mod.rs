@@ -20,14 +20,18 @@
 use std::fmt;
 use std::str::FromStr;
 
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
 use crate::error::{Error, Result};
 
 pub mod ledger;
 pub mod pld;
 pub mod rdp;
 
-/// Which accountant to use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Which accountant to use. On disk (`state.json`, the ledger) and on the command line
+/// it is the lowercase name, `"rdp"` or `"pld"`; reading also accepts any case and
+/// surrounding spaces, as the string field it replaces did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum AccountantKind {
     /// Rényi DP (Opacus-compatible orders and conversion).
     Rdp,
@@ -47,6 +51,19 @@ impl FromStr for AccountantKind {
                 "unknown accountant {s:?}: expected \"rdp\" or \"pld\""
             ))),
         }
+    }
+}
+
+impl Serialize for AccountantKind {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for AccountantKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -379,5 +396,29 @@ pub mod special {
     /// `ln Φ(z)`, accurate for very negative z.
     pub fn log_norm_cdf(z: f64) -> f64 {
         log_erfc(-z * std::f64::consts::FRAC_1_SQRT_2) - std::f64::consts::LN_2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AccountantKind;
+
+    /// The on-disk strings of `state.json` and the ledger stay readable: the field
+    /// was a string parsed case-insensitively before it became this enum.
+    #[test]
+    fn accountant_names_round_trip_as_before() {
+        for (kind, name) in [(AccountantKind::Rdp, "rdp"), (AccountantKind::Pld, "pld")] {
+            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{name}\""));
+            assert_eq!(
+                serde_json::from_str::<AccountantKind>(&format!("\"{name}\"")).unwrap(),
+                kind
+            );
+            let upper = format!("\" {} \"", name.to_uppercase());
+            assert_eq!(
+                serde_json::from_str::<AccountantKind>(&upper).unwrap(),
+                kind
+            );
+        }
+        assert!(serde_json::from_str::<AccountantKind>("\"moments\"").is_err());
     }
 }

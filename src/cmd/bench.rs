@@ -1,22 +1,175 @@
-//! Micro-benchmarks of each mechanism, on the CPU reference or the CUDA kernels.
-//! Used by `cargo bench` (CPU) and `dualpriv bench-kernels --backend cuda`.
+//! `dualpriv bench` and `dualpriv bench-kernels`: step time, memory and
+//! throughput of each training method on a fixed batch ([`methods`]), and
+//! micro-benchmarks of each mechanism on the CPU reference or the CUDA kernels
+//! ([`kernels`], also run by `cargo bench`).
 //!
-//! Every row reports the median of several timed repetitions after a warm-up, and
-//! the throughput implied by the bytes the kernel must move or the flops it must do.
+//! Every kernel row reports the median of several timed repetitions after a
+//! warm-up, and the throughput implied by the bytes the kernel must move or the
+//! flops it must do.
 use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::demo::demo_train_config;
+use crate::backend::dp::DpBackend;
+use crate::data::synthetic::{Dataset, Split};
 use crate::dp::clip::{self, LinearShape, NormMethod};
 use crate::dp::noise::{NoiseKey, RngKind, StreamKey};
 use crate::dp::prune::{self, Optimizer, TensorState, UpdateConfig};
+use crate::model::flops::step_flops;
+use crate::model::Mllm;
+use crate::train::checkpoint::ModelSpec;
+use crate::train::method::Method;
+use crate::train::Trainer;
 use crate::vision::tokens::{self, TokenSelectConfig, TokenShape};
-use crate::Result;
+use crate::{Error, Result};
 
-/// One benchmark result.
+/// One row of `dualpriv bench`: a method's step time and memory.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MethodBench {
+    /// The method.
+    pub method: String,
+    /// Median step time, milliseconds (CUDA events on the GPU, wall clock on the CPU).
+    pub median_ms: f64,
+    /// Peak heap bytes above the model and data during the timed steps (CPU,
+    /// counting allocator; `None` when the allocator is not installed or on the GPU).
+    pub peak_bytes: Option<usize>,
+    /// Peak bytes of live device buffers during the timed steps (GPU).
+    pub device_peak_bytes: Option<u64>,
+    /// Bytes in use on the whole device after the timed steps (GPU, `cuMemGetInfo`).
+    pub device_used_bytes: Option<u64>,
+    /// Training tokens (visual + text) per second.
+    pub tokens_per_s: f64,
+    /// Visual tokens per example.
+    pub visual_tokens: usize,
+    /// Estimated model FLOPs of one step ([`step_flops`]).
+    pub step_flops: f64,
+    /// Achieved fraction of the device's dense peak (TF32 or FP32, [`peak_tflops`]).
+    pub peak_fraction: Option<f64>,
+}
+
+/// Settings of `dualpriv bench`.
 #[derive(Clone, Debug)]
-pub struct BenchRow {
+pub struct BenchArgs {
+    /// Model preset.
+    pub preset: String,
+    /// Methods to time.
+    pub methods: Vec<Method>,
+    /// Examples per step (a fixed batch, so every method sees the same work).
+    pub batch: usize,
+    /// Visual tokens kept by `dualpriv` (K); None uses the preset default.
+    pub keep_tokens: Option<usize>,
+    /// Update fraction of `dualpriv`.
+    pub keep_frac: f64,
+    /// LoRA rank.
+    pub lora_rank: usize,
+    /// Warm-up steps.
+    pub warmup: usize,
+    /// Timed steps.
+    pub steps: usize,
+}
+
+/// Dense peak TFLOP/s of a known GPU for f32 GEMMs, by device name: TF32 tensor
+/// cores when `tf32`, plain FP32 otherwise (vendor datasheet figures, SXM parts,
+/// without sparsity). `None` for devices not in the table.
+pub fn peak_tflops(device: &str, tf32: bool) -> Option<f64> {
+    // Longest names first: "H200" also contains "H20".
+    let table = [
+        ("H200", 494.7, 66.9),
+        ("H100", 494.7, 66.9),
+        ("H20", 74.0, 44.0),
+        ("A100", 156.0, 19.5),
+    ];
+    table
+        .iter()
+        .find(|(n, _, _)| device.contains(n))
+        .map(|&(_, t, f)| if tf32 { t } else { f })
+}
+
+/// Times one training step of each method on a fixed batch (`dualpriv bench`).
+///
+/// One model is built and handed from method to method (its values do not change
+/// the work), so a 7B preset is initialised once.
+pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBench>> {
+    let spec = ModelSpec {
+        preset: a.preset.clone(),
+        lora_rank: Some(a.lora_rank),
+        lora_alpha: 2.0 * a.lora_rank as f32,
+        full_groups: vec![],
+    };
+    let (mcfg, mode) = spec.build()?;
+    let data = Dataset::generate(Split::Private, a.batch.max(1), 1, mcfg.vision.image_size)?;
+    let idx: Vec<usize> = (0..data.len()).collect();
+    let (default_keep, default_context) = mcfg.vision.default_token_select();
+    let peak = backend
+        .device_name()
+        .and_then(|n| peak_tflops(&n, backend.tf32_gemms()));
+    let mut model = Some(Mllm::new(backend, &mcfg, &mode, 0)?);
+    let mut rows = Vec::new();
+    for &method in &a.methods {
+        let mut cfg = demo_train_config(method, 3.0, 1e-5, data.max_text_len());
+        cfg.batch = a.batch;
+        cfg.micro_batch = a.batch;
+        cfg.noise_multiplier = method.is_private().then_some(1.0);
+        cfg.epsilon = None;
+        cfg.keep_frac = a.keep_frac;
+        if method == Method::Dualpriv {
+            cfg.keep_tokens = Some(a.keep_tokens.unwrap_or(default_keep));
+            cfg.context_tokens = default_context;
+        }
+        let m = model.take().ok_or_else(|| {
+            Error::Internal("the bench model was not handed back after a method".into())
+        })?;
+        let mut t = Trainer::new(backend, m, spec.clone(), cfg, &data)?;
+        // The first method also warms the allocator, page cache and GPU pools,
+        // which would otherwise be billed to whichever method runs first.
+        let warm = if rows.is_empty() {
+            3 * a.warmup
+        } else {
+            a.warmup
+        };
+        for _ in 0..warm {
+            t.one_step(&data, &idx)?;
+        }
+        crate::mem::reset_peak();
+        backend.reset_device_peak();
+        let base = crate::mem::current_bytes();
+        let mut times = Vec::with_capacity(a.steps);
+        let mut vis = 0;
+        for _ in 0..a.steps.max(1) {
+            let t0 = Instant::now();
+            let dev = backend.device_time_ms(&mut || {
+                vis = t.one_step(&data, &idx)?.visual_tokens;
+                Ok(())
+            })?;
+            times.push(dev.unwrap_or_else(|| t0.elapsed().as_secs_f64() * 1e3));
+        }
+        times.sort_by(f64::total_cmp);
+        let median_ms = times[times.len() / 2];
+        let tokens = (a.batch * (vis + t.cfg.text_len)) as f64;
+        let flops = step_flops(&mcfg, method, a.batch, vis, t.cfg.text_len);
+        let device = backend.device_memory();
+        rows.push(MethodBench {
+            method: method.to_string(),
+            median_ms,
+            peak_bytes: (device.is_none() && crate::mem::tracking())
+                .then(|| crate::mem::peak_bytes().saturating_sub(base)),
+            device_peak_bytes: device.map(|m| m.peak_bytes),
+            device_used_bytes: device.map(|m| m.used_bytes),
+            tokens_per_s: tokens / (median_ms / 1e3),
+            visual_tokens: vis,
+            step_flops: flops,
+            peak_fraction: peak.map(|p| flops / (median_ms / 1e3) / (p * 1e12)),
+        });
+        model = Some(t.model);
+    }
+    Ok(rows)
+}
+
+/// One kernel micro-benchmark result.
+#[derive(Clone, Debug)]
+pub struct KernelBench {
     /// What was measured.
     pub name: String,
     /// Problem size, human readable.
@@ -119,8 +272,8 @@ fn prune_config(keep_frac: f64, rng: RngKind) -> UpdateConfig {
     }
 }
 
-/// Runs every micro-benchmark on `dev`.
-pub fn run(dev: Device) -> Result<Vec<BenchRow>> {
+/// Runs every kernel micro-benchmark on `dev` (`dualpriv bench-kernels`, `cargo bench`).
+pub fn kernels(dev: Device) -> Result<Vec<KernelBench>> {
     match dev {
         Device::Cpu => run_cpu(),
         Device::Cuda => run_cuda(),
@@ -156,7 +309,7 @@ fn shape_str(s: LinearShape) -> String {
     format!("B={} T={} d={} p={}", s.b, s.t, s.d, s.p)
 }
 
-fn run_cpu() -> Result<Vec<BenchRow>> {
+fn run_cpu() -> Result<Vec<KernelBench>> {
     let sz = sizes(Device::Cpu);
     let mut r = ChaCha8Rng::seed_from_u64(0);
     let s = sz.clip;
@@ -165,7 +318,7 @@ fn run_cpu() -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     for m in [NormMethod::Ghost, NormMethod::Instantiated] {
         let ms = time_cpu(3, || clip::layer_sq_norms(&x, &g, s, m, false).map(|_| ()))?;
-        rows.push(BenchRow {
+        rows.push(KernelBench {
             name: format!("per-example norms ({m:?}, f64)"),
             shape: shape_str(s),
             median_ms: ms,
@@ -175,7 +328,7 @@ fn run_cpu() -> Result<Vec<BenchRow>> {
     let c = vec![0.5f32; s.b];
     let mut out = vec![0.0f32; s.p * s.d];
     let ms = time_cpu(3, || clip::clipped_weight_sum(&x, &g, &c, s, &mut out))?;
-    rows.push(BenchRow {
+    rows.push(KernelBench {
         name: "BK clipped sum (f64)".into(),
         shape: shape_str(s),
         median_ms: ms,
@@ -194,7 +347,7 @@ fn run_cpu() -> Result<Vec<BenchRow>> {
             key.fill(0, &mut z);
             Ok(())
         })?;
-        rows.push(BenchRow {
+        rows.push(KernelBench {
             name: format!("{} noise (f64 normals)", rng_label(rng)),
             shape: format!("N={n}"),
             median_ms: ms,
@@ -205,7 +358,7 @@ fn run_cpu() -> Result<Vec<BenchRow>> {
             key.add_scaled(0, 1.0, &mut y);
             Ok(())
         })?;
-        rows.push(BenchRow {
+        rows.push(KernelBench {
             name: format!("{} noise axpy (f32 += f64 noise)", rng_label(rng)),
             shape: format!("N={n}"),
             median_ms: ms,
@@ -225,7 +378,7 @@ fn run_cpu() -> Result<Vec<BenchRow>> {
             }];
             prune::noise_prune_update(&mut t, &cfg).map(|_| ())
         })?;
-        rows.push(BenchRow {
+        rows.push(KernelBench {
             name: format!("noise + top-k + AdamW ({})", rng_label(rng)),
             shape: format!("N={n} keep=0.8"),
             median_ms: ms,
@@ -242,7 +395,7 @@ fn run_cpu() -> Result<Vec<BenchRow>> {
     let ms = time_cpu(3, || {
         tokens::select_tokens(&attn, &keys, &hidden, &ts, &tc).map(|_| ())
     })?;
-    rows.push(BenchRow {
+    rows.push(KernelBench {
         name: "token selection (K=53, M=10)".into(),
         shape: format!("B={} N=577 D=1024", ts.batch),
         median_ms: ms,
@@ -252,14 +405,14 @@ fn run_cpu() -> Result<Vec<BenchRow>> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda() -> Result<Vec<BenchRow>> {
-    Err(crate::Error::Config(
+fn run_cuda() -> Result<Vec<KernelBench>> {
+    Err(Error::Config(
         "this binary was built without CUDA; rebuild with `--features cuda` (see README)".into(),
     ))
 }
 
 #[cfg(feature = "cuda")]
-fn run_cuda() -> Result<Vec<BenchRow>> {
+fn run_cuda() -> Result<Vec<KernelBench>> {
     use crate::gpu::{self, Gpu};
     let gpu = Gpu::new()?;
     let time = |reps: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
@@ -281,7 +434,7 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
         let ms = time(5, &mut || {
             gpu::clip::add_layer_sq_norms(&gpu, &dx, &dg, s, m, false, &mut tot)
         })?;
-        rows.push(BenchRow {
+        rows.push(KernelBench {
             name: format!("per-example norms ({m:?})"),
             shape: shape_str(s),
             median_ms: ms,
@@ -294,7 +447,7 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
     let ms = time(5, &mut || {
         gpu::clip::clipped_weight_sum(&gpu, &dx, &dg, &dc, s, &mut ws, &mut out, true, Some(false))
     })?;
-    rows.push(BenchRow {
+    rows.push(KernelBench {
         name: "BK clipped sum (FP32 cuBLAS)".into(),
         shape: shape_str(s),
         median_ms: ms,
@@ -312,7 +465,7 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
         let ms = time(5, &mut || {
             gpu::noise::noise_axpy(&gpu, key, 0, 1.0, false, &mut z)
         })?;
-        rows.push(BenchRow {
+        rows.push(KernelBench {
             name: format!("{} noise (write)", rng_label(rng)),
             shape: format!("N={n}"),
             median_ms: ms,
@@ -341,7 +494,7 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
                 )?;
                 plan.run(&gpu, &[t], &cfg).map(|_| ())
             })?;
-            rows.push(BenchRow {
+            rows.push(KernelBench {
                 name: format!("noise + top-k + AdamW ({}, keep={keep})", rng_label(rng)),
                 shape: format!("N={n}"),
                 median_ms: ms,
@@ -374,7 +527,7 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
             &mut ws,
         )
     })?;
-    rows.push(BenchRow {
+    rows.push(KernelBench {
         name: "token selection (K=53, M=10)".into(),
         shape: format!("B={} N=577 D=1024", ts.batch),
         median_ms: ms,
@@ -385,7 +538,7 @@ fn run_cuda() -> Result<Vec<BenchRow>> {
 
 /// ChaCha20 / Philox throughput ratios of the rows that differ only in the generator
 /// (their names contain "ChaCha20" and "Philox" at the same place), one line each.
-pub fn rng_ratios(rows: &[BenchRow]) -> String {
+pub fn rng_ratios(rows: &[KernelBench]) -> String {
     let mut s = String::new();
     for c in rows.iter().filter(|r| r.name.contains("ChaCha20")) {
         let twin = c.name.replace("ChaCha20", "Philox");
@@ -404,8 +557,8 @@ pub fn rng_ratios(rows: &[BenchRow]) -> String {
     s
 }
 
-/// Formats rows as a markdown table.
-pub fn markdown(rows: &[BenchRow]) -> String {
+/// Formats kernel rows as a markdown table.
+pub fn markdown(rows: &[KernelBench]) -> String {
     let mut s = String::from("| kernel | shape | median ms | throughput |\n|---|---|---|---|\n");
     for r in rows {
         s += &format!(
@@ -414,4 +567,17 @@ pub fn markdown(rows: &[BenchRow]) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_table_matches_names() {
+        assert_eq!(peak_tflops("NVIDIA H200", true), Some(494.7));
+        assert_eq!(peak_tflops("NVIDIA H20", true), Some(74.0));
+        assert_eq!(peak_tflops("NVIDIA A100-SXM4-80GB", false), Some(19.5));
+        assert_eq!(peak_tflops("NVIDIA GeForce RTX 4090", true), None);
+    }
 }

@@ -1,0 +1,23 @@
+//! The commands of the `dualpriv` binary as library functions, one file per
+//! command. Each takes typed settings in library terms, does the work and returns
+//! what the command reports; the binary (`src/bin/dualpriv.rs`) only maps its
+//! flags onto these settings and prints the results, so another front end (a C
+//! ABI, a script) gets the same behaviour without the CLI.
+//!
+//! * [`train`]: one DP fine-tune, or the resume of one;
+//! * [`eval`]: test accuracy of a checkpoint;
+//! * [`account`]: ε for a noise multiplier, or the σ for a target ε;
+//! * [`demo`]: the README's main job, every method fine-tuned and evaluated;
+//! * [`pretrain`]: non-private pretraining of the public starting checkpoint;
+//! * [`bench`](mod@bench): step time of each method, and micro-benchmarks of each kernel.
+//!
+//! `dualpriv selfcheck` is [`crate::selfcheck`].
+pub mod account;
+pub mod bench;
+pub mod demo;
+pub mod eval;
+pub mod pretrain;
+pub mod train;
+
+/// Image side of the built-in task for the `tiny` preset.
+pub const TINY_IMAGE: usize = 32;

@@ -1,0 +1,224 @@
+//! `dualpriv train`: one DP fine-tune (or a non-private one, for comparison) of a
+//! pretrained checkpoint on the built-in private task, or the resume of one.
+//!
+//! [`prepare`] builds the run (data, config, model, key, trainer) and the caller
+//! runs it with [`TrainJob::run`], so a front end can report the run's σ and size
+//! before the first step.
+use std::path::PathBuf;
+
+use super::TINY_IMAGE;
+use crate::backend::dp::DpBackend;
+use crate::data::synthetic::{Dataset, Split};
+use crate::dp::accountant::AccountantKind;
+use crate::dp::key::RunKey;
+use crate::dp::noise::RngKind;
+use crate::model::Mllm;
+use crate::train::checkpoint::{self, ModelSpec};
+use crate::train::method::Method;
+use crate::train::optim::OptConfig;
+use crate::train::sampler::Sampling;
+use crate::train::{PruneScope, RunSummary, TrainConfig, Trainer};
+use crate::Result;
+
+/// Settings of `dualpriv train`. [`Default`] gives the command's defaults: a
+/// `dualpriv` LoRA (r = 8) fine-tune of `assets/tiny-pretrained`, 25 steps of 128
+/// examples from 8000, AdamW at lr 0.01, the PLD accountant at δ = 1e-5 (a target ε
+/// or a σ must still be set).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainArgs {
+    /// The method.
+    pub method: Method,
+    /// The model and what of it is trained.
+    pub model: ModelSpec,
+    /// Pretrained checkpoint folder to start from (`model.safetensors`).
+    pub init: PathBuf,
+    /// Output folder of a new run: checkpoints, `metrics.jsonl`, `state.json`.
+    pub out: Option<PathBuf>,
+    /// Continue the run saved in this folder instead (same data; ε keeps
+    /// accumulating). Only `steps`, the data settings, `eval_examples` and
+    /// `checkpoint_every` apply then; the rest comes from the checkpoint.
+    pub resume: Option<PathBuf>,
+    /// Target ε (σ is calibrated for `steps`; training stops before exceeding it).
+    pub epsilon: Option<f64>,
+    /// δ.
+    pub delta: f64,
+    /// Fixed noise multiplier σ instead of a target ε.
+    pub noise_multiplier: Option<f64>,
+    /// The accountant.
+    pub accountant: AccountantKind,
+    /// Planned logical steps (for a resume: the new planned total).
+    pub steps: u32,
+    /// Expected batch size (Poisson rate q = batch / N).
+    pub batch: usize,
+    /// Largest physical micro-batch.
+    pub micro_batch: usize,
+    /// How batches are drawn.
+    pub sampling: Sampling,
+    /// The optimizer.
+    pub opt: OptConfig,
+    /// Per-example clipping norm C.
+    pub clip_norm: f32,
+    /// Visual token pruning on (`dualpriv` prunes by default, the others when
+    /// `keep_tokens` is given).
+    pub token_pruning: bool,
+    /// K dominant patches kept (`None`: the preset's default for `dualpriv`).
+    pub keep_tokens: Option<usize>,
+    /// M contextual tokens (`None`: the preset's default).
+    pub context_tokens: Option<usize>,
+    /// Heuristic noise on fused tokens (NOT part of the DP guarantee).
+    pub fuse_noise_std: f32,
+    /// Fraction of coordinates updated per step (`dualpriv`; 1: no update pruning).
+    pub keep_frac: f64,
+    /// Scope of the top-k threshold.
+    pub prune_scope: PruneScope,
+    /// DPZO perturbation scale λ.
+    pub dpzo_lambda: f32,
+    /// Private training examples of the built-in task (declared public as N).
+    pub train_examples: usize,
+    /// Seed of the built-in private data (public: batches and noise come from the
+    /// run's secret key).
+    pub seed: u64,
+    /// NOT PRIVATE: derive the run key from this number instead of OS entropy; the
+    /// run reports ε = ∞.
+    pub insecure_seed: Option<u64>,
+    /// The noise generator.
+    pub rng: RngKind,
+    /// Also log the private batches' statistics. NOT covered by ε.
+    pub log_private_stats: bool,
+    /// Evaluate on the held-out test split every N steps (0: never).
+    pub eval_every: u32,
+    /// Held-out test examples for `eval_every`.
+    pub eval_examples: usize,
+    /// Checkpoint every N steps (0: only at the end).
+    pub checkpoint_every: u32,
+    /// Draw a progress bar.
+    pub progress: bool,
+}
+
+impl Default for TrainArgs {
+    fn default() -> Self {
+        Self {
+            method: Method::Dualpriv,
+            model: ModelSpec {
+                preset: "tiny".into(),
+                lora_rank: Some(8),
+                lora_alpha: 16.0,
+                full_groups: ["projector", "attention", "mlp", "lm_head"]
+                    .map(String::from)
+                    .to_vec(),
+            },
+            init: "assets/tiny-pretrained".into(),
+            out: None,
+            resume: None,
+            epsilon: None,
+            delta: 1e-5,
+            noise_multiplier: None,
+            accountant: AccountantKind::Pld,
+            steps: 25,
+            batch: 128,
+            micro_batch: 128,
+            sampling: Sampling::Poisson,
+            opt: OptConfig::adamw(1e-2),
+            clip_norm: 1.0,
+            token_pruning: true,
+            keep_tokens: None,
+            context_tokens: None,
+            fuse_noise_std: 0.0,
+            keep_frac: 0.8,
+            prune_scope: PruneScope::Tensor,
+            dpzo_lambda: 1e-2,
+            train_examples: 8000,
+            seed: 1,
+            insecure_seed: None,
+            rng: RngKind::Chacha20,
+            log_private_stats: false,
+            eval_every: 0,
+            eval_examples: 1000,
+            checkpoint_every: 0,
+            progress: false,
+        }
+    }
+}
+
+/// A prepared run of `dualpriv train`.
+pub struct TrainJob<'a, B: DpBackend> {
+    /// The trainer, before its first step of this invocation.
+    pub trainer: Trainer<'a, B>,
+    /// The private training data.
+    pub data: Dataset,
+    /// Checkpoint every N steps (0: only at the end).
+    pub checkpoint_every: u32,
+}
+
+impl<B: DpBackend> TrainJob<'_, B> {
+    /// Trains until the planned steps are done or the ε budget would be exceeded.
+    pub fn run(&mut self) -> Result<RunSummary> {
+        self.trainer.run(&self.data, self.checkpoint_every)
+    }
+}
+
+/// Builds the run `a` describes: a resume of `a.resume`, or a new run from `a.init`
+/// with a fresh secret key (or the public key of `a.insecure_seed`).
+pub fn prepare<'a, B: DpBackend>(be: &'a B, a: &TrainArgs) -> Result<TrainJob<'a, B>> {
+    let data = Dataset::generate(Split::Private, a.train_examples, a.seed, TINY_IMAGE)?;
+    let held_out = Dataset::generate(Split::Test, a.eval_examples.max(1), 2, TINY_IMAGE)?;
+    let mut trainer = match &a.resume {
+        Some(dir) => Trainer::resume(be, dir, &data, Some(a.steps))?,
+        None => {
+            let (mcfg, mode) = a.model.build()?;
+            let (default_keep, default_context) = mcfg.vision.default_token_select();
+            let keep_tokens = match (a.token_pruning, a.keep_tokens, a.method) {
+                (false, ..) => None,
+                (true, Some(k), _) => Some(k),
+                (true, None, Method::Dualpriv) => Some(default_keep),
+                _ => None,
+            };
+            // The evaluation split's texts must fit too (the default 1000 test examples).
+            let text_len = data
+                .max_text_len()
+                .max(Dataset::generate(Split::Test, 1000, 2, TINY_IMAGE)?.max_text_len());
+            let cfg = TrainConfig {
+                micro_batch: a.micro_batch,
+                sampling: a.sampling,
+                steps: a.steps,
+                opt: a.opt,
+                clip_norm: a.clip_norm,
+                epsilon: a.epsilon,
+                delta: a.delta,
+                noise_multiplier: a.noise_multiplier,
+                accountant: a.accountant,
+                keep_tokens,
+                context_tokens: if keep_tokens.is_some() {
+                    a.context_tokens.unwrap_or(default_context)
+                } else {
+                    0
+                },
+                fuse_noise_std: a.fuse_noise_std,
+                keep_frac: a.keep_frac,
+                prune_scope: a.prune_scope,
+                dpzo_lambda: a.dpzo_lambda,
+                rng: a.rng,
+                log_private_stats: a.log_private_stats,
+                eval_every: a.eval_every,
+                // The built-in data's size is a setting, so public; q and σ derive from it.
+                public_size: Some(a.train_examples),
+                ..TrainConfig::new(a.method, a.batch, text_len)
+            };
+            let model = Mllm::load(be, &mcfg, &mode, &checkpoint::model_path(&a.init)?)?;
+            let key = match a.insecure_seed {
+                Some(s) => RunKey::from_insecure_seed(s),
+                None => RunKey::from_os()?,
+            };
+            let mut t = Trainer::with_key(be, model, a.model.clone(), cfg, &data, key)?;
+            t.out_dir = a.out.clone();
+            t
+        }
+    };
+    trainer.progress = a.progress;
+    trainer.eval_data = Some(held_out);
+    Ok(TrainJob {
+        trainer,
+        data,
+        checkpoint_every: a.checkpoint_every,
+    })
+}
