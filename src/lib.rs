@@ -11,6 +11,7 @@ pub mod bench;
 pub mod data;
 pub mod dp;
 pub mod error;
+pub mod hf;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod linalg;
