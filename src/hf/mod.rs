@@ -6,9 +6,13 @@
 //!   key layouts transformers writes, converted per tensor to f32;
 //! * [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate;
 //! * [`image`]: `CLIPImageProcessor` preprocessing with Pillow's bicubic resampler;
-//! * [`conversation`]: LLaVA's conversation JSON, prompt templates and answer masks.
+//! * [`conversation`]: LLaVA's conversation JSON, prompt templates and answer masks;
+//! * [`names`]: the crate's tensor names against transformers' and PEFT's;
+//! * [`peft`]: PEFT LoRA adapters in and out.
 pub mod checkpoint;
 pub mod config;
 pub mod conversation;
 pub mod image;
+pub mod names;
+pub mod peft;
 pub mod tokenizer;
