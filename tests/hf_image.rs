@@ -39,7 +39,10 @@ impl Refs {
         let st = SafeTensors::deserialize(&self.0).unwrap();
         let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(t.dtype(), Dtype::F32, "{name}");
-        let v = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()));
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()));
         (t.shape().to_vec(), v.collect())
     }
 
@@ -54,7 +57,11 @@ impl Refs {
 
 fn cases() -> Vec<Value> {
     let text = std::fs::read_to_string(fixture().join("cases.json")).unwrap();
-    serde_json::from_str::<Value>(&text).unwrap().as_array().unwrap().clone()
+    serde_json::from_str::<Value>(&text)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 fn is_jpeg(src: &str) -> bool {
@@ -65,7 +72,10 @@ fn is_jpeg(src: &str) -> bool {
 /// by `decode_matches_pillow`), Pillow's own pixels for JPEG (whose decoders differ).
 fn source(refs: &Refs, cases: &[Value], src: &str) -> RgbImage {
     if is_jpeg(src) {
-        let c = cases.iter().find(|c| c["op"] == "decode" && c["src"] == src).unwrap();
+        let c = cases
+            .iter()
+            .find(|c| c["op"] == "decode" && c["src"] == src)
+            .unwrap();
         refs.image(c["tensor"].as_str().unwrap())
     } else {
         load_image(fixture().join(src)).unwrap()
@@ -75,19 +85,29 @@ fn source(refs: &Refs, cases: &[Value], src: &str) -> RgbImage {
 /// Largest |a - b| over two images of the same size, and the mean.
 fn image_diff(a: &RgbImage, b: &RgbImage) -> (u8, f64) {
     assert_eq!(a.dimensions(), b.dimensions());
-    let d = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y));
+    let d = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y));
     let (max, sum) = d.fold((0u8, 0u64), |(m, s), v| (m.max(v), s + u64::from(v)));
     (max, sum as f64 / a.as_raw().len() as f64)
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Values whose bit patterns differ (NaN-safe exactness).
 fn bit_mismatches(a: &[f32], b: &[f32]) -> usize {
-    a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count()
+    a.iter()
+        .zip(b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count()
 }
 
 #[test]
@@ -99,10 +119,13 @@ fn decode_matches_pillow() {
         let want = refs.image(c["tensor"].as_str().unwrap());
         let got = load_image(fixture().join(src)).unwrap();
         let (max, mean) = image_diff(&got, &want);
-        println!("decode {src:18} (Pillow mode {:5}): max |diff| {max}, mean {mean:.4}", c["pillow_mode"]);
+        println!(
+            "decode {src:18} (Pillow mode {:5}): max |diff| {max}, mean {mean:.4}",
+            c["pillow_mode"]
+        );
         if is_jpeg(src) {
             // zune-jpeg vs libjpeg-turbo: IDCT and chroma upsampling round differently.
-            assert!(max <= 8 && mean < 1.0, "{src}: max {max}, mean {mean}");
+            assert!(max <= 4 && mean < 0.5, "{src}: max {max}, mean {mean}");
         } else {
             assert_eq!(max, 0, "{src}: PNG decode must equal Pillow's exactly");
         }
@@ -119,7 +142,10 @@ fn resize_matches_pillow_exactly() {
     for c in cases.iter().filter(|c| c["op"] == "resize") {
         let src = c["src"].as_str().unwrap();
         let img = source(&refs, &cases, src);
-        let (w, h) = (c["width"].as_u64().unwrap() as u32, c["height"].as_u64().unwrap() as u32);
+        let (w, h) = (
+            c["width"].as_u64().unwrap() as u32,
+            c["height"].as_u64().unwrap() as u32,
+        );
         let want = refs.image(c["tensor"].as_str().unwrap());
         let got = match c["box"].as_array() {
             None => resize_bicubic(&img, w, h).unwrap(),
@@ -130,14 +156,23 @@ fn resize_matches_pillow_exactly() {
             }
         };
         let (max, _) = image_diff(&got, &want);
-        let wrong = got.as_raw().iter().zip(want.as_raw()).filter(|(a, b)| a != b).count();
+        let wrong = got
+            .as_raw()
+            .iter()
+            .zip(want.as_raw())
+            .filter(|(a, b)| a != b)
+            .count();
         println!(
             "resize {src:16} {}x{} -> {w}x{h} box {}: {wrong} bytes differ (max {max})",
             img.width(),
             img.height(),
             c["box"]
         );
-        assert_eq!(wrong, 0, "{src} -> {w}x{h} box {}: must equal Pillow exactly", c["box"]);
+        assert_eq!(
+            wrong, 0,
+            "{src} -> {w}x{h} box {}: must equal Pillow exactly",
+            c["box"]
+        );
         n += 1;
     }
     assert_eq!(n, 33);
@@ -152,7 +187,11 @@ fn preprocess_matches_transformers_bit_for_bit() {
     let mut n = 0;
     for c in cases.iter().filter(|c| c["op"] == "preprocess") {
         let (src, cfg) = (c["src"].as_str().unwrap(), c["config"].as_str().unwrap());
-        let mode = if c["mode"] == "pad" { AspectMode::Pad } else { AspectMode::Crop };
+        let mode = if c["mode"] == "pad" {
+            AspectMode::Pad
+        } else {
+            AspectMode::Crop
+        };
         let proc = ImageProcessor::from_file(fixture().join(cfg)).unwrap();
         let img = source(&refs, &cases, src);
         let got = proc.preprocess(&img, mode).unwrap();
@@ -175,12 +214,18 @@ fn model_fixture_pixel_values() {
     let proc = ImageProcessor::from_file(hf().join("preprocessor_config.json")).unwrap();
     let img = load_image(hf().join("image.png")).unwrap();
     assert_eq!(img.dimensions(), (75, 50));
-    for (name, mode) in [("pixel_values", AspectMode::Crop), ("pixel_values_pad", AspectMode::Pad)] {
+    for (name, mode) in [
+        ("pixel_values", AspectMode::Crop),
+        ("pixel_values_pad", AspectMode::Pad),
+    ] {
         let (shape, want) = refs.f32(name);
         assert_eq!(shape, [1, 3, 56, 56], "{name}");
         let got = proc.preprocess(&img, mode).unwrap();
         let (diff, bits) = (max_abs(&got, &want), bit_mismatches(&got, &want));
-        println!("{name}: max |diff| {diff:e}, {bits} of {} values differ in any bit", got.len());
+        println!(
+            "{name}: max |diff| {diff:e}, {bits} of {} values differ in any bit",
+            got.len()
+        );
         assert_eq!(diff, 0.0, "{name}");
         assert_eq!(bits, 0, "{name}");
     }
@@ -192,16 +237,30 @@ fn jpeg_end_to_end_is_close() {
     let refs = Refs::open(&fixture().join("refs.safetensors"));
     let proc = ImageProcessor::from_file(hf().join("preprocessor_config.json")).unwrap();
     let img = load_image(fixture().join("photo.jpg")).unwrap();
-    for c in cases().iter().filter(|c| c["op"] == "preprocess" && c["src"] == "photo.jpg") {
-        let mode = if c["mode"] == "pad" { AspectMode::Pad } else { AspectMode::Crop };
+    for c in cases()
+        .iter()
+        .filter(|c| c["op"] == "preprocess" && c["src"] == "photo.jpg")
+    {
+        let mode = if c["mode"] == "pad" {
+            AspectMode::Pad
+        } else {
+            AspectMode::Crop
+        };
         let (_, want) = refs.f32(c["tensor"].as_str().unwrap());
         let got = proc.preprocess(&img, mode).unwrap();
         let diff = max_abs(&got, &want);
-        let mean = got.iter().zip(&want).map(|(a, b)| f64::from((a - b).abs())).sum::<f64>()
+        let mean = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| f64::from((a - b).abs()))
+            .sum::<f64>()
             / got.len() as f64;
         println!("photo.jpg {mode:?} via zune-jpeg: max |diff| {diff:.4}, mean {mean:.5}");
-        // A few levels of 255 over std ~0.27: at most ~0.1 in normalised units.
-        assert!(diff < 0.12 && mean < 0.01, "{mode:?}: max {diff}, mean {mean}");
+        // Measured: max 0.057 (crop), 0.044 (pad): 3 levels / 255 / std 0.27 is 0.044.
+        assert!(
+            diff < 0.07 && mean < 0.01,
+            "{mode:?}: max {diff}, mean {mean}"
+        );
     }
 }
 
@@ -223,7 +282,13 @@ fn config_fields_and_defaults() {
     assert_eq!(p.image_mean, [0.48145466, 0.4578275, 0.40821073]);
     assert!(p.do_resize && p.do_center_crop && p.do_rescale && p.do_normalize && p.do_convert_rgb);
     let p = ImageProcessor::from_file(fixture().join("preproc_exact.json")).unwrap();
-    assert_eq!(p.size, Resize::Exact { height: 50, width: 33 });
+    assert_eq!(
+        p.size,
+        Resize::Exact {
+            height: 50,
+            width: 33
+        }
+    );
     assert_eq!((p.image_mean, p.image_std), ([100.0; 3], [50.0; 3]));
     assert!(!p.do_center_crop && !p.do_rescale);
     // LLaVA-1.5-7b's real file, inline.
@@ -244,7 +309,10 @@ fn config_fields_and_defaults() {
     // A 640x480 photo: 448x336 after the resize, 336x336 after the crop.
     assert_eq!(p.output_size(640, 480, AspectMode::Crop), (336, 336));
     let img = RgbImage::from_pixel(640, 480, image_rgb([10, 200, 30]));
-    assert_eq!(p.preprocess(&img, AspectMode::Pad).unwrap().len(), 3 * 336 * 336);
+    assert_eq!(
+        p.preprocess(&img, AspectMode::Pad).unwrap().len(),
+        3 * 336 * 336
+    );
 }
 
 fn image_rgb(v: [u8; 3]) -> image::Rgb<u8> {
@@ -278,7 +346,10 @@ fn resize_target_rounding() {
 fn assert_names(e: &Error, path: &Path, hint: &str) {
     let msg = e.to_string();
     println!("{msg}");
-    assert!(msg.contains(&path.display().to_string()), "does not name the file: {msg}");
+    assert!(
+        msg.contains(&path.display().to_string()),
+        "does not name the file: {msg}"
+    );
     assert!(msg.contains(hint), "no {hint:?} in: {msg}");
 }
 
@@ -293,12 +364,32 @@ fn hostile_images_give_errors_naming_the_file() {
     assert_names(&e, &missing, "cannot read");
 
     let mut cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("truncated.png", good[..good.len() / 2].to_vec(), "corrupt or truncated"),
-        ("header_only.png", good[..40].to_vec(), "corrupt or truncated"),
+        (
+            "truncated.png",
+            good[..good.len() / 2].to_vec(),
+            "corrupt or truncated",
+        ),
+        (
+            "header_only.png",
+            good[..40].to_vec(),
+            "corrupt or truncated",
+        ),
         ("empty.png", vec![], "empty file"),
-        ("text.png", b"this is not an image at all\n".to_vec(), "only PNG and JPEG"),
-        ("anim.gif", b"GIF89a\x01\x00\x01\x00\x00\x00\x00;".to_vec(), "only PNG and JPEG"),
-        ("truncated.jpg", std::fs::read(fixture().join("photo.jpg")).unwrap()[..200].to_vec(), "JPEG"),
+        (
+            "text.png",
+            b"this is not an image at all\n".to_vec(),
+            "only PNG and JPEG",
+        ),
+        (
+            "anim.gif",
+            b"GIF89a\x01\x00\x01\x00\x00\x00\x00;".to_vec(),
+            "only PNG and JPEG",
+        ),
+        (
+            "truncated.jpg",
+            std::fs::read(fixture().join("photo.jpg")).unwrap()[..200].to_vec(),
+            "JPEG",
+        ),
     ];
     // Corrupt: garbage in the middle of the compressed data (CRCs no longer match).
     let mut corrupt = good.clone();
@@ -321,8 +412,7 @@ fn hostile_images_give_errors_naming_the_file() {
     let zero = fixture().join("zero_width.png");
     let e = load_image(&zero).unwrap_err();
     assert!(matches!(e, Error::Format(_)), "{e:?}");
-    assert_names(&e, &zero, "");
-    println!("zero-size: {e}");
+    assert_names(&e, &zero, "0x5 pixels");
 }
 
 #[test]
@@ -340,18 +430,30 @@ fn hostile_configs_give_errors_naming_the_file() {
         ("{\"size\": {\"shortest_edge\": 0}}", "1..=65536"),
         ("{\"size\": {\"shortest_edge\": -5}}", "1..=65536"),
         ("{\"size\": {\"shortest_edge\": 3.5}}", "whole number"),
-        ("{\"size\": {\"shortest_edge\": 300, \"longest_edge\": 600}}", "longest_edge"),
+        (
+            "{\"size\": {\"shortest_edge\": 300, \"longest_edge\": 600}}",
+            "longest_edge",
+        ),
         ("{\"size\": \"big\"}", "size"),
-        ("{\"crop_size\": {\"height\": 0, \"width\": 4}}", "crop_size"),
+        (
+            "{\"crop_size\": {\"height\": 0, \"width\": 4}}",
+            "crop_size",
+        ),
         ("{\"crop_size\": {\"shortest_edge\": 4}}", "crop_size"),
         ("{\"image_mean\": [0.5, 0.5]}", "3"),
         ("{\"image_std\": [0.5, 0.0, 0.5]}", "divide by zero"),
         ("{\"image_std\": \"x\"}", "finite number"),
-        ("{\"rescale_factor\": null, \"image_mean\": [\"a\", 0, 0]}", "image_mean"),
+        (
+            "{\"rescale_factor\": null, \"image_mean\": [\"a\", 0, 0]}",
+            "image_mean",
+        ),
         ("{\"image_mean\": [1e999, 0, 0]}", "not valid JSON"),
         ("{\"resample\": 2}", "bilinear"),
         ("{\"resample\": \"bicubic\"}", "resample"),
-        ("{\"image_processor_type\": \"SiglipImageProcessor\"}", "CLIPImageProcessor"),
+        (
+            "{\"image_processor_type\": \"SiglipImageProcessor\"}",
+            "CLIPImageProcessor",
+        ),
         ("{\"do_pad\": true}", "do_pad"),
     ]
     .into_iter()
@@ -360,7 +462,10 @@ fn hostile_configs_give_errors_naming_the_file() {
         let path = dir.join(format!("config_{i}.json"));
         std::fs::write(&path, text).unwrap();
         let e = ImageProcessor::from_file(&path).unwrap_err();
-        assert!(matches!(e, Error::Config(_) | Error::Format(_)), "{text}: {e:?}");
+        assert!(
+            matches!(e, Error::Config(_) | Error::Format(_)),
+            "{text}: {e:?}"
+        );
         assert_names(&e, &path, hint);
     }
     // resample only matters when resizing.
@@ -388,13 +493,31 @@ fn bad_resize_and_preprocess_arguments_are_errors() {
         println!("{e}");
     }
     let p = ImageProcessor::default();
-    assert!(matches!(p.preprocess(&empty, AspectMode::Crop), Err(Error::Shape(_))));
-    let bad = ImageProcessor { image_std: [0.5, 0.0, 0.5], ..ImageProcessor::default() };
-    assert!(matches!(bad.preprocess(&img, AspectMode::Crop), Err(Error::Config(_))));
-    let huge = ImageProcessor { size: Resize::ShortestEdge(60_000), ..ImageProcessor::default() };
-    assert!(matches!(huge.preprocess(&img, AspectMode::Crop), Err(Error::Shape(_))));
+    assert!(matches!(
+        p.preprocess(&empty, AspectMode::Crop),
+        Err(Error::Shape(_))
+    ));
+    let bad = ImageProcessor {
+        image_std: [0.5, 0.0, 0.5],
+        ..ImageProcessor::default()
+    };
+    assert!(matches!(
+        bad.preprocess(&img, AspectMode::Crop),
+        Err(Error::Config(_))
+    ));
+    let huge = ImageProcessor {
+        size: Resize::ShortestEdge(60_000),
+        ..ImageProcessor::default()
+    };
+    assert!(matches!(
+        huge.preprocess(&img, AspectMode::Crop),
+        Err(Error::Shape(_))
+    ));
     // Identity sizes copy; a 1x1 image resizes to anything.
     assert_eq!(resize_bicubic(&img, 8, 6).unwrap(), img);
     let dot = RgbImage::from_pixel(1, 1, image_rgb([200, 100, 0]));
-    assert_eq!(resize_bicubic(&dot, 3, 2).unwrap(), RgbImage::from_pixel(3, 2, image_rgb([200, 100, 0])));
+    assert_eq!(
+        resize_bicubic(&dot, 3, 2).unwrap(),
+        RgbImage::from_pixel(3, 2, image_rgb([200, 100, 0]))
+    );
 }

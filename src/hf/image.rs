@@ -156,7 +156,9 @@ impl Fields<'_> {
             .filter(|&n| (1..=1 << 16).contains(&n))
             .map(|n| n as u32)
             .ok_or_else(|| {
-                self.err(format!("{key} is {v}; it must be a whole number of pixels in 1..=65536"))
+                self.err(format!(
+                    "{key} is {v}; it must be a whole number of pixels in 1..=65536"
+                ))
             })
     }
 
@@ -180,21 +182,29 @@ impl Fields<'_> {
     /// `size` or `crop_size` as (height, width) or shortest edge, accepting the forms
     /// transformers' `get_size_dict` accepts: an int, a [height, width] list, or a dict.
     fn size(&self, key: &str, int_is_square: bool) -> Result<Option<Resize>> {
-        let Some(v) = self.get(key) else { return Ok(None) };
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
         let hw = |h: &Value, w: &Value| -> Result<Resize> {
-            Ok(Resize::Exact { height: self.pixels(key, h)?, width: self.pixels(key, w)? })
+            Ok(Resize::Exact {
+                height: self.pixels(key, h)?,
+                width: self.pixels(key, w)?,
+            })
         };
         match v {
             Value::Number(_) if int_is_square => hw(v, v).map(Some),
             Value::Number(_) => Ok(Some(Resize::ShortestEdge(self.pixels(key, v)?))),
             Value::Array(a) if a.len() == 2 => hw(&a[0], &a[1]).map(Some),
             Value::Object(m) => {
-                let keys: Vec<&str> =
-                    m.iter().filter(|(_, v)| !v.is_null()).map(|(k, _)| k.as_str()).collect();
+                let keys: Vec<&str> = m
+                    .iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, _)| k.as_str())
+                    .collect();
                 match keys.as_slice() {
-                    ["shortest_edge"] => {
-                        Ok(Some(Resize::ShortestEdge(self.pixels(key, &m["shortest_edge"])?)))
-                    }
+                    ["shortest_edge"] => Ok(Some(Resize::ShortestEdge(
+                        self.pixels(key, &m["shortest_edge"])?,
+                    ))),
                     ["height", "width"] | ["width", "height"] => {
                         hw(&m["height"], &m["width"]).map(Some)
                     }
@@ -259,9 +269,11 @@ impl ImageProcessor {
             }
         }
         if f.bool("do_pad", false)? {
-            return Err(f.err("do_pad is true; batch padding is not implemented (LLaVA-1.5's \
+            return Err(f.err(
+                "do_pad is true; batch padding is not implemented (LLaVA-1.5's \
                               CLIPImageProcessor does not pad)"
-                .into()));
+                    .into(),
+            ));
         }
         // CLIPImageProcessor's class attribute: a bare int `size` means the short side.
         let int_is_square = f.bool("default_to_square", false)?;
@@ -271,9 +283,11 @@ impl ImageProcessor {
             None => (d.crop_height, d.crop_width),
             Some(Resize::Exact { height, width }) => (height, width),
             Some(Resize::ShortestEdge(_)) => {
-                return Err(f.err("crop_size has shortest_edge; write {\"height\": h, \
+                return Err(f.err(
+                    "crop_size has shortest_edge; write {\"height\": h, \
                                   \"width\": w}"
-                    .into()))
+                        .into(),
+                ))
             }
         };
         if let Some(v) = f.get("resample") {
@@ -327,7 +341,11 @@ impl ImageProcessor {
             AspectMode::Pad => (width.max(height), width.max(height)),
             AspectMode::Crop => (width, height),
         };
-        let (w, h) = if self.do_resize { self.resize_target(w, h) } else { (w, h) };
+        let (w, h) = if self.do_resize {
+            self.resize_target(w, h)
+        } else {
+            (w, h)
+        };
         if self.do_center_crop {
             (self.crop_height, self.crop_width)
         } else {
@@ -341,7 +359,11 @@ impl ImageProcessor {
         match self.size {
             Resize::Exact { height, width } => (width, height),
             Resize::ShortestEdge(s) => {
-                let (short, long) = if width <= height { (width, height) } else { (height, width) };
+                let (short, long) = if width <= height {
+                    (width, height)
+                } else {
+                    (height, width)
+                };
                 // Python: int(s * long / short), an exact product, a correctly rounded
                 // true division, then truncation; f64 does the same for these magnitudes.
                 let new_long = (u64::from(s) * u64::from(long)) as f64 / f64::from(short.max(1));
@@ -420,7 +442,11 @@ impl ImageProcessor {
                 for x in 0..i64::from(cw) {
                     let sx = x + left;
                     let inside = (0..h).contains(&sy) && (0..w).contains(&sx);
-                    let v = if inside { raw[((sy * w + sx) * 3) as usize + c] } else { 0 };
+                    let v = if inside {
+                        raw[((sy * w + sx) * 3) as usize + c]
+                    } else {
+                        0
+                    };
                     // rescale: u8 -> float64, times the factor, then to float32;
                     // normalise: float32 throughout.
                     let mut f = if self.do_rescale {
@@ -508,7 +534,21 @@ fn decode(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
             ));
         }
     };
-    let name = if format == ImageFormat::Png { "PNG" } else { "JPEG" };
+    // The png crate rejects a zero side as invalid; say what is wrong in plain words.
+    if format == ImageFormat::Png && bytes.len() >= 24 && &bytes[12..16] == b"IHDR" {
+        let side = |at: usize| {
+            u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
+        let (w, h) = (side(16), side(20));
+        if w == 0 || h == 0 {
+            return Err(zero_size(w, h));
+        }
+    }
+    let name = if format == ImageFormat::Png {
+        "PNG"
+    } else {
+        "JPEG"
+    };
     let bad = |e: image::ImageError| {
         format!(
             "cannot decode this {name} file: {}. It is corrupt or truncated: re-export or \
@@ -520,7 +560,7 @@ fn decode(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     let (w, h) = decoder.dimensions();
     let pixels = u64::from(w) * u64::from(h);
     if pixels == 0 {
-        return Err(format!("the image is {w}x{h} pixels; an image needs at least one pixel"));
+        return Err(zero_size(w, h));
     }
     if pixels > MAX_PIXELS {
         return Err(format!(
@@ -535,6 +575,10 @@ fn decode(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     Ok(to_rgb(img, grey16))
 }
 
+fn zero_size(w: u32, h: u32) -> String {
+    format!("the image is {w}x{h} pixels (its header says so); an image needs at least one pixel")
+}
+
 /// Pillow's `convert("RGB")` for every layout the PNG and JPEG decoders produce.
 fn to_rgb(img: image::DynamicImage, png_grey: bool) -> RgbImage {
     use image::DynamicImage as D;
@@ -543,19 +587,43 @@ fn to_rgb(img: image::DynamicImage, png_grey: bool) -> RgbImage {
     // Pillow opens 16-bit grey as I;16 and converts by clipping at 255; 16-bit colour
     // and grey+alpha it opens through the RGB;16B / LA;16B unpackers, which keep the
     // high byte.
-    let grey16 = |v: u16| if png_grey { v.min(255) as u8 } else { (v >> 8) as u8 };
+    let grey16 = |v: u16| {
+        if png_grey {
+            v.min(255) as u8
+        } else {
+            (v >> 8) as u8
+        }
+    };
     let high = |v: u16| (v >> 8) as u8;
     let raw: Vec<u8> = match img {
         D::ImageRgb8(b) => return b,
         D::ImageLuma8(b) => b.into_raw().into_iter().flat_map(|v| [v; 3]).collect(),
-        D::ImageLumaA8(b) => b.into_raw().chunks_exact(2).flat_map(|p| [p[0]; 3]).collect(),
-        D::ImageRgba8(b) => b.into_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
-        D::ImageLuma16(b) => b.into_raw().into_iter().flat_map(|v| [v.min(255) as u8; 3]).collect(),
-        D::ImageLumaA16(b) => b.into_raw().chunks_exact(2).flat_map(|p| [grey16(p[0]); 3]).collect(),
+        D::ImageLumaA8(b) => b
+            .into_raw()
+            .chunks_exact(2)
+            .flat_map(|p| [p[0]; 3])
+            .collect(),
+        D::ImageRgba8(b) => b
+            .into_raw()
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect(),
+        D::ImageLuma16(b) => b
+            .into_raw()
+            .into_iter()
+            .flat_map(|v| [v.min(255) as u8; 3])
+            .collect(),
+        D::ImageLumaA16(b) => b
+            .into_raw()
+            .chunks_exact(2)
+            .flat_map(|p| [grey16(p[0]); 3])
+            .collect(),
         D::ImageRgb16(b) => b.into_raw().into_iter().map(high).collect(),
-        D::ImageRgba16(b) => {
-            b.into_raw().chunks_exact(4).flat_map(|p| [high(p[0]), high(p[1]), high(p[2])]).collect()
-        }
+        D::ImageRgba16(b) => b
+            .into_raw()
+            .chunks_exact(4)
+            .flat_map(|p| [high(p[0]), high(p[1]), high(p[2])])
+            .collect(),
         // Float layouts come from neither decoder; keep a sane conversion anyway.
         other => return other.to_rgb8(),
     };
@@ -588,13 +656,19 @@ pub fn resize_bicubic_box(
     let [x0, y0, x1, y1] = region;
     let fail = |msg: String| Err(Error::Shape(format!("resize_bicubic: {msg}")));
     if in_w == 0 || in_h == 0 {
-        return fail(format!("the input is {in_w}x{in_h} pixels; it needs at least one"));
+        return fail(format!(
+            "the input is {in_w}x{in_h} pixels; it needs at least one"
+        ));
     }
     if width == 0 || height == 0 {
-        return fail(format!("the output {width}x{height} has no pixels; both sides must be >= 1"));
+        return fail(format!(
+            "the output {width}x{height} has no pixels; both sides must be >= 1"
+        ));
     }
     if u64::from(width) * u64::from(height) > MAX_PIXELS {
-        return fail(format!("the output {width}x{height} is more than {MAX_PIXELS} pixels"));
+        return fail(format!(
+            "the output {width}x{height} is more than {MAX_PIXELS} pixels"
+        ));
     }
     if !region.iter().all(|v| v.is_finite())
         || x0 < 0.0
@@ -665,7 +739,11 @@ fn precompute_coeffs(in_size: u32, in0: f32, in1: f32, out_size: u32) -> Coeffs 
     let ksize = support.ceil() as usize * 2 + 1;
     let inv_filterscale = 1.0 / filterscale;
     let n = out_size as usize;
-    let (mut first, mut len, mut k) = (Vec::with_capacity(n), Vec::with_capacity(n), vec![0; n * ksize]);
+    let (mut first, mut len, mut k) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        vec![0; n * ksize],
+    );
     let mut w = vec![0.0f64; ksize];
     for xx in 0..n {
         let center = f64::from(in0) + (xx as f64 + 0.5) * scale;
@@ -682,12 +760,21 @@ fn precompute_coeffs(in_size: u32, in0: f32, in1: f32, out_size: u32) -> Coeffs 
         for (kv, &wx) in kx.iter_mut().zip(&w[..count]) {
             let wx = if ww != 0.0 { wx / ww } else { wx };
             let scaled = wx * f64::from(1u32 << PRECISION_BITS);
-            *kv = if wx < 0.0 { (-0.5 + scaled) as i32 } else { (0.5 + scaled) as i32 };
+            *kv = if wx < 0.0 {
+                (-0.5 + scaled) as i32
+            } else {
+                (0.5 + scaled) as i32
+            };
         }
         first.push(xmin as usize);
         len.push(count);
     }
-    Coeffs { ksize, first, len, k }
+    Coeffs {
+        ksize,
+        first,
+        len,
+        k,
+    }
 }
 
 /// Rounds a fixed-point sum (which started at one half) to a u8, clipping: Pillow's
@@ -710,7 +797,10 @@ fn resample(img: &RgbImage, out_w: u32, out_h: u32, region: [f32; 4]) -> RgbImag
     let (in_w, in_h) = img.dimensions();
     let need_h = out_w != in_w || region[0] != 0.0 || region[2] != out_w as f32;
     let need_v = out_h != in_h || region[1] != 0.0 || region[3] != out_h as f32;
-    let src = Plane { data: img.as_raw(), w: in_w as usize };
+    let src = Plane {
+        data: img.as_raw(),
+        w: in_w as usize,
+    };
     let raw = match (need_h, need_v) {
         (false, false) => img.as_raw().clone(),
         (true, false) => {
@@ -728,12 +818,18 @@ fn resample(img: &RgbImage, out_w: u32, out_h: u32, region: [f32; 4]) -> RgbImag
             if out_h < in_h && shrink_h > 2 * (i64::from(in_w) - i64::from(out_w)) {
                 let cols = horiz.span();
                 let temp = vertical_pass(src, cols.clone(), 0, &vert);
-                let temp = Plane { data: &temp, w: cols.len() };
+                let temp = Plane {
+                    data: &temp,
+                    w: cols.len(),
+                };
                 horizontal_pass(temp, 0..out_h as usize, cols.start, &horiz)
             } else {
                 let rows = vert.span();
                 let temp = horizontal_pass(src, rows.clone(), 0, &horiz);
-                let temp = Plane { data: &temp, w: out_w as usize };
+                let temp = Plane {
+                    data: &temp,
+                    w: out_w as usize,
+                };
                 vertical_pass(temp, 0..out_w as usize, rows.start, &vert)
             }
         }
