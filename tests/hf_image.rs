@@ -505,14 +505,34 @@ fn bad_resize_and_preprocess_arguments_are_errors() {
         bad.preprocess(&img, AspectMode::Crop),
         Err(Error::Config(_))
     ));
+    // Sizes that would allocate tens of GB are refused before allocating.
     let huge = ImageProcessor {
         size: Resize::ShortestEdge(60_000),
         ..ImageProcessor::default()
     };
-    assert!(matches!(
+    let huge_crop = ImageProcessor {
+        do_resize: false,
+        crop_height: 65_536,
+        crop_width: 65_536,
+        ..ImageProcessor::default()
+    };
+    let sliver = RgbImage::new(1, 20_000);
+    let no_resize = ImageProcessor {
+        do_resize: false,
+        do_center_crop: false,
+        ..ImageProcessor::default()
+    };
+    for r in [
         huge.preprocess(&img, AspectMode::Crop),
-        Err(Error::Shape(_))
-    ));
+        huge_crop.preprocess(&img, AspectMode::Crop),
+        no_resize.preprocess(&sliver, AspectMode::Pad),
+    ] {
+        let e = r.unwrap_err();
+        assert!(matches!(e, Error::Shape(_)), "{e:?}");
+        println!("{e}");
+    }
+    let ok = no_resize.preprocess(&sliver, AspectMode::Crop).unwrap();
+    assert_eq!(ok.len(), 3 * 20_000);
     // Identity sizes copy; a 1x1 image resizes to anything.
     assert_eq!(resize_bicubic(&img, 8, 6).unwrap(), img);
     let dot = RgbImage::from_pixel(1, 1, image_rgb([200, 100, 0]));

@@ -24,9 +24,14 @@
 //! Two deliberate choices, both LLaVA's: alpha is dropped, as `convert("RGB")` does
 //! (transformers' own `convert_to_rgb`, used when a PIL image with alpha reaches the
 //! processor directly, composites onto white instead); and EXIF orientation is ignored,
-//! as `Image.open` ignores it. transformers' torchvision ("fast") backend resizes with
-//! torch's antialiased bicubic, which differs from Pillow by a level or two; this module
-//! follows the Pillow backend, which is what LLaVA-1.5 was trained with.
+//! as `Image.open` ignores it.
+//!
+//! Versions: the references come from Pillow 13.0 and transformers 5.24. Pillow 13
+//! changed the order of the two resampling passes for images whose height shrinks much
+//! more than their width (see [`resize_bicubic`]); older Pillow differs there by a level
+//! or so. transformers' torchvision backend (`CLIPImageProcessor` when torchvision is
+//! installed) resizes with torch instead of Pillow and is not what this reproduces; the
+//! Pillow backend is the one LLaVA-1.5 was trained with.
 use std::io::Cursor;
 use std::path::Path;
 
@@ -67,8 +72,8 @@ pub enum Resize {
 }
 
 /// `CLIPImageProcessor` settings, as read from `preprocessor_config.json`. [`Default`]
-/// gives transformers' class defaults (`openai/clip-vit-base-patch32`: 224 pixels,
-/// CLIP's mean and std, every step on), which fill in any field a file leaves out.
+/// gives transformers' class defaults (224 pixels, OpenAI CLIP's mean and std, bicubic,
+/// every step on), which fill in any field a file leaves out.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImageProcessor {
     /// Resize before cropping.
@@ -269,11 +274,8 @@ impl ImageProcessor {
             }
         }
         if f.bool("do_pad", false)? {
-            return Err(f.err(
-                "do_pad is true; batch padding is not implemented (LLaVA-1.5's \
-                              CLIPImageProcessor does not pad)"
-                    .into(),
-            ));
+            let msg = "do_pad is true; batch padding is not implemented (LLaVA-1.5 does not pad)";
+            return Err(f.err(msg.into()));
         }
         // CLIPImageProcessor's class attribute: a bare int `size` means the short side.
         let int_is_square = f.bool("default_to_square", false)?;
@@ -283,11 +285,8 @@ impl ImageProcessor {
             None => (d.crop_height, d.crop_width),
             Some(Resize::Exact { height, width }) => (height, width),
             Some(Resize::ShortestEdge(_)) => {
-                return Err(f.err(
-                    "crop_size has shortest_edge; write {\"height\": h, \
-                                  \"width\": w}"
-                        .into(),
-                ))
+                let msg = r#"crop_size has shortest_edge; write {"height": h, "width": w}"#;
+                return Err(f.err(msg.into()));
             }
         };
         if let Some(v) = f.get("resample") {
@@ -382,7 +381,8 @@ impl ImageProcessor {
     /// what transformers' `CLIPImageProcessorPil` returns for the same RGB pixels (and,
     /// in [`AspectMode::Pad`], to LLaVA-1.5's `expand2square` followed by it).
     ///
-    /// Errors: an image with no pixels, or a resize target above [`MAX_PIXELS`].
+    /// Errors: an image with no pixels, or a padded square, resize target or output
+    /// above [`MAX_PIXELS`] (checked before anything is allocated).
     pub fn preprocess(&self, img: &RgbImage, mode: AspectMode) -> Result<Vec<f32>> {
         let (w, h) = img.dimensions();
         if w == 0 || h == 0 {
@@ -390,6 +390,27 @@ impl ImageProcessor {
                 "preprocess: the image is {w}x{h} pixels; it needs at least one pixel"
             )));
         }
+        // Each stage's size is checked before anything is allocated.
+        let check = |what: &str, w: u32, h: u32| -> Result<()> {
+            if u64::from(w) * u64::from(h) <= MAX_PIXELS {
+                return Ok(());
+            }
+            Err(Error::Shape(format!(
+                "preprocess: the {what} would be {w}x{h} pixels, more than {MAX_PIXELS}; \
+                 check the image and the size / crop_size of the preprocessor config"
+            )))
+        };
+        let (w0, h0) = match mode {
+            AspectMode::Pad => (w.max(h), w.max(h)),
+            AspectMode::Crop => (w, h),
+        };
+        check("padded square", w0, h0)?;
+        if self.do_resize {
+            let (tw, th) = self.resize_target(w0, h0);
+            check("resized image", tw, th)?;
+        }
+        let (out_h, out_w) = self.output_size(w, h, mode);
+        check("output", out_w, out_h)?;
         let std_ok = self.image_std.iter().all(|s| s.is_finite() && *s != 0.0);
         if self.do_normalize && !std_ok {
             return Err(Error::Config(format!(
