@@ -20,7 +20,7 @@ fn fixture() -> PathBuf {
     hf().join("image")
 }
 
-/// The tensors of a safetensors file, as (dtype, shape, bytes).
+/// A safetensors file in memory; tensors are read by name.
 struct Refs(Vec<u8>);
 
 impl Refs {
@@ -291,7 +291,7 @@ fn config_fields_and_defaults() {
     );
     assert_eq!((p.image_mean, p.image_std), ([100.0; 3], [50.0; 3]));
     assert!(!p.do_center_crop && !p.do_rescale);
-    // LLaVA-1.5-7b's real file, inline.
+    // The layout of llava-hf/llava-1.5-7b-hf's file (336 pixels), inline.
     let dir = common::tmp_dir("config_llava_7b");
     let path = dir.join("preprocessor_config.json");
     std::fs::write(
@@ -308,15 +308,11 @@ fn config_fields_and_defaults() {
     assert_eq!(p.size, Resize::ShortestEdge(336));
     // A 640x480 photo: 448x336 after the resize, 336x336 after the crop.
     assert_eq!(p.output_size(640, 480, AspectMode::Crop), (336, 336));
-    let img = RgbImage::from_pixel(640, 480, image_rgb([10, 200, 30]));
+    let img = RgbImage::from_pixel(640, 480, image::Rgb([10, 200, 30]));
     assert_eq!(
         p.preprocess(&img, AspectMode::Pad).unwrap().len(),
         3 * 336 * 336
     );
-}
-
-fn image_rgb(v: [u8; 3]) -> image::Rgb<u8> {
-    image::Rgb(v)
 }
 
 /// Resize targets in both orientations: transformers' int(s * long / short).
@@ -409,6 +405,14 @@ fn hostile_images_give_errors_naming_the_file() {
         assert_names(&e, &path, hint);
     }
 
+    // Recognised by content: a PNG named .jpg still decodes, to the same pixels.
+    let renamed = dir.join("really_a_png.jpg");
+    std::fs::write(&renamed, &good).unwrap();
+    assert_eq!(
+        load_image(&renamed).unwrap(),
+        load_image(hf().join("image.png")).unwrap()
+    );
+
     let zero = fixture().join("zero_width.png");
     let e = load_image(&zero).unwrap_err();
     assert!(matches!(e, Error::Format(_)), "{e:?}");
@@ -476,7 +480,7 @@ fn hostile_configs_give_errors_naming_the_file() {
 
 #[test]
 fn bad_resize_and_preprocess_arguments_are_errors() {
-    let img = RgbImage::from_pixel(8, 6, image_rgb([1, 2, 3]));
+    let img = RgbImage::from_pixel(8, 6, image::Rgb([1, 2, 3]));
     let empty = RgbImage::new(0, 4);
     for r in [
         resize_bicubic(&img, 0, 5),
@@ -535,9 +539,9 @@ fn bad_resize_and_preprocess_arguments_are_errors() {
     assert_eq!(ok.len(), 3 * 20_000);
     // Identity sizes copy; a 1x1 image resizes to anything.
     assert_eq!(resize_bicubic(&img, 8, 6).unwrap(), img);
-    let dot = RgbImage::from_pixel(1, 1, image_rgb([200, 100, 0]));
+    let dot = RgbImage::from_pixel(1, 1, image::Rgb([200, 100, 0]));
     assert_eq!(
         resize_bicubic(&dot, 3, 2).unwrap(),
-        RgbImage::from_pixel(3, 2, image_rgb([200, 100, 0]))
+        RgbImage::from_pixel(3, 2, image::Rgb([200, 100, 0]))
     );
 }
