@@ -11,9 +11,9 @@ pub mod bench;
 pub mod data;
 pub mod dp;
 pub mod error;
-pub mod hf;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod hf;
 pub mod linalg;
 pub mod mem;
 pub mod model;
