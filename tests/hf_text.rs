@@ -70,11 +70,20 @@ fn special_ids_found_by_name() {
     let refs = json("prompts.json");
     assert_eq!(tok.bos_id(), 1);
     assert_eq!(tok.eos_id(), 2);
-    assert_eq!(u64::from(tok.image_id()), refs["image_token_id"].as_u64().unwrap());
-    assert_eq!(u64::from(tok.pad_id()), refs["pad_token_id"].as_u64().unwrap());
+    assert_eq!(
+        u64::from(tok.image_id()),
+        refs["image_token_id"].as_u64().unwrap()
+    );
+    assert_eq!(
+        u64::from(tok.pad_id()),
+        refs["pad_token_id"].as_u64().unwrap()
+    );
     assert_eq!(tok.vocab_size(), 521);
     // A folder works as well as the file.
-    assert_eq!(Tokenizer::from_file(data()).unwrap().image_id(), tok.image_id());
+    assert_eq!(
+        Tokenizer::from_file(data()).unwrap().image_id(),
+        tok.image_id()
+    );
 }
 
 /// The normaliser runs per segment between added tokens, so the text after `<image>`
@@ -87,8 +96,15 @@ fn text_after_image_starts_with_metaspace() {
     let refs = json("prompts.json");
     let first = ids(&refs["prompts"][0]["ids"]);
     let at = first.iter().position(|&i| i == tok.image_id()).unwrap();
-    assert_eq!(first[at + 1..at + 3], [space, newline], "<image>\\n -> ▁ <0x0A>");
-    assert_eq!(tok.encode("USER: <image>\nWhat", true).unwrap()[2..5], [tok.image_id(), space, newline]);
+    assert_eq!(
+        first[at + 1..at + 3],
+        [space, newline],
+        "<image>\\n -> ▁ <0x0A>"
+    );
+    assert_eq!(
+        tok.encode("USER: <image>\nWhat", true).unwrap()[2..5],
+        [tok.image_id(), space, newline]
+    );
     // `<image>at the end`: `▁` then the piece, not `at` glued to the image.
     let fourth = ids(&refs["prompts"][3]["ids"]);
     let at = fourth.iter().position(|&i| i == tok.image_id()).unwrap();
@@ -96,7 +112,9 @@ fn text_after_image_starts_with_metaspace() {
     // And after `</s>` in a multi-turn prompt: the round tokenises as it would alone.
     let second = ids(&refs["prompts"][1]["ids"]);
     let eos = second.iter().position(|&i| i == tok.eos_id()).unwrap();
-    let alone = tok.encode("USER: And the shape? ASSISTANT: Round.</s>", false).unwrap();
+    let alone = tok
+        .encode("USER: And the shape? ASSISTANT: Round.</s>", false)
+        .unwrap();
     assert_eq!(second[eos + 1..], alone[..]);
     assert_eq!(tok.id_to_token(second[eos + 1]).as_deref(), Some("▁USER:▁"));
 }
@@ -109,19 +127,33 @@ fn decode_equals_python() {
     assert!(cases.len() >= 10);
     for c in cases {
         let part = ids(&c["ids"]);
-        assert_eq!(tok.decode(&part, true).unwrap(), c["skip_special"].as_str().unwrap(), "{part:?}");
-        assert_eq!(tok.decode(&part, false).unwrap(), c["keep_special"].as_str().unwrap(), "{part:?}");
+        assert_eq!(
+            tok.decode(&part, true).unwrap(),
+            c["skip_special"].as_str().unwrap(),
+            "{part:?}"
+        );
+        assert_eq!(
+            tok.decode(&part, false).unwrap(),
+            c["keep_special"].as_str().unwrap(),
+            "{part:?}"
+        );
     }
     // Round trip of plain text through encode and decode (what generate prints).
     let text = "Café naïve — 東京 🚀 tab\there";
-    assert_eq!(tok.decode(&tok.encode(text, true).unwrap(), true).unwrap(), text);
+    assert_eq!(
+        tok.decode(&tok.encode(text, true).unwrap(), true).unwrap(),
+        text
+    );
 }
 
 #[test]
 fn decode_rejects_ids_outside_the_vocabulary() {
     let tok = tok();
     let e = tok.decode(&[1, 5, 32000], true).unwrap_err().to_string();
-    assert!(e.contains("32000") && e.contains("tokenizer.json") && e.contains("521"), "{e}");
+    assert!(
+        e.contains("32000") && e.contains("tokenizer.json") && e.contains("521"),
+        "{e}"
+    );
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -135,32 +167,58 @@ fn tokenizer_file_errors_name_file_problem_and_fix() {
     let dir = common::tmp_dir("tokenizer_file_errors");
     let missing = dir.join("nope.json");
     let e = Tokenizer::from_file(&missing).unwrap_err().to_string();
-    assert!(e.contains("nope.json") && e.contains("cannot read") && e.contains("llava-hf"), "{e}");
+    assert!(
+        e.contains("nope.json") && e.contains("cannot read") && e.contains("llava-hf"),
+        "{e}"
+    );
 
     let bad = write(&dir, "bad.json", "{\"version\": \"1.0\", \"model\": 3}");
     let e = Tokenizer::from_file(&bad).unwrap_err().to_string();
-    assert!(e.contains("bad.json") && e.contains("not a Hugging Face tokenizers file"), "{e}");
+    assert!(
+        e.contains("bad.json") && e.contains("not a Hugging Face tokenizers file"),
+        "{e}"
+    );
 
     let base: Value = json("tokenizer.json");
     // No <image> at all.
     let mut t = base.clone();
-    t["added_tokens"].as_array_mut().unwrap().retain(|a| a["content"] != "<image>");
+    t["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|a| a["content"] != "<image>");
     let p = write(&dir, "noimage.json", &t.to_string());
     let e = Tokenizer::from_file(&p).unwrap_err().to_string();
-    assert!(e.contains("noimage.json") && e.contains("no token `<image>`") && e.contains("add_special_tokens"), "{e}");
+    assert!(
+        e.contains("noimage.json")
+            && e.contains("no token `<image>`")
+            && e.contains("add_special_tokens"),
+        "{e}"
+    );
     // No <pad>.
     let mut t = base.clone();
-    t["added_tokens"].as_array_mut().unwrap().retain(|a| a["content"] != "<pad>");
+    t["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|a| a["content"] != "<pad>");
     let p = write(&dir, "nopad.json", &t.to_string());
     let e = Tokenizer::from_file(&p).unwrap_err().to_string();
-    assert!(e.contains("nopad.json") && e.contains("no token `<pad>`"), "{e}");
+    assert!(
+        e.contains("nopad.json") && e.contains("no token `<pad>`"),
+        "{e}"
+    );
     // <image> in the vocabulary but not an added token: the text would not map to it.
     let mut t = base;
-    t["added_tokens"].as_array_mut().unwrap().retain(|a| a["content"] != "<image>");
+    t["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|a| a["content"] != "<image>");
     t["model"]["vocab"]["<image>"] = 519.into();
     let p = write(&dir, "vocabimage.json", &t.to_string());
     let e = Tokenizer::from_file(&p).unwrap_err().to_string();
-    assert!(e.contains("vocabimage.json") && e.contains("not an added token"), "{e}");
+    assert!(
+        e.contains("vocabimage.json") && e.contains("not an added token"),
+        "{e}"
+    );
 }
 
 // ---------------------------------------------------------------- conversations vs Python
@@ -192,13 +250,27 @@ fn prompts_ids_and_labels_equal_python_for_both_templates() {
         let want = refs[template_key(t)].as_array().unwrap();
         let (ex, stats) = c.encode(&tok, t, 4096).unwrap();
         assert_eq!(ex.len(), want.len(), "{t:?}");
-        assert_eq!((stats.records, stats.kept, stats.truncated), (5, 5, 0), "{t:?}");
+        assert_eq!(
+            (stats.records, stats.kept, stats.truncated),
+            (5, 5, 0),
+            "{t:?}"
+        );
         assert!(stats.dropped.is_empty(), "{t:?}: {:?}", stats.dropped);
         for ((e, w), r) in ex.iter().zip(want).zip(&c.records) {
             assert_eq!(e.id, w["id"].as_str().unwrap());
             assert_eq!(t.prompt(r), w["prompt"].as_str().unwrap(), "{t:?} {}", e.id);
+            if t == Template::VicunaV1 {
+                assert!(t
+                    .prompt(r)
+                    .starts_with(&format!("{VICUNA_V1_SYSTEM} USER: ")));
+            }
             assert_eq!(e.input_ids, ids(&w["input_ids"]), "{t:?} {}", e.id);
-            let labels: Vec<i64> = w["labels"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+            let labels: Vec<i64> = w["labels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap())
+                .collect();
             assert_eq!(e.hf_labels(), labels, "{t:?} {}", e.id);
             assert_eq!(e.loss_mask.len(), e.input_ids.len());
             assert!(!e.loss_mask[e.loss_mask.len() - 1]);
@@ -207,7 +279,10 @@ fn prompts_ids_and_labels_equal_python_for_both_templates() {
             assert_eq!(e.image_position, image_at, "{t:?} {}", e.id);
             assert_eq!(e.image.is_some(), r.image.is_some());
         }
-        assert_eq!(stats.longest, ex.iter().map(|e| e.input_ids.len()).max().unwrap());
+        assert_eq!(
+            stats.longest,
+            ex.iter().map(|e| e.input_ids.len()).max().unwrap()
+        );
     }
 }
 
@@ -225,17 +300,31 @@ fn loss_mask_convention_and_answer_ends() {
     // Nothing about the system prompt, the question or the image is learned.
     let first = single.loss_mask.iter().position(|&m| m).unwrap();
     assert!(first > single.image_position.unwrap());
-    let prompt = tok.encode(&format!("{VICUNA_V1_SYSTEM} USER: <image>\nWhat is in the picture?"), true).unwrap();
-    assert!(first >= prompt.len() - 1, "first target {} inside the question ({})", first + 1, prompt.len());
+    // preprocess_v1 masks len(instruction) - 2 tokens, assuming the space after
+    // `ASSISTANT:` merges into the answer (as with Llama's vocabulary); the fixture's
+    // BPE merges it into `ASSISTANT:▁` instead, so that header token is a target too.
+    assert_eq!(
+        tok.id_to_token(single.input_ids[first + 1]).as_deref(),
+        Some("ASSISTANT:▁")
+    );
     // Each of the three answers of record "17" ends with a learned `</s>`.
     let r17 = &ex[1];
     let eos_targets = (0..r17.input_ids.len() - 1)
         .filter(|&t| r17.input_ids[t + 1] == tok.eos_id() && r17.loss_mask[t])
         .count();
     assert_eq!(eos_targets, 3);
-    // The HF template has no `</s>` at all.
+    // The HF template has no `</s>` at all, and its targets start at the answer.
     let (hf, _) = c.encode(&tok, Template::LlavaHf, 4096).unwrap();
     assert!(hf.iter().all(|e| !e.input_ids.contains(&tok.eos_id())));
+    let first = hf[0].loss_mask.iter().position(|&m| m).unwrap();
+    assert_eq!(
+        tok.id_to_token(hf[0].input_ids[first]).as_deref(),
+        Some("ASSISTANT:▁")
+    );
+    assert_eq!(
+        tok.id_to_token(hf[0].input_ids[first + 1]).as_deref(),
+        Some("A▁")
+    );
 }
 
 #[test]
@@ -254,14 +343,32 @@ fn generation_prompts_equal_python() {
 
 #[test]
 fn generation_prompt_errors() {
-    let q = |v: &str| Turn { role: Role::Human, value: v.into() };
-    let a = |v: &str| Turn { role: Role::Gpt, value: v.into() };
+    let q = |v: &str| Turn {
+        role: Role::Human,
+        value: v.into(),
+    };
+    let a = |v: &str| Turn {
+        role: Role::Gpt,
+        value: v.into(),
+    };
     let t = Template::LlavaHf;
-    let e = t.generation_prompt(&[q("<image>\nHi"), a("Hello")], true).unwrap_err().to_string();
-    assert!(e.contains("generation prompt") && e.contains("end with the human question"), "{e}");
-    let e = t.generation_prompt(&[q("Hi")], true).unwrap_err().to_string();
+    let e = t
+        .generation_prompt(&[q("<image>\nHi"), a("Hello")], true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("generation prompt") && e.contains("end with the human question"),
+        "{e}"
+    );
+    let e = t
+        .generation_prompt(&[q("Hi")], true)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("0 `<image>`"), "{e}");
-    let e = t.generation_prompt(&[q("<image> Hi")], false).unwrap_err().to_string();
+    let e = t
+        .generation_prompt(&[q("<image> Hi")], false)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no \"image\""), "{e}");
     let e = t.generation_prompt(&[], false).unwrap_err().to_string();
     assert!(e.contains("no turns"), "{e}");
@@ -287,7 +394,10 @@ fn truncation_cuts_labels_and_is_counted() {
     // The labels before the cut are kept; the last position predicts nothing.
     assert_eq!(cut.loss_mask[..69], r17.loss_mask[..69]);
     assert!(!cut.loss_mask[69]);
-    assert!(ex.iter().filter(|e| e.input_ids.len() < 70).all(|e| !e.truncated));
+    assert!(ex
+        .iter()
+        .filter(|e| e.input_ids.len() < 70)
+        .all(|e| !e.truncated));
 
     // Cut after the image but before the first answer token: reported, left out.
     let (ex, stats) = c.encode(&tok, Template::VicunaV1, 50).unwrap();
@@ -304,7 +414,10 @@ fn truncation_cuts_labels_and_is_counted() {
     let d = stats.dropped.iter().find(|d| d.id == "text-only").unwrap();
     assert_eq!(d.reason, DropReason::AnswersCut);
 
-    let e = c.encode(&tok, Template::VicunaV1, 1).unwrap_err().to_string();
+    let e = c
+        .encode(&tok, Template::VicunaV1, 1)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("max_len 1"), "{e}");
 }
 
@@ -328,7 +441,10 @@ fn right_padding_masks_the_padding() {
     assert_eq!(p.input_ids, e.input_ids);
     assert_eq!(p.targets[n - 1], tok.pad_id());
     let err = e.pad(n - 1, tok.pad_id()).unwrap_err().to_string();
-    assert!(err.contains("more than the padded length") && err.contains("single"), "{err}");
+    assert!(
+        err.contains("more than the padded length") && err.contains("single"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------- hostile input
@@ -341,7 +457,9 @@ fn load_err(name: &str, text: &str) -> String {
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("a.png"), b"png").unwrap();
     let p = write(&dir, "data.json", text);
-    let e = Conversations::load(&p, Some(&root)).unwrap_err().to_string();
+    let e = Conversations::load(&p, Some(&root))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("data.json"), "{e}");
     e
 }
@@ -360,21 +478,32 @@ fn rec(image: Option<&str>, turns: &[(&str, &str)]) -> String {
 
 /// A good record then `bad`: errors name index 1 and the id.
 fn with_good(bad: &str) -> String {
-    format!("[{}, {bad}]", rec(Some("a.png"), &[("human", "<image>\nQ?"), ("gpt", "A.")]))
+    format!(
+        "[{}, {bad}]",
+        rec(Some("a.png"), &[("human", "<image>\nQ?"), ("gpt", "A.")])
+    )
 }
 
 #[test]
 fn bad_json_and_shape() {
     let e = load_err("bad_json", "[{\"id\": 1, ");
-    assert!(e.contains("not LLaVA conversation JSON") && e.contains("line 1"), "{e}");
+    assert!(
+        e.contains("not LLaVA conversation JSON") && e.contains("line 1"),
+        "{e}"
+    );
     let e = load_err("object", "{\"id\": 1}");
     assert!(e.contains("Expected a list"), "{e}");
     let e = load_err("empty", "[]");
     assert!(e.contains("no records"), "{e}");
-    let e = load_err("value_type", "[{\"id\": 1, \"conversations\": [{\"from\": \"human\", \"value\": 3}]}]");
+    let e = load_err(
+        "value_type",
+        "[{\"id\": 1, \"conversations\": [{\"from\": \"human\", \"value\": 3}]}]",
+    );
     assert!(e.contains("invalid type"), "{e}");
     let dir = common::tmp_dir("missing_file");
-    let e = Conversations::load(dir.join("gone.json"), None).unwrap_err().to_string();
+    let e = Conversations::load(dir.join("gone.json"), None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("gone.json") && e.contains("cannot read"), "{e}");
 }
 
@@ -383,58 +512,150 @@ fn missing_fields() {
     let e = load_err("no_id", &with_good("{\"conversations\": []}"));
     assert!(e.contains("record 1") && e.contains("has no \"id\""), "{e}");
     let e = load_err("no_conv", &with_good("{\"id\": \"x7\"}"));
-    assert!(e.contains("record 1 (id \"x7\")") && e.contains("no \"conversations\""), "{e}");
-    let e = load_err("no_turns", &with_good("{\"id\": \"x7\", \"conversations\": []}"));
+    assert!(
+        e.contains("record 1 (id \"x7\")") && e.contains("no \"conversations\""),
+        "{e}"
+    );
+    let e = load_err(
+        "no_turns",
+        &with_good("{\"id\": \"x7\", \"conversations\": []}"),
+    );
     assert!(e.contains("record 1") && e.contains("no turns"), "{e}");
-    let e = load_err("no_from", &with_good("{\"id\": \"x7\", \"conversations\": [{\"value\": \"Q\"}]}"));
+    let e = load_err(
+        "no_from",
+        &with_good("{\"id\": \"x7\", \"conversations\": [{\"value\": \"Q\"}]}"),
+    );
     assert!(e.contains("turn 0 has no \"from\""), "{e}");
-    let e = load_err("no_value", &with_good("{\"id\": \"x7\", \"conversations\": [{\"from\": \"human\"}]}"));
+    let e = load_err(
+        "no_value",
+        &with_good("{\"id\": \"x7\", \"conversations\": [{\"from\": \"human\"}]}"),
+    );
     assert!(e.contains("turn 0 has no \"value\""), "{e}");
-    let e = load_err("empty_value", &with_good(&rec(None, &[("human", "Q"), ("gpt", "")])));
-    assert!(e.contains("record 1 (id \"r1\")") && e.contains("turn 1 has an empty"), "{e}");
+    let e = load_err(
+        "empty_value",
+        &with_good(&rec(None, &[("human", "Q"), ("gpt", "")])),
+    );
+    assert!(
+        e.contains("record 1 (id \"r1\")") && e.contains("turn 1 has an empty"),
+        "{e}"
+    );
 }
 
 #[test]
 fn wrong_roles_order() {
-    let e = load_err("bad_role", &with_good(&rec(None, &[("system", "S"), ("gpt", "A")])));
-    assert!(e.contains("turn 0 is from \"system\"") && e.contains("\"human\" (the question)"), "{e}");
-    let e = load_err("leading_gpt", &with_good(&rec(None, &[("gpt", "A"), ("human", "Q"), ("gpt", "A")])));
-    assert!(e.contains("record 1") && e.contains("turn 0 is from \"gpt\"") && e.contains("leading gpt"), "{e}");
-    let e = load_err("two_humans", &with_good(&rec(None, &[("human", "Q"), ("human", "Q2"), ("gpt", "A")])));
-    assert!(e.contains("turn 1 is from \"human\" where \"gpt\"") && e.contains("alternate"), "{e}");
-    let e = load_err("ends_human", &with_good(&rec(None, &[("human", "Q"), ("gpt", "A"), ("human", "Q2")])));
-    assert!(e.contains("ends with a human turn") && e.contains("add the gpt answer"), "{e}");
+    let e = load_err(
+        "bad_role",
+        &with_good(&rec(None, &[("system", "S"), ("gpt", "A")])),
+    );
+    assert!(
+        e.contains("turn 0 is from \"system\"") && e.contains("\"human\" (the question)"),
+        "{e}"
+    );
+    let e = load_err(
+        "leading_gpt",
+        &with_good(&rec(None, &[("gpt", "A"), ("human", "Q"), ("gpt", "A")])),
+    );
+    assert!(
+        e.contains("record 1") && e.contains("turn 0 is from \"gpt\"") && e.contains("leading gpt"),
+        "{e}"
+    );
+    let e = load_err(
+        "two_humans",
+        &with_good(&rec(None, &[("human", "Q"), ("human", "Q2"), ("gpt", "A")])),
+    );
+    assert!(
+        e.contains("turn 1 is from \"human\" where \"gpt\"") && e.contains("alternate"),
+        "{e}"
+    );
+    let e = load_err(
+        "ends_human",
+        &with_good(&rec(None, &[("human", "Q"), ("gpt", "A"), ("human", "Q2")])),
+    );
+    assert!(
+        e.contains("ends with a human turn") && e.contains("add the gpt answer"),
+        "{e}"
+    );
 }
 
 #[test]
 fn image_token_counts() {
-    let e = load_err("zero_images", &with_good(&rec(Some("a.png"), &[("human", "Q"), ("gpt", "A")])));
-    assert!(e.contains("record 1") && e.contains("has an image but 0 `<image>`"), "{e}");
+    let e = load_err(
+        "zero_images",
+        &with_good(&rec(Some("a.png"), &[("human", "Q"), ("gpt", "A")])),
+    );
+    assert!(
+        e.contains("record 1") && e.contains("has an image but 0 `<image>`"),
+        "{e}"
+    );
     let e = load_err(
         "two_images",
-        &with_good(&rec(Some("a.png"), &[("human", "<image> Q <image>"), ("gpt", "A")])),
+        &with_good(&rec(
+            Some("a.png"),
+            &[("human", "<image> Q <image>"), ("gpt", "A")],
+        )),
     );
-    assert!(e.contains("has an image but 2 `<image>`") && e.contains("exactly one"), "{e}");
+    assert!(
+        e.contains("has an image but 2 `<image>`") && e.contains("exactly one"),
+        "{e}"
+    );
     let e = load_err(
         "two_turn_images",
-        &with_good(&rec(Some("a.png"), &[("human", "<image> Q"), ("gpt", "A"), ("human", "<image>"), ("gpt", "B")])),
+        &with_good(&rec(
+            Some("a.png"),
+            &[
+                ("human", "<image> Q"),
+                ("gpt", "A"),
+                ("human", "<image>"),
+                ("gpt", "B"),
+            ],
+        )),
     );
     assert!(e.contains("2 `<image>`"), "{e}");
-    let e = load_err("text_with_image", &with_good(&rec(None, &[("human", "<image>\nQ"), ("gpt", "A")])));
-    assert!(e.contains("no \"image\" but 1 `<image>`") && e.contains("add the \"image\" path"), "{e}");
-    let e = load_err("image_in_answer", &with_good(&rec(Some("a.png"), &[("human", "Q"), ("gpt", "A <image>")])));
+    let e = load_err(
+        "text_with_image",
+        &with_good(&rec(None, &[("human", "<image>\nQ"), ("gpt", "A")])),
+    );
+    assert!(
+        e.contains("no \"image\" but 1 `<image>`") && e.contains("add the \"image\" path"),
+        "{e}"
+    );
+    let e = load_err(
+        "image_in_answer",
+        &with_good(&rec(Some("a.png"), &[("human", "Q"), ("gpt", "A <image>")])),
+    );
     assert!(e.contains("is in turn 1, an answer"), "{e}");
 }
 
 #[test]
 fn image_paths_that_escape_or_fail() {
-    let e = load_err("absolute", &with_good(&rec(Some("/etc/passwd"), &[("human", "<image>Q"), ("gpt", "A")])));
-    assert!(e.contains("record 1") && e.contains("\"/etc/passwd\" is absolute"), "{e}");
-    let e = load_err("dotdot", &with_good(&rec(Some("sub/../../data.json"), &[("human", "<image>Q"), ("gpt", "A")])));
+    let e = load_err(
+        "absolute",
+        &with_good(&rec(
+            Some("/etc/passwd"),
+            &[("human", "<image>Q"), ("gpt", "A")],
+        )),
+    );
+    assert!(
+        e.contains("record 1") && e.contains("\"/etc/passwd\" is absolute"),
+        "{e}"
+    );
+    let e = load_err(
+        "dotdot",
+        &with_good(&rec(
+            Some("sub/../../data.json"),
+            &[("human", "<image>Q"), ("gpt", "A")],
+        )),
+    );
     assert!(e.contains("contains `..`"), "{e}");
-    let e = load_err("missing_image", &with_good(&rec(Some("b.png"), &[("human", "<image>Q"), ("gpt", "A")])));
+    let e = load_err(
+        "missing_image",
+        &with_good(&rec(Some("b.png"), &[("human", "<image>Q"), ("gpt", "A")])),
+    );
     assert!(e.contains("b.png cannot be found"), "{e}");
-    let e = load_err("empty_path", &with_good(&rec(Some(""), &[("human", "<image>Q"), ("gpt", "A")])));
+    let e = load_err(
+        "empty_path",
+        &with_good(&rec(Some(""), &[("human", "<image>Q"), ("gpt", "A")])),
+    );
     assert!(e.contains("empty \"image\" path"), "{e}");
 
     // Symlinks: a file link and a folder link that lead out, and a broken one.
@@ -448,29 +669,62 @@ fn image_paths_that_escape_or_fail() {
     std::os::unix::fs::symlink(root.join("a.png"), root.join("inside.png")).unwrap();
     std::os::unix::fs::symlink(dir.join("gone.png"), root.join("broken.png")).unwrap();
     let load = |image: &str| {
-        let p = write(&dir, "data.json", &format!("[{}]", rec(Some(image), &[("human", "<image>Q"), ("gpt", "A")])));
+        let p = write(
+            &dir,
+            "data.json",
+            &format!(
+                "[{}]",
+                rec(Some(image), &[("human", "<image>Q"), ("gpt", "A")])
+            ),
+        );
         Conversations::load(&p, Some(&root))
     };
     for out in ["link.png", "up/secret.png"] {
         let e = load(out).unwrap_err().to_string();
-        assert!(e.contains("outside the image folder") && e.contains("symlink"), "{out}: {e}");
+        assert!(
+            e.contains("outside the image folder") && e.contains("symlink"),
+            "{out}: {e}"
+        );
     }
     let e = load("broken.png").unwrap_err().to_string();
-    assert!(e.contains("broken.png cannot be found") && e.contains("broken symlink"), "{e}");
+    assert!(
+        e.contains("broken.png cannot be found") && e.contains("broken symlink"),
+        "{e}"
+    );
     // A link that stays inside is fine and resolves to its target.
     let ok = load("inside.png").unwrap();
-    assert_eq!(ok.records[0].image.as_ref().unwrap().path, std::fs::canonicalize(root.join("a.png")).unwrap());
+    assert_eq!(
+        ok.records[0].image.as_ref().unwrap().path,
+        std::fs::canonicalize(root.join("a.png")).unwrap()
+    );
     // A folder is not an image.
     let e = load("sub").unwrap_err().to_string();
     assert!(e.contains("is not a file"), "{e}");
 
     // No image folder given, or one that does not exist.
-    let p = write(&dir, "data.json", &format!("[{}]", rec(Some("a.png"), &[("human", "<image>Q"), ("gpt", "A")])));
+    let p = write(
+        &dir,
+        "data.json",
+        &format!(
+            "[{}]",
+            rec(Some("a.png"), &[("human", "<image>Q"), ("gpt", "A")])
+        ),
+    );
     let e = Conversations::load(&p, None).unwrap_err().to_string();
-    assert!(e.contains("data.json") && e.contains("no image folder was given"), "{e}");
-    let e = Conversations::load(&p, Some(&dir.join("nowhere"))).unwrap_err().to_string();
-    assert!(e.contains("nowhere") && e.contains("cannot open the image folder"), "{e}");
-    let e = Conversations::load(&p, Some(&root.join("a.png"))).unwrap_err().to_string();
+    assert!(
+        e.contains("data.json") && e.contains("no image folder was given"),
+        "{e}"
+    );
+    let e = Conversations::load(&p, Some(&dir.join("nowhere")))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("nowhere") && e.contains("cannot open the image folder"),
+        "{e}"
+    );
+    let e = Conversations::load(&p, Some(&root.join("a.png")))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not a folder"), "{e}");
 }
 
@@ -483,14 +737,24 @@ fn unreadable_image() {
     let img = root.join("locked.png");
     std::fs::write(&img, b"png").unwrap();
     std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o000)).unwrap();
-    let p = write(&dir, "data.json", &format!("[{}]", rec(Some("locked.png"), &[("human", "<image>Q"), ("gpt", "A")])));
+    let p = write(
+        &dir,
+        "data.json",
+        &format!(
+            "[{}]",
+            rec(Some("locked.png"), &[("human", "<image>Q"), ("gpt", "A")])
+        ),
+    );
     let res = Conversations::load(&p, Some(&root));
     if std::fs::File::open(&img).is_ok() {
         // Running as root: permissions do not stop reads, so there is nothing to see.
         assert!(res.is_ok());
     } else {
         let e = res.unwrap_err().to_string();
-        assert!(e.contains("locked.png cannot be opened") && e.contains("readable"), "{e}");
+        assert!(
+            e.contains("locked.png cannot be opened") && e.contains("readable"),
+            "{e}"
+        );
     }
     std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o644)).unwrap();
 }
@@ -500,11 +764,26 @@ fn control_tokens_in_text_are_refused() {
     let tok = tok();
     let dir = common::tmp_dir("control_tokens");
     for bad in ["Q</s>USER: x", "<s> Q", "Q <pad>"] {
-        let p = write(&dir, "data.json", &format!("[{}]", rec(None, &[("human", "Hi"), ("gpt", "A"), ("human", bad), ("gpt", "B")])));
+        let p = write(
+            &dir,
+            "data.json",
+            &format!(
+                "[{}]",
+                rec(
+                    None,
+                    &[("human", "Hi"), ("gpt", "A"), ("human", bad), ("gpt", "B")]
+                )
+            ),
+        );
         let c = Conversations::load(&p, None).unwrap();
         for t in TEMPLATES {
             let e = c.encode(&tok, t, 512).unwrap_err().to_string();
-            assert!(e.contains("data.json") && e.contains("record 0 (id \"r1\")") && e.contains("turn 2"), "{e}");
+            assert!(
+                e.contains("data.json")
+                    && e.contains("record 0 (id \"r1\")")
+                    && e.contains("turn 2"),
+                "{e}"
+            );
             assert!(e.contains("special") && e.contains("remove it"), "{e}");
         }
     }
@@ -519,7 +798,10 @@ fn vicuna_round_split_mismatch_is_reported() {
     let p = write(
         &dir,
         "data.json",
-        &format!("[{}]", rec(None, &[("human", "Say ASSISTANT: hi"), ("gpt", "Hi.")])),
+        &format!(
+            "[{}]",
+            rec(None, &[("human", "Say ASSISTANT: hi"), ("gpt", "Hi.")])
+        ),
     );
     let c = Conversations::load(&p, None).unwrap();
     let (ex, stats) = c.encode(&tok, Template::VicunaV1, 512).unwrap();

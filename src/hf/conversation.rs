@@ -49,7 +49,7 @@ pub enum Role {
 
 impl Role {
     fn expected_at(turn: usize) -> Role {
-        if turn % 2 == 0 {
+        if turn.is_multiple_of(2) {
             Role::Human
         } else {
             Role::Gpt
@@ -303,7 +303,7 @@ pub enum Template {
     /// `VicunaV1` to train the stop token LLaVA-1.5 was trained with.
     LlavaHf,
     /// LLaVA-1.5's training format (`conv_vicuna_v1`): [`VICUNA_V1_SYSTEM`], then
-    /// `USER: {q} ASSISTANT: {a}</s>` per round (`sep` " ", `sep2` "</s>"); the
+    /// `USER: {q} ASSISTANT: {a}</s>` per round (`sep` `" "`, `sep2` `"</s>"`); the
     /// `<image>` moved to the front of its turn (`"<image>\n" + rest.strip()`, as
     /// LLaVA's `preprocess_multimodal`).
     ///
@@ -342,7 +342,12 @@ impl Template {
     }
 
     /// The text and, for `LlavaHf`, the byte ranges of the assistant's generations.
-    fn render(&self, turns: &[Turn], has_image: bool, generation: bool) -> (String, Vec<(usize, usize)>) {
+    fn render(
+        &self,
+        turns: &[Turn],
+        has_image: bool,
+        generation: bool,
+    ) -> (String, Vec<(usize, usize)>) {
         let mut s = String::new();
         let mut spans = Vec::new();
         match self {
@@ -671,7 +676,10 @@ fn check_turns(
             "add the gpt answer or remove the last turn".into(),
         ));
     }
-    let counts: Vec<usize> = turns.iter().map(|t| t.value.matches(IMAGE).count()).collect();
+    let counts: Vec<usize> = turns
+        .iter()
+        .map(|t| t.value.matches(IMAGE).count())
+        .collect();
     let total: usize = counts.iter().sum();
     if has_image && total != 1 {
         return Err((
@@ -716,7 +724,10 @@ fn canonical_root(root: &Path) -> Result<PathBuf> {
 
 /// Path-level checks of an image: relative, no `..`, inside the root after symlinks,
 /// a file that opens. Decoding is `hf::image`'s.
-fn resolve_image(root: Option<&Path>, rel: &str) -> std::result::Result<ImageRef, (String, String)> {
+fn resolve_image(
+    root: Option<&Path>,
+    rel: &str,
+) -> std::result::Result<ImageRef, (String, String)> {
     let root = root.ok_or_else(|| {
         (
             format!("has the image {rel:?} but no image folder was given"),

@@ -23,6 +23,9 @@ pub const IMAGE: &str = "<image>";
 /// The padding token llava-hf checkpoints add (id 32001 in llava-1.5-7b-hf).
 pub const PAD: &str = "<pad>";
 
+/// A token's byte range `[start, end)` in the encoded text.
+pub type ByteRange = (usize, usize);
+
 /// A loaded `tokenizer.json` with the ids of [`BOS`], [`EOS`], [`IMAGE`] and [`PAD`].
 pub struct Tokenizer {
     inner: HfTokenizer,
@@ -76,9 +79,9 @@ impl Tokenizer {
             ),
         })?;
         inner.with_padding(None);
-        inner.with_truncation(None).map_err(|e| {
-            Error::Internal(format!("switching off truncation of {shown}: {e}"))
-        })?;
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::Internal(format!("switching off truncation of {shown}: {e}")))?;
         let mut tok = Tokenizer {
             inner,
             path,
@@ -144,7 +147,7 @@ impl Tokenizer {
         &self,
         text: &str,
         add_bos: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    ) -> Result<(Vec<u32>, Vec<ByteRange>)> {
         // The post-processor is bypassed and BOS added by hand, so `add_bos` means
         // exactly one BOS whatever template the file's post-processor holds.
         let enc = self.inner.encode(text, false).map_err(|e| {
@@ -180,9 +183,9 @@ impl Tokenizer {
                 self.vocab_size()
             )));
         }
-        self.inner.decode(ids, skip_special).map_err(|e| {
-            Error::Format(format!("{}: decoding {ids:?}: {e}", self.path.display()))
-        })
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::Format(format!("{}: decoding {ids:?}: {e}", self.path.display())))
     }
 
     /// The id of `token` (a vocabulary entry or an added token), if any.
