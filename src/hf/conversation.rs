@@ -26,6 +26,7 @@
 //! layout: `targets[t] = input_ids[t + 1]`). The last position is never in the loss.
 use std::path::{Component, Path, PathBuf};
 
+use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::hf::tokenizer::{preview, Tokenizer, EOS, IMAGE};
@@ -208,34 +209,29 @@ impl Conversations {
             )));
         }
         let control = tok.control_tokens();
+        let file = self.path.display().to_string();
+        // Tokenising dominates (VicunaV1 tokenises each round twice more): in parallel,
+        // then the results in file order so the first error is the first bad record.
+        let labelled: Vec<Result<Labelled>> = self
+            .records
+            .par_iter()
+            .map(|r| {
+                check_control_tokens(&file, tok, &control, r)?;
+                template.label(tok, r)
+            })
+            .collect();
         let mut stats = EncodeStats {
             records: self.records.len(),
             ..EncodeStats::default()
         };
         let mut out = Vec::with_capacity(self.records.len());
-        for r in &self.records {
-            for (j, t) in r.turns.iter().enumerate() {
-                if let Some(c) = control.iter().find(|c| t.value.contains(c.as_str())) {
-                    return Err(record_error(
-                        &self.path.display().to_string(),
-                        r.index,
-                        &r.id,
-                        &format!(
-                            "turn {j} ({:?}) contains `{c}`, which {} reads as a special \
-                             control token",
-                            preview(&t.value),
-                            tok.path().display()
-                        ),
-                        "remove it from the text (only <image> may appear, once)",
-                    ));
-                }
-            }
+        for (r, labelled) in self.records.iter().zip(labelled) {
             let drop = |reason| Dropped {
                 index: r.index,
                 id: r.id.clone(),
                 reason,
             };
-            let (mut ids, is_label) = match template.label(tok, r)? {
+            let (mut ids, is_label) = match labelled? {
                 Some(v) => v,
                 None => {
                     stats.dropped.push(drop(DropReason::TokenizationMismatch));
@@ -288,6 +284,30 @@ impl Conversations {
         stats.kept = out.len();
         Ok((out, stats))
     }
+}
+
+/// Token ids with BOS and, per token, whether it is a label; `None` for `VicunaV1`'s
+/// tokenization mismatch.
+type Labelled = Option<(Vec<u32>, Vec<bool>)>;
+
+/// Fails when a turn of `r` holds a special token other than `<image>`.
+fn check_control_tokens(file: &str, tok: &Tokenizer, control: &[String], r: &Record) -> Result<()> {
+    for (j, t) in r.turns.iter().enumerate() {
+        if let Some(c) = control.iter().find(|c| t.value.contains(c.as_str())) {
+            return Err(record_error(
+                file,
+                r.index,
+                &r.id,
+                &format!(
+                    "turn {j} ({:?}) contains `{c}`, which {} reads as a special control token",
+                    preview(&t.value),
+                    tok.path().display()
+                ),
+                "remove it from the text (only <image> may appear, once)",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A prompt format: how turns become text, and which tokens are answers.
@@ -401,9 +421,8 @@ impl Template {
         (s, spans)
     }
 
-    /// Token ids of `record` with BOS and, per token, whether it is a label; `None`
-    /// for `VicunaV1`'s tokenization mismatch.
-    fn label(&self, tok: &Tokenizer, record: &Record) -> Result<Option<(Vec<u32>, Vec<bool>)>> {
+    /// See [`Labelled`].
+    fn label(&self, tok: &Tokenizer, record: &Record) -> Result<Labelled> {
         let (prompt, spans) = self.render(&record.turns, record.image.is_some(), false);
         match self {
             Template::LlavaHf => {

@@ -206,7 +206,9 @@ impl Tokenizer {
             .inner
             .get_added_tokens_decoder()
             .into_values()
-            .filter(|t| t.special && t.content != IMAGE && !t.content.is_empty())
+            // `</s>` even if not marked special: VicunaV1 splits rounds at it.
+            .filter(|t| (t.special || t.content == EOS) && t.content != IMAGE)
+            .filter(|t| !t.content.is_empty())
             .map(|t| t.content)
             .collect();
         v.sort();
