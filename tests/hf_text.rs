@@ -812,3 +812,31 @@ fn vicuna_round_split_mismatch_is_reported() {
     let (ex, stats) = c.encode(&tok, Template::LlavaHf, 512).unwrap();
     assert_eq!((ex.len(), stats.dropped.len()), (1, 0));
 }
+
+/// Records built by hand skip validation; encode still fails cleanly, not with a panic.
+#[test]
+fn hand_built_records_fail_cleanly() {
+    use dualpriv::hf::conversation::{ImageRef, Record};
+    let tok = tok();
+    let turn = |role, v: &str| Turn {
+        role,
+        value: v.into(),
+    };
+    let c = Conversations {
+        path: "built.json".into(),
+        image_root: None,
+        records: vec![Record {
+            index: 0,
+            id: "h".into(),
+            image: Some(ImageRef {
+                relative: "a.png".into(),
+                path: data().join("image.png"),
+            }),
+            turns: vec![turn(Role::Human, "Q"), turn(Role::Gpt, "A")],
+        }],
+    };
+    for t in TEMPLATES {
+        let e = c.encode(&tok, t, 64).unwrap_err().to_string();
+        assert!(e.contains("built.json") && e.contains("0 `<image>`"), "{e}");
+    }
+}

@@ -244,12 +244,13 @@ impl Conversations {
                         .filter(|&k| ids[k] == tok.image_id())
                         .collect();
                     if at.len() != 1 {
-                        return Err(Error::Internal(format!(
-                            "record {} (id {}) has {} image tokens after validation",
+                        return Err(record_error(
+                            &file,
                             r.index,
-                            r.id,
-                            at.len()
-                        )));
+                            &r.id,
+                            &format!("has an image but {} `{IMAGE}` tokens", at.len()),
+                            "build records with Conversations::load, which validates them",
+                        ));
                     }
                     Some(at[0])
                 }
@@ -319,8 +320,8 @@ pub enum Template {
     /// The turn holding `<image>` renders as the image first, then its text without
     /// `<image>`, stripped. Labels: every token that overlaps `{a} ` (the answer and
     /// the space the template writes after it), as transformers' assistant mask.
-    /// Without `</s>` the model learns to stop at the next `USER:` only; use
-    /// `VicunaV1` to train the stop token LLaVA-1.5 was trained with.
+    /// Without `</s>` the answers carry no stop token; use `VicunaV1` to train the
+    /// one LLaVA-1.5 was trained with (and `generate` stops at).
     LlavaHf,
     /// LLaVA-1.5's training format (`conv_vicuna_v1`): [`VICUNA_V1_SYSTEM`], then
     /// `USER: {q} ASSISTANT: {a}</s>` per round (`sep` `" "`, `sep2` `"</s>"`); the
