@@ -30,8 +30,10 @@ Templates:
              each segment between added tokens (Prepend "▁"), which is the legacy behaviour.
              Images: preprocess_multimodal moves <image> to the front of its message
              ("<image>\n" + rest.strip()), and tokenizer_image_token splits on it.
-  hf         llava-hf/llava-1.5-7b-hf's chat template (HF_TEMPLATE below, as shipped in its
-             chat_template.json and in transformers' tests/models/llava prepare_processor_dict),
+  hf         llava-hf/llava-1.5-7b-hf's chat template (HF_TEMPLATE below; the Hub was not
+             reachable, so it is the string that transformers' LLaVA processor tests
+             (prepare_processor_dict) and OpenVINO GenAI's chat_template_fallback_map entry
+             for "llava-hf/llava-1.5-7b-hf" both carry, character for character),
              through LlavaProcessor.apply_chat_template(tokenize=True,
              return_assistant_tokens_mask=True): BOS from the tokenizer, labels where the
              assistant mask is 1 (tokens overlapping "{answer} "). The processor expands
@@ -47,7 +49,7 @@ import sys
 OUT = os.path.join("tests", "data", "hf")
 IGNORE = -100
 
-# llava-hf/llava-1.5-7b-hf chat_template.json.
+# llava-hf/llava-1.5-7b-hf's chat_template (see the docstring for where it comes from).
 HF_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
     "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
