@@ -29,6 +29,7 @@ pub mod dp;
 pub mod error;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod hf;
 pub mod linalg;
 pub mod mem;
 pub mod model;
