@@ -19,7 +19,6 @@ use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
 use rayon::prelude::*;
 
 use super::{AttnShape, Backend, Blocks, MatmulSpec, PatchShape, RopeShape, RowShape};
-use crate::error::ensure_shape;
 use crate::linalg::{gemm_f32, gemm_f64, View};
 use crate::vision::tokens::{select_tokens, TokenSelectConfig, TokenShape};
 use crate::{Error, Result};
@@ -78,18 +77,6 @@ fn r<T: Real>(x: f64) -> T {
     T::from_f64(x)
 }
 
-pub(crate) fn check_len(name: &str, got: usize, want: usize) -> Result<()> {
-    ensure_shape(got == want, || {
-        format!("{name} has {got} values, expected {want}")
-    })
-}
-
-pub(crate) fn checked(dims: &[usize], what: &str) -> Result<usize> {
-    dims.iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| Error::Shape(format!("{what}: size {dims:?} overflows usize")))
-}
-
 fn alloc<T: Real>(n: usize) -> Result<Vec<T>> {
     let mut v = Vec::new();
     v.try_reserve_exact(n).map_err(|_| {
@@ -106,9 +93,6 @@ fn alloc<T: Real>(n: usize) -> Result<Vec<T>> {
 // matmul, bias, residual, copies
 
 fn matmul<T: Real>(c: &mut [T], a: &[T], b: &[T], s: MatmulSpec) -> Result<()> {
-    check_len("matmul A", a.len(), checked(&[s.m, s.k], "matmul A")?)?;
-    check_len("matmul B", b.len(), checked(&[s.k, s.n], "matmul B")?)?;
-    check_len("matmul C", c.len(), checked(&[s.m, s.n], "matmul C")?)?;
     let av = if s.trans_a {
         View::row_major(a, s.k, s.m).t()
     } else {
@@ -133,8 +117,6 @@ fn matmul<T: Real>(c: &mut [T], a: &[T], b: &[T], s: MatmulSpec) -> Result<()> {
 }
 
 fn add_bias<T: Real>(y: &mut [T], bias: &[T], s: RowShape) -> Result<()> {
-    check_len("bias", bias.len(), s.dim)?;
-    check_len("biased output", y.len(), checked(&[s.rows, s.dim], "bias")?)?;
     if s.dim == 0 {
         return Ok(());
     }
@@ -147,36 +129,12 @@ fn add_bias<T: Real>(y: &mut [T], bias: &[T], s: RowShape) -> Result<()> {
 }
 
 fn axpy<T: Real>(y: &mut [T], alpha: f32, x: &[T]) -> Result<()> {
-    check_len("axpy x", x.len(), y.len())?;
     let a: T = r(alpha as f64);
     y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x);
     Ok(())
 }
 
-/// Bounds of a [`Blocks`] copy against the source and destination lengths; both
-/// backends call it, so an out-of-range copy is the same shape error everywhere.
-pub(crate) fn check_blocks(b: &Blocks, src_len: usize, dst_len: usize) -> Result<()> {
-    if b.count == 0 || b.len == 0 {
-        return Ok(());
-    }
-    let end = |off: usize, stride: usize| {
-        (b.count - 1)
-            .checked_mul(stride)
-            .and_then(|v| v.checked_add(off))
-            .and_then(|v| v.checked_add(b.len))
-    };
-    ensure_shape(
-        end(b.src_off, b.src_stride).is_some_and(|e| e <= src_len),
-        || format!("copy_blocks reads past the source ({src_len} values): {b:?}"),
-    )?;
-    ensure_shape(
-        end(b.dst_off, b.dst_stride).is_some_and(|e| e <= dst_len),
-        || format!("copy_blocks writes past the destination ({dst_len} values): {b:?}"),
-    )
-}
-
 fn copy_blocks<T: Real>(dst: &mut [T], src: &[T], b: Blocks) -> Result<()> {
-    check_blocks(&b, src.len(), dst.len())?;
     for i in 0..b.count {
         let s = b.src_off + i * b.src_stride;
         let d = b.dst_off + i * b.dst_stride;
@@ -198,13 +156,6 @@ fn layernorm_fwd<T: Real>(
     s: RowShape,
     eps: f32,
 ) -> Result<()> {
-    let n = checked(&[s.rows, s.dim], "layernorm")?;
-    check_len("layernorm x", x.len(), n)?;
-    check_len("layernorm out", out.len(), n)?;
-    check_len("layernorm weight", w.len(), s.dim)?;
-    check_len("layernorm bias", b.len(), s.dim)?;
-    check_len("layernorm mean", mean.len(), s.rows)?;
-    check_len("layernorm rstd", rstd.len(), s.rows)?;
     if s.dim == 0 {
         return Ok(());
     }
@@ -237,15 +188,6 @@ fn layernorm_bwd<T: Real>(
     rstd: &[T],
     s: RowShape,
 ) -> Result<()> {
-    let n = checked(&[s.rows, s.dim], "layernorm")?;
-    for (name, len) in [("dx", dx.len()), ("dout", dout.len()), ("x", x.len())] {
-        check_len(&format!("layernorm_bwd {name}"), len, n)?;
-    }
-    for (name, len) in [("w", w.len()), ("dw", dw.len()), ("db", db.len())] {
-        check_len(&format!("layernorm_bwd {name}"), len, s.dim)?;
-    }
-    check_len("layernorm_bwd mean", mean.len(), s.rows)?;
-    check_len("layernorm_bwd rstd", rstd.len(), s.rows)?;
     if s.dim == 0 {
         return Ok(());
     }
@@ -288,11 +230,6 @@ fn rmsnorm_fwd<T: Real>(
     s: RowShape,
     eps: f32,
 ) -> Result<()> {
-    let n = checked(&[s.rows, s.dim], "rmsnorm")?;
-    check_len("rmsnorm x", x.len(), n)?;
-    check_len("rmsnorm out", out.len(), n)?;
-    check_len("rmsnorm weight", w.len(), s.dim)?;
-    check_len("rmsnorm rstd", rstd.len(), s.rows)?;
     if s.dim == 0 {
         return Ok(());
     }
@@ -319,13 +256,6 @@ fn rmsnorm_bwd<T: Real>(
     rstd: &[T],
     s: RowShape,
 ) -> Result<()> {
-    let n = checked(&[s.rows, s.dim], "rmsnorm")?;
-    for (name, len) in [("dx", dx.len()), ("dout", dout.len()), ("x", x.len())] {
-        check_len(&format!("rmsnorm_bwd {name}"), len, n)?;
-    }
-    check_len("rmsnorm_bwd w", w.len(), s.dim)?;
-    check_len("rmsnorm_bwd dw", dw.len(), s.dim)?;
-    check_len("rmsnorm_bwd rstd", rstd.len(), s.rows)?;
     if s.dim == 0 {
         return Ok(());
     }
@@ -354,11 +284,7 @@ fn rmsnorm_bwd<T: Real>(
 // RoPE (rotate-half); the backward is the rotation by the opposite angle
 
 fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> {
-    ensure_shape(s.hd.is_multiple_of(2), || {
-        format!("rope needs an even head dimension, got {}", s.hd)
-    })?;
-    let row = checked(&[s.heads, s.hd], "rope")?;
-    check_len("rope input", x.len(), checked(&[s.b, s.t, row], "rope")?)?;
+    let row = s.heads * s.hd;
     if row == 0 {
         return Ok(());
     }
@@ -385,17 +311,6 @@ fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> {
 // ---------------------------------------------------------------------------
 // Attention: per example, per head, S = QKᵀ/√hd, P = softmax(S), O = PV
 
-pub(crate) fn check_attn(s: &AttnShape) -> Result<()> {
-    ensure_shape(s.hkv >= 1 && s.hq.is_multiple_of(s.hkv), || {
-        format!(
-            "attention: kv heads ({}) must be ≥ 1 and divide query heads ({})",
-            s.hkv, s.hq
-        )
-    })?;
-    checked(&[s.b, s.hq, s.t, s.t.max(s.hd)], "attention")?;
-    Ok(())
-}
-
 /// The head `h` of a `[t, heads·hd]` buffer as a t×hd view.
 fn head_view<T>(buf: &[T], t: usize, heads: usize, hd: usize, h: usize) -> View<'_, T> {
     View {
@@ -415,12 +330,6 @@ fn attention_fwd<T: Real>(
     v: &[T],
     s: AttnShape,
 ) -> Result<()> {
-    check_attn(&s)?;
-    check_len("attention q", q.len(), s.q_len())?;
-    check_len("attention out", out.len(), s.q_len())?;
-    check_len("attention k", k.len(), s.kv_len())?;
-    check_len("attention v", v.len(), s.kv_len())?;
-    check_len("attention probs", probs.len(), s.probs_len())?;
     let (t, hd) = (s.t, s.hd);
     if s.b == 0 || t == 0 || hd == 0 || s.hq == 0 {
         return Ok(());
@@ -480,19 +389,6 @@ fn attention_bwd<T: Real>(
     probs: &[T],
     s: AttnShape,
 ) -> Result<()> {
-    check_attn(&s)?;
-    for (name, len) in [("dq", dq.len()), ("dout", dout.len()), ("q", q.len())] {
-        check_len(&format!("attention_bwd {name}"), len, s.q_len())?;
-    }
-    for (name, len) in [
-        ("dk", dk.len()),
-        ("dv", dv.len()),
-        ("k", k.len()),
-        ("v", v.len()),
-    ] {
-        check_len(&format!("attention_bwd {name}"), len, s.kv_len())?;
-    }
-    check_len("attention_bwd probs", probs.len(), s.probs_len())?;
     let (t, hd) = (s.t, s.hd);
     if s.b == 0 || t == 0 || hd == 0 || s.hq == 0 {
         return Ok(());
@@ -570,8 +466,7 @@ fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
-fn map<T: Real>(out: &mut [T], x: &[T], name: &str, f: impl Fn(f64) -> f64 + Sync) -> Result<()> {
-    check_len(name, x.len(), out.len())?;
+fn map<T: Real>(out: &mut [T], x: &[T], f: impl Fn(f64) -> f64 + Sync) -> Result<()> {
     out.par_iter_mut()
         .zip(x.par_iter())
         .for_each(|(o, &x)| *o = r(f(x.to_f64())));
@@ -594,8 +489,6 @@ fn gelu_grad(x: f64) -> f64 {
 }
 
 fn gelu_bwd<T: Real>(dx: &mut [T], dout: &[T], x: &[T]) -> Result<()> {
-    check_len("gelu_bwd dout", dout.len(), dx.len())?;
-    check_len("gelu_bwd x", x.len(), dx.len())?;
     dx.par_iter_mut()
         .zip(dout.par_iter().zip(x.par_iter()))
         .for_each(|(d, (&g, &x))| *d = r(g.to_f64() * gelu_grad(x.to_f64())));
@@ -603,8 +496,6 @@ fn gelu_bwd<T: Real>(dx: &mut [T], dout: &[T], x: &[T]) -> Result<()> {
 }
 
 fn swiglu_fwd<T: Real>(out: &mut [T], gate: &[T], up: &[T]) -> Result<()> {
-    check_len("swiglu gate", gate.len(), out.len())?;
-    check_len("swiglu up", up.len(), out.len())?;
     out.par_iter_mut()
         .zip(gate.par_iter().zip(up.par_iter()))
         .for_each(|(o, (&g, &u))| {
@@ -621,15 +512,6 @@ fn swiglu_bwd<T: Real>(
     gate: &[T],
     up: &[T],
 ) -> Result<()> {
-    let n = dout.len();
-    for (name, len) in [
-        ("dgate", dgate.len()),
-        ("dup", dup.len()),
-        ("gate", gate.len()),
-        ("up", up.len()),
-    ] {
-        check_len(&format!("swiglu_bwd {name}"), len, n)?;
-    }
     dgate
         .par_iter_mut()
         .zip(dup.par_iter_mut())
@@ -647,61 +529,14 @@ fn swiglu_bwd<T: Real>(
 // ---------------------------------------------------------------------------
 // Embedding and the loss
 
-fn check_ids(ids: &[u32], vocab: usize, what: &str) -> Result<()> {
-    match ids.iter().find(|&&id| id as usize >= vocab) {
-        Some(id) => Err(Error::Shape(format!(
-            "{what}: token id {id} is out of range for a vocabulary of {vocab}"
-        ))),
-        None => Ok(()),
-    }
-}
-
-/// Shape checks of an embedding op: `s.rows` ids, each below `vocab`, a `vocab × dim`
-/// table and a `rows × dim` buffer of token rows (shared by both backends).
-pub(crate) fn check_embedding(
-    what: &str,
-    ids: &[u32],
-    table_len: usize,
-    rows_len: usize,
-    s: RowShape,
-    vocab: usize,
-) -> Result<()> {
-    check_len(&format!("{what} ids"), ids.len(), s.rows)?;
-    check_len(
-        &format!("{what} table"),
-        table_len,
-        checked(&[vocab, s.dim], what)?,
-    )?;
-    check_len(
-        &format!("{what} rows"),
-        rows_len,
-        checked(&[s.rows, s.dim], what)?,
-    )?;
-    check_ids(ids, vocab, what)
-}
-
-fn embedding_fwd<T: Real>(
-    out: &mut [T],
-    table: &[T],
-    ids: &[u32],
-    s: RowShape,
-    vocab: usize,
-) -> Result<()> {
-    check_embedding("embedding", ids, table.len(), out.len(), s, vocab)?;
+fn embedding_fwd<T: Real>(out: &mut [T], table: &[T], ids: &[u32], s: RowShape) -> Result<()> {
     for (row, &id) in ids.iter().enumerate() {
         out[row * s.dim..][..s.dim].copy_from_slice(&table[id as usize * s.dim..][..s.dim]);
     }
     Ok(())
 }
 
-fn embedding_bwd<T: Real>(
-    dtable: &mut [T],
-    dout: &[T],
-    ids: &[u32],
-    s: RowShape,
-    vocab: usize,
-) -> Result<()> {
-    check_embedding("embedding_bwd", ids, dtable.len(), dout.len(), s, vocab)?;
+fn embedding_bwd<T: Real>(dtable: &mut [T], dout: &[T], ids: &[u32], s: RowShape) -> Result<()> {
     for (row, &id) in ids.iter().enumerate() {
         let dst = &mut dtable[id as usize * s.dim..][..s.dim];
         dst.iter_mut()
@@ -719,20 +554,6 @@ fn cross_entropy<T: Real>(
     weights: &[T],
     s: RowShape,
 ) -> Result<()> {
-    let n = checked(&[s.rows, s.dim], "cross_entropy")?;
-    check_len("cross_entropy logits", logits.len(), n)?;
-    check_len("cross_entropy dlogits", dlogits.len(), n)?;
-    check_len("cross_entropy losses", losses.len(), s.rows)?;
-    check_len("cross_entropy targets", targets.len(), s.rows)?;
-    check_len("cross_entropy weights", weights.len(), s.rows)?;
-    for (row, (&tg, w)) in targets.iter().zip(weights).enumerate() {
-        ensure_shape(w.to_f64() == 0.0 || (tg as usize) < s.dim, || {
-            format!(
-                "cross_entropy: target {tg} of row {row} is out of range for a vocabulary of {}",
-                s.dim
-            )
-        })?;
-    }
     if s.dim == 0 {
         losses.iter_mut().for_each(|l| *l = T::default());
         return Ok(());
@@ -763,24 +584,8 @@ fn cross_entropy<T: Real>(
 }
 
 fn patchify<T: Real>(out: &mut [T], images: &[T], s: PatchShape) -> Result<()> {
-    ensure_shape(s.patch >= 1 && s.size.is_multiple_of(s.patch), || {
-        format!(
-            "patch size {} must divide the image size {}",
-            s.patch, s.size
-        )
-    })?;
     let np = s.size / s.patch;
-    let pdim = checked(&[s.channels, s.patch, s.patch], "patchify")?;
-    check_len(
-        "images",
-        images.len(),
-        checked(&[s.b, s.channels, s.size, s.size], "images")?,
-    )?;
-    check_len(
-        "patches",
-        out.len(),
-        checked(&[s.b, np, np, pdim], "patches")?,
-    )?;
+    let pdim = s.channels * s.patch * s.patch;
     if pdim == 0 || np == 0 {
         return Ok(());
     }
@@ -831,6 +636,12 @@ macro_rules! cpu_backend {
             fn upload_ids(&self, ids: &[u32]) -> Result<Vec<u32>> {
                 Ok(ids.to_vec())
             }
+            fn host_ids<'a>(&self, ids: &'a Vec<u32>) -> &'a [u32] {
+                ids
+            }
+            fn is_zero(&self, buf: &Vec<$t>) -> Result<Vec<bool>> {
+                Ok(buf.iter().map(|&v| v == 0.0).collect())
+            }
             fn available_memory(&self) -> Option<u64> {
                 host_available_memory()
             }
@@ -842,10 +653,15 @@ macro_rules! cpu_backend {
                 v.copy_from_slice(src);
                 Ok(v)
             }
-            fn copy_blocks(&self, dst: &mut Vec<$t>, src: &Vec<$t>, b: Blocks) -> Result<()> {
+            unsafe fn copy_blocks_unchecked(
+                &self,
+                dst: &mut Vec<$t>,
+                src: &Vec<$t>,
+                b: Blocks,
+            ) -> Result<()> {
                 copy_blocks(dst, src, b)
             }
-            fn matmul(
+            unsafe fn matmul_unchecked(
                 &self,
                 c: &mut Vec<$t>,
                 a: &Vec<$t>,
@@ -854,13 +670,23 @@ macro_rules! cpu_backend {
             ) -> Result<()> {
                 matmul(c, a, b, s)
             }
-            fn add_bias(&self, y: &mut Vec<$t>, bias: &Vec<$t>, s: RowShape) -> Result<()> {
+            unsafe fn add_bias_unchecked(
+                &self,
+                y: &mut Vec<$t>,
+                bias: &Vec<$t>,
+                s: RowShape,
+            ) -> Result<()> {
                 add_bias(y, bias, s)
             }
-            fn axpy(&self, y: &mut Vec<$t>, alpha: f32, x: &Vec<$t>) -> Result<()> {
+            unsafe fn axpy_unchecked(
+                &self,
+                y: &mut Vec<$t>,
+                alpha: f32,
+                x: &Vec<$t>,
+            ) -> Result<()> {
                 axpy(y, alpha, x)
             }
-            fn layernorm_fwd(
+            unsafe fn layernorm_fwd_unchecked(
                 &self,
                 out: &mut Vec<$t>,
                 mean: &mut Vec<$t>,
@@ -873,7 +699,7 @@ macro_rules! cpu_backend {
             ) -> Result<()> {
                 layernorm_fwd(out, mean, rstd, x, w, b, s, eps)
             }
-            fn layernorm_bwd(
+            unsafe fn layernorm_bwd_unchecked(
                 &self,
                 dx: &mut Vec<$t>,
                 dw: &mut Vec<$t>,
@@ -887,7 +713,7 @@ macro_rules! cpu_backend {
             ) -> Result<()> {
                 layernorm_bwd(dx, dw, db, dout, x, w, mean, rstd, s)
             }
-            fn rmsnorm_fwd(
+            unsafe fn rmsnorm_fwd_unchecked(
                 &self,
                 out: &mut Vec<$t>,
                 rstd: &mut Vec<$t>,
@@ -898,7 +724,7 @@ macro_rules! cpu_backend {
             ) -> Result<()> {
                 rmsnorm_fwd(out, rstd, x, w, s, eps)
             }
-            fn rmsnorm_bwd(
+            unsafe fn rmsnorm_bwd_unchecked(
                 &self,
                 dx: &mut Vec<$t>,
                 dw: &mut Vec<$t>,
@@ -910,13 +736,15 @@ macro_rules! cpu_backend {
             ) -> Result<()> {
                 rmsnorm_bwd(dx, dw, dout, x, w, rstd, s)
             }
-            fn rope_fwd(&self, x: &mut Vec<$t>, s: RopeShape) -> Result<()> {
-                rope(x, s, 1.0)
+            unsafe fn rope_unchecked(
+                &self,
+                x: &mut Vec<$t>,
+                s: RopeShape,
+                sign: f64,
+            ) -> Result<()> {
+                rope(x, s, sign)
             }
-            fn rope_bwd(&self, dx: &mut Vec<$t>, s: RopeShape) -> Result<()> {
-                rope(dx, s, -1.0)
-            }
-            fn attention_fwd(
+            unsafe fn attention_fwd_unchecked(
                 &self,
                 out: &mut Vec<$t>,
                 probs: &mut Vec<$t>,
@@ -927,7 +755,7 @@ macro_rules! cpu_backend {
             ) -> Result<()> {
                 attention_fwd(out, probs, q, k, v, s)
             }
-            fn attention_bwd(
+            unsafe fn attention_bwd_unchecked(
                 &self,
                 dq: &mut Vec<$t>,
                 dk: &mut Vec<$t>,
@@ -941,19 +769,33 @@ macro_rules! cpu_backend {
             ) -> Result<()> {
                 attention_bwd(dq, dk, dv, dout, q, k, v, probs, s)
             }
-            fn quick_gelu_fwd(&self, out: &mut Vec<$t>, x: &Vec<$t>) -> Result<()> {
-                map(out, x, "quick_gelu input", quick_gelu)
+            unsafe fn quick_gelu_fwd_unchecked(
+                &self,
+                out: &mut Vec<$t>,
+                x: &Vec<$t>,
+            ) -> Result<()> {
+                map(out, x, quick_gelu)
             }
-            fn gelu_fwd(&self, out: &mut Vec<$t>, x: &Vec<$t>) -> Result<()> {
-                map(out, x, "gelu input", gelu)
+            unsafe fn gelu_fwd_unchecked(&self, out: &mut Vec<$t>, x: &Vec<$t>) -> Result<()> {
+                map(out, x, gelu)
             }
-            fn gelu_bwd(&self, dx: &mut Vec<$t>, dout: &Vec<$t>, x: &Vec<$t>) -> Result<()> {
+            unsafe fn gelu_bwd_unchecked(
+                &self,
+                dx: &mut Vec<$t>,
+                dout: &Vec<$t>,
+                x: &Vec<$t>,
+            ) -> Result<()> {
                 gelu_bwd(dx, dout, x)
             }
-            fn swiglu_fwd(&self, out: &mut Vec<$t>, gate: &Vec<$t>, up: &Vec<$t>) -> Result<()> {
+            unsafe fn swiglu_fwd_unchecked(
+                &self,
+                out: &mut Vec<$t>,
+                gate: &Vec<$t>,
+                up: &Vec<$t>,
+            ) -> Result<()> {
                 swiglu_fwd(out, gate, up)
             }
-            fn swiglu_bwd(
+            unsafe fn swiglu_bwd_unchecked(
                 &self,
                 dgate: &mut Vec<$t>,
                 dup: &mut Vec<$t>,
@@ -963,27 +805,25 @@ macro_rules! cpu_backend {
             ) -> Result<()> {
                 swiglu_bwd(dgate, dup, dout, gate, up)
             }
-            fn embedding_fwd(
+            unsafe fn embedding_fwd_unchecked(
                 &self,
                 out: &mut Vec<$t>,
                 table: &Vec<$t>,
                 ids: &Vec<u32>,
                 s: RowShape,
-                vocab: usize,
             ) -> Result<()> {
-                embedding_fwd(out, table, ids, s, vocab)
+                embedding_fwd(out, table, ids, s)
             }
-            fn embedding_bwd(
+            unsafe fn embedding_bwd_unchecked(
                 &self,
                 dtable: &mut Vec<$t>,
                 dout: &Vec<$t>,
                 ids: &Vec<u32>,
                 s: RowShape,
-                vocab: usize,
             ) -> Result<()> {
-                embedding_bwd(dtable, dout, ids, s, vocab)
+                embedding_bwd(dtable, dout, ids, s)
             }
-            fn cross_entropy(
+            unsafe fn cross_entropy_unchecked(
                 &self,
                 losses: &mut Vec<$t>,
                 dlogits: &mut Vec<$t>,
@@ -994,10 +834,15 @@ macro_rules! cpu_backend {
             ) -> Result<()> {
                 cross_entropy(losses, dlogits, logits, targets, weights, s)
             }
-            fn patchify(&self, out: &mut Vec<$t>, images: &Vec<$t>, s: PatchShape) -> Result<()> {
+            unsafe fn patchify_unchecked(
+                &self,
+                out: &mut Vec<$t>,
+                images: &Vec<$t>,
+                s: PatchShape,
+            ) -> Result<()> {
                 patchify(out, images, s)
             }
-            fn select_tokens(
+            unsafe fn select_tokens_unchecked(
                 &self,
                 attn_cls: &Vec<$t>,
                 keys: &Vec<$t>,

@@ -35,7 +35,6 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-use super::cpu::{check_attn, check_blocks, check_embedding, check_len, checked};
 use super::dp::{DpBackend, TensorUpdate};
 use super::{
     AttnShape, Backend, Blocks, DeviceMemory, MatmulSpec, PatchShape, RopeShape, RowShape,
@@ -43,7 +42,6 @@ use super::{
 use crate::dp::clip::{self as dpclip, LinearShape, NormMethod, NormTotals};
 use crate::dp::noise::NoiseKey;
 use crate::dp::prune::{PruneReport, UpdateConfig};
-use crate::error::ensure_shape;
 use crate::gpu::blas::{Precision, RowMajor};
 use crate::gpu::prune::{DeviceTensor, PrunePlan};
 use crate::gpu::tokens::TokenWorkspace;
@@ -332,7 +330,7 @@ impl Cuda {
             a.push(&mut l);
         }
         // SAFETY: each caller passes the argument list of the kernel it names, and
-        // checks every buffer against the shape before the launch.
+        // is an `*_unchecked` op whose buffers passed `backend::check`.
         unsafe { launch(&mut l, cfg, name) }
     }
 
@@ -468,6 +466,10 @@ impl Backend for Cuda {
         })
     }
 
+    fn host_ids<'a>(&self, ids: &'a GpuIds) -> &'a [u32] {
+        &ids.host
+    }
+
     fn available_memory(&self) -> Option<u64> {
         let cached = self.memory().cached_bytes;
         self.gpu
@@ -517,8 +519,12 @@ impl Backend for Cuda {
         Ok(b)
     }
 
-    fn copy_blocks(&self, dst: &mut GpuBuf, src: &GpuBuf, b: Blocks) -> Result<()> {
-        check_blocks(&b, src.len, dst.len)?;
+    unsafe fn copy_blocks_unchecked(
+        &self,
+        dst: &mut GpuBuf,
+        src: &GpuBuf,
+        b: Blocks,
+    ) -> Result<()> {
         if b.count == 0 || b.len == 0 {
             return Ok(());
         }
@@ -539,10 +545,13 @@ impl Backend for Cuda {
         )
     }
 
-    fn matmul(&self, c: &mut GpuBuf, a: &GpuBuf, b: &GpuBuf, s: MatmulSpec) -> Result<()> {
-        check_len("matmul A", a.len, checked(&[s.m, s.k], "matmul A")?)?;
-        check_len("matmul B", b.len, checked(&[s.k, s.n], "matmul B")?)?;
-        check_len("matmul C", c.len, checked(&[s.m, s.n], "matmul C")?)?;
+    unsafe fn matmul_unchecked(
+        &self,
+        c: &mut GpuBuf,
+        a: &GpuBuf,
+        b: &GpuBuf,
+        s: MatmulSpec,
+    ) -> Result<()> {
         if s.m == 0 || s.n == 0 {
             return Ok(());
         }
@@ -566,9 +575,7 @@ impl Backend for Cuda {
         self.gemm(c, a, b, g)
     }
 
-    fn add_bias(&self, y: &mut GpuBuf, bias: &GpuBuf, s: RowShape) -> Result<()> {
-        check_len("bias", bias.len, s.dim)?;
-        check_len("biased output", y.len, checked(&[s.rows, s.dim], "bias")?)?;
+    unsafe fn add_bias_unchecked(&self, y: &mut GpuBuf, bias: &GpuBuf, s: RowShape) -> Result<()> {
         let (yp, bp) = (self.ptr_mut(y), self.ptr(bias));
         self.elementwise(
             K::ADD_BIAS_F32,
@@ -577,13 +584,12 @@ impl Backend for Cuda {
         )
     }
 
-    fn axpy(&self, y: &mut GpuBuf, alpha: f32, x: &GpuBuf) -> Result<()> {
-        check_len("axpy x", x.len, y.len)?;
+    unsafe fn axpy_unchecked(&self, y: &mut GpuBuf, alpha: f32, x: &GpuBuf) -> Result<()> {
         let (yp, xp) = (self.ptr_mut(y), self.ptr(x));
         self.elementwise(K::AXPY_F32, y.len, &[&yp, &alpha, &xp, &i64_of(y.len)])
     }
 
-    fn layernorm_fwd(
+    unsafe fn layernorm_fwd_unchecked(
         &self,
         out: &mut GpuBuf,
         mean: &mut GpuBuf,
@@ -594,13 +600,6 @@ impl Backend for Cuda {
         s: RowShape,
         eps: f32,
     ) -> Result<()> {
-        let n = checked(&[s.rows, s.dim], "layernorm")?;
-        check_len("layernorm x", x.len, n)?;
-        check_len("layernorm out", out.len, n)?;
-        check_len("layernorm weight", w.len, s.dim)?;
-        check_len("layernorm bias", b.len, s.dim)?;
-        check_len("layernorm mean", mean.len, s.rows)?;
-        check_len("layernorm rstd", rstd.len, s.rows)?;
         if s.dim == 0 {
             return Ok(());
         }
@@ -622,7 +621,7 @@ impl Backend for Cuda {
         )
     }
 
-    fn layernorm_bwd(
+    unsafe fn layernorm_bwd_unchecked(
         &self,
         dx: &mut GpuBuf,
         dw: &mut GpuBuf,
@@ -634,15 +633,6 @@ impl Backend for Cuda {
         rstd: &GpuBuf,
         s: RowShape,
     ) -> Result<()> {
-        let n = checked(&[s.rows, s.dim], "layernorm")?;
-        for (name, len) in [("dx", dx.len), ("dout", dout.len), ("x", x.len)] {
-            check_len(&format!("layernorm_bwd {name}"), len, n)?;
-        }
-        for (name, len) in [("w", w.len), ("dw", dw.len), ("db", db.len)] {
-            check_len(&format!("layernorm_bwd {name}"), len, s.dim)?;
-        }
-        check_len("layernorm_bwd mean", mean.len, s.rows)?;
-        check_len("layernorm_bwd rstd", rstd.len, s.rows)?;
         if s.dim == 0 {
             return Ok(());
         }
@@ -664,7 +654,7 @@ impl Backend for Cuda {
         )
     }
 
-    fn rmsnorm_fwd(
+    unsafe fn rmsnorm_fwd_unchecked(
         &self,
         out: &mut GpuBuf,
         rstd: &mut GpuBuf,
@@ -673,11 +663,6 @@ impl Backend for Cuda {
         s: RowShape,
         eps: f32,
     ) -> Result<()> {
-        let n = checked(&[s.rows, s.dim], "rmsnorm")?;
-        check_len("rmsnorm x", x.len, n)?;
-        check_len("rmsnorm out", out.len, n)?;
-        check_len("rmsnorm weight", w.len, s.dim)?;
-        check_len("rmsnorm rstd", rstd.len, s.rows)?;
         if s.dim == 0 {
             return Ok(());
         }
@@ -695,7 +680,7 @@ impl Backend for Cuda {
         )
     }
 
-    fn rmsnorm_bwd(
+    unsafe fn rmsnorm_bwd_unchecked(
         &self,
         dx: &mut GpuBuf,
         dw: &mut GpuBuf,
@@ -705,13 +690,6 @@ impl Backend for Cuda {
         rstd: &GpuBuf,
         s: RowShape,
     ) -> Result<()> {
-        let n = checked(&[s.rows, s.dim], "rmsnorm")?;
-        for (name, len) in [("dx", dx.len), ("dout", dout.len), ("x", x.len)] {
-            check_len(&format!("rmsnorm_bwd {name}"), len, n)?;
-        }
-        check_len("rmsnorm_bwd w", w.len, s.dim)?;
-        check_len("rmsnorm_bwd dw", dw.len, s.dim)?;
-        check_len("rmsnorm_bwd rstd", rstd.len, s.rows)?;
         if s.dim == 0 {
             return Ok(());
         }
@@ -731,15 +709,34 @@ impl Backend for Cuda {
         )
     }
 
-    fn rope_fwd(&self, x: &mut GpuBuf, s: RopeShape) -> Result<()> {
-        self.rope(x, s, 1.0)
+    unsafe fn rope_unchecked(&self, x: &mut GpuBuf, s: RopeShape, sign: f64) -> Result<()> {
+        let row = s.heads * s.hd;
+        if row == 0 || x.len == 0 {
+            return Ok(());
+        }
+        let xp = self.ptr_mut(x);
+        let rows = s.b * s.t;
+        let dims = [
+            i32_of(s.t.max(1), "tokens")?,
+            i32_of(s.heads, "heads")?,
+            i32_of(s.hd, "head dim")?,
+        ];
+        self.elementwise(
+            K::ROPE_F32,
+            rows * (s.hd / 2),
+            &[
+                &xp,
+                &i64_of(rows),
+                &dims[0],
+                &dims[1],
+                &dims[2],
+                &f64::from(s.theta),
+                &sign,
+            ],
+        )
     }
 
-    fn rope_bwd(&self, dx: &mut GpuBuf, s: RopeShape) -> Result<()> {
-        self.rope(dx, s, -1.0)
-    }
-
-    fn attention_fwd(
+    unsafe fn attention_fwd_unchecked(
         &self,
         out: &mut GpuBuf,
         probs: &mut GpuBuf,
@@ -748,12 +745,6 @@ impl Backend for Cuda {
         v: &GpuBuf,
         s: AttnShape,
     ) -> Result<()> {
-        check_attn(&s)?;
-        check_len("attention q", q.len, s.q_len())?;
-        check_len("attention out", out.len, s.q_len())?;
-        check_len("attention k", k.len, s.kv_len())?;
-        check_len("attention v", v.len, s.kv_len())?;
-        check_len("attention probs", probs.len, s.probs_len())?;
         if s.b == 0 || s.t == 0 || s.hd == 0 || s.hq == 0 {
             return Ok(());
         }
@@ -791,7 +782,7 @@ impl Backend for Cuda {
         self.merge_heads(out, &oh, &s, s.hq, 1)
     }
 
-    fn attention_bwd(
+    unsafe fn attention_bwd_unchecked(
         &self,
         dq: &mut GpuBuf,
         dk: &mut GpuBuf,
@@ -803,14 +794,6 @@ impl Backend for Cuda {
         probs: &GpuBuf,
         s: AttnShape,
     ) -> Result<()> {
-        check_attn(&s)?;
-        for (name, len) in [("dq", dq.len), ("dout", dout.len), ("q", q.len)] {
-            check_len(&format!("attention_bwd {name}"), len, s.q_len())?;
-        }
-        for (name, len) in [("dk", dk.len), ("dv", dv.len), ("k", k.len), ("v", v.len)] {
-            check_len(&format!("attention_bwd {name}"), len, s.kv_len())?;
-        }
-        check_len("attention_bwd probs", probs.len, s.probs_len())?;
         if s.b == 0 || s.t == 0 || s.hd == 0 || s.hq == 0 {
             for b in [dq, dk, dv] {
                 self.memset0(b)?;
@@ -872,31 +855,32 @@ impl Backend for Cuda {
         self.merge_heads(dv, &dvh, &s, s.hkv, rep)
     }
 
-    fn quick_gelu_fwd(&self, out: &mut GpuBuf, x: &GpuBuf) -> Result<()> {
-        self.unary(K::QUICK_GELU_FWD_F32, "quick_gelu input", out, x)
+    unsafe fn quick_gelu_fwd_unchecked(&self, out: &mut GpuBuf, x: &GpuBuf) -> Result<()> {
+        self.unary(K::QUICK_GELU_FWD_F32, out, x)
     }
 
-    fn gelu_fwd(&self, out: &mut GpuBuf, x: &GpuBuf) -> Result<()> {
-        self.unary(K::GELU_FWD_F32, "gelu input", out, x)
+    unsafe fn gelu_fwd_unchecked(&self, out: &mut GpuBuf, x: &GpuBuf) -> Result<()> {
+        self.unary(K::GELU_FWD_F32, out, x)
     }
 
-    fn gelu_bwd(&self, dx: &mut GpuBuf, dout: &GpuBuf, x: &GpuBuf) -> Result<()> {
-        check_len("gelu_bwd dout", dout.len, dx.len)?;
-        check_len("gelu_bwd x", x.len, dx.len)?;
+    unsafe fn gelu_bwd_unchecked(&self, dx: &mut GpuBuf, dout: &GpuBuf, x: &GpuBuf) -> Result<()> {
         let p = [self.ptr_mut(dx), self.ptr(dout), self.ptr(x)];
         let n = dx.len;
         self.elementwise(K::GELU_BWD_F32, n, &[&p[0], &p[1], &p[2], &i64_of(n)])
     }
 
-    fn swiglu_fwd(&self, out: &mut GpuBuf, gate: &GpuBuf, up: &GpuBuf) -> Result<()> {
-        check_len("swiglu gate", gate.len, out.len)?;
-        check_len("swiglu up", up.len, out.len)?;
+    unsafe fn swiglu_fwd_unchecked(
+        &self,
+        out: &mut GpuBuf,
+        gate: &GpuBuf,
+        up: &GpuBuf,
+    ) -> Result<()> {
         let p = [self.ptr_mut(out), self.ptr(gate), self.ptr(up)];
         let n = out.len;
         self.elementwise(K::SWIGLU_FWD_F32, n, &[&p[0], &p[1], &p[2], &i64_of(n)])
     }
 
-    fn swiglu_bwd(
+    unsafe fn swiglu_bwd_unchecked(
         &self,
         dgate: &mut GpuBuf,
         dup: &mut GpuBuf,
@@ -905,14 +889,6 @@ impl Backend for Cuda {
         up: &GpuBuf,
     ) -> Result<()> {
         let n = dout.len;
-        for (name, len) in [
-            ("dgate", dgate.len),
-            ("dup", dup.len),
-            ("gate", gate.len),
-            ("up", up.len),
-        ] {
-            check_len(&format!("swiglu_bwd {name}"), len, n)?;
-        }
         let p = [
             self.ptr_mut(dgate),
             self.ptr_mut(dup),
@@ -927,33 +903,29 @@ impl Backend for Cuda {
         )
     }
 
-    fn embedding_fwd(
+    unsafe fn embedding_fwd_unchecked(
         &self,
         out: &mut GpuBuf,
         table: &GpuBuf,
         ids: &GpuIds,
         s: RowShape,
-        vocab: usize,
     ) -> Result<()> {
-        check_embedding("embedding", &ids.host, table.len, out.len, s, vocab)?;
         let (o, t) = (self.ptr_mut(out), self.ptr(table));
         self.embedding_launch(K::EMBEDDING_FWD_F32, o, t, ids, s)
     }
 
-    fn embedding_bwd(
+    unsafe fn embedding_bwd_unchecked(
         &self,
         dtable: &mut GpuBuf,
         dout: &GpuBuf,
         ids: &GpuIds,
         s: RowShape,
-        vocab: usize,
     ) -> Result<()> {
-        check_embedding("embedding_bwd", &ids.host, dtable.len, dout.len, s, vocab)?;
         let (t, o) = (self.ptr_mut(dtable), self.ptr(dout));
         self.embedding_launch(K::EMBEDDING_BWD_F32, t, o, ids, s)
     }
 
-    fn cross_entropy(
+    unsafe fn cross_entropy_unchecked(
         &self,
         losses: &mut GpuBuf,
         dlogits: &mut GpuBuf,
@@ -962,25 +934,6 @@ impl Backend for Cuda {
         weights: &GpuBuf,
         s: RowShape,
     ) -> Result<()> {
-        let n = checked(&[s.rows, s.dim], "cross_entropy")?;
-        check_len("cross_entropy logits", logits.len, n)?;
-        check_len("cross_entropy dlogits", dlogits.len, n)?;
-        check_len("cross_entropy losses", losses.len, s.rows)?;
-        check_len("cross_entropy targets", targets.host.len(), s.rows)?;
-        check_len("cross_entropy weights", weights.len, s.rows)?;
-        if targets.host.iter().any(|&t| t as usize >= s.dim) {
-            // Only a *used* target out of range is an error (masked rows may hold
-            // anything), which needs the weights: the rare path reads them back.
-            let w = self.download(weights)?;
-            for (row, (&tg, &w)) in targets.host.iter().zip(&w).enumerate() {
-                ensure_shape(w == 0.0 || (tg as usize) < s.dim, || {
-                    format!(
-                        "cross_entropy: target {tg} of row {row} is out of range for a vocabulary of {}",
-                        s.dim
-                    )
-                })?;
-            }
-        }
         if s.dim == 0 {
             return self.memset0(losses);
         }
@@ -999,25 +952,12 @@ impl Backend for Cuda {
         )
     }
 
-    fn patchify(&self, out: &mut GpuBuf, images: &GpuBuf, s: PatchShape) -> Result<()> {
-        ensure_shape(s.patch >= 1 && s.size.is_multiple_of(s.patch), || {
-            format!(
-                "patch size {} must divide the image size {}",
-                s.patch, s.size
-            )
-        })?;
-        let np = s.size / s.patch;
-        let pdim = checked(&[s.channels, s.patch, s.patch], "patchify")?;
-        check_len(
-            "images",
-            images.len,
-            checked(&[s.b, s.channels, s.size, s.size], "images")?,
-        )?;
-        check_len(
-            "patches",
-            out.len,
-            checked(&[s.b, np, np, pdim], "patches")?,
-        )?;
+    unsafe fn patchify_unchecked(
+        &self,
+        out: &mut GpuBuf,
+        images: &GpuBuf,
+        s: PatchShape,
+    ) -> Result<()> {
         let p = [self.ptr_mut(out), self.ptr(images)];
         let dims = [
             i32_of(s.b, "batch")?,
@@ -1032,7 +972,7 @@ impl Backend for Cuda {
         )
     }
 
-    fn select_tokens(
+    unsafe fn select_tokens_unchecked(
         &self,
         attn_cls: &GpuBuf,
         keys: &GpuBuf,
@@ -1040,11 +980,8 @@ impl Backend for Cuda {
         shape: &TokenShape,
         cfg: &TokenSelectConfig,
     ) -> Result<GpuBuf> {
-        cfg.validate(shape)?;
-        let out_len = checked(
-            &[shape.batch, cfg.out_tokens(), shape.hidden],
-            "selected tokens",
-        )?;
+        // Fits: the config keeps at most N tokens of each image (checked).
+        let out_len = shape.batch * cfg.out_tokens() * shape.hidden;
         let mut out = self.take(out_len)?;
         if out_len == 0 || shape.batch == 0 {
             return Ok(out);
@@ -1093,39 +1030,7 @@ impl Cuda {
         )
     }
 
-    fn rope(&self, x: &mut GpuBuf, s: RopeShape, sign: f64) -> Result<()> {
-        ensure_shape(s.hd.is_multiple_of(2), || {
-            format!("rope needs an even head dimension, got {}", s.hd)
-        })?;
-        let row = checked(&[s.heads, s.hd], "rope")?;
-        check_len("rope input", x.len, checked(&[s.b, s.t, row], "rope")?)?;
-        if row == 0 || x.len == 0 {
-            return Ok(());
-        }
-        let xp = self.ptr_mut(x);
-        let rows = s.b * s.t;
-        let dims = [
-            i32_of(s.t.max(1), "tokens")?,
-            i32_of(s.heads, "heads")?,
-            i32_of(s.hd, "head dim")?,
-        ];
-        self.elementwise(
-            K::ROPE_F32,
-            rows * (s.hd / 2),
-            &[
-                &xp,
-                &i64_of(rows),
-                &dims[0],
-                &dims[1],
-                &dims[2],
-                &f64::from(s.theta),
-                &sign,
-            ],
-        )
-    }
-
-    fn unary(&self, name: Kernel, what: &str, out: &mut GpuBuf, x: &GpuBuf) -> Result<()> {
-        check_len(what, x.len, out.len)?;
+    fn unary(&self, name: Kernel, out: &mut GpuBuf, x: &GpuBuf) -> Result<()> {
         let p = [self.ptr_mut(out), self.ptr(x)];
         let n = out.len;
         self.elementwise(name, n, &[&p[0], &p[1], &i64_of(n)])
@@ -1233,7 +1138,11 @@ impl DpBackend for Cuda {
         })
     }
 
-    fn add_layer_sq_norms(
+    fn norms_len(&self, n: &GpuNorms) -> Result<usize> {
+        Ok(n.len)
+    }
+
+    unsafe fn add_layer_sq_norms_unchecked(
         &self,
         x: &GpuBuf,
         g: &GpuBuf,
@@ -1242,9 +1151,6 @@ impl DpBackend for Cuda {
         has_bias: bool,
         total: &mut GpuNorms,
     ) -> Result<()> {
-        ensure_shape(total.len == s.b, || {
-            format!("{} norm slots for batch {}", total.len, s.b)
-        })?;
         if s.b == 0 {
             return Ok(());
         }
@@ -1290,7 +1196,7 @@ impl DpBackend for Cuda {
         Ok((f, counts.non_finite))
     }
 
-    fn clipped_weight_sum(
+    unsafe fn clipped_weight_sum_unchecked(
         &self,
         x: &GpuBuf,
         g: &GpuBuf,
@@ -1299,7 +1205,6 @@ impl DpBackend for Cuda {
         out: &mut GpuBuf,
         accumulate: bool,
     ) -> Result<()> {
-        check_len("clipped sum", out.len, s.p * s.d)?;
         if s.b == 0 || s.t == 0 {
             return if accumulate {
                 Ok(())
@@ -1322,7 +1227,7 @@ impl DpBackend for Cuda {
         )
     }
 
-    fn clipped_bias_sum(
+    unsafe fn clipped_bias_sum_unchecked(
         &self,
         g: &GpuBuf,
         factors: &GpuBuf,
@@ -1330,7 +1235,6 @@ impl DpBackend for Cuda {
         out: &mut GpuBuf,
         accumulate: bool,
     ) -> Result<()> {
-        check_len("clipped bias sum", out.len, s.p)?;
         if s.b == 0 || s.t == 0 {
             return if accumulate {
                 Ok(())
@@ -1348,9 +1252,12 @@ impl DpBackend for Cuda {
         )
     }
 
-    fn per_example_weight_grads(&self, x: &GpuBuf, g: &GpuBuf, s: LinearShape) -> Result<GpuBuf> {
-        check_len("X", x.len, s.b * s.t * s.d)?;
-        check_len("G", g.len, s.b * s.t * s.p)?;
+    unsafe fn per_example_weight_grads_unchecked(
+        &self,
+        x: &GpuBuf,
+        g: &GpuBuf,
+        s: LinearShape,
+    ) -> Result<GpuBuf> {
         let mut out = self.take(s.b * s.p * s.d)?;
         if s.t == 0 {
             self.memset0(&mut out)?;
@@ -1371,8 +1278,11 @@ impl DpBackend for Cuda {
         Ok(out)
     }
 
-    fn per_example_bias_grads(&self, g: &GpuBuf, s: LinearShape) -> Result<GpuBuf> {
-        check_len("G", g.len, s.b * s.t * s.p)?;
+    unsafe fn per_example_bias_grads_unchecked(
+        &self,
+        g: &GpuBuf,
+        s: LinearShape,
+    ) -> Result<GpuBuf> {
         let mut out = self.take(s.b * s.p)?;
         let p = [self.ptr_mut(&mut out), self.ptr(g)];
         let dims = [
@@ -1388,21 +1298,12 @@ impl DpBackend for Cuda {
         Ok(out)
     }
 
-    fn add_row_sq_norms(
+    unsafe fn add_row_sq_norms_unchecked(
         &self,
         per_example: &GpuBuf,
         rows: usize,
         total: &mut GpuNorms,
     ) -> Result<()> {
-        ensure_shape(
-            total.len == rows && (rows == 0 || per_example.len.is_multiple_of(rows)),
-            || {
-                format!(
-                    "{} values in {rows} rows with {} norm slots",
-                    per_example.len, total.len
-                )
-            },
-        )?;
         if rows == 0 || per_example.len == 0 {
             return Ok(());
         }
@@ -1419,7 +1320,7 @@ impl DpBackend for Cuda {
         )
     }
 
-    fn weighted_row_sum(
+    unsafe fn weighted_row_sum_unchecked(
         &self,
         per_example: &GpuBuf,
         factors: &GpuBuf,
@@ -1427,15 +1328,6 @@ impl DpBackend for Cuda {
         out: &mut GpuBuf,
         accumulate: bool,
     ) -> Result<()> {
-        ensure_shape(
-            factors.len == rows && per_example.len == rows * out.len,
-            || {
-                format!(
-                    "{} values for {rows} rows of {} with {} factors",
-                    per_example.len, out.len, factors.len
-                )
-            },
-        )?;
         if out.len == 0 {
             return Ok(());
         }
@@ -1472,12 +1364,11 @@ impl DpBackend for Cuda {
         self.gemm_with(Precision::Strict, out, factors, &masked, g)
     }
 
-    fn noise_prune_update(
+    unsafe fn noise_prune_update_unchecked(
         &self,
         set: &mut [TensorUpdate<'_, Self>],
         cfg: &UpdateConfig,
     ) -> Result<PruneReport> {
-        cfg.validate()?;
         let coords: u64 = set.iter().map(|t| t.grad.len as u64).sum();
         let mut plan = self.prune.lock().unwrap_or_else(|e| e.into_inner());
         if plan.as_ref().is_none_or(|p| !p.fits(set.len(), coords)) {
@@ -1499,14 +1390,7 @@ impl DpBackend for Cuda {
         );
         let mut views: Vec<Views<'_>> = Vec::with_capacity(set.len());
         for t in set.iter_mut() {
-            let n = t.grad.len;
-            check_len(&format!("tensor {} param", t.tensor_id), t.param.len, n)?;
-            for (what, b) in [("m", t.m.as_deref()), ("v", t.v.as_deref())] {
-                if let Some(b) = b {
-                    check_len(&format!("tensor {} {what}", t.tensor_id), b.len, n)?;
-                }
-            }
-            if n == 0 {
+            if t.grad.len == 0 {
                 continue;
             }
             views.push((
