@@ -14,6 +14,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use std::fmt::Debug;
+use std::marker::PhantomData;
 use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
 
 use rayon::prelude::*;
@@ -43,11 +44,14 @@ pub trait Real:
     fn from_f64(x: f64) -> Self;
     /// Converts to f64 (exact).
     fn to_f64(self) -> f64;
+    /// The name of the CPU backend on this type ("cpu", "cpu64").
+    const BACKEND: &'static str;
     /// `c[m×n] = alpha·a·b + beta·c` (see [`crate::linalg`]).
     fn gemm(alpha: Self, a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: &mut [Self]);
 }
 
 impl Real for f32 {
+    const BACKEND: &'static str = "cpu";
     fn from_f64(x: f64) -> Self {
         x as f32
     }
@@ -61,6 +65,7 @@ impl Real for f32 {
 }
 
 impl Real for f64 {
+    const BACKEND: &'static str = "cpu64";
     fn from_f64(x: f64) -> Self {
         x
     }
@@ -610,271 +615,258 @@ fn to_f32<T: Real>(x: &[T]) -> Vec<f32> {
     x.iter().map(|v| v.to_f64() as f32).collect()
 }
 
-macro_rules! cpu_backend {
-    ($name:ident, $t:ty, $label:literal) => {
-        impl Backend for $name {
-            type Buf = Vec<$t>;
-            type Ids = Vec<u32>;
+/// The CPU backend on element type `T`: `Vec<T>` buffers, the ops of this module.
+/// Use it through [`Cpu`] (f32) and [`Cpu64`] (f64).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuOf<T>(PhantomData<T>);
 
-            fn name(&self) -> &'static str {
-                $label
-            }
-            fn zeros(&self, n: usize) -> Result<Vec<$t>> {
-                alloc(n)
-            }
-            fn upload(&self, host: &[f32]) -> Result<Vec<$t>> {
-                let mut v = alloc::<$t>(host.len())?;
-                v.iter_mut().zip(host).for_each(|(d, &s)| *d = s as $t);
-                Ok(v)
-            }
-            fn download(&self, buf: &Vec<$t>) -> Result<Vec<f32>> {
-                Ok(to_f32(buf))
-            }
-            fn len(&self, buf: &Vec<$t>) -> usize {
-                buf.len()
-            }
-            fn upload_ids(&self, ids: &[u32]) -> Result<Vec<u32>> {
-                Ok(ids.to_vec())
-            }
-            fn host_ids<'a>(&self, ids: &'a Vec<u32>) -> &'a [u32] {
-                ids
-            }
-            fn is_zero(&self, buf: &Vec<$t>) -> Result<Vec<bool>> {
-                Ok(buf.iter().map(|&v| v == 0.0).collect())
-            }
-            fn available_memory(&self) -> Option<u64> {
-                host_available_memory()
-            }
-            fn value_bytes(&self) -> usize {
-                std::mem::size_of::<$t>()
-            }
-            fn duplicate(&self, src: &Vec<$t>) -> Result<Vec<$t>> {
-                let mut v = alloc::<$t>(src.len())?;
-                v.copy_from_slice(src);
-                Ok(v)
-            }
-            unsafe fn copy_blocks_unchecked(
-                &self,
-                dst: &mut Vec<$t>,
-                src: &Vec<$t>,
-                b: Blocks,
-            ) -> Result<()> {
-                copy_blocks(dst, src, b)
-            }
-            unsafe fn matmul_unchecked(
-                &self,
-                c: &mut Vec<$t>,
-                a: &Vec<$t>,
-                b: &Vec<$t>,
-                s: MatmulSpec,
-            ) -> Result<()> {
-                matmul(c, a, b, s)
-            }
-            unsafe fn add_bias_unchecked(
-                &self,
-                y: &mut Vec<$t>,
-                bias: &Vec<$t>,
-                s: RowShape,
-            ) -> Result<()> {
-                add_bias(y, bias, s)
-            }
-            unsafe fn axpy_unchecked(
-                &self,
-                y: &mut Vec<$t>,
-                alpha: f32,
-                x: &Vec<$t>,
-            ) -> Result<()> {
-                axpy(y, alpha, x)
-            }
-            unsafe fn layernorm_fwd_unchecked(
-                &self,
-                out: &mut Vec<$t>,
-                mean: &mut Vec<$t>,
-                rstd: &mut Vec<$t>,
-                x: &Vec<$t>,
-                w: &Vec<$t>,
-                b: &Vec<$t>,
-                s: RowShape,
-                eps: f32,
-            ) -> Result<()> {
-                layernorm_fwd(out, mean, rstd, x, w, b, s, eps)
-            }
-            unsafe fn layernorm_bwd_unchecked(
-                &self,
-                dx: &mut Vec<$t>,
-                dw: &mut Vec<$t>,
-                db: &mut Vec<$t>,
-                dout: &Vec<$t>,
-                x: &Vec<$t>,
-                w: &Vec<$t>,
-                mean: &Vec<$t>,
-                rstd: &Vec<$t>,
-                s: RowShape,
-            ) -> Result<()> {
-                layernorm_bwd(dx, dw, db, dout, x, w, mean, rstd, s)
-            }
-            unsafe fn rmsnorm_fwd_unchecked(
-                &self,
-                out: &mut Vec<$t>,
-                rstd: &mut Vec<$t>,
-                x: &Vec<$t>,
-                w: &Vec<$t>,
-                s: RowShape,
-                eps: f32,
-            ) -> Result<()> {
-                rmsnorm_fwd(out, rstd, x, w, s, eps)
-            }
-            unsafe fn rmsnorm_bwd_unchecked(
-                &self,
-                dx: &mut Vec<$t>,
-                dw: &mut Vec<$t>,
-                dout: &Vec<$t>,
-                x: &Vec<$t>,
-                w: &Vec<$t>,
-                rstd: &Vec<$t>,
-                s: RowShape,
-            ) -> Result<()> {
-                rmsnorm_bwd(dx, dw, dout, x, w, rstd, s)
-            }
-            unsafe fn rope_unchecked(
-                &self,
-                x: &mut Vec<$t>,
-                s: RopeShape,
-                sign: f64,
-            ) -> Result<()> {
-                rope(x, s, sign)
-            }
-            unsafe fn attention_fwd_unchecked(
-                &self,
-                out: &mut Vec<$t>,
-                probs: &mut Vec<$t>,
-                q: &Vec<$t>,
-                k: &Vec<$t>,
-                v: &Vec<$t>,
-                s: AttnShape,
-            ) -> Result<()> {
-                attention_fwd(out, probs, q, k, v, s)
-            }
-            unsafe fn attention_bwd_unchecked(
-                &self,
-                dq: &mut Vec<$t>,
-                dk: &mut Vec<$t>,
-                dv: &mut Vec<$t>,
-                dout: &Vec<$t>,
-                q: &Vec<$t>,
-                k: &Vec<$t>,
-                v: &Vec<$t>,
-                probs: &Vec<$t>,
-                s: AttnShape,
-            ) -> Result<()> {
-                attention_bwd(dq, dk, dv, dout, q, k, v, probs, s)
-            }
-            unsafe fn quick_gelu_fwd_unchecked(
-                &self,
-                out: &mut Vec<$t>,
-                x: &Vec<$t>,
-            ) -> Result<()> {
-                map(out, x, quick_gelu)
-            }
-            unsafe fn gelu_fwd_unchecked(&self, out: &mut Vec<$t>, x: &Vec<$t>) -> Result<()> {
-                map(out, x, gelu)
-            }
-            unsafe fn gelu_bwd_unchecked(
-                &self,
-                dx: &mut Vec<$t>,
-                dout: &Vec<$t>,
-                x: &Vec<$t>,
-            ) -> Result<()> {
-                gelu_bwd(dx, dout, x)
-            }
-            unsafe fn swiglu_fwd_unchecked(
-                &self,
-                out: &mut Vec<$t>,
-                gate: &Vec<$t>,
-                up: &Vec<$t>,
-            ) -> Result<()> {
-                swiglu_fwd(out, gate, up)
-            }
-            unsafe fn swiglu_bwd_unchecked(
-                &self,
-                dgate: &mut Vec<$t>,
-                dup: &mut Vec<$t>,
-                dout: &Vec<$t>,
-                gate: &Vec<$t>,
-                up: &Vec<$t>,
-            ) -> Result<()> {
-                swiglu_bwd(dgate, dup, dout, gate, up)
-            }
-            unsafe fn embedding_fwd_unchecked(
-                &self,
-                out: &mut Vec<$t>,
-                table: &Vec<$t>,
-                ids: &Vec<u32>,
-                s: RowShape,
-            ) -> Result<()> {
-                embedding_fwd(out, table, ids, s)
-            }
-            unsafe fn embedding_bwd_unchecked(
-                &self,
-                dtable: &mut Vec<$t>,
-                dout: &Vec<$t>,
-                ids: &Vec<u32>,
-                s: RowShape,
-            ) -> Result<()> {
-                embedding_bwd(dtable, dout, ids, s)
-            }
-            unsafe fn cross_entropy_unchecked(
-                &self,
-                losses: &mut Vec<$t>,
-                dlogits: &mut Vec<$t>,
-                logits: &Vec<$t>,
-                targets: &Vec<u32>,
-                weights: &Vec<$t>,
-                s: RowShape,
-            ) -> Result<()> {
-                cross_entropy(losses, dlogits, logits, targets, weights, s)
-            }
-            unsafe fn patchify_unchecked(
-                &self,
-                out: &mut Vec<$t>,
-                images: &Vec<$t>,
-                s: PatchShape,
-            ) -> Result<()> {
-                patchify(out, images, s)
-            }
-            unsafe fn select_tokens_unchecked(
-                &self,
-                attn_cls: &Vec<$t>,
-                keys: &Vec<$t>,
-                hidden: &Vec<$t>,
-                shape: &TokenShape,
-                cfg: &TokenSelectConfig,
-            ) -> Result<Vec<$t>> {
-                let sel = select_tokens(
-                    &to_f32(attn_cls),
-                    &to_f32(keys),
-                    &to_f32(hidden),
-                    shape,
-                    cfg,
-                )?;
-                self.upload(&sel.tokens)
-            }
-        }
-    };
+impl<T> CpuOf<T> {
+    /// The backend (it holds no state).
+    pub const fn new() -> Self {
+        Self(PhantomData)
+    }
 }
 
 /// The CPU reference backend, `f32` buffers.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Cpu;
+pub type Cpu = CpuOf<f32>;
+/// The value of [`Cpu`], so that `&Cpu` reads as it did when `Cpu` was a unit struct.
+#[allow(non_upper_case_globals)]
+pub const Cpu: Cpu = CpuOf::new();
 
 /// The CPU backend in double precision, `f64` buffers: the same ops as [`Cpu`],
 /// used by finite-difference tests. Token selection runs in f32 (its input is
 /// rounded), as it has no gradient.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Cpu64;
+pub type Cpu64 = CpuOf<f64>;
+/// The value of [`Cpu64`].
+#[allow(non_upper_case_globals)]
+pub const Cpu64: Cpu64 = CpuOf::new();
 
-cpu_backend!(Cpu, f32, "cpu");
-cpu_backend!(Cpu64, f64, "cpu64");
+impl<T: Real> Backend for CpuOf<T> {
+    type Buf = Vec<T>;
+    type Ids = Vec<u32>;
+
+    fn name(&self) -> &'static str {
+        T::BACKEND
+    }
+    fn zeros(&self, n: usize) -> Result<Vec<T>> {
+        alloc(n)
+    }
+    fn upload(&self, host: &[f32]) -> Result<Vec<T>> {
+        let mut v = alloc::<T>(host.len())?;
+        v.iter_mut()
+            .zip(host)
+            .for_each(|(d, &s)| *d = r(f64::from(s)));
+        Ok(v)
+    }
+    fn download(&self, buf: &Vec<T>) -> Result<Vec<f32>> {
+        Ok(to_f32(buf))
+    }
+    fn len(&self, buf: &Vec<T>) -> usize {
+        buf.len()
+    }
+    fn upload_ids(&self, ids: &[u32]) -> Result<Vec<u32>> {
+        Ok(ids.to_vec())
+    }
+    fn host_ids<'a>(&self, ids: &'a Vec<u32>) -> &'a [u32] {
+        ids
+    }
+    fn is_zero(&self, buf: &Vec<T>) -> Result<Vec<bool>> {
+        Ok(buf.iter().map(|v| v.to_f64() == 0.0).collect())
+    }
+    fn available_memory(&self) -> Option<u64> {
+        host_available_memory()
+    }
+    fn value_bytes(&self) -> usize {
+        std::mem::size_of::<T>()
+    }
+    fn duplicate(&self, src: &Vec<T>) -> Result<Vec<T>> {
+        let mut v = alloc::<T>(src.len())?;
+        v.copy_from_slice(src);
+        Ok(v)
+    }
+    unsafe fn copy_blocks_unchecked(
+        &self,
+        dst: &mut Vec<T>,
+        src: &Vec<T>,
+        b: Blocks,
+    ) -> Result<()> {
+        copy_blocks(dst, src, b)
+    }
+    unsafe fn matmul_unchecked(
+        &self,
+        c: &mut Vec<T>,
+        a: &Vec<T>,
+        b: &Vec<T>,
+        s: MatmulSpec,
+    ) -> Result<()> {
+        matmul(c, a, b, s)
+    }
+    unsafe fn add_bias_unchecked(&self, y: &mut Vec<T>, bias: &Vec<T>, s: RowShape) -> Result<()> {
+        add_bias(y, bias, s)
+    }
+    unsafe fn axpy_unchecked(&self, y: &mut Vec<T>, alpha: f32, x: &Vec<T>) -> Result<()> {
+        axpy(y, alpha, x)
+    }
+    unsafe fn layernorm_fwd_unchecked(
+        &self,
+        out: &mut Vec<T>,
+        mean: &mut Vec<T>,
+        rstd: &mut Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        b: &Vec<T>,
+        s: RowShape,
+        eps: f32,
+    ) -> Result<()> {
+        layernorm_fwd(out, mean, rstd, x, w, b, s, eps)
+    }
+    unsafe fn layernorm_bwd_unchecked(
+        &self,
+        dx: &mut Vec<T>,
+        dw: &mut Vec<T>,
+        db: &mut Vec<T>,
+        dout: &Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        mean: &Vec<T>,
+        rstd: &Vec<T>,
+        s: RowShape,
+    ) -> Result<()> {
+        layernorm_bwd(dx, dw, db, dout, x, w, mean, rstd, s)
+    }
+    unsafe fn rmsnorm_fwd_unchecked(
+        &self,
+        out: &mut Vec<T>,
+        rstd: &mut Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        s: RowShape,
+        eps: f32,
+    ) -> Result<()> {
+        rmsnorm_fwd(out, rstd, x, w, s, eps)
+    }
+    unsafe fn rmsnorm_bwd_unchecked(
+        &self,
+        dx: &mut Vec<T>,
+        dw: &mut Vec<T>,
+        dout: &Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        rstd: &Vec<T>,
+        s: RowShape,
+    ) -> Result<()> {
+        rmsnorm_bwd(dx, dw, dout, x, w, rstd, s)
+    }
+    unsafe fn rope_unchecked(&self, x: &mut Vec<T>, s: RopeShape, sign: f64) -> Result<()> {
+        rope(x, s, sign)
+    }
+    unsafe fn attention_fwd_unchecked(
+        &self,
+        out: &mut Vec<T>,
+        probs: &mut Vec<T>,
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        s: AttnShape,
+    ) -> Result<()> {
+        attention_fwd(out, probs, q, k, v, s)
+    }
+    unsafe fn attention_bwd_unchecked(
+        &self,
+        dq: &mut Vec<T>,
+        dk: &mut Vec<T>,
+        dv: &mut Vec<T>,
+        dout: &Vec<T>,
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        probs: &Vec<T>,
+        s: AttnShape,
+    ) -> Result<()> {
+        attention_bwd(dq, dk, dv, dout, q, k, v, probs, s)
+    }
+    unsafe fn quick_gelu_fwd_unchecked(&self, out: &mut Vec<T>, x: &Vec<T>) -> Result<()> {
+        map(out, x, quick_gelu)
+    }
+    unsafe fn gelu_fwd_unchecked(&self, out: &mut Vec<T>, x: &Vec<T>) -> Result<()> {
+        map(out, x, gelu)
+    }
+    unsafe fn gelu_bwd_unchecked(&self, dx: &mut Vec<T>, dout: &Vec<T>, x: &Vec<T>) -> Result<()> {
+        gelu_bwd(dx, dout, x)
+    }
+    unsafe fn swiglu_fwd_unchecked(
+        &self,
+        out: &mut Vec<T>,
+        gate: &Vec<T>,
+        up: &Vec<T>,
+    ) -> Result<()> {
+        swiglu_fwd(out, gate, up)
+    }
+    unsafe fn swiglu_bwd_unchecked(
+        &self,
+        dgate: &mut Vec<T>,
+        dup: &mut Vec<T>,
+        dout: &Vec<T>,
+        gate: &Vec<T>,
+        up: &Vec<T>,
+    ) -> Result<()> {
+        swiglu_bwd(dgate, dup, dout, gate, up)
+    }
+    unsafe fn embedding_fwd_unchecked(
+        &self,
+        out: &mut Vec<T>,
+        table: &Vec<T>,
+        ids: &Vec<u32>,
+        s: RowShape,
+    ) -> Result<()> {
+        embedding_fwd(out, table, ids, s)
+    }
+    unsafe fn embedding_bwd_unchecked(
+        &self,
+        dtable: &mut Vec<T>,
+        dout: &Vec<T>,
+        ids: &Vec<u32>,
+        s: RowShape,
+    ) -> Result<()> {
+        embedding_bwd(dtable, dout, ids, s)
+    }
+    unsafe fn cross_entropy_unchecked(
+        &self,
+        losses: &mut Vec<T>,
+        dlogits: &mut Vec<T>,
+        logits: &Vec<T>,
+        targets: &Vec<u32>,
+        weights: &Vec<T>,
+        s: RowShape,
+    ) -> Result<()> {
+        cross_entropy(losses, dlogits, logits, targets, weights, s)
+    }
+    unsafe fn patchify_unchecked(
+        &self,
+        out: &mut Vec<T>,
+        images: &Vec<T>,
+        s: PatchShape,
+    ) -> Result<()> {
+        patchify(out, images, s)
+    }
+    unsafe fn select_tokens_unchecked(
+        &self,
+        attn_cls: &Vec<T>,
+        keys: &Vec<T>,
+        hidden: &Vec<T>,
+        shape: &TokenShape,
+        cfg: &TokenSelectConfig,
+    ) -> Result<Vec<T>> {
+        let sel = select_tokens(
+            &to_f32(attn_cls),
+            &to_f32(keys),
+            &to_f32(hidden),
+            shape,
+            cfg,
+        )?;
+        self.upload(&sel.tokens)
+    }
+}
 
 /// `MemAvailable` from `/proc/meminfo`, in bytes (None where unreadable).
 fn host_available_memory() -> Option<u64> {
