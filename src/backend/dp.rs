@@ -1,15 +1,13 @@
 //! The DP mechanisms as backend operations, so the training loop is written once:
 //! per-example norms (ghost, instantiated, or from materialised per-example
 //! gradients as Opacus does), clip factors, book-keeping clipped sums, and the fused
-//! noise + top-k + masked update. The CPU implementation calls the references in
-//! [`crate::dp`]; the CUDA one calls the kernels.
-use super::cpu::Cpu;
+//! noise + top-k + masked update. The CPU implementation (`backend/cpu/dp.rs`)
+//! calls the references in [`crate::dp`]; the CUDA one (`backend/cuda/dp.rs`) calls
+//! the kernels.
 use super::{check, Backend};
-use crate::dp::clip::{self, LinearShape, NormMethod, NormTotals};
+use crate::dp::clip::{LinearShape, NormMethod, NormTotals};
 use crate::dp::noise::NoiseKey;
-use crate::dp::prune::{self, PruneReport, TensorState, UpdateConfig};
-use crate::error::ensure_shape;
-use crate::linalg::{gemm_f32, View};
+use crate::dp::prune::{PruneReport, UpdateConfig};
 use crate::Result;
 
 /// One tensor of a noise + prune + update call.
@@ -30,7 +28,7 @@ pub struct TensorUpdate<'a, B: Backend + ?Sized> {
 /// runs its check from [`check`] and then the backend's `*_unchecked` implementation.
 pub trait DpBackend: Backend {
     /// Per-example f64 accumulators of squared gradient norms and of the rounding
-    /// bounds of the clipped sums ([`clip::layer_rounding_bounds`]).
+    /// bounds of the clipped sums ([`crate::dp::clip::layer_rounding_bounds`]).
     type Norms;
 
     /// `b` zeroed accumulators. `rows_cap` is a public bound on the micro-batch size
@@ -123,7 +121,7 @@ pub trait DpBackend: Backend {
         unsafe { self.per_example_bias_grads_unchecked(g, s) }
     }
     /// Adds the squared norm of each of the `rows` rows of `per_example` to `total`,
-    /// and the bound [`clip::row_gamma`]·‖row‖ on the rounding of their weighted sum.
+    /// and the bound [`crate::dp::clip::row_gamma`]·‖row‖ on the rounding of their weighted sum.
     fn add_row_sq_norms(
         &self,
         per_example: &Self::Buf,
@@ -267,203 +265,4 @@ pub trait DpBackend: Backend {
         set: &mut [TensorUpdate<'_, Self>],
         cfg: &UpdateConfig,
     ) -> Result<PruneReport>;
-}
-
-impl DpBackend for Cpu {
-    type Norms = NormTotals;
-
-    fn norms_zeros(&self, b: usize, rows_cap: usize) -> Result<NormTotals> {
-        Ok(NormTotals::zeros(b, rows_cap))
-    }
-
-    fn norms_download(&self, n: &NormTotals) -> Result<NormTotals> {
-        Ok(n.clone())
-    }
-
-    fn norms_len(&self, n: &NormTotals) -> Result<usize> {
-        ensure_shape(n.sq.len() == n.bound.len(), || {
-            format!(
-                "norm accumulators disagree: {} squared norms but {} rounding bounds",
-                n.sq.len(),
-                n.bound.len()
-            )
-        })?;
-        Ok(n.sq.len())
-    }
-
-    fn clip_factors(&self, total: &NormTotals, clip_norm: f32) -> Result<(Vec<f32>, usize)> {
-        clip::clip_factors(&total.sq, &total.bound, f64::from(clip_norm))
-    }
-
-    fn noise_axpy(&self, y: &mut Vec<f32>, key: NoiseKey, a: f64) -> Result<()> {
-        key.add_scaled(0, a, y);
-        Ok(())
-    }
-
-    unsafe fn add_layer_sq_norms_unchecked(
-        &self,
-        x: &Vec<f32>,
-        g: &Vec<f32>,
-        s: LinearShape,
-        method: NormMethod,
-        has_bias: bool,
-        total: &mut NormTotals,
-    ) -> Result<()> {
-        for (t, n) in total
-            .sq
-            .iter_mut()
-            .zip(clip::layer_sq_norms(x, g, s, method, has_bias)?)
-        {
-            *t += n;
-        }
-        for (t, e) in total.bound.iter_mut().zip(clip::layer_rounding_bounds(
-            x,
-            g,
-            s,
-            has_bias,
-            total.rows_cap,
-        )?) {
-            *t += e;
-        }
-        Ok(())
-    }
-
-    unsafe fn clipped_weight_sum_unchecked(
-        &self,
-        x: &Vec<f32>,
-        g: &Vec<f32>,
-        factors: &Vec<f32>,
-        s: LinearShape,
-        out: &mut Vec<f32>,
-        accumulate: bool,
-    ) -> Result<()> {
-        if !accumulate {
-            out.fill(0.0);
-        }
-        clip::clipped_weight_sum_f32(x, g, factors, s, out)
-    }
-
-    unsafe fn clipped_bias_sum_unchecked(
-        &self,
-        g: &Vec<f32>,
-        factors: &Vec<f32>,
-        s: LinearShape,
-        out: &mut Vec<f32>,
-        accumulate: bool,
-    ) -> Result<()> {
-        if !accumulate {
-            out.fill(0.0);
-        }
-        clip::clipped_bias_sum(g, factors, s, out)
-    }
-
-    unsafe fn per_example_weight_grads_unchecked(
-        &self,
-        x: &Vec<f32>,
-        g: &Vec<f32>,
-        s: LinearShape,
-    ) -> Result<Vec<f32>> {
-        let (t, d, p) = (s.t, s.d, s.p);
-        let mut out = vec![0.0f32; s.b * p * d];
-        for (i, w) in out.chunks_mut((p * d).max(1)).enumerate().take(s.b) {
-            let xi = View::row_major(&x[i * t * d..(i + 1) * t * d], t, d);
-            let gi = View::row_major(&g[i * t * p..(i + 1) * t * p], t, p);
-            gemm_f32(1.0, gi.t(), xi, 0.0, w, d);
-        }
-        Ok(out)
-    }
-
-    unsafe fn per_example_bias_grads_unchecked(
-        &self,
-        g: &Vec<f32>,
-        s: LinearShape,
-    ) -> Result<Vec<f32>> {
-        let mut out = vec![0.0f32; s.b * s.p];
-        for i in 0..s.b {
-            for t in 0..s.t {
-                let row = &g[(i * s.t + t) * s.p..(i * s.t + t + 1) * s.p];
-                for (o, &v) in out[i * s.p..(i + 1) * s.p].iter_mut().zip(row) {
-                    *o += v;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    unsafe fn add_row_sq_norms_unchecked(
-        &self,
-        per_example: &Vec<f32>,
-        rows: usize,
-        total: &mut NormTotals,
-    ) -> Result<()> {
-        if rows == 0 {
-            return Ok(());
-        }
-        let cols = per_example.len() / rows;
-        // The weighted sum Σ_i c_i row_i: example i's terms carry at most
-        // γ·c_i‖row_i‖ of its rounding (the norm is of the same f32 row it sums).
-        let gamma = clip::row_gamma(rows.max(total.rows_cap), cols);
-        for ((t, e), row) in total
-            .sq
-            .iter_mut()
-            .zip(total.bound.iter_mut())
-            .zip(per_example.chunks(cols.max(1)))
-        {
-            let sq = row
-                .iter()
-                .map(|&v| f64::from(v) * f64::from(v))
-                .sum::<f64>();
-            *t += sq;
-            *e += gamma * sq.sqrt();
-        }
-        Ok(())
-    }
-
-    unsafe fn weighted_row_sum_unchecked(
-        &self,
-        per_example: &Vec<f32>,
-        factors: &Vec<f32>,
-        _rows: usize,
-        out: &mut Vec<f32>,
-        accumulate: bool,
-    ) -> Result<()> {
-        let cols = out.len();
-        let mut acc: Vec<f64> = if accumulate {
-            out.iter().map(|&v| f64::from(v)).collect()
-        } else {
-            vec![0.0; cols]
-        };
-        // A factor-0 row is absent: skipped, not multiplied (0·NaN = NaN).
-        for (c, row) in factors
-            .iter()
-            .zip(per_example.chunks(cols.max(1)))
-            .filter(|(&c, _)| c != 0.0)
-        {
-            for (a, &v) in acc.iter_mut().zip(row) {
-                *a += f64::from(*c) * f64::from(v);
-            }
-        }
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = a as f32;
-        }
-        Ok(())
-    }
-
-    unsafe fn noise_prune_update_unchecked(
-        &self,
-        set: &mut [TensorUpdate<'_, Self>],
-        cfg: &UpdateConfig,
-    ) -> Result<PruneReport> {
-        let mut states: Vec<TensorState<'_>> = set
-            .iter_mut()
-            .map(|t| TensorState {
-                tensor_id: t.tensor_id,
-                grad: t.grad.as_slice(),
-                param: t.param.as_mut_slice(),
-                m: t.m.as_deref_mut().map_or(&mut [][..], |m| m.as_mut_slice()),
-                v: t.v.as_deref_mut().map_or(&mut [][..], |v| v.as_mut_slice()),
-            })
-            .collect();
-        prune::noise_prune_update(&mut states, cfg)
-    }
 }
