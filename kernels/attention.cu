@@ -65,7 +65,7 @@ __device__ __forceinline__ void softmax_fwd(T* p, int t, int causal) {
   }
   const float inv = 1.f / row_sum(s, scratch);
   for (int j = threadIdx.x; j < t; j += blockDim.x)
-    pr[j] = j < n ? from_float<T>(to_float(pr[j]) * inv) : from_float<T>(0.f);
+    pr[j] = from_float<T>(j < n ? to_float(pr[j]) * inv : 0.f);
 }
 
 // dP -> dS in place: dS = P * (dP - sum_j dP*P), scaled by `scale`.

@@ -9,7 +9,7 @@ namespace layers {
 // y[r, j] += bias[j]
 template <typename T>
 __device__ __forceinline__ void add_bias(T* y, const T* bias, long long rows, long long cols) {
-  GRID_STRIDE(i, rows * cols) { y[i] = from_float<T>(to_float(y[i]) + to_float(bias[i % cols])); }
+  GRID_STRIDE(i, rows * cols) { y[i] = from_float<T>(to_float(bias[i % cols]) + to_float(y[i])); }
 }
 
 // y += alpha * x
