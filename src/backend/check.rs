@@ -22,7 +22,7 @@ use crate::vision::tokens::{TokenSelectConfig, TokenShape};
 use crate::{Error, Result};
 
 /// `got == want`, or a shape error naming the buffer.
-pub fn len(name: &str, got: usize, want: usize) -> Result<()> {
+pub fn check_len(name: &str, got: usize, want: usize) -> Result<()> {
     ensure_shape(got == want, || {
         format!("{name} has {got} values, expected {want}")
     })
@@ -40,20 +40,20 @@ pub fn checked(dims: &[usize], what: &str) -> Result<usize> {
 
 /// [`Backend::matmul`](super::Backend::matmul): A is m×k, B k×n, C m×n values.
 pub fn matmul(c: usize, a: usize, b: usize, s: MatmulSpec) -> Result<()> {
-    len("matmul A", a, checked(&[s.m, s.k], "matmul A")?)?;
-    len("matmul B", b, checked(&[s.k, s.n], "matmul B")?)?;
-    len("matmul C", c, checked(&[s.m, s.n], "matmul C")?)
+    check_len("matmul A", a, checked(&[s.m, s.k], "matmul A")?)?;
+    check_len("matmul B", b, checked(&[s.k, s.n], "matmul B")?)?;
+    check_len("matmul C", c, checked(&[s.m, s.n], "matmul C")?)
 }
 
 /// [`Backend::add_bias`](super::Backend::add_bias): `dim` biases, `rows × dim` outputs.
 pub fn add_bias(y: usize, bias: usize, s: RowShape) -> Result<()> {
-    len("bias", bias, s.dim)?;
-    len("biased output", y, checked(&[s.rows, s.dim], "bias")?)
+    check_len("bias", bias, s.dim)?;
+    check_len("biased output", y, checked(&[s.rows, s.dim], "bias")?)
 }
 
 /// [`Backend::axpy`](super::Backend::axpy): `x` as long as `y`.
 pub fn axpy(y: usize, x: usize) -> Result<()> {
-    len("axpy x", x, y)
+    check_len("axpy x", x, y)
 }
 
 /// [`Backend::copy_blocks`](super::Backend::copy_blocks): every block inside the
@@ -89,12 +89,12 @@ pub fn patchify(out: usize, images: usize, s: PatchShape) -> Result<()> {
     })?;
     let np = s.size / s.patch;
     let pdim = checked(&[s.channels, s.patch, s.patch], "patchify")?;
-    len(
+    check_len(
         "images",
         images,
         checked(&[s.b, s.channels, s.size, s.size], "images")?,
     )?;
-    len("patches", out, checked(&[s.b, np, np, pdim], "patches")?)
+    check_len("patches", out, checked(&[s.b, np, np, pdim], "patches")?)
 }
 
 // ---------------------------------------------------------------------------
@@ -111,12 +111,12 @@ pub fn layernorm_fwd(
     s: RowShape,
 ) -> Result<()> {
     let n = checked(&[s.rows, s.dim], "layernorm")?;
-    len("layernorm x", x, n)?;
-    len("layernorm out", out, n)?;
-    len("layernorm weight", w, s.dim)?;
-    len("layernorm bias", b, s.dim)?;
-    len("layernorm mean", mean, s.rows)?;
-    len("layernorm rstd", rstd, s.rows)
+    check_len("layernorm x", x, n)?;
+    check_len("layernorm out", out, n)?;
+    check_len("layernorm weight", w, s.dim)?;
+    check_len("layernorm bias", b, s.dim)?;
+    check_len("layernorm mean", mean, s.rows)?;
+    check_len("layernorm rstd", rstd, s.rows)
 }
 
 /// [`Backend::layernorm_bwd`](super::Backend::layernorm_bwd).
@@ -133,22 +133,22 @@ pub fn layernorm_bwd(
 ) -> Result<()> {
     let n = checked(&[s.rows, s.dim], "layernorm")?;
     for (name, got) in [("dx", dx), ("dout", dout), ("x", x)] {
-        len(&format!("layernorm_bwd {name}"), got, n)?;
+        check_len(&format!("layernorm_bwd {name}"), got, n)?;
     }
     for (name, got) in [("w", w), ("dw", dw), ("db", db)] {
-        len(&format!("layernorm_bwd {name}"), got, s.dim)?;
+        check_len(&format!("layernorm_bwd {name}"), got, s.dim)?;
     }
-    len("layernorm_bwd mean", mean, s.rows)?;
-    len("layernorm_bwd rstd", rstd, s.rows)
+    check_len("layernorm_bwd mean", mean, s.rows)?;
+    check_len("layernorm_bwd rstd", rstd, s.rows)
 }
 
 /// [`Backend::rmsnorm_fwd`](super::Backend::rmsnorm_fwd).
 pub fn rmsnorm_fwd(out: usize, rstd: usize, x: usize, w: usize, s: RowShape) -> Result<()> {
     let n = checked(&[s.rows, s.dim], "rmsnorm")?;
-    len("rmsnorm x", x, n)?;
-    len("rmsnorm out", out, n)?;
-    len("rmsnorm weight", w, s.dim)?;
-    len("rmsnorm rstd", rstd, s.rows)
+    check_len("rmsnorm x", x, n)?;
+    check_len("rmsnorm out", out, n)?;
+    check_len("rmsnorm weight", w, s.dim)?;
+    check_len("rmsnorm rstd", rstd, s.rows)
 }
 
 /// [`Backend::rmsnorm_bwd`](super::Backend::rmsnorm_bwd).
@@ -163,11 +163,11 @@ pub fn rmsnorm_bwd(
 ) -> Result<()> {
     let n = checked(&[s.rows, s.dim], "rmsnorm")?;
     for (name, got) in [("dx", dx), ("dout", dout), ("x", x)] {
-        len(&format!("rmsnorm_bwd {name}"), got, n)?;
+        check_len(&format!("rmsnorm_bwd {name}"), got, n)?;
     }
-    len("rmsnorm_bwd w", w, s.dim)?;
-    len("rmsnorm_bwd dw", dw, s.dim)?;
-    len("rmsnorm_bwd rstd", rstd, s.rows)
+    check_len("rmsnorm_bwd w", w, s.dim)?;
+    check_len("rmsnorm_bwd dw", dw, s.dim)?;
+    check_len("rmsnorm_bwd rstd", rstd, s.rows)
 }
 
 // ---------------------------------------------------------------------------
@@ -180,7 +180,7 @@ pub fn rope(x: usize, s: RopeShape) -> Result<()> {
         format!("rope needs an even head dimension, got {}", s.hd)
     })?;
     let row = checked(&[s.heads, s.hd], "rope")?;
-    len("rope input", x, checked(&[s.b, s.t, row], "rope")?)
+    check_len("rope input", x, checked(&[s.b, s.t, row], "rope")?)
 }
 
 // ---------------------------------------------------------------------------
@@ -209,11 +209,11 @@ pub fn attention_fwd(
     s: AttnShape,
 ) -> Result<()> {
     attn_shape(&s)?;
-    len("attention q", q, s.q_len())?;
-    len("attention out", out, s.q_len())?;
-    len("attention k", k, s.kv_len())?;
-    len("attention v", v, s.kv_len())?;
-    len("attention probs", probs, s.probs_len())
+    check_len("attention q", q, s.q_len())?;
+    check_len("attention out", out, s.q_len())?;
+    check_len("attention k", k, s.kv_len())?;
+    check_len("attention v", v, s.kv_len())?;
+    check_len("attention probs", probs, s.probs_len())
 }
 
 /// [`Backend::attention_bwd`](super::Backend::attention_bwd).
@@ -230,12 +230,12 @@ pub fn attention_bwd(
 ) -> Result<()> {
     attn_shape(&s)?;
     for (name, got) in [("dq", dq), ("dout", dout), ("q", q)] {
-        len(&format!("attention_bwd {name}"), got, s.q_len())?;
+        check_len(&format!("attention_bwd {name}"), got, s.q_len())?;
     }
     for (name, got) in [("dk", dk), ("dv", dv), ("k", k), ("v", v)] {
-        len(&format!("attention_bwd {name}"), got, s.kv_len())?;
+        check_len(&format!("attention_bwd {name}"), got, s.kv_len())?;
     }
-    len("attention_bwd probs", probs, s.probs_len())
+    check_len("attention_bwd probs", probs, s.probs_len())
 }
 
 // ---------------------------------------------------------------------------
@@ -243,25 +243,25 @@ pub fn attention_bwd(
 
 /// An elementwise forward `out = f(x)`: `x` as long as `out` (`what` names the op).
 pub fn unary(what: &str, out: usize, x: usize) -> Result<()> {
-    len(&format!("{what} input"), x, out)
+    check_len(&format!("{what} input"), x, out)
 }
 
 /// [`Backend::gelu_bwd`](super::Backend::gelu_bwd).
 pub fn gelu_bwd(dx: usize, dout: usize, x: usize) -> Result<()> {
-    len("gelu_bwd dout", dout, dx)?;
-    len("gelu_bwd x", x, dx)
+    check_len("gelu_bwd dout", dout, dx)?;
+    check_len("gelu_bwd x", x, dx)
 }
 
 /// [`Backend::swiglu_fwd`](super::Backend::swiglu_fwd).
 pub fn swiglu_fwd(out: usize, gate: usize, up: usize) -> Result<()> {
-    len("swiglu gate", gate, out)?;
-    len("swiglu up", up, out)
+    check_len("swiglu gate", gate, out)?;
+    check_len("swiglu up", up, out)
 }
 
 /// [`Backend::swiglu_bwd`](super::Backend::swiglu_bwd): every buffer as long as `dout`.
 pub fn swiglu_bwd(dgate: usize, dup: usize, dout: usize, gate: usize, up: usize) -> Result<()> {
     for (name, got) in [("dgate", dgate), ("dup", dup), ("gate", gate), ("up", up)] {
-        len(&format!("swiglu_bwd {name}"), got, dout)?;
+        check_len(&format!("swiglu_bwd {name}"), got, dout)?;
     }
     Ok(())
 }
@@ -289,13 +289,13 @@ pub fn embedding(
     s: RowShape,
     vocab: usize,
 ) -> Result<()> {
-    len(&format!("{what} ids"), ids.len(), s.rows)?;
-    len(
+    check_len(&format!("{what} ids"), ids.len(), s.rows)?;
+    check_len(
         &format!("{what} table"),
         table,
         checked(&[vocab, s.dim], what)?,
     )?;
-    len(
+    check_len(
         &format!("{what} rows"),
         rows,
         checked(&[s.rows, s.dim], what)?,
@@ -317,11 +317,11 @@ pub fn cross_entropy(
     weight_is_zero: impl FnOnce() -> Result<Vec<bool>>,
 ) -> Result<()> {
     let n = checked(&[s.rows, s.dim], "cross_entropy")?;
-    len("cross_entropy logits", logits, n)?;
-    len("cross_entropy dlogits", dlogits, n)?;
-    len("cross_entropy losses", losses, s.rows)?;
-    len("cross_entropy targets", targets.len(), s.rows)?;
-    len("cross_entropy weights", weights, s.rows)?;
+    check_len("cross_entropy logits", logits, n)?;
+    check_len("cross_entropy dlogits", dlogits, n)?;
+    check_len("cross_entropy losses", losses, s.rows)?;
+    check_len("cross_entropy targets", targets.len(), s.rows)?;
+    check_len("cross_entropy weights", weights, s.rows)?;
     if targets.iter().all(|&t| (t as usize) < s.dim) {
         return Ok(());
     }
