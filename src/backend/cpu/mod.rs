@@ -123,7 +123,7 @@ impl<T> CpuOf<T> {
 
 /// The CPU reference backend, `f32` buffers.
 pub type Cpu = CpuOf<f32>;
-/// The value of [`Cpu`], so that `&Cpu` reads as it did when `Cpu` was a unit struct.
+/// The value of [`Cpu`]: the backend holds no state, so `&Cpu` is all a caller needs.
 #[allow(non_upper_case_globals)]
 pub const Cpu: Cpu = CpuOf::new();
 
