@@ -12,11 +12,13 @@
 //!   gradients are overwritten, and the model adds residual branches explicitly
 //!   with [`Backend::axpy`].
 //! * A length that does not match the shape is an [`crate::Error::Shape`], never a
-//!   panic; token ids are validated against the vocabulary.
+//!   panic; token ids are validated against the vocabulary. The checks live once,
+//!   in [`check`], and the traits run them before any backend's implementation.
 //! * Nothing in the trait refers to host slices of activations or weights, so a
 //!   CUDA backend can implement every op with cuBLAS and its own kernels.
 #![allow(clippy::too_many_arguments)]
 
+pub mod check;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -191,6 +193,11 @@ pub struct DeviceMemory {
 /// Storage and compute for one device. Buffers are flat arrays; shapes are passed
 /// explicitly to every op, as in llm.c. Forward and backward of each layer are
 /// declared side by side.
+///
+/// Each op is a provided method that runs its check from [`check`] on the buffer
+/// lengths and then calls the backend's `*_unchecked` implementation; a backend
+/// implements the storage methods and the `*_unchecked` ops, never the checks, and
+/// does not override the checked methods.
 pub trait Backend: Sync {
     /// A flat floating-point buffer on this device.
     type Buf: Send + Sync;
@@ -209,6 +216,16 @@ pub trait Backend: Sync {
     fn len(&self, buf: &Self::Buf) -> usize;
     /// Copies host token ids to the device.
     fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids>;
+    /// The host copy of uploaded ids, which the checks read: ids are tiny next to
+    /// activations, and checking them on the host needs no synchronisation.
+    fn host_ids<'a>(&self, ids: &'a Self::Ids) -> &'a [u32];
+    /// Which values of `buf` are exactly 0, read back by the checks that depend on
+    /// data (the masked rows of the loss). The default compares the downloaded f32
+    /// values; a backend whose values are wider overrides it so that no tiny value
+    /// rounds to 0.
+    fn is_zero(&self, buf: &Self::Buf) -> Result<Vec<bool>> {
+        Ok(self.download(buf)?.iter().map(|&v| v == 0.0).collect())
+    }
     /// Bytes of memory free for new buffers, if the backend can tell.
     fn available_memory(&self) -> Option<u64>;
     /// Bytes one buffer value occupies (4 for f32).
@@ -237,8 +254,16 @@ pub trait Backend: Sync {
 
     /// A copy of a buffer.
     fn duplicate(&self, src: &Self::Buf) -> Result<Self::Buf>;
+
+    // -----------------------------------------------------------------------
+    // The model ops, checked: what the model calls.
+
     /// Strided block copy, see [`Blocks`].
-    fn copy_blocks(&self, dst: &mut Self::Buf, src: &Self::Buf, blocks: Blocks) -> Result<()>;
+    fn copy_blocks(&self, dst: &mut Self::Buf, src: &Self::Buf, blocks: Blocks) -> Result<()> {
+        check::copy_blocks(self.len(dst), self.len(src), &blocks)?;
+        // SAFETY: checked just above.
+        unsafe { self.copy_blocks_unchecked(dst, src, blocks) }
+    }
     /// General matrix multiply, see [`MatmulSpec`].
     fn matmul(
         &self,
@@ -246,11 +271,23 @@ pub trait Backend: Sync {
         a: &Self::Buf,
         b: &Self::Buf,
         spec: MatmulSpec,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        check::matmul(self.len(c), self.len(a), self.len(b), spec)?;
+        // SAFETY: checked just above.
+        unsafe { self.matmul_unchecked(c, a, b, spec) }
+    }
     /// `y[r, j] += bias[j]` for `y` of shape `rows × cols`.
-    fn add_bias(&self, y: &mut Self::Buf, bias: &Self::Buf, shape: RowShape) -> Result<()>;
+    fn add_bias(&self, y: &mut Self::Buf, bias: &Self::Buf, shape: RowShape) -> Result<()> {
+        check::add_bias(self.len(y), self.len(bias), shape)?;
+        // SAFETY: checked just above.
+        unsafe { self.add_bias_unchecked(y, bias, shape) }
+    }
     /// `y += alpha · x` (the residual add when alpha = 1; accumulating gradients).
-    fn axpy(&self, y: &mut Self::Buf, alpha: f32, x: &Self::Buf) -> Result<()>;
+    fn axpy(&self, y: &mut Self::Buf, alpha: f32, x: &Self::Buf) -> Result<()> {
+        check::axpy(self.len(y), self.len(x))?;
+        // SAFETY: checked just above.
+        unsafe { self.axpy_unchecked(y, alpha, x) }
+    }
 
     /// LayerNorm forward: `out = (x − μ)/√(σ² + eps) · w + b` per row (biased σ²);
     /// also stores each row's μ and 1/√(σ² + eps) for the backward.
@@ -264,7 +301,19 @@ pub trait Backend: Sync {
         b: &Self::Buf,
         shape: RowShape,
         eps: f32,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        check::layernorm_fwd(
+            self.len(out),
+            self.len(mean),
+            self.len(rstd),
+            self.len(x),
+            self.len(w),
+            self.len(b),
+            shape,
+        )?;
+        // SAFETY: checked just above.
+        unsafe { self.layernorm_fwd_unchecked(out, mean, rstd, x, w, b, shape, eps) }
+    }
     /// LayerNorm backward: overwrites `dx`; accumulates `dw` and `db`.
     fn layernorm_bwd(
         &self,
@@ -277,7 +326,21 @@ pub trait Backend: Sync {
         mean: &Self::Buf,
         rstd: &Self::Buf,
         shape: RowShape,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        check::layernorm_bwd(
+            self.len(dx),
+            self.len(dw),
+            self.len(db),
+            self.len(dout),
+            self.len(x),
+            self.len(w),
+            self.len(mean),
+            self.len(rstd),
+            shape,
+        )?;
+        // SAFETY: checked just above.
+        unsafe { self.layernorm_bwd_unchecked(dx, dw, db, dout, x, w, mean, rstd, shape) }
+    }
     /// RMSNorm forward: `out = x / √(mean(x²) + eps) · w` per row; stores the
     /// reciprocal root per row.
     fn rmsnorm_fwd(
@@ -288,7 +351,17 @@ pub trait Backend: Sync {
         w: &Self::Buf,
         shape: RowShape,
         eps: f32,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        check::rmsnorm_fwd(
+            self.len(out),
+            self.len(rstd),
+            self.len(x),
+            self.len(w),
+            shape,
+        )?;
+        // SAFETY: checked just above.
+        unsafe { self.rmsnorm_fwd_unchecked(out, rstd, x, w, shape, eps) }
+    }
     /// RMSNorm backward: overwrites `dx`; accumulates `dw`.
     fn rmsnorm_bwd(
         &self,
@@ -299,13 +372,33 @@ pub trait Backend: Sync {
         w: &Self::Buf,
         rstd: &Self::Buf,
         shape: RowShape,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        check::rmsnorm_bwd(
+            self.len(dx),
+            self.len(dw),
+            self.len(dout),
+            self.len(x),
+            self.len(w),
+            self.len(rstd),
+            shape,
+        )?;
+        // SAFETY: checked just above.
+        unsafe { self.rmsnorm_bwd_unchecked(dx, dw, dout, x, w, rstd, shape) }
+    }
     /// Rotary embedding, in place, rotate-half convention (HF Llama): with
     /// `x = [x₁, x₂]` split at hd/2 and angle `a_i = s · θ^(−2i/hd)`,
     /// `x₁' = x₁ cos a − x₂ sin a`, `x₂' = x₂ cos a + x₁ sin a`.
-    fn rope_fwd(&self, x: &mut Self::Buf, shape: RopeShape) -> Result<()>;
+    fn rope_fwd(&self, x: &mut Self::Buf, shape: RopeShape) -> Result<()> {
+        check::rope(self.len(x), shape)?;
+        // SAFETY: checked just above.
+        unsafe { self.rope_unchecked(x, shape, 1.0) }
+    }
     /// Rotary backward, in place: the inverse rotation (angle −a) of the gradient.
-    fn rope_bwd(&self, dx: &mut Self::Buf, shape: RopeShape) -> Result<()>;
+    fn rope_bwd(&self, dx: &mut Self::Buf, shape: RopeShape) -> Result<()> {
+        check::rope(self.len(dx), shape)?;
+        // SAFETY: checked just above.
+        unsafe { self.rope_unchecked(dx, shape, -1.0) }
+    }
     /// Scaled dot-product attention forward, see [`AttnShape`]; writes the output
     /// and the softmax probabilities (masked entries are 0). The CLS attention rows
     /// of a vision layer are `probs[b, h, 0, :]`.
@@ -317,7 +410,18 @@ pub trait Backend: Sync {
         k: &Self::Buf,
         v: &Self::Buf,
         shape: AttnShape,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        check::attention_fwd(
+            self.len(out),
+            self.len(probs),
+            self.len(q),
+            self.len(k),
+            self.len(v),
+            shape,
+        )?;
+        // SAFETY: checked just above.
+        unsafe { self.attention_fwd_unchecked(out, probs, q, k, v, shape) }
+    }
     /// Attention backward: overwrites `dq`, `dk`, `dv` (GQA heads summed into their
     /// shared key/value head).
     fn attention_bwd(
@@ -331,15 +435,45 @@ pub trait Backend: Sync {
         v: &Self::Buf,
         probs: &Self::Buf,
         shape: AttnShape,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        check::attention_bwd(
+            self.len(dq),
+            self.len(dk),
+            self.len(dv),
+            self.len(dout),
+            self.len(q),
+            self.len(k),
+            self.len(v),
+            self.len(probs),
+            shape,
+        )?;
+        // SAFETY: checked just above.
+        unsafe { self.attention_bwd_unchecked(dq, dk, dv, dout, q, k, v, probs, shape) }
+    }
     /// CLIP's quick-GELU, `x · σ(1.702 x)` (frozen vision MLP: forward only).
-    fn quick_gelu_fwd(&self, out: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+    fn quick_gelu_fwd(&self, out: &mut Self::Buf, x: &Self::Buf) -> Result<()> {
+        check::unary("quick_gelu", self.len(out), self.len(x))?;
+        // SAFETY: checked just above.
+        unsafe { self.quick_gelu_fwd_unchecked(out, x) }
+    }
     /// GELU, tanh approximation: `0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))`.
-    fn gelu_fwd(&self, out: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+    fn gelu_fwd(&self, out: &mut Self::Buf, x: &Self::Buf) -> Result<()> {
+        check::unary("gelu", self.len(out), self.len(x))?;
+        // SAFETY: checked just above.
+        unsafe { self.gelu_fwd_unchecked(out, x) }
+    }
     /// GELU backward: overwrites `dx`.
-    fn gelu_bwd(&self, dx: &mut Self::Buf, dout: &Self::Buf, x: &Self::Buf) -> Result<()>;
+    fn gelu_bwd(&self, dx: &mut Self::Buf, dout: &Self::Buf, x: &Self::Buf) -> Result<()> {
+        check::gelu_bwd(self.len(dx), self.len(dout), self.len(x))?;
+        // SAFETY: checked just above.
+        unsafe { self.gelu_bwd_unchecked(dx, dout, x) }
+    }
     /// SwiGLU: `out = silu(gate) · up`, `silu(g) = g σ(g)`.
-    fn swiglu_fwd(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf) -> Result<()>;
+    fn swiglu_fwd(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf) -> Result<()> {
+        check::swiglu_fwd(self.len(out), self.len(gate), self.len(up))?;
+        // SAFETY: checked just above.
+        unsafe { self.swiglu_fwd_unchecked(out, gate, up) }
+    }
     /// SwiGLU backward: overwrites `dgate` and `dup`.
     fn swiglu_bwd(
         &self,
@@ -348,7 +482,17 @@ pub trait Backend: Sync {
         dout: &Self::Buf,
         gate: &Self::Buf,
         up: &Self::Buf,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        check::swiglu_bwd(
+            self.len(dgate),
+            self.len(dup),
+            self.len(dout),
+            self.len(gate),
+            self.len(up),
+        )?;
+        // SAFETY: checked just above.
+        unsafe { self.swiglu_bwd_unchecked(dgate, dup, dout, gate, up) }
+    }
     /// Embedding lookup: `out[r] = table[ids[r]]`, `table` is `vocab × dim`; an id
     /// ≥ vocab is a shape error.
     fn embedding_fwd(
@@ -358,7 +502,19 @@ pub trait Backend: Sync {
         ids: &Self::Ids,
         shape: RowShape,
         vocab: usize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let host = self.host_ids(ids);
+        check::embedding(
+            "embedding",
+            host,
+            self.len(table),
+            self.len(out),
+            shape,
+            vocab,
+        )?;
+        // SAFETY: checked just above.
+        unsafe { self.embedding_fwd_unchecked(out, table, ids, shape) }
+    }
     /// Embedding backward: accumulates `dtable[ids[r]] += dout[r]`.
     fn embedding_bwd(
         &self,
@@ -367,7 +523,19 @@ pub trait Backend: Sync {
         ids: &Self::Ids,
         shape: RowShape,
         vocab: usize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let host = self.host_ids(ids);
+        check::embedding(
+            "embedding_bwd",
+            host,
+            self.len(dtable),
+            self.len(dout),
+            shape,
+            vocab,
+        )?;
+        // SAFETY: checked just above.
+        unsafe { self.embedding_bwd_unchecked(dtable, dout, ids, shape) }
+    }
     /// Fused softmax cross-entropy over `rows × vocab` logits with row weights:
     /// `losses[r] = w_r · (logsumexp(logits_r) − logits_r[target_r])` and
     /// `dlogits[r] = w_r · (softmax(logits_r) − onehot(target_r))`, the gradient of
@@ -381,12 +549,270 @@ pub trait Backend: Sync {
         targets: &Self::Ids,
         weights: &Self::Buf,
         shape: RowShape,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        check::cross_entropy(
+            self.len(losses),
+            self.len(dlogits),
+            self.len(logits),
+            self.host_ids(targets),
+            self.len(weights),
+            shape,
+            || self.is_zero(weights),
+        )?;
+        // SAFETY: checked just above.
+        unsafe { self.cross_entropy_unchecked(losses, dlogits, logits, targets, weights, shape) }
+    }
     /// Cuts images into flattened patches, see [`PatchShape`].
-    fn patchify(&self, out: &mut Self::Buf, images: &Self::Buf, shape: PatchShape) -> Result<()>;
+    fn patchify(&self, out: &mut Self::Buf, images: &Self::Buf, shape: PatchShape) -> Result<()> {
+        check::patchify(self.len(out), self.len(images), shape)?;
+        // SAFETY: checked just above.
+        unsafe { self.patchify_unchecked(out, images, shape) }
+    }
     /// VisionZip token selection ([`crate::vision::tokens::select_tokens`]): returns
     /// `[B, 1 + K + M, D]`.
     fn select_tokens(
+        &self,
+        attn_cls: &Self::Buf,
+        keys: &Self::Buf,
+        hidden: &Self::Buf,
+        shape: &TokenShape,
+        cfg: &TokenSelectConfig,
+    ) -> Result<Self::Buf> {
+        check::select_tokens(
+            self.len(attn_cls),
+            self.len(keys),
+            self.len(hidden),
+            shape,
+            cfg,
+        )?;
+        // SAFETY: checked just above.
+        unsafe { self.select_tokens_unchecked(attn_cls, keys, hidden, shape, cfg) }
+    }
+
+    // -----------------------------------------------------------------------
+    // The model ops as each device implements them, after the checks.
+
+    /// [`Self::copy_blocks`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::copy_blocks`].
+    unsafe fn copy_blocks_unchecked(
+        &self,
+        dst: &mut Self::Buf,
+        src: &Self::Buf,
+        blocks: Blocks,
+    ) -> Result<()>;
+    /// [`Self::matmul`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::matmul`].
+    unsafe fn matmul_unchecked(
+        &self,
+        c: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        spec: MatmulSpec,
+    ) -> Result<()>;
+    /// [`Self::add_bias`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::add_bias`].
+    unsafe fn add_bias_unchecked(
+        &self,
+        y: &mut Self::Buf,
+        bias: &Self::Buf,
+        shape: RowShape,
+    ) -> Result<()>;
+    /// [`Self::axpy`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::axpy`].
+    unsafe fn axpy_unchecked(&self, y: &mut Self::Buf, alpha: f32, x: &Self::Buf) -> Result<()>;
+    /// [`Self::layernorm_fwd`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::layernorm_fwd`].
+    unsafe fn layernorm_fwd_unchecked(
+        &self,
+        out: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        shape: RowShape,
+        eps: f32,
+    ) -> Result<()>;
+    /// [`Self::layernorm_bwd`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::layernorm_bwd`].
+    unsafe fn layernorm_bwd_unchecked(
+        &self,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        db: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        shape: RowShape,
+    ) -> Result<()>;
+    /// [`Self::rmsnorm_fwd`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::rmsnorm_fwd`].
+    unsafe fn rmsnorm_fwd_unchecked(
+        &self,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        shape: RowShape,
+        eps: f32,
+    ) -> Result<()>;
+    /// [`Self::rmsnorm_bwd`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::rmsnorm_bwd`].
+    unsafe fn rmsnorm_bwd_unchecked(
+        &self,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rstd: &Self::Buf,
+        shape: RowShape,
+    ) -> Result<()>;
+    /// [`Self::rope_fwd`] (`sign` = 1) and [`Self::rope_bwd`] (`sign` = −1, the
+    /// opposite angle) without their checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::rope`].
+    unsafe fn rope_unchecked(&self, x: &mut Self::Buf, shape: RopeShape, sign: f64) -> Result<()>;
+    /// [`Self::attention_fwd`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::attention_fwd`].
+    unsafe fn attention_fwd_unchecked(
+        &self,
+        out: &mut Self::Buf,
+        probs: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: AttnShape,
+    ) -> Result<()>;
+    /// [`Self::attention_bwd`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::attention_bwd`].
+    unsafe fn attention_bwd_unchecked(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dout: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        probs: &Self::Buf,
+        shape: AttnShape,
+    ) -> Result<()>;
+    /// [`Self::quick_gelu_fwd`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::unary`].
+    unsafe fn quick_gelu_fwd_unchecked(&self, out: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+    /// [`Self::gelu_fwd`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::unary`].
+    unsafe fn gelu_fwd_unchecked(&self, out: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+    /// [`Self::gelu_bwd`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::gelu_bwd`].
+    unsafe fn gelu_bwd_unchecked(
+        &self,
+        dx: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+    ) -> Result<()>;
+    /// [`Self::swiglu_fwd`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::swiglu_fwd`].
+    unsafe fn swiglu_fwd_unchecked(
+        &self,
+        out: &mut Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+    ) -> Result<()>;
+    /// [`Self::swiglu_bwd`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::swiglu_bwd`].
+    unsafe fn swiglu_bwd_unchecked(
+        &self,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+        dout: &Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+    ) -> Result<()>;
+    /// [`Self::embedding_fwd`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths and ids pass [`check::embedding`].
+    unsafe fn embedding_fwd_unchecked(
+        &self,
+        out: &mut Self::Buf,
+        table: &Self::Buf,
+        ids: &Self::Ids,
+        shape: RowShape,
+    ) -> Result<()>;
+    /// [`Self::embedding_bwd`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths and ids pass [`check::embedding`].
+    unsafe fn embedding_bwd_unchecked(
+        &self,
+        dtable: &mut Self::Buf,
+        dout: &Self::Buf,
+        ids: &Self::Ids,
+        shape: RowShape,
+    ) -> Result<()>;
+    /// [`Self::cross_entropy`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths and the used targets pass [`check::cross_entropy`].
+    unsafe fn cross_entropy_unchecked(
+        &self,
+        losses: &mut Self::Buf,
+        dlogits: &mut Self::Buf,
+        logits: &Self::Buf,
+        targets: &Self::Ids,
+        weights: &Self::Buf,
+        shape: RowShape,
+    ) -> Result<()>;
+    /// [`Self::patchify`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::patchify`].
+    unsafe fn patchify_unchecked(
+        &self,
+        out: &mut Self::Buf,
+        images: &Self::Buf,
+        shape: PatchShape,
+    ) -> Result<()>;
+    /// [`Self::select_tokens`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths and the config pass [`check::select_tokens`].
+    unsafe fn select_tokens_unchecked(
         &self,
         attn_cls: &Self::Buf,
         keys: &Self::Buf,

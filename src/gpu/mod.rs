@@ -22,10 +22,18 @@ use crate::{Error, Result};
 /// The cudarc version these APIs are built on, for callers that bring their own buffers.
 pub use cudarc;
 
+pub mod activations;
+pub mod attention;
 pub mod blas;
 pub mod clip;
+pub mod embedding;
+mod grid;
 pub mod noise;
+pub mod norms;
 pub mod prune;
+pub mod rope;
+pub mod rows;
+pub mod tensor;
 pub mod tokens;
 
 /// A kernel entry point: `name` in `kernels/<module>.cu`. The constants in

@@ -1,5 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
+pub mod device;
+pub mod fd;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -1,0 +1,164 @@
+//! The CPU backend's DP ops ([`DpBackend`], f32 buffers): the references of
+//! [`crate::dp`] (norms, clip factors, clipped sums, noise + top-k + update) and the
+//! per-example row helpers of [`rows`](super::rows). GPU twin: `backend/cuda/dp.rs`.
+use super::{rows, Cpu};
+use crate::backend::dp::{DpBackend, TensorUpdate};
+use crate::dp::clip::{self, LinearShape, NormMethod, NormTotals};
+use crate::dp::noise::NoiseKey;
+use crate::dp::prune::{self, PruneReport, TensorState, UpdateConfig};
+use crate::error::ensure_shape;
+use crate::linalg::{gemm_f32, View};
+use crate::Result;
+
+impl DpBackend for Cpu {
+    type Norms = NormTotals;
+
+    fn norms_zeros(&self, b: usize, rows_cap: usize) -> Result<NormTotals> {
+        Ok(NormTotals::zeros(b, rows_cap))
+    }
+
+    fn norms_download(&self, n: &NormTotals) -> Result<NormTotals> {
+        Ok(n.clone())
+    }
+
+    fn norms_len(&self, n: &NormTotals) -> Result<usize> {
+        ensure_shape(n.sq.len() == n.bound.len(), || {
+            format!(
+                "norm accumulators disagree: {} squared norms but {} rounding bounds",
+                n.sq.len(),
+                n.bound.len()
+            )
+        })?;
+        Ok(n.sq.len())
+    }
+
+    fn clip_factors(&self, total: &NormTotals, clip_norm: f32) -> Result<(Vec<f32>, usize)> {
+        clip::clip_factors(&total.sq, &total.bound, f64::from(clip_norm))
+    }
+
+    fn noise_axpy(&self, y: &mut Vec<f32>, key: NoiseKey, a: f64) -> Result<()> {
+        key.add_scaled(0, a, y);
+        Ok(())
+    }
+
+    unsafe fn add_layer_sq_norms_unchecked(
+        &self,
+        x: &Vec<f32>,
+        g: &Vec<f32>,
+        s: LinearShape,
+        method: NormMethod,
+        has_bias: bool,
+        total: &mut NormTotals,
+    ) -> Result<()> {
+        for (t, n) in total
+            .sq
+            .iter_mut()
+            .zip(clip::layer_sq_norms(x, g, s, method, has_bias)?)
+        {
+            *t += n;
+        }
+        for (t, e) in total.bound.iter_mut().zip(clip::layer_rounding_bounds(
+            x,
+            g,
+            s,
+            has_bias,
+            total.rows_cap,
+        )?) {
+            *t += e;
+        }
+        Ok(())
+    }
+
+    unsafe fn clipped_weight_sum_unchecked(
+        &self,
+        x: &Vec<f32>,
+        g: &Vec<f32>,
+        factors: &Vec<f32>,
+        s: LinearShape,
+        out: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        clip::clipped_weight_sum_f32(x, g, factors, s, out)
+    }
+
+    unsafe fn clipped_bias_sum_unchecked(
+        &self,
+        g: &Vec<f32>,
+        factors: &Vec<f32>,
+        s: LinearShape,
+        out: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        clip::clipped_bias_sum(g, factors, s, out)
+    }
+
+    unsafe fn per_example_weight_grads_unchecked(
+        &self,
+        x: &Vec<f32>,
+        g: &Vec<f32>,
+        s: LinearShape,
+    ) -> Result<Vec<f32>> {
+        let (t, d, p) = (s.t, s.d, s.p);
+        let mut out = vec![0.0f32; s.b * p * d];
+        for (i, w) in out.chunks_mut((p * d).max(1)).enumerate().take(s.b) {
+            let xi = View::row_major(&x[i * t * d..(i + 1) * t * d], t, d);
+            let gi = View::row_major(&g[i * t * p..(i + 1) * t * p], t, p);
+            gemm_f32(1.0, gi.t(), xi, 0.0, w, d);
+        }
+        Ok(out)
+    }
+
+    unsafe fn per_example_bias_grads_unchecked(
+        &self,
+        g: &Vec<f32>,
+        s: LinearShape,
+    ) -> Result<Vec<f32>> {
+        Ok(rows::sum_over_tokens(g, s))
+    }
+
+    unsafe fn add_row_sq_norms_unchecked(
+        &self,
+        per_example: &Vec<f32>,
+        rows: usize,
+        total: &mut NormTotals,
+    ) -> Result<()> {
+        rows::add_row_sq_norms(per_example, rows, total);
+        Ok(())
+    }
+
+    unsafe fn weighted_row_sum_unchecked(
+        &self,
+        per_example: &Vec<f32>,
+        factors: &Vec<f32>,
+        _rows: usize,
+        out: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        rows::weighted_row_sum(per_example, factors, out, accumulate);
+        Ok(())
+    }
+
+    unsafe fn noise_prune_update_unchecked(
+        &self,
+        set: &mut [TensorUpdate<'_, Self>],
+        cfg: &UpdateConfig,
+    ) -> Result<PruneReport> {
+        let mut states: Vec<TensorState<'_>> = set
+            .iter_mut()
+            .map(|t| TensorState {
+                tensor_id: t.tensor_id,
+                grad: t.grad.as_slice(),
+                param: t.param.as_mut_slice(),
+                m: t.m.as_deref_mut().map_or(&mut [][..], |m| m.as_mut_slice()),
+                v: t.v.as_deref_mut().map_or(&mut [][..], |v| v.as_mut_slice()),
+            })
+            .collect();
+        prune::noise_prune_update(&mut states, cfg)
+    }
+}

@@ -1,0 +1,371 @@
+//! The CPU backend: plain `Vec` buffers, rayon threads and a packed GEMM.
+//!
+//! Every op is written once, generic over the element type ([`Real`]), and read
+//! like the math, with each layer's forward and backward side by side (llm.c
+//! style), one file per layer family named as its kernel file (`norms.rs` ↔
+//! `kernels/norms.cu`, and `rope`, `attention`, `activations`, `embedding`,
+//! `tensor`, `rows`); the DP ops are in `dp.rs`. [`CpuOf`] implements the
+//! backend once for both element types:
+//!
+//! * [`Cpu`]: `f32` buffers, the reference the CUDA backend is compared with;
+//! * [`Cpu64`]: `f64` buffers, the same ops in double precision, so finite
+//!   difference checks of whole layers and of the whole model can use tight
+//!   tolerances (tests only; uploads and downloads convert from and to f32).
+//!
+//! Row reductions (norm statistics, softmax sums, the log-sum-exp of the loss)
+//! accumulate in f64 whatever the element type.
+#![allow(clippy::too_many_arguments)]
+
+use std::fmt::Debug;
+use std::marker::PhantomData;
+use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+
+mod activations;
+mod attention;
+mod dp;
+mod embedding;
+mod norms;
+mod rope;
+mod rows;
+mod tensor;
+
+use super::{AttnShape, Backend, Blocks, MatmulSpec, PatchShape, RopeShape, RowShape};
+use crate::linalg::{gemm_f32, gemm_f64, View};
+use crate::vision::tokens::{select_tokens, TokenSelectConfig, TokenShape};
+use crate::{Error, Result};
+
+/// The element type of a CPU buffer: `f32` or `f64`.
+pub trait Real:
+    Copy
+    + Default
+    + Send
+    + Sync
+    + Debug
+    + PartialOrd
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+{
+    /// Converts from f64 (rounding for f32).
+    fn from_f64(x: f64) -> Self;
+    /// Converts to f64 (exact).
+    fn to_f64(self) -> f64;
+    /// The name of the CPU backend on this type ("cpu", "cpu64").
+    const BACKEND: &'static str;
+    /// `c[m×n] = alpha·a·b + beta·c` (see [`crate::linalg`]).
+    fn gemm(alpha: Self, a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: &mut [Self]);
+}
+
+impl Real for f32 {
+    const BACKEND: &'static str = "cpu";
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn gemm(alpha: Self, a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: &mut [Self]) {
+        let n = b.cols;
+        gemm_f32(alpha, a, b, beta, c, n)
+    }
+}
+
+impl Real for f64 {
+    const BACKEND: &'static str = "cpu64";
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn gemm(alpha: Self, a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: &mut [Self]) {
+        let n = b.cols;
+        gemm_f64(alpha, a, b, beta, c, n)
+    }
+}
+
+/// `x` rounded to the element type.
+fn r<T: Real>(x: f64) -> T {
+    T::from_f64(x)
+}
+
+fn alloc<T: Real>(n: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        Error::Config(format!(
+            "out of host memory allocating {n} values ({} bytes)",
+            n.saturating_mul(std::mem::size_of::<T>())
+        ))
+    })?;
+    v.resize(n, T::default());
+    Ok(v)
+}
+
+fn to_f32<T: Real>(x: &[T]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f64() as f32).collect()
+}
+
+/// The CPU backend on element type `T`: `Vec<T>` buffers, the ops of this module.
+/// Use it through [`Cpu`] (f32) and [`Cpu64`] (f64).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuOf<T>(PhantomData<T>);
+
+impl<T> CpuOf<T> {
+    /// The backend (it holds no state).
+    pub const fn new() -> Self {
+        Self(PhantomData)
+    }
+}
+
+/// The CPU reference backend, `f32` buffers.
+pub type Cpu = CpuOf<f32>;
+/// The value of [`Cpu`]: the backend holds no state, so `&Cpu` is all a caller needs.
+#[allow(non_upper_case_globals)]
+pub const Cpu: Cpu = CpuOf::new();
+
+/// The CPU backend in double precision, `f64` buffers: the same ops as [`Cpu`],
+/// used by finite-difference tests. Token selection runs in f32 (its input is
+/// rounded), as it has no gradient.
+pub type Cpu64 = CpuOf<f64>;
+/// The value of [`Cpu64`].
+#[allow(non_upper_case_globals)]
+pub const Cpu64: Cpu64 = CpuOf::new();
+
+impl<T: Real> Backend for CpuOf<T> {
+    type Buf = Vec<T>;
+    type Ids = Vec<u32>;
+
+    fn name(&self) -> &'static str {
+        T::BACKEND
+    }
+    fn zeros(&self, n: usize) -> Result<Vec<T>> {
+        alloc(n)
+    }
+    fn upload(&self, host: &[f32]) -> Result<Vec<T>> {
+        let mut v = alloc::<T>(host.len())?;
+        v.iter_mut()
+            .zip(host)
+            .for_each(|(d, &s)| *d = r(f64::from(s)));
+        Ok(v)
+    }
+    fn download(&self, buf: &Vec<T>) -> Result<Vec<f32>> {
+        Ok(to_f32(buf))
+    }
+    fn len(&self, buf: &Vec<T>) -> usize {
+        buf.len()
+    }
+    fn upload_ids(&self, ids: &[u32]) -> Result<Vec<u32>> {
+        Ok(ids.to_vec())
+    }
+    fn host_ids<'a>(&self, ids: &'a Vec<u32>) -> &'a [u32] {
+        ids
+    }
+    fn is_zero(&self, buf: &Vec<T>) -> Result<Vec<bool>> {
+        Ok(buf.iter().map(|v| v.to_f64() == 0.0).collect())
+    }
+    fn available_memory(&self) -> Option<u64> {
+        host_available_memory()
+    }
+    fn value_bytes(&self) -> usize {
+        std::mem::size_of::<T>()
+    }
+    fn duplicate(&self, src: &Vec<T>) -> Result<Vec<T>> {
+        let mut v = alloc::<T>(src.len())?;
+        v.copy_from_slice(src);
+        Ok(v)
+    }
+    unsafe fn copy_blocks_unchecked(
+        &self,
+        dst: &mut Vec<T>,
+        src: &Vec<T>,
+        b: Blocks,
+    ) -> Result<()> {
+        tensor::copy_blocks(dst, src, b)
+    }
+    unsafe fn matmul_unchecked(
+        &self,
+        c: &mut Vec<T>,
+        a: &Vec<T>,
+        b: &Vec<T>,
+        s: MatmulSpec,
+    ) -> Result<()> {
+        tensor::matmul(c, a, b, s)
+    }
+    unsafe fn add_bias_unchecked(&self, y: &mut Vec<T>, bias: &Vec<T>, s: RowShape) -> Result<()> {
+        tensor::add_bias(y, bias, s)
+    }
+    unsafe fn axpy_unchecked(&self, y: &mut Vec<T>, alpha: f32, x: &Vec<T>) -> Result<()> {
+        tensor::axpy(y, alpha, x)
+    }
+    unsafe fn layernorm_fwd_unchecked(
+        &self,
+        out: &mut Vec<T>,
+        mean: &mut Vec<T>,
+        rstd: &mut Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        b: &Vec<T>,
+        s: RowShape,
+        eps: f32,
+    ) -> Result<()> {
+        norms::layernorm_fwd(out, mean, rstd, x, w, b, s, eps)
+    }
+    unsafe fn layernorm_bwd_unchecked(
+        &self,
+        dx: &mut Vec<T>,
+        dw: &mut Vec<T>,
+        db: &mut Vec<T>,
+        dout: &Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        mean: &Vec<T>,
+        rstd: &Vec<T>,
+        s: RowShape,
+    ) -> Result<()> {
+        norms::layernorm_bwd(dx, dw, db, dout, x, w, mean, rstd, s)
+    }
+    unsafe fn rmsnorm_fwd_unchecked(
+        &self,
+        out: &mut Vec<T>,
+        rstd: &mut Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        s: RowShape,
+        eps: f32,
+    ) -> Result<()> {
+        norms::rmsnorm_fwd(out, rstd, x, w, s, eps)
+    }
+    unsafe fn rmsnorm_bwd_unchecked(
+        &self,
+        dx: &mut Vec<T>,
+        dw: &mut Vec<T>,
+        dout: &Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        rstd: &Vec<T>,
+        s: RowShape,
+    ) -> Result<()> {
+        norms::rmsnorm_bwd(dx, dw, dout, x, w, rstd, s)
+    }
+    unsafe fn rope_unchecked(&self, x: &mut Vec<T>, s: RopeShape, sign: f64) -> Result<()> {
+        rope::rope(x, s, sign)
+    }
+    unsafe fn attention_fwd_unchecked(
+        &self,
+        out: &mut Vec<T>,
+        probs: &mut Vec<T>,
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        s: AttnShape,
+    ) -> Result<()> {
+        attention::attention_fwd(out, probs, q, k, v, s)
+    }
+    unsafe fn attention_bwd_unchecked(
+        &self,
+        dq: &mut Vec<T>,
+        dk: &mut Vec<T>,
+        dv: &mut Vec<T>,
+        dout: &Vec<T>,
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        probs: &Vec<T>,
+        s: AttnShape,
+    ) -> Result<()> {
+        attention::attention_bwd(dq, dk, dv, dout, q, k, v, probs, s)
+    }
+    unsafe fn quick_gelu_fwd_unchecked(&self, out: &mut Vec<T>, x: &Vec<T>) -> Result<()> {
+        activations::map(out, x, activations::quick_gelu)
+    }
+    unsafe fn gelu_fwd_unchecked(&self, out: &mut Vec<T>, x: &Vec<T>) -> Result<()> {
+        activations::map(out, x, activations::gelu)
+    }
+    unsafe fn gelu_bwd_unchecked(&self, dx: &mut Vec<T>, dout: &Vec<T>, x: &Vec<T>) -> Result<()> {
+        activations::gelu_bwd(dx, dout, x)
+    }
+    unsafe fn swiglu_fwd_unchecked(
+        &self,
+        out: &mut Vec<T>,
+        gate: &Vec<T>,
+        up: &Vec<T>,
+    ) -> Result<()> {
+        activations::swiglu_fwd(out, gate, up)
+    }
+    unsafe fn swiglu_bwd_unchecked(
+        &self,
+        dgate: &mut Vec<T>,
+        dup: &mut Vec<T>,
+        dout: &Vec<T>,
+        gate: &Vec<T>,
+        up: &Vec<T>,
+    ) -> Result<()> {
+        activations::swiglu_bwd(dgate, dup, dout, gate, up)
+    }
+    unsafe fn embedding_fwd_unchecked(
+        &self,
+        out: &mut Vec<T>,
+        table: &Vec<T>,
+        ids: &Vec<u32>,
+        s: RowShape,
+    ) -> Result<()> {
+        embedding::embedding_fwd(out, table, ids, s)
+    }
+    unsafe fn embedding_bwd_unchecked(
+        &self,
+        dtable: &mut Vec<T>,
+        dout: &Vec<T>,
+        ids: &Vec<u32>,
+        s: RowShape,
+    ) -> Result<()> {
+        embedding::embedding_bwd(dtable, dout, ids, s)
+    }
+    unsafe fn cross_entropy_unchecked(
+        &self,
+        losses: &mut Vec<T>,
+        dlogits: &mut Vec<T>,
+        logits: &Vec<T>,
+        targets: &Vec<u32>,
+        weights: &Vec<T>,
+        s: RowShape,
+    ) -> Result<()> {
+        embedding::cross_entropy(losses, dlogits, logits, targets, weights, s)
+    }
+    unsafe fn patchify_unchecked(
+        &self,
+        out: &mut Vec<T>,
+        images: &Vec<T>,
+        s: PatchShape,
+    ) -> Result<()> {
+        tensor::patchify(out, images, s)
+    }
+    unsafe fn select_tokens_unchecked(
+        &self,
+        attn_cls: &Vec<T>,
+        keys: &Vec<T>,
+        hidden: &Vec<T>,
+        shape: &TokenShape,
+        cfg: &TokenSelectConfig,
+    ) -> Result<Vec<T>> {
+        let sel = select_tokens(
+            &to_f32(attn_cls),
+            &to_f32(keys),
+            &to_f32(hidden),
+            shape,
+            cfg,
+        )?;
+        self.upload(&sel.tokens)
+    }
+}
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes (None where unreadable).
+fn host_available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

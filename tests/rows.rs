@@ -1,0 +1,110 @@
+//! The DP-SGD helpers for materialised per-example gradients (`kernels/rows.cu`, CPU
+//! twin `src/backend/cpu/rows.rs`), through [`DpBackend`]: every example's bias
+//! gradient, the rows' squared norms with their rounding bounds, and the weighted row
+//! sum that skips factor-0 rows. By hand on the CPU, then the GPU against the CPU
+//! (sums over tokens in the same f32 order: exact; norms in f64: 1e-12; the weighted
+//! sum, a strict-FP32 GEMM against the CPU's f64 sum: 1e-5). The whole DP-SGD path is
+//! tested in `tests/clip.rs`.
+mod common;
+
+use common::device::{assert_close, down, up};
+use common::{rng, uniform};
+use dualpriv::backend::cpu::Cpu;
+use dualpriv::backend::dp::DpBackend;
+use dualpriv::dp::clip::{row_gamma, LinearShape};
+use dualpriv::Error;
+
+#[test]
+fn per_example_rows_by_hand() {
+    let be = Cpu;
+    let s = LinearShape {
+        b: 3,
+        t: 4,
+        d: 2,
+        p: 5,
+    };
+    let g = uniform(&mut rng(21), s.b * s.t * s.p);
+    let bg = be.per_example_bias_grads(&g, s).unwrap();
+    for i in 0..s.b {
+        for j in 0..s.p {
+            let want: f32 = (0..s.t).map(|t| g[(i * s.t + t) * s.p + j]).sum();
+            assert_eq!(bg[i * s.p + j], want, "bias gradient {i},{j}");
+        }
+    }
+    // Squared norms and bounds, added to what the accumulator holds; the bound's γ
+    // uses the larger of the rows and the public cap.
+    let mut norms = be.norms_zeros(s.b, 8).unwrap();
+    norms.sq[1] = 2.0;
+    be.add_row_sq_norms(&bg, s.b, &mut norms).unwrap();
+    let gamma = row_gamma(8, s.p);
+    for (i, row) in bg.chunks(s.p).enumerate() {
+        let sq: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let before = if i == 1 { 2.0 } else { 0.0 };
+        assert_eq!(norms.sq[i], before + sq);
+        assert_eq!(norms.bound[i], gamma * sq.sqrt());
+    }
+    // A factor-0 row is absent even when it holds NaN; accumulate adds to `out`.
+    let mut rows = bg.clone();
+    rows[s.p] = f32::NAN;
+    let factors = vec![0.5f32, 0.0, 2.0];
+    let mut out = vec![1.0f32; s.p];
+    be.weighted_row_sum(&rows, &factors, s.b, &mut out, true)
+        .unwrap();
+    for j in 0..s.p {
+        let want = 1.0 + 0.5 * f64::from(bg[j]) + 2.0 * f64::from(bg[2 * s.p + j]);
+        assert_eq!(out[j], want as f32, "weighted sum {j}");
+    }
+    // Shapes that disagree are errors.
+    let e = be.add_row_sq_norms(&bg, 2, &mut norms);
+    assert!(matches!(e, Err(Error::Shape(_))), "{e:?}");
+    let e = be.weighted_row_sum(&rows, &factors[..2].to_vec(), s.b, &mut out, false);
+    assert!(matches!(e, Err(Error::Shape(_))), "{e:?}");
+    let e = be.per_example_bias_grads(&g[1..].to_vec(), s);
+    assert!(matches!(e, Err(Error::Shape(_))), "{e:?}");
+}
+
+/// Bias gradients and weighted sums (with and without zero factors) as f32 outputs,
+/// and the squared norms and bounds in f64.
+fn op_rows<B: DpBackend>(be: &B, g: &[f32], s: LinearShape) -> (Vec<Vec<f32>>, Vec<f64>) {
+    let gb = up(be, g);
+    let bg = be.per_example_bias_grads(&gb, s).unwrap();
+    let mut norms = be.norms_zeros(s.b, s.b).unwrap();
+    be.add_row_sq_norms(&bg, s.b, &mut norms).unwrap();
+    let totals = be.norms_download(&norms).unwrap();
+    let mut outs = vec![down(be, &bg)];
+    for factors in [
+        vec![0.25f32; s.b],
+        (0..s.b).map(|i| (i % 3) as f32).collect(),
+    ] {
+        let f = up(be, &factors);
+        let mut out = up(be, &vec![1.0; s.p]);
+        be.weighted_row_sum(&bg, &f, s.b, &mut out, true).unwrap();
+        outs.push(down(be, &out));
+    }
+    (outs, [totals.sq, totals.bound].concat())
+}
+
+fn rows_match_the_cpu<B: DpBackend>(be: &B) {
+    let mut r = rng(22);
+    for (b, t, p) in [(1, 1, 1), (5, 7, 33), (17, 3, 1000)] {
+        let s = LinearShape { b, t, d: 1, p };
+        let g = uniform(&mut r, b * t * p);
+        let (got, got_norms) = op_rows(be, &g, s);
+        let (want, want_norms) = op_rows(&Cpu, &g, s);
+        assert_eq!(got[0], want[0], "sum over tokens {b}x{t}x{p}");
+        assert_close(
+            &format!("weighted row sums {b}x{t}x{p}"),
+            &got[1..],
+            &want[1..],
+            1e-5,
+        );
+        for (x, y) in got_norms.iter().zip(&want_norms) {
+            assert!(
+                (x - y).abs() <= 1e-12 * y.abs(),
+                "norms {b}x{t}x{p}: {x} vs {y}"
+            );
+        }
+    }
+}
+
+test_device!(rows_match_the_cpu);
