@@ -10,13 +10,15 @@
 // the CPU reference does. The norm decides the clip factor, so an underestimate
 // releases more than C: with f32 accumulation an example whose token rows nearly
 // cancel (‖X^T G‖ much smaller than the Gram entries) loses the norm to rounding.
+#include "abi.h"
 #include "common.cuh"
 
 namespace {
 
-constexpr int TILE = 32;    // output tile edge
-constexpr int KT = 32;      // inner-dimension chunk
-constexpr int THREADS = 256;  // 16 x 16 threads, 2 x 2 outputs each
+constexpr int TILE = dp::CLIP_TILE;        // output tile edge
+constexpr int KT = 32;                     // inner-dimension chunk
+constexpr int THREADS = dp::CLIP_THREADS;  // 16 x 16 threads, 2 x 2 outputs each
+static_assert(THREADS == 256 && TILE == 32, "the thread map covers a 32 x 32 tile");
 
 // An operand as a function of (row r, inner index k): M[r * rs + k * ks].
 // Row operands (k contiguous) are tokens x features; column operands (r contiguous)
@@ -35,7 +37,7 @@ __device__ __forceinline__ void load_tile(float (*s)[KT + 1], const Operand& a, 
     int r = r_fast ? idx % TILE : idx / KT;
     int k = r_fast ? idx / TILE : idx % KT;
     int gr = r0 + r, gk = k0 + k;
-    s[r][k] = (gr < a.rows && gk < a.inner) ? a.m[gr * a.rs + gk * a.ks] : 0.f;
+    s[r][k] = (gr < a.rows && gk < a.inner) ? __ldg(&a.m[gr * a.rs + gk * a.ks]) : 0.f;
   }
 }
 
@@ -85,8 +87,11 @@ __device__ __forceinline__ void tri_index(int lin, int* ti, int* tj) {
 // grid = (tiles*(tiles+1)/2 lower-triangle tile pairs, B), block = 256.
 // The Gram matrices are symmetric, so an off-diagonal tile pair counts twice.
 extern "C" __global__ void __launch_bounds__(THREADS)
-    ghost_sq_norm_f32(const float* __restrict__ x, const float* __restrict__ g, int T, int d,
-                      int p, double* __restrict__ out) {
+    ghost_sq_norm_f32(const dp::SqNormArgs<float> a) {
+  const float* __restrict__ x = a.x;
+  const float* __restrict__ g = a.g;
+  double* __restrict__ out = a.out;
+  const int T = a.t, d = a.d, p = a.p;
   const int b = blockIdx.y;
   int ti, tj;
   tri_index(blockIdx.x, &ti, &tj);
@@ -108,8 +113,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // Instantiated norm: out[b] += ||X_b^T G_b||_F^2.
 // grid = (ceil(d/32) * ceil(p/32), B), block = 256.
 extern "C" __global__ void __launch_bounds__(THREADS)
-    inst_sq_norm_f32(const float* __restrict__ x, const float* __restrict__ g, int T, int d,
-                     int p, double* __restrict__ out) {
+    inst_sq_norm_f32(const dp::SqNormArgs<float> args) {
+  const float* __restrict__ x = args.x;
+  const float* __restrict__ g = args.g;
+  double* __restrict__ out = args.out;
+  const int T = args.t, d = args.d, p = args.p;
   const int b = blockIdx.y;
   const int tiles_p = (p + TILE - 1) / TILE;
   const int r0 = (blockIdx.x / tiles_p) * TILE, c0 = (blockIdx.x % tiles_p) * TILE;
@@ -127,12 +135,15 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
 // Bias norm: out[b] += ||sum_t G_b,t||^2. grid = (ceil(p/256), B), block = 256.
 extern "C" __global__ void __launch_bounds__(THREADS)
-    bias_sq_norm_f32(const float* __restrict__ g, int T, int p, double* __restrict__ out) {
+    bias_sq_norm_f32(const dp::BiasSqNormArgs<float> a) {
+  const float* __restrict__ g = a.g;
+  double* __restrict__ out = a.out;
+  const int T = a.t, p = a.p;
   const int b = blockIdx.y, c = blockIdx.x * THREADS + threadIdx.x;
   double s = 0.0;
   if (c < p) {
     const float* gb = g + (long long)b * T * p + c;
-    for (int t = 0; t < T; ++t) s += (double)gb[(long long)t * p];
+    for (int t = 0; t < T; ++t) s += (double)__ldg(&gb[(long long)t * p]);
   }
   add_block_total(s * s, out + b);
 }
@@ -143,16 +154,26 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // b's own terms can add to them through rounding, so the clip norm pays for it.
 // grid = (ceil(T / 8), B), block = 256: one warp per token.
 extern "C" __global__ void __launch_bounds__(THREADS)
-    rounding_bound_f32(const float* __restrict__ x, const float* __restrict__ g, int T, int d,
-                       int p, double gamma, int has_bias, double* __restrict__ out) {
+    rounding_bound_f32(const dp::RoundingBoundArgs<float> a) {
+  const float* __restrict__ x = a.x;
+  const float* __restrict__ g = a.g;
+  double* __restrict__ out = a.out;
+  const int T = a.t, d = a.d, p = a.p, has_bias = a.has_bias;
+  const double gamma = a.gamma;
   const int b = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int t = blockIdx.x * (THREADS / 32) + warp;
   if (t >= T) return;  // whole warps only: no block-wide sync below
   const float* xt = x + ((long long)b * T + t) * d;
   const float* gt = g + ((long long)b * T + t) * p;
   double sx = 0.0, sg = 0.0;
-  for (int k = lane; k < d; k += 32) sx += (double)xt[k] * xt[k];
-  for (int k = lane; k < p; k += 32) sg += (double)gt[k] * gt[k];
+  for (int k = lane; k < d; k += 32) {
+    const double v = __ldg(&xt[k]);
+    sx += v * v;
+  }
+  for (int k = lane; k < p; k += 32) {
+    const double v = __ldg(&gt[k]);
+    sg += v * v;
+  }
   sx = dp::warp_sum(sx);
   sg = dp::warp_sum(sg);
   if (lane == 0) {
@@ -168,10 +189,13 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // is 0 (also a finite norm so large that C / norm underflows), so the host knows
 // whether the sums must mask. A slightly negative squared norm counts as 0, as on
 // the CPU.
-extern "C" __global__ void clip_factors_f32(const double* __restrict__ sq,
-                                            const double* __restrict__ bound, int B, float C,
-                                            float* __restrict__ c,
-                                            unsigned long long* __restrict__ counts) {
+extern "C" __global__ void clip_factors_f32(const dp::ClipFactorsArgs a) {
+  const double* __restrict__ sq = a.sq;
+  const double* __restrict__ bound = a.bound;
+  float* __restrict__ c = a.c;
+  unsigned long long* __restrict__ counts = a.counts;
+  const int B = a.b;
+  const float C = a.clip_norm;
   int b = blockIdx.x * blockDim.x + threadIdx.x;
   if (b >= B) return;
   double s = sq[b], e = bound[b];
@@ -189,9 +213,11 @@ extern "C" __global__ void clip_factors_f32(const double* __restrict__ sq,
 // y[b, t, :] = c[b] * x[b, t, :] for a B x T x n tensor: the diag(c) of the
 // book-keeping GEMM, applied to the narrower of X and G. A factor-0 example is
 // absent: its rows become 0 even when they hold NaN or Inf (0 * NaN = NaN).
-extern "C" __global__ void scale_examples_f32(const float* __restrict__ x,
-                                              const float* __restrict__ c, long long per_example,
-                                              long long total, float* __restrict__ y) {
+extern "C" __global__ void scale_examples_f32(const dp::ExamplesArgs<float> a) {
+  const float* __restrict__ x = a.x;
+  const float* __restrict__ c = a.c;
+  float* __restrict__ y = a.y;
+  const long long per_example = a.per_example, total = a.total;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
        i += (long long)gridDim.x * blockDim.x) {
     float f = c[i / per_example];
@@ -201,18 +227,22 @@ extern "C" __global__ void scale_examples_f32(const float* __restrict__ x,
 
 // y[i] = c[i / per_example] == 0 ? 0 : x[i]: the other GEMM operand with absent
 // examples zeroed. Only launched when some factor is 0.
-extern "C" __global__ void mask_examples_f32(const float* __restrict__ x,
-                                             const float* __restrict__ c, long long per_example,
-                                             long long total, float* __restrict__ y) {
+extern "C" __global__ void mask_examples_f32(const dp::ExamplesArgs<float> a) {
+  const float* __restrict__ x = a.x;
+  const float* __restrict__ c = a.c;
+  float* __restrict__ y = a.y;
+  const long long per_example = a.per_example, total = a.total;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
        i += (long long)gridDim.x * blockDim.x)
     y[i] = c[i / per_example] == 0.f ? 0.f : x[i];
 }
 
 // out[c] (+)= sum_{b: c_b != 0} c_b sum_t G_b,t,c. grid = ceil(p/256), block = 256.
-extern "C" __global__ void clipped_bias_sum_f32(const float* __restrict__ g,
-                                                const float* __restrict__ c, int B, int T, int p,
-                                                int accumulate, float* __restrict__ out) {
+extern "C" __global__ void clipped_bias_sum_f32(const dp::ClippedBiasSumArgs<float> a) {
+  const float* __restrict__ g = a.g;
+  const float* __restrict__ c = a.c;
+  float* __restrict__ out = a.out;
+  const int B = a.b, T = a.t, p = a.p, accumulate = a.accumulate;
   int col = blockIdx.x * blockDim.x + threadIdx.x;
   if (col >= p) return;
   double s = 0.0;

@@ -4,9 +4,12 @@
 
 // y[j] = (float)((accumulate ? y[j] : 0) + a * noise(offset + j)) for j < n, the sum
 // and product in f64 (plain, no FMA). One thread per group of eight normals.
-extern "C" __global__ void noise_axpy_f32(dp::StreamArgs s, unsigned long long offset,
-                                          unsigned long long n, double a, int accumulate,
-                                          float* __restrict__ y) {
+extern "C" __global__ void noise_axpy_f32(const dp::NoiseAxpyArgs<float> args) {
+  const dp::StreamArgs& s = args.s;
+  const unsigned long long offset = args.offset, n = args.n;
+  const double a = args.a;
+  const int accumulate = args.accumulate;
+  float* __restrict__ y = args.y;
   const unsigned long long first = offset >> 3, last = (offset + n + 7) >> 3;
   for (unsigned long long q = first + blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
        q < last; q += (unsigned long long)gridDim.x * blockDim.x) {
@@ -24,14 +27,11 @@ extern "C" __global__ void noise_axpy_f32(dp::StreamArgs s, unsigned long long o
 
 // Test kernel: the raw ChaCha20 block function, out[16 * b ..] = block(key,
 // counter[b], nonce[b]) for b < nblocks. Lets the GPU tests check RFC 8439 directly.
-extern "C" __global__ void chacha20_blocks_test(dp::StreamArgs s,
-                                                const unsigned long long* __restrict__ counter,
-                                                const unsigned long long* __restrict__ nonce,
-                                                int nblocks, unsigned int* __restrict__ out) {
+extern "C" __global__ void chacha20_blocks_test(const dp::ChachaBlocksArgs a) {
   const int b = blockIdx.x * blockDim.x + threadIdx.x;
-  if (b >= nblocks) return;
+  if (b >= a.nblocks) return;
   unsigned int w[16];
-  dp::chacha20_block(s.key, counter[b], nonce[b], w);
+  dp::chacha20_block(a.key, __ldg(&a.counter[b]), __ldg(&a.nonce[b]), w);
 #pragma unroll
-  for (int i = 0; i < 16; ++i) out[16 * b + i] = w[i];
+  for (int i = 0; i < 16; ++i) a.out[16 * b + i] = w[i];
 }

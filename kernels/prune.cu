@@ -13,63 +13,23 @@
 // The whole step is device-side: every kernel reads its parameters from the
 // SelectState, so the host issues hist/pick x3, tie count/scan, apply, and reads
 // one small struct at the end.
-#include <stddef.h>
-
+#include "abi.h"
 #include "common.cuh"
 #include "gaussian.cuh"
 
 namespace {
-constexpr int BINS = 2048;
-constexpr int THREADS = 256;
-constexpr long long CHUNK = 8192;  // elements per apply block (a multiple of 8 and 1024)
-constexpr int GROUP = 8;           // normals per generator call (one ChaCha20 block)
+constexpr int BINS = dp::PRUNE_BINS;
+constexpr int THREADS = dp::PRUNE_THREADS;
+constexpr long long CHUNK = dp::PRUNE_CHUNK;  // elements per apply block
+constexpr int GROUP = dp::NOISE_GROUP;        // normals per generator call (one ChaCha20 block)
 static_assert(CHUNK % GROUP == 0 && CHUNK % 1024 == 0, "CHUNK");
+static_assert(dp::PRUNE_PICK_THREADS == 32, "prune_pick is one warp");
 }  // namespace
 
-// One tensor of the selection set. Mirrors `Segment` in src/gpu/prune.rs.
-struct Segment {
-  const float* grad;  // clipped sum
-  float* param;
-  float* m;  // momentum (SGD) or first moment (AdamW); null for plain SGD
-  float* v;  // second moment (AdamW only)
-  unsigned long long len;
-  unsigned long long chunk_base;  // index of this tensor's first CHUNK in the set
-  unsigned int tensor_id;
-  unsigned int pad;
-};
-
-// Mirrors `NoiseArgs` in src/gpu/prune.rs (48 bytes, std at offset 40).
-struct NoiseArgs {
-  unsigned int key[8];  // the gradient-noise domain key
-  unsigned int rng;     // dp::RNG_CHACHA20 or dp::RNG_PHILOX
-  unsigned int step;
-  double std;           // sigma * C
-};
-static_assert(sizeof(NoiseArgs) == 48 && offsetof(NoiseArgs, std) == 40, "NoiseArgs layout");
-
-// Mirrors `OptArgs`: kind 0 = SGD (momentum may be 0), 1 = AdamW.
-struct OptArgs {
-  int kind;
-  float lr, inv_batch, weight_decay;
-  float momentum;
-  float beta1, beta2, eps;
-  float bias_corr1, bias_corr2;  // 1 - beta^t
-};
-
-// Mirrors `SelectState`. Reset by the host before every call.
-struct SelectState {
-  unsigned long long hist[BINS];  // 64-bit: a global set may exceed 2^32 coordinates
-  unsigned int prefix;       // key bits fixed so far
-  unsigned int prefix_mask;  // which bits those are
-  unsigned long long k;      // coordinates to keep
-  unsigned long long rank;   // 1-based rank still sought within the current bucket
-  unsigned long long count_eq;
-  unsigned long long ties_to_keep;
-  unsigned long long nonfinite;
-  unsigned long long kept;
-  int keep_all;  // k == n: skip selection
-  int pad;
-};
+using dp::NoiseArgs;
+using dp::OptArgs;
+using dp::SelectState;
+using Segment = dp::Segment<float>;
 
 __device__ __forceinline__ unsigned int mag_key(float x) { return __float_as_uint(x) & 0x7fffffffu; }
 
@@ -94,9 +54,11 @@ __device__ __forceinline__ void noisy8(const Segment& s, const NoiseArgs& na, un
 
 // Histogram pass `pass` (0, 1, 2) over keys matching the prefix fixed so far.
 // Pass 0 also counts non-finite values. Grid-stride over every segment.
-extern "C" __global__ void __launch_bounds__(THREADS)
-    prune_hist(const Segment* __restrict__ segs, int nsegs, NoiseArgs na, SelectState* st,
-               int pass) {
+extern "C" __global__ void __launch_bounds__(THREADS) prune_hist(const dp::PruneArgs<float> a) {
+  const Segment* __restrict__ segs = a.segs;
+  const int nsegs = a.nsegs, pass = a.pass;
+  const NoiseArgs& na = a.noise;
+  SelectState* st = a.st;
   __shared__ unsigned int h[BINS];
   const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
   const unsigned int width_mask = pass == 2 ? 0x3ffu : 0x7ffu;
@@ -131,7 +93,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // Picks the bucket holding the rank-th largest key, fixes its bits and clears the
 // histogram for the next pass. One warp: each lane scans a contiguous slice of
 // bins from the top, then the lanes combine their counts.
-extern "C" __global__ void prune_pick(SelectState* st, int pass) {
+extern "C" __global__ void prune_pick(const dp::PruneArgs<float> a) {
+  SelectState* st = a.st;
+  const int pass = a.pass;
   if (st->keep_all || st->k == 0) return;
   const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
   const int nb = pass == 2 ? 1024 : 2048;
@@ -190,8 +154,12 @@ __device__ __forceinline__ void chunk_of(const Segment* segs, int nsegs, unsigne
 
 // Number of threshold ties in each chunk, only when ties must be broken.
 extern "C" __global__ void __launch_bounds__(THREADS)
-    prune_tie_count(const Segment* __restrict__ segs, int nsegs, NoiseArgs na,
-                    const SelectState* st, unsigned int* __restrict__ chunk_ties) {
+    prune_tie_count(const dp::PruneArgs<float> a) {
+  const Segment* __restrict__ segs = a.segs;
+  const int nsegs = a.nsegs;
+  const NoiseArgs& na = a.noise;
+  const SelectState* st = a.st;
+  unsigned int* __restrict__ chunk_ties = a.chunk_ties;
   if (!need_tie_break(st)) return;
   __shared__ unsigned int scratch[32];
   int si;
@@ -213,10 +181,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
 // Exclusive scan of chunk_ties into chunk_offset (one block; sequential over
 // 1024-chunk tiles, so it scales to ~1e6 chunks = 8e9 coordinates).
-extern "C" __global__ void prune_tie_scan(const SelectState* st,
-                                          const unsigned int* __restrict__ chunk_ties,
-                                          unsigned long long nchunks,
-                                          unsigned long long* __restrict__ chunk_offset) {
+extern "C" __global__ void prune_tie_scan(const dp::PruneArgs<float> a) {
+  const SelectState* st = a.st;
+  const unsigned int* __restrict__ chunk_ties = a.chunk_ties;
+  const unsigned long long nchunks = a.nchunks;
+  unsigned long long* __restrict__ chunk_offset = a.chunk_offset;
   if (!need_tie_break(st)) return;
   __shared__ unsigned long long warp_tot[32];
   __shared__ unsigned long long carry;
@@ -225,7 +194,7 @@ extern "C" __global__ void prune_tie_scan(const SelectState* st,
   for (unsigned long long base = 0; base < nchunks; base += blockDim.x) {
     __syncthreads();
     unsigned long long i = base + threadIdx.x;
-    unsigned long long v = i < nchunks ? chunk_ties[i] : 0, x = v;
+    unsigned long long v = i < nchunks ? __ldg(&chunk_ties[i]) : 0, x = v;
     for (int o = 1; o < 32; o <<= 1) {
       unsigned long long t = __shfl_up_sync(0xffffffffu, x, o);
       if (lane >= o) x += t;
@@ -266,9 +235,13 @@ __device__ __forceinline__ void update_one(const OptArgs& o, float noisy, float*
 // The masked update. One block per CHUNK; when ties must be broken, each block
 // walks its chunk in order so a tie's rank is chunk offset + block-local prefix.
 // Refuses to touch anything when a non-finite value was seen in pass 0.
-extern "C" __global__ void __launch_bounds__(THREADS)
-    prune_apply(const Segment* __restrict__ segs, int nsegs, NoiseArgs na, OptArgs o,
-                SelectState* st, const unsigned long long* __restrict__ chunk_offset) {
+extern "C" __global__ void __launch_bounds__(THREADS) prune_apply(const dp::PruneArgs<float> a) {
+  const Segment* __restrict__ segs = a.segs;
+  const int nsegs = a.nsegs;
+  const NoiseArgs& na = a.noise;
+  const OptArgs& o = a.opt;
+  SelectState* st = a.st;
+  const unsigned long long* __restrict__ chunk_offset = a.chunk_offset;
   if (st->nonfinite || st->k == 0) return;
   __shared__ unsigned int scan[THREADS];
   __shared__ unsigned int scratch[32];
@@ -279,7 +252,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const bool all = st->keep_all;
   const bool ties = need_tie_break(st);
   const unsigned int thr = st->prefix;
-  unsigned long long tie_base = ties ? chunk_offset[blockIdx.x] : 0;
+  unsigned long long tie_base = ties ? __ldg(&chunk_offset[blockIdx.x]) : 0;
   const unsigned long long tie_quota = st->ties_to_keep;
   unsigned int kept = 0;
   // Every thread runs the same number of iterations so the scan's barriers match.

@@ -22,6 +22,7 @@ use crate::{Error, Result};
 /// The cudarc version these APIs are built on, for callers that bring their own buffers.
 pub use cudarc;
 
+pub mod abi;
 pub mod blas;
 pub mod clip;
 pub mod noise;

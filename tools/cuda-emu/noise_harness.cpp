@@ -77,8 +77,13 @@ static void t_chacha() {
   for (const Case& c : cases) {
     unsigned long long ctr = c.ctr, nonce = c.nonce;
     std::vector<unsigned> out(16, 0);
-    launch(chacha20_blocks_test, 1, 32, stream(0, c.key, 0, 0), (const unsigned long long*)&ctr,
-           (const unsigned long long*)&nonce, 1, out.data());
+    dp::ChachaBlocksArgs a{};
+    memcpy(a.key, c.key, 32);
+    a.counter = &ctr;
+    a.nonce = &nonce;
+    a.out = out.data();
+    a.nblocks = 1;
+    launch(chacha20_blocks_test, 1, 32, a);
     unsigned char bytes[64];
     for (int i = 0; i < 16; ++i)
       for (int j = 0; j < 4; ++j) bytes[4 * i + j] = (unsigned char)(out[i] >> (8 * j));
@@ -199,7 +204,9 @@ static void t_axpy() {
         dp::normal8(s, e / 8, z);
         want[j] = dp::add_scaled(c.acc ? y[j] : 0.0f, c.a, z[e % 8]);
       }
-      launch(noise_axpy_f32, c.grid, 64, s, c.offset, c.n, c.a, c.acc, y.data());
+      launch(noise_axpy_f32, c.grid, 64,
+             dp::NoiseAxpyArgs<float>{.s = s, .offset = c.offset, .n = c.n, .a = c.a, .y = y.data(),
+                                      .accumulate = c.acc});
       bool ok = memcmp(y.data(), want.data(), 4 * c.n) == 0;
       char what[128];
       snprintf(what, sizeof what, "noise_axpy_f32 %s offset=%llu n=%llu acc=%d grid=%u bit for bit",

@@ -22,7 +22,7 @@ flags=(-std=c++20 -O1 -pthread -Wno-unknown-pragmas)
 if [ "${1:-}" = noise ]; then
   # No __shared__ in noise.cu: compiled as is. No FMA contraction, as on the GPU
   # (the kernels use __dadd_rn / __dmul_rn).
-  cp "$root"/kernels/{noise.cu,gaussian.cuh,chacha.cuh,philox.cuh} "$here/noise_harness.cpp" "$build/"
+  cp "$root"/kernels/{noise.cu,abi.h,gaussian.cuh,chacha.cuh,philox.cuh} "$here/noise_harness.cpp" "$build/"
   g++ "${flags[@]}" -ffp-contract=off -o "$build/emu_noise" "$build/noise_harness.cpp"
   exec "$build/emu_noise"
 fi

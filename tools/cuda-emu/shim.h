@@ -27,6 +27,9 @@ struct dim3 {
 thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+// A read-only load (the non-coherent cache on the GPU).
+template <class T>
+inline T __ldg(const T* p) { return *p; }
 
 // ---------------------------------------------------------------- reports
 static std::mutex g_rep_m;
