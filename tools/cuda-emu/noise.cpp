@@ -8,23 +8,13 @@
 //      4e-15 * max(r, 1)) over many groups;
 //   4. noise_axpy_f32 (grid-stride, offsets, accumulate) against (float)(y + a*z)
 //      computed from dp::normal8 on the host, bit for bit.
-// Intrinsics are plain IEEE operations here; build with -ffp-contract=off.
+// Intrinsics are plain IEEE operations (shim.h); build with -ffp-contract=off.
 #include "shim.h"
 
 #include <cstdint>
 #include <cstring>
 
-inline double __dadd_rn(double a, double b) { return a + b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
-inline double __ull2double_rn(unsigned long long x) { return (double)x; }  // round to nearest
-inline double __ll2double_rn(long long x) { return (double)x; }  // round to nearest
-inline double __ddiv_rn(double a, double b) { return a / b; }
-inline double __dsqrt_rn(double a) { return std::sqrt(a); }
-inline long long __double_as_longlong(double x) { long long r; memcpy(&r, &x, 8); return r; }
-inline double __longlong_as_double(long long x) { double r; memcpy(&r, &x, 8); return r; }
-inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
-
-#include "noise.cu"
+#include "noise_emu.cu"
 
 // Generated from tests/noise.rs GOLDEN (RFC 8439 key, tensor 3, step 11).
 struct Golden { unsigned rng; unsigned long long group; unsigned long long bits[8]; };
