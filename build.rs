@@ -3,6 +3,10 @@
 //! The fatbins hold sm_80 and sm_90 cubins plus compute_90 PTX (override with
 //! `DUALPRIV_CUDA_ARCHS`, e.g. `80,90`), and are embedded with `include_bytes!`
 //! through `$OUT_DIR/kernels.rs`. Without the feature nothing CUDA is touched.
+//!
+//! `kernels/abi.h` (the DP kernels' launch ABI) becomes `$OUT_DIR/abi.rs`: its
+//! constants, and the C layout of each of its structs, which `src/gpu/abi.rs` checks
+//! its `#[repr(C)]` mirrors against; nvcc compiles the same layouts as `static_assert`s.
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};

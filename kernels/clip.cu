@@ -1,5 +1,6 @@
 // Per-example gradient norms of linear layers and the book-keeping clipped sum.
-// CPU twin: src/dp/clip.rs. X is B x T x d, G is B x T x p, both row-major f32.
+// CPU twin: src/dp/clip.rs. X is B x T x d, G is B x T x p, both row-major, of the
+// element type E (float in the _f32 kernels).
 //
 // Both norm forms are "tile GEMM, then reduce the tile": the 32x32 tile of the
 // product lives in registers (2x2 per thread), so neither the B x T x T Gram

@@ -126,7 +126,7 @@ static void one(const Case& c, int fill) {
   std::vector<float> attn((size_t)c.b * c.h * c.n), keys((size_t)c.b * c.n * c.h * c.hd),
       hidden((size_t)c.b * c.n * c.d);
   for (auto& x : attn) x = fill == 1 ? (float)(R.next() % 3) * 0.25f : R.uni(0, 1);  // fill 1: ties
-  if (fill == 2) attn[1 + c.n / 2] = NAN;  // a NaN score ranks lowest
+  if (fill == 2) attn[1 + (c.n - 1) / 2] = NAN;  // a NaN score (image 0, head 0) ranks lowest
   // fill 1: keys of a few values, so metric rows repeat and similarities tie.
   for (auto& x : keys) x = fill == 1 ? (float)((int)(R.next() % 3) - 1) : R.uni(-1, 1);
   for (auto& x : hidden) x = R.uni(-3, 3);
