@@ -3,6 +3,10 @@
 //! The fatbins hold sm_80 and sm_90 cubins plus compute_90 PTX (override with
 //! `DUALPRIV_CUDA_ARCHS`, e.g. `80,90`), and are embedded with `include_bytes!`
 //! through `$OUT_DIR/kernels.rs`. Without the feature nothing CUDA is touched.
+//!
+//! `kernels/abi.h` (the DP kernels' launch ABI) becomes `$OUT_DIR/abi.rs`: its
+//! constants, and the C layout of each of its structs, which `src/gpu/abi.rs` checks
+//! its `#[repr(C)]` mirrors against; nvcc compiles the same layouts as `static_assert`s.
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -52,6 +56,21 @@ fn main() {
     table.push_str("];\n");
     table.push_str(&handles);
     fs::write(out.join("kernels.rs"), table).expect("write kernels.rs");
+
+    // The launch ABI: Rust constants and layout tables from kernels/abi.h, and the same
+    // layouts as static_asserts that nvcc must accept (so a wrong table cannot pass).
+    let abi_path = Path::new("kernels/abi.h");
+    let abi_text = fs::read_to_string(abi_path).expect("reading kernels/abi.h");
+    let abi = abi_h::parse(&abi_text);
+    fs::write(out.join("abi.rs"), abi_h::rust(&abi)).expect("write abi.rs");
+    let check = out.join("abi_layout_check.cu");
+    fs::write(&check, abi_h::static_asserts(&abi)).expect("write abi_layout_check.cu");
+    compile(
+        &nvcc,
+        &check,
+        &out.join("abi_layout_check.fatbin"),
+        &archs[..1],
+    );
 }
 
 /// One module per `.cu` file with a [`Kernel`] constant per `extern "C" __global__`
@@ -219,5 +238,340 @@ fn report_spills(src: &Path, log: &str) {
                 );
             }
         }
+    }
+}
+
+/// A reader for `kernels/abi.h`, which keeps to the subset its header describes:
+/// `constexpr` scalars and plain (optionally `template <typename E>`) structs. The C
+/// layout rules used here (each field at the next multiple of its alignment, the size
+/// rounded up to the largest alignment) hold for these types on every CUDA host and
+/// device; nvcc re-checks every number through [`static_asserts`].
+mod abi_h {
+    use std::collections::HashMap;
+
+    /// A `constexpr` constant.
+    pub struct Const {
+        pub name: String,
+        pub rust_ty: &'static str,
+        pub value: String,
+        pub doc: Vec<String>,
+    }
+
+    /// A field: name, offset, size.
+    pub struct Field {
+        pub name: String,
+        pub offset: usize,
+        pub size: usize,
+    }
+
+    /// A struct with its computed C layout.
+    pub struct Struct {
+        pub name: String,
+        pub templated: bool,
+        pub size: usize,
+        pub align: usize,
+        pub fields: Vec<Field>,
+        pub doc: Vec<String>,
+    }
+
+    pub struct Abi {
+        pub consts: Vec<Const>,
+        pub structs: Vec<Struct>,
+    }
+
+    /// (size, alignment, Rust type) of a C scalar spelling.
+    fn scalar(ty: &str) -> Option<(usize, usize, &'static str)> {
+        Some(match ty {
+            "int" | "int32_t" => (4, 4, "i32"),
+            "unsigned" | "unsigned int" | "uint32_t" => (4, 4, "u32"),
+            "long long" | "int64_t" => (8, 8, "i64"),
+            "unsigned long long" | "uint64_t" => (8, 8, "u64"),
+            "float" => (4, 4, "f32"),
+            "double" => (8, 8, "f64"),
+            _ => return None,
+        })
+    }
+
+    /// A C literal as a Rust literal of type `rust_ty`: integer suffixes and a float's
+    /// `f` dropped; anything else is refused.
+    fn literal(v: &str, rust_ty: &str, line: &str) -> String {
+        let float = rust_ty.starts_with('f');
+        let body = if float {
+            v.strip_suffix(['f', 'F']).unwrap_or(v)
+        } else {
+            v.trim_end_matches(['u', 'U', 'l', 'L'])
+        };
+        let ok = if float {
+            body.parse::<f64>().is_ok()
+        } else if let Some(h) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
+            u64::from_str_radix(h, 16).is_ok()
+        } else {
+            body.parse::<u64>().is_ok()
+        };
+        assert!(ok, "kernels/abi.h: not a plain literal in `{line}`");
+        body.to_string()
+    }
+
+    /// Comment text of a line that is only a `//` comment.
+    fn comment(line: &str) -> Option<&str> {
+        line.trim().strip_prefix("//").map(str::trim)
+    }
+
+    pub fn parse(text: &str) -> Abi {
+        let mut consts = Vec::new();
+        let mut structs: Vec<Struct> = Vec::new();
+        let mut values: HashMap<String, u64> = HashMap::new();
+        let mut doc: Vec<String> = Vec::new();
+        let mut template = false;
+        let mut lines = text.lines();
+        while let Some(raw) = lines.next() {
+            if let Some(c) = comment(raw) {
+                doc.push(c.to_string());
+                continue;
+            }
+            let line = raw.split("//").next().unwrap_or("").trim();
+            if line.is_empty() {
+                doc.clear();
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("constexpr ") {
+                let (lhs, rhs) = rest
+                    .trim_end_matches(';')
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("kernels/abi.h: `{line}` has no `=`"));
+                let lhs = lhs.trim();
+                let (ty, name) = lhs.rsplit_once(' ').expect("constexpr TYPE NAME");
+                let (_, _, rust_ty) = scalar(ty.trim())
+                    .unwrap_or_else(|| panic!("kernels/abi.h: unsupported type in `{line}`"));
+                let value = literal(rhs.trim(), rust_ty, line);
+                assert!(
+                    !doc.is_empty(),
+                    "kernels/abi.h: `{name}` needs a comment above it"
+                );
+                if !rust_ty.starts_with('f') {
+                    let v = match value
+                        .strip_prefix("0x")
+                        .or_else(|| value.strip_prefix("0X"))
+                    {
+                        Some(h) => u64::from_str_radix(h, 16).unwrap(),
+                        None => value.parse().unwrap(),
+                    };
+                    values.insert(name.to_string(), v);
+                }
+                consts.push(Const {
+                    name: name.to_string(),
+                    rust_ty,
+                    value,
+                    doc: std::mem::take(&mut doc),
+                });
+                continue;
+            }
+            if line == "template <typename E>" {
+                template = true;
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("struct ") {
+                let name = rest.trim_end_matches('{').trim().to_string();
+                assert!(
+                    rest.ends_with('{') && !name.contains(' '),
+                    "kernels/abi.h: expected `struct Name {{`, got `{line}`"
+                );
+                let mut s = Struct {
+                    name,
+                    templated: std::mem::take(&mut template),
+                    size: 0,
+                    align: 1,
+                    fields: Vec::new(),
+                    doc: std::mem::take(&mut doc),
+                };
+                assert!(
+                    !s.doc.is_empty(),
+                    "kernels/abi.h: struct {} needs a comment",
+                    s.name
+                );
+                let mut off = 0usize;
+                loop {
+                    let raw = lines
+                        .next()
+                        .unwrap_or_else(|| panic!("kernels/abi.h: struct {} never ends", s.name));
+                    if comment(raw).is_some() {
+                        continue;
+                    }
+                    let l = raw.split("//").next().unwrap_or("").trim();
+                    if l.is_empty() {
+                        continue;
+                    }
+                    if l == "};" {
+                        break;
+                    }
+                    for (fname, size, align) in fields(l, &structs, &values) {
+                        off = off.next_multiple_of(align);
+                        s.fields.push(Field {
+                            name: fname,
+                            offset: off,
+                            size,
+                        });
+                        off += size;
+                        s.align = s.align.max(align);
+                    }
+                }
+                s.size = off.next_multiple_of(s.align);
+                structs.push(s);
+                continue;
+            }
+            assert!(
+                line.starts_with('#') || line.starts_with("namespace") || line.starts_with('}'),
+                "kernels/abi.h: line outside the supported subset: `{line}`"
+            );
+            doc.clear();
+        }
+        Abi { consts, structs }
+    }
+
+    /// The (name, size, alignment) of each name declared on one field line.
+    fn fields(
+        line: &str,
+        structs: &[Struct],
+        values: &HashMap<String, u64>,
+    ) -> Vec<(String, usize, usize)> {
+        let decl = line
+            .strip_suffix(';')
+            .unwrap_or_else(|| panic!("kernels/abi.h: field line without `;`: `{line}`"));
+        if let Some((_, name)) = decl.rsplit_once('*') {
+            let name = name.trim();
+            assert!(
+                !decl.contains(',') && !name.contains('['),
+                "kernels/abi.h: one plain pointer per line: `{line}`"
+            );
+            return vec![(name.to_string(), 8, 8)];
+        }
+        let (first, more) = decl.split_once(',').unwrap_or((decl, ""));
+        let (ty, name0) = first
+            .trim()
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("kernels/abi.h: `TYPE name` expected: `{line}`"));
+        let ty = ty.trim();
+        let (size, align) = match scalar(ty) {
+            Some((s, a, _)) => (s, a),
+            None => {
+                let base = ty.split('<').next().unwrap_or(ty);
+                let s = structs
+                    .iter()
+                    .find(|s| s.name == base)
+                    .unwrap_or_else(|| panic!("kernels/abi.h: unknown type `{ty}` in `{line}`"));
+                (s.size, s.align)
+            }
+        };
+        let mut out = Vec::new();
+        for n in std::iter::once(name0).chain(more.split(',').filter(|n| !n.trim().is_empty())) {
+            let n = n.trim();
+            let (n, count) = match n.split_once('[') {
+                None => (n, 1),
+                Some((n, len)) => {
+                    let len = len.trim_end_matches(']').trim();
+                    let count = len
+                        .parse::<u64>()
+                        .ok()
+                        .or_else(|| values.get(len).copied())
+                        .unwrap_or_else(|| {
+                            panic!(
+                                "kernels/abi.h: array length `{len}` is not a literal or constant"
+                            )
+                        });
+                    (n, count as usize)
+                }
+            };
+            out.push((n.to_string(), size * count, align));
+        }
+        out
+    }
+
+    /// `NoiseAxpyArgs` -> `NOISE_AXPY_ARGS`.
+    fn screaming(name: &str) -> String {
+        let mut s = String::new();
+        for (i, c) in name.chars().enumerate() {
+            if c.is_ascii_uppercase() && i > 0 {
+                s.push('_');
+            }
+            s.push(c.to_ascii_uppercase());
+        }
+        s
+    }
+
+    /// The comment as rustdoc lines (brackets escaped: they are not intra-doc links).
+    fn rustdoc(doc: &[String], indent: &str) -> String {
+        doc.iter()
+            .map(|l| {
+                format!(
+                    "{indent}/// {}\n",
+                    l.replace('[', "\\[").replace(']', "\\]")
+                )
+            })
+            .collect()
+    }
+
+    pub fn rust(abi: &Abi) -> String {
+        let mut s = String::from("// Generated by build.rs from kernels/abi.h.\n");
+        for c in &abi.consts {
+            s.push_str(&rustdoc(&c.doc, ""));
+            s.push_str(&format!(
+                "pub const {}: {} = {};\n",
+                c.name, c.rust_ty, c.value
+            ));
+        }
+        s.push_str(
+            "/// The C layouts of the structs in `kernels/abi.h` (templated ones at \
+             `E = float`),\n/// which the `#[repr(C)]` mirrors are checked against.\n\
+             pub mod layout {\n    use super::{Field, Layout};\n",
+        );
+        for st in &abi.structs {
+            s.push_str(&rustdoc(&st.doc, "    "));
+            s.push_str(&format!(
+                "    pub const {}: Layout = Layout {{\n        name: {:?},\n        size: {},\n        \
+                 align: {},\n        fields: &[\n",
+                screaming(&st.name),
+                st.name,
+                st.size,
+                st.align
+            ));
+            for f in &st.fields {
+                s.push_str(&format!(
+                    "            Field {{ name: {:?}, offset: {}, size: {} }},\n",
+                    f.name, f.offset, f.size
+                ));
+            }
+            s.push_str("        ],\n    };\n");
+        }
+        s.push_str("}\n");
+        s
+    }
+
+    pub fn static_asserts(abi: &Abi) -> String {
+        let mut s = String::from(
+            "// Generated by build.rs: the layouts it computed from abi.h, checked by nvcc.\n\
+             #include <stddef.h>\n#include \"abi.h\"\n",
+        );
+        for st in &abi.structs {
+            let ty = if st.templated {
+                format!("dp::{}<float>", st.name)
+            } else {
+                format!("dp::{}", st.name)
+            };
+            s.push_str(&format!(
+                "static_assert(sizeof({ty}) == {} && alignof({ty}) == {}, \"{} layout\");\n",
+                st.size, st.align, st.name
+            ));
+            for f in &st.fields {
+                s.push_str(&format!(
+                    "static_assert(offsetof({ty}, {n}) == {} && sizeof((({ty}*)0)->{n}) == {}, \
+                     \"{}::{n}\");\n",
+                    f.offset,
+                    f.size,
+                    st.name,
+                    n = f.name
+                ));
+            }
+        }
+        s
     }
 }

@@ -4,6 +4,18 @@
 
 namespace dp {
 
+// Element conversions: the kernels compute in f32 (and f64) and load and store their
+// element type E. For E = float both are the identity, so the _f32 instantiations are
+// the plain f32 code.
+template <typename E>
+__device__ __forceinline__ float to_float(E x) {
+  return static_cast<float>(x);
+}
+template <typename E>
+__device__ __forceinline__ E from_float(float x) {
+  return static_cast<E>(x);
+}
+
 // Sum over a warp; every lane gets the result.
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {

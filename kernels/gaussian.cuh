@@ -12,25 +12,13 @@
 #pragma once
 #include <stdint.h>
 
+#include "abi.h"  // StreamArgs, RNG_CHACHA20, RNG_PHILOX, NOISE_GROUP
 #include "chacha.cuh"
 #include "philox.cuh"
 
 namespace dp {
 
-// Generator codes of the launch structs (RngKind::code in Rust).
-constexpr uint32_t RNG_CHACHA20 = 0;
-constexpr uint32_t RNG_PHILOX = 1;
-
-// One noise stream: a domain key, its generator, a tensor and a step. Mirrors
-// `StreamArgs` in src/gpu/noise.rs (48 bytes).
-struct StreamArgs {
-  uint32_t key[8];
-  uint32_t rng;  // RNG_CHACHA20 or RNG_PHILOX
-  uint32_t tensor_id;
-  uint32_t step;
-  uint32_t pad;
-};
-static_assert(sizeof(StreamArgs) == 48, "StreamArgs layout");
+static_assert(NOISE_GROUP == 8, "normal8 draws one 16-word block per 8 normals");
 
 // The 16 words of group g.
 // `tail` is 0, or TAIL_BIT for the group's tail block (block_words in src/dp/noise.rs).

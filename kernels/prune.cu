@@ -13,90 +13,58 @@
 // The whole step is device-side: every kernel reads its parameters from the
 // SelectState, so the host issues hist/pick x3, tie count/scan, apply, and reads
 // one small struct at the end.
-#include <stddef.h>
-
+#include "abi.h"
 #include "common.cuh"
 #include "gaussian.cuh"
 
 namespace {
-constexpr int BINS = 2048;
-constexpr int THREADS = 256;
-constexpr long long CHUNK = 8192;  // elements per apply block (a multiple of 8 and 1024)
-constexpr int GROUP = 8;           // normals per generator call (one ChaCha20 block)
+constexpr int BINS = dp::PRUNE_BINS;
+constexpr int THREADS = dp::PRUNE_THREADS;
+constexpr long long CHUNK = dp::PRUNE_CHUNK;  // elements per apply block
+constexpr int GROUP = dp::NOISE_GROUP;        // normals per generator call (one ChaCha20 block)
 static_assert(CHUNK % GROUP == 0 && CHUNK % 1024 == 0, "CHUNK");
+static_assert(dp::PRUNE_PICK_THREADS == 32, "prune_pick is one warp");
 }  // namespace
 
-// One tensor of the selection set. Mirrors `Segment` in src/gpu/prune.rs.
-struct Segment {
-  const float* grad;  // clipped sum
-  float* param;
-  float* m;  // momentum (SGD) or first moment (AdamW); null for plain SGD
-  float* v;  // second moment (AdamW only)
-  unsigned long long len;
-  unsigned long long chunk_base;  // index of this tensor's first CHUNK in the set
-  unsigned int tensor_id;
-  unsigned int pad;
-};
+using dp::NoiseArgs;
+using dp::OptArgs;
+using dp::SelectState;
 
-// Mirrors `NoiseArgs` in src/gpu/prune.rs (48 bytes, std at offset 40).
-struct NoiseArgs {
-  unsigned int key[8];  // the gradient-noise domain key
-  unsigned int rng;     // dp::RNG_CHACHA20 or dp::RNG_PHILOX
-  unsigned int step;
-  double std;           // sigma * C
-};
-static_assert(sizeof(NoiseArgs) == 48 && offsetof(NoiseArgs, std) == 40, "NoiseArgs layout");
-
-// Mirrors `OptArgs`: kind 0 = SGD (momentum may be 0), 1 = AdamW.
-struct OptArgs {
-  int kind;
-  float lr, inv_batch, weight_decay;
-  float momentum;
-  float beta1, beta2, eps;
-  float bias_corr1, bias_corr2;  // 1 - beta^t
-};
-
-// Mirrors `SelectState`. Reset by the host before every call.
-struct SelectState {
-  unsigned long long hist[BINS];  // 64-bit: a global set may exceed 2^32 coordinates
-  unsigned int prefix;       // key bits fixed so far
-  unsigned int prefix_mask;  // which bits those are
-  unsigned long long k;      // coordinates to keep
-  unsigned long long rank;   // 1-based rank still sought within the current bucket
-  unsigned long long count_eq;
-  unsigned long long ties_to_keep;
-  unsigned long long nonfinite;
-  unsigned long long kept;
-  int keep_all;  // k == n: skip selection
-  int pad;
-};
+// The kernel bodies, templated on the element type E of the gradients, parameters and
+// moments (the noisy values and the update arithmetic are f32/f64); the extern "C"
+// entry points below instantiate them.
+namespace body {
 
 __device__ __forceinline__ unsigned int mag_key(float x) { return __float_as_uint(x) & 0x7fffffffu; }
 
 // The eight noisy values of group q (elements 8q..8q+7) of a segment; `n` of them valid.
 // noisy = (float)(std * z + (double)grad), plain f64 product and sum: the CPU's
 // `(f64(S) + noise_std * z) as f32`.
-__device__ __forceinline__ void noisy8(const Segment& s, const NoiseArgs& na, unsigned long long q,
-                                       float out[GROUP], int* n) {
+template <typename E>
+__device__ __forceinline__ void noisy8(const dp::Segment<E>& s, const NoiseArgs& na,
+                                       unsigned long long q, float out[GROUP], int* n) {
   unsigned long long e = q * GROUP;
   *n = (int)min((unsigned long long)GROUP, s.len - e);
   if (na.std == 0.0) {  // no noise: pass the sum through untouched (keeps -0.0, as the CPU does)
 #pragma unroll
-    for (int l = 0; l < GROUP; ++l) out[l] = l < *n ? s.grad[e + l] : 0.f;
+    for (int l = 0; l < GROUP; ++l) out[l] = l < *n ? dp::to_float(s.grad[e + l]) : 0.f;
     return;
   }
   double z[GROUP];
   dp::normal8(na.rng, na.key, s.tensor_id, na.step, q, z);
 #pragma unroll
   for (int l = 0; l < GROUP; ++l)
-    out[l] = l < *n ? (float)__dadd_rn(__dmul_rn(na.std, z[l]), (double)s.grad[e + l]) : 0.f;
+    out[l] = l < *n ? (float)__dadd_rn(__dmul_rn(na.std, z[l]), (double)dp::to_float(s.grad[e + l])) : 0.f;
 }
 
 // Histogram pass `pass` (0, 1, 2) over keys matching the prefix fixed so far.
 // Pass 0 also counts non-finite values. Grid-stride over every segment.
-extern "C" __global__ void __launch_bounds__(THREADS)
-    prune_hist(const Segment* __restrict__ segs, int nsegs, NoiseArgs na, SelectState* st,
-               int pass) {
+template <typename E>
+__device__ __forceinline__ void prune_hist(const dp::PruneArgs<E> a) {
+  const dp::Segment<E>* __restrict__ segs = a.segs;
+  const int nsegs = a.nsegs, pass = a.pass;
+  const NoiseArgs& na = a.noise;
+  SelectState* st = a.st;
   __shared__ unsigned int h[BINS];
   const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
   const unsigned int width_mask = pass == 2 ? 0x3ffu : 0x7ffu;
@@ -107,7 +75,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   __syncthreads();
   unsigned long long bad = 0;
   for (int si = 0; si < nsegs; ++si) {
-    const Segment s = segs[si];
+    const dp::Segment<E> s = segs[si];
     const unsigned long long groups = (s.len + GROUP - 1) / GROUP;
     for (unsigned long long q = blockIdx.x * (unsigned long long)THREADS + threadIdx.x; q < groups;
          q += (unsigned long long)gridDim.x * THREADS) {
@@ -130,8 +98,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
 // Picks the bucket holding the rank-th largest key, fixes its bits and clears the
 // histogram for the next pass. One warp: each lane scans a contiguous slice of
-// bins from the top, then the lanes combine their counts.
-extern "C" __global__ void prune_pick(SelectState* st, int pass) {
+// bins from the top, then the lanes combine their counts. Reads no segment, so one
+// instance serves every E (the PruneArgs layout does not depend on E).
+__device__ __forceinline__ void prune_pick(const dp::PruneArgs<float> a) {
+  SelectState* st = a.st;
+  const int pass = a.pass;
   if (st->keep_all || st->k == 0) return;
   const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
   const int nb = pass == 2 ? 1024 : 2048;
@@ -175,7 +146,8 @@ __device__ __forceinline__ bool need_tie_break(const SelectState* st) {
   return !st->keep_all && st->k > 0 && st->ties_to_keep < st->count_eq;
 }
 
-__device__ __forceinline__ void chunk_of(const Segment* segs, int nsegs, unsigned long long c,
+template <typename E>
+__device__ __forceinline__ void chunk_of(const dp::Segment<E>* segs, int nsegs, unsigned long long c,
                                          int* si, unsigned long long* start,
                                          unsigned long long* end) {
   int lo = 0, hi = nsegs - 1;  // last segment with chunk_base <= c
@@ -189,15 +161,19 @@ __device__ __forceinline__ void chunk_of(const Segment* segs, int nsegs, unsigne
 }
 
 // Number of threshold ties in each chunk, only when ties must be broken.
-extern "C" __global__ void __launch_bounds__(THREADS)
-    prune_tie_count(const Segment* __restrict__ segs, int nsegs, NoiseArgs na,
-                    const SelectState* st, unsigned int* __restrict__ chunk_ties) {
+template <typename E>
+__device__ __forceinline__ void prune_tie_count(const dp::PruneArgs<E> a) {
+  const dp::Segment<E>* __restrict__ segs = a.segs;
+  const int nsegs = a.nsegs;
+  const NoiseArgs& na = a.noise;
+  const SelectState* st = a.st;
+  unsigned int* __restrict__ chunk_ties = a.chunk_ties;
   if (!need_tie_break(st)) return;
   __shared__ unsigned int scratch[32];
   int si;
   unsigned long long start, end;
   chunk_of(segs, nsegs, blockIdx.x, &si, &start, &end);
-  const Segment s = segs[si];
+  const dp::Segment<E> s = segs[si];
   const unsigned int thr = st->prefix;
   unsigned int c = 0;
   for (unsigned long long e = start + threadIdx.x * (unsigned long long)GROUP; e < end;
@@ -212,11 +188,13 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 }
 
 // Exclusive scan of chunk_ties into chunk_offset (one block; sequential over
-// 1024-chunk tiles, so it scales to ~1e6 chunks = 8e9 coordinates).
-extern "C" __global__ void prune_tie_scan(const SelectState* st,
-                                          const unsigned int* __restrict__ chunk_ties,
-                                          unsigned long long nchunks,
-                                          unsigned long long* __restrict__ chunk_offset) {
+// 1024-chunk tiles, so it scales to ~1e6 chunks = 8e9 coordinates). Reads no segment:
+// one instance serves every E.
+__device__ __forceinline__ void prune_tie_scan(const dp::PruneArgs<float> a) {
+  const SelectState* st = a.st;
+  const unsigned int* __restrict__ chunk_ties = a.chunk_ties;
+  const unsigned long long nchunks = a.nchunks;
+  unsigned long long* __restrict__ chunk_offset = a.chunk_offset;
   if (!need_tie_break(st)) return;
   __shared__ unsigned long long warp_tot[32];
   __shared__ unsigned long long carry;
@@ -225,7 +203,7 @@ extern "C" __global__ void prune_tie_scan(const SelectState* st,
   for (unsigned long long base = 0; base < nchunks; base += blockDim.x) {
     __syncthreads();
     unsigned long long i = base + threadIdx.x;
-    unsigned long long v = i < nchunks ? chunk_ties[i] : 0, x = v;
+    unsigned long long v = i < nchunks ? __ldg(&chunk_ties[i]) : 0, x = v;
     for (int o = 1; o < 32; o <<= 1) {
       unsigned long long t = __shfl_up_sync(0xffffffffu, x, o);
       if (lane >= o) x += t;
@@ -240,46 +218,52 @@ extern "C" __global__ void prune_tie_scan(const SelectState* st,
   }
 }
 
-__device__ __forceinline__ void update_one(const OptArgs& o, float noisy, float* p, float* m,
-                                           float* v, unsigned long long j) {
+template <typename E>
+__device__ __forceinline__ void update_one(const OptArgs& o, float noisy, E* p, E* m, E* v,
+                                           unsigned long long j) {
   float g = noisy * o.inv_batch;
-  float w = p[j];
+  float w = dp::to_float(p[j]);
   if (o.kind == 0) {
     g = __fmaf_rn(o.weight_decay, w, g);
     if (m && o.momentum != 0.f) {  // as the CPU: no momentum buffer when momentum is 0
-      float mj = __fmaf_rn(o.momentum, m[j], g);
-      m[j] = mj;
+      float mj = __fmaf_rn(o.momentum, dp::to_float(m[j]), g);
+      m[j] = dp::from_float<E>(mj);
       g = mj;
     }
-    p[j] = __fmaf_rn(-o.lr, g, w);
+    p[j] = dp::from_float<E>(__fmaf_rn(-o.lr, g, w));
   } else {
-    float mj = __fmaf_rn(o.beta1, m[j], (1.f - o.beta1) * g);
-    float vj = __fmaf_rn(o.beta2, v[j], (1.f - o.beta2) * g * g);
-    m[j] = mj;
-    v[j] = vj;
+    float mj = __fmaf_rn(o.beta1, dp::to_float(m[j]), (1.f - o.beta1) * g);
+    float vj = __fmaf_rn(o.beta2, dp::to_float(v[j]), (1.f - o.beta2) * g * g);
+    m[j] = dp::from_float<E>(mj);
+    v[j] = dp::from_float<E>(vj);
     float mhat = mj / o.bias_corr1, vhat = vj / o.bias_corr2;
     float upd = mhat / (sqrtf(vhat) + o.eps);
-    p[j] = __fmaf_rn(-o.lr, __fmaf_rn(o.weight_decay, w, upd), w);
+    p[j] = dp::from_float<E>(__fmaf_rn(-o.lr, __fmaf_rn(o.weight_decay, w, upd), w));
   }
 }
 
 // The masked update. One block per CHUNK; when ties must be broken, each block
 // walks its chunk in order so a tie's rank is chunk offset + block-local prefix.
 // Refuses to touch anything when a non-finite value was seen in pass 0.
-extern "C" __global__ void __launch_bounds__(THREADS)
-    prune_apply(const Segment* __restrict__ segs, int nsegs, NoiseArgs na, OptArgs o,
-                SelectState* st, const unsigned long long* __restrict__ chunk_offset) {
+template <typename E>
+__device__ __forceinline__ void prune_apply(const dp::PruneArgs<E> a) {
+  const dp::Segment<E>* __restrict__ segs = a.segs;
+  const int nsegs = a.nsegs;
+  const NoiseArgs& na = a.noise;
+  const OptArgs& o = a.opt;
+  SelectState* st = a.st;
+  const unsigned long long* __restrict__ chunk_offset = a.chunk_offset;
   if (st->nonfinite || st->k == 0) return;
   __shared__ unsigned int scan[THREADS];
   __shared__ unsigned int scratch[32];
   int si;
   unsigned long long start, end;
   chunk_of(segs, nsegs, blockIdx.x, &si, &start, &end);
-  const Segment s = segs[si];
+  const dp::Segment<E> s = segs[si];
   const bool all = st->keep_all;
   const bool ties = need_tie_break(st);
   const unsigned int thr = st->prefix;
-  unsigned long long tie_base = ties ? chunk_offset[blockIdx.x] : 0;
+  unsigned long long tie_base = ties ? __ldg(&chunk_offset[blockIdx.x]) : 0;
   const unsigned long long tie_quota = st->ties_to_keep;
   unsigned int kept = 0;
   // Every thread runs the same number of iterations so the scan's barriers match.
@@ -319,4 +303,19 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   }
   kept = dp::block_sum(kept, scratch);
   if (threadIdx.x == 0 && kept) atomicAdd(&st->kept, (unsigned long long)kept);
+}
+
+}  // namespace body
+
+// Entry points: one line per kernel and element type (a `_bf16` set adds hist,
+// tie_count and apply; pick and tie_scan serve every E).
+extern "C" __global__ void __launch_bounds__(THREADS) prune_hist(const dp::PruneArgs<float> a) {
+  body::prune_hist(a);
+}
+extern "C" __global__ void prune_pick(const dp::PruneArgs<float> a) { body::prune_pick(a); }
+extern "C" __global__ void __launch_bounds__(THREADS)
+    prune_tie_count(const dp::PruneArgs<float> a) { body::prune_tie_count(a); }
+extern "C" __global__ void prune_tie_scan(const dp::PruneArgs<float> a) { body::prune_tie_scan(a); }
+extern "C" __global__ void __launch_bounds__(THREADS) prune_apply(const dp::PruneArgs<float> a) {
+  body::prune_apply(a);
 }

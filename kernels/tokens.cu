@@ -12,33 +12,40 @@
 // CPU's order, and products go through __fmul_rn / __fadd_rn so nvcc cannot contract
 // them into FMAs (the CPU rounds each product). Division and sqrtf are IEEE-rounded
 // (no --use_fast_math), so scores, similarities and therefore all selections match.
+#include "abi.h"  // TOKENS_MAX_PATCHES, TOKENS_NOT_A_MEMBER, TOKENS_KEY_NORM_EPS
 #include "common.cuh"
 #include "gaussian.cuh"
 
-// The largest P = N - 1 tokens_select handles: one thread per patch in one block.
-#define TOKENS_MAX_PATCHES 1024
-// Marks a remaining token that joins no cluster (a center, or every token when M = 0).
-#define TOKENS_NOT_A_MEMBER 0xFFFFFFFFu
-// Matches KEY_NORM_EPS in src/vision/tokens.rs.
-#define TOKENS_KEY_NORM_EPS 1e-12f
+namespace {
+constexpr int TOKENS_MAX_PATCHES = dp::TOKENS_MAX_PATCHES;
+constexpr unsigned TOKENS_NOT_A_MEMBER = dp::TOKENS_NOT_A_MEMBER;
+constexpr float TOKENS_KEY_NORM_EPS = dp::TOKENS_KEY_NORM_EPS;
+}  // namespace
+
+// The kernel bodies, templated on the element type E of the attention rows, keys and
+// hidden states (the metric and all arithmetic are f32); the extern "C" entry points
+// below instantiate them.
+namespace body {
 
 // metric[t, e] = mean_h keys[t, h*hd + e], then metric[t] /= max(||metric[t]||, eps).
 // keys: [BN, H*hd]; metric: [BN, hd]. One warp per token, grid-stride over tokens;
 // blockDim.x is a multiple of 32.
-extern "C" __global__ void tokens_key_metric(const float* __restrict__ keys,
-                                             float* __restrict__ metric, int BN, int H,
-                                             int hd) {
+template <typename E>
+__device__ __forceinline__ void tokens_key_metric(const dp::TokensKeyMetricArgs<E> a) {
+  const E* __restrict__ keys = a.keys;
+  float* __restrict__ metric = a.metric;
+  const int BN = a.bn, H = a.h, hd = a.hd;
   const int warps = blockDim.x >> 5;
   const int lane = threadIdx.x & 31;
   // tok is uniform across a warp, so every lane runs the same iterations and the
   // warp-wide __syncwarp / __shfl_sync below always see all 32 lanes.
   for (long long tok = (long long)blockIdx.x * warps + (threadIdx.x >> 5); tok < BN;
        tok += (long long)gridDim.x * warps) {
-    const float* k = keys + (size_t)tok * H * hd;
+    const E* k = keys + (size_t)tok * H * hd;
     float* m = metric + (size_t)tok * hd;
     for (int e = lane; e < hd; e += 32) {
       float acc = 0.0f;
-      for (int h = 0; h < H; ++h) acc += k[(size_t)h * hd + e];
+      for (int h = 0; h < H; ++h) acc += dp::to_float(k[(size_t)h * hd + e]);
       m[e] = acc / (float)H;
     }
     // The sum of squares must run in the CPU's order (e = 0, 1, ...), so one lane
@@ -68,13 +75,15 @@ extern "C" __global__ void tokens_key_metric(const float* __restrict__ keys,
 //   remaining: [B, R]      out: the other patch token indices ascending
 //   centers:   [B, M]      out: token index of each center
 //   assign:    [B, R]      out: center slot of each remaining token, or NOT_A_MEMBER
-extern "C" __global__ void tokens_select(const float* __restrict__ attn,
-                                         const float* __restrict__ metric,
-                                         unsigned* __restrict__ kept,
-                                         unsigned* __restrict__ remaining,
-                                         unsigned* __restrict__ centers,
-                                         unsigned* __restrict__ assign, int N, int H, int hd,
-                                         int K, int M) {
+template <typename E>
+__device__ __forceinline__ void tokens_select(const dp::TokensSelectArgs<E> args) {
+  const E* __restrict__ attn = args.attn;
+  const float* __restrict__ metric = args.metric;
+  unsigned* __restrict__ kept = args.kept;
+  unsigned* __restrict__ remaining = args.remaining;
+  unsigned* __restrict__ centers = args.centers;
+  unsigned* __restrict__ assign = args.assign;
+  const int N = args.n, H = args.h, hd = args.hd, K = args.k, M = args.m;
   __shared__ float score[TOKENS_MAX_PATCHES];
   __shared__ unsigned rem[TOKENS_MAX_PATCHES];
   __shared__ int warp_selected[32];
@@ -85,9 +94,9 @@ extern "C" __global__ void tokens_select(const float* __restrict__ attn,
 
   // 1. score_j = (sum over heads in order) / H; NaN ranks lowest, as on the CPU.
   if (j < P) {
-    const float* a = attn + b * (size_t)H * N + 1 + j;
+    const E* a = attn + b * (size_t)H * N + 1 + j;
     float acc = 0.0f;
-    for (int h = 0; h < H; ++h) acc += a[(size_t)h * N];
+    for (int h = 0; h < H; ++h) acc += dp::to_float(__ldg(&a[(size_t)h * N]));
     float s = acc / (float)H;
     if (isnan(s)) s = __int_as_float(0xff800000);  // -inf
     score[j] = s;
@@ -147,7 +156,7 @@ extern "C" __global__ void tokens_select(const float* __restrict__ attn,
       for (int c = 0; c < M; ++c) {
         const float* ct = metric_b + (size_t)rem[c * step] * hd;
         float sim = 0.0f;
-        for (int e = 0; e < hd; ++e) sim = __fadd_rn(sim, __fmul_rn(t[e], ct[e]));
+        for (int e = 0; e < hd; ++e) sim = __fadd_rn(sim, __fmul_rn(__ldg(&t[e]), __ldg(&ct[e])));
         if (c == 0 || sim > best_sim) {
           best = (unsigned)c;
           best_sim = sim;
@@ -164,22 +173,26 @@ extern "C" __global__ void tokens_select(const float* __restrict__ attn,
 // in f64 (plain product and sum), as the CPU's add_scaled. `noise` carries the key,
 // generator, tensor id and step of TokenSelectConfig::noise_key().
 // Grid: (ceil(D / blockDim.x), 1+K+M, B); coalesced over d.
-extern "C" __global__ void tokens_gather_fuse(const float* __restrict__ hidden,
-                                              const unsigned* __restrict__ kept,
-                                              const unsigned* __restrict__ remaining,
-                                              const unsigned* __restrict__ centers,
-                                              const unsigned* __restrict__ assign,
-                                              float* __restrict__ out, int N, int D, int K,
-                                              int M, float noise_std, dp::StreamArgs noise) {
+template <typename E>
+__device__ __forceinline__ void tokens_gather_fuse(const dp::TokensGatherFuseArgs<E> a) {
+  const E* __restrict__ hidden = a.hidden;
+  const unsigned* __restrict__ kept = a.kept;
+  const unsigned* __restrict__ remaining = a.remaining;
+  const unsigned* __restrict__ centers = a.centers;
+  const unsigned* __restrict__ assign = a.assign;
+  E* __restrict__ out = a.out;
+  const int N = a.n, D = a.d, K = a.k, M = a.m;
+  const float noise_std = a.noise_std;
+  const dp::StreamArgs& noise = a.noise;
   const int d = blockIdx.x * blockDim.x + threadIdx.x;
   const int o = blockIdx.y;
   const size_t b = blockIdx.z;
   if (d >= D) return;
   const int R = N - 1 - K, O = 1 + K + M;
-  const float* hb = hidden + b * (size_t)N * D;
+  const E* hb = hidden + b * (size_t)N * D;
   float v;
   if (o <= K) {
-    v = hb[(size_t)kept[b * (size_t)(1 + K) + o] * D + d];
+    v = dp::to_float(__ldg(&hb[(size_t)__ldg(&kept[b * (size_t)(1 + K) + o]) * D + d]));
   } else {
     const int m = o - 1 - K;
     const unsigned* asg = assign + b * (size_t)R;
@@ -188,17 +201,32 @@ extern "C" __global__ void tokens_gather_fuse(const float* __restrict__ hidden,
     float acc = 0.0f;
     int count = 0;
     for (int r = 0; r < R; ++r) {
-      if (asg[r] == (unsigned)m) {
-        acc += hb[(size_t)rem[r] * D + d];
+      if (__ldg(&asg[r]) == (unsigned)m) {
+        acc += dp::to_float(__ldg(&hb[(size_t)__ldg(&rem[r]) * D + d]));
         ++count;
       }
     }
-    const float center = hb[(size_t)centers[b * (size_t)M + m] * D + d];
+    const float center =
+        dp::to_float(__ldg(&hb[(size_t)__ldg(&centers[b * (size_t)M + m]) * D + d]));
     v = __fadd_rn(center, acc / (float)max(count, 1));
     if (noise_std > 0.0f) {
       const unsigned long long i = ((unsigned long long)b * M + m) * D + d;
       v = dp::add_scaled(v, (double)noise_std, dp::normal_at(noise, i));
     }
   }
-  out[(b * O + o) * (size_t)D + d] = v;
+  out[(b * O + o) * (size_t)D + d] = dp::from_float<E>(v);
+}
+
+}  // namespace body
+
+// Entry points: one line per kernel and element type (a `_bf16` set is one more line
+// each).
+extern "C" __global__ void tokens_key_metric(const dp::TokensKeyMetricArgs<float> a) {
+  body::tokens_key_metric(a);
+}
+extern "C" __global__ void tokens_select(const dp::TokensSelectArgs<float> a) {
+  body::tokens_select(a);
+}
+extern "C" __global__ void tokens_gather_fuse(const dp::TokensGatherFuseArgs<float> a) {
+  body::tokens_gather_fuse(a);
 }

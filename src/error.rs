@@ -19,13 +19,16 @@ pub enum Error {
          LD_LIBRARY_PATH (scripts/gpu-test.sh shows how to find it)"
     )]
     NoCublas,
-    /// A CUDA driver call failed.
-    #[error("CUDA error in {context}: {message}")]
+    /// A CUDA driver or cuBLAS call failed.
+    #[error("CUDA error in {context}: {source}")]
     Cuda {
         /// What dualpriv was doing.
         context: String,
-        /// The driver's message.
-        message: String,
+        /// The library's own error, with its type: a `cudarc::driver::DriverError` or a
+        /// `cudarc::cublas::result::CublasError` (downcast it to match on the code).
+        /// Boxed, so that the variant exists without the `cuda` feature.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// Two inputs disagree in shape, or a shape is out of range.
     #[error("shape error: {0}")]

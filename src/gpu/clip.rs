@@ -12,13 +12,17 @@
 use crate::gpu::kernels::clip as K;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
+use super::abi::{
+    self, BiasSqNormArgs, ClipFactorsArgs, ClippedBiasSumArgs, ExamplesArgs, RoundingBoundArgs,
+    SqNormArgs,
+};
 use super::blas::{Precision, RowMajor};
 use super::{dptr, dptr_mut, launch, launch_cfg, Gpu};
 use crate::dp::clip::{self, LinearShape, NormMethod};
 use crate::error::{ensure_shape, Error, Result};
 
-const THREADS: u32 = 256;
-const TILE: usize = 32;
+const THREADS: u32 = abi::CLIP_THREADS;
+const TILE: usize = abi::CLIP_TILE as usize;
 
 fn i32_dim(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v)
@@ -66,7 +70,7 @@ pub fn add_layer_sq_norms<X: DevicePtr<f32>, G: DevicePtr<f32>>(
         return Ok(());
     }
     let st = gpu.stream();
-    let (xp, gp) = (dptr(x, st), dptr(g, st));
+    let (xp, gp, op) = (dptr(x, st), dptr(g, st), dptr_mut(total, st));
     let (t, d, p) = (i32_dim(s.t, "T")?, i32_dim(s.d, "d")?, i32_dim(s.p, "p")?);
     let b = s.b as u32;
     if s.d > 0 && s.p > 0 {
@@ -81,16 +85,31 @@ pub fn add_layer_sq_norms<X: DevicePtr<f32>, G: DevicePtr<f32>>(
         };
         let blocks = u32::try_from(blocks)
             .map_err(|_| Error::Shape(format!("{name}: {blocks} tiles is too many")))?;
+        let args = SqNormArgs {
+            x: xp,
+            g: gp,
+            out: op,
+            t,
+            d,
+            p,
+            pad: 0,
+        };
         let f = gpu.func(name)?;
         let mut l = st.launch_builder(&f);
-        l.arg(&xp).arg(&gp).arg(&t).arg(&d).arg(&p).arg(&mut *total);
-        // SAFETY: argument types match the kernel signature; shapes checked above.
+        l.arg(&args);
+        // SAFETY: the kernel takes this struct (abi.h); shapes checked above.
         unsafe { launch(&mut l, launch_cfg((blocks, b, 1), THREADS, 0), name) }?;
     }
     if has_bias && s.p > 0 {
+        let args = BiasSqNormArgs {
+            g: gp,
+            out: op,
+            t,
+            p,
+        };
         let f = gpu.func(K::BIAS_SQ_NORM_F32)?;
         let mut l = st.launch_builder(&f);
-        l.arg(&gp).arg(&t).arg(&p).arg(&mut *total);
+        l.arg(&args);
         let grid = (s.p.div_ceil(THREADS as usize) as u32, b, 1);
         // SAFETY: as above.
         unsafe { launch(&mut l, launch_cfg(grid, THREADS, 0), K::BIAS_SQ_NORM_F32) }?;
@@ -118,22 +137,22 @@ pub fn add_layer_rounding_bounds<X: DevicePtr<f32>, G: DevicePtr<f32>>(
         return Ok(());
     }
     let st = gpu.stream();
-    let (xp, gp) = (dptr(x, st), dptr(g, st));
-    let (t, d, p) = (i32_dim(s.t, "T")?, i32_dim(s.d, "d")?, i32_dim(s.p, "p")?);
-    let (gamma, bias) = (clip::layer_gamma(s, rows_cap), has_bias as i32);
+    let args = RoundingBoundArgs {
+        x: dptr(x, st),
+        g: dptr(g, st),
+        out: dptr_mut(bound, st),
+        gamma: clip::layer_gamma(s, rows_cap),
+        t: i32_dim(s.t, "T")?,
+        d: i32_dim(s.d, "d")?,
+        p: i32_dim(s.p, "p")?,
+        has_bias: has_bias as i32,
+    };
     let name = K::ROUNDING_BOUND_F32;
     let f = gpu.func(name)?;
     let mut l = st.launch_builder(&f);
-    l.arg(&xp)
-        .arg(&gp)
-        .arg(&t)
-        .arg(&d)
-        .arg(&p)
-        .arg(&gamma)
-        .arg(&bias)
-        .arg(&mut *bound);
+    l.arg(&args);
     let grid = (s.t.div_ceil((THREADS / 32) as usize) as u32, s.b as u32, 1);
-    // SAFETY: argument types match the kernel signature; shapes checked above.
+    // SAFETY: the kernel takes this struct (abi.h); shapes checked above.
     unsafe { launch(&mut l, launch_cfg(grid, THREADS, 0), name) }
 }
 
@@ -178,17 +197,20 @@ pub fn clip_factors<F: DevicePtrMut<f32>>(
         return Ok(FactorCounts::default());
     }
     let mut counts = gpu.zeros::<u64>(2)?;
-    let fp = dptr_mut(factors, gpu.stream());
+    let st = gpu.stream();
+    let args = ClipFactorsArgs {
+        sq: dptr(total, st),
+        bound: dptr(bound, st),
+        c: dptr_mut(factors, st),
+        counts: dptr_mut(&mut counts, st),
+        b,
+        clip_norm,
+    };
     let f = gpu.func(K::CLIP_FACTORS_F32)?;
-    let mut l = gpu.stream().launch_builder(&f);
-    l.arg(total)
-        .arg(bound)
-        .arg(&b)
-        .arg(&clip_norm)
-        .arg(&fp)
-        .arg(&mut counts);
+    let mut l = st.launch_builder(&f);
+    l.arg(&args);
     let grid = (b as u32).div_ceil(THREADS);
-    // SAFETY: argument types match the kernel signature.
+    // SAFETY: the kernel takes this struct (abi.h); every buffer holds b values.
     unsafe {
         launch(
             &mut l,
@@ -236,14 +258,19 @@ pub fn mask_examples<S: DevicePtr<f32>, F: DevicePtr<f32>, D: DevicePtrMut<f32>>
         return Ok(());
     }
     let st = gpu.stream();
-    let (sp, fp, dp) = (dptr(src, st), dptr(factors, st), dptr_mut(dst, st));
-    let (per, n) = (per_example as i64, total as i64);
+    let args = ExamplesArgs {
+        x: dptr(src, st),
+        c: dptr(factors, st),
+        y: dptr_mut(dst, st),
+        per_example: per_example as i64,
+        total: total as i64,
+    };
     let f = gpu.func(K::MASK_EXAMPLES_F32)?;
     let mut l = st.launch_builder(&f);
-    l.arg(&sp).arg(&fp).arg(&per).arg(&n).arg(&dp);
+    l.arg(&args);
     let grid = super::grid_for(total, THREADS, gpu.sm_count() * 8);
-    // SAFETY: argument types match; `src` and `dst` hold `total` values and the
-    // factors cover every example index below total / per_example.
+    // SAFETY: the kernel takes this struct (abi.h); `src` and `dst` hold `total` values
+    // and the factors cover every example index below total / per_example.
     unsafe {
         launch(
             &mut l,
@@ -312,19 +339,18 @@ pub fn clipped_weight_sum<
     let per_example = (s.t * width) as i64;
     let total = (s.b * s.t * width) as i64;
     if total > 0 {
-        let (fp, wp) = (
-            dptr(factors, gpu.stream()),
-            dptr_mut(workspace, gpu.stream()),
-        );
+        let args = ExamplesArgs {
+            x: src_ptr,
+            c: dptr(factors, gpu.stream()),
+            y: dptr_mut(workspace, gpu.stream()),
+            per_example,
+            total,
+        };
         let f = gpu.func(K::SCALE_EXAMPLES_F32)?;
         let mut l = gpu.stream().launch_builder(&f);
-        l.arg(&src_ptr)
-            .arg(&fp)
-            .arg(&per_example)
-            .arg(&total)
-            .arg(&wp);
+        l.arg(&args);
         let grid = super::grid_for(total as usize, THREADS, gpu.sm_count() * 8);
-        // SAFETY: argument types match; workspace holds `total` values.
+        // SAFETY: the kernel takes this struct (abi.h); workspace holds `total` values.
         unsafe {
             launch(
                 &mut l,
@@ -390,24 +416,20 @@ pub fn clipped_bias_sum<G: DevicePtr<f32>, F: DevicePtr<f32>, O: DevicePtrMut<f3
         return Ok(());
     }
     let st = gpu.stream();
-    let (gp, fp, op) = (dptr(g, st), dptr(factors, st), dptr_mut(out, st));
-    let (b, t, p, acc) = (
-        i32_dim(s.b, "batch")?,
-        i32_dim(s.t, "T")?,
-        i32_dim(s.p, "p")?,
-        accumulate as i32,
-    );
+    let args = ClippedBiasSumArgs {
+        g: dptr(g, st),
+        c: dptr(factors, st),
+        out: dptr_mut(out, st),
+        b: i32_dim(s.b, "batch")?,
+        t: i32_dim(s.t, "T")?,
+        p: i32_dim(s.p, "p")?,
+        accumulate: accumulate as i32,
+    };
     let f = gpu.func(K::CLIPPED_BIAS_SUM_F32)?;
     let mut l = st.launch_builder(&f);
-    l.arg(&gp)
-        .arg(&fp)
-        .arg(&b)
-        .arg(&t)
-        .arg(&p)
-        .arg(&acc)
-        .arg(&op);
+    l.arg(&args);
     let grid = (s.p as u32).div_ceil(THREADS);
-    // SAFETY: argument types match the kernel signature; shapes checked above.
+    // SAFETY: the kernel takes this struct (abi.h); shapes checked above.
     unsafe {
         launch(
             &mut l,

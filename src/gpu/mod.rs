@@ -22,6 +22,7 @@ use crate::{Error, Result};
 /// The cudarc version these APIs are built on, for callers that bring their own buffers.
 pub use cudarc;
 
+pub mod abi;
 pub mod activations;
 pub mod attention;
 pub mod blas;
@@ -60,11 +61,14 @@ pub mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
-/// Converts any displayable CUDA/cuBLAS error into [`Error::Cuda`] with context.
-pub(crate) fn cuda_err<E: std::fmt::Debug>(context: &str) -> impl FnOnce(E) -> Error + '_ {
+/// Wraps a cudarc driver or cuBLAS error into [`Error::Cuda`] with context; the error
+/// itself becomes the `source`, type intact.
+pub(crate) fn cuda_err<E: std::error::Error + Send + Sync + 'static>(
+    context: &str,
+) -> impl FnOnce(E) -> Error + '_ {
     move |e| Error::Cuda {
         context: context.to_string(),
-        message: format!("{e:?}"),
+        source: Box::new(e),
     }
 }
 
@@ -168,9 +172,12 @@ impl Gpu {
         if let Some(f) = funcs.get(&k) {
             return Ok(f.clone());
         }
-        let m = self.modules.get(k.module).ok_or_else(|| Error::Cuda {
-            context: format!("looking up kernels/{}.cu", k.module),
-            message: "module not embedded in this build".into(),
+        // build.rs embeds every kernels/*.cu it made a handle for.
+        let m = self.modules.get(k.module).ok_or_else(|| {
+            Error::Internal(format!(
+                "kernels/{}.cu is not embedded in this build",
+                k.module
+            ))
         })?;
         let f = m
             .load_function(k.name)
@@ -252,15 +259,9 @@ const STRICT_MATH: blas_sys::cublasMath_t = blas_sys::cublasMath_t::CUBLAS_PEDAN
 
 fn set_math_mode(blas: &CudaBlas, mode: blas_sys::cublasMath_t) -> Result<()> {
     // SAFETY: the handle is valid for the life of `blas`.
-    let st = unsafe { blas_sys::cublasSetMathMode(*blas.handle(), mode) };
-    if st == blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-        Ok(())
-    } else {
-        Err(Error::Cuda {
-            context: format!("cublasSetMathMode({mode:?})"),
-            message: format!("{st:?}"),
-        })
-    }
+    unsafe { blas_sys::cublasSetMathMode(*blas.handle(), mode) }
+        .result()
+        .map_err(cuda_err(&format!("cublasSetMathMode({mode:?})")))
 }
 
 /// Whether `DUALPRIV_REQUIRE_GPU=1` is set: then the `*_or_skip` helpers fail
@@ -329,4 +330,30 @@ pub(crate) fn launch_cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> Launch
 /// capped so small inputs do not launch empty blocks and huge ones stay resident.
 pub(crate) fn grid_for(n: usize, threads: u32, cap: u32) -> u32 {
     (n.div_ceil(threads as usize).max(1) as u64).min(cap as u64) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cudarc::cublas::result::CublasError;
+    use cudarc::driver::{sys::CUresult, DriverError};
+    use std::error::Error as _;
+
+    /// `cuda_err` keeps the library error as a typed source (formatting a
+    /// `DriverError` needs the driver, so only its type and code are checked).
+    #[test]
+    fn cuda_errors_keep_their_type() {
+        let oom = DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY);
+        let e = cuda_err("allocating")(oom);
+        assert!(matches!(&e, Error::Cuda { context, .. } if context == "allocating"));
+        let src = e.source().expect("a source");
+        assert_eq!(src.downcast_ref::<DriverError>(), Some(&oom));
+        let st = blas_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED;
+        let e = cuda_err("cublasSgemm")(CublasError(st));
+        assert_eq!(
+            e.source().and_then(|s| s.downcast_ref::<CublasError>()),
+            Some(&CublasError(st))
+        );
+        assert!(e.to_string().contains("CUBLAS_STATUS_NOT_SUPPORTED"));
+    }
 }

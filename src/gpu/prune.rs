@@ -6,90 +6,17 @@
 use crate::gpu::kernels::prune as K;
 use std::marker::PhantomData;
 
-use cudarc::driver::{
-    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg, ValidAsZeroBits,
-};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
+use super::abi::{self, rng_code, NoiseArgs, OptArgs, PruneArgs, Segment, SelectState};
 use super::{cuda_err, dptr, dptr_mut, launch, launch_cfg, Gpu};
 use crate::dp::prune::{keep_count, Optimizer, PruneReport, UpdateConfig};
 use crate::{Error, Result};
 
-const THREADS: u32 = 256;
-/// Coordinates per apply block; must equal `CHUNK` in the kernel.
-const CHUNK: u64 = 8192;
-const BINS: usize = 2048;
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct Segment {
-    grad: u64,
-    param: u64,
-    m: u64,
-    v: u64,
-    len: u64,
-    chunk_base: u64,
-    tensor_id: u32,
-    pad: u32,
-}
-
-/// Mirrors `NoiseArgs` in the kernel: the gradient-noise key words, the generator
-/// code, the step and σ·C in f64.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct NoiseArgs {
-    key: [u32; 8],
-    rng: u32,
-    step: u32,
-    std: f64,
-}
-
-const _: () = assert!(std::mem::size_of::<NoiseArgs>() == 48);
-const _: () = assert!(std::mem::align_of::<NoiseArgs>() == 8);
-const _: () = assert!(std::mem::offset_of!(NoiseArgs, rng) == 32);
-const _: () = assert!(std::mem::offset_of!(NoiseArgs, step) == 36);
-const _: () = assert!(std::mem::offset_of!(NoiseArgs, std) == 40);
-// The kernel regenerates noise in groups of 8 that must not straddle apply chunks.
-const _: () = assert!(CHUNK.is_multiple_of(8) && CHUNK.is_multiple_of(1024));
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct OptArgs {
-    kind: i32,
-    lr: f32,
-    inv_batch: f32,
-    weight_decay: f32,
-    momentum: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    bias_corr1: f32,
-    bias_corr2: f32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct SelectState {
-    hist: [u64; BINS],
-    prefix: u32,
-    prefix_mask: u32,
-    k: u64,
-    rank: u64,
-    count_eq: u64,
-    ties_to_keep: u64,
-    nonfinite: u64,
-    kept: u64,
-    keep_all: i32,
-    pad: i32,
-}
-
-// SAFETY: plain #[repr(C)] structs of integers and floats, mirrored in the kernel.
-unsafe impl DeviceRepr for Segment {}
-unsafe impl DeviceRepr for NoiseArgs {}
-unsafe impl DeviceRepr for OptArgs {}
-unsafe impl DeviceRepr for SelectState {}
-// SAFETY: all-zero bits are a valid value of every field.
-unsafe impl ValidAsZeroBits for Segment {}
-unsafe impl ValidAsZeroBits for SelectState {}
+const THREADS: u32 = abi::PRUNE_THREADS;
+/// Coordinates per apply block.
+const CHUNK: u64 = abi::PRUNE_CHUNK;
+const BINS: usize = abi::PRUNE_BINS as usize;
 
 impl OptArgs {
     fn new(opt: &Optimizer, inv_batch: f32) -> Self {
@@ -309,26 +236,33 @@ impl PrunePlan {
             .map_err(cuda_err("uploading segments"))?;
         st.memcpy_htod(&[init], &mut self.state)
             .map_err(cuda_err("uploading select state"))?;
-        let nsegs = segs.len() as i32;
-        let na = NoiseArgs {
-            key: cfg.noise.key,
-            rng: cfg.noise.rng.code(),
-            step: cfg.step,
-            std: cfg.noise_std,
+        let mut args = PruneArgs {
+            segs: dptr(&self.segs, &st),
+            st: dptr_mut(&mut self.state, &st),
+            chunk_ties: dptr_mut(&mut self.chunk_ties, &st),
+            chunk_offset: dptr_mut(&mut self.chunk_offset, &st),
+            nchunks: chunks,
+            noise: NoiseArgs {
+                key: cfg.noise.key,
+                rng: rng_code(cfg.noise.rng),
+                step: cfg.step,
+                std: cfg.noise_std,
+            },
+            opt: OptArgs::new(&cfg.opt, cfg.inv_batch),
+            nsegs: segs.len() as i32,
+            pass: 0,
         };
-        let oa = OptArgs::new(&cfg.opt, cfg.inv_batch);
         let selecting = k > 0 && !keep_all;
         let hist_grid = (gpu.sm_count() * 4).max(1);
         let (hist, pick) = (gpu.func(K::PRUNE_HIST)?, gpu.func(K::PRUNE_PICK)?);
         // Pass 0 always runs: it is also the NaN/Inf check.
         for pass in 0..if selecting { 3 } else { 1 } {
+            args.pass = pass;
             let mut l = st.launch_builder(&hist);
-            l.arg(&self.segs)
-                .arg(&nsegs)
-                .arg(&na)
-                .arg(&mut self.state)
-                .arg(&pass);
-            // SAFETY: argument types mirror the kernel; segments hold live buffers.
+            l.arg(&args);
+            // SAFETY: the kernels take this struct (abi.h); the segments hold live
+            // buffers, chunk_ties and chunk_offset hold `chunks` slots (checked against
+            // max_chunks), and every kernel of the sequence runs in order on one stream.
             unsafe {
                 launch(
                     &mut l,
@@ -338,9 +272,10 @@ impl PrunePlan {
             }?;
             if selecting {
                 let mut l = st.launch_builder(&pick);
-                l.arg(&mut self.state).arg(&pass);
+                l.arg(&args);
+                let cfg = launch_cfg((1, 1, 1), abi::PRUNE_PICK_THREADS, 0);
                 // SAFETY: as above.
-                unsafe { launch(&mut l, launch_cfg((1, 1, 1), 32, 0), K::PRUNE_PICK) }?;
+                unsafe { launch(&mut l, cfg, K::PRUNE_PICK) }?;
             }
         }
         let grid = (
@@ -351,31 +286,20 @@ impl PrunePlan {
         if selecting {
             let f = gpu.func(K::PRUNE_TIE_COUNT)?;
             let mut l = st.launch_builder(&f);
-            l.arg(&self.segs)
-                .arg(&nsegs)
-                .arg(&na)
-                .arg(&self.state)
-                .arg(&mut self.chunk_ties);
-            // SAFETY: chunk_ties holds `chunks` slots (checked against max_chunks).
+            l.arg(&args);
+            // SAFETY: as above.
             unsafe { launch(&mut l, launch_cfg(grid, THREADS, 0), K::PRUNE_TIE_COUNT) }?;
             let f = gpu.func(K::PRUNE_TIE_SCAN)?;
             let mut l = st.launch_builder(&f);
-            l.arg(&self.state)
-                .arg(&self.chunk_ties)
-                .arg(&chunks)
-                .arg(&mut self.chunk_offset);
+            l.arg(&args);
+            let cfg = launch_cfg((1, 1, 1), abi::PRUNE_SCAN_THREADS, 0);
             // SAFETY: as above.
-            unsafe { launch(&mut l, launch_cfg((1, 1, 1), 1024, 0), K::PRUNE_TIE_SCAN) }?;
+            unsafe { launch(&mut l, cfg, K::PRUNE_TIE_SCAN) }?;
         }
         if k > 0 {
             let f = gpu.func(K::PRUNE_APPLY)?;
             let mut l = st.launch_builder(&f);
-            l.arg(&self.segs)
-                .arg(&nsegs)
-                .arg(&na)
-                .arg(&oa)
-                .arg(&mut self.state)
-                .arg(&self.chunk_offset);
+            l.arg(&args);
             // SAFETY: as above.
             unsafe { launch(&mut l, launch_cfg(grid, THREADS, 0), K::PRUNE_APPLY) }?;
         }

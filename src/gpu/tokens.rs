@@ -8,24 +8,25 @@
 use crate::gpu::kernels::tokens as K;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-use super::{cuda_err, grid_for, Gpu};
+use super::abi::{self, StreamArgs, TokensGatherFuseArgs, TokensKeyMetricArgs, TokensSelectArgs};
+use super::{cuda_err, dptr, dptr_mut, grid_for, Gpu};
 use crate::error::ensure_shape;
 use crate::vision::tokens::{TokenPlan, TokenSelectConfig, TokenSelection, TokenShape};
 use crate::{Error, Result};
 
 /// The largest P = N − 1 the GPU path supports: `tokens_select` runs one thread per
 /// patch in a single block (CLIP ViT-L/14-336 has 576).
-pub const MAX_PATCHES: usize = 1024;
+pub const MAX_PATCHES: usize = abi::TOKENS_MAX_PATCHES as usize;
 
 /// The largest batch: the batch is the grid's z dimension in `tokens_gather_fuse`.
 pub const MAX_BATCH: usize = 65_535;
 
 /// Threads per block of `tokens_key_metric` (8 warps, one token each).
-const METRIC_THREADS: u32 = 256;
+const METRIC_THREADS: u32 = abi::TOKENS_METRIC_THREADS;
 /// Grid cap of `tokens_key_metric`, which is grid-stride over tokens.
 const METRIC_MAX_BLOCKS: u32 = 1 << 16;
 /// Threads per block of `tokens_gather_fuse` (over the hidden dimension).
-const GATHER_THREADS: u32 = 256;
+const GATHER_THREADS: u32 = abi::TOKENS_GATHER_THREADS;
 
 /// Device buffers between the launches: the key metric `[B, N, hd]`, the remaining
 /// patch indices `[B, R]`, the centers `[B, M]` and the assignments `[B, R]`.
@@ -177,11 +178,19 @@ pub fn plan_tokens_dev(
             block_dim: (METRIC_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let args = TokensKeyMetricArgs {
+            keys: dptr(keys, stream),
+            metric: dptr_mut(&mut ws.metric, stream),
+            bn,
+            h,
+            hd,
+            pad: 0,
+        };
         let f = gpu.func(K::TOKENS_KEY_METRIC)?;
         let mut b = stream.launch_builder(&f);
-        b.arg(keys).arg(&mut ws.metric).arg(&bn).arg(&h).arg(&hd);
-        // SAFETY: argument types match the kernel's signature; the buffers hold at
-        // least B·N·H·hd (checked) and B·N·hd (check_fits) elements.
+        b.arg(&args);
+        // SAFETY: the kernel takes this struct (abi.h); the buffers hold at least
+        // B·N·H·hd (checked) and B·N·hd (check_fits) elements.
         unsafe { b.launch(launch) }.map_err(cuda_err("launching tokens_key_metric"))?;
     }
 
@@ -192,20 +201,24 @@ pub fn plan_tokens_dev(
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
+    let args = TokensSelectArgs {
+        attn: dptr(attn_cls, stream),
+        metric: dptr(&ws.metric, stream),
+        kept: dptr_mut(kept, stream),
+        remaining: dptr_mut(&mut ws.remaining, stream),
+        centers: dptr_mut(&mut ws.centers, stream),
+        assign: dptr_mut(&mut ws.assign, stream),
+        n,
+        h,
+        hd,
+        k,
+        m,
+        pad: 0,
+    };
     let f = gpu.func(K::TOKENS_SELECT)?;
     let mut b = stream.launch_builder(&f);
-    b.arg(attn_cls)
-        .arg(&ws.metric)
-        .arg(kept)
-        .arg(&mut ws.remaining)
-        .arg(&mut ws.centers)
-        .arg(&mut ws.assign)
-        .arg(&n)
-        .arg(&h)
-        .arg(&hd)
-        .arg(&k)
-        .arg(&m);
-    // SAFETY: types match; P ≤ MAX_PATCHES fits the kernel's shared arrays and one
+    b.arg(&args);
+    // SAFETY: the kernel takes this struct (abi.h); P ≤ MAX_PATCHES fits the kernel's shared arrays and one
     // block; every buffer was checked to hold what the kernel indexes.
     unsafe { b.launch(launch) }.map_err(cuda_err("launching tokens_select"))?;
     Ok(())
@@ -230,8 +243,22 @@ pub fn gather_fuse_dev(
     ensure_dev_len("out", out.len(), out_len, "B·(1+K+M)·D")?;
     ws.check_fits(shape, cfg)?;
 
-    let noise_std = cfg.fuse_noise_std;
-    let noise = super::noise::StreamArgs::new(&cfg.noise_key());
+    let stream = gpu.stream();
+    let args = TokensGatherFuseArgs {
+        hidden: dptr(hidden, stream),
+        kept: dptr(kept, stream),
+        remaining: dptr(&ws.remaining, stream),
+        centers: dptr(&ws.centers, stream),
+        assign: dptr(&ws.assign, stream),
+        out: dptr_mut(out, stream),
+        noise: StreamArgs::new(&cfg.noise_key()),
+        n,
+        d,
+        k,
+        m,
+        noise_std: cfg.fuse_noise_std,
+        pad: 0,
+    };
     let threads = (shape.hidden.div_ceil(32) * 32).min(GATHER_THREADS as usize) as u32;
     let launch = LaunchConfig {
         grid_dim: (
@@ -243,20 +270,9 @@ pub fn gather_fuse_dev(
         shared_mem_bytes: 0,
     };
     let f = gpu.func(K::TOKENS_GATHER_FUSE)?;
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(hidden)
-        .arg(kept)
-        .arg(&ws.remaining)
-        .arg(&ws.centers)
-        .arg(&ws.assign)
-        .arg(out)
-        .arg(&n)
-        .arg(&d)
-        .arg(&k)
-        .arg(&m)
-        .arg(&noise_std)
-        .arg(&noise);
-    // SAFETY: types match the kernel; 1+K+M ≤ N ≤ 1025 and B ≤ 65535 fit the grid;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&args);
+    // SAFETY: the kernel takes this struct (abi.h); 1+K+M ≤ N ≤ 1025 and B ≤ 65535 fit the grid;
     // all buffers were checked. The indices come from plan_tokens_dev, so they are
     // below N (kept, remaining, centers) and below M (assign).
     unsafe { b.launch(launch) }.map_err(cuda_err("launching tokens_gather_fuse"))?;

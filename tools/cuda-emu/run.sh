@@ -1,36 +1,57 @@
 #!/usr/bin/env bash
-# Runs the real kernels/model.cu on the CPU: one std::thread per CUDA thread, site-checked
-# barriers and warp shuffles, NaN-poisoned shared memory, f64 references from
-# src/backend/cpu.rs. For sessions without a GPU; not part of CI (it needs g++ and minutes).
+# Runs the real kernels/*.cu on the CPU: one std::thread per CUDA thread, site-checked
+# barriers and warp primitives, NaN-poisoned shared memory, against references written
+# from the CPU twins. For sessions without a GPU; not part of CI (it needs g++ and, for
+# the model kernels, minutes). tools/cuda-emu/X.cpp exercises kernels/X.cu.
 #
-#   tools/cuda-emu/run.sh [TEST|all]          TEST: layernorm rmsnorm rope heads softmax act
-#                                             gelu_tail embedding xent patchify copy misc
-#   tools/cuda-emu/run.sh noise               kernels/noise.cu: ChaCha20 vs RFC 8439, normals
-#                                             bit for bit vs tests/noise.rs GOLDEN (seconds)
-#   SANITIZE=thread|address tools/cuda-emu/run.sh all   (slower; sets EMU_SMALL=1)
+#   tools/cuda-emu/run.sh clip | noise | prune | tokens    one DP kernel file (seconds each)
+#   tools/cuda-emu/run.sh dp                               all four
+#   tools/cuda-emu/run.sh [model] [TEST|all]               kernels/model.cu (all: ~9 min on 2
+#                                                          cores); TEST: layernorm rmsnorm rope
+#                                                          heads softmax act gelu_tail embedding
+#                                                          xent patchify copy misc
+#   SANITIZE=thread|address tools/cuda-emu/run.sh ...      (slower; sets EMU_SMALL=1)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$here/../.."
 build="${TMPDIR:-/tmp}/dualpriv-cuda-emu"
 mkdir -p "$build"
-cp "$here/shim.h" "$here/harness.cpp" "$root/kernels/common.cuh" "$build/"
-# `__shared__ T name[N];` becomes a per-block arena pointer; line numbers are kept so the
-# barrier checks report model.cu's own lines.
-sed -E 's/__shared__ ([A-Za-z_0-9]+) ([A-Za-z_0-9]+)\[([A-Za-z_0-9]+)\];/\1* \2 = emu_shared<\1>(\3, __LINE__);/' \
-  "$root/kernels/model.cu" > "$build/model_emu.cu"
+cp "$here"/*.h "$here"/*.cpp "$root"/kernels/*.h "$root"/kernels/*.cuh "$build/"
 flags=(-std=c++20 -O1 -pthread -Wno-unknown-pragmas)
-if [ "${1:-}" = noise ]; then
-  # No __shared__ in noise.cu: compiled as is. No FMA contraction, as on the GPU
-  # (the kernels use __dadd_rn / __dmul_rn).
-  cp "$root"/kernels/{noise.cu,gaussian.cuh,chacha.cuh,philox.cuh} "$here/noise_harness.cpp" "$build/"
-  g++ "${flags[@]}" -ffp-contract=off -o "$build/emu_noise" "$build/noise_harness.cpp"
-  exec "$build/emu_noise"
-fi
 case "${SANITIZE:-}" in
   thread) flags+=(-fsanitize=thread -g); export EMU_SMALL=1 ;;
   address) flags+=(-fsanitize=address,undefined -g); export EMU_SMALL=1 ;;
   "") ;;
   *) echo "SANITIZE must be thread or address" >&2; exit 2 ;;
 esac
-g++ "${flags[@]}" -o "$build/emu" "$build/harness.cpp"
-"$build/emu" "${1:-all}"
+
+# kernels/X.cu -> $build/X_emu.cu with every `__shared__ T name[A][B];`, `T name[A];` or
+# `T name;` turned into a per-block arena reference (emu_shared in shim.h). Line numbers
+# are kept, so the barrier checks report the kernel file's own lines.
+emu_source() {
+  local ty='([A-Za-z_][A-Za-z_0-9 ]*[A-Za-z_0-9])' name='([A-Za-z_0-9]+)'
+  sed -E \
+    -e "s/__shared__ $ty $name\[([^]]+)\]\[([^]]+)\];/\1 (*\2)[\4] = reinterpret_cast<\1 (*)[\4]>(emu_shared<\1>((\3) * (\4), __LINE__));/" \
+    -e "s/__shared__ $ty $name\[([^]]+)\];/\1* \2 = emu_shared<\1>(\3, __LINE__);/" \
+    -e "s/__shared__ $ty $name;/\1\& \2 = *emu_shared<\1>(1, __LINE__);/" \
+    "$root/kernels/$1.cu" > "$build/$1_emu.cu"
+}
+
+# The DP kernels: bit-exact paths (__fadd_rn, __dmul_rn, ...), so no FMA contraction,
+# as the intrinsics promise on the GPU.
+run_dp() {
+  emu_source "$1"
+  g++ "${flags[@]}" -ffp-contract=off -o "$build/emu_$1" "$build/$1.cpp"
+  "$build/emu_$1"
+}
+
+case "${1:-all}" in
+  clip | noise | prune | tokens) run_dp "$1" ;;
+  dp) for k in clip noise prune tokens; do echo "== $k"; run_dp "$k"; done ;;
+  *)
+    [ "${1:-}" = model ] && shift
+    emu_source model
+    g++ "${flags[@]}" -o "$build/emu_model" "$build/model.cpp"
+    "$build/emu_model" "${1:-all}"
+    ;;
+esac

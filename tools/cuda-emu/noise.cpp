@@ -8,23 +8,13 @@
 //      4e-15 * max(r, 1)) over many groups;
 //   4. noise_axpy_f32 (grid-stride, offsets, accumulate) against (float)(y + a*z)
 //      computed from dp::normal8 on the host, bit for bit.
-// Intrinsics are plain IEEE operations here; build with -ffp-contract=off.
+// Intrinsics are plain IEEE operations (shim.h); build with -ffp-contract=off.
 #include "shim.h"
 
 #include <cstdint>
 #include <cstring>
 
-inline double __dadd_rn(double a, double b) { return a + b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
-inline double __ull2double_rn(unsigned long long x) { return (double)x; }  // round to nearest
-inline double __ll2double_rn(long long x) { return (double)x; }  // round to nearest
-inline double __ddiv_rn(double a, double b) { return a / b; }
-inline double __dsqrt_rn(double a) { return std::sqrt(a); }
-inline long long __double_as_longlong(double x) { long long r; memcpy(&r, &x, 8); return r; }
-inline double __longlong_as_double(long long x) { double r; memcpy(&r, &x, 8); return r; }
-inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
-
-#include "noise.cu"
+#include "noise_emu.cu"
 
 // Generated from tests/noise.rs GOLDEN (RFC 8439 key, tensor 3, step 11).
 struct Golden { unsigned rng; unsigned long long group; unsigned long long bits[8]; };
@@ -77,8 +67,13 @@ static void t_chacha() {
   for (const Case& c : cases) {
     unsigned long long ctr = c.ctr, nonce = c.nonce;
     std::vector<unsigned> out(16, 0);
-    launch(chacha20_blocks_test, 1, 32, stream(0, c.key, 0, 0), (const unsigned long long*)&ctr,
-           (const unsigned long long*)&nonce, 1, out.data());
+    dp::ChachaBlocksArgs a{};
+    memcpy(a.key, c.key, 32);
+    a.counter = &ctr;
+    a.nonce = &nonce;
+    a.out = out.data();
+    a.nblocks = 1;
+    launch(chacha20_blocks_test, 1, 32, a);
     unsigned char bytes[64];
     for (int i = 0; i < 16; ++i)
       for (int j = 0; j < 4; ++j) bytes[4 * i + j] = (unsigned char)(out[i] >> (8 * j));
@@ -199,7 +194,9 @@ static void t_axpy() {
         dp::normal8(s, e / 8, z);
         want[j] = dp::add_scaled(c.acc ? y[j] : 0.0f, c.a, z[e % 8]);
       }
-      launch(noise_axpy_f32, c.grid, 64, s, c.offset, c.n, c.a, c.acc, y.data());
+      launch(noise_axpy_f32, c.grid, 64,
+             dp::NoiseAxpyArgs<float>{.s = s, .offset = c.offset, .n = c.n, .a = c.a, .y = y.data(),
+                                      .accumulate = c.acc});
       bool ok = memcmp(y.data(), want.data(), 4 * c.n) == 0;
       char what[128];
       snprintf(what, sizeof what, "noise_axpy_f32 %s offset=%llu n=%llu acc=%d grid=%u bit for bit",

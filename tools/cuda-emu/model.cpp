@@ -550,14 +550,22 @@ static void t_misc(Rng& R) {
   for (long long rows : {1, 5})
     for (long long cols : {1, 7, 300, 1000, 3000}) {
       V x = randv(R, rows * cols);
-      D total(rows), ref(rows);
+      D total(rows), ref(rows), bound(rows), ref_bound(rows);
+      const double gamma = 3.1e-7;
       for (long long r = 0; r < rows; ++r) ref[r] = total[r] = R.uni(0, 10);
-      launch(add_row_sq_norms_f32, rows, ROW, (const float*)x.data(), cols, total.data());
-      for (long long r = 0; r < rows; ++r)
-        for (long long j = 0; j < cols; ++j) ref[r] += (double)x[r * cols + j] * x[r * cols + j];
-      Err e;
-      for (long long r = 0; r < rows; ++r) e.add(total[r], ref[r]);
-      result("add_row_sq_norms_f32", fmt("rows=%lld cols=%lld (accumulates, f64)", rows, cols), e, 1e-13);
+      for (long long r = 0; r < rows; ++r) ref_bound[r] = bound[r] = R.uni(0, 1e-6);
+      launch(add_row_sq_norms_f32, rows, ROW, (const float*)x.data(), cols, gamma, total.data(),
+             bound.data());
+      for (long long r = 0; r < rows; ++r) {
+        double s = 0;
+        for (long long j = 0; j < cols; ++j) s += (double)x[r * cols + j] * x[r * cols + j];
+        ref[r] += s;
+        ref_bound[r] += gamma * std::sqrt(s);
+      }
+      Err e, eb;
+      for (long long r = 0; r < rows; ++r) e.add(total[r], ref[r]), eb.add(bound[r], ref_bound[r]);
+      e.merge(eb);
+      result("add_row_sq_norms_f32", fmt("rows=%lld cols=%lld (accumulates, f64, bound)", rows, cols), e, 1e-13);
     }
 }
 
