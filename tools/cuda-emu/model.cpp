@@ -1,5 +1,6 @@
-// Runs the real kernels of model.cu under shim.h and compares with f64 references
-// written from src/backend/cpu.rs (and dp.rs for the DP helpers).
+// Runs the real model kernels (kernels/{tensor,norms,rope,attention,activations,embedding,rows}.cu)
+// under shim.h and compares with f64 references
+// written from the CPU twins in src/backend/cpu/ (rows.rs for the DP row helpers).
 #include "shim.h"
 #include "model_emu.cu"
 

@@ -6,7 +6,9 @@
 #
 #   tools/cuda-emu/run.sh clip | noise | prune | tokens    one DP kernel file (seconds each)
 #   tools/cuda-emu/run.sh dp                               all four
-#   tools/cuda-emu/run.sh [model] [TEST|all]               kernels/model.cu (all: ~9 min on 2
+#   tools/cuda-emu/run.sh [model] [TEST|all]               the model kernels: tensor, norms,
+#                                                          rope, attention, activations,
+#                                                          embedding, rows .cu (all: ~9 min on 2
 #                                                          cores); TEST: layernorm rmsnorm rope
 #                                                          heads softmax act gelu_tail embedding
 #                                                          xent patchify copy misc
@@ -50,7 +52,13 @@ case "${1:-all}" in
   dp) for k in clip noise prune tokens; do echo "== $k"; run_dp "$k"; done ;;
   *)
     [ "${1:-}" = model ] && shift
-    emu_source model
+    # One translation unit over the model's kernel files, each keeping its own line
+    # numbers for the barrier checks.
+    : > "$build/model_emu.cu"
+    for k in tensor norms rope attention activations embedding rows; do
+      emu_source "$k"
+      printf '#include "%s_emu.cu"\n' "$k" >> "$build/model_emu.cu"
+    done
     g++ "${flags[@]}" -o "$build/emu_model" "$build/model.cpp"
     "$build/emu_model" "${1:-all}"
     ;;
