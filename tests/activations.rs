@@ -63,12 +63,28 @@ fn gelu_erf_backward() {
     // mpmath: 1·Φ(1), −2·Φ(−2), Φ(1) + φ(1), Φ(−2) − 2φ(−2).
     let mut y = vec![0.0; 2];
     be.gelu_erf_fwd(&mut y, &vec![1.0, -2.0]).unwrap();
-    assert!(common::rel(y[0], 0.841_344_746_068_542_9) < 1e-15, "{}", y[0]);
-    assert!(common::rel(y[1], -0.045_500_263_896_358_42) < 1e-14, "{}", y[1]);
+    assert!(
+        common::rel(y[0], 0.841_344_746_068_542_9) < 1e-15,
+        "{}",
+        y[0]
+    );
+    assert!(
+        common::rel(y[1], -0.045_500_263_896_358_42) < 1e-14,
+        "{}",
+        y[1]
+    );
     be.gelu_erf_bwd(&mut y, &vec![1.0, 1.0], &vec![1.0, -2.0])
         .unwrap();
-    assert!(common::rel(y[0], 1.083_315_470_587_686_4) < 1e-15, "{}", y[0]);
-    assert!(common::rel(y[1], -0.085_231_801_078_196_9) < 1e-14, "{}", y[1]);
+    assert!(
+        common::rel(y[0], 1.083_315_470_587_686_4) < 1e-15,
+        "{}",
+        y[0]
+    );
+    assert!(
+        common::rel(y[1], -0.085_231_801_078_196_9) < 1e-14,
+        "{}",
+        y[1]
+    );
 }
 
 #[test]
@@ -80,8 +96,14 @@ fn gelu_erf_length_errors() {
     };
     let (mut o, x3) = (vec![0.0f32; 4], vec![0.0f32; 3]);
     shape(be.gelu_erf_fwd(&mut o, &x3), "gelu_erf input");
-    shape(be.gelu_erf_bwd(&mut o, &x3, &vec![0.0; 4]), "gelu_erf_bwd dout");
-    shape(be.gelu_erf_bwd(&mut o, &vec![0.0; 4], &x3), "gelu_erf_bwd x");
+    shape(
+        be.gelu_erf_bwd(&mut o, &x3, &vec![0.0; 4]),
+        "gelu_erf_bwd dout",
+    );
+    shape(
+        be.gelu_erf_bwd(&mut o, &vec![0.0; 4], &x3),
+        "gelu_erf_bwd x",
+    );
     assert!(be.gelu_erf_fwd(&mut vec![], &vec![]).is_ok());
 }
 
@@ -117,7 +139,8 @@ fn fixture() -> Fixture {
     serde_json::from_str(include_str!("data/gelu_erf.json")).unwrap()
 }
 
-/// Distance in ulps between two f32 values (±0 are the same; both finite).
+/// Distance in ulps between two f32 values (±0 are the same; ±inf count as the next
+/// values past ±f32::MAX; not for NaN).
 fn ulps(a: f32, b: f32) -> u64 {
     // The sign-magnitude bits as a monotone integer line.
     let key = |v: f32| {
@@ -135,7 +158,12 @@ fn erf_matches_libm_and_mpmath() {
     for p in &f.erf {
         let got = erf(p.x);
         let e = (got - p.math_erf).abs();
-        assert!(e <= 1e-14, "erf({:e}) = {got:e}, libm {:e}", p.x, p.math_erf);
+        assert!(
+            e <= 1e-14,
+            "erf({:e}) = {got:e}, libm {:e}",
+            p.x,
+            p.math_erf
+        );
         vs_libm = vs_libm.max(e);
         vs_mp = vs_mp.max((got - p.erf).abs());
         // Relative where the value is far from 0: erfc's whole tail, erf of tiny x.
@@ -144,7 +172,11 @@ fn erf_matches_libm_and_mpmath() {
         }
         if p.x != 0.0 {
             let re = common::rel(got, p.erf);
-            assert!(re < 1e-15 || (got - p.erf).abs() < 3e-16, "erf({:e}) rel {re:e}", p.x);
+            assert!(
+                re < 1e-15 || (got - p.erf).abs() < 3e-16,
+                "erf({:e}) rel {re:e}",
+                p.x
+            );
         }
     }
     println!("erf: worst abs err {vs_libm:.2e} vs libm, {vs_mp:.2e} vs mpmath; erfc: worst rel err {erfc_rel:.2e} vs mpmath");
@@ -155,8 +187,9 @@ fn erf_matches_libm_and_mpmath() {
 
 /// The CPU's f32 exact GELU, forward and backward (dout = 1), at the fixture's points:
 /// within 1 ulp of the exact value everywhere, and within 2 ulp of torch's f32 wherever
-/// torch's f32 is itself within 1 ulp of exact. Elsewhere (x ≲ −1, where torch's
-/// 1 + erf(x/√2) in f32 cancels) torch is farther from exact than the CPU is.
+/// torch's f32 is itself within 1 ulp of exact. Elsewhere torch is farther from exact
+/// than the CPU: mostly x < −1, where torch's 1 + erf(x/√2) in f32 cancels (to −0 in
+/// the forward from x ≈ −5.6), and a few 2-ulp forwards at x > 0.
 #[test]
 fn gelu_erf_matches_torch_and_mpmath() {
     let f = fixture();
@@ -187,23 +220,37 @@ fn gelu_erf_matches_torch_and_mpmath() {
         for i in 0..n {
             let (e, t) = (exact[i] as f32, f32::from_bits(torch[i]));
             let (us, torch_err) = (ulps(got[i], e), ulps(t, e));
-            assert!(us <= 1, "{name} at x = {:e}: {:e} vs exact {e:e} ({us} ulp)", x[i], got[i]);
+            assert!(
+                us <= 1,
+                "{name} at x = {:e}: {:e} vs exact {e:e} ({us} ulp)",
+                x[i],
+                got[i]
+            );
             worst_exact = worst_exact.max(us);
             worst_torch_exact = worst_torch_exact.max(torch_err);
             let ut = ulps(got[i], t);
             if torch_err <= 1 {
-                assert!(ut <= 2, "{name} at x = {:e}: {:e} vs torch {t:e} ({ut} ulp)", x[i], got[i]);
+                assert!(
+                    ut <= 2,
+                    "{name} at x = {:e}: {:e} vs torch {t:e} ({ut} ulp)",
+                    x[i],
+                    got[i]
+                );
                 worst_torch = worst_torch.max(ut);
             } else {
-                assert!(us <= torch_err && x[i] < 0.0, "{name} at x = {:e}", x[i]);
+                assert!(us <= torch_err, "{name} at x = {:e}", x[i]);
                 tail += 1;
-                tail_abs = tail_abs.max((got[i] - t).abs());
+                if t.is_finite() {
+                    tail_abs = tail_abs.max((got[i] - t).abs());
+                } else {
+                    println!("gelu_erf {name}: torch's f32 gives {t} at x = {:e}", x[i]);
+                }
             }
         }
         println!(
             "gelu_erf {name}: worst {worst_exact} ulp vs exact; worst {worst_torch} ulp vs torch \
              f32 where torch is within 1 ulp of exact ({} points); at the other {tail} \
-             (negative tail) torch is off by up to {worst_torch_exact} ulp, {tail_abs:.2e} absolute",
+             torch is off by up to {worst_torch_exact} ulp, {tail_abs:.2e} absolute where finite",
             n - tail
         );
     }
@@ -295,7 +342,13 @@ fn gelu_erf_matches_the_cpu_to_an_ulp<B: Backend>(be: &B) {
         let worst = (0..x.len())
             .map(|i| {
                 let u = ulps(got[k][i], want[k][i]);
-                assert!(u <= 1, "gelu_erf {name} at x = {:e}: {:e} vs CPU {:e}", x[i], got[k][i], want[k][i]);
+                assert!(
+                    u <= 1,
+                    "gelu_erf {name} at x = {:e}: {:e} vs CPU {:e}",
+                    x[i],
+                    got[k][i],
+                    want[k][i]
+                );
                 u
             })
             .max();
