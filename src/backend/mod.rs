@@ -470,8 +470,9 @@ pub trait Backend: Sync {
     }
     /// The exact GELU, `x·Φ(x) = 0.5 x (1 + erf(x/√2))` (torch's `gelu` with
     /// `approximate="none"`, transformers' `"gelu"`, LLaVA's projector activation).
-    /// Both backends compute it in f64 from the f32 input and round once, so the
-    /// result is within 1 ulp of the exact value, the negative tail included.
+    /// Both backends compute it in f64 from the f32 input (Φ from erfc, not
+    /// 1 + erf, so the negative tail keeps its relative accuracy) and round once: the
+    /// CPU is within 1 ulp of mpmath's value (tested; torch's f32 is not, for x ≲ −1).
     fn gelu_erf_fwd(&self, out: &mut Self::Buf, x: &Self::Buf) -> Result<()> {
         check::unary("gelu_erf", self.len(out), self.len(x))?;
         // SAFETY: checked just above.
