@@ -8,9 +8,10 @@
   backward for dout = 1 (so d gelu/dx), and the exact values of x·Φ(x) and
   Φ(x) + x·φ(x) from mpmath at 50 digits (f64, for rounding to f32 in the test).
 
-torch's f32 GELU computes 1 + erf(x/√2) in f32 and so loses all relative accuracy for
-x ≲ −3 (it returns −0 from x ≈ −5.6 on while x·Φ(x) is still ~1e-8); the mpmath values
-are what the crate's f64 twin is judged against there.
+torch's f32 GELU computes 1 + erf(x/√2) in f32, so for x < 0 it loses relative
+accuracy to cancellation (over 1 ulp from x ≈ −1.5 on, 1e-4 relative at −3) and
+returns −0 from x ≈ −5.5 on, where x·Φ(x) is still ~1e-7; the mpmath values are what
+the crate's f64 twin is judged against there.
 
 Needs torch and mpmath (the /work/venv of the project's sessions); not run in CI.
 Run from the repository root: python scripts/make_gelu_fixture.py

@@ -188,7 +188,7 @@ fn erf_matches_libm_and_mpmath() {
 /// within 1 ulp of the exact value everywhere, and within 2 ulp of torch's f32 wherever
 /// torch's f32 is itself within 1 ulp of exact. Elsewhere torch is farther from exact
 /// than the CPU: mostly x < −1, where torch's 1 + erf(x/√2) in f32 cancels (to −0 in
-/// the forward from x ≈ −5.6), and a few 2-ulp forwards at x > 0.
+/// the forward from x ≈ −5.5), and a few 2-ulp forwards at x > 0.
 #[test]
 fn gelu_erf_matches_torch_and_mpmath() {
     let f = fixture();

@@ -37,7 +37,7 @@ const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7; // 1/√(2π)
 
 /// The exact GELU `x·Φ(x)`. Φ comes from erfc, not from 1 + erf(x/√2), so the
 /// negative tail keeps its relative accuracy (torch's f32 GELU, which adds 1 + erf in
-/// f32, returns −0 from x ≈ −5.6 on).
+/// f32, returns −0 from x ≈ −5.5 on).
 pub(super) fn gelu_erf(x: f64) -> f64 {
     x * norm_cdf(x)
 }
