@@ -1,9 +1,11 @@
 // Activations, elementwise over n values: CLIP's quick-GELU (forward only, the
-// vision tower is frozen), GELU (tanh approximation) and SwiGLU, with backwards.
+// vision tower is frozen), GELU (tanh approximation), the exact (erf) GELU and SwiGLU,
+// with backwards.
 // CPU twin: src/backend/cpu/activations.rs; launchers: src/gpu/activations.rs.
 #include "layers.cuh"
 
 #define GELU_C 0.7978845608028654f  // sqrt(2/pi)
+#define FRAC_1_SQRT_2PI 0.3989422804014327  // 1/sqrt(2 pi), double
 
 namespace layers {
 
@@ -31,6 +33,30 @@ __device__ __forceinline__ void gelu_bwd(T* dx, const T* dout, const T* x, long 
     float g = 0.5f * (1.f + th) +
               0.5f * v * (1.f - th * th) * GELU_C * (1.f + 3.f * 0.044715f * v * v);
     dx[i] = from_float<T>(to_float(dout[i]) * g);
+  }
+}
+
+// The exact GELU x·Φ(x) and its derivative Φ(x) + x·φ(x) in double, as the CPU twin
+// computes them, rounded once to T: normcdf (≤ 5 double ulp, CUDA math docs) keeps the
+// negative tail's relative accuracy, which 1 + erff(x/√2) in float loses to
+// cancellation; rounding the double result once leaves the f32 within 1 ulp of the
+// exact value and of the CPU (tests/activations.rs judges the GPU by that ulp).
+// Double costs little in this memory-bound op on sm_80/sm_90 (FP64 at half the FP32
+// rate); on GPUs with 1/64-rate FP64 it would not.
+template <typename T>
+__device__ __forceinline__ void gelu_erf_fwd(T* out, const T* x, long long n) {
+  GRID_STRIDE(i, n) {
+    double v = to_float(x[i]);
+    out[i] = from_float<T>(__double2float_rn(v * normcdf(v)));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void gelu_erf_bwd(T* dx, const T* dout, const T* x, long long n) {
+  GRID_STRIDE(i, n) {
+    double v = to_float(x[i]);
+    double g = normcdf(v) + v * FRAC_1_SQRT_2PI * exp(-0.5 * v * v);
+    dx[i] = from_float<T>(__double2float_rn((double)to_float(dout[i]) * g));
   }
 }
 
@@ -68,6 +94,15 @@ extern "C" __global__ void gelu_fwd_f32(float* out, const float* x, long long n)
 
 extern "C" __global__ void gelu_bwd_f32(float* dx, const float* dout, const float* x, long long n) {
   layers::gelu_bwd(dx, dout, x, n);
+}
+
+extern "C" __global__ void gelu_erf_fwd_f32(float* out, const float* x, long long n) {
+  layers::gelu_erf_fwd(out, x, n);
+}
+
+extern "C" __global__ void gelu_erf_bwd_f32(float* dx, const float* dout, const float* x,
+                                            long long n) {
+  layers::gelu_erf_bwd(dx, dout, x, n);
 }
 
 extern "C" __global__ void swiglu_fwd_f32(float* out, const float* gate, const float* up,

@@ -246,10 +246,20 @@ pub fn unary(what: &str, out: usize, x: usize) -> Result<()> {
     check_len(&format!("{what} input"), x, out)
 }
 
+/// An elementwise backward `dx = dout · f'(x)`: `dout` and `x` as long as `dx`.
+fn unary_bwd(what: &str, dx: usize, dout: usize, x: usize) -> Result<()> {
+    check_len(&format!("{what} dout"), dout, dx)?;
+    check_len(&format!("{what} x"), x, dx)
+}
+
 /// [`Backend::gelu_bwd`](super::Backend::gelu_bwd).
 pub fn gelu_bwd(dx: usize, dout: usize, x: usize) -> Result<()> {
-    check_len("gelu_bwd dout", dout, dx)?;
-    check_len("gelu_bwd x", x, dx)
+    unary_bwd("gelu_bwd", dx, dout, x)
+}
+
+/// [`Backend::gelu_erf_bwd`](super::Backend::gelu_erf_bwd).
+pub fn gelu_erf_bwd(dx: usize, dout: usize, x: usize) -> Result<()> {
+    unary_bwd("gelu_erf_bwd", dx, dout, x)
 }
 
 /// [`Backend::swiglu_fwd`](super::Backend::swiglu_fwd).

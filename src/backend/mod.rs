@@ -468,6 +468,23 @@ pub trait Backend: Sync {
         // SAFETY: checked just above.
         unsafe { self.gelu_bwd_unchecked(dx, dout, x) }
     }
+    /// The exact GELU, `x·Φ(x) = 0.5 x (1 + erf(x/√2))` (torch's `gelu` with
+    /// `approximate="none"`, transformers' `"gelu"`, LLaVA's projector activation).
+    /// Both backends compute it in f64 from the f32 input (Φ from erfc, not
+    /// 1 + erf, so the negative tail keeps its relative accuracy) and round once: the
+    /// CPU is within 1 ulp of mpmath's value (tested; torch's f32 is not, for x ≲ −1).
+    fn gelu_erf_fwd(&self, out: &mut Self::Buf, x: &Self::Buf) -> Result<()> {
+        check::unary("gelu_erf", self.len(out), self.len(x))?;
+        // SAFETY: checked just above.
+        unsafe { self.gelu_erf_fwd_unchecked(out, x) }
+    }
+    /// Exact-GELU backward: overwrites `dx` with `dout · (Φ(x) + x·φ(x))`, φ the
+    /// standard normal density (computed in f64, like the forward).
+    fn gelu_erf_bwd(&self, dx: &mut Self::Buf, dout: &Self::Buf, x: &Self::Buf) -> Result<()> {
+        check::gelu_erf_bwd(self.len(dx), self.len(dout), self.len(x))?;
+        // SAFETY: checked just above.
+        unsafe { self.gelu_erf_bwd_unchecked(dx, dout, x) }
+    }
     /// SwiGLU: `out = silu(gate) · up`, `silu(g) = g σ(g)`.
     fn swiglu_fwd(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf) -> Result<()> {
         check::swiglu_fwd(self.len(out), self.len(gate), self.len(up))?;
@@ -736,6 +753,21 @@ pub trait Backend: Sync {
     /// # Safety
     /// The lengths pass [`check::gelu_bwd`].
     unsafe fn gelu_bwd_unchecked(
+        &self,
+        dx: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+    ) -> Result<()>;
+    /// [`Self::gelu_erf_fwd`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::unary`].
+    unsafe fn gelu_erf_fwd_unchecked(&self, out: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+    /// [`Self::gelu_erf_bwd`] without its checks.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::gelu_erf_bwd`].
+    unsafe fn gelu_erf_bwd_unchecked(
         &self,
         dx: &mut Self::Buf,
         dout: &Self::Buf,

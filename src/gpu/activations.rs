@@ -1,5 +1,5 @@
-//! Launchers for `kernels/activations.cu`: quick-GELU, GELU and SwiGLU with their
-//! backwards, elementwise over the output's length. CPU twin:
+//! Launchers for `kernels/activations.cu`: quick-GELU, GELU (tanh), the exact (erf)
+//! GELU and SwiGLU with their backwards, elementwise over the output's length. CPU twin:
 //! `src/backend/cpu/activations.rs`.
 use cudarc::driver::{CudaView, CudaViewMut};
 
@@ -23,6 +23,24 @@ unsafe fn unary(
     let p = [dptr_mut(out, st), dptr(x, st)];
     // SAFETY: the argument list of the unary kernels; n items of both buffers.
     unsafe { elementwise(gpu, k, n, &[&p[0], &p[1], &i64_of(n)]) }
+}
+
+/// `dx = dout · f'(x)` for a one-input activation's backward kernel.
+///
+/// # Safety
+/// `dout` and `x` are as long as `dx`.
+unsafe fn unary_bwd(
+    gpu: &Gpu,
+    k: Kernel,
+    dx: &mut CudaViewMut<'_, f32>,
+    dout: &CudaView<'_, f32>,
+    x: &CudaView<'_, f32>,
+) -> Result<()> {
+    let n = dx.len();
+    let st = gpu.stream();
+    let p = [dptr_mut(dx, st), dptr(dout, st), dptr(x, st)];
+    // SAFETY: the argument list of the unary backward kernels; n items of every buffer.
+    unsafe { elementwise(gpu, k, n, &[&p[0], &p[1], &p[2], &i64_of(n)]) }
 }
 
 /// CLIP's quick-GELU, `out = x · σ(1.702 x)`.
@@ -61,11 +79,35 @@ pub unsafe fn gelu_bwd(
     dout: &CudaView<'_, f32>,
     x: &CudaView<'_, f32>,
 ) -> Result<()> {
-    let n = dx.len();
-    let st = gpu.stream();
-    let p = [dptr_mut(dx, st), dptr(dout, st), dptr(x, st)];
-    // SAFETY: the argument list of gelu_bwd_f32; n items of every buffer.
-    unsafe { elementwise(gpu, K::GELU_BWD_F32, n, &[&p[0], &p[1], &p[2], &i64_of(n)]) }
+    // SAFETY: forwarded to the caller.
+    unsafe { unary_bwd(gpu, K::GELU_BWD_F32, dx, dout, x) }
+}
+
+/// The exact GELU `x·Φ(x)`, computed in double and rounded once.
+///
+/// # Safety
+/// The lengths pass [`crate::backend::check::unary`].
+pub unsafe fn gelu_erf_fwd(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, f32>,
+) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    unsafe { unary(gpu, K::GELU_ERF_FWD_F32, out, x) }
+}
+
+/// Exact-GELU backward, `dx = dout · (Φ(x) + x·φ(x))`: overwrites `dx`.
+///
+/// # Safety
+/// The lengths pass [`crate::backend::check::gelu_erf_bwd`].
+pub unsafe fn gelu_erf_bwd(
+    gpu: &Gpu,
+    dx: &mut CudaViewMut<'_, f32>,
+    dout: &CudaView<'_, f32>,
+    x: &CudaView<'_, f32>,
+) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    unsafe { unary_bwd(gpu, K::GELU_ERF_BWD_F32, dx, dout, x) }
 }
 
 /// SwiGLU, `out = silu(gate) · up`.

@@ -286,7 +286,18 @@ impl<T: Real> Backend for CpuOf<T> {
         activations::map(out, x, activations::gelu)
     }
     unsafe fn gelu_bwd_unchecked(&self, dx: &mut Vec<T>, dout: &Vec<T>, x: &Vec<T>) -> Result<()> {
-        activations::gelu_bwd(dx, dout, x)
+        activations::unary_bwd(dx, dout, x, activations::gelu_grad)
+    }
+    unsafe fn gelu_erf_fwd_unchecked(&self, out: &mut Vec<T>, x: &Vec<T>) -> Result<()> {
+        activations::map(out, x, activations::gelu_erf)
+    }
+    unsafe fn gelu_erf_bwd_unchecked(
+        &self,
+        dx: &mut Vec<T>,
+        dout: &Vec<T>,
+        x: &Vec<T>,
+    ) -> Result<()> {
+        activations::unary_bwd(dx, dout, x, activations::gelu_erf_grad)
     }
     unsafe fn swiglu_fwd_unchecked(
         &self,

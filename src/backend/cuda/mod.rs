@@ -599,6 +599,21 @@ impl Backend for Cuda {
         }
     }
 
+    unsafe fn gelu_erf_fwd_unchecked(&self, out: &mut GpuBuf, x: &GpuBuf) -> Result<()> {
+        unsafe { gpu::activations::gelu_erf_fwd(&self.gpu, &mut out.view_mut(), &x.view()) }
+    }
+
+    unsafe fn gelu_erf_bwd_unchecked(
+        &self,
+        dx: &mut GpuBuf,
+        dout: &GpuBuf,
+        x: &GpuBuf,
+    ) -> Result<()> {
+        unsafe {
+            gpu::activations::gelu_erf_bwd(&self.gpu, &mut dx.view_mut(), &dout.view(), &x.view())
+        }
+    }
+
     unsafe fn swiglu_fwd_unchecked(
         &self,
         out: &mut GpuBuf,

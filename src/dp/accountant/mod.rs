@@ -298,8 +298,9 @@ pub fn calibrate_sigma(
     Ok(hi)
 }
 
-/// Special functions in f64: erfc and the normal CDF, accurate in the far tails
-/// (relative error ~1e-15), which the accountants need for tiny δ.
+/// Special functions in f64: erf, erfc and the normal CDF, accurate in the far tails
+/// (relative error ~1e-15), which the accountants need for tiny δ; the CPU twin of the
+/// exact GELU uses them too.
 pub mod special {
     /// `1/√π`.
     const FRAC_1_SQRT_PI: f64 = 0.564_189_583_547_756_3;
@@ -352,6 +353,19 @@ pub mod special {
         let h = f64::from_bits(x.to_bits() & 0xffff_ffff_f800_0000);
         let r = x - h;
         (-h * h).exp() * (-r * (x + h)).exp()
+    }
+
+    /// Error function `erf(x) = (2/√π) ∫₀ˣ e^{−t²} dt`: the series for |x| < 1,
+    /// `±(1 − erfc |x|)` beyond. Measured against mpmath on 218 points of [−27, 27]
+    /// (`tests/data/gelu_erf.json`, `tests/activations.rs`): at most 2.2e-16 absolute
+    /// (libm's `erf` too), and 2.8e-16 relative for 0 < |x| < 1, tiny x included.
+    pub fn erf(x: f64) -> f64 {
+        if x.abs() < SERIES_CF_SPLIT {
+            erf_series(x)
+        } else {
+            // NaN falls through to erfc's NaN.
+            (1.0 - erfc(x.abs())).copysign(x)
+        }
     }
 
     /// Complementary error function `erfc(x) = (2/√π) ∫ₓ^∞ e^{−t²} dt`.
