@@ -225,8 +225,10 @@ def main():
         PreTrainedTokenizerFast,
     )
 
-    shutil.rmtree(OUT, ignore_errors=True)
-    os.makedirs(OUT)
+    # Only this script's outputs: other scripts keep fixtures in the same folder.
+    for d in ["hub", "v5", "sharded", "memory", "adapter"]:
+        shutil.rmtree(os.path.join(OUT, d), ignore_errors=True)
+    os.makedirs(OUT, exist_ok=True)
     tok = build_tokenizer(os.path.join(OUT, "tokenizer.json"))
     image_id = tok.token_to_id("<image>")
     pad_id = tok.token_to_id("<pad>")
@@ -299,8 +301,21 @@ def main():
                 p.copy_(0.5 * torch.randn_like(p))
             if "embed_tokens" in name or "lm_head" in name or "patch_embedding" in name:
                 p.copy_(0.2 * torch.randn_like(p))
+            if "multi_modal_projector.linear_" in name and name.endswith("weight"):
+                # Pre-activations of several units, so the exact GELU and its tanh
+                # approximation give measurably different features.
+                p.mul_(12.0)
             p.copy_(round_shared(p.detach().clone()))
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        h = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
+        proj = model.model.multi_modal_projector
+        pre = proj.linear_1(h)
+        exact = proj.linear_2(torch.nn.functional.gelu(pre))
+        tanh = proj.linear_2(torch.nn.functional.gelu(pre, approximate="tanh"))
+        gap = (exact - tanh).abs().max().item()
+    assert gap > 5e-4, f"the fixture cannot tell the exact GELU from tanh ({gap:.1e})"
+    print(f"projector pre-activations up to {pre.abs().max().item():.2f}; exact vs tanh GELU features differ by {gap:.2e}")
 
     # Layouts.
     model.save_pretrained(os.path.join(OUT, "v5"))
@@ -383,7 +398,7 @@ def main():
     }
     save_file(refs, os.path.join(OUT, "refs.safetensors"))
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(OUT) for f in fs)
-    print(f"wrote {OUT}: {size / 1e6:.2f} MB; vocab {vocab}, <image> = {image_id}")
+    print(f"{OUT} now holds {size / 1e6:.2f} MB; vocab {vocab}, <image> = {image_id}")
     return 0
 
 

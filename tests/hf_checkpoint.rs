@@ -71,12 +71,12 @@ fn config_defaults_match_transformers() {
             r["vision_feature_layer"].as_i64().unwrap()
         );
         assert_eq!(
-            c.projector_bias,
+            c.model.projector.bias,
             r["projector_bias"].as_bool().unwrap(),
             "{name}"
         );
         assert_eq!(r["projector_act"], "gelu");
-        assert_eq!(c.projector_act, ProjectorAct::Gelu);
+        assert_eq!(c.model.projector.act, ProjectorAct::Gelu);
         let want = match r["select_strategy"].as_str().unwrap() {
             "default" => VisionFeature::Patch,
             _ => VisionFeature::ClsPatch,

@@ -29,7 +29,9 @@ fn small_cfg(feature: VisionFeature) -> ModelConfig {
             mlp: 16,
             ln_eps: 1e-5,
             feature,
+            patch_bias: true,
         },
+        projector: ProjectorConfig::PRESET,
         llm: LlmConfig {
             hidden: 16,
             layers: 2,
@@ -66,6 +68,7 @@ fn batch(cfg: &ModelConfig, b: usize, t: usize, seed: u64, with_empty: bool) -> 
         targets: (0..b * t).map(|_| r.random_range(0..vocab)).collect(),
         loss_mask: mask,
         example_ids: (0..b).collect(),
+        image_pos: None,
     }
 }
 
@@ -81,6 +84,7 @@ fn example(bt: &Batch, i: usize) -> Batch {
         targets: bt.targets[i * t..][..t].to_vec(),
         loss_mask: bt.loss_mask[i * t..][..t].to_vec(),
         example_ids: vec![i],
+        image_pos: bt.image_pos.as_ref().map(|p| vec![p[i]]),
     }
 }
 

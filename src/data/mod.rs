@@ -30,4 +30,11 @@ pub struct Batch {
     pub loss_mask: Vec<f32>,
     /// Dataset indices of the examples, for logging and debugging.
     pub example_ids: Vec<usize>,
+    /// Where the visual tokens go. `None`: before the text (`[visual, text]`, the
+    /// built-in task). `Some(p)`: example i's text has an `<image>` placeholder at
+    /// position `p[i]`, which the V visual tokens replace, with text on both sides
+    /// as in LLaVA (`USER: <image>\n… ASSISTANT: …`); text position `p[i]` then
+    /// reads its logits from the last visual token, as transformers' expanded
+    /// sequence does.
+    pub image_pos: Option<Vec<usize>>,
 }

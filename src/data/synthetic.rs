@@ -599,6 +599,7 @@ impl Dataset {
             targets: vec![PAD; b * text_len],
             loss_mask: vec![0.0; b * text_len],
             example_ids: indices.to_vec(),
+            image_pos: None,
         };
         for (row, &idx) in indices.iter().enumerate() {
             let ex = self.examples.get(idx).ok_or_else(|| {

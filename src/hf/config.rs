@@ -11,22 +11,15 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use crate::model::config::{LlmConfig, ModelConfig, VisionConfig, VisionFeature};
+pub use crate::model::config::ProjectorAct;
+use crate::model::config::{LlmConfig, ModelConfig, ProjectorConfig, VisionConfig, VisionFeature};
 use crate::{Error, Result};
-
-/// The projector's activation (`projector_hidden_act`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProjectorAct {
-    /// `gelu`: the exact erf GELU (transformers' `GELUActivation`).
-    Gelu,
-    /// `gelu_pytorch_tanh` / `gelu_new`: the tanh approximation.
-    GeluTanh,
-}
 
 /// What a LLaVA `config.json` says, with defaults filled in.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlavaConfig {
-    /// The sizes, in the crate's terms. `name` is the folder name.
+    /// The sizes, in the crate's terms (the projector's activation and biases
+    /// included, the patch embedding without a bias). `name` is the folder name.
     pub model: ModelConfig,
     /// Token id whose positions receive the image features (`image_token_index`,
     /// alias `image_token_id`).
@@ -34,10 +27,6 @@ pub struct LlavaConfig {
     /// The vision layer whose output feeds the projector (`vision_feature_layer`);
     /// only −2 (or its positive equivalent) is supported.
     pub vision_feature_layer: i64,
-    /// The projector's activation.
-    pub projector_act: ProjectorAct,
-    /// Whether the projector's linears have biases (`multimodal_projector_bias`).
-    pub projector_bias: bool,
     /// `pad_token_id` at the top level or in `text_config`, when given.
     pub pad_token_id: Option<u32>,
     /// `text_config.max_position_embeddings`.
@@ -208,6 +197,7 @@ impl LlavaConfig {
                     )))
                 }
             },
+            patch_bias: false,
         };
 
         let txt = sub("text_config")?.unwrap_or(&empty);
@@ -332,6 +322,10 @@ impl LlavaConfig {
         let model = ModelConfig {
             name: name.to_string(),
             vision,
+            projector: ProjectorConfig {
+                act: projector_act,
+                bias: projector_bias,
+            },
             llm,
         };
         model
@@ -341,8 +335,6 @@ impl LlavaConfig {
             model,
             image_token_id,
             vision_feature_layer,
-            projector_act,
-            projector_bias,
             pad_token_id,
             max_positions: c.usize(txt, t, "max_position_embeddings", 2048)?,
         })

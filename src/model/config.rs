@@ -33,6 +33,9 @@ pub struct VisionConfig {
     pub ln_eps: f32,
     /// Tokens passed on when token selection is off.
     pub feature: VisionFeature,
+    /// Whether the patch embedding has a bias (the crate's presets: yes; HF's CLIP
+    /// `Conv2d(..., bias=False)`: no).
+    pub patch_bias: bool,
 }
 
 impl VisionConfig {
@@ -108,6 +111,32 @@ impl LlmConfig {
     }
 }
 
+/// The projector's activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProjectorAct {
+    /// The exact GELU `x·Φ(x)`: transformers' `gelu`, LLaVA-1.5's projector.
+    Gelu,
+    /// The tanh approximation (`gelu_pytorch_tanh`): the crate's presets.
+    GeluTanh,
+}
+
+/// LLaVA's `mlp2x_gelu` projector: `Linear(Dv→D) → act → Linear(D→D)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProjectorConfig {
+    /// The activation between the two linears.
+    pub act: ProjectorAct,
+    /// Whether both linears have biases (`multimodal_projector_bias`).
+    pub bias: bool,
+}
+
+impl ProjectorConfig {
+    /// The presets' projector: tanh GELU, biases.
+    pub const PRESET: Self = Self {
+        act: ProjectorAct::GeluTanh,
+        bias: true,
+    };
+}
+
 /// A LLaVA-style model: vision tower → projector (mlp2x_gelu) → Llama.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
@@ -115,6 +144,8 @@ pub struct ModelConfig {
     pub name: String,
     /// Vision tower.
     pub vision: VisionConfig,
+    /// Projector.
+    pub projector: ProjectorConfig,
     /// Decoder.
     pub llm: LlmConfig,
 }
@@ -132,6 +163,7 @@ fn clip_vit_l14_336() -> VisionConfig {
         mlp: 4096,
         ln_eps: 1e-5,
         feature: VisionFeature::Patch,
+        patch_bias: true,
     }
 }
 
@@ -154,7 +186,9 @@ impl ModelConfig {
                     mlp: 256,
                     ln_eps: 1e-5,
                     feature: VisionFeature::Patch,
+                    patch_bias: true,
                 },
+                projector: ProjectorConfig::PRESET,
                 llm: LlmConfig {
                     hidden: 128,
                     layers: 2,
@@ -169,6 +203,7 @@ impl ModelConfig {
             "tinyllava-1b" => ModelConfig {
                 name: name.into(),
                 vision: clip_vit_l14_336(),
+                projector: ProjectorConfig::PRESET,
                 llm: LlmConfig {
                     hidden: 2048,
                     layers: 22,
@@ -183,6 +218,7 @@ impl ModelConfig {
             "llava-7b" => ModelConfig {
                 name: name.into(),
                 vision: clip_vit_l14_336(),
+                projector: ProjectorConfig::PRESET,
                 llm: LlmConfig {
                     hidden: 4096,
                     layers: 32,
@@ -250,12 +286,13 @@ impl ModelConfig {
         let (dv, d) = (v.hidden as u64, l.hidden as u64);
         let vit_layer = 4 * (dv * dv + dv) + 2 * dv * v.mlp as u64 + v.mlp as u64 + dv + 4 * dv;
         let vit = v.patch_dim() as u64 * dv
-            + dv
+            + if v.patch_bias { dv } else { 0 }
             + dv
             + v.tokens() as u64 * dv
             + 2 * dv
             + v.layers_run() as u64 * vit_layer;
-        let proj = dv * d + d + d * d + d;
+        let pb = if self.projector.bias { 2 * d } else { 0 };
+        let proj = dv * d + d * d + pb;
         let layer: u64 = LoraTarget::ALL
             .iter()
             .map(|&t| {
@@ -296,7 +333,9 @@ impl ModelConfig {
                 groups
                     .iter()
                     .map(|g| match g {
-                        FullGroup::Projector => dv * d + d + d * d + d,
+                        FullGroup::Projector => {
+                            dv * d + d * d + if self.projector.bias { 2 * d } else { 0 }
+                        }
                         FullGroup::Attention => layers * sum_of(&LoraTarget::ATTENTION),
                         FullGroup::Mlp => layers * sum_of(&LoraTarget::MLP),
                         FullGroup::LmHead | FullGroup::Embeddings => l.vocab as u64 * d,

@@ -2,10 +2,16 @@
 //!
 //! ```text
 //! images → vision tower (layer −2) → [token selection] → projector ─┐
-//! input_ids → embedding ─────────────────────────────────────────────┴→ [visual, text]
-//!   → Llama decoder (positions 0..V+T) → RMSNorm → lm_head at the T text positions
+//! input_ids → embedding ─────────────────────────────────────────────┴→ sequence
+//!   → Llama decoder (positions 0..L) → RMSNorm → lm_head at the T text positions
 //!   → cross-entropy at masked positions
 //! ```
+//!
+//! **Sequence.** `[visual, text]` (L = V + T) for the built-in task, or, when the
+//! batch marks an `<image>` placeholder ([`Batch::image_pos`]), the text with the V
+//! visual tokens spliced in place of the placeholder (L = V + T − 1), as
+//! transformers' LLaVA does. Padding is on the right only, so the causal decoder
+//! never lets a real token see a pad.
 //!
 //! **Loss.** ℓ_i is the mean cross-entropy over example i's positions with
 //! `loss_mask = 1` (0 if it has none). The backward differentiates Σ_i ℓ_i (a sum
@@ -48,11 +54,12 @@ struct Fwd<B: Backend> {
     b: usize,
     v: usize,
     t: usize,
+    lay: SeqLayout,
     proj: ProjCache<B>,
     layers: Vec<LayerCache<B>>,
     x_final: B::Buf,
     rstd_f: B::Buf,
-    /// `[b, V+T, D]` after the final norm.
+    /// `[b, L, D]` after the final norm.
     hf: B::Buf,
     /// `[b·T, D]` text rows of `hf` (lm_head input), when the loss was computed.
     ht: Option<B::Buf>,
@@ -60,18 +67,137 @@ struct Fwd<B: Backend> {
     per_ex: Option<B::Buf>,
 }
 
-fn text_rows(b: usize, v: usize, t: usize, d: usize) -> Blocks {
-    // [b, V+T, D] → [b, T, D]
-    Blocks {
-        count: b,
-        len: t * d,
-        src_off: v * d,
-        src_stride: (v + t) * d,
-        dst_off: 0,
-        dst_stride: t * d,
+/// Where each example's visual and text tokens sit in the decoder's sequence of
+/// `l` tokens (see [`Batch::image_pos`]): text `[0, p)`, then V visual tokens, then
+/// text `[p + r, T)`, where r = 1 when a placeholder at p is replaced (HF LLaVA)
+/// and r = 0, p = 0 for `[visual, text]`.
+struct SeqLayout {
+    b: usize,
+    v: usize,
+    t: usize,
+    l: usize,
+    r: usize,
+    pos: Vec<usize>,
+}
+
+impl SeqLayout {
+    fn new(batch: &Batch, v: usize) -> Self {
+        let (b, t) = (batch.size, batch.text_len);
+        let (r, pos) = match &batch.image_pos {
+            None => (0, vec![0; b]),
+            Some(p) => (1, p.clone()),
+        };
+        Self {
+            b,
+            v,
+            t,
+            l: v + t - r,
+            r,
+            pos,
+        }
+    }
+
+    /// One block copy per run of consecutive rows, `d` values per row.
+    fn rows(count: usize, src: usize, dst: usize, d: usize) -> Blocks {
+        Blocks {
+            count: 1,
+            len: count * d,
+            src_off: src * d,
+            src_stride: 0,
+            dst_off: dst * d,
+            dst_stride: 0,
+        }
+    }
+
+    /// Text embeddings `[b, T, d]` into the sequence `[b, l, d]` (the placeholder
+    /// row, if any, is dropped).
+    fn text_into_seq(&self, d: usize) -> Vec<Blocks> {
+        let (t, l, v, r) = (self.t, self.l, self.v, self.r);
+        if r == 0 {
+            return vec![Blocks {
+                count: self.b,
+                len: t * d,
+                src_off: 0,
+                src_stride: t * d,
+                dst_off: v * d,
+                dst_stride: l * d,
+            }];
+        }
+        let mut out = Vec::with_capacity(2 * self.b);
+        for (i, &p) in self.pos.iter().enumerate() {
+            if p > 0 {
+                out.push(Self::rows(p, i * t, i * l, d));
+            }
+            if t > p + r {
+                out.push(Self::rows(t - p - r, i * t + p + r, i * l + p + v, d));
+            }
+        }
+        out
+    }
+
+    /// Visual tokens `[b, V, d]` into the sequence.
+    fn vis_into_seq(&self, d: usize) -> Vec<Blocks> {
+        let (l, v) = (self.l, self.v);
+        if self.r == 0 {
+            return vec![Blocks {
+                count: self.b,
+                len: v * d,
+                src_off: 0,
+                src_stride: v * d,
+                dst_off: 0,
+                dst_stride: l * d,
+            }];
+        }
+        (0..self.b)
+            .filter(|_| v > 0)
+            .map(|i| Self::rows(v, i * v, i * l + self.pos[i], d))
+            .collect()
+    }
+
+    /// The sequence row whose output gives the logits of text position j: text
+    /// before the image reads its own row; the placeholder reads the last visual
+    /// token's; text after it reads its own shifted row.
+    fn readout_row(&self, i: usize, j: usize) -> usize {
+        let p = self.pos[i];
+        if j < p {
+            j
+        } else {
+            j + self.v - self.r
+        }
+    }
+
+    /// Sequence rows `[b, l, d]` to the T readout rows `[b, T, d]`.
+    fn readout(&self, d: usize) -> Vec<Blocks> {
+        let (t, l) = (self.t, self.l);
+        if self.r == 0 {
+            return vec![Blocks {
+                count: self.b,
+                len: t * d,
+                src_off: self.v * d,
+                src_stride: l * d,
+                dst_off: 0,
+                dst_stride: t * d,
+            }];
+        }
+        let mut out = Vec::with_capacity(2 * self.b);
+        for (i, &p) in self.pos.iter().enumerate() {
+            if p > 0 {
+                out.push(Self::rows(p, i * l, i * t, d));
+            }
+            if t > p {
+                out.push(Self::rows(
+                    t - p,
+                    i * l + self.readout_row(i, p),
+                    i * t + p,
+                    d,
+                ));
+            }
+        }
+        out
     }
 }
 
+/// The same copies in the other direction (scatter instead of gather).
 fn swap(b: Blocks) -> Blocks {
     Blocks {
         src_off: b.dst_off,
@@ -80,6 +206,10 @@ fn swap(b: Blocks) -> Blocks {
         dst_stride: b.src_stride,
         ..b
     }
+}
+
+fn copy_all<B: Backend>(be: &B, dst: &mut B::Buf, src: &B::Buf, blocks: &[Blocks]) -> Result<()> {
+    blocks.iter().try_for_each(|&b| be.copy_blocks(dst, src, b))
 }
 
 impl<B: Backend> Mllm<B> {
@@ -114,6 +244,7 @@ impl<B: Backend> Mllm<B> {
             &mut bd,
             cfg.vision.hidden,
             cfg.llm.hidden,
+            cfg.projector,
             mode.has_group(FullGroup::Projector),
         )?;
         let llm = Llama::build(&mut bd, &cfg.llm, mode)?;
@@ -202,6 +333,14 @@ impl<B: Backend> Mllm<B> {
         self.store.index.get(name).map(|&i| self.store.buf(i))
     }
 
+    /// A tensor's shape by name.
+    pub fn tensor_shape(&self, name: &str) -> Option<&[usize]> {
+        self.store
+            .index
+            .get(name)
+            .map(|&i| self.store.tensors[i].shape.as_slice())
+    }
+
     /// Any tensor by name, mutably (tests, weight surgery).
     pub fn tensor_mut(&mut self, name: &str) -> Option<&mut B::Buf> {
         let i = *self.store.index.get(name)?;
@@ -248,6 +387,16 @@ impl<B: Backend> Mllm<B> {
             ensure_shape(len == bt, || {
                 format!("batch {name} has {len} values, expected B·T = {b}·{t}")
             })?;
+        }
+        if let Some(pos) = &batch.image_pos {
+            ensure_shape(pos.len() == b, || {
+                format!("batch image_pos has {} entries for {b} examples", pos.len())
+            })?;
+            if let Some((i, p)) = pos.iter().enumerate().find(|(_, &p)| p >= t) {
+                return Err(Error::Shape(format!(
+                    "example {i}: the <image> placeholder at position {p} is outside its {t} text tokens"
+                )));
+            }
         }
         let vocab = self.cfg.llm.vocab;
         if let Some((i, id)) = batch
@@ -342,18 +491,11 @@ impl<B: Backend> Mllm<B> {
             },
             lc.vocab,
         )?;
-        let l = v + t;
+        let lay = SeqLayout::new(batch, v);
+        let l = lay.l;
         let mut x = be.zeros(b * l * d)?;
-        let vis_rows = Blocks {
-            count: b,
-            len: v * d,
-            src_off: 0,
-            src_stride: v * d,
-            dst_off: 0,
-            dst_stride: l * d,
-        };
-        be.copy_blocks(&mut x, &vis, vis_rows)?;
-        be.copy_blocks(&mut x, &txt, swap(text_rows(b, v, t, d)))?;
+        copy_all(be, &mut x, &vis, &lay.vis_into_seq(d))?;
+        copy_all(be, &mut x, &txt, &lay.text_into_seq(d))?;
         // Decoder.
         let mut layers = Vec::new();
         for i in 0..lc.layers {
@@ -380,6 +522,7 @@ impl<B: Backend> Mllm<B> {
             b,
             v,
             t,
+            lay,
             proj,
             layers,
             x_final: x,
@@ -391,7 +534,7 @@ impl<B: Backend> Mllm<B> {
         };
         if with_loss {
             let mut ht = be.zeros(b * t * d)?;
-            be.copy_blocks(&mut ht, &fwd.hf, text_rows(b, v, t, d))?;
+            copy_all(be, &mut ht, &fwd.hf, &fwd.lay.readout(d))?;
             let (logits, _) = self.llm.lm_head.forward(be, st, &ht, b * t)?;
             // Row weights: mask / (masked positions of the example), so Σ_rows = Σ_i ℓ_i.
             let mut w = vec![0.0f32; b * t];
@@ -453,7 +596,7 @@ impl<B: Backend> Mllm<B> {
         let st = &self.store;
         let d = self.cfg.llm.hidden;
         let (b, v, t) = (f.b, f.v, f.t);
-        let l = v + t;
+        let l = f.lay.l;
         let mut caps: Vec<Capture<B>> = Vec::new();
         let mut dense = Vec::new();
         let need_bottom = self.proj.trainable() || self.llm.embed_id.is_some();
@@ -474,7 +617,8 @@ impl<B: Backend> Mllm<B> {
         )?;
         if let (Some(lo), Some(dht)) = (lowest, dht) {
             let mut dhf = be.zeros(b * l * d)?;
-            be.copy_blocks(&mut dhf, &dht, swap(text_rows(b, v, t, d)))?;
+            let back: Vec<Blocks> = f.lay.readout(d).into_iter().map(swap).collect();
+            copy_all(be, &mut dhf, &dht, &back)?;
             let mut dx = be.zeros(b * l * d)?;
             let mut dw = be.zeros(d)?;
             be.rmsnorm_bwd(
@@ -502,7 +646,8 @@ impl<B: Backend> Mllm<B> {
             if let (true, Some(dx0)) = (need_bottom, grad) {
                 if let Some(eid) = self.llm.embed_id {
                     let mut dtxt = be.zeros(b * t * d)?;
-                    be.copy_blocks(&mut dtxt, &dx0, text_rows(b, v, t, d))?;
+                    let back: Vec<Blocks> = f.lay.text_into_seq(d).into_iter().map(swap).collect();
+                    copy_all(be, &mut dtxt, &dx0, &back)?;
                     let vocab = self.cfg.llm.vocab;
                     let mut dtable = be.zeros(vocab * d)?;
                     let ids = be.upload_ids(&batch.input_ids)?;
@@ -520,15 +665,8 @@ impl<B: Backend> Mllm<B> {
                 }
                 if self.proj.trainable() {
                     let mut dvis = be.zeros(b * v * d)?;
-                    let rows = Blocks {
-                        count: b,
-                        len: v * d,
-                        src_off: 0,
-                        src_stride: l * d,
-                        dst_off: 0,
-                        dst_stride: v * d,
-                    };
-                    be.copy_blocks(&mut dvis, &dx0, rows)?;
+                    let back: Vec<Blocks> = f.lay.vis_into_seq(d).into_iter().map(swap).collect();
+                    copy_all(be, &mut dvis, &dx0, &back)?;
                     self.proj
                         .backward(be, st, &f.proj, dvis, (b, v), &mut caps)?;
                 }
@@ -572,6 +710,52 @@ impl<B: Backend> Mllm<B> {
         backend.download(&buf)
     }
 
+    /// Logits `[B, T, vocab]` at every text position (forward only). Text position
+    /// j holds the prediction of token j + 1, as in transformers' `logits` once the
+    /// image positions are taken out (see [`Batch::image_pos`]).
+    pub fn logits(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        tokens: Option<&TokenSelectConfig>,
+    ) -> Result<Vec<f32>> {
+        let be = backend;
+        let (b, t) = self.check_batch(batch)?;
+        if b == 0 {
+            return Ok(vec![]);
+        }
+        let f = self.forward(be, batch, tokens, false, false)?;
+        let d = self.cfg.llm.hidden;
+        let mut ht = be.zeros(b * t * d)?;
+        copy_all(be, &mut ht, &f.hf, &f.lay.readout(d))?;
+        let (logits, _) = self.llm.lm_head.forward(be, &self.store, &ht, b * t)?;
+        be.download(&logits)
+    }
+
+    /// The vision tower's layer −2 output `[B, N, Dv]` (CLS first) and the
+    /// projected visual tokens `[B, V, D]` fed to the decoder, for `b` images
+    /// `[b, 3, S, S]`.
+    pub fn image_features(
+        &self,
+        backend: &B,
+        images: &[f32],
+        b: usize,
+        tokens: Option<&TokenSelectConfig>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let be = backend;
+        let s = self.cfg.vision.image_size;
+        ensure_shape(images.len() == b * 3 * s * s, || {
+            format!("{} image values for {b} images of 3×{s}×{s}", images.len())
+        })?;
+        let img = be.upload(images)?;
+        let vo = self.vit.forward(be, &self.store, &img, b)?;
+        let hidden = be.download(&vo.hidden)?;
+        let feats = self.select(be, vo, b, tokens)?;
+        let v = self.visual_tokens(tokens);
+        let (vis, _) = self.proj.forward(be, &self.store, feats, b * v)?;
+        Ok((hidden, be.download(&vis)?))
+    }
+
     /// The argmax token at each example's first masked position (the answer). An
     /// example without a masked position is an error.
     pub fn predict(
@@ -599,13 +783,13 @@ impl<B: Backend> Mllm<B> {
         }
         let f = self.forward(be, batch, tokens, false, false)?;
         let d = self.cfg.llm.hidden;
-        let l = f.v + t;
+        let l = f.lay.l;
         let mut rows = be.zeros(b * d)?;
         for (i, &p) in first.iter().enumerate() {
             let blk = Blocks {
                 count: 1,
                 len: d,
-                src_off: (i * l + f.v + p) * d,
+                src_off: (i * l + f.lay.readout_row(i, p)) * d,
                 src_stride: 0,
                 dst_off: i * d,
                 dst_stride: 0,

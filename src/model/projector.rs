@@ -1,7 +1,9 @@
-//! The projector (LLaVA's `mlp2x_gelu`): `Linear(Dv→D, bias) → GELU (tanh
-//! approximation) → Linear(D→D, bias)`. Trainable in full fine-tuning
+//! The projector (LLaVA's `mlp2x_gelu`): `Linear(Dv→D) → GELU → Linear(D→D)`, with
+//! the exact GELU for HF checkpoints and the tanh approximation for the presets
+//! ([`super::config::ProjectorConfig`]). Trainable in full fine-tuning
 //! ([`super::FullGroup::Projector`]); its input gradient is never needed (the vision
 //! tower is frozen), so its backward only records captures.
+use super::config::{ProjectorAct, ProjectorConfig};
 use super::lora::Linear;
 use super::weights::{Builder, Store};
 use super::Capture;
@@ -11,6 +13,7 @@ use crate::Result;
 pub(crate) struct Projector {
     pub fc1: Linear,
     pub fc2: Linear,
+    act: ProjectorAct,
 }
 
 /// Activations kept for the backward.
@@ -25,11 +28,13 @@ impl Projector {
         bd: &mut Builder<B>,
         dv: usize,
         d: usize,
+        cfg: ProjectorConfig,
         train: bool,
     ) -> Result<Self> {
         Ok(Self {
-            fc1: bd.linear("projector.linear_1", dv, d, true, train, None)?,
-            fc2: bd.linear("projector.linear_2", d, d, true, train, None)?,
+            fc1: bd.linear("projector.linear_1", dv, d, cfg.bias, train, None)?,
+            fc2: bd.linear("projector.linear_2", d, d, cfg.bias, train, None)?,
+            act: cfg.act,
         })
     }
 
@@ -47,7 +52,10 @@ impl Projector {
     ) -> Result<(B::Buf, ProjCache<B>)> {
         let (h, _) = self.fc1.forward(be, st, &x, rows)?;
         let mut a = be.zeros(rows * self.fc1.p)?;
-        be.gelu_fwd(&mut a, &h)?;
+        match self.act {
+            ProjectorAct::Gelu => be.gelu_erf_fwd(&mut a, &h)?,
+            ProjectorAct::GeluTanh => be.gelu_fwd(&mut a, &h)?,
+        }
         let (y, _) = self.fc2.forward(be, st, &a, rows)?;
         Ok((y, ProjCache { x, h, a }))
     }
@@ -67,7 +75,10 @@ impl Projector {
             .backward(be, st, &cache.a, None, dy, bt, true, caps)?;
         if let Some(da) = da {
             let mut dh = be.zeros(be.len(&da))?;
-            be.gelu_bwd(&mut dh, &da, &cache.h)?;
+            match self.act {
+                ProjectorAct::Gelu => be.gelu_erf_bwd(&mut dh, &da, &cache.h)?,
+                ProjectorAct::GeluTanh => be.gelu_bwd(&mut dh, &da, &cache.h)?,
+            }
             self.fc1
                 .backward(be, st, &cache.x, None, dh, bt, false, caps)?;
         }

@@ -89,7 +89,14 @@ pub(crate) struct VisionOut<B: Backend> {
 impl VisionTower {
     pub fn build<B: Backend>(bd: &mut Builder<B>, cfg: &VisionConfig) -> Result<Self> {
         let d = cfg.hidden;
-        let patch = bd.linear("vision.patch_embed", cfg.patch_dim(), d, true, false, None)?;
+        let patch = bd.linear(
+            "vision.patch_embed",
+            cfg.patch_dim(),
+            d,
+            cfg.patch_bias,
+            false,
+            None,
+        )?;
         let cls = bd.frozen("vision.class_embedding".into(), vec![d], Init::Normal(0.02))?;
         let pos = bd.frozen(
             "vision.position_embedding".into(),

@@ -1,0 +1,176 @@
+//! The crate's model on a transformers LLaVA checkpoint against transformers itself:
+//! the fixture of scripts/make_hf_fixture.py (random LlavaForConditionalGeneration
+//! with perturbed norms, biases and embeddings) in four key layouts and three
+//! dtypes, its vision features at layer −2, image features and logits, and a PEFT
+//! adapter's logits (tests/data/hf/refs.safetensors).
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use dualpriv::backend::cpu::Cpu;
+use dualpriv::data::Batch;
+use dualpriv::hf::load::{apply_adapter, load_llava};
+use dualpriv::hf::peft::read_adapter;
+use dualpriv::model::config::{LoraTarget, TrainMode};
+use safetensors::tensor::SafeTensors;
+
+fn fixture(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/hf")
+        .join(p)
+}
+
+struct Refs {
+    pixel_values: Vec<f32>,
+    input_ids: Vec<u32>,
+    hidden_m2: Vec<f32>,
+    features: Vec<f32>,
+    logits: Vec<f32>,
+    adapter_logits: Vec<f32>,
+}
+
+fn refs() -> Refs {
+    let bytes = std::fs::read(fixture("refs.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let f32s = |k: &str| -> Vec<f32> {
+        st.tensor(k)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let ids = |k: &str| -> Vec<u32> {
+        st.tensor(k)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32)
+            .collect()
+    };
+    Refs {
+        pixel_values: f32s("pixel_values"),
+        input_ids: ids("input_ids"),
+        hidden_m2: f32s("vision_hidden_m2"),
+        features: f32s("image_features"),
+        logits: f32s("logits"),
+        adapter_logits: f32s("adapter_logits"),
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A one-example batch of `ids` (the `<image>` placeholder at `image_pos`).
+fn batch(ids: &[u32], pixels: &[f32], size: usize, image_pos: Option<usize>) -> Batch {
+    let t = ids.len();
+    Batch {
+        size: 1,
+        image_size: size,
+        images: pixels.to_vec(),
+        text_len: t,
+        input_ids: ids.to_vec(),
+        targets: vec![0; t],
+        loss_mask: vec![0.0; t],
+        example_ids: vec![0],
+        image_pos: image_pos.map(|p| vec![p]),
+    }
+}
+
+/// transformers' logits over the expanded sequence `[text<p, V image rows,
+/// text>p]`, at the rows the crate reads for its T text positions.
+fn hf_rows_at_text(hf: &[f32], vocab: usize, t: usize, p: usize, v: usize) -> Vec<f32> {
+    (0..t)
+        .flat_map(|j| {
+            let row = if j < p { j } else { j + v - 1 };
+            hf[row * vocab..][..vocab].to_vec()
+        })
+        .collect()
+}
+
+#[test]
+fn features_and_logits_match_transformers_on_every_layout() {
+    let r = refs();
+    for layout in ["hub", "v5", "sharded", "memory"] {
+        let (m, rep) = load_llava(&Cpu, &fixture(layout), &TrainMode::frozen(), 0).unwrap();
+        let c = &rep.config;
+        // Layer 2 of 3 and post_layernorm are never read (features come from −2).
+        assert!(
+            rep.skipped.iter().any(|s| s.contains("encoder.layers.2.")),
+            "{layout}"
+        );
+        assert!(
+            rep.skipped.iter().any(|s| s.contains("post_layernorm")),
+            "{layout}"
+        );
+        assert!(
+            rep.skipped
+                .iter()
+                .all(|s| s.starts_with("model.vision_tower.")),
+            "{layout}"
+        );
+        assert!(rep.summary().contains("skipped"), "{}", rep.summary());
+        let size = c.model.vision.image_size;
+        let (hidden, feats) = m.image_features(&Cpu, &r.pixel_values, 1, None).unwrap();
+        let dh = max_abs_diff(&hidden, &r.hidden_m2);
+        let df = max_abs_diff(&feats, &r.features);
+        assert!(dh < 1e-4, "{layout}: vision hidden states differ by {dh}");
+        assert!(df < 1e-4, "{layout}: image features differ by {df}");
+
+        let p = r
+            .input_ids
+            .iter()
+            .position(|&i| i == c.image_token_id)
+            .unwrap();
+        let b = batch(&r.input_ids, &r.pixel_values, size, Some(p));
+        let logits = m.logits(&Cpu, &b, None).unwrap();
+        let vocab = c.model.llm.vocab;
+        let v = m.visual_tokens(None);
+        let want = hf_rows_at_text(&r.logits, vocab, r.input_ids.len(), p, v);
+        let dl = max_abs_diff(&logits, &want);
+        assert!(dl < 1e-4, "{layout}: logits differ by {dl}");
+        // Not vacuous: the logits vary by much more than the tolerance.
+        let spread = want.iter().fold(0.0f32, |a, x| a.max(x.abs()));
+        assert!(spread > 0.1, "{layout}: logits are nearly zero ({spread})");
+        println!("{layout}: max |Δ| hidden {dh:.2e}, features {df:.2e}, logits {dl:.2e}");
+    }
+}
+
+#[test]
+fn adapter_gives_peft_logits() {
+    let r = refs();
+    let adapter = read_adapter(&fixture("adapter")).unwrap();
+    let mode = TrainMode::Lora {
+        rank: adapter.config.r,
+        alpha: adapter.config.lora_alpha as f32,
+        targets: LoraTarget::ALL.to_vec(),
+    };
+    let (mut m, rep) = load_llava(&Cpu, &fixture("hub"), &mode, 7).unwrap();
+    apply_adapter(&Cpu, &mut m, &adapter, &fixture("adapter")).unwrap();
+    let c = &rep.config;
+    let p = r
+        .input_ids
+        .iter()
+        .position(|&i| i == c.image_token_id)
+        .unwrap();
+    let b = batch(
+        &r.input_ids,
+        &r.pixel_values,
+        c.model.vision.image_size,
+        Some(p),
+    );
+    let logits = m.logits(&Cpu, &b, None).unwrap();
+    let (vocab, v) = (c.model.llm.vocab, m.visual_tokens(None));
+    let want = hf_rows_at_text(&r.adapter_logits, vocab, r.input_ids.len(), p, v);
+    let base = hf_rows_at_text(&r.logits, vocab, r.input_ids.len(), p, v);
+    let d = max_abs_diff(&logits, &want);
+    assert!(d < 1e-4, "adapter logits differ from PEFT's by {d}");
+    // The adapter really changes the model.
+    assert!(max_abs_diff(&want, &base) > 1e-2);
+    println!("adapter: max |Δ| logits {d:.2e}");
+}
