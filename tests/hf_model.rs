@@ -174,3 +174,36 @@ fn adapter_gives_peft_logits() {
     assert!(max_abs_diff(&want, &base) > 1e-2);
     println!("adapter: max |Δ| logits {d:.2e}");
 }
+
+/// The same checkpoint and prompt on the CUDA backend (strict FP32) against the
+/// CPU. Skips without a driver; fails under `DUALPRIV_REQUIRE_GPU=1`.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_forward_matches_the_cpu() {
+    use dualpriv::backend::cuda::cuda_strict_or_skip;
+    let Some(gpu) = cuda_strict_or_skip("hf_model::cuda_forward_matches_the_cpu") else {
+        return;
+    };
+    let r = refs();
+    let (cpu, rep) = load_llava(&Cpu, &fixture("sharded"), &TrainMode::frozen(), 0).unwrap();
+    let (dev, _) = load_llava(&gpu, &fixture("sharded"), &TrainMode::frozen(), 0).unwrap();
+    let c = &rep.config;
+    let p = r
+        .input_ids
+        .iter()
+        .position(|&i| i == c.image_token_id)
+        .unwrap();
+    let b = batch(
+        &r.input_ids,
+        &r.pixel_values,
+        c.model.vision.image_size,
+        Some(p),
+    );
+    let want = cpu.logits(&Cpu, &b, None).unwrap();
+    let got = dev.logits(&gpu, &b, None).unwrap();
+    let d = max_abs_diff(&got, &want);
+    assert!(d < 1e-4, "CUDA logits differ from the CPU's by {d}");
+    let (_, fc) = cpu.image_features(&Cpu, &r.pixel_values, 1, None).unwrap();
+    let (_, fg) = dev.image_features(&gpu, &r.pixel_values, 1, None).unwrap();
+    assert!(max_abs_diff(&fg, &fc) < 1e-4);
+}

@@ -10,8 +10,8 @@ use dualpriv::backend::Backend;
 use dualpriv::data::Batch;
 use dualpriv::dp::noise::{RngKind, StreamKey};
 use dualpriv::model::{
-    Capture, FullGroup, LlmConfig, LoraTarget, Mllm, ModelConfig, TrainMode, VisionConfig,
-    VisionFeature,
+    Capture, FullGroup, LlmConfig, LoraTarget, Mllm, ModelConfig, ProjectorAct, ProjectorConfig,
+    TrainMode, VisionConfig, VisionFeature,
 };
 use dualpriv::vision::tokens::TokenSelectConfig;
 use rand::Rng;
@@ -149,11 +149,34 @@ fn randomize_trainable(m: &mut Mllm<Cpu64>, seed: u64, scale: f64) {
     }
 }
 
+/// The small model as an HF LLaVA checkpoint has it: exact GELU in the projector,
+/// no patch-embedding bias.
+fn hf_style(mut cfg: ModelConfig) -> ModelConfig {
+    cfg.projector = ProjectorConfig {
+        act: ProjectorAct::Gelu,
+        bias: true,
+    };
+    cfg.vision.patch_bias = false;
+    cfg
+}
+
+/// `<image>` placeholders at the start, inside and at the end of the 5 text tokens.
+const SPLICE: [usize; 3] = [0, 2, 4];
+
 fn fd_check_model(mode: TrainMode, feature: VisionFeature, tok: Option<TokenSelectConfig>) {
-    let cfg = small_cfg(feature);
+    fd_check_model_with(small_cfg(feature), None, mode, tok)
+}
+
+fn fd_check_model_with(
+    cfg: ModelConfig,
+    image_pos: Option<Vec<usize>>,
+    mode: TrainMode,
+    tok: Option<TokenSelectConfig>,
+) {
     let mut m = Mllm::new(&Cpu64, &cfg, &mode, 7).unwrap();
     randomize_trainable(&mut m, 99, 0.3);
-    let bt = batch(&cfg, 3, 5, 11, true);
+    let mut bt = batch(&cfg, 3, 5, 11, true);
+    bt.image_pos = image_pos;
     let fb = m.forward_backward(&Cpu64, &bt, tok.as_ref()).unwrap();
     assert_eq!(fb.per_example_loss.len(), 3);
     assert_eq!(
@@ -210,7 +233,10 @@ fn captures_match_finite_differences_full() {
             FullGroup::LmHead,
         ],
     };
-    fd_check_model(mode, VisionFeature::Patch, None);
+    fd_check_model(mode.clone(), VisionFeature::Patch, None);
+    // HF LLaVA's layout: visual tokens spliced at an <image> placeholder, exact GELU.
+    let cfg = hf_style(small_cfg(VisionFeature::Patch));
+    fd_check_model_with(cfg, Some(SPLICE.to_vec()), mode, None);
 }
 
 #[test]
@@ -222,6 +248,13 @@ fn captures_match_finite_differences_lora_with_pruning() {
         noise: StreamKey::from_insecure_seed(RngKind::Chacha20, 0),
     };
     fd_check_model(TrainMode::lora(3, 6.0), VisionFeature::Patch, Some(tok));
+    let cfg = hf_style(small_cfg(VisionFeature::Patch));
+    fd_check_model_with(
+        cfg,
+        Some(SPLICE.to_vec()),
+        TrainMode::lora(3, 6.0),
+        Some(tok),
+    );
     // LoRA on a subset of linears, with the CLS token kept.
     let mode = TrainMode::Lora {
         rank: 2,
@@ -237,9 +270,16 @@ fn embeddings_dense_grad_matches_finite_differences() {
     let mode = TrainMode::Full {
         groups: vec![FullGroup::Embeddings],
     };
-    let mut m = Mllm::new(&Cpu64, &cfg, &mode, 3).unwrap();
+    for image_pos in [None, Some(vec![1, 3])] {
+        embeddings_fd(&cfg, &mode, image_pos);
+    }
+}
+
+fn embeddings_fd(cfg: &ModelConfig, mode: &TrainMode, image_pos: Option<Vec<usize>>) {
+    let mut m = Mllm::new(&Cpu64, cfg, mode, 3).unwrap();
     randomize_trainable(&mut m, 4, 0.5);
-    let bt = batch(&cfg, 2, 4, 12, false);
+    let mut bt = batch(cfg, 2, 4, 12, false);
+    bt.image_pos = image_pos;
     let fb = m.forward_backward(&Cpu64, &bt, None).unwrap();
     assert!(fb.captures.is_empty());
     assert_eq!(fb.dense_grads.len(), 1);

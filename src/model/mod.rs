@@ -17,7 +17,8 @@ pub mod vit;
 pub mod weights;
 
 pub use config::{
-    FullGroup, LlmConfig, LoraTarget, ModelConfig, TrainMode, VisionConfig, VisionFeature, PRESETS,
+    FullGroup, LlmConfig, LoraTarget, ModelConfig, ProjectorAct, ProjectorConfig, TrainMode,
+    VisionConfig, VisionFeature, PRESETS,
 };
 pub use mllm::Mllm;
 
