@@ -203,9 +203,21 @@ def check_export(folder):
     want_path = os.path.join(folder, "logits.f32")
     print(f"peft loaded {folder}: logits shape {tuple(out.shape)}")
     if os.path.exists(want_path):
-        want = torch.from_numpy(np.fromfile(want_path, dtype=np.float32)).view_as(out)
-        print(f"max |peft - dualpriv| = {(out - want).abs().max().item():.3e}")
+        # dualpriv writes one row per text position: the <image> position reads the
+        # last image row of the expanded sequence, later text rows shift by V - 1.
+        ids = refs["input_ids"].long().tolist()
+        p = ids.index(_image_id(refs))
+        rows = [j if j < p else j + N_PATCHES - 1 for j in range(len(ids))]
+        got = out[0, rows]
+        want = torch.from_numpy(np.fromfile(want_path, dtype=np.float32)).view_as(got)
+        print(f"max |peft - dualpriv| = {(got - want).abs().max().item():.3e}")
     return 0
+
+
+def _image_id(refs):
+    """The <image> id: the token repeated N_PATCHES times in the model's input."""
+    vals, counts = torch.unique(refs["model_input_ids"][0], return_counts=True)
+    return int(vals[counts == N_PATCHES][0])
 
 
 def main():

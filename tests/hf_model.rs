@@ -207,3 +207,39 @@ fn cuda_forward_matches_the_cpu() {
     let (_, fg) = dev.image_features(&gpu, &r.pixel_values, 1, None).unwrap();
     assert!(max_abs_diff(&fg, &fc) < 1e-4);
 }
+
+/// Writes an adapter through the crate's exporter, with the crate's logits under
+/// it, to `target/peft-export/` for `scripts/make_hf_fixture.py --check-export`
+/// (peft loading the crate's files). Run by hand:
+/// `cargo test --test hf_model -- --ignored export_for_peft_check`.
+#[test]
+#[ignore]
+fn export_for_peft_check() {
+    let r = refs();
+    let adapter = read_adapter(&fixture("adapter")).unwrap();
+    let mode = TrainMode::Lora {
+        rank: adapter.config.r,
+        alpha: adapter.config.lora_alpha as f32,
+        targets: LoraTarget::ALL.to_vec(),
+    };
+    let (mut m, rep) = load_llava(&Cpu, &fixture("hub"), &mode, 7).unwrap();
+    apply_adapter(&Cpu, &mut m, &adapter, &fixture("adapter")).unwrap();
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peft-export");
+    dualpriv::hf::peft::write_adapter(&out, &adapter.config, &adapter.tensors).unwrap();
+    let c = &rep.config;
+    let p = r
+        .input_ids
+        .iter()
+        .position(|&i| i == c.image_token_id)
+        .unwrap();
+    let b = batch(
+        &r.input_ids,
+        &r.pixel_values,
+        c.model.vision.image_size,
+        Some(p),
+    );
+    let logits = m.logits(&Cpu, &b, None).unwrap();
+    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(out.join("logits.f32"), bytes).unwrap();
+    println!("wrote {}", out.display());
+}
