@@ -80,6 +80,12 @@ pub enum Setting {
     Steps,
     /// The optimizer's learning rate, momentum and weight decay.
     Optimizer,
+    /// K, the dominant patches token selection keeps.
+    KeepTokens,
+    /// M, the contextual tokens token selection fuses the rest into.
+    ContextTokens,
+    /// The fraction of coordinates gradient-update pruning keeps.
+    KeepFrac,
 }
 
 impl Error {

@@ -86,6 +86,22 @@ fn bad_optimizer_settings_name_their_flags() {
 }
 
 #[test]
+fn bad_pruning_settings_name_their_flags() {
+    for (flag, value, name) in [
+        ("--keep-frac", "1.5", "keep fraction"),
+        ("--keep-tokens", "99", "dominant patches"),
+    ] {
+        let root = common::tmp_dir("cli-prune");
+        let init = init(&root);
+        let mut args = SMALL_RUN.to_vec();
+        args.extend([flag, value]);
+        let (ok, err) = run(&args, &[("--init", &init), ("--out", &root.join("run"))]);
+        assert!(!ok, "{err}");
+        assert!(err.contains(flag) && err.contains(name), "{flag}: {err}");
+    }
+}
+
+#[test]
 fn a_folder_without_a_checkpoint_names_the_command_that_writes_one() {
     let root = common::tmp_dir("cli-no-ckpt");
     let (ok, err) = run(&["eval"], &[("--checkpoint", root.path())]);

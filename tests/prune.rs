@@ -85,7 +85,10 @@ fn keep_count_rounds_up_and_rejects_bad_fractions() {
     for bad in [-0.1, 1.1, f64::NAN, f64::INFINITY] {
         assert!(matches!(
             keep_count(bad, 10),
-            Err(dualpriv::Error::Config(_))
+            Err(dualpriv::Error::Setting {
+                setting: dualpriv::error::Setting::KeepFrac,
+                ..
+            })
         ));
     }
 }

@@ -4,6 +4,7 @@
 mod common;
 
 use dualpriv::dp::noise::{NoiseKey, RngKind, StreamKey};
+use dualpriv::error::Setting;
 use dualpriv::vision::tokens::{
     cls_scores, dominant_indices, gather_fuse, plan_tokens, select_tokens, TokenSelectConfig,
     TokenShape, NOT_A_MEMBER, TOKENS_NOISE_TENSOR_ID,
@@ -406,6 +407,22 @@ fn expect_config(r: dualpriv::Result<impl std::fmt::Debug>, needles: &[&str]) {
     }
 }
 
+/// An error naming `setting` (the CLI adds its flag), whose message holds `needles`.
+fn expect_setting(r: dualpriv::Result<impl std::fmt::Debug>, setting: Setting, needles: &[&str]) {
+    match r {
+        Err(Error::Setting {
+            setting: s,
+            message,
+        }) => {
+            assert_eq!(s, setting, "{message}");
+            for n in needles {
+                assert!(message.contains(n), "message {message:?} lacks {n:?}");
+            }
+        }
+        other => panic!("expected an error naming {setting:?}, got {other:?}"),
+    }
+}
+
 fn expect_shape(r: dualpriv::Result<impl std::fmt::Debug>, needle: &str) {
     match r {
         Err(Error::Shape(msg)) => assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}"),
@@ -419,11 +436,12 @@ fn bad_configs_and_shapes_are_errors() {
     let inp = gen(s, 1);
     let run = |c: TokenSelectConfig| select_tokens(&inp.attn, &inp.keys, &inp.hidden, &s, &c);
     // M > R: P = 29, K = 20, R = 9.
-    expect_config(
+    expect_setting(
         run(cfg(20, 10)),
-        &["10", "9", "--context-tokens", "--keep-tokens"],
+        Setting::ContextTokens,
+        &["10", "9", "fewer dominant patches"],
     );
-    expect_config(run(cfg(30, 0)), &["30", "29", "--keep-tokens"]);
+    expect_setting(run(cfg(30, 0)), Setting::KeepTokens, &["30", "29"]);
     expect_config(
         run(TokenSelectConfig {
             fuse_noise_std: -1.0,
@@ -590,9 +608,10 @@ mod gpu {
         );
         let s = shape(2, 30, 2, 5, 3);
         let inp = gen(s, 1);
-        expect_config(
+        expect_setting(
             gt::select_tokens(&gpu, &inp.attn, &inp.keys, &inp.hidden, &s, &cfg(20, 10)),
-            &["--context-tokens"],
+            Setting::ContextTokens,
+            &["contextual"],
         );
         expect_shape(
             gt::select_tokens(&gpu, &inp.attn[1..], &inp.keys, &inp.hidden, &s, &cfg(3, 2)),

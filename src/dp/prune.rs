@@ -16,6 +16,7 @@
 //! index) are kept until exactly k are. A NaN or Inf in ñ aborts the step before
 //! anything is written.
 use crate::dp::noise::{NoiseKey, StreamKey};
+use crate::error::Setting;
 use crate::{Error, Result};
 
 /// The magnitude key: for finite floats, `key(a) < key(b)` iff `|a| < |b|`.
@@ -26,9 +27,10 @@ pub fn magnitude_key(x: f32) -> u32 {
 /// Number of coordinates kept out of `n`: ⌈keep_frac·n⌉.
 pub fn keep_count(keep_frac: f64, n: u64) -> Result<u64> {
     if !(0.0..=1.0).contains(&keep_frac) {
-        return Err(Error::Config(format!(
-            "keep fraction {keep_frac} must be in [0, 1] (e.g. --keep-frac 0.8)"
-        )));
+        return Err(Error::Setting {
+            setting: Setting::KeepFrac,
+            message: format!("keep fraction {keep_frac} must be in [0, 1] (e.g. 0.8)"),
+        });
     }
     Ok(((keep_frac * n as f64).ceil() as u64).min(n))
 }

@@ -187,10 +187,10 @@ impl TrainConfig {
             return bad(format!("clip norm {} must be > 0", self.clip_norm));
         }
         if !(0.0..=1.0).contains(&self.keep_frac) {
-            return bad(format!(
-                "keep fraction {} must be in [0, 1]",
-                self.keep_frac
-            ));
+            return Err(Error::Setting {
+                setting: Setting::KeepFrac,
+                message: format!("keep fraction {} must be in [0, 1]", self.keep_frac),
+            });
         }
         if self.method == Method::Dpzo && !(self.dpzo_lambda > 0.0 && self.dpzo_lambda.is_finite())
         {

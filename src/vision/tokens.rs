@@ -38,7 +38,7 @@
 use rayon::prelude::*;
 
 use crate::dp::noise::{NoiseKey, RngKind, StreamKey};
-use crate::error::ensure_shape;
+use crate::error::{ensure_shape, Setting};
 use crate::{Error, Result};
 
 /// The noise `tensor_id` of the optional contextual-token noise
@@ -180,20 +180,26 @@ impl TokenSelectConfig {
         shape.validate()?;
         let p = shape.patches();
         if self.keep > p {
-            return Err(Error::Config(format!(
-                "token selection keeps {} dominant patches but an image has only {p} \
-                 (N = {} tokens incl. CLS); lower --keep-tokens to at most {p}",
-                self.keep, shape.tokens
-            )));
+            return Err(Error::Setting {
+                setting: Setting::KeepTokens,
+                message: format!(
+                    "token selection keeps {} dominant patches but an image has only {p} \
+                     (N = {} tokens incl. CLS); keep at most {p}",
+                    self.keep, shape.tokens
+                ),
+            });
         }
         let r = p - self.keep;
         if self.context > r {
-            return Err(Error::Config(format!(
-                "token selection asks for {} contextual tokens but only {r} patches remain \
-                 after keeping {} of {p}; lower --context-tokens to at most {r} or lower \
-                 --keep-tokens",
-                self.context, self.keep
-            )));
+            return Err(Error::Setting {
+                setting: Setting::ContextTokens,
+                message: format!(
+                    "token selection asks for {} contextual tokens but only {r} patches \
+                     remain after keeping {} of {p}; ask for at most {r}, or keep fewer \
+                     dominant patches",
+                    self.context, self.keep
+                ),
+            });
         }
         if !(self.fuse_noise_std.is_finite() && self.fuse_noise_std >= 0.0) {
             return Err(Error::Config(format!(
@@ -277,10 +283,13 @@ fn rank_key(s: f32) -> f32 {
 /// the lower index and NaN ranks lowest.
 pub fn dominant_indices(scores: &[f32], keep: usize) -> Result<Vec<u32>> {
     if keep > scores.len() {
-        return Err(Error::Config(format!(
-            "cannot keep {keep} dominant patches out of {}; lower --keep-tokens",
-            scores.len()
-        )));
+        return Err(Error::Setting {
+            setting: Setting::KeepTokens,
+            message: format!(
+                "cannot keep {keep} dominant patches out of {}; keep fewer",
+                scores.len()
+            ),
+        });
     }
     ensure_shape(u32::try_from(scores.len()).is_ok(), || {
         format!("{} patches do not fit u32 token indices", scores.len())

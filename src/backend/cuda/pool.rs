@@ -191,7 +191,7 @@ impl Cuda {
         let free = self.gpu.mem_info().map(|(f, _)| f).unwrap_or(0);
         Error::OutOfMemory(format!(
             "the GPU could not allocate {} MiB ({e:?}; {} MiB free, {} MiB live in dualpriv's pool); \
-             use a smaller --micro-batch (activations scale with it), fewer --keep-tokens, or a smaller preset",
+             use a smaller micro-batch (activations scale with it), fewer kept visual tokens, or a smaller model",
             (values * 4) >> 20,
             free >> 20,
             self.memory().live_bytes >> 20
