@@ -2,6 +2,32 @@
 //! model consumes.
 pub mod synthetic;
 
+use crate::Result;
+
+/// What the training loop needs of a dataset: examples by index, collated into
+/// [`Batch`]es, and a keyed fingerprint for the privacy ledger. The built-in task
+/// ([`synthetic::Dataset`]) and LLaVA conversation data
+/// ([`crate::hf::dataset::LlavaDataset`]) both implement it, so every method trains
+/// on either through the same code.
+pub trait DataSource: Sync {
+    /// Number of examples (records): the DP unit.
+    fn len(&self) -> usize;
+    /// Whether there are no examples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The examples at `indices`, padded on the right to `text_len` tokens.
+    fn collate(&self, indices: &[usize], text_len: usize) -> Result<Batch>;
+    /// The longest example's text length in tokens.
+    fn max_text_len(&self) -> usize;
+    /// A keyed hash of the whole dataset (the ledger's data fingerprint; keyed so
+    /// that it reveals nothing about the data without the key).
+    fn fingerprint(&self, key: &[u8; 32]) -> String;
+    /// A cheap identity of the dataset, so checks of every example run once per
+    /// dataset, not once per call.
+    fn identity(&self) -> String;
+}
+
 /// A collated batch of examples, ready for the model.
 ///
 /// The LLM sees `[visual tokens, text tokens]`; the text part is `input_ids`, and the

@@ -1050,3 +1050,21 @@ pub fn ascii_preview(image: &[f32], image_size: usize) -> Result<String> {
     }
     Ok(out)
 }
+
+impl super::DataSource for Dataset {
+    fn len(&self) -> usize {
+        Dataset::len(self)
+    }
+    fn collate(&self, indices: &[usize], text_len: usize) -> Result<Batch> {
+        Dataset::collate(self, indices, text_len)
+    }
+    fn max_text_len(&self) -> usize {
+        Dataset::max_text_len(self)
+    }
+    fn fingerprint(&self, key: &[u8; 32]) -> String {
+        Dataset::fingerprint(self, key)
+    }
+    fn identity(&self) -> String {
+        format!("synthetic:{:?}:{}:{}", self.split, self.seed, self.len())
+    }
+}

@@ -7,12 +7,14 @@
 //! * [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate;
 //! * [`image`]: `CLIPImageProcessor` preprocessing with Pillow's bicubic resampler;
 //! * [`conversation`]: LLaVA's conversation JSON, prompt templates and answer masks;
+//! * [`dataset`]: conversation data as the training loop's [`crate::data::DataSource`];
 //! * [`load`]: a LLaVA folder (and a PEFT adapter) into the crate's model;
 //! * [`names`]: the crate's tensor names against transformers' and PEFT's;
 //! * [`peft`]: PEFT LoRA adapters in and out.
 pub mod checkpoint;
 pub mod config;
 pub mod conversation;
+pub mod dataset;
 pub mod image;
 pub mod load;
 pub mod names;

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::dp::DpBackend;
 use crate::data::synthetic::Dataset;
+use crate::data::DataSource;
 use crate::dp::accountant::ledger::{self, Ledger, LedgerEntry, LedgerLock};
 use crate::dp::accountant::{self, AccountantKind};
 use crate::dp::key::{Domain, RunKey};
@@ -156,7 +157,7 @@ impl TrainConfig {
 
     /// The sampler of this config on `data` (its rate from the public size when
     /// declared), after every check that needs the data: [`Self::validate`], δ < 1/N.
-    pub fn check(&self, data: &Dataset, key: &RunKey) -> Result<Sampler> {
+    pub fn check(&self, data: &dyn DataSource, key: &RunKey) -> Result<Sampler> {
         self.validate()?;
         let mut sampler = Sampler::new(data.len(), self.batch, self.sampling, key)?;
         if let Some(n) = self.public_size {
@@ -451,7 +452,7 @@ pub struct Trainer<'a, B: DpBackend> {
     fingerprint: Option<String>,
     claimed: bool,
     /// (length, split, seed) of the data [`Self::check_every_example`] last passed.
-    checked: Option<(usize, crate::data::synthetic::Split, u64)>,
+    checked: Option<String>,
     /// The last coarse ε and the history it is for.
     coarse_eps: std::cell::RefCell<Option<(History, Option<f64>)>>,
 }
@@ -464,7 +465,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         model: Mllm<B>,
         model_spec: checkpoint::ModelSpec,
         cfg: TrainConfig,
-        data: &Dataset,
+        data: &dyn DataSource,
     ) -> Result<Self> {
         Self::with_key(backend, model, model_spec, cfg, data, RunKey::from_os()?)
     }
@@ -476,7 +477,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         model: Mllm<B>,
         model_spec: checkpoint::ModelSpec,
         cfg: TrainConfig,
-        data: &Dataset,
+        data: &dyn DataSource,
         key: RunKey,
     ) -> Result<Self> {
         let sampler = cfg.check(data, &key)?;
@@ -529,7 +530,12 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
     /// which counts every step a checkpoint may have released, and the draws
     /// continue after every draw the ledger has seen, so new steps get fresh
     /// noise. `steps`, when given, replaces the planned total (to train longer).
-    pub fn resume(backend: &'a B, dir: &Path, data: &Dataset, steps: Option<u32>) -> Result<Self> {
+    pub fn resume(
+        backend: &'a B,
+        dir: &Path,
+        data: &dyn DataSource,
+        steps: Option<u32>,
+    ) -> Result<Self> {
         let (st, folder) = checkpoint::load_state(dir)?;
         let fkey = Ledger::existing_fingerprint_key(&st.ledger)?;
         let fp = data.fingerprint(&fkey);
@@ -669,9 +675,9 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
     /// Collates and checks every training example once, before the first step: a
     /// malformed example must fail the run up front, whether or not it would be
     /// sampled. Failing inside a step would reveal that it was sampled (and when).
-    fn check_every_example(&mut self, data: &Dataset) -> Result<()> {
-        let id = (data.len(), data.split, data.seed);
-        if self.checked == Some(id) {
+    fn check_every_example(&mut self, data: &dyn DataSource) -> Result<()> {
+        let id = data.identity();
+        if self.checked.as_ref() == Some(&id) {
             return Ok(());
         }
         let idx: Vec<usize> = (0..data.len()).collect();
@@ -693,7 +699,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
 
     /// Takes the output folder for a new run (it must be empty or absent), and
     /// computes the keyed data fingerprint of the ledger. Idempotent.
-    fn claim_out(&mut self, data: &Dataset) -> Result<()> {
+    fn claim_out(&mut self, data: &dyn DataSource) -> Result<()> {
         if self.claimed {
             return Ok(());
         }
@@ -727,7 +733,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
 
     /// Trains until `cfg.steps` steps are done or the ε budget would be exceeded.
     /// Checkpoints every `checkpoint_every` steps (and at the end) when `out_dir` is set.
-    pub fn run(&mut self, data: &Dataset, checkpoint_every: u32) -> Result<RunSummary> {
+    pub fn run(&mut self, data: &dyn DataSource, checkpoint_every: u32) -> Result<RunSummary> {
         let started = Instant::now();
         // `cfg` is public: check it again, so no edit after `new` bypasses a refusal.
         let sampler = self.cfg.check(data, &self.key)?;
@@ -912,7 +918,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
     /// [`Self::privacy`] first, so no API call updates the model uncharged. The ε
     /// assumes Poisson-sampled `indices` ([`Self::run`] draws them), and only
     /// [`Self::run`] writes the ledger.
-    pub fn one_step(&mut self, data: &Dataset, indices: &[usize]) -> Result<StepOutcome> {
+    pub fn one_step(&mut self, data: &dyn DataSource, indices: &[usize]) -> Result<StepOutcome> {
         if self.cfg.method.is_private() {
             let q = self.cfg.check(data, &self.key)?.rate();
             self.privacy.record(q, self.sigma);
@@ -921,7 +927,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
     }
 
     /// One step on the next draw; the caller has charged it.
-    fn step_charged(&mut self, data: &Dataset, indices: &[usize]) -> Result<StepOutcome> {
+    fn step_charged(&mut self, data: &dyn DataSource, indices: &[usize]) -> Result<StepOutcome> {
         let draw = self.draws;
         self.draws = self.draws.checked_add(1).ok_or_else(|| {
             Error::Config("the run has used all 2³² draws of its key; start a new run".into())

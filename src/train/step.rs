@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 
 use crate::backend::dp::{DpBackend, TensorUpdate};
-use crate::data::synthetic::Dataset;
+use crate::data::DataSource;
 use crate::dp::key::{Domain, RunKey};
 use crate::dp::noise::{NoiseKey, RngKind};
 use crate::dp::prune::{PruneReport, UpdateConfig};
@@ -108,7 +108,7 @@ pub struct StepContext<'a, B: DpBackend> {
     /// Its optimizer state.
     pub opt: &'a mut OptState<B>,
     /// The training data.
-    pub data: &'a Dataset,
+    pub data: &'a dyn DataSource,
     /// The run's configuration.
     pub cfg: &'a TrainConfig,
     /// The noise multiplier σ (0 for non-private runs).
@@ -323,7 +323,7 @@ pub fn gradient_sums<B: DpBackend>(
     model: &Mllm<B>,
     key: &RunKey,
     cfg: &TrainConfig,
-    data: &Dataset,
+    data: &dyn DataSource,
     indices: &[usize],
 ) -> Result<Sums<B>> {
     let mut sums = Sums {
@@ -352,7 +352,7 @@ fn forward_clip<B: DpBackend>(
     model: &Mllm<B>,
     cfg: &TrainConfig,
     key: &RunKey,
-    data: &Dataset,
+    data: &dyn DataSource,
     mb: &[usize],
     sums: &mut Sums<B>,
 ) -> Result<(Vec<Capture<B>>, Clipping<B>)> {
