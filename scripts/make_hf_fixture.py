@@ -17,6 +17,9 @@ What it writes (all small):
                           transformers' PreTrainedTokenizerFast, asserted equal)
   image.png               a 75x50 RGB image (non-square, noisy, so resampling matters)
   preprocessor_config.json, processor_config.json   as llava-hf ships them, scaled down
+  hub/, v5/, sharded/, memory/  each also holds tokenizer.json,
+                          preprocessor_config.json and processor_config.json, as a
+                          Hub model folder does
   hub/                    config.json (partial sub-configs, as on the Hub) + F32
                           model.safetensors in the Hub key layout
                           (vision_tower.vision_model.*, language_model.model.*, ...)
@@ -361,6 +364,10 @@ def main():
     save_layout(sd, os.path.join(OUT, "hub"), hub_key, torch.float32, hub_cfg)
     save_layout(sd, os.path.join(OUT, "sharded"), hub_key, torch.float16, hub_cfg, shards=3)
     save_layout(sd, os.path.join(OUT, "memory"), lambda k: k, torch.float32, full)
+    for layout in ["hub", "v5", "sharded", "memory"]:
+        # A model folder as the Hub ships it holds its tokenizer and processor too.
+        for f in ["tokenizer.json", "preprocessor_config.json", "processor_config.json"]:
+            shutil.copy(os.path.join(OUT, f), os.path.join(OUT, layout, f))
     for layout in ["hub", "sharded", "v5"]:
         # Each layout must load in transformers to the same weights.
         m = LlavaForConditionalGeneration.from_pretrained(os.path.join(OUT, layout), dtype=torch.float32)

@@ -166,3 +166,96 @@ fn text_only_records_and_wrong_image_sizes_are_refused() {
         .to_string();
     assert!(e.contains("56×56") && e.contains("336×336"), "{e}");
 }
+
+/// The practitioner's path through the binary: `train --model --data
+/// --image-folder`, then `export --peft`; the exported adapter applied to a fresh
+/// load of the base model gives the trained run's logits.
+#[test]
+fn cli_trains_an_hf_model_and_exports_a_peft_adapter() {
+    use dualpriv::hf::load::apply_adapter;
+    use dualpriv::hf::peft::read_adapter;
+    use dualpriv::model::Mllm;
+    use std::process::Command;
+
+    let dir = common::tmp_dir("hf_cli");
+    let json = write_conversations(&dir);
+    let (run, adapter) = (dir.join("run"), dir.join("adapter"));
+    let bin = env!("CARGO_BIN_EXE_dualpriv");
+    let out = Command::new(bin)
+        .args([
+            "train",
+            "--method",
+            "dualpriv",
+            "--noise-multiplier",
+            "1",
+            "--steps",
+            "2",
+        ])
+        .args([
+            "--batch",
+            "4",
+            "--micro-batch",
+            "2",
+            "--lora-rank",
+            "4",
+            "--lora-alpha",
+            "8",
+        ])
+        .args([
+            "--keep-tokens",
+            "6",
+            "--context-tokens",
+            "2",
+            "--insecure-seed",
+            "3",
+        ])
+        .arg("--model")
+        .arg(fixture("hub"))
+        .arg("--data")
+        .arg(&json)
+        .arg("--image-folder")
+        .arg(fixture(""))
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "train failed: {err}");
+    let out = Command::new(bin)
+        .args(["export", "--run"])
+        .arg(&run)
+        .arg("--peft")
+        .arg(&adapter)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "export failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("exported 28 LoRA tensors"), "{text}");
+
+    // The run's own checkpoint against the base model + exported adapter.
+    let a = read_adapter(&adapter).unwrap();
+    assert_eq!(
+        a.config.base_model.as_deref(),
+        Some(fixture("hub").to_str().unwrap())
+    );
+    let mode = TrainMode::lora(4, 8.0);
+    let (mut base, rep) = load_llava(&Cpu, &fixture("hub"), &mode, 99).unwrap();
+    apply_adapter(&Cpu, &mut base, &a, &adapter).unwrap();
+    let ckpt = dualpriv::train::checkpoint::model_path(&run).unwrap();
+    let trained = Mllm::load(&Cpu, &rep.config.model, &mode, &ckpt).unwrap();
+    let data = dataset(&dir);
+    let b = data.collate(&[0, 1], data.max_text_len()).unwrap();
+    let want = trained.logits(&Cpu, &b, None).unwrap();
+    let got = base.logits(&Cpu, &b, None).unwrap();
+    assert_eq!(
+        got, want,
+        "exported adapter + base differs from the trained checkpoint"
+    );
+    // Training changed the model: LoRA B started at zero.
+    let (fresh, _) = load_llava(&Cpu, &fixture("hub"), &mode, 99).unwrap();
+    assert_ne!(fresh.logits(&Cpu, &b, None).unwrap(), want);
+}

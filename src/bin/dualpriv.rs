@@ -13,11 +13,14 @@ use dualpriv::cmd::account::{self, AccountAnswer, AccountArgs};
 use dualpriv::cmd::bench::{self, BenchArgs, Device};
 use dualpriv::cmd::demo::{self, DemoArgs, DemoReport};
 use dualpriv::cmd::eval::{self, EvalArgs};
+use dualpriv::cmd::export::{self, ExportArgs};
 use dualpriv::cmd::pretrain::{self, PretrainArgs};
-use dualpriv::cmd::train::{self, TrainArgs};
+use dualpriv::cmd::train::{self, HfData, TrainArgs};
 use dualpriv::dp::accountant::AccountantKind;
 use dualpriv::dp::noise::RngKind;
 use dualpriv::error::Setting;
+use dualpriv::hf::conversation::Template;
+use dualpriv::hf::image::AspectMode;
 use dualpriv::selfcheck;
 use dualpriv::train::checkpoint::ModelSpec;
 use dualpriv::train::method::Method;
@@ -110,6 +113,19 @@ enum Cmd {
     ///   dualpriv train --resume runs/dp --steps 200
     #[command(verbatim_doc_comment)]
     Train(Box<TrainFlags>),
+    /// Writes a LoRA run's adapter as a PEFT adapter folder (adapter_config.json +
+    /// adapter_model.safetensors) that peft.PeftModel.from_pretrained loads.
+    ///
+    /// Example: dualpriv export --run runs/dp --peft runs/dp/adapter
+    #[command(verbatim_doc_comment)]
+    Export {
+        /// The run folder (a `train --out` folder).
+        #[arg(long)]
+        run: PathBuf,
+        /// Where to write the adapter.
+        #[arg(long)]
+        peft: PathBuf,
+    },
     /// Step time, memory and throughput of each training method on a fixed batch.
     ///
     /// Examples:
@@ -268,6 +284,21 @@ fn main() -> ExitCode {
                 true
             })
         }
+        Cmd::Export { run, peft } => export::export_peft(&ExportArgs {
+            run,
+            peft: peft.clone(),
+        })
+        .map(|r| {
+            println!(
+                "exported {} LoRA tensors (r = {}, step {}) for base model {} to {}",
+                r.tensors,
+                r.r,
+                r.step,
+                r.base_model,
+                peft.display()
+            );
+            true
+        }),
         Cmd::Train(f) => {
             let backend = f.backend;
             let a = f.into_args();
@@ -408,6 +439,20 @@ fn flag_of(e: &Error) -> Option<&'static str> {
     })
 }
 
+/// `--template`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TemplateFlag {
+    VicunaV1,
+    LlavaHf,
+}
+
+/// `--aspect`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AspectFlag {
+    Pad,
+    Crop,
+}
+
 /// Flags of `dualpriv train` (their defaults are [`TrainArgs::default`]'s, tested).
 #[derive(clap::Args)]
 struct TrainFlags {
@@ -523,6 +568,27 @@ struct TrainFlags {
     /// Checkpoint every N steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
     checkpoint_every: u32,
+    /// A transformers LLaVA folder (config.json, safetensors, tokenizer.json,
+    /// preprocessor_config.json) to fine-tune instead of --init/--preset; needs --data.
+    #[arg(long, requires = "data")]
+    model: Option<PathBuf>,
+    /// LLaVA conversation JSON to train on (with --model). One record is the DP unit.
+    #[arg(long, requires = "model")]
+    data: Option<PathBuf>,
+    /// The folder the records' image paths are relative to.
+    #[arg(long)]
+    image_folder: Option<PathBuf>,
+    /// Prompt template for --data: vicuna-v1 (LLaVA-1.5's training format) or
+    /// llava-hf (the Hub's chat template).
+    #[arg(long, value_enum, default_value = "vicuna-v1")]
+    template: TemplateFlag,
+    /// How --data images become squares: pad (LLaVA-1.5's training) or crop
+    /// (transformers' processor).
+    #[arg(long, value_enum, default_value = "pad")]
+    aspect: AspectFlag,
+    /// Records longer than this many tokens are truncated (and counted).
+    #[arg(long, default_value_t = 2048)]
+    max_text_len: usize,
     /// Backend (cuda needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     backend: Backend,
@@ -586,6 +652,23 @@ impl TrainFlags {
             eval_examples: self.eval_examples,
             checkpoint_every: self.checkpoint_every,
             progress: true,
+            hf: match (self.model, self.data) {
+                (Some(model), Some(data)) => Some(HfData {
+                    model,
+                    data,
+                    image_folder: self.image_folder,
+                    template: match self.template {
+                        TemplateFlag::VicunaV1 => Template::VicunaV1,
+                        TemplateFlag::LlavaHf => Template::LlavaHf,
+                    },
+                    aspect: match self.aspect {
+                        AspectFlag::Pad => AspectMode::Pad,
+                        AspectFlag::Crop => AspectMode::Crop,
+                    },
+                    max_text_len: self.max_text_len,
+                }),
+                _ => None,
+            },
         }
     }
 }

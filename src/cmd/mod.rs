@@ -6,6 +6,7 @@
 //!
 //! * [`train`]: one DP fine-tune, or the resume of one;
 //! * [`eval`]: test accuracy of a checkpoint;
+//! * [`export`]: a run's LoRA adapter as a PEFT adapter folder;
 //! * [`account`]: ε for a noise multiplier, or the σ for a target ε;
 //! * [`demo`]: the README's main job, every method fine-tuned and evaluated;
 //! * [`pretrain`]: non-private pretraining of the public starting checkpoint;
@@ -16,6 +17,7 @@ pub mod account;
 pub mod bench;
 pub mod demo;
 pub mod eval;
+pub mod export;
 pub mod pretrain;
 pub mod train;
 

@@ -1,5 +1,6 @@
 //! `dualpriv train`: one DP fine-tune (or a non-private one, for comparison) of a
-//! pretrained checkpoint on the built-in private task, or the resume of one.
+//! pretrained checkpoint on the built-in private task, or of a transformers LLaVA
+//! folder on LLaVA conversation data ([`HfData`]), or the resume of one.
 //!
 //! [`prepare`] builds the run (data, config, model, key, trainer) and the caller
 //! runs it with [`TrainJob::run`], so a front end can report the run's σ and size
@@ -9,9 +10,15 @@ use std::path::PathBuf;
 use super::TINY_IMAGE;
 use crate::backend::dp::DpBackend;
 use crate::data::synthetic::{Dataset, Split};
+use crate::data::DataSource;
 use crate::dp::accountant::AccountantKind;
 use crate::dp::key::RunKey;
 use crate::dp::noise::RngKind;
+use crate::hf::conversation::Template;
+use crate::hf::dataset::{DataOptions, LlavaDataset};
+use crate::hf::image::{AspectMode, ImageProcessor};
+use crate::hf::load::load_llava;
+use crate::hf::tokenizer::Tokenizer;
 use crate::model::Mllm;
 use crate::train::checkpoint::{self, ModelSpec};
 use crate::train::method::Method;
@@ -19,6 +26,25 @@ use crate::train::optim::OptConfig;
 use crate::train::sampler::Sampling;
 use crate::train::{PruneScope, RunSummary, TrainConfig, Trainer};
 use crate::Result;
+
+/// A transformers LLaVA folder and LLaVA conversation data to train on instead of
+/// the built-in task and preset.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HfData {
+    /// The model folder: config.json, safetensors, tokenizer.json,
+    /// preprocessor_config.json.
+    pub model: PathBuf,
+    /// The conversation JSON.
+    pub data: PathBuf,
+    /// The folder the records' image paths are relative to.
+    pub image_folder: Option<PathBuf>,
+    /// The prompt template.
+    pub template: Template,
+    /// How images become squares.
+    pub aspect: AspectMode,
+    /// Longer records are truncated to this many tokens (and counted).
+    pub max_text_len: usize,
+}
 
 /// Settings of `dualpriv train`. [`Default`] gives the command's defaults: a
 /// `dualpriv` LoRA (r = 8) fine-tune of `assets/tiny-pretrained`, 25 steps of 128
@@ -93,6 +119,9 @@ pub struct TrainArgs {
     pub checkpoint_every: u32,
     /// Draw a progress bar.
     pub progress: bool,
+    /// Train a transformers LLaVA on conversation data instead (`model.preset`,
+    /// `init`, `train_examples` and `seed` do not apply then).
+    pub hf: Option<HfData>,
 }
 
 impl Default for TrainArgs {
@@ -136,6 +165,7 @@ impl Default for TrainArgs {
             eval_examples: 1000,
             checkpoint_every: 0,
             progress: false,
+            hf: None,
         }
     }
 }
@@ -145,7 +175,7 @@ pub struct TrainJob<'a, B: DpBackend> {
     /// The trainer, before its first step of this invocation.
     pub trainer: Trainer<'a, B>,
     /// The private training data.
-    pub data: Dataset,
+    pub data: Box<dyn DataSource>,
     /// Checkpoint every N steps (0: only at the end).
     pub checkpoint_every: u32,
 }
@@ -153,13 +183,16 @@ pub struct TrainJob<'a, B: DpBackend> {
 impl<B: DpBackend> TrainJob<'_, B> {
     /// Trains until the planned steps are done or the ε budget would be exceeded.
     pub fn run(&mut self) -> Result<RunSummary> {
-        self.trainer.run(&self.data, self.checkpoint_every)
+        self.trainer.run(self.data.as_ref(), self.checkpoint_every)
     }
 }
 
 /// Builds the run `a` describes: a resume of `a.resume`, or a new run from `a.init`
 /// with a fresh secret key (or the public key of `a.insecure_seed`).
 pub fn prepare<'a, B: DpBackend>(be: &'a B, a: &TrainArgs) -> Result<TrainJob<'a, B>> {
+    if let Some(h) = &a.hf {
+        return prepare_hf(be, a, h);
+    }
     let data = Dataset::generate(Split::Private, a.train_examples, a.seed, TINY_IMAGE)?;
     let held_out = Dataset::generate(Split::Test, a.eval_examples.max(1), 2, TINY_IMAGE)?;
     let mut trainer = match &a.resume {
@@ -177,32 +210,11 @@ pub fn prepare<'a, B: DpBackend>(be: &'a B, a: &TrainArgs) -> Result<TrainJob<'a
             let text_len = data
                 .max_text_len()
                 .max(Dataset::generate(Split::Test, 1000, 2, TINY_IMAGE)?.max_text_len());
+            let context = a.context_tokens.unwrap_or(default_context);
             let cfg = TrainConfig {
-                micro_batch: a.micro_batch,
-                sampling: a.sampling,
-                steps: a.steps,
-                opt: a.opt,
-                clip_norm: a.clip_norm,
-                epsilon: a.epsilon,
-                delta: a.delta,
-                noise_multiplier: a.noise_multiplier,
-                accountant: a.accountant,
-                keep_tokens,
-                context_tokens: if keep_tokens.is_some() {
-                    a.context_tokens.unwrap_or(default_context)
-                } else {
-                    0
-                },
-                fuse_noise_std: a.fuse_noise_std,
-                keep_frac: a.keep_frac,
-                prune_scope: a.prune_scope,
-                dpzo_lambda: a.dpzo_lambda,
-                rng: a.rng,
-                log_private_stats: a.log_private_stats,
-                eval_every: a.eval_every,
                 // The built-in data's size is a setting, so public; q and σ derive from it.
                 public_size: Some(a.train_examples),
-                ..TrainConfig::new(a.method, a.batch, text_len)
+                ..train_config(a, keep_tokens, context, text_len)
             };
             let model = Mllm::load(be, &mcfg, &mode, &checkpoint::model_path(&a.init)?)?;
             let key = match a.insecure_seed {
@@ -218,7 +230,90 @@ pub fn prepare<'a, B: DpBackend>(be: &'a B, a: &TrainArgs) -> Result<TrainJob<'a
     trainer.eval_data = Some(held_out);
     Ok(TrainJob {
         trainer,
-        data,
+        data: Box::new(data),
+        checkpoint_every: a.checkpoint_every,
+    })
+}
+
+/// The run's settings that do not depend on the data source.
+fn train_config(
+    a: &TrainArgs,
+    keep_tokens: Option<usize>,
+    context: usize,
+    text_len: usize,
+) -> TrainConfig {
+    TrainConfig {
+        micro_batch: a.micro_batch,
+        sampling: a.sampling,
+        steps: a.steps,
+        opt: a.opt,
+        clip_norm: a.clip_norm,
+        epsilon: a.epsilon,
+        delta: a.delta,
+        noise_multiplier: a.noise_multiplier,
+        accountant: a.accountant,
+        keep_tokens,
+        context_tokens: if keep_tokens.is_some() { context } else { 0 },
+        fuse_noise_std: a.fuse_noise_std,
+        keep_frac: a.keep_frac,
+        prune_scope: a.prune_scope,
+        dpzo_lambda: a.dpzo_lambda,
+        rng: a.rng,
+        log_private_stats: a.log_private_stats,
+        eval_every: a.eval_every,
+        ..TrainConfig::new(a.method, a.batch, text_len)
+    }
+}
+
+/// [`prepare`] for a transformers LLaVA folder and conversation data. The record
+/// count is private here, so the run declares no public size (the trainer warns).
+fn prepare_hf<'a, B: DpBackend>(be: &'a B, a: &TrainArgs, h: &HfData) -> Result<TrainJob<'a, B>> {
+    let spec = ModelSpec {
+        preset: format!("{}{}", checkpoint::HF_PRESET, h.model.display()),
+        ..a.model.clone()
+    };
+    let (mcfg, mode) = spec.build()?;
+    let tok = Tokenizer::from_file(h.model.join("tokenizer.json"))?;
+    let processor = ImageProcessor::from_file(h.model.join("preprocessor_config.json"))?;
+    let opts = DataOptions {
+        template: h.template,
+        max_len: h.max_text_len,
+        aspect: h.aspect,
+    };
+    let data = LlavaDataset::load(
+        &h.data,
+        h.image_folder.as_deref(),
+        &tok,
+        processor,
+        mcfg.vision.image_size,
+        opts,
+    )?;
+    let mut trainer = match &a.resume {
+        Some(dir) => Trainer::resume(be, dir, &data, Some(a.steps))?,
+        None => {
+            let (default_keep, default_context) = mcfg.vision.default_token_select();
+            let keep_tokens = match (a.token_pruning, a.keep_tokens, a.method) {
+                (false, ..) => None,
+                (true, Some(k), _) => Some(k),
+                (true, None, Method::Dualpriv) => Some(default_keep),
+                _ => None,
+            };
+            let context = a.context_tokens.unwrap_or(default_context);
+            let cfg = train_config(a, keep_tokens, context, data.max_text_len());
+            let (model, _) = load_llava(be, &h.model, &mode, 0)?;
+            let key = match a.insecure_seed {
+                Some(s) => RunKey::from_insecure_seed(s),
+                None => RunKey::from_os()?,
+            };
+            let mut t = Trainer::with_key(be, model, spec, cfg, &data, key)?;
+            t.out_dir = a.out.clone();
+            t
+        }
+    };
+    trainer.progress = a.progress;
+    Ok(TrainJob {
+        trainer,
+        data: Box::new(data),
         checkpoint_every: a.checkpoint_every,
     })
 }

@@ -49,10 +49,17 @@ pub struct ModelSpec {
     pub full_groups: Vec<String>,
 }
 
+/// The prefix of a [`ModelSpec::preset`] that names a transformers LLaVA folder.
+pub const HF_PRESET: &str = "hf:";
+
 impl ModelSpec {
-    /// The model config and train mode this spec names.
+    /// The model config and train mode this spec names. A preset `hf:DIR` is the
+    /// transformers LLaVA folder DIR (its `config.json`).
     pub fn build(&self) -> Result<(ModelConfig, TrainMode)> {
-        let cfg = ModelConfig::preset(&self.preset)?;
+        let cfg = match self.preset.strip_prefix(HF_PRESET) {
+            Some(dir) => crate::hf::config::LlavaConfig::from_dir(Path::new(dir))?.model,
+            None => ModelConfig::preset(&self.preset)?,
+        };
         let mode = match self.lora_rank {
             Some(r) => TrainMode::Lora {
                 rank: r,
