@@ -208,6 +208,8 @@ fn cli_trains_an_hf_model_and_exports_a_peft_adapter() {
             "2",
             "--insecure-seed",
             "3",
+            "--public-size",
+            "16",
         ])
         .arg("--model")
         .arg(fixture("hub"))
@@ -221,6 +223,8 @@ fn cli_trains_an_hf_model_and_exports_a_peft_adapter() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "train failed: {err}");
+    // q = batch / public size, not the private record count (8).
+    assert!(err.contains("q = 0.2500"), "{err}");
     let out = Command::new(bin)
         .args(["export", "--run"])
         .arg(&run)

@@ -589,6 +589,11 @@ struct TrainFlags {
     /// Records longer than this many tokens are truncated (and counted).
     #[arg(long, default_value_t = 2048)]
     max_text_len: usize,
+    /// With --data: a public dataset size N for the sampling rate q = batch / N, one
+    /// that does not depend on the private records (without it the record count is
+    /// used and published).
+    #[arg(long, requires = "data")]
+    public_size: Option<usize>,
     /// Backend (cuda needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     backend: Backend,
@@ -666,6 +671,7 @@ impl TrainFlags {
                         AspectFlag::Crop => AspectMode::Crop,
                     },
                     max_text_len: self.max_text_len,
+                    public_size: self.public_size,
                 }),
                 _ => None,
             },
@@ -693,7 +699,7 @@ fn train_on<B: DpBackend>(be: &B, a: &TrainArgs) -> Result<()> {
             "{}: {} trainable values, q = {:.4}, sigma = {:.4}",
             a.method,
             t.model.trainable().iter().map(|p| p.len).sum::<usize>(),
-            a.batch as f64 / a.train_examples as f64,
+            a.batch as f64 / t.cfg.public_size.unwrap_or(job.data.len()) as f64,
             t.sigma
         ),
     }

@@ -44,6 +44,10 @@ pub struct HfData {
     pub aspect: AspectMode,
     /// Longer records are truncated to this many tokens (and counted).
     pub max_text_len: usize,
+    /// A public dataset size for the sampling rate q = batch / N (one that does not
+    /// depend on the private records); `None` uses the record count, which the run
+    /// then publishes (the trainer warns).
+    pub public_size: Option<usize>,
 }
 
 /// Settings of `dualpriv train`. [`Default`] gives the command's defaults: a
@@ -299,7 +303,10 @@ fn prepare_hf<'a, B: DpBackend>(be: &'a B, a: &TrainArgs, h: &HfData) -> Result<
                 _ => None,
             };
             let context = a.context_tokens.unwrap_or(default_context);
-            let cfg = train_config(a, keep_tokens, context, data.max_text_len());
+            let cfg = TrainConfig {
+                public_size: h.public_size,
+                ..train_config(a, keep_tokens, context, data.max_text_len())
+            };
             let (model, _) = load_llava(be, &h.model, &mode, 0)?;
             let key = match a.insecure_seed {
                 Some(s) => RunKey::from_insecure_seed(s),

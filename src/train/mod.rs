@@ -750,7 +750,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             eprintln!(
                 "warning: the sampling rate q = {} / N uses the training set's own size N, which \
                  q, σ and ε then publish; under add/remove adjacency N is not protected. Declare a \
-                 public size (TrainConfig::public_size) to cover it",
+                 public dataset size (one that does not depend on the private data) to cover it",
                 self.cfg.batch
             );
         }
