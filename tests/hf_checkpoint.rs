@@ -13,9 +13,7 @@ use dualpriv::Error;
 use serde_json::Value;
 
 fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/hf")
-        .join(p)
+    common::hf_data().join(p)
 }
 
 const LAYOUTS: [&str; 4] = ["hub", "v5", "sharded", "memory"];

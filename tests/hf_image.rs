@@ -13,7 +13,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 fn hf() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf")
+    common::hf_data()
 }
 
 fn fixture() -> PathBuf {

@@ -15,9 +15,7 @@ use dualpriv::model::config::{LoraTarget, TrainMode};
 use safetensors::tensor::SafeTensors;
 
 fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/hf")
-        .join(p)
+    common::hf_data().join(p)
 }
 
 struct Refs {

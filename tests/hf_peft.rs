@@ -15,9 +15,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::Value;
 
 fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/hf")
-        .join(p)
+    common::hf_data().join(p)
 }
 
 const MODULES: [&str; 7] = [

@@ -13,7 +13,7 @@ use dualpriv::hf::tokenizer::Tokenizer;
 use serde_json::Value;
 
 fn data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf")
+    common::hf_data()
 }
 
 fn tok() -> Tokenizer {

@@ -20,9 +20,7 @@ use dualpriv::train::method::Method;
 use dualpriv::train::{TrainConfig, Trainer};
 
 fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/hf")
-        .join(p)
+    common::hf_data().join(p)
 }
 
 /// Eight records over the fixture's images, one multi-turn.

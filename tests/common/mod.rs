@@ -128,3 +128,20 @@ pub fn max_abs(v: &[f32]) -> f32 {
 pub fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-300)
 }
+
+/// `tests/data/hf`, the HF fixture folder: under the crate that built the test, or,
+/// for a test binary shipped elsewhere (the GPU bundle of scripts/gpu-test.sh, run
+/// from a copy of the repository), under the working directory.
+pub fn hf_data() -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf");
+    if built.is_dir() {
+        return built;
+    }
+    let here = PathBuf::from("tests/data/hf");
+    assert!(
+        here.is_dir(),
+        "the HF fixture is neither at {} nor under the working directory; run from the repository root",
+        built.display()
+    );
+    here
+}
