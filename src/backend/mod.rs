@@ -1,6 +1,6 @@
 //! The backend abstraction: the model and the training loop are written once
 //! against [`Backend`] (model ops) and [`dp::DpBackend`] (DP mechanisms); the CPU
-//! backend ([`cpu::Cpu`]) is the executable specification and the CUDA backend
+//! backend ([`cpu::Cpu`](type@cpu::Cpu)) is the executable specification and the CUDA backend
 //! must agree with it within the tolerances stated in the tests.
 //!
 //! # Conventions (llm.c style)

@@ -7,8 +7,8 @@
 //! `tensor`, `rows`); the DP ops are in `dp.rs`. [`CpuOf`] implements the
 //! backend once for both element types:
 //!
-//! * [`Cpu`]: `f32` buffers, the reference the CUDA backend is compared with;
-//! * [`Cpu64`]: `f64` buffers, the same ops in double precision, so finite
+//! * [`Cpu`](type@Cpu): `f32` buffers, the reference the CUDA backend is compared with;
+//! * [`Cpu64`](type@Cpu64): `f64` buffers, the same ops in double precision, so finite
 //!   difference checks of whole layers and of the whole model can use tight
 //!   tolerances (tests only; uploads and downloads convert from and to f32).
 //!
@@ -110,7 +110,7 @@ fn to_f32<T: Real>(x: &[T]) -> Vec<f32> {
 }
 
 /// The CPU backend on element type `T`: `Vec<T>` buffers, the ops of this module.
-/// Use it through [`Cpu`] (f32) and [`Cpu64`] (f64).
+/// Use it through [`Cpu`](type@Cpu) (f32) and [`Cpu64`](type@Cpu64) (f64).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuOf<T>(PhantomData<T>);
 
@@ -123,15 +123,15 @@ impl<T> CpuOf<T> {
 
 /// The CPU reference backend, `f32` buffers.
 pub type Cpu = CpuOf<f32>;
-/// The value of [`Cpu`]: the backend holds no state, so `&Cpu` is all a caller needs.
+/// The value of [`Cpu`](type@Cpu): the backend holds no state, so `&Cpu` is all a caller needs.
 #[allow(non_upper_case_globals)]
 pub const Cpu: Cpu = CpuOf::new();
 
-/// The CPU backend in double precision, `f64` buffers: the same ops as [`Cpu`],
+/// The CPU backend in double precision, `f64` buffers: the same ops as [`Cpu`](type@Cpu),
 /// used by finite-difference tests. Token selection runs in f32 (its input is
 /// rounded), as it has no gradient.
 pub type Cpu64 = CpuOf<f64>;
-/// The value of [`Cpu64`].
+/// The value of [`Cpu64`](type@Cpu64).
 #[allow(non_upper_case_globals)]
 pub const Cpu64: Cpu64 = CpuOf::new();
 
