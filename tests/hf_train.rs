@@ -23,14 +23,22 @@ fn fixture(p: &str) -> PathBuf {
     common::hf_data().join(p)
 }
 
+/// Eight fixture images, one per record.
+const IMAGES: [&str; 8] = [
+    "image.png",
+    "image/portrait.png",
+    "image/grey.png",
+    "image/palette.png",
+    "image/rgba.png",
+    "image/rgb16.png",
+    "image/grey_alpha.png",
+    "image/la16.png",
+];
+
 /// Eight records over the fixture's images, one multi-turn.
 fn write_conversations(dir: &Path) -> PathBuf {
-    let images = [
-        "image.png",
-        "image/portrait.png",
-        "image/grey.png",
-        "image/palette.png",
-    ];
+    // One image per record: records sharing an image are refused.
+    let images = IMAGES;
     let qa = [
         ("What is in the picture?", "A red square."),
         ("Describe the image.", "There is a small green circle."),
@@ -208,6 +216,8 @@ fn cli_trains_an_hf_model_and_exports_a_peft_adapter() {
             "3",
             "--public-size",
             "16",
+            "--max-text-len",
+            "96",
         ])
         .arg("--model")
         .arg(fixture("hub"))
@@ -223,6 +233,9 @@ fn cli_trains_an_hf_model_and_exports_a_peft_adapter() {
     assert!(out.status.success(), "train failed: {err}");
     // q = batch / public size, not the private record count (8).
     assert!(err.contains("q = 0.2500"), "{err}");
+    // Padded to the public --max-text-len, not to the (private) longest record.
+    let (state, _) = dualpriv::train::checkpoint::load_state(&run).unwrap();
+    assert_eq!(state.train.text_len, 96);
     let out = Command::new(bin)
         .args(["export", "--run"])
         .arg(&run)
@@ -260,4 +273,49 @@ fn cli_trains_an_hf_model_and_exports_a_peft_adapter() {
     // Training changed the model: LoRA B started at zero.
     let (fresh, _) = load_llava(&Cpu, &fixture("hub"), &mode, 99).unwrap();
     assert_ne!(fresh.logits(&Cpu, &b, None).unwrap(), want);
+}
+
+/// Images are decoded once, at load: a step's time does not depend on which
+/// image was sampled, and a file changed or removed mid-run cannot fail a step
+/// (which would name a record just sampled). Records sharing an image are refused.
+#[test]
+fn images_are_read_once_and_never_shared() {
+    let dir = common::tmp_dir("hf_train_cache");
+    let src = fixture("");
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("image")).unwrap();
+    for f in IMAGES {
+        std::fs::copy(src.join(f), root.join(f)).unwrap();
+    }
+    let json = write_conversations(&dir);
+    let tok = Tokenizer::from_file(fixture("tokenizer.json")).unwrap();
+    let proc = ImageProcessor::from_file(fixture("preprocessor_config.json")).unwrap();
+    let data = LlavaDataset::load(&json, Some(&root), &tok, proc.clone(), 56, opts(200)).unwrap();
+    let before = data.collate(&[2, 5], 200).unwrap();
+    // Overwrite one and delete another: the dataset keeps what it loaded.
+    std::fs::write(root.join(IMAGES[2]), b"not a png any more").unwrap();
+    std::fs::remove_file(root.join(IMAGES[5])).unwrap();
+    let after = data.collate(&[2, 5], 200).unwrap();
+    assert_eq!(before.images, after.images);
+    assert!(before.images.iter().any(|v| *v != 0.0));
+    // No cache file is left in the temporary folder.
+    let prefix = format!("dualpriv-pixels-{}-", std::process::id());
+    let left = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .count();
+    assert_eq!(left, 0, "a pixel cache file is left on disk");
+
+    // Two records naming one image.
+    let shared = dir.join("shared.json");
+    let text = std::fs::read_to_string(&json)
+        .unwrap()
+        .replace(IMAGES[1], IMAGES[0]);
+    std::fs::write(&shared, text).unwrap();
+    let e = LlavaDataset::load(&shared, Some(&src), &tok, proc, 56, opts(200))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("share the image") && e.contains("merge"), "{e}");
 }

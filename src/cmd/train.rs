@@ -303,9 +303,11 @@ fn prepare_hf<'a, B: DpBackend>(be: &'a B, a: &TrainArgs, h: &HfData) -> Result<
                 _ => None,
             };
             let context = a.context_tokens.unwrap_or(default_context);
+            // Padded to the public limit, never to the longest record: the text
+            // length is published (state.json, step time), the longest record is private.
             let cfg = TrainConfig {
                 public_size: h.public_size,
-                ..train_config(a, keep_tokens, context, data.max_text_len())
+                ..train_config(a, keep_tokens, context, h.max_text_len)
             };
             let (model, _) = load_llava(be, &h.model, &mode, 0)?;
             let key = match a.insecure_seed {

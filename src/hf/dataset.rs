@@ -1,12 +1,25 @@
 //! LLaVA conversation data as a [`DataSource`]: records tokenised with a prompt
-//! template once at load, images decoded and preprocessed per batch (a dataset's
-//! pixels would not fit in memory), collated with the `<image>` placeholder's
-//! position so the model splices the visual tokens there.
+//! template and every image decoded and preprocessed once, at load, collated with
+//! the `<image>` placeholder's position so the model splices the visual tokens
+//! there.
+//!
+//! **Why everything happens at load.** A step's time and memory are published
+//! (`metrics.jsonl`, the progress bar). Decoding a sampled record's image inside
+//! the step would make its time depend on that image (a large PNG shows up as a
+//! slow step, so its record's sampling times leak), and re-reading the file could
+//! fail mid-run, naming a record that was just sampled. So the preprocessed pixels,
+//! `[N, 3, S, S]` f32, go to an unlinked temporary file that is memory-mapped
+//! (the page cache holds what fits; nothing is left on disk after the process), and
+//! a step only copies fixed-size slices.
 //!
 //! The DP unit is one record. A person with several records needs them grouped
-//! into one record for person-level DP.
+//! into one record for person-level DP; records that share an image are refused,
+//! since that image would only be protected as a group.
+use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use memmap2::Mmap;
 use rayon::prelude::*;
 
 use super::conversation::{Conversations, EncodeStats, Template, TextExample};
@@ -31,8 +44,8 @@ pub struct LlavaDataset {
     path: PathBuf,
     examples: Vec<TextExample>,
     stats: EncodeStats,
-    processor: ImageProcessor,
-    mode: AspectMode,
+    /// `[N, 3, S, S]` f32 little-endian, one record after another.
+    pixels: Mmap,
     image_size: usize,
     pad_id: u32,
 }
@@ -63,6 +76,22 @@ impl LlavaDataset {
                 ex.id
             )));
         }
+        let mut seen: HashMap<&Path, &TextExample> = HashMap::new();
+        for ex in &examples {
+            if let Some(img) = ex.image.as_deref() {
+                if let Some(first) = seen.insert(img, ex) {
+                    return Err(Error::Config(format!(
+                        "{}: records {:?} and {:?} share the image {}; record-level DP would \
+                         protect that image only as a group: merge them into one multi-turn \
+                         record",
+                        json.display(),
+                        first.id,
+                        ex.id,
+                        img.display()
+                    )));
+                }
+            }
+        }
         let side = image_size as u32;
         let (w, h) = processor.output_size(side, side, mode);
         if (w, h) != (side, side) {
@@ -72,12 +101,12 @@ impl LlavaDataset {
                 json.display()
             )));
         }
+        let pixels = preprocess_all(&examples, &processor, mode, image_size)?;
         Ok(Self {
             path: json.to_path_buf(),
             examples,
             stats,
-            processor,
-            mode,
+            pixels,
             image_size,
             pad_id: tok.pad_id(),
         })
@@ -93,14 +122,77 @@ impl LlavaDataset {
         &self.examples
     }
 
-    fn pixels(&self, ex: &TextExample) -> Result<Vec<f32>> {
-        let path = ex
-            .image
-            .as_ref()
-            .ok_or_else(|| Error::Internal(format!("record {} lost its image", ex.index)))?;
-        let img = load_image(path)?;
-        self.processor.preprocess(&img, self.mode)
+    /// Record `i`'s preprocessed pixels, from the cache.
+    fn pixels(&self, i: usize) -> impl Iterator<Item = f32> + '_ {
+        let per = 3 * self.image_size * self.image_size * 4;
+        self.pixels[i * per..][..per]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
     }
+}
+
+/// Decodes and preprocesses every record's image (in parallel, a bounded number
+/// at a time) into an unlinked, memory-mapped temporary file.
+fn preprocess_all(
+    examples: &[TextExample],
+    processor: &ImageProcessor,
+    mode: AspectMode,
+    image_size: usize,
+) -> Result<Mmap> {
+    let dir = std::env::temp_dir();
+    let mut name = [0u8; 8];
+    getrandom::fill(&mut name).map_err(Error::entropy)?;
+    let path = dir.join(format!(
+        "dualpriv-pixels-{}-{:016x}.f32",
+        std::process::id(),
+        u64::from_le_bytes(name)
+    ));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let file = opts.open(&path).map_err(|e| Error::io(&path, e))?;
+    // Unlinked at once: the open file and its mapping stay valid, and nothing with
+    // private pixels is left behind, whatever ends the process.
+    let _ = std::fs::remove_file(&path);
+    let mut w = std::io::BufWriter::new(&file);
+    let per = 3 * image_size * image_size;
+    for chunk in examples.chunks(64) {
+        let done: Vec<Vec<f32>> = chunk
+            .par_iter()
+            .map(|ex| {
+                let img = ex.image.as_ref().ok_or_else(|| {
+                    Error::Internal(format!("record {} lost its image", ex.index))
+                })?;
+                let px = processor.preprocess(&load_image(img)?, mode)?;
+                if px.len() != per {
+                    return Err(Error::Internal(format!(
+                        "{}: preprocessed to {} values, not 3·{image_size}²",
+                        img.display(),
+                        px.len()
+                    )));
+                }
+                Ok(px)
+            })
+            .collect::<Result<_>>()?;
+        for px in done {
+            let bytes: Vec<u8> = px.iter().flat_map(|v| v.to_le_bytes()).collect();
+            w.write_all(&bytes).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    w.flush().map_err(|e| Error::io(&path, e))?;
+    drop(w);
+    if examples.is_empty() {
+        // A zero-length file cannot be mapped everywhere; map nothing instead.
+        return memmap2::MmapOptions::new()
+            .len(1)
+            .map_anon()
+            .and_then(|m| m.make_read_only())
+            .map_err(|e| Error::io(&path, e));
+    }
+    // SAFETY: the file is private to this process (created here, mode 0600,
+    // unlinked) and no longer written.
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))
 }
 
 impl DataSource for LlavaDataset {
@@ -121,10 +213,6 @@ impl DataSource for LlavaDataset {
                 })
             })
             .collect::<Result<_>>()?;
-        let pixels: Vec<Vec<f32>> = exs
-            .par_iter()
-            .map(|ex| self.pixels(ex))
-            .collect::<Result<_>>()?;
         let mut batch = Batch {
             size: b,
             image_size: self.image_size,
@@ -136,9 +224,9 @@ impl DataSource for LlavaDataset {
             example_ids: indices.to_vec(),
             image_pos: Some(Vec::with_capacity(b)),
         };
-        for (ex, px) in exs.iter().zip(pixels) {
+        for (ex, &i) in exs.iter().zip(indices) {
             let p = ex.pad(text_len, self.pad_id)?;
-            batch.images.extend_from_slice(&px);
+            batch.images.extend(self.pixels(i));
             batch.input_ids.extend_from_slice(&p.input_ids);
             batch.targets.extend_from_slice(&p.targets);
             batch
@@ -174,15 +262,10 @@ impl DataSource for LlavaDataset {
                 h.update(&id.to_le_bytes());
             }
             h.update(&ex.loss_mask.iter().map(|&m| m as u8).collect::<Vec<u8>>());
-            // The image bytes, not their path: the same file name with other pixels
-            // is other data. An unreadable image hashes as its error text, and
-            // collating it fails the run before any step.
-            match ex.image.as_ref().map(std::fs::read) {
-                Some(Ok(bytes)) => h.update(&bytes),
-                Some(Err(e)) => h.update(e.to_string().as_bytes()),
-                None => h.update(b"no image"),
-            };
         }
+        // The pixels trained on, not the image paths: the same file name with other
+        // pixels is other data.
+        h.update(&self.pixels[..self.examples.len() * 3 * self.image_size * self.image_size * 4]);
         h.finalize().to_hex()[..32].to_string()
     }
 

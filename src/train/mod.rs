@@ -159,10 +159,10 @@ impl TrainConfig {
     /// declared), after every check that needs the data: [`Self::validate`], δ < 1/N.
     pub fn check(&self, data: &dyn DataSource, key: &RunKey) -> Result<Sampler> {
         self.validate()?;
-        let mut sampler = Sampler::new(data.len(), self.batch, self.sampling, key)?;
-        if let Some(n) = self.public_size {
-            sampler = sampler.with_public_size(n)?;
-        }
+        let sampler = match self.public_size {
+            Some(n) => Sampler::with_public(data.len(), self.batch, self.sampling, key, n)?,
+            None => Sampler::new(data.len(), self.batch, self.sampling, key)?,
+        };
         let n = self.public_size.unwrap_or(data.len());
         if self.method.is_private() && self.delta >= 1.0 / n as f64 {
             return Err(Error::Config(format!(
@@ -762,6 +762,9 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             );
         }
         self.check_every_example(data)?;
+        // The peak heap is published: it must not include loading or the check above,
+        // whose size depends on the private data (the largest image, the record count).
+        crate::mem::reset_peak();
         self.claim_out(data)?;
         if private {
             self.warn_prior_spend(kind)?;

@@ -53,6 +53,34 @@ impl Sampler {
         })
     }
 
+    /// A Poisson sampler over `n` examples at rate q = `expected` / `public_size`,
+    /// checked against the public size only: whether the private N is below the
+    /// batch size (or zero) must not decide whether the run starts.
+    pub fn with_public(
+        n: usize,
+        expected: usize,
+        mode: Sampling,
+        key: &RunKey,
+        public_size: usize,
+    ) -> Result<Self> {
+        if mode == Sampling::Shuffle {
+            return Self::new(n, expected, mode, key)?.with_public_size(public_size);
+        }
+        if expected == 0 {
+            return Err(Error::Config(
+                "the expected batch size must be at least 1".into(),
+            ));
+        }
+        Self {
+            n,
+            expected,
+            mode,
+            key: key.clone(),
+            rate: 1.0,
+        }
+        .with_public_size(public_size)
+    }
+
     /// Poisson rate q = B_expected / `public_size` instead of the private N: under
     /// add/remove adjacency N differs between neighbours, so a q (and the σ
     /// calibrated from it) computed from N would publish it.
