@@ -456,7 +456,11 @@ fn bad_configs_and_shapes_are_errors() {
         }),
         &["noise"],
     );
-    expect_config(dominant_indices(&[1.0, 2.0], 3), &["3", "2"]);
+    expect_setting(
+        dominant_indices(&[1.0, 2.0], 3),
+        Setting::KeepTokens,
+        &["3", "2"],
+    );
     assert!(run(cfg(20, 9)).is_ok(), "M = R is allowed");
 
     let c = cfg(3, 2);
