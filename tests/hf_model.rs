@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 
 use dualpriv::backend::cpu::Cpu;
 use dualpriv::data::Batch;
-use dualpriv::hf::load::{apply_adapter, load_llava};
-use dualpriv::hf::peft::read_adapter;
+use dualpriv::hf::config::LlavaConfig;
+use dualpriv::hf::load::{apply_adapter, load_llava, LoadReport};
+use dualpriv::hf::peft::{read_adapter, Adapter};
 use dualpriv::model::config::{LoraTarget, TrainMode};
+use dualpriv::model::Mllm;
 use safetensors::tensor::SafeTensors;
 
 fn fixture(p: &str) -> PathBuf {
@@ -139,18 +141,8 @@ fn features_and_logits_match_transformers_on_every_layout() {
     }
 }
 
-#[test]
-fn adapter_gives_peft_logits() {
-    let r = refs();
-    let adapter = read_adapter(&fixture("adapter")).unwrap();
-    let mode = TrainMode::Lora {
-        rank: adapter.config.r,
-        alpha: adapter.config.lora_alpha as f32,
-        targets: LoraTarget::ALL.to_vec(),
-    };
-    let (mut m, rep) = load_llava(&Cpu, &fixture("hub"), &mode, 7).unwrap();
-    apply_adapter(&Cpu, &mut m, &adapter, &fixture("adapter")).unwrap();
-    let c = &rep.config;
+/// The fixture's first prompt as a one-example batch, and its `<image>` position.
+fn prompt_batch(r: &Refs, c: &LlavaConfig) -> (Batch, usize) {
     let p = r
         .input_ids
         .iter()
@@ -162,6 +154,28 @@ fn adapter_gives_peft_logits() {
         c.model.vision.image_size,
         Some(p),
     );
+    (b, p)
+}
+
+/// The Hub layout with the fixture's PEFT adapter in its LoRA tensors.
+fn hub_with_fixture_adapter() -> (Mllm<Cpu>, LoadReport, Adapter) {
+    let adapter = read_adapter(&fixture("adapter")).unwrap();
+    let mode = TrainMode::Lora {
+        rank: adapter.config.r,
+        alpha: adapter.config.lora_alpha as f32,
+        targets: LoraTarget::ALL.to_vec(),
+    };
+    let (mut m, rep) = load_llava(&Cpu, &fixture("hub"), &mode, 7).unwrap();
+    apply_adapter(&Cpu, &mut m, &adapter, &fixture("adapter")).unwrap();
+    (m, rep, adapter)
+}
+
+#[test]
+fn adapter_gives_peft_logits() {
+    let r = refs();
+    let (m, rep, _) = hub_with_fixture_adapter();
+    let c = &rep.config;
+    let (b, p) = prompt_batch(&r, c);
     let logits = m.logits(&Cpu, &b, None).unwrap();
     let (vocab, v) = (c.model.llm.vocab, m.visual_tokens(None));
     let want = hf_rows_at_text(&r.adapter_logits, vocab, r.input_ids.len(), p, v);
@@ -186,17 +200,7 @@ fn cuda_forward_matches_the_cpu() {
     let (cpu, rep) = load_llava(&Cpu, &fixture("sharded"), &TrainMode::frozen(), 0).unwrap();
     let (dev, _) = load_llava(&gpu, &fixture("sharded"), &TrainMode::frozen(), 0).unwrap();
     let c = &rep.config;
-    let p = r
-        .input_ids
-        .iter()
-        .position(|&i| i == c.image_token_id)
-        .unwrap();
-    let b = batch(
-        &r.input_ids,
-        &r.pixel_values,
-        c.model.vision.image_size,
-        Some(p),
-    );
+    let (b, _) = prompt_batch(&r, c);
     let want = cpu.logits(&Cpu, &b, None).unwrap();
     let got = dev.logits(&gpu, &b, None).unwrap();
     let d = max_abs_diff(&got, &want);
@@ -214,28 +218,11 @@ fn cuda_forward_matches_the_cpu() {
 #[ignore]
 fn export_for_peft_check() {
     let r = refs();
-    let adapter = read_adapter(&fixture("adapter")).unwrap();
-    let mode = TrainMode::Lora {
-        rank: adapter.config.r,
-        alpha: adapter.config.lora_alpha as f32,
-        targets: LoraTarget::ALL.to_vec(),
-    };
-    let (mut m, rep) = load_llava(&Cpu, &fixture("hub"), &mode, 7).unwrap();
-    apply_adapter(&Cpu, &mut m, &adapter, &fixture("adapter")).unwrap();
+    let (m, rep, adapter) = hub_with_fixture_adapter();
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peft-export");
     dualpriv::hf::peft::write_adapter(&out, &adapter.config, &adapter.tensors).unwrap();
     let c = &rep.config;
-    let p = r
-        .input_ids
-        .iter()
-        .position(|&i| i == c.image_token_id)
-        .unwrap();
-    let b = batch(
-        &r.input_ids,
-        &r.pixel_values,
-        c.model.vision.image_size,
-        Some(p),
-    );
+    let (b, _) = prompt_batch(&r, c);
     let logits = m.logits(&Cpu, &b, None).unwrap();
     let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(out.join("logits.f32"), bytes).unwrap();
