@@ -91,7 +91,7 @@ impl SeqLayout {
             b,
             v,
             t,
-            l: v + t - r,
+            l: (v + t).saturating_sub(r),
             r,
             pos,
         }
