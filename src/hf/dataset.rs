@@ -48,6 +48,9 @@ pub struct LlavaDataset {
     pixels: Mmap,
     image_size: usize,
     pad_id: u32,
+    /// Unkeyed digest of the examples and pixels, for [`DataSource::identity`]
+    /// (local only: the ledger's fingerprint is the keyed one).
+    digest: String,
 }
 
 impl LlavaDataset {
@@ -102,14 +105,17 @@ impl LlavaDataset {
             )));
         }
         let pixels = preprocess_all(&examples, &processor, mode, image_size)?;
-        Ok(Self {
+        let mut ds = Self {
             path: json.to_path_buf(),
             examples,
             stats,
             pixels,
             image_size,
             pad_id: tok.pad_id(),
-        })
+            digest: String::new(),
+        };
+        ds.digest = ds.fingerprint(&[0; 32]);
+        Ok(ds)
     }
 
     /// What tokenisation did: truncated and dropped records, the longest text.
@@ -270,6 +276,6 @@ impl DataSource for LlavaDataset {
     }
 
     fn identity(&self) -> String {
-        format!("llava:{}:{}", self.path.display(), self.examples.len())
+        format!("llava:{}:{}", self.path.display(), self.digest)
     }
 }
