@@ -9,9 +9,10 @@ use std::fs::File;
 use std::path::PathBuf;
 
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, SafeTensors};
+use safetensors::tensor::SafeTensors;
 
 use crate::error::Setting;
+use crate::hf::checkpoint::view_to_f32;
 use crate::hf::peft::{
     language_model_regex, write_adapter, AdapterConfig, AdapterTensor, TargetModules,
 };
@@ -68,18 +69,13 @@ pub fn export_peft(a: &ExportArgs) -> Result<ExportReport> {
         if !(name.contains(".lora_A.") || name.contains(".lora_B.")) {
             continue;
         }
-        if view.dtype() != Dtype::F32 {
-            return Err(Error::Format(format!(
+        let data = view_to_f32(&view).ok_or_else(|| {
+            Error::Format(format!(
                 "{}: {name} is {:?}; dualpriv checkpoints hold F32",
                 path.display(),
                 view.dtype()
-            )));
-        }
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+            ))
+        })?;
         tensors.push(AdapterTensor {
             name,
             shape: view.shape().to_vec(),

@@ -286,7 +286,8 @@ impl Checkpoint {
         }
         let map = &self.shards[t.file].map;
         let bytes = &map[t.range.0..t.range.1];
-        convert(t.dtype, bytes, out);
+        convert(t.dtype, bytes, out)
+            .ok_or_else(|| Error::Internal(format!("{name}: dtype passed supported()")))?;
         let _ = self.release(t);
         Ok(())
     }
@@ -332,8 +333,9 @@ impl Checkpoint {
     }
 }
 
-/// Little-endian F32/F16/BF16 bytes to f32 (exact for all three).
-fn convert(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
+/// Little-endian F32/F16/BF16 bytes to f32, exact for all three; `None` for any
+/// other dtype. The one decoder of the HF checkpoints and PEFT adapters.
+pub(crate) fn convert(dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Option<()> {
     match dtype {
         Dtype::F32 => {
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -350,8 +352,15 @@ fn convert(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
                 *o = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
             }
         }
-        _ => unreachable!("checked by supported()"),
+        _ => return None,
     }
+    Some(())
+}
+
+/// [`convert`] of a whole safetensors view into a new vector.
+pub(crate) fn view_to_f32(v: &safetensors::tensor::TensorView<'_>) -> Option<Vec<f32>> {
+    let mut out = vec![0.0; v.shape().iter().product()];
+    convert(v.dtype(), v.data(), &mut out).map(|()| out)
 }
 
 /// IEEE binary16 to binary32, exact (subnormals, infinities and NaN payloads kept).

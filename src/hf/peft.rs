@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::{json, Value};
 
-use super::checkpoint::f16_to_f32;
+use super::checkpoint::view_to_f32;
 use super::names::{from_peft_key, peft_key};
 use crate::{Error, Result};
 
@@ -247,26 +247,14 @@ pub fn read_adapter(dir: &Path) -> Result<Adapter> {
 }
 
 fn to_f32(path: &Path, key: &str, v: &TensorView<'_>) -> Result<Vec<f32>> {
-    let b = v.data();
-    Ok(match v.dtype() {
-        Dtype::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::BF16 => b
-            .chunks_exact(2)
-            .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
-            .collect(),
-        Dtype::F16 => b
-            .chunks_exact(2)
-            .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
-            .collect(),
-        d => {
-            return Err(fmt_err(
-                path,
-                format!("{key} is stored as {d:?}; only F32, F16 and BF16 are read"),
-            ))
-        }
+    view_to_f32(v).ok_or_else(|| {
+        fmt_err(
+            path,
+            format!(
+                "{key} is stored as {:?}; only F32, F16 and BF16 are read",
+                v.dtype()
+            ),
+        )
     })
 }
 
