@@ -100,7 +100,7 @@ pub fn load_llava<B: Backend>(
             llm.vocab
         )));
     }
-    let mut model = Mllm::new(backend, &config.model, mode, seed)?;
+    let mut model = Mllm::new_for_load(backend, &config.model, mode, seed)?;
     let names: Vec<String> = model.tensor_names().iter().map(|s| s.to_string()).collect();
     let mut used = HashSet::new();
     let mut host = Vec::new();

@@ -217,6 +217,29 @@ impl<B: Backend> Mllm<B> {
     /// own stream keyed by its name, see [`super::weights`]). Fails with a config
     /// error naming the preset if its weights do not fit in the backend's memory.
     pub fn new(backend: &B, cfg: &ModelConfig, mode: &TrainMode, seed: u64) -> Result<Self> {
+        Self::build(backend, cfg, mode, seed, false)
+    }
+
+    /// [`Self::new`] for a model whose non-LoRA tensors are all about to be read
+    /// from a checkpoint: those are allocated as zeros instead of drawn from their
+    /// init streams (for a 7B model, billions of normals nobody would read). LoRA
+    /// tensors get their seeded init as in [`Self::new`].
+    pub(crate) fn new_for_load(
+        backend: &B,
+        cfg: &ModelConfig,
+        mode: &TrainMode,
+        seed: u64,
+    ) -> Result<Self> {
+        Self::build(backend, cfg, mode, seed, true)
+    }
+
+    fn build(
+        backend: &B,
+        cfg: &ModelConfig,
+        mode: &TrainMode,
+        seed: u64,
+        for_load: bool,
+    ) -> Result<Self> {
         cfg.validate()?;
         mode.validate()?;
         let values = cfg.base_params()
@@ -239,6 +262,7 @@ impl<B: Backend> Mllm<B> {
             }
         }
         let mut bd = Builder::new(backend, seed);
+        bd.for_load = for_load;
         let vit = VisionTower::build(&mut bd, &cfg.vision)?;
         let proj = Projector::build(
             &mut bd,
@@ -840,7 +864,7 @@ impl<B: Backend> Mllm<B> {
     pub fn load(backend: &B, cfg: &ModelConfig, mode: &TrainMode, path: &Path) -> Result<Self> {
         let (file, meta) = read_checkpoint(path)?;
         let seed = meta.get("seed").and_then(|s| s.parse().ok()).unwrap_or(0);
-        let mut m = Self::new(backend, cfg, mode, seed)?;
+        let mut m = Self::new_for_load(backend, cfg, mode, seed)?;
         m.store.load(backend, &file, path, |name| {
             name.contains(".lora_A.") || name.contains(".lora_B.")
         })?;

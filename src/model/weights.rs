@@ -100,6 +100,19 @@ impl<B: Backend> Store<B> {
         }
     }
 
+    /// Adds a zero tensor, returning its index.
+    pub fn add_zeros(&mut self, be: &B, name: String, shape: Vec<usize>) -> Result<usize> {
+        let buf = be.zeros(shape.iter().product())?;
+        Ok(self.push(name, shape, buf))
+    }
+
+    fn push(&mut self, name: String, shape: Vec<usize>, buf: B::Buf) -> usize {
+        let idx = self.tensors.len();
+        self.index.insert(name.clone(), idx);
+        self.tensors.push(Tensor { name, shape, buf });
+        idx
+    }
+
     /// Adds a tensor initialised from `seed`, returning its index.
     pub fn add(
         &mut self,
@@ -111,10 +124,7 @@ impl<B: Backend> Store<B> {
     ) -> Result<usize> {
         let n: usize = shape.iter().product();
         let buf = be.upload(&init_values(&name, n, init, seed))?;
-        let idx = self.tensors.len();
-        self.index.insert(name.clone(), idx);
-        self.tensors.push(Tensor { name, shape, buf });
-        Ok(idx)
+        Ok(self.push(name, shape, buf))
     }
 
     pub fn buf(&self, idx: usize) -> &B::Buf {
@@ -224,6 +234,8 @@ pub(crate) struct Builder<'a, B: Backend> {
     /// Store index of each trainable id.
     pub train_idx: Vec<usize>,
     pub seed: u64,
+    /// Non-LoRA tensors are zeros (a checkpoint overwrites them next).
+    pub for_load: bool,
 }
 
 impl<'a, B: Backend> Builder<'a, B> {
@@ -234,6 +246,7 @@ impl<'a, B: Backend> Builder<'a, B> {
             trainable: Vec::new(),
             train_idx: Vec::new(),
             seed,
+            for_load: false,
         }
     }
 
@@ -246,9 +259,13 @@ impl<'a, B: Backend> Builder<'a, B> {
         train: bool,
     ) -> Result<(usize, Option<u32>)> {
         let len = shape.iter().product();
-        let idx = self
-            .store
-            .add(self.be, name.clone(), shape.clone(), init, self.seed)?;
+        let lora = name.contains(".lora_A.") || name.contains(".lora_B.");
+        let idx = if self.for_load && !lora {
+            self.store.add_zeros(self.be, name.clone(), shape.clone())?
+        } else {
+            self.store
+                .add(self.be, name.clone(), shape.clone(), init, self.seed)?
+        };
         if !train {
             return Ok((idx, None));
         }
