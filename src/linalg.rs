@@ -2,6 +2,13 @@
 //!
 //! A [`View`] is a slice plus (rows, cols, row stride, col stride), so transposes
 //! are free: swap the strides. Bounds are checked once per call.
+//!
+//! `matrixmultiply` runs on the calling thread, so a large product is split into
+//! one block of rows (or of columns, when C is wide and short, as a LoRA or
+//! weight gradient is) per rayon thread; each block is an independent
+//! single-threaded GEMM writing a disjoint part of C. Inside a rayon job (the
+//! per-example, per-head attention GEMMs) products run whole, as the caller is
+//! already parallel.
 
 /// A strided matrix view over a slice.
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +56,22 @@ impl<'a, T> View<'a, T> {
     }
 }
 
+/// Multiply-adds below which a product runs on one thread (about 10 µs of work;
+/// a rayon fork costs a few µs).
+const PARALLEL_MACS: usize = 1 << 20;
+
+/// The raw C pointer shared by the column blocks of a split product.
+#[derive(Clone, Copy)]
+struct CPtr<T>(*mut T);
+// SAFETY: each job writes a disjoint set of C's elements (its own columns).
+unsafe impl<T> Send for CPtr<T> {}
+unsafe impl<T> Sync for CPtr<T> {}
+
+/// `[start, end)` of block `i` of `n` split into `parts` near-equal blocks.
+fn block(n: usize, parts: usize, i: usize) -> (usize, usize) {
+    (n * i / parts, n * (i + 1) / parts)
+}
+
 macro_rules! gemm_fn {
     ($name:ident, $t:ty, $kernel:ident) => {
         /// Row-major `c[m×n] = alpha·a·b + beta·c` with `a` m×k and `b` k×n views.
@@ -72,24 +95,62 @@ macro_rules! gemm_fn {
             if m == 0 || n == 0 {
                 return;
             }
-            // SAFETY: every index touched is within the checked bounds above.
-            unsafe {
+            let threads = rayon::current_num_threads();
+            let parts = if m * n * k < PARALLEL_MACS || rayon::current_thread_index().is_some() {
+                1
+            } else {
+                threads.min(m.max(n) / 8).max(1)
+            };
+            let (ars, acs) = (a.rs as isize, a.cs as isize);
+            let (brs, bcs) = (b.rs as isize, b.cs as isize);
+            // SAFETY (every call below): each block reads a sub-view of the
+            // checked a and b and writes its own rows or columns of c, all within
+            // the bounds checked above.
+            let run = |m: usize, n: usize, a: *const $t, b: *const $t, c: *mut $t| unsafe {
                 matrixmultiply::$kernel(
                     m,
                     k,
                     n,
                     alpha,
-                    a.data.as_ptr(),
-                    a.rs as isize,
-                    a.cs as isize,
-                    b.data.as_ptr(),
-                    b.rs as isize,
-                    b.cs as isize,
+                    a,
+                    ars,
+                    acs,
+                    b,
+                    brs,
+                    bcs,
                     beta,
-                    c.as_mut_ptr(),
-                    n as isize,
+                    c,
+                    n_c as isize,
                     1,
                 );
+            };
+            if parts == 1 {
+                run(m, n, a.data.as_ptr(), b.data.as_ptr(), c.as_mut_ptr());
+            } else if m >= n {
+                use rayon::prelude::*;
+                let rows: Vec<(usize, usize)> = (0..parts).map(|i| block(m, parts, i)).collect();
+                let mut chunks: Vec<&mut [$t]> = Vec::with_capacity(parts);
+                let mut rest = &mut c[..m * n];
+                for &(r0, r1) in &rows {
+                    let (head, tail) = rest.split_at_mut((r1 - r0) * n);
+                    chunks.push(head);
+                    rest = tail;
+                }
+                chunks.into_par_iter().zip(rows).for_each(|(cb, (r0, r1))| {
+                    // SAFETY: row r0 of a starts at r0·rs, inside the checked view.
+                    let ap = unsafe { a.data.as_ptr().add(r0 * a.rs) };
+                    run(r1 - r0, n, ap, b.data.as_ptr(), cb.as_mut_ptr());
+                });
+            } else {
+                use rayon::prelude::*;
+                let cp = CPtr(c.as_mut_ptr());
+                (0..parts).into_par_iter().for_each(|i| {
+                    let (c0, c1) = block(n, parts, i);
+                    let cp = cp;
+                    // SAFETY: column c0 of b and of c are inside the checked views.
+                    let (bp, cq) = unsafe { (b.data.as_ptr().add(c0 * b.cs), cp.0.add(c0)) };
+                    run(m, c1 - c0, a.data.as_ptr(), bp, cq);
+                });
             }
         }
     };

@@ -1,12 +1,18 @@
 //! Host memory accounting: a counting global allocator, so the CPU backend reports
 //! the real peak bytes of a training run (install it in a binary with
 //! `#[global_allocator] static A: dualpriv::mem::CountingAlloc = dualpriv::mem::CountingAlloc;`).
+//!
+//! Bytes the CPU backend's buffer pool holds for reuse are allocated but not in
+//! use: the pool reports them ([`cache_add`], [`cache_take`]) and the peak counts
+//! bytes in use only, the figure comparable with another framework's live tensors.
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: AtomicUsize = AtomicUsize::new(0);
+static CACHED: AtomicUsize = AtomicUsize::new(0);
+static CALLS: AtomicUsize = AtomicUsize::new(0);
 
 /// The system allocator, counting live and peak bytes.
 pub struct CountingAlloc;
@@ -47,23 +53,51 @@ unsafe impl GlobalAlloc for CountingAlloc {
 
 fn grow(n: usize) {
     INSTALLED.store(1, Relaxed);
+    CALLS.fetch_add(1, Relaxed);
     let now = CURRENT.fetch_add(n, Relaxed) + n;
-    PEAK.fetch_max(now, Relaxed);
+    PEAK.fetch_max(now.saturating_sub(CACHED.load(Relaxed)), Relaxed);
 }
 
-/// Bytes currently allocated on the heap (0 when the allocator is not installed).
+/// Records `n` bytes moved into a reuse cache (still allocated, no longer in use).
+pub fn cache_add(n: usize) {
+    CACHED.fetch_add(n, Relaxed);
+}
+
+/// Records `n` cached bytes handed out again (in use once more).
+pub fn cache_take(n: usize) {
+    let cached = CACHED.fetch_sub(n, Relaxed).saturating_sub(n);
+    PEAK.fetch_max(CURRENT.load(Relaxed).saturating_sub(cached), Relaxed);
+}
+
+/// Records `n` cached bytes freed (after the cache released them).
+pub fn cache_forget(n: usize) {
+    CACHED.fetch_sub(n, Relaxed);
+}
+
+/// Heap allocation calls (`alloc`, `alloc_zeroed`, `realloc`) so far.
+pub fn allocation_calls() -> usize {
+    CALLS.load(Relaxed)
+}
+
+/// Heap bytes currently in use: allocated and not held by a reuse cache (0 when
+/// the allocator is not installed).
 pub fn current_bytes() -> usize {
-    CURRENT.load(Relaxed)
+    CURRENT.load(Relaxed).saturating_sub(CACHED.load(Relaxed))
 }
 
-/// Peak heap bytes since the last [`reset_peak`].
+/// Heap bytes held by reuse caches (allocated, not in use).
+pub fn cached_bytes() -> usize {
+    CACHED.load(Relaxed)
+}
+
+/// Peak heap bytes in use since the last [`reset_peak`].
 pub fn peak_bytes() -> usize {
     PEAK.load(Relaxed)
 }
 
 /// Starts a new peak measurement from the current usage.
 pub fn reset_peak() {
-    PEAK.store(CURRENT.load(Relaxed), Relaxed);
+    PEAK.store(current_bytes(), Relaxed);
 }
 
 /// Whether [`CountingAlloc`] is the global allocator of this process.

@@ -94,17 +94,33 @@ fn gelu_erf_length_errors() {
         Err(Error::Shape(m)) => assert!(m.contains(what), "{m}"),
         other => panic!("expected a shape error naming {what}, got {other:?}"),
     };
-    let (mut o, x3) = (vec![0.0f32; 4], vec![0.0f32; 3]);
+    let (mut o, x3) = (
+        dualpriv::backend::cpu::pool::HostBuf::from(vec![0.0f32; 4]),
+        dualpriv::backend::cpu::pool::HostBuf::from(vec![0.0f32; 3]),
+    );
     shape(be.gelu_erf_fwd(&mut o, &x3), "gelu_erf input");
     shape(
-        be.gelu_erf_bwd(&mut o, &x3, &vec![0.0; 4]),
+        be.gelu_erf_bwd(
+            &mut o,
+            &x3,
+            &dualpriv::backend::cpu::pool::HostBuf::from(vec![0.0; 4]),
+        ),
         "gelu_erf_bwd dout",
     );
     shape(
-        be.gelu_erf_bwd(&mut o, &vec![0.0; 4], &x3),
+        be.gelu_erf_bwd(
+            &mut o,
+            &dualpriv::backend::cpu::pool::HostBuf::from(vec![0.0; 4]),
+            &x3,
+        ),
         "gelu_erf_bwd x",
     );
-    assert!(be.gelu_erf_fwd(&mut vec![], &vec![]).is_ok());
+    assert!(be
+        .gelu_erf_fwd(
+            &mut dualpriv::backend::cpu::pool::HostBuf::from(vec![]),
+            &dualpriv::backend::cpu::pool::HostBuf::from(vec![])
+        )
+        .is_ok());
 }
 
 // ---------------------------------------------------------------------------
@@ -196,10 +212,16 @@ fn gelu_erf_matches_torch_and_mpmath() {
     let n = x.len();
     assert!(n >= 200 && x.iter().all(|v| v.is_finite()));
     let be = Cpu;
-    let mut y = vec![0.0f32; n];
+    let x = dualpriv::backend::cpu::pool::HostBuf::from(x);
+    let mut y = dualpriv::backend::cpu::pool::HostBuf::from(vec![0.0f32; n]);
     be.gelu_erf_fwd(&mut y, &x).unwrap();
-    let mut g = vec![0.0f32; n];
-    be.gelu_erf_bwd(&mut g, &vec![1.0; n], &x).unwrap();
+    let mut g = dualpriv::backend::cpu::pool::HostBuf::from(vec![0.0f32; n]);
+    be.gelu_erf_bwd(
+        &mut g,
+        &dualpriv::backend::cpu::pool::HostBuf::from(vec![1.0; n]),
+        &x,
+    )
+    .unwrap();
     for (name, got, exact, torch) in [
         (
             "forward",
@@ -327,9 +349,16 @@ fn gelu_erf_matches_the_cpu_to_an_ulp<B: Backend>(be: &B) {
     let y = down(be, &o);
     be.gelu_erf_bwd(&mut o, &dyb, &xb).unwrap();
     let got = [y, down(be, &o)];
-    let mut want = [vec![0.0; x.len()], vec![0.0; x.len()]];
-    Cpu.gelu_erf_fwd(&mut want[0], &x).unwrap();
-    Cpu.gelu_erf_bwd(&mut want[1], &dy, &x).unwrap();
+    let mut want = [
+        dualpriv::backend::cpu::pool::HostBuf::from(vec![0.0; x.len()]),
+        dualpriv::backend::cpu::pool::HostBuf::from(vec![0.0; x.len()]),
+    ];
+    let (xh, dyh) = (
+        dualpriv::backend::cpu::pool::HostBuf::from(x.to_vec()),
+        dualpriv::backend::cpu::pool::HostBuf::from(dy.to_vec()),
+    );
+    Cpu.gelu_erf_fwd(&mut want[0], &xh).unwrap();
+    Cpu.gelu_erf_bwd(&mut want[1], &dyh, &xh).unwrap();
     for (k, name) in ["forward", "backward"].iter().enumerate() {
         let worst = (0..x.len())
             .map(|i| {

@@ -129,10 +129,10 @@ fn attention_rejects_bad_heads() {
         hd: 2,
         causal: true,
     };
-    let mut out = vec![0.0f32; s.q_len()];
-    let mut p = vec![0.0f32; s.probs_len()];
-    let q = vec![0.0f32; s.q_len()];
-    let kv = vec![0.0f32; s.kv_len()];
+    let mut out = dualpriv::backend::cpu::pool::HostBuf::from(vec![0.0f32; s.q_len()]);
+    let mut p = dualpriv::backend::cpu::pool::HostBuf::from(vec![0.0f32; s.probs_len()]);
+    let q = dualpriv::backend::cpu::pool::HostBuf::from(vec![0.0f32; s.q_len()]);
+    let kv = dualpriv::backend::cpu::pool::HostBuf::from(vec![0.0f32; s.kv_len()]);
     assert!(be.attention_fwd(&mut out, &mut p, &q, &kv, &kv, s).is_err());
 }
 

@@ -799,7 +799,10 @@ fn other_examples_factors_ignore_the_sampled_batch_size() {
     let x = uniform(&mut r, (b + 1) * 4);
     let g = uniform(&mut r, (b + 1) * 3);
     let factors = |rows: usize, cap: usize| {
-        let (xb, gb) = (x[..rows * 4].to_vec(), g[..rows * 3].to_vec());
+        let (xb, gb) = (
+            dualpriv::backend::Backend::upload(&Cpu, &x[..rows * 4]).unwrap(),
+            dualpriv::backend::Backend::upload(&Cpu, &g[..rows * 3]).unwrap(),
+        );
         let mut n = Cpu.norms_zeros(rows, cap).unwrap();
         Cpu.add_layer_sq_norms(&xb, &gb, s(rows), NormMethod::Ghost, true, &mut n)
             .unwrap();

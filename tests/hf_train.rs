@@ -107,7 +107,7 @@ fn every_method_trains_on_an_hf_checkpoint() {
         let before: Vec<Vec<f32>> = model
             .trainable()
             .iter()
-            .map(|p| model.param(p.id).clone())
+            .map(|p| model.param(p.id).to_vec())
             .collect();
         let spec = ModelSpec {
             preset: fixture("hub").display().to_string(),

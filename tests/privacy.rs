@@ -260,7 +260,7 @@ fn noise_of_step(method: Method, scope: PruneScope, micro: usize, sigma: f64) ->
         .model
         .trainable()
         .iter()
-        .map(|p| (p.id, t.model.param(p.id).clone()))
+        .map(|p| (p.id, t.model.param(p.id).to_vec()))
         .collect();
     t.one_step(&d, &idx).unwrap();
     let mut z = Vec::new();
@@ -335,14 +335,14 @@ fn noise_updates(t: &mut Trainer<'_, Cpu>, d: &Dataset, steps: usize) -> Vec<Vec
             .model
             .trainable()
             .iter()
-            .flat_map(|p| t.model.param(p.id).clone())
+            .flat_map(|p| t.model.param(p.id).to_vec())
             .collect();
         t.one_step(d, &[]).unwrap();
         let after: Vec<f32> = t
             .model
             .trainable()
             .iter()
-            .flat_map(|p| t.model.param(p.id).clone())
+            .flat_map(|p| t.model.param(p.id).to_vec())
             .collect();
         out.push(
             before

@@ -23,7 +23,7 @@ fn per_example_rows_by_hand() {
         d: 2,
         p: 5,
     };
-    let g = uniform(&mut rng(21), s.b * s.t * s.p);
+    let g = dualpriv::backend::cpu::pool::HostBuf::from(uniform(&mut rng(21), s.b * s.t * s.p));
     let bg = be.per_example_bias_grads(&g, s).unwrap();
     for i in 0..s.b {
         for j in 0..s.p {
@@ -46,8 +46,8 @@ fn per_example_rows_by_hand() {
     // A factor-0 row is absent even when it holds NaN; accumulate adds to `out`.
     let mut rows = bg.clone();
     rows[s.p] = f32::NAN;
-    let factors = vec![0.5f32, 0.0, 2.0];
-    let mut out = vec![1.0f32; s.p];
+    let factors = dualpriv::backend::cpu::pool::HostBuf::from(vec![0.5f32, 0.0, 2.0]);
+    let mut out = dualpriv::backend::cpu::pool::HostBuf::from(vec![1.0f32; s.p]);
     be.weighted_row_sum(&rows, &factors, s.b, &mut out, true)
         .unwrap();
     for j in 0..s.p {
@@ -57,9 +57,18 @@ fn per_example_rows_by_hand() {
     // Shapes that disagree are errors.
     let e = be.add_row_sq_norms(&bg, 2, &mut norms);
     assert!(matches!(e, Err(Error::Shape(_))), "{e:?}");
-    let e = be.weighted_row_sum(&rows, &factors[..2].to_vec(), s.b, &mut out, false);
+    let e = be.weighted_row_sum(
+        &rows,
+        &dualpriv::backend::cpu::pool::HostBuf::from(factors[..2].to_vec()),
+        s.b,
+        &mut out,
+        false,
+    );
     assert!(matches!(e, Err(Error::Shape(_))), "{e:?}");
-    let e = be.per_example_bias_grads(&g[1..].to_vec(), s);
+    let e = be.per_example_bias_grads(
+        &dualpriv::backend::cpu::pool::HostBuf::from(g[1..].to_vec()),
+        s,
+    );
     assert!(matches!(e, Err(Error::Shape(_))), "{e:?}");
 }
 

@@ -59,15 +59,30 @@ fn matmul_all_transposes() {
 #[test]
 fn bias_axpy_copy_patchify() {
     let be = Cpu;
-    let mut y = vec![1.0f32; 6];
-    be.add_bias(&mut y, &vec![1.0, 2.0, 3.0], RowShape { rows: 2, dim: 3 })
-        .unwrap();
+    let mut y = dualpriv::backend::cpu::pool::HostBuf::from(vec![1.0f32; 6]);
+    be.add_bias(
+        &mut y,
+        &dualpriv::backend::cpu::pool::HostBuf::from(vec![1.0, 2.0, 3.0]),
+        RowShape { rows: 2, dim: 3 },
+    )
+    .unwrap();
     assert_eq!(y, vec![2.0, 3.0, 4.0, 2.0, 3.0, 4.0]);
-    be.axpy(&mut y, -2.0, &vec![1.0; 6]).unwrap();
+    be.axpy(
+        &mut y,
+        -2.0,
+        &dualpriv::backend::cpu::pool::HostBuf::from(vec![1.0; 6]),
+    )
+    .unwrap();
     assert_eq!(y, vec![0.0, 1.0, 2.0, 0.0, 1.0, 2.0]);
-    assert!(be.axpy(&mut y, 1.0, &vec![1.0; 5]).is_err());
+    assert!(be
+        .axpy(
+            &mut y,
+            1.0,
+            &dualpriv::backend::cpu::pool::HostBuf::from(vec![1.0; 5])
+        )
+        .is_err());
     // Broadcast one block into two rows of a [2, 3, 2] tensor at position 0.
-    let mut dst = vec![0.0f32; 12];
+    let mut dst = dualpriv::backend::cpu::pool::HostBuf::from(vec![0.0f32; 12]);
     let blocks = Blocks {
         count: 2,
         len: 2,
@@ -76,13 +91,18 @@ fn bias_axpy_copy_patchify() {
         dst_off: 0,
         dst_stride: 6,
     };
-    be.copy_blocks(&mut dst, &vec![8.0, 9.0], blocks).unwrap();
+    be.copy_blocks(
+        &mut dst,
+        &dualpriv::backend::cpu::pool::HostBuf::from(vec![8.0, 9.0]),
+        blocks,
+    )
+    .unwrap();
     assert_eq!(dst[..2], [8.0, 9.0]);
     assert_eq!(dst[6..8], [8.0, 9.0]);
     assert!(be
         .copy_blocks(
             &mut dst,
-            &vec![8.0, 9.0],
+            &dualpriv::backend::cpu::pool::HostBuf::from(vec![8.0, 9.0]),
             Blocks {
                 dst_off: 7,
                 ..blocks
@@ -90,14 +110,16 @@ fn bias_axpy_copy_patchify() {
         )
         .is_err());
     // Patchify: 1 image, 2 channels, 4×4, patch 2 → 4 patches of 8 values.
-    let img: Vec<f32> = (0..32).map(|v| v as f32).collect();
+    let img = dualpriv::backend::cpu::pool::HostBuf::from(
+        (0..32).map(|v| v as f32).collect::<Vec<f32>>(),
+    );
     let s = PatchShape {
         b: 1,
         channels: 2,
         size: 4,
         patch: 2,
     };
-    let mut out = vec![0.0f32; 32];
+    let mut out = dualpriv::backend::cpu::pool::HostBuf::from(vec![0.0f32; 32]);
     be.patchify(&mut out, &img, s).unwrap();
     // Patch 1 (row 0, col 1): channel 0 rows 0-1 cols 2-3, then channel 1.
     assert_eq!(out[8..16], [2.0, 3.0, 6.0, 7.0, 18.0, 19.0, 22.0, 23.0]);

@@ -103,7 +103,7 @@ fn scale(v: &[f32]) -> f32 {
 fn params(m: &Mllm<Cpu>) -> Vec<Vec<f32>> {
     m.trainable()
         .iter()
-        .map(|p| m.param(p.id).clone())
+        .map(|p| m.param(p.id).to_vec())
         .collect()
 }
 

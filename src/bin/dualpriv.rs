@@ -736,9 +736,9 @@ fn bench_on<B: DpBackend>(be: &B, a: &BenchArgs, json: bool) -> Result<()> {
         if be.tf32_gemms() { ", TF32 GEMMs" } else { "" }
     );
     println!(
-        "| method | median step | peak memory (step) | tokens/s | visual tokens | model TFLOP/step | of peak |"
+        "| method | median step | peak memory (step) | allocs/step | tokens/s | visual tokens | model TFLOP/step | of peak |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let mem = match (r.device_peak_bytes, r.peak_bytes) {
             (Some(d), _) => format!("{} device", mib(d as usize)),
@@ -746,9 +746,11 @@ fn bench_on<B: DpBackend>(be: &B, a: &BenchArgs, json: bool) -> Result<()> {
             (None, None) => "n/a".into(),
         };
         println!(
-            "| {} | {:.1} ms | {mem} | {:.0} | {} | {:.3} | {} |",
+            "| {} | {:.1} ms | {mem} | {} | {:.0} | {} | {:.3} | {} |",
             r.method,
             r.median_ms,
+            r.allocs_per_step
+                .map_or("n/a".into(), |n| format!("{n:.0}")),
             r.tokens_per_s,
             r.visual_tokens,
             r.step_flops / 1e12,

@@ -35,6 +35,9 @@ pub struct MethodBench {
     /// Peak heap bytes above the model and data during the timed steps (CPU,
     /// counting allocator; `None` when the allocator is not installed or on the GPU).
     pub peak_bytes: Option<usize>,
+    /// Heap allocation calls per timed step (CPU, counting allocator; 0 once the
+    /// buffer pool is warm).
+    pub allocs_per_step: Option<f64>,
     /// Peak bytes of live device buffers during the timed steps (GPU).
     pub device_peak_bytes: Option<u64>,
     /// Bytes in use on the whole device after the timed steps (GPU, `cuMemGetInfo`).
@@ -135,6 +138,7 @@ pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBen
         crate::mem::reset_peak();
         backend.reset_device_peak();
         let base = crate::mem::current_bytes();
+        let calls = crate::mem::allocation_calls();
         let mut times = Vec::with_capacity(a.steps);
         let mut vis = 0;
         for _ in 0..a.steps.max(1) {
@@ -145,6 +149,7 @@ pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBen
             })?;
             times.push(dev.unwrap_or_else(|| t0.elapsed().as_secs_f64() * 1e3));
         }
+        let allocs = crate::mem::allocation_calls() - calls;
         times.sort_by(f64::total_cmp);
         let median_ms = times[times.len() / 2];
         let tokens = (a.batch * (vis + t.cfg.text_len)) as f64;
@@ -155,6 +160,8 @@ pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBen
             median_ms,
             peak_bytes: (device.is_none() && crate::mem::tracking())
                 .then(|| crate::mem::peak_bytes().saturating_sub(base)),
+            allocs_per_step: (device.is_none() && crate::mem::tracking())
+                .then(|| allocs as f64 / a.steps.max(1) as f64),
             device_peak_bytes: device.map(|m| m.peak_bytes),
             device_used_bytes: device.map(|m| m.used_bytes),
             tokens_per_s: tokens / (median_ms / 1e3),

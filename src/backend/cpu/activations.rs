@@ -1,36 +1,53 @@
 //! Activations on the CPU: CLIP's quick-GELU, GELU (tanh approximation), the exact
-//! (erf) GELU and SwiGLU, with backwards, computed in f64. GPU twin:
-//! `kernels/activations.cu`.
+//! (erf) GELU and SwiGLU, with backwards. GPU twin: `kernels/activations.cu`.
+//!
+//! Each is computed in the buffer's precision (f32 `expf`/`tanhf` on the hot path,
+//! as the CUDA kernels do; f64 on the finite-difference backend), except the exact
+//! GELU, which goes through f64 `erfc` on both devices for its negative tail.
 use rayon::prelude::*;
 
+use super::tensor::ELEMWISE_CHUNK;
 use super::{r, Real};
 use crate::dp::accountant::special::norm_cdf;
 use crate::Result;
 
-fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
+fn sigmoid<T: Real>(x: T) -> T {
+    let one: T = r(1.0);
+    one / (one + (-x).exp())
 }
 
-pub(super) fn map<T: Real>(out: &mut [T], x: &[T], f: impl Fn(f64) -> f64 + Sync) -> Result<()> {
-    out.par_iter_mut()
-        .zip(x.par_iter())
-        .for_each(|(o, &x)| *o = r(f(x.to_f64())));
+/// `out = f(x)` elementwise, in the buffer's precision.
+pub(super) fn map<T: Real>(out: &mut [T], x: &[T], f: impl Fn(T) -> T + Sync) -> Result<()> {
+    out.par_chunks_mut(ELEMWISE_CHUNK)
+        .zip(x.par_chunks(ELEMWISE_CHUNK))
+        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
     Ok(())
 }
 
-pub(super) fn quick_gelu(x: f64) -> f64 {
-    x * sigmoid(1.702 * x)
+/// `out = f(x)` elementwise, evaluated in f64.
+pub(super) fn map_f64<T: Real>(
+    out: &mut [T],
+    x: &[T],
+    f: impl Fn(f64) -> f64 + Sync,
+) -> Result<()> {
+    map(out, x, |x| r(f(x.to_f64())))
+}
+
+pub(super) fn quick_gelu<T: Real>(x: T) -> T {
+    x * sigmoid(r::<T>(1.702) * x)
 }
 
 const GELU_C: f64 = 0.797_884_560_802_865_4; // √(2/π)
 
-pub(super) fn gelu(x: f64) -> f64 {
-    0.5 * x * (1.0 + (GELU_C * (x + 0.044715 * x * x * x)).tanh())
+pub(super) fn gelu<T: Real>(x: T) -> T {
+    let (c, k, half, one) = (r::<T>(GELU_C), r::<T>(0.044715), r::<T>(0.5), r::<T>(1.0));
+    half * x * (one + (c * (x + k * x * x * x)).tanh())
 }
 
-pub(super) fn gelu_grad(x: f64) -> f64 {
-    let th = (GELU_C * (x + 0.044715 * x * x * x)).tanh();
-    0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * GELU_C * (1.0 + 3.0 * 0.044715 * x * x)
+pub(super) fn gelu_grad<T: Real>(x: T) -> T {
+    let (c, k, half, one) = (r::<T>(GELU_C), r::<T>(0.044715), r::<T>(0.5), r::<T>(1.0));
+    let th = (c * (x + k * x * x * x)).tanh();
+    half * (one + th) + half * x * (one - th * th) * c * (one + r::<T>(3.0) * k * x * x)
 }
 
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7; // 1/√(2π)
@@ -52,20 +69,41 @@ pub(super) fn unary_bwd<T: Real>(
     dx: &mut [T],
     dout: &[T],
     x: &[T],
-    grad: impl Fn(f64) -> f64 + Sync,
+    grad: impl Fn(T) -> T + Sync,
 ) -> Result<()> {
-    dx.par_iter_mut()
-        .zip(dout.par_iter().zip(x.par_iter()))
-        .for_each(|(d, (&g, &x))| *d = r(g.to_f64() * grad(x.to_f64())));
+    dx.par_chunks_mut(ELEMWISE_CHUNK)
+        .zip(
+            dout.par_chunks(ELEMWISE_CHUNK)
+                .zip(x.par_chunks(ELEMWISE_CHUNK)),
+        )
+        .for_each(|(d, (g, x))| {
+            for ((d, &g), &x) in d.iter_mut().zip(g).zip(x) {
+                *d = g * grad(x);
+            }
+        });
     Ok(())
 }
 
+/// [`unary_bwd`] with the derivative evaluated in f64.
+pub(super) fn unary_bwd_f64<T: Real>(
+    dx: &mut [T],
+    dout: &[T],
+    x: &[T],
+    grad: impl Fn(f64) -> f64 + Sync,
+) -> Result<()> {
+    unary_bwd(dx, dout, x, |x| r(grad(x.to_f64())))
+}
+
 pub(super) fn swiglu_fwd<T: Real>(out: &mut [T], gate: &[T], up: &[T]) -> Result<()> {
-    out.par_iter_mut()
-        .zip(gate.par_iter().zip(up.par_iter()))
-        .for_each(|(o, (&g, &u))| {
-            let g = g.to_f64();
-            *o = r(g * sigmoid(g) * u.to_f64());
+    out.par_chunks_mut(ELEMWISE_CHUNK)
+        .zip(
+            gate.par_chunks(ELEMWISE_CHUNK)
+                .zip(up.par_chunks(ELEMWISE_CHUNK)),
+        )
+        .for_each(|(o, (g, u))| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g * sigmoid(g) * u;
+            }
         });
     Ok(())
 }
@@ -77,16 +115,20 @@ pub(super) fn swiglu_bwd<T: Real>(
     gate: &[T],
     up: &[T],
 ) -> Result<()> {
+    let one: T = r(1.0);
     dgate
-        .par_iter_mut()
-        .zip(dup.par_iter_mut())
+        .par_chunks_mut(ELEMWISE_CHUNK)
+        .zip(dup.par_chunks_mut(ELEMWISE_CHUNK))
         .enumerate()
-        .for_each(|(i, (dg, du))| {
-            let (g, u, go) = (gate[i].to_f64(), up[i].to_f64(), dout[i].to_f64());
-            let sg = sigmoid(g);
-            // silu(g) = g σ(g),  silu'(g) = σ(g) (1 + g (1 − σ(g)))
-            *dg = r(go * u * sg * (1.0 + g * (1.0 - sg)));
-            *du = r(go * g * sg);
+        .for_each(|(c, (dg, du))| {
+            let off = c * ELEMWISE_CHUNK;
+            for (i, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
+                let (g, u, go) = (gate[off + i], up[off + i], dout[off + i]);
+                let sg = sigmoid(g);
+                // silu(g) = g σ(g),  silu'(g) = σ(g) (1 + g (1 − σ(g)))
+                *dg = go * u * sg * (one + g * (one - sg));
+                *du = go * g * sg;
+            }
         });
     Ok(())
 }

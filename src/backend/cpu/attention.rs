@@ -44,7 +44,8 @@ pub(super) fn attention_fwd<T: Real>(
                 &k[bi * kvs..][..kvs],
                 &v[bi * kvs..][..kvs],
             );
-            let mut oh = vec![T::default(); t * hd];
+            // Per-example scratch from the backend's pool (no allocation when warm).
+            let Ok(mut oh) = T::zeros(t * hd) else { return };
             for h in 0..s.hq {
                 let kvh = h / rep;
                 let ph = &mut p[h * t * t..][..t * t];

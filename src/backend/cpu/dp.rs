@@ -1,8 +1,10 @@
 //! The CPU backend's DP ops ([`DpBackend`], f32 buffers): the references of
 //! [`crate::dp`] (norms, clip factors, clipped sums, noise + top-k + update) and the
 //! per-example row helpers of [`rows`](super::rows). GPU twin: `backend/cuda/dp.rs`.
+use super::pool::HostBuf;
 use super::{rows, Cpu};
 use crate::backend::dp::{DpBackend, TensorUpdate};
+use crate::backend::Backend;
 use crate::dp::clip::{self, LinearShape, NormMethod, NormTotals};
 use crate::dp::noise::NoiseKey;
 use crate::dp::prune::{self, PruneReport, TensorState, UpdateConfig};
@@ -32,19 +34,20 @@ impl DpBackend for Cpu {
         Ok(n.sq.len())
     }
 
-    fn clip_factors(&self, total: &NormTotals, clip_norm: f32) -> Result<(Vec<f32>, usize)> {
-        clip::clip_factors(&total.sq, &total.bound, f64::from(clip_norm))
+    fn clip_factors(&self, total: &NormTotals, clip_norm: f32) -> Result<(HostBuf<f32>, usize)> {
+        let (f, clipped) = clip::clip_factors(&total.sq, &total.bound, f64::from(clip_norm))?;
+        Ok((self.upload(&f)?, clipped))
     }
 
-    fn noise_axpy(&self, y: &mut Vec<f32>, key: NoiseKey, a: f64) -> Result<()> {
+    fn noise_axpy(&self, y: &mut HostBuf<f32>, key: NoiseKey, a: f64) -> Result<()> {
         key.add_scaled(0, a, y);
         Ok(())
     }
 
     unsafe fn add_layer_sq_norms_unchecked(
         &self,
-        x: &Vec<f32>,
-        g: &Vec<f32>,
+        x: &HostBuf<f32>,
+        g: &HostBuf<f32>,
         s: LinearShape,
         method: NormMethod,
         has_bias: bool,
@@ -71,11 +74,11 @@ impl DpBackend for Cpu {
 
     unsafe fn clipped_weight_sum_unchecked(
         &self,
-        x: &Vec<f32>,
-        g: &Vec<f32>,
-        factors: &Vec<f32>,
+        x: &HostBuf<f32>,
+        g: &HostBuf<f32>,
+        factors: &HostBuf<f32>,
         s: LinearShape,
-        out: &mut Vec<f32>,
+        out: &mut HostBuf<f32>,
         accumulate: bool,
     ) -> Result<()> {
         if !accumulate {
@@ -86,10 +89,10 @@ impl DpBackend for Cpu {
 
     unsafe fn clipped_bias_sum_unchecked(
         &self,
-        g: &Vec<f32>,
-        factors: &Vec<f32>,
+        g: &HostBuf<f32>,
+        factors: &HostBuf<f32>,
         s: LinearShape,
-        out: &mut Vec<f32>,
+        out: &mut HostBuf<f32>,
         accumulate: bool,
     ) -> Result<()> {
         if !accumulate {
@@ -100,12 +103,12 @@ impl DpBackend for Cpu {
 
     unsafe fn per_example_weight_grads_unchecked(
         &self,
-        x: &Vec<f32>,
-        g: &Vec<f32>,
+        x: &HostBuf<f32>,
+        g: &HostBuf<f32>,
         s: LinearShape,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<HostBuf<f32>> {
         let (t, d, p) = (s.t, s.d, s.p);
-        let mut out = vec![0.0f32; s.b * p * d];
+        let mut out = self.zeros(s.b * p * d)?;
         for (i, w) in out.chunks_mut((p * d).max(1)).enumerate().take(s.b) {
             let xi = View::row_major(&x[i * t * d..(i + 1) * t * d], t, d);
             let gi = View::row_major(&g[i * t * p..(i + 1) * t * p], t, p);
@@ -116,15 +119,15 @@ impl DpBackend for Cpu {
 
     unsafe fn per_example_bias_grads_unchecked(
         &self,
-        g: &Vec<f32>,
+        g: &HostBuf<f32>,
         s: LinearShape,
-    ) -> Result<Vec<f32>> {
-        Ok(rows::sum_over_tokens(g, s))
+    ) -> Result<HostBuf<f32>> {
+        self.upload(&rows::sum_over_tokens(g, s))
     }
 
     unsafe fn add_row_sq_norms_unchecked(
         &self,
-        per_example: &Vec<f32>,
+        per_example: &HostBuf<f32>,
         rows: usize,
         total: &mut NormTotals,
     ) -> Result<()> {
@@ -134,10 +137,10 @@ impl DpBackend for Cpu {
 
     unsafe fn weighted_row_sum_unchecked(
         &self,
-        per_example: &Vec<f32>,
-        factors: &Vec<f32>,
+        per_example: &HostBuf<f32>,
+        factors: &HostBuf<f32>,
         _rows: usize,
-        out: &mut Vec<f32>,
+        out: &mut HostBuf<f32>,
         accumulate: bool,
     ) -> Result<()> {
         rows::weighted_row_sum(per_example, factors, out, accumulate);
@@ -153,10 +156,10 @@ impl DpBackend for Cpu {
             .iter_mut()
             .map(|t| TensorState {
                 tensor_id: t.tensor_id,
-                grad: t.grad.as_slice(),
-                param: t.param.as_mut_slice(),
-                m: t.m.as_deref_mut().map_or(&mut [][..], |m| m.as_mut_slice()),
-                v: t.v.as_deref_mut().map_or(&mut [][..], |v| v.as_mut_slice()),
+                grad: &t.grad[..],
+                param: &mut t.param[..],
+                m: t.m.as_deref_mut().map_or(&mut [][..], |m| &mut m[..]),
+                v: t.v.as_deref_mut().map_or(&mut [][..], |v| &mut v[..]),
             })
             .collect();
         prune::noise_prune_update(&mut states, cfg)

@@ -18,13 +18,14 @@
 
 use std::fmt::Debug;
 use std::marker::PhantomData;
-use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+use std::ops::{Add, AddAssign, Deref, DerefMut, Div, Mul, Neg, Sub};
 
 mod activations;
 mod attention;
 mod dp;
 mod embedding;
 mod norms;
+pub mod pool;
 mod rope;
 mod rows;
 mod tensor;
@@ -33,6 +34,7 @@ use super::{AttnShape, Backend, Blocks, MatmulSpec, PatchShape, RopeShape, RowSh
 use crate::linalg::{gemm_f32, gemm_f64, View};
 use crate::vision::tokens::{select_tokens, TokenSelectConfig, TokenShape};
 use crate::{Error, Result};
+use pool::{HostBuf, Pool};
 
 /// The element type of a CPU buffer: `f32` or `f64`.
 pub trait Real:
@@ -54,19 +56,40 @@ pub trait Real:
     fn from_f64(x: f64) -> Self;
     /// Converts to f64 (exact).
     fn to_f64(self) -> f64;
+    /// `eˣ` in this type's precision.
+    fn exp(self) -> Self;
+    /// `tanh x` in this type's precision.
+    fn tanh(self) -> Self;
     /// The name of the CPU backend on this type ("cpu", "cpu64").
     const BACKEND: &'static str;
+    /// The backend's buffer of this element type: pooled [`HostBuf`] for f32 (the
+    /// hot path), a plain `Vec` for f64 (finite-difference tests build their
+    /// buffers directly).
+    type Buf: Deref<Target = [Self]> + DerefMut + Clone + Debug + Send + Sync + 'static;
+    /// A zero-filled buffer of `n` values.
+    fn zeros(n: usize) -> Result<Self::Buf>;
     /// `c[m×n] = alpha·a·b + beta·c` (see [`crate::linalg`]).
     fn gemm(alpha: Self, a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: &mut [Self]);
 }
 
 impl Real for f32 {
     const BACKEND: &'static str = "cpu";
+    type Buf = HostBuf<f32>;
+    fn zeros(n: usize) -> Result<HostBuf<f32>> {
+        static POOL: Pool<f32> = Pool::new();
+        POOL.zeros(n)
+    }
     fn from_f64(x: f64) -> Self {
         x as f32
     }
     fn to_f64(self) -> f64 {
         self as f64
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn tanh(self) -> Self {
+        f32::tanh(self)
     }
     fn gemm(alpha: Self, a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: &mut [Self]) {
         let n = b.cols;
@@ -76,11 +99,21 @@ impl Real for f32 {
 
 impl Real for f64 {
     const BACKEND: &'static str = "cpu64";
+    type Buf = Vec<f64>;
+    fn zeros(n: usize) -> Result<Vec<f64>> {
+        alloc(n)
+    }
     fn from_f64(x: f64) -> Self {
         x
     }
     fn to_f64(self) -> f64 {
         self
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn tanh(self) -> Self {
+        f64::tanh(self)
     }
     fn gemm(alpha: Self, a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: &mut [Self]) {
         let n = b.cols;
@@ -109,7 +142,7 @@ fn to_f32<T: Real>(x: &[T]) -> Vec<f32> {
     x.iter().map(|v| v.to_f64() as f32).collect()
 }
 
-/// The CPU backend on element type `T`: `Vec<T>` buffers, the ops of this module.
+/// The CPU backend on element type `T`: pooled [`HostBuf`] buffers, the ops of this module.
 /// Use it through [`Cpu`](type@Cpu) (f32) and [`Cpu64`](type@Cpu64) (f64).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuOf<T>(PhantomData<T>);
@@ -136,26 +169,26 @@ pub type Cpu64 = CpuOf<f64>;
 pub const Cpu64: Cpu64 = CpuOf::new();
 
 impl<T: Real> Backend for CpuOf<T> {
-    type Buf = Vec<T>;
+    type Buf = T::Buf;
     type Ids = Vec<u32>;
 
     fn name(&self) -> &'static str {
         T::BACKEND
     }
-    fn zeros(&self, n: usize) -> Result<Vec<T>> {
-        alloc(n)
+    fn zeros(&self, n: usize) -> Result<T::Buf> {
+        T::zeros(n)
     }
-    fn upload(&self, host: &[f32]) -> Result<Vec<T>> {
-        let mut v = alloc::<T>(host.len())?;
+    fn upload(&self, host: &[f32]) -> Result<T::Buf> {
+        let mut v = self.zeros(host.len())?;
         v.iter_mut()
             .zip(host)
             .for_each(|(d, &s)| *d = r(f64::from(s)));
         Ok(v)
     }
-    fn download(&self, buf: &Vec<T>) -> Result<Vec<f32>> {
+    fn download(&self, buf: &T::Buf) -> Result<Vec<f32>> {
         Ok(to_f32(buf))
     }
-    fn len(&self, buf: &Vec<T>) -> usize {
+    fn len(&self, buf: &T::Buf) -> usize {
         buf.len()
     }
     fn upload_ids(&self, ids: &[u32]) -> Result<Vec<u32>> {
@@ -164,7 +197,7 @@ impl<T: Real> Backend for CpuOf<T> {
     fn host_ids<'a>(&self, ids: &'a Vec<u32>) -> &'a [u32] {
         ids
     }
-    fn is_zero(&self, buf: &Vec<T>) -> Result<Vec<bool>> {
+    fn is_zero(&self, buf: &T::Buf) -> Result<Vec<bool>> {
         Ok(buf.iter().map(|v| v.to_f64() == 0.0).collect())
     }
     fn available_memory(&self) -> Option<u64> {
@@ -173,42 +206,42 @@ impl<T: Real> Backend for CpuOf<T> {
     fn value_bytes(&self) -> usize {
         std::mem::size_of::<T>()
     }
-    fn duplicate(&self, src: &Vec<T>) -> Result<Vec<T>> {
-        let mut v = alloc::<T>(src.len())?;
+    fn duplicate(&self, src: &T::Buf) -> Result<T::Buf> {
+        let mut v = self.zeros(src.len())?;
         v.copy_from_slice(src);
         Ok(v)
     }
     unsafe fn copy_blocks_unchecked(
         &self,
-        dst: &mut Vec<T>,
-        src: &Vec<T>,
+        dst: &mut T::Buf,
+        src: &T::Buf,
         b: Blocks,
     ) -> Result<()> {
         tensor::copy_blocks(dst, src, b)
     }
     unsafe fn matmul_unchecked(
         &self,
-        c: &mut Vec<T>,
-        a: &Vec<T>,
-        b: &Vec<T>,
+        c: &mut T::Buf,
+        a: &T::Buf,
+        b: &T::Buf,
         s: MatmulSpec,
     ) -> Result<()> {
         tensor::matmul(c, a, b, s)
     }
-    unsafe fn add_bias_unchecked(&self, y: &mut Vec<T>, bias: &Vec<T>, s: RowShape) -> Result<()> {
+    unsafe fn add_bias_unchecked(&self, y: &mut T::Buf, bias: &T::Buf, s: RowShape) -> Result<()> {
         tensor::add_bias(y, bias, s)
     }
-    unsafe fn axpy_unchecked(&self, y: &mut Vec<T>, alpha: f32, x: &Vec<T>) -> Result<()> {
+    unsafe fn axpy_unchecked(&self, y: &mut T::Buf, alpha: f32, x: &T::Buf) -> Result<()> {
         tensor::axpy(y, alpha, x)
     }
     unsafe fn layernorm_fwd_unchecked(
         &self,
-        out: &mut Vec<T>,
-        mean: &mut Vec<T>,
-        rstd: &mut Vec<T>,
-        x: &Vec<T>,
-        w: &Vec<T>,
-        b: &Vec<T>,
+        out: &mut T::Buf,
+        mean: &mut T::Buf,
+        rstd: &mut T::Buf,
+        x: &T::Buf,
+        w: &T::Buf,
+        b: &T::Buf,
         s: RowShape,
         eps: f32,
     ) -> Result<()> {
@@ -216,24 +249,24 @@ impl<T: Real> Backend for CpuOf<T> {
     }
     unsafe fn layernorm_bwd_unchecked(
         &self,
-        dx: &mut Vec<T>,
-        dw: &mut Vec<T>,
-        db: &mut Vec<T>,
-        dout: &Vec<T>,
-        x: &Vec<T>,
-        w: &Vec<T>,
-        mean: &Vec<T>,
-        rstd: &Vec<T>,
+        dx: &mut T::Buf,
+        dw: &mut T::Buf,
+        db: &mut T::Buf,
+        dout: &T::Buf,
+        x: &T::Buf,
+        w: &T::Buf,
+        mean: &T::Buf,
+        rstd: &T::Buf,
         s: RowShape,
     ) -> Result<()> {
         norms::layernorm_bwd(dx, dw, db, dout, x, w, mean, rstd, s)
     }
     unsafe fn rmsnorm_fwd_unchecked(
         &self,
-        out: &mut Vec<T>,
-        rstd: &mut Vec<T>,
-        x: &Vec<T>,
-        w: &Vec<T>,
+        out: &mut T::Buf,
+        rstd: &mut T::Buf,
+        x: &T::Buf,
+        w: &T::Buf,
         s: RowShape,
         eps: f32,
     ) -> Result<()> {
@@ -241,86 +274,86 @@ impl<T: Real> Backend for CpuOf<T> {
     }
     unsafe fn rmsnorm_bwd_unchecked(
         &self,
-        dx: &mut Vec<T>,
-        dw: &mut Vec<T>,
-        dout: &Vec<T>,
-        x: &Vec<T>,
-        w: &Vec<T>,
-        rstd: &Vec<T>,
+        dx: &mut T::Buf,
+        dw: &mut T::Buf,
+        dout: &T::Buf,
+        x: &T::Buf,
+        w: &T::Buf,
+        rstd: &T::Buf,
         s: RowShape,
     ) -> Result<()> {
         norms::rmsnorm_bwd(dx, dw, dout, x, w, rstd, s)
     }
-    unsafe fn rope_unchecked(&self, x: &mut Vec<T>, s: RopeShape, sign: f64) -> Result<()> {
+    unsafe fn rope_unchecked(&self, x: &mut T::Buf, s: RopeShape, sign: f64) -> Result<()> {
         rope::rope(x, s, sign)
     }
     unsafe fn attention_fwd_unchecked(
         &self,
-        out: &mut Vec<T>,
-        probs: &mut Vec<T>,
-        q: &Vec<T>,
-        k: &Vec<T>,
-        v: &Vec<T>,
+        out: &mut T::Buf,
+        probs: &mut T::Buf,
+        q: &T::Buf,
+        k: &T::Buf,
+        v: &T::Buf,
         s: AttnShape,
     ) -> Result<()> {
         attention::attention_fwd(out, probs, q, k, v, s)
     }
     unsafe fn attention_bwd_unchecked(
         &self,
-        dq: &mut Vec<T>,
-        dk: &mut Vec<T>,
-        dv: &mut Vec<T>,
-        dout: &Vec<T>,
-        q: &Vec<T>,
-        k: &Vec<T>,
-        v: &Vec<T>,
-        probs: &Vec<T>,
+        dq: &mut T::Buf,
+        dk: &mut T::Buf,
+        dv: &mut T::Buf,
+        dout: &T::Buf,
+        q: &T::Buf,
+        k: &T::Buf,
+        v: &T::Buf,
+        probs: &T::Buf,
         s: AttnShape,
     ) -> Result<()> {
         attention::attention_bwd(dq, dk, dv, dout, q, k, v, probs, s)
     }
-    unsafe fn quick_gelu_fwd_unchecked(&self, out: &mut Vec<T>, x: &Vec<T>) -> Result<()> {
+    unsafe fn quick_gelu_fwd_unchecked(&self, out: &mut T::Buf, x: &T::Buf) -> Result<()> {
         activations::map(out, x, activations::quick_gelu)
     }
-    unsafe fn gelu_fwd_unchecked(&self, out: &mut Vec<T>, x: &Vec<T>) -> Result<()> {
+    unsafe fn gelu_fwd_unchecked(&self, out: &mut T::Buf, x: &T::Buf) -> Result<()> {
         activations::map(out, x, activations::gelu)
     }
-    unsafe fn gelu_bwd_unchecked(&self, dx: &mut Vec<T>, dout: &Vec<T>, x: &Vec<T>) -> Result<()> {
+    unsafe fn gelu_bwd_unchecked(&self, dx: &mut T::Buf, dout: &T::Buf, x: &T::Buf) -> Result<()> {
         activations::unary_bwd(dx, dout, x, activations::gelu_grad)
     }
-    unsafe fn gelu_erf_fwd_unchecked(&self, out: &mut Vec<T>, x: &Vec<T>) -> Result<()> {
-        activations::map(out, x, activations::gelu_erf)
+    unsafe fn gelu_erf_fwd_unchecked(&self, out: &mut T::Buf, x: &T::Buf) -> Result<()> {
+        activations::map_f64(out, x, activations::gelu_erf)
     }
     unsafe fn gelu_erf_bwd_unchecked(
         &self,
-        dx: &mut Vec<T>,
-        dout: &Vec<T>,
-        x: &Vec<T>,
+        dx: &mut T::Buf,
+        dout: &T::Buf,
+        x: &T::Buf,
     ) -> Result<()> {
-        activations::unary_bwd(dx, dout, x, activations::gelu_erf_grad)
+        activations::unary_bwd_f64(dx, dout, x, activations::gelu_erf_grad)
     }
     unsafe fn swiglu_fwd_unchecked(
         &self,
-        out: &mut Vec<T>,
-        gate: &Vec<T>,
-        up: &Vec<T>,
+        out: &mut T::Buf,
+        gate: &T::Buf,
+        up: &T::Buf,
     ) -> Result<()> {
         activations::swiglu_fwd(out, gate, up)
     }
     unsafe fn swiglu_bwd_unchecked(
         &self,
-        dgate: &mut Vec<T>,
-        dup: &mut Vec<T>,
-        dout: &Vec<T>,
-        gate: &Vec<T>,
-        up: &Vec<T>,
+        dgate: &mut T::Buf,
+        dup: &mut T::Buf,
+        dout: &T::Buf,
+        gate: &T::Buf,
+        up: &T::Buf,
     ) -> Result<()> {
         activations::swiglu_bwd(dgate, dup, dout, gate, up)
     }
     unsafe fn embedding_fwd_unchecked(
         &self,
-        out: &mut Vec<T>,
-        table: &Vec<T>,
+        out: &mut T::Buf,
+        table: &T::Buf,
         ids: &Vec<u32>,
         s: RowShape,
     ) -> Result<()> {
@@ -328,8 +361,8 @@ impl<T: Real> Backend for CpuOf<T> {
     }
     unsafe fn embedding_bwd_unchecked(
         &self,
-        dtable: &mut Vec<T>,
-        dout: &Vec<T>,
+        dtable: &mut T::Buf,
+        dout: &T::Buf,
         ids: &Vec<u32>,
         s: RowShape,
     ) -> Result<()> {
@@ -337,31 +370,31 @@ impl<T: Real> Backend for CpuOf<T> {
     }
     unsafe fn cross_entropy_unchecked(
         &self,
-        losses: &mut Vec<T>,
-        dlogits: &mut Vec<T>,
-        logits: &Vec<T>,
+        losses: &mut T::Buf,
+        dlogits: &mut T::Buf,
+        logits: &T::Buf,
         targets: &Vec<u32>,
-        weights: &Vec<T>,
+        weights: &T::Buf,
         s: RowShape,
     ) -> Result<()> {
         embedding::cross_entropy(losses, dlogits, logits, targets, weights, s)
     }
     unsafe fn patchify_unchecked(
         &self,
-        out: &mut Vec<T>,
-        images: &Vec<T>,
+        out: &mut T::Buf,
+        images: &T::Buf,
         s: PatchShape,
     ) -> Result<()> {
         tensor::patchify(out, images, s)
     }
     unsafe fn select_tokens_unchecked(
         &self,
-        attn_cls: &Vec<T>,
-        keys: &Vec<T>,
-        hidden: &Vec<T>,
+        attn_cls: &T::Buf,
+        keys: &T::Buf,
+        hidden: &T::Buf,
         shape: &TokenShape,
         cfg: &TokenSelectConfig,
-    ) -> Result<Vec<T>> {
+    ) -> Result<T::Buf> {
         let sel = select_tokens(
             &to_f32(attn_cls),
             &to_f32(keys),

@@ -13,14 +13,19 @@ pub(super) fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> 
     }
     let half = s.hd / 2;
     let t = s.t.max(1);
-    let freqs: Vec<f64> = (0..half)
-        .map(|i| (s.theta as f64).powf(-2.0 * i as f64 / s.hd as f64))
+    // One angle per (position, pair), shared by every head and every example:
+    // computed once per call, not once per row.
+    let angles: Vec<(f64, f64)> = (0..t)
+        .flat_map(|pos| {
+            (0..half).map(move |i| {
+                let freq = (s.theta as f64).powf(-2.0 * i as f64 / s.hd as f64);
+                (sign * pos as f64 * freq).sin_cos()
+            })
+        })
         .collect();
     x.par_chunks_mut(row).enumerate().for_each(|(idx, xr)| {
-        let pos = (idx % t) as f64;
-        for (i, &freq) in freqs.iter().enumerate() {
-            // One angle per (position, pair), shared by every head.
-            let (sin, cos) = (sign * pos * freq).sin_cos();
+        let pos = idx % t;
+        for (i, &(sin, cos)) in angles[pos * half..][..half].iter().enumerate() {
             for head in xr.chunks_mut(s.hd) {
                 let (x1, x2) = (head[i].to_f64(), head[i + half].to_f64());
                 head[i] = r(x1 * cos - x2 * sin);

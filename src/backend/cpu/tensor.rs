@@ -19,15 +19,21 @@ pub(super) fn matmul<T: Real>(c: &mut [T], a: &[T], b: &[T], s: MatmulSpec) -> R
     } else {
         View::row_major(b, s.k, s.n)
     };
-    if s.beta == 0.0 {
-        // beta = 0 never reads C (BLAS semantics), so stale NaNs cannot leak in.
-        c.iter_mut().for_each(|v| *v = T::default());
-    }
     if s.k == 0 {
+        // An empty sum: C = beta·C, with beta = 0 writing zeros without reading C
+        // (BLAS semantics), so stale NaNs cannot leak in.
         let beta: T = r(s.beta as f64);
-        c.iter_mut().for_each(|v| *v = *v * beta);
+        c.iter_mut().for_each(|v| {
+            *v = if s.beta == 0.0 {
+                T::default()
+            } else {
+                *v * beta
+            }
+        });
         return Ok(());
     }
+    // matrixmultiply never reads C when beta = 0 ("C does not need to be
+    // initialized"), so it is not cleared first.
     T::gemm(r(s.alpha as f64), av, bv, r(s.beta as f64), c);
     Ok(())
 }
@@ -46,9 +52,15 @@ pub(super) fn add_bias<T: Real>(y: &mut [T], bias: &[T], s: RowShape) -> Result<
 
 pub(super) fn axpy<T: Real>(y: &mut [T], alpha: f32, x: &[T]) -> Result<()> {
     let a: T = r(alpha as f64);
-    y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x);
+    y.par_chunks_mut(ELEMWISE_CHUNK)
+        .zip(x.par_chunks(ELEMWISE_CHUNK))
+        .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x));
     Ok(())
 }
+
+/// Values per rayon job of an elementwise op: large enough that a job's work
+/// (tens of µs) dwarfs the fork, and contiguous so the loop vectorises.
+pub(super) const ELEMWISE_CHUNK: usize = 1 << 14;
 
 pub(super) fn copy_blocks<T: Real>(dst: &mut [T], src: &[T], b: Blocks) -> Result<()> {
     for i in 0..b.count {
