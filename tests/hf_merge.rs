@@ -113,8 +113,16 @@ fn real_rows(b: &Batch, logits: &[f32]) -> Vec<f32> {
 /// missing scale, a transposed product) is off by the adapter's whole effect,
 /// ≳ 1e-2 here. On real tokens only: a pad row's logits are never used.
 fn check_against_f64(b: &Batch, merged: &[f32], unmerged: &[f32], truth: &[f32], what: &str) {
-    let (m, u, t) = (real_rows(b, merged), real_rows(b, unmerged), real_rows(b, truth));
-    let (em, eu, d) = (max_abs_diff(&m, &t), max_abs_diff(&u, &t), max_abs_diff(&m, &u));
+    let (m, u, t) = (
+        real_rows(b, merged),
+        real_rows(b, unmerged),
+        real_rows(b, truth),
+    );
+    let (em, eu, d) = (
+        max_abs_diff(&m, &t),
+        max_abs_diff(&u, &t),
+        max_abs_diff(&m, &u),
+    );
     println!(
         "{what}: max |Δ logits| vs base + adapter {d:.2e}; vs the f64 truth: merged {em:.2e}, \
          base + adapter (f32) {eu:.2e}"
@@ -123,7 +131,10 @@ fn check_against_f64(b: &Batch, merged: &[f32], unmerged: &[f32], truth: &[f32],
         em <= 3.0 * eu.max(2e-6),
         "{what}: merged is {em:e} from the f64 truth, the unmerged f32 model {eu:e}"
     );
-    assert!(d < 1e-4, "{what}: merged differs from base + adapter by {d}");
+    assert!(
+        d < 1e-4,
+        "{what}: merged differs from base + adapter by {d}"
+    );
 }
 
 /// Every tensor of a folder's safetensors files: file key → (dtype, shape, bytes).
@@ -158,9 +169,17 @@ fn tensors_of(dir: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
 
 fn is_lora_target(key: &str) -> bool {
     key.contains("language_model")
-        && ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-            .iter()
-            .any(|m| key.contains(&format!(".{m}.weight")))
+        && [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .iter()
+        .any(|m| key.contains(&format!(".{m}.weight")))
 }
 
 /// An F32 base: the merged folder, loaded with no LoRA, gives base + adapter's
@@ -187,14 +206,21 @@ fn merged_f32_folder_gives_base_plus_adapter_logits() {
     check_against_f64(&b, &got, &want, &truth, "f32 merged");
     let (base, _) = load_llava(&Cpu, &fixture("hub"), &TrainMode::frozen(), 0).unwrap();
     let moved = max_abs_diff(&base.logits(&Cpu, &b, None).unwrap(), &want);
-    assert!(moved > 1e-2, "the adapter barely changes the logits ({moved})");
+    assert!(
+        moved > 1e-2,
+        "the adapter barely changes the logits ({moved})"
+    );
     assert!(lr.skipped.iter().any(|s| s.contains("post_layernorm")));
 
     let (a, o) = (tensors_of(&fixture("hub")), tensors_of(&out));
     assert_eq!(a.len(), o.len());
     let mut changed = 0;
     for (x, y) in a.iter().zip(&o) {
-        assert_eq!((&x.0, &x.1, &x.2), (&y.0, &y.1, &y.2), "key, dtype or shape");
+        assert_eq!(
+            (&x.0, &x.1, &x.2),
+            (&y.0, &y.1, &y.2),
+            "key, dtype or shape"
+        );
         if is_lora_target(&x.0) {
             assert_ne!(x.3, y.3, "{} was not merged", x.0);
             changed += 1;
@@ -361,7 +387,12 @@ fn bin() -> &'static str {
 
 /// Four records with images for a short CLI run.
 fn write_data(dir: &Path) -> PathBuf {
-    let images = ["image.png", "image/portrait.png", "image/grey.png", "image/rgba.png"];
+    let images = [
+        "image.png",
+        "image/portrait.png",
+        "image/grey.png",
+        "image/rgba.png",
+    ];
     let recs: Vec<serde_json::Value> = images
         .iter()
         .enumerate()
@@ -387,7 +418,14 @@ fn cli_exports_a_merged_model_and_refuses_bad_targets() {
     let out = Command::new(bin())
         .args(["train", "--method", "dpsgd", "--noise-multiplier", "1"])
         .args(["--steps", "2", "--batch", "2", "--micro-batch", "2"])
-        .args(["--lora-rank", "4", "--lora-alpha", "8", "--insecure-seed", "3"])
+        .args([
+            "--lora-rank",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--insecure-seed",
+            "3",
+        ])
         .args(["--public-size", "4", "--max-text-len", "64", "--lr", "0.5"])
         .arg("--model")
         .arg(fixture("hub"))
@@ -474,7 +512,14 @@ fn cli_exports_a_merged_model_and_refuses_bad_targets() {
     let tiny_run = dir.join("tiny-run");
     let out = Command::new(bin())
         .args(["train", "--method", "ghost", "--train-examples", "16"])
-        .args(["--batch", "4", "--micro-batch", "4", "--noise-multiplier", "1"])
+        .args([
+            "--batch",
+            "4",
+            "--micro-batch",
+            "4",
+            "--noise-multiplier",
+            "1",
+        ])
         .args(["--steps", "1", "--insecure-seed", "1"])
         .arg("--init")
         .arg(&init)
@@ -500,7 +545,10 @@ fn cli_exports_a_merged_model_and_refuses_bad_targets() {
         err.contains("tiny-run") && err.contains("HF_DIR") && err.contains("--peft"),
         "{err}"
     );
-    assert!(!dir.join("m2").exists(), "nothing is written for a refused run");
+    assert!(
+        !dir.join("m2").exists(),
+        "nothing is written for a refused run"
+    );
 }
 
 /// Writes a merged folder of the fixture + its adapter and the crate's base +

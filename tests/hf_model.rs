@@ -225,7 +225,11 @@ fn mixed_text_only_batch_matches_transformers() {
     for layout in ["hub", "v5", "sharded", "memory"] {
         let (m, rep) = load_llava(&Cpu, &fixture(layout), &TrainMode::frozen(), 0).unwrap();
         let c = &rep.config;
-        let (vocab, v, s) = (c.model.llm.vocab, m.visual_tokens(None), c.model.vision.image_size);
+        let (vocab, v, s) = (
+            c.model.llm.vocab,
+            m.visual_tokens(None),
+            c.model.vision.image_size,
+        );
         let lens = [r.input_ids.len(), texts[0].0.len(), texts[1].0.len()];
         let t = *lens.iter().max().unwrap();
         let pad = |ids: &[u32]| -> Vec<u32> {
@@ -262,11 +266,19 @@ fn mixed_text_only_batch_matches_transformers() {
         let d1 = max_abs_diff(&row(1, lens[1]), &texts[0].1);
         let d2 = max_abs_diff(&row(2, lens[2]), &texts[1].1);
         assert!(d0 < 1e-4, "{layout}: image prompt logits differ by {d0}");
-        assert!(d1 < 1e-4, "{layout}: text-only prompt 1 logits differ by {d1}");
-        assert!(d2 < 1e-4, "{layout}: text-only prompt 2 logits differ by {d2}");
+        assert!(
+            d1 < 1e-4,
+            "{layout}: text-only prompt 1 logits differ by {d1}"
+        );
+        assert!(
+            d2 < 1e-4,
+            "{layout}: text-only prompt 2 logits differ by {d2}"
+        );
         let spread = texts[1].1.iter().fold(0.0f32, |a, x| a.max(x.abs()));
         assert!(spread > 0.1, "{layout}: logits are nearly zero ({spread})");
-        println!("{layout}: mixed batch max |Δ| logits {d0:.2e} (image), {d1:.2e}, {d2:.2e} (text-only)");
+        println!(
+            "{layout}: mixed batch max |Δ| logits {d0:.2e} (image), {d1:.2e}, {d2:.2e} (text-only)"
+        );
     }
 }
 

@@ -20,8 +20,8 @@ use std::collections::HashMap;
 use dualpriv::backend::cpu::Cpu;
 use dualpriv::backend::dp::DpBackend;
 use dualpriv::backend::Backend;
-use dualpriv::data::DataSource;
 use dualpriv::data::synthetic::{Dataset, Split};
+use dualpriv::data::DataSource;
 use dualpriv::dp::key::{Domain, RunKey};
 use dualpriv::dp::noise::{NoiseKey, RngKind};
 use dualpriv::model::Mllm;
@@ -200,7 +200,11 @@ impl DataSource for Mixed {
     fn len(&self) -> usize {
         self.d.len()
     }
-    fn collate(&self, indices: &[usize], text_len: usize) -> dualpriv::Result<dualpriv::data::Batch> {
+    fn collate(
+        &self,
+        indices: &[usize],
+        text_len: usize,
+    ) -> dualpriv::Result<dualpriv::data::Batch> {
         let mut b = self.d.collate(indices, text_len)?;
         b.image_pos = Some(
             indices
@@ -292,7 +296,10 @@ fn mixed_text_only_batches_have_sensitivity_c() {
                     }
                 }
             }
-            assert!(worst > 0.5, "{method}: largest change {worst} C; is x clipped?");
+            assert!(
+                worst > 0.5,
+                "{method}: largest change {worst} C; is x clipped?"
+            );
         }
     }
 }

@@ -132,16 +132,19 @@ pub struct MergeArgs {
 pub fn export_merged(a: &MergeArgs) -> Result<(MergeReport, u32)> {
     let (state, _) = load_state(&a.run)?;
     let spec = &state.model;
-    let base = spec.preset.strip_prefix(HF_PRESET).ok_or_else(|| Error::Setting {
-        setting: Setting::RunDir,
-        message: format!(
-            "{}: the run trained the built-in preset {:?}, not a transformers LLaVA folder; \
+    let base = spec
+        .preset
+        .strip_prefix(HF_PRESET)
+        .ok_or_else(|| Error::Setting {
+            setting: Setting::RunDir,
+            message: format!(
+                "{}: the run trained the built-in preset {:?}, not a transformers LLaVA folder; \
              --merged needs a run of `train --model HF_DIR` (export this one with --peft, or \
              use its checkpoint directly)",
-            a.run.display(),
-            spec.preset
-        ),
-    })?;
+                a.run.display(),
+                spec.preset
+            ),
+        })?;
     let base = PathBuf::from(base);
     if !base.join("config.json").is_file() {
         return Err(Error::Io {

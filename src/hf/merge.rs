@@ -76,12 +76,41 @@ fn in_group(name: &str, g: FullGroup) -> bool {
     }
 }
 
+/// One tensor of a safetensors file.
+struct Entry {
+    key: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range in the file (header included in the offsets).
+    range: (usize, usize),
+}
+
+/// The tensors of a mapped safetensors file and the header's length in bytes
+/// (8 + its JSON), checked by the safetensors crate (offsets within the file,
+/// contiguous, matching each shape and dtype).
+fn entries(map: &[u8], path: &Path, what: &str) -> Result<(usize, Vec<Entry>)> {
+    let (n, meta) = SafeTensors::read_metadata(map)
+        .map_err(|e| Error::Format(format!("{}: {e:?}; {what} is corrupt", path.display())))?;
+    let data0 = 8 + n;
+    let v = meta
+        .tensors()
+        .into_iter()
+        .map(|(key, i)| Entry {
+            key,
+            dtype: i.dtype,
+            shape: i.shape.clone(),
+            range: (data0 + i.data_offsets.0, data0 + i.data_offsets.1),
+        })
+        .collect();
+    Ok((data0, v))
+}
+
 /// The run's trained tensors, read from its (f32, crate-named) checkpoint.
 struct Trained {
     path: PathBuf,
     map: Mmap,
     /// `(name, shape, byte range)` of every tensor.
-    index: BTreeMap<String, (Vec<usize>, Dtype, (usize, usize))>,
+    index: BTreeMap<String, Entry>,
 }
 
 impl Trained {
@@ -89,20 +118,8 @@ impl Trained {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: read-only mapping of a run checkpoint this process does not modify.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
-            Error::Format(format!(
-                "{}: {e:?}; the run's checkpoint is corrupt",
-                path.display()
-            ))
-        })?;
-        let index = meta
-            .tensors()
-            .into_iter()
-            .map(|(k, info)| {
-                let r = (8 + n + info.data_offsets.0, 8 + n + info.data_offsets.1);
-                (k, (info.shape.clone(), info.dtype, r))
-            })
-            .collect();
+        let (_, list) = entries(&map, path, "the run's checkpoint")?;
+        let index = list.into_iter().map(|e| (e.key.clone(), e)).collect();
         Ok(Self {
             path: path.to_path_buf(),
             map,
@@ -112,7 +129,12 @@ impl Trained {
 
     /// Tensor `name` as f32 with its shape.
     fn read(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let (shape, dtype, (a, b)) = self.index.get(name).ok_or_else(|| {
+        let Entry {
+            shape,
+            dtype,
+            range: (a, b),
+            ..
+        } = self.index.get(name).ok_or_else(|| {
             Error::Format(format!(
                 "{}: tensor {name} is missing from the run's checkpoint",
                 self.path.display()
@@ -252,7 +274,9 @@ fn weight_files(base: &Path) -> Result<Vec<String>> {
             })?;
         let mut names: Vec<String> = Vec::new();
         for f in map.values() {
-            let f = f.as_str().filter(|f| Path::new(f).components().count() == 1);
+            let f = f
+                .as_str()
+                .filter(|f| Path::new(f).components().count() == 1);
             let f = f.ok_or_else(|| {
                 Error::Format(format!(
                     "{}: a weight_map entry is not a plain file name in the folder",
@@ -315,7 +339,8 @@ fn release(map: &Mmap, (a, b): (usize, usize)) {
     if end > start {
         // SAFETY: private read-only mapping; no reference into the range is alive,
         // and later reads fault the pages back in from the file.
-        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
+        let _ =
+            unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
     }
 }
 
@@ -323,7 +348,12 @@ fn release(map: &Mmap, (a, b): (usize, usize)) {
 /// checkpoint of a model in `mode`, crate-named f32 tensors) merged in, to `out`,
 /// which must not exist or be empty. See the module docs for what is merged,
 /// copied and rounded.
-pub fn write_merged(base: &Path, trained: &Path, mode: &TrainMode, out: &Path) -> Result<MergeReport> {
+pub fn write_merged(
+    base: &Path,
+    trained: &Path,
+    mode: &TrainMode,
+    out: &Path,
+) -> Result<MergeReport> {
     let files = weight_files(base)?;
     let run = Trained::open(trained)?;
     let (scale, groups): (Option<f32>, Vec<FullGroup>) = match mode {
@@ -338,19 +368,8 @@ pub fn write_merged(base: &Path, trained: &Path, mode: &TrainMode, out: &Path) -
         let file = File::open(&src).map_err(|e| Error::io(&src, e))?;
         // SAFETY: read-only mapping of the base model, which this process does not modify.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&src, e))?;
-        let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
-            Error::Format(format!("{}: {e:?}; the base file is corrupt", src.display()))
-        })?;
-        let data0 = 8 + n;
-        let mut tensors: Vec<(String, Dtype, Vec<usize>, (usize, usize))> = meta
-            .tensors()
-            .into_iter()
-            .map(|(k, i)| {
-                let r = (data0 + i.data_offsets.0, data0 + i.data_offsets.1);
-                (k, i.dtype, i.shape.clone(), r)
-            })
-            .collect();
-        tensors.sort_by_key(|t| t.3);
+        let (data0, mut tensors) = entries(&map, &src, "the base model file")?;
+        tensors.sort_by_key(|t| t.range);
         let dst = out.join(fname);
         let f = File::create(&dst).map_err(|e| Error::io(&dst, e))?;
         let mut w = BufWriter::with_capacity(1 << 22, f);
@@ -359,7 +378,13 @@ pub fn write_merged(base: &Path, trained: &Path, mode: &TrainMode, out: &Path) -
         // offsets, so the header describes it exactly.
         w.write_all(&map[..data0]).map_err(werr)?;
         let mut cursor = data0;
-        for (key, dtype, shape, range) in &tensors {
+        for Entry {
+            key,
+            dtype,
+            shape,
+            range,
+        } in &tensors
+        {
             if range.0 > cursor {
                 w.write_all(&map[cursor..range.0]).map_err(werr)?;
             }
@@ -457,8 +482,8 @@ pub fn write_merged(base: &Path, trained: &Path, mode: &TrainMode, out: &Path) -
     for entry in std::fs::read_dir(base).map_err(|e| Error::io(base, e))? {
         let entry = entry.map_err(|e| Error::io(base, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let is_file = entry.file_type().map(|t| t.is_file()).unwrap_or(false)
-            || entry.path().is_file();
+        let is_file =
+            entry.file_type().map(|t| t.is_file()).unwrap_or(false) || entry.path().is_file();
         if is_file && copied_file(&name) && !files.contains(&name) {
             others.push(entry.path());
         }
