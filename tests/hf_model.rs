@@ -211,6 +211,46 @@ fn text_only_refs(file: &str, prefix: &str) -> (Vec<u32>, Vec<f32>) {
     (ids, logits)
 }
 
+/// The image prompt and the two text-only prompts as one right-padded batch, with
+/// NaN in the text-only examples' image slots; and each prompt's length.
+fn mixed_batch(
+    r: &Refs,
+    texts: &[(Vec<u32>, Vec<f32>); 2],
+    c: &LlavaConfig,
+) -> (Batch, [usize; 3]) {
+    let s = c.model.vision.image_size;
+    let lens = [r.input_ids.len(), texts[0].0.len(), texts[1].0.len()];
+    let t = *lens.iter().max().unwrap();
+    let pad = |ids: &[u32]| -> Vec<u32> {
+        let mut v = ids.to_vec();
+        v.resize(t, 520);
+        v
+    };
+    let p = r
+        .input_ids
+        .iter()
+        .position(|&i| i == c.image_token_id)
+        .unwrap();
+    let mut input_ids = pad(&r.input_ids);
+    input_ids.extend(pad(&texts[0].0));
+    input_ids.extend(pad(&texts[1].0));
+    // The text-only slots hold garbage: the model must not read them.
+    let mut images = r.pixel_values.clone();
+    images.extend(std::iter::repeat_n(f32::NAN, 2 * 3 * s * s));
+    let b = Batch {
+        size: 3,
+        image_size: s,
+        images,
+        text_len: t,
+        input_ids,
+        targets: vec![0; 3 * t],
+        loss_mask: vec![0.0; 3 * t],
+        example_ids: vec![0, 1, 2],
+        image_pos: Some(vec![Some(p), None, None]),
+    };
+    (b, lens)
+}
+
 /// One batch holding the image prompt and two text-only prompts (no `<image>`, no
 /// visual tokens), right-padded to a common length: each example's logits equal
 /// transformers' for that prompt alone (`pixel_values` omitted for the text-only
@@ -225,40 +265,10 @@ fn mixed_text_only_batch_matches_transformers() {
     for layout in ["hub", "v5", "sharded", "memory"] {
         let (m, rep) = load_llava(&Cpu, &fixture(layout), &TrainMode::frozen(), 0).unwrap();
         let c = &rep.config;
-        let (vocab, v, s) = (
-            c.model.llm.vocab,
-            m.visual_tokens(None),
-            c.model.vision.image_size,
-        );
-        let lens = [r.input_ids.len(), texts[0].0.len(), texts[1].0.len()];
-        let t = *lens.iter().max().unwrap();
-        let pad = |ids: &[u32]| -> Vec<u32> {
-            let mut v = ids.to_vec();
-            v.resize(t, 520);
-            v
-        };
-        let p = r
-            .input_ids
-            .iter()
-            .position(|&i| i == c.image_token_id)
-            .unwrap();
-        let mut input_ids = pad(&r.input_ids);
-        input_ids.extend(pad(&texts[0].0));
-        input_ids.extend(pad(&texts[1].0));
-        // The text-only slots hold garbage: the model must not read them.
-        let mut images = r.pixel_values.clone();
-        images.extend(std::iter::repeat_n(f32::NAN, 2 * 3 * s * s));
-        let b = Batch {
-            size: 3,
-            image_size: s,
-            images,
-            text_len: t,
-            input_ids,
-            targets: vec![0; 3 * t],
-            loss_mask: vec![0.0; 3 * t],
-            example_ids: vec![0, 1, 2],
-            image_pos: Some(vec![Some(p), None, None]),
-        };
+        let (vocab, v) = (c.model.llm.vocab, m.visual_tokens(None));
+        let (b, lens) = mixed_batch(&r, &texts, c);
+        let t = b.text_len;
+        let p = b.image_pos.as_ref().unwrap()[0].unwrap();
         let logits = m.logits(&Cpu, &b, None).unwrap();
         let row = |i: usize, n: usize| logits[i * t * vocab..][..n * vocab].to_vec();
         let want0 = hf_rows_at_text(&r.logits, vocab, lens[0], p, v);
@@ -300,6 +310,19 @@ fn cuda_forward_matches_the_cpu() {
     let got = dev.logits(&gpu, &b, None).unwrap();
     let d = max_abs_diff(&got, &want);
     assert!(d < 1e-4, "CUDA logits differ from the CPU's by {d}");
+    // A batch mixing the image prompt with two text-only prompts.
+    let texts = [
+        text_only_refs("refs.safetensors", "text_"),
+        text_only_refs("textonly_refs.safetensors", ""),
+    ];
+    let (mb, _) = mixed_batch(&r, &texts, c);
+    let want = cpu.logits(&Cpu, &mb, None).unwrap();
+    let got = dev.logits(&gpu, &mb, None).unwrap();
+    let d = max_abs_diff(&got, &want);
+    assert!(
+        d < 1e-4,
+        "CUDA logits of a mixed batch differ from the CPU's by {d}"
+    );
     let (_, fc) = cpu.image_features(&Cpu, &r.pixel_values, 1, None).unwrap();
     let (_, fg) = dev.image_features(&gpu, &r.pixel_values, 1, None).unwrap();
     assert!(max_abs_diff(&fg, &fc) < 1e-4);
