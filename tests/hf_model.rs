@@ -78,7 +78,7 @@ fn batch(ids: &[u32], pixels: &[f32], size: usize, image_pos: Option<usize>) -> 
         targets: vec![0; t],
         loss_mask: vec![0.0; t],
         example_ids: vec![0],
-        image_pos: image_pos.map(|p| vec![p]),
+        image_pos: image_pos.map(|p| vec![Some(p)]),
     }
 }
 
@@ -187,6 +187,111 @@ fn adapter_gives_peft_logits() {
     println!("adapter: max |Δ| logits {d:.2e}");
 }
 
+/// `(input_ids, logits)` of a text-only prompt: `text_*` in refs.safetensors
+/// (make_hf_fixture.py) or textonly_refs.safetensors (make_textonly_fixture.py).
+fn text_only_refs(file: &str, prefix: &str) -> (Vec<u32>, Vec<f32>) {
+    let bytes = std::fs::read(fixture(file)).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let words = |k: &str| -> Vec<[u8; 4]> {
+        st.tensor(k)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| [c[0], c[1], c[2], c[3]])
+            .collect()
+    };
+    let ids = words(&format!("{prefix}input_ids"))
+        .into_iter()
+        .map(|w| i32::from_le_bytes(w) as u32)
+        .collect();
+    let logits = words(&format!("{prefix}logits"))
+        .into_iter()
+        .map(f32::from_le_bytes)
+        .collect();
+    (ids, logits)
+}
+
+/// The image prompt and the two text-only prompts as one right-padded batch, with
+/// NaN in the text-only examples' image slots; and each prompt's length.
+fn mixed_batch(
+    r: &Refs,
+    texts: &[(Vec<u32>, Vec<f32>); 2],
+    c: &LlavaConfig,
+) -> (Batch, [usize; 3]) {
+    let s = c.model.vision.image_size;
+    let lens = [r.input_ids.len(), texts[0].0.len(), texts[1].0.len()];
+    let t = *lens.iter().max().unwrap();
+    let pad = |ids: &[u32]| -> Vec<u32> {
+        let mut v = ids.to_vec();
+        v.resize(t, 520);
+        v
+    };
+    let p = r
+        .input_ids
+        .iter()
+        .position(|&i| i == c.image_token_id)
+        .unwrap();
+    let mut input_ids = pad(&r.input_ids);
+    input_ids.extend(pad(&texts[0].0));
+    input_ids.extend(pad(&texts[1].0));
+    // The text-only slots hold garbage: the model must not read them.
+    let mut images = r.pixel_values.clone();
+    images.extend(std::iter::repeat_n(f32::NAN, 2 * 3 * s * s));
+    let b = Batch {
+        size: 3,
+        image_size: s,
+        images,
+        text_len: t,
+        input_ids,
+        targets: vec![0; 3 * t],
+        loss_mask: vec![0.0; 3 * t],
+        example_ids: vec![0, 1, 2],
+        image_pos: Some(vec![Some(p), None, None]),
+    };
+    (b, lens)
+}
+
+/// One batch holding the image prompt and two text-only prompts (no `<image>`, no
+/// visual tokens), right-padded to a common length: each example's logits equal
+/// transformers' for that prompt alone (`pixel_values` omitted for the text-only
+/// ones), on every layout.
+#[test]
+fn mixed_text_only_batch_matches_transformers() {
+    let r = refs();
+    let texts = [
+        text_only_refs("refs.safetensors", "text_"),
+        text_only_refs("textonly_refs.safetensors", ""),
+    ];
+    for layout in ["hub", "v5", "sharded", "memory"] {
+        let (m, rep) = load_llava(&Cpu, &fixture(layout), &TrainMode::frozen(), 0).unwrap();
+        let c = &rep.config;
+        let (vocab, v) = (c.model.llm.vocab, m.visual_tokens(None));
+        let (b, lens) = mixed_batch(&r, &texts, c);
+        let t = b.text_len;
+        let p = b.image_pos.as_ref().unwrap()[0].unwrap();
+        let logits = m.logits(&Cpu, &b, None).unwrap();
+        let row = |i: usize, n: usize| logits[i * t * vocab..][..n * vocab].to_vec();
+        let want0 = hf_rows_at_text(&r.logits, vocab, lens[0], p, v);
+        let d0 = max_abs_diff(&row(0, lens[0]), &want0);
+        let d1 = max_abs_diff(&row(1, lens[1]), &texts[0].1);
+        let d2 = max_abs_diff(&row(2, lens[2]), &texts[1].1);
+        assert!(d0 < 1e-4, "{layout}: image prompt logits differ by {d0}");
+        assert!(
+            d1 < 1e-4,
+            "{layout}: text-only prompt 1 logits differ by {d1}"
+        );
+        assert!(
+            d2 < 1e-4,
+            "{layout}: text-only prompt 2 logits differ by {d2}"
+        );
+        let spread = texts[1].1.iter().fold(0.0f32, |a, x| a.max(x.abs()));
+        assert!(spread > 0.1, "{layout}: logits are nearly zero ({spread})");
+        println!(
+            "{layout}: mixed batch max |Δ| logits {d0:.2e} (image), {d1:.2e}, {d2:.2e} (text-only)"
+        );
+    }
+}
+
 /// The same checkpoint and prompt on the CUDA backend (strict FP32) against the
 /// CPU. Skips without a driver; fails under `DUALPRIV_REQUIRE_GPU=1`.
 #[cfg(feature = "cuda")]
@@ -205,6 +310,19 @@ fn cuda_forward_matches_the_cpu() {
     let got = dev.logits(&gpu, &b, None).unwrap();
     let d = max_abs_diff(&got, &want);
     assert!(d < 1e-4, "CUDA logits differ from the CPU's by {d}");
+    // A batch mixing the image prompt with two text-only prompts.
+    let texts = [
+        text_only_refs("refs.safetensors", "text_"),
+        text_only_refs("textonly_refs.safetensors", ""),
+    ];
+    let (mb, _) = mixed_batch(&r, &texts, c);
+    let want = cpu.logits(&Cpu, &mb, None).unwrap();
+    let got = dev.logits(&gpu, &mb, None).unwrap();
+    let d = max_abs_diff(&got, &want);
+    assert!(
+        d < 1e-4,
+        "CUDA logits of a mixed batch differ from the CPU's by {d}"
+    );
     let (_, fc) = cpu.image_features(&Cpu, &r.pixel_values, 1, None).unwrap();
     let (_, fg) = dev.image_features(&gpu, &r.pixel_values, 1, None).unwrap();
     assert!(max_abs_diff(&fg, &fc) < 1e-4);

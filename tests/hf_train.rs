@@ -92,7 +92,8 @@ fn every_method_trains_on_an_hf_checkpoint() {
     assert_eq!(batch.images.len(), 2 * 3 * 56 * 56);
     let pos = batch.image_pos.clone().unwrap();
     let t = batch.text_len;
-    for (i, &p) in pos.iter().enumerate() {
+    for (i, p) in pos.iter().enumerate() {
+        let p = p.expect("every record has an image");
         assert_eq!(batch.input_ids[i * t + p], 519, "the <image> token");
         assert!(batch.loss_mask[i * t..][..t].contains(&1.0));
         assert_eq!(
@@ -149,22 +150,113 @@ fn every_method_trains_on_an_hf_checkpoint() {
     }
 }
 
+/// The eight image records plus two text-only ones (ShareGPT-style turns).
+fn write_mixed_conversations(dir: &Path) -> PathBuf {
+    let json = write_conversations(dir);
+    let mut recs: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    recs.push(serde_json::json!({"id": "t0", "conversations": [
+        {"from": "human", "value": "Write a haiku about rain."},
+        {"from": "gpt", "value": "Grey clouds, soft drumming."}]}));
+    recs.push(serde_json::json!({"id": "t1", "conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."},
+        {"from": "human", "value": "How are you?"}, {"from": "gpt", "value": "Fine."}]}));
+    let path = dir.join("mixed.json");
+    std::fs::write(&path, serde_json::to_string(&recs).unwrap()).unwrap();
+    path
+}
+
+/// Text-only records (no `"image"`) load, collate beside image records with no
+/// visual tokens and a zero image slot, have the loss they have alone, and train
+/// with every DP method.
 #[test]
-fn text_only_records_and_wrong_image_sizes_are_refused() {
-    let dir = common::tmp_dir("hf_train_refusals");
+fn text_only_records_train_beside_image_records() {
+    let dir = common::tmp_dir("hf_train_text_only");
     let tok = Tokenizer::from_file(fixture("tokenizer.json")).unwrap();
     let proc = ImageProcessor::from_file(fixture("preprocessor_config.json")).unwrap();
-    let json = dir.join("t.json");
+    let json = write_mixed_conversations(&dir);
+    let data =
+        LlavaDataset::load(&json, Some(&fixture("")), &tok, proc.clone(), 56, opts(200)).unwrap();
+    assert_eq!(data.len(), 10);
+    let t = data.max_text_len();
+    let batch = data.collate(&[8, 0, 9, 3], t).unwrap();
+    let pos = batch.image_pos.clone().unwrap();
+    assert!(pos[0].is_none() && pos[2].is_none() && pos[1].is_some() && pos[3].is_some());
+    let per = 3 * 56 * 56;
+    assert!(batch.images[..per].iter().all(|&v| v == 0.0));
+    assert!(batch.images[per..2 * per].iter().any(|&v| v != 0.0));
+    assert!(!batch.input_ids[..t].contains(&519), "no <image> token");
+
+    let mode = TrainMode::lora(4, 8.0);
+    let (mut model, _) = load_llava(&Cpu, &fixture("hub"), &mode, 3).unwrap();
+    // Give LoRA B values so the adapters matter.
+    for p in model.trainable().to_vec() {
+        if p.name.contains("lora_B") {
+            model.param_mut(p.id).iter_mut().for_each(|v| *v = 0.01);
+        }
+    }
+    let all = model.per_example_loss(&Cpu, &batch, None).unwrap();
+    for (k, &i) in [8usize, 0, 9, 3].iter().enumerate() {
+        let one = data.collate(&[i], t).unwrap();
+        let l = model.per_example_loss(&Cpu, &one, None).unwrap()[0];
+        assert!(
+            (all[k] - l).abs() <= 1e-5 * l.abs(),
+            "record {i}: {} in the batch, {l} alone",
+            all[k]
+        );
+        assert!(l > 0.0);
+    }
+
+    for method in Method::ALL {
+        let (model, _) = load_llava(&Cpu, &fixture("hub"), &mode, 3).unwrap();
+        let spec = ModelSpec {
+            preset: fixture("hub").display().to_string(),
+            lora_rank: Some(4),
+            lora_alpha: 8.0,
+            full_groups: vec![],
+        };
+        let cfg = TrainConfig {
+            steps: 2,
+            batch: 5,
+            micro_batch: 3,
+            public_size: Some(10),
+            keep_tokens: (method == Method::Dualpriv).then_some(6),
+            context_tokens: if method == Method::Dualpriv { 2 } else { 0 },
+            ..TrainConfig::new(method, 5, data.max_text_len())
+        };
+        let mut tr =
+            Trainer::with_key(&Cpu, model, spec, cfg, &data, RunKey::from_insecure_seed(7))
+                .unwrap_or_else(|e| panic!("{method:?}: {e}"));
+        let sum = tr
+            .run(&data, 0)
+            .unwrap_or_else(|e| panic!("{method:?}: {e}"));
+        assert_eq!(sum.steps, 2, "{method:?}");
+        assert!(
+            tr.model
+                .trainable()
+                .iter()
+                .all(|p| tr.model.param(p.id).iter().all(|v| v.is_finite())),
+            "{method:?}: non-finite weights"
+        );
+    }
+
+    // A file of text-only records needs no image folder.
+    let only = dir.join("only.json");
     std::fs::write(
-        &json,
+        &only,
         r#"[{"id": "x", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}]"#,
     )
     .unwrap();
-    let e = LlavaDataset::load(&json, Some(&fixture("")), &tok, proc.clone(), 56, opts(100))
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("t.json") && e.contains("no image"), "{e}");
+    let d = LlavaDataset::load(&only, None, &tok, proc, 56, opts(100)).unwrap();
+    let b = d.collate(&[0], d.max_text_len()).unwrap();
+    assert_eq!(b.image_pos, Some(vec![None]));
+}
+
+#[test]
+fn wrong_image_sizes_are_refused() {
+    let dir = common::tmp_dir("hf_train_refusals");
+    let tok = Tokenizer::from_file(fixture("tokenizer.json")).unwrap();
+    let proc = ImageProcessor::from_file(fixture("preprocessor_config.json")).unwrap();
     let json = write_conversations(&dir);
     let e = LlavaDataset::load(&json, Some(&fixture("")), &tok, proc, 336, opts(100))
         .err()

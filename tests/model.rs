@@ -161,7 +161,15 @@ fn hf_style(mut cfg: ModelConfig) -> ModelConfig {
 }
 
 /// `<image>` placeholders at the start, inside and at the end of the 5 text tokens.
-const SPLICE: [usize; 3] = [0, 2, 4];
+fn splice() -> Option<Vec<Option<usize>>> {
+    Some(vec![Some(0), Some(2), Some(4)])
+}
+
+/// A mixed batch: example 0 is text-only (with loss), example 1 has an image and no
+/// masked position, example 2 an image inside its text.
+fn mixed() -> Option<Vec<Option<usize>>> {
+    Some(vec![None, Some(2), Some(3)])
+}
 
 fn fd_check_model(mode: TrainMode, feature: VisionFeature, tok: Option<TokenSelectConfig>) {
     fd_check_model_with(small_cfg(feature), None, mode, tok)
@@ -169,7 +177,7 @@ fn fd_check_model(mode: TrainMode, feature: VisionFeature, tok: Option<TokenSele
 
 fn fd_check_model_with(
     cfg: ModelConfig,
-    image_pos: Option<Vec<usize>>,
+    image_pos: Option<Vec<Option<usize>>>,
     mode: TrainMode,
     tok: Option<TokenSelectConfig>,
 ) {
@@ -236,7 +244,9 @@ fn captures_match_finite_differences_full() {
     fd_check_model(mode.clone(), VisionFeature::Patch, None);
     // HF LLaVA's layout: visual tokens spliced at an <image> placeholder, exact GELU.
     let cfg = hf_style(small_cfg(VisionFeature::Patch));
-    fd_check_model_with(cfg, Some(SPLICE.to_vec()), mode, None);
+    fd_check_model_with(cfg.clone(), splice(), mode.clone(), None);
+    // A batch mixing text-only and image examples.
+    fd_check_model_with(cfg, mixed(), mode, None);
 }
 
 #[test]
@@ -249,12 +259,8 @@ fn captures_match_finite_differences_lora_with_pruning() {
     };
     fd_check_model(TrainMode::lora(3, 6.0), VisionFeature::Patch, Some(tok));
     let cfg = hf_style(small_cfg(VisionFeature::Patch));
-    fd_check_model_with(
-        cfg,
-        Some(SPLICE.to_vec()),
-        TrainMode::lora(3, 6.0),
-        Some(tok),
-    );
+    fd_check_model_with(cfg.clone(), splice(), TrainMode::lora(3, 6.0), Some(tok));
+    fd_check_model_with(cfg, mixed(), TrainMode::lora(3, 6.0), Some(tok));
     // LoRA on a subset of linears, with the CLS token kept.
     let mode = TrainMode::Lora {
         rank: 2,
@@ -270,12 +276,16 @@ fn embeddings_dense_grad_matches_finite_differences() {
     let mode = TrainMode::Full {
         groups: vec![FullGroup::Embeddings],
     };
-    for image_pos in [None, Some(vec![1, 3])] {
+    for image_pos in [
+        None,
+        Some(vec![Some(1), Some(3)]),
+        Some(vec![None, Some(2)]),
+    ] {
         embeddings_fd(&cfg, &mode, image_pos);
     }
 }
 
-fn embeddings_fd(cfg: &ModelConfig, mode: &TrainMode, image_pos: Option<Vec<usize>>) {
+fn embeddings_fd(cfg: &ModelConfig, mode: &TrainMode, image_pos: Option<Vec<Option<usize>>>) {
     let mut m = Mllm::new(&Cpu64, cfg, mode, 3).unwrap();
     randomize_trainable(&mut m, 4, 0.5);
     let mut bt = batch(cfg, 2, 4, 12, false);
@@ -346,6 +356,111 @@ fn per_example_captures_are_per_example_gradients() {
                 }
             }
         }
+    }
+}
+
+/// A batch mixing text-only and image examples: every example's loss and
+/// gradients are those it has alone (so neither its padding nor its pixels reach
+/// the others), a text-only example's projector rows carry exactly zero gradient,
+/// whatever its image slot holds (NaN included), and its loss is that of its text
+/// alone, which does not depend on the vision tower at all.
+#[test]
+fn text_only_examples_in_a_mixed_batch() {
+    let cfg = hf_style(small_cfg(VisionFeature::Patch));
+    let mode = TrainMode::Full {
+        groups: vec![FullGroup::Projector, FullGroup::Attention, FullGroup::Mlp],
+    };
+    let tok = TokenSelectConfig {
+        keep: 2,
+        context: 1,
+        fuse_noise_std: 0.0,
+        noise: StreamKey::from_insecure_seed(RngKind::Chacha20, 0),
+    };
+    for (mode, tok) in [(mode, None), (TrainMode::lora(2, 4.0), Some(tok))] {
+        let mut m = Mllm::new(&Cpu64, &cfg, &mode, 31).unwrap();
+        randomize_trainable(&mut m, 32, 0.3);
+        let mut bt = batch(&cfg, 4, 6, 33, true);
+        let text_only = [false, false, true, true];
+        bt.image_pos = Some(vec![Some(1), Some(5), None, None]);
+        let fb = m.forward_backward(&Cpu64, &bt, tok.as_ref()).unwrap();
+        // The text-only slots' pixels are never read: NaN there changes nothing.
+        let per = 3 * cfg.vision.image_size * cfg.vision.image_size;
+        let mut poisoned = bt.clone();
+        for i in [2, 3] {
+            poisoned.images[i * per..][..per].fill(f32::NAN);
+        }
+        let fp = m.forward_backward(&Cpu64, &poisoned, tok.as_ref()).unwrap();
+        assert_eq!(fp.per_example_loss, fb.per_example_loss);
+        for (a, b) in fp.captures.iter().zip(&fb.captures) {
+            assert_eq!(a.x, b.x, "weight {}", a.weight_id);
+            assert_eq!(a.g, b.g, "weight {}", a.weight_id);
+        }
+        let proj_ids: Vec<u32> = m
+            .trainable()
+            .iter()
+            .filter(|p| p.name.starts_with("projector."))
+            .map(|p| p.id)
+            .collect();
+        for (i, &text_only) in text_only.iter().enumerate() {
+            let one = m
+                .forward_backward(&Cpu64, &example(&bt, i), tok.as_ref())
+                .unwrap();
+            let l1 = one.per_example_loss[0];
+            assert!(
+                (fb.per_example_loss[i] - l1).abs() <= 1e-10 * l1.abs().max(1e-6),
+                "example {i}: loss {} in the batch, {l1} alone",
+                fb.per_example_loss[i]
+            );
+            for c1 in &one.captures {
+                let cb = fb
+                    .captures
+                    .iter()
+                    .find(|c| c.weight_id == c1.weight_id)
+                    .unwrap();
+                let (wb, bb) = grads_of(cb, i);
+                let (w1, b1) = grads_of(c1, 0);
+                let scale = w1.iter().chain(&wb).fold(1e-12f64, |a, v| a.max(v.abs()));
+                for (a, b) in wb.iter().zip(&w1).chain(bb.iter().zip(&b1)) {
+                    assert!(
+                        (a - b).abs() <= 1e-10 * scale,
+                        "example {i}, weight {}",
+                        c1.weight_id
+                    );
+                }
+                if text_only && proj_ids.contains(&cb.weight_id) {
+                    let s = cb.shape;
+                    let rows = &cb.g[i * s.t * s.p..][..s.t * s.p];
+                    assert!(
+                        rows.iter().all(|&g| g == 0.0),
+                        "text-only example {i}: projector weight {} has a gradient",
+                        cb.weight_id
+                    );
+                }
+            }
+        }
+        // Some projector gradient exists in the batch (from the image examples), so
+        // the zero rows above are not vacuous.
+        if !proj_ids.is_empty() {
+            let c = fb
+                .captures
+                .iter()
+                .find(|c| proj_ids.contains(&c.weight_id))
+                .unwrap();
+            assert!(c.g.iter().any(|&g| g != 0.0));
+        }
+        // A text-only example's loss does not depend on the vision tower or the
+        // projector: zeroing the projector leaves it unchanged and moves the others.
+        let mut m0 = Mllm::new(&Cpu64, &cfg, &TrainMode::frozen(), 31).unwrap();
+        let l_a = m0.per_example_loss(&Cpu64, &bt, tok.as_ref()).unwrap();
+        for name in ["projector.linear_2.weight", "projector.linear_2.bias"] {
+            m0.tensor_mut(name)
+                .unwrap()
+                .iter_mut()
+                .for_each(|v| *v = 0.0);
+        }
+        let l_b = m0.per_example_loss(&Cpu64, &bt, tok.as_ref()).unwrap();
+        assert_eq!((l_a[2], l_a[3]), (l_b[2], l_b[3]));
+        assert_ne!(l_a[0], l_b[0]);
     }
 }
 

@@ -4,7 +4,9 @@
 //!   fine-tuning, micro-batches of 1, 3 and B, token pruning on and off, the
 //!   clipped sums of D and D ∪ {x} under the same key differ by at most C in ℓ2
 //!   (1e-5 slack for f32 rounding), with x inserted first, in the middle or last,
-//!   and x adversarial: huge pixels, pixels that overflow to ∞, NaN pixels.
+//!   and x adversarial: huge pixels, pixels that overflow to ∞, NaN pixels; and
+//!   in batches that mix text-only and image examples (LLaVA's layout), where a
+//!   text-only x, whatever its image slot holds, moves no projector coordinate.
 //!   (Near-cancelling per-layer gradients are checked at the layer level on both
 //!   backends in tests/clip.rs, where they can be constructed exactly.)
 //! * **The noise is really added, at the right scale**: in a real SGD step the
@@ -17,7 +19,9 @@ use std::collections::HashMap;
 
 use dualpriv::backend::cpu::Cpu;
 use dualpriv::backend::dp::DpBackend;
+use dualpriv::backend::Backend;
 use dualpriv::data::synthetic::{Dataset, Split};
+use dualpriv::data::DataSource;
 use dualpriv::dp::key::{Domain, RunKey};
 use dualpriv::dp::noise::{NoiseKey, RngKind};
 use dualpriv::model::Mllm;
@@ -180,6 +184,122 @@ fn clipped_sums_have_sensitivity_c_through_the_whole_model() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// The synthetic data in LLaVA's spliced layout, with the examples marked in
+/// `text_only` having no image (their image slot keeps whatever the example has,
+/// NaN included: the model must never read it).
+struct Mixed {
+    d: Dataset,
+    text_only: Vec<bool>,
+}
+
+impl DataSource for Mixed {
+    fn len(&self) -> usize {
+        self.d.len()
+    }
+    fn collate(
+        &self,
+        indices: &[usize],
+        text_len: usize,
+    ) -> dualpriv::Result<dualpriv::data::Batch> {
+        let mut b = self.d.collate(indices, text_len)?;
+        b.image_pos = Some(
+            indices
+                .iter()
+                .map(|&i| (!self.text_only[i]).then_some(0))
+                .collect(),
+        );
+        Ok(b)
+    }
+    fn max_text_len(&self) -> usize {
+        self.d.max_text_len()
+    }
+    fn fingerprint(&self, key: &[u8; 32]) -> String {
+        self.d.fingerprint(key)
+    }
+    fn identity(&self) -> String {
+        self.d.identity()
+    }
+}
+
+/// Sensitivity with batches mixing text-only and image examples: inserting any x
+/// (with an image or text-only, plain or with NaN pixels) moves the clipped sum by
+/// at most C; a text-only x is never non-finite (its pixels are not read) and, alone
+/// in its micro-batch, leaves every projector coordinate exactly as it was.
+#[test]
+fn mixed_text_only_batches_have_sensitivity_c() {
+    let d = Dataset::generate(Split::Private, 6, 7, 32).unwrap();
+    let text_only: Vec<bool> = (0..d.len()).map(|i| i % 2 == 1).collect();
+    let key = RunKey::from_insecure_seed(5);
+    for spec in [lora(), full()] {
+        let m = model(&Cpu, &spec);
+        let proj: Vec<u32> = m
+            .trainable()
+            .iter()
+            .filter(|p| p.name.starts_with("projector."))
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(proj.is_empty(), spec.lora_rank.is_some());
+        for (method, micro, pruning) in [
+            (Method::Ghost, 1, false),
+            (Method::Dpsgd, 3, false),
+            (Method::Dualpriv, 3, true),
+            (Method::Ghost, d.len() + 1, false),
+        ] {
+            let mut c = cfg(method, &d, micro);
+            if pruning {
+                c.keep_tokens = Some(5);
+                c.context_tokens = 2;
+            }
+            let base = Mixed {
+                d: d.clone(),
+                text_only: text_only.clone(),
+            };
+            let idx: Vec<usize> = (0..d.len()).collect();
+            let s0 = gradient_sums(&Cpu, &m, &key, &c, &base, &idx).unwrap();
+            assert_eq!(s0.nonfinite, 0);
+            let mut worst = 0.0f64;
+            for (name, x) in adversaries(&d) {
+                for x_text_only in [false, true] {
+                    for at in [0, d.len() / 2, d.len()] {
+                        let mut t = text_only.clone();
+                        t.insert(at, x_text_only);
+                        let dx = Mixed {
+                            d: with_inserted(&d, at, &x),
+                            text_only: t,
+                        };
+                        let idx: Vec<usize> = (0..dx.len()).collect();
+                        let s = gradient_sums(&Cpu, &m, &key, &c, &dx, &idx).unwrap();
+                        let dist = sum_distance(&Cpu, &s.grads, &s0.grads);
+                        let what = format!(
+                            "{method} micro {micro} pruning {pruning} {}: x = {name}, text-only \
+                             {x_text_only}, at {at}",
+                            if proj.is_empty() { "lora" } else { "full" }
+                        );
+                        assert!(
+                            dist <= f64::from(C) * (1.0 + 1e-5),
+                            "{what}: ‖S(D ∪ {{x}}) − S(D)‖ = {dist:e} > C = {C}"
+                        );
+                        let bad = !x_text_only && name != "plain" && name != "huge pixels";
+                        assert_eq!(s.nonfinite, usize::from(bad), "{what}");
+                        if x_text_only && micro == 1 && at == d.len() {
+                            for id in &proj {
+                                let a = Cpu.download(&s.grads[id]).unwrap();
+                                let b = Cpu.download(&s0.grads[id]).unwrap();
+                                assert_eq!(a, b, "{what}: projector tensor {id} moved");
+                            }
+                        }
+                        worst = worst.max(dist / f64::from(C));
+                    }
+                }
+            }
+            assert!(
+                worst > 0.5,
+                "{method}: largest change {worst} C; is x clipped?"
+            );
         }
     }
 }

@@ -13,7 +13,7 @@ use dualpriv::cmd::account::{self, AccountAnswer, AccountArgs};
 use dualpriv::cmd::bench::{self, BenchArgs, Device};
 use dualpriv::cmd::demo::{self, DemoArgs, DemoReport};
 use dualpriv::cmd::eval::{self, EvalArgs};
-use dualpriv::cmd::export::{self, ExportArgs};
+use dualpriv::cmd::export::{self, ExportArgs, MergeArgs};
 use dualpriv::cmd::pretrain::{self, PretrainArgs};
 use dualpriv::cmd::train::{self, HfData, TrainArgs};
 use dualpriv::dp::accountant::AccountantKind;
@@ -116,15 +116,25 @@ enum Cmd {
     /// Writes a LoRA run's adapter as a PEFT adapter folder (adapter_config.json +
     /// adapter_model.safetensors) that peft.PeftModel.from_pretrained loads.
     ///
-    /// Example: dualpriv export --run runs/dp --peft runs/dp/adapter
+    /// With --merged, writes the HF model folder with the LoRA merged in
+    /// (W + (alpha/r)·B·A in the base's dtype; every other tensor and the config,
+    /// tokenizer and processor files copied), for LlavaForConditionalGeneration.
+    ///
+    /// Examples:
+    ///   dualpriv export --run runs/dp --peft runs/dp/adapter
+    ///   dualpriv export --run runs/dp --merged runs/dp/merged
     #[command(verbatim_doc_comment)]
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["peft", "merged"])))]
     Export {
         /// The run folder (a `train --out` folder).
         #[arg(long)]
         run: PathBuf,
-        /// Where to write the adapter.
+        /// Where to write the PEFT adapter.
         #[arg(long)]
-        peft: PathBuf,
+        peft: Option<PathBuf>,
+        /// Where to write the merged HF model (a new or empty folder; HF runs only).
+        #[arg(long)]
+        merged: Option<PathBuf>,
     },
     /// Step time, memory and throughput of each training method on a fixed batch.
     ///
@@ -284,21 +294,46 @@ fn main() -> ExitCode {
                 true
             })
         }
-        Cmd::Export { run, peft } => export::export_peft(&ExportArgs {
-            run,
-            peft: peft.clone(),
-        })
-        .map(|r| {
-            println!(
-                "exported {} LoRA tensors (r = {}, step {}) for base model {} to {}",
-                r.tensors,
-                r.r,
-                r.step,
-                r.base_model,
-                peft.display()
-            );
-            true
-        }),
+        Cmd::Export { run, peft, merged } => (|| -> Result<bool> {
+            if let Some(peft) = peft {
+                let r = export::export_peft(&ExportArgs {
+                    run: run.clone(),
+                    peft: peft.clone(),
+                })?;
+                println!(
+                    "exported {} LoRA tensors (r = {}, step {}) for base model {} to {}",
+                    r.tensors,
+                    r.r,
+                    r.step,
+                    r.base_model,
+                    peft.display()
+                );
+            }
+            if let Some(out) = merged {
+                let (r, step) = export::export_merged(&MergeArgs {
+                    run,
+                    out: out.clone(),
+                })?;
+                println!(
+                    "merged model (step {step}) written to {}: {} LoRA weights merged, {} \
+                     trained tensors replaced, {} copied unchanged; {} other files copied{}",
+                    out.display(),
+                    r.merged,
+                    r.replaced,
+                    r.copied,
+                    r.other_files.len(),
+                    if r.dtypes.iter().any(|d| d != "F32") {
+                        format!(
+                            "; merged weights rounded to the base's {} (nearest-even)",
+                            r.dtypes.join("/")
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            Ok(true)
+        })(),
         Cmd::Train(f) => {
             let backend = f.backend;
             let a = f.into_args();

@@ -1,10 +1,13 @@
 //! `dualpriv export`: a run's LoRA adapter as a PEFT adapter folder
 //! (`adapter_config.json` + `adapter_model.safetensors`) that
-//! `peft.PeftModel.from_pretrained(base, DIR)` loads onto the base model.
+//! `peft.PeftModel.from_pretrained(base, DIR)` loads onto the base model
+//! ([`export_peft`]), or the whole transformers LLaVA folder with the training
+//! merged in ([`export_merged`], see [`crate::hf::merge`]).
 //!
 //! The adapter is the run's released model, so it is covered by the run's ε (it is
-//! post-processing of the noisy updates); a run that is not private (non-private
-//! method, `insecure_seed`) exports just the same, and its state and ledger say so.
+//! post-processing of the noisy updates), and so is the merged model, a function of
+//! the public base and the adapter; a run that is not private (non-private method,
+//! `insecure_seed`) exports just the same, and its state and ledger say so.
 use std::fs::File;
 use std::path::PathBuf;
 
@@ -13,6 +16,7 @@ use safetensors::tensor::SafeTensors;
 
 use crate::error::Setting;
 use crate::hf::checkpoint::view_to_f32;
+use crate::hf::merge::{write_merged, MergeReport};
 use crate::hf::peft::{
     language_model_regex, write_adapter, AdapterConfig, AdapterTensor, TargetModules,
 };
@@ -112,4 +116,47 @@ pub fn export_peft(a: &ExportArgs) -> Result<ExportReport> {
         base_model,
         step: state.step,
     })
+}
+
+/// Settings of `dualpriv export --merged`.
+#[derive(Clone, Debug)]
+pub struct MergeArgs {
+    /// The run folder (a `train --model HF_DIR` output folder).
+    pub run: PathBuf,
+    /// Where to write the merged transformers folder (new or empty).
+    pub out: PathBuf,
+}
+
+/// Writes the base model of `a.run` (an HF run) with the current checkpoint's LoRA
+/// merged in (or its fully trained tensors replaced) as a transformers LLaVA folder.
+pub fn export_merged(a: &MergeArgs) -> Result<(MergeReport, u32)> {
+    let (state, _) = load_state(&a.run)?;
+    let spec = &state.model;
+    let base = spec
+        .preset
+        .strip_prefix(HF_PRESET)
+        .ok_or_else(|| Error::Setting {
+            setting: Setting::RunDir,
+            message: format!(
+                "{}: the run trained the built-in preset {:?}, not a transformers LLaVA folder; \
+             --merged needs a run of `train --model HF_DIR` (export this one with --peft, or \
+             use its checkpoint directly)",
+                a.run.display(),
+                spec.preset
+            ),
+        })?;
+    let base = PathBuf::from(base);
+    if !base.join("config.json").is_file() {
+        return Err(Error::Io {
+            path: base.display().to_string(),
+            message: format!(
+                "the run {} was trained on this model folder, which no longer holds a \
+                 config.json; put the base model back at this path",
+                a.run.display()
+            ),
+        });
+    }
+    let (_, mode) = spec.build()?;
+    let trained = model_path(&a.run)?;
+    Ok((write_merged(&base, &trained, &mode, &a.out)?, state.step))
 }

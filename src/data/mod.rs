@@ -57,10 +57,14 @@ pub struct Batch {
     /// Dataset indices of the examples, for logging and debugging.
     pub example_ids: Vec<usize>,
     /// Where the visual tokens go. `None`: before the text (`[visual, text]`, the
-    /// built-in task). `Some(p)`: example i's text has an `<image>` placeholder at
-    /// position `p[i]`, which the V visual tokens replace, with text on both sides
-    /// as in LLaVA (`USER: <image>\n… ASSISTANT: …`); text position `p[i]` then
-    /// reads its logits from the last visual token, as transformers' expanded
-    /// sequence does.
-    pub image_pos: Option<Vec<usize>>,
+    /// built-in task). `Some(p)`: per example, `p[i] = Some(j)` when example i's text
+    /// has an `<image>` placeholder at position `j`, which the V visual tokens
+    /// replace, with text on both sides as in LLaVA (`USER: <image>\n… ASSISTANT: …`;
+    /// text position `j` then reads its logits from the last visual token, as
+    /// transformers' expanded sequence does); `p[i] = None` when example i is
+    /// text-only (a LLaVA record with no `"image"`): its sequence is its text alone,
+    /// at positions `0..T`, and its slot of [`Batch::images`] is never read (the model
+    /// runs the vision tower on zeros there, so the step's cost does not depend on
+    /// which examples have images).
+    pub image_pos: Option<Vec<Option<usize>>>,
 }

@@ -12,6 +12,12 @@
 //! (the page cache holds what fits; nothing is left on disk after the process), and
 //! a step only copies fixed-size slices.
 //!
+//! Records without an `"image"` (text-only turns, as the ShareGPT part of the
+//! LLaVA-1.5 mix) are examples without visual tokens: their sequence is their text
+//! alone, in the same padded batch as the others (see
+//! [`Batch::image_pos`](crate::data::Batch::image_pos)); they have no pixels in the
+//! cache and a zero image slot in the batch.
+//!
 //! The DP unit is one record. A person with several records needs them grouped
 //! into one record for person-level DP; records that share an image are refused,
 //! since that image would only be protected as a group.
@@ -44,8 +50,10 @@ pub struct LlavaDataset {
     path: PathBuf,
     examples: Vec<TextExample>,
     stats: EncodeStats,
-    /// `[N, 3, S, S]` f32 little-endian, one record after another.
+    /// `[I, 3, S, S]` f32 little-endian for the I records with an image, in order.
     pixels: Mmap,
+    /// Per example, its image's slot in `pixels` (`None`: text-only).
+    slot: Vec<Option<usize>>,
     image_size: usize,
     pad_id: u32,
     /// Unkeyed digest of the examples and pixels, for [`DataSource::identity`]
@@ -58,7 +66,8 @@ impl LlavaDataset {
     /// `image_root`), renders each record with the template, tokenises it (records
     /// longer than `max_len` are truncated and counted, those left without an
     /// answer dropped: [`Self::stats`]), and checks that `processor` makes images of
-    /// the model's `image_size`.
+    /// the model's `image_size`. Records without an image are text-only examples;
+    /// `image_root` may be `None` when no record has one.
     pub fn load(
         json: &Path,
         image_root: Option<&Path>,
@@ -70,15 +79,6 @@ impl LlavaDataset {
         let mode = opts.aspect;
         let conv = Conversations::load(json, image_root)?;
         let (examples, stats) = conv.encode(tok, opts.template, opts.max_len)?;
-        if let Some(ex) = examples.iter().find(|e| e.image.is_none()) {
-            return Err(Error::Config(format!(
-                "{}: record {} (id {:?}) has no image; text-only records are not supported \
-                 by the model yet: give it an image or leave it out",
-                json.display(),
-                ex.index,
-                ex.id
-            )));
-        }
         let mut seen: HashMap<&Path, &TextExample> = HashMap::new();
         for ex in &examples {
             if let Some(img) = ex.image.as_deref() {
@@ -105,9 +105,20 @@ impl LlavaDataset {
             )));
         }
         let pixels = preprocess_all(&examples, &processor, mode, image_size)?;
+        let mut next = 0;
+        let slot = examples
+            .iter()
+            .map(|e| {
+                e.image.as_ref().map(|_| {
+                    next += 1;
+                    next - 1
+                })
+            })
+            .collect();
         let mut ds = Self {
             path: json.to_path_buf(),
             examples,
+            slot,
             stats,
             pixels,
             image_size,
@@ -128,17 +139,24 @@ impl LlavaDataset {
         &self.examples
     }
 
-    /// Record `i`'s preprocessed pixels, from the cache.
-    fn pixels(&self, i: usize) -> impl Iterator<Item = f32> + '_ {
-        let per = 3 * self.image_size * self.image_size * 4;
-        self.pixels[i * per..][..per]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+    /// Example `i`'s preprocessed pixels, from the cache; zeros for a text-only
+    /// record (the model never reads that slot).
+    fn pixels(&self, i: usize) -> Box<dyn Iterator<Item = f32> + '_> {
+        let n = 3 * self.image_size * self.image_size;
+        match self.slot[i] {
+            Some(k) => Box::new(
+                self.pixels[k * n * 4..][..n * 4]
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+            None => Box::new(std::iter::repeat_n(0.0, n)),
+        }
     }
 }
 
 /// Decodes and preprocesses every record's image (in parallel, a bounded number
-/// at a time) into an unlinked, memory-mapped temporary file.
+/// at a time; text-only records have none) into an unlinked, memory-mapped
+/// temporary file.
 fn preprocess_all(
     examples: &[TextExample],
     processor: &ImageProcessor,
@@ -163,7 +181,8 @@ fn preprocess_all(
     let _ = std::fs::remove_file(&path);
     let mut w = std::io::BufWriter::new(&file);
     let per = 3 * image_size * image_size;
-    for chunk in examples.chunks(64) {
+    let with_image: Vec<&TextExample> = examples.iter().filter(|e| e.image.is_some()).collect();
+    for chunk in with_image.chunks(64) {
         let done: Vec<Vec<f32>> = chunk
             .par_iter()
             .map(|ex| {
@@ -188,7 +207,7 @@ fn preprocess_all(
     }
     w.flush().map_err(|e| Error::io(&path, e))?;
     drop(w);
-    if examples.is_empty() {
+    if with_image.is_empty() {
         // A zero-length file cannot be mapped everywhere; map nothing instead.
         return memmap2::MmapOptions::new()
             .len(1)
@@ -238,12 +257,16 @@ impl DataSource for LlavaDataset {
             batch
                 .loss_mask
                 .extend(p.loss_mask.iter().map(|&m| if m { 1.0 } else { 0.0 }));
-            let pos = ex.image_position.ok_or_else(|| {
-                Error::Internal(format!(
-                    "record {} has an image but no <image> token",
-                    ex.index
-                ))
-            })?;
+            let pos = match (&ex.image, ex.image_position) {
+                (Some(_), Some(p)) => Some(p),
+                (None, None) => None,
+                _ => {
+                    return Err(Error::Internal(format!(
+                        "record {}: an image without an <image> token, or the reverse",
+                        ex.index
+                    )))
+                }
+            };
             if let Some(v) = batch.image_pos.as_mut() {
                 v.push(pos);
             }
@@ -268,10 +291,12 @@ impl DataSource for LlavaDataset {
                 h.update(&id.to_le_bytes());
             }
             h.update(&ex.loss_mask.iter().map(|&m| m as u8).collect::<Vec<u8>>());
+            h.update(&[u8::from(ex.image.is_some())]);
         }
         // The pixels trained on, not the image paths: the same file name with other
         // pixels is other data.
-        h.update(&self.pixels[..self.examples.len() * 3 * self.image_size * self.image_size * 4]);
+        let images = self.slot.iter().flatten().count();
+        h.update(&self.pixels[..images * 3 * self.image_size * self.image_size * 4]);
         h.finalize().to_hex()[..32].to_string()
     }
 

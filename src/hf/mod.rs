@@ -9,6 +9,7 @@
 //! * [`conversation`]: LLaVA's conversation JSON, prompt templates and answer masks;
 //! * [`dataset`]: conversation data as the training loop's [`crate::data::DataSource`];
 //! * [`load`]: a LLaVA folder (and a PEFT adapter) into the crate's model;
+//! * [`merge`]: a LLaVA folder with a run's LoRA merged in (`export --merged`);
 //! * [`names`]: the crate's tensor names against transformers' and PEFT's;
 //! * [`peft`]: PEFT LoRA adapters in and out.
 pub mod checkpoint;
@@ -17,6 +18,7 @@ pub mod conversation;
 pub mod dataset;
 pub mod image;
 pub mod load;
+pub mod merge;
 pub mod names;
 pub mod peft;
 pub mod tokenizer;

@@ -10,8 +10,15 @@
 //! **Sequence.** `[visual, text]` (L = V + T) for the built-in task, or, when the
 //! batch marks an `<image>` placeholder ([`Batch::image_pos`]), the text with the V
 //! visual tokens spliced in place of the placeholder (L = V + T − 1), as
-//! transformers' LLaVA does. Padding is on the right only, so the causal decoder
-//! never lets a real token see a pad.
+//! transformers' LLaVA does; a text-only example in such a batch is its text alone
+//! (positions 0..T, as transformers runs a prompt without `pixel_values`). Padding
+//! is on the right only, so the causal decoder never lets a real token see a pad.
+//!
+//! **Text-only examples and DP.** Their rows of the visual tokens are never copied
+//! into the sequence, so the backward leaves their projector output gradients at
+//! exactly 0: such an example adds nothing to the projector's per-example norm or
+//! clipped sum, and its norm is that of the decoder tensors it touches. Its image
+//! slot is zeroed before the vision tower (its pixels are never read).
 //!
 //! **Loss.** ℓ_i is the mean cross-entropy over example i's positions with
 //! `loss_mask = 1` (0 if it has none). The backward differentiates Σ_i ℓ_i (a sum
@@ -68,31 +75,38 @@ struct Fwd<B: Backend> {
 }
 
 /// Where each example's visual and text tokens sit in the decoder's sequence of
-/// `l` tokens (see [`Batch::image_pos`]): text `[0, p)`, then V visual tokens, then
-/// text `[p + r, T)`, where r = 1 when a placeholder at p is replaced (HF LLaVA)
-/// and r = 0, p = 0 for `[visual, text]`.
+/// `l` tokens (see [`Batch::image_pos`]).
+///
+/// * `[visual, text]` (`spliced = false`): V visual tokens, then the T text tokens.
+/// * Spliced (HF LLaVA): text `[0, p)`, the V visual tokens, then text `[p + 1, T)`
+///   for an example whose placeholder is at p; text `[0, T)` alone for a text-only
+///   example. `l = T + max(V, 1) − 1`, the same whichever examples have images, so
+///   neither the step's cost nor another example's positions depend on it; the
+///   rows past an example's own tokens are zero and, the decoder being causal, no
+///   real token reads them.
 struct SeqLayout {
     b: usize,
     v: usize,
     t: usize,
     l: usize,
-    r: usize,
-    pos: Vec<usize>,
+    spliced: bool,
+    /// Per example: the placeholder's position, `None` for text-only (spliced only).
+    pos: Vec<Option<usize>>,
 }
 
 impl SeqLayout {
     fn new(batch: &Batch, v: usize) -> Self {
         let (b, t) = (batch.size, batch.text_len);
-        let (r, pos) = match &batch.image_pos {
-            None => (0, vec![0; b]),
-            Some(p) => (1, p.clone()),
+        let (spliced, pos, l) = match &batch.image_pos {
+            None => (false, vec![Some(0); b], v + t),
+            Some(p) => (true, p.clone(), t + v.max(1) - 1),
         };
         Self {
             b,
             v,
             t,
-            l: (v + t).saturating_sub(r),
-            r,
+            l,
+            spliced,
             pos,
         }
     }
@@ -112,8 +126,8 @@ impl SeqLayout {
     /// Text embeddings `[b, T, d]` into the sequence `[b, l, d]` (the placeholder
     /// row, if any, is dropped).
     fn text_into_seq(&self, d: usize) -> Vec<Blocks> {
-        let (t, l, v, r) = (self.t, self.l, self.v, self.r);
-        if r == 0 {
+        let (t, l, v) = (self.t, self.l, self.v);
+        if !self.spliced {
             return vec![Blocks {
                 count: self.b,
                 len: t * d,
@@ -124,21 +138,28 @@ impl SeqLayout {
             }];
         }
         let mut out = Vec::with_capacity(2 * self.b);
-        for (i, &p) in self.pos.iter().enumerate() {
-            if p > 0 {
-                out.push(Self::rows(p, i * t, i * l, d));
-            }
-            if t > p + r {
-                out.push(Self::rows(t - p - r, i * t + p + r, i * l + p + v, d));
+        for (i, p) in self.pos.iter().enumerate() {
+            match *p {
+                Some(p) => {
+                    if p > 0 {
+                        out.push(Self::rows(p, i * t, i * l, d));
+                    }
+                    if t > p + 1 {
+                        out.push(Self::rows(t - p - 1, i * t + p + 1, i * l + p + v, d));
+                    }
+                }
+                None if t > 0 => out.push(Self::rows(t, i * t, i * l, d)),
+                None => {}
             }
         }
         out
     }
 
-    /// Visual tokens `[b, V, d]` into the sequence.
+    /// Visual tokens `[b, V, d]` into the sequence (text-only examples' rows of
+    /// the visual tokens go nowhere, so their backward gradient stays exactly 0).
     fn vis_into_seq(&self, d: usize) -> Vec<Blocks> {
         let (l, v) = (self.l, self.v);
-        if self.r == 0 {
+        if !self.spliced {
             return vec![Blocks {
                 count: self.b,
                 len: v * d,
@@ -148,28 +169,30 @@ impl SeqLayout {
                 dst_stride: l * d,
             }];
         }
-        (0..self.b)
+        self.pos
+            .iter()
+            .enumerate()
             .filter(|_| v > 0)
-            .map(|i| Self::rows(v, i * v, i * l + self.pos[i], d))
+            .filter_map(|(i, p)| p.map(|p| Self::rows(v, i * v, i * l + p, d)))
             .collect()
     }
 
     /// The sequence row whose output gives the logits of text position j: text
-    /// before the image reads its own row; the placeholder reads the last visual
-    /// token's; text after it reads its own shifted row.
+    /// before the image (and all of a text-only example) reads its own row; the
+    /// placeholder reads the last visual token's; text after it its shifted row.
     fn readout_row(&self, i: usize, j: usize) -> usize {
-        let p = self.pos[i];
-        if j < p {
-            j
-        } else {
-            j + self.v - self.r
+        match self.pos[i] {
+            None => j,
+            Some(p) if j < p => j,
+            Some(_) if self.spliced => j + self.v - 1,
+            Some(_) => j + self.v,
         }
     }
 
     /// Sequence rows `[b, l, d]` to the T readout rows `[b, T, d]`.
     fn readout(&self, d: usize) -> Vec<Blocks> {
         let (t, l) = (self.t, self.l);
-        if self.r == 0 {
+        if !self.spliced {
             return vec![Blocks {
                 count: self.b,
                 len: t * d,
@@ -180,7 +203,8 @@ impl SeqLayout {
             }];
         }
         let mut out = Vec::with_capacity(2 * self.b);
-        for (i, &p) in self.pos.iter().enumerate() {
+        for (i, p) in self.pos.iter().enumerate() {
+            let p = p.unwrap_or(t);
             if p > 0 {
                 out.push(Self::rows(p, i * l, i * t, d));
             }
@@ -194,6 +218,24 @@ impl SeqLayout {
             }
         }
         out
+    }
+
+    /// `images` `[b, 3, S, S]` with text-only examples' slots set to zero (`None`
+    /// when there are none): their pixels must not reach the vision tower, where a
+    /// NaN would poison the projector's captures, yet the tower runs on every slot
+    /// so the step's cost does not reveal how many sampled examples have images.
+    fn blank_text_only(&self, images: &[f32]) -> Option<Vec<f32>> {
+        if !self.spliced || self.pos.iter().all(Option::is_some) {
+            return None;
+        }
+        let per = images.len() / self.b.max(1);
+        let mut out = images.to_vec();
+        for (i, p) in self.pos.iter().enumerate() {
+            if p.is_none() {
+                out[i * per..][..per].fill(0.0);
+            }
+        }
+        Some(out)
     }
 }
 
@@ -416,7 +458,11 @@ impl<B: Backend> Mllm<B> {
             ensure_shape(pos.len() == b, || {
                 format!("batch image_pos has {} entries for {b} examples", pos.len())
             })?;
-            if let Some((i, p)) = pos.iter().enumerate().find(|(_, &p)| p >= t) {
+            if let Some((i, p)) = pos
+                .iter()
+                .enumerate()
+                .find_map(|(i, p)| p.filter(|&p| p >= t).map(|p| (i, p)))
+            {
                 return Err(Error::Shape(format!(
                     "example {i}: the <image> placeholder at position {p} is outside its {t} text tokens"
                 )));
@@ -497,10 +543,12 @@ impl<B: Backend> Mllm<B> {
         let lc = &self.cfg.llm;
         let d = lc.hidden;
         // Vision tower, token selection, projector.
-        let images = be.upload(&batch.images)?;
+        let v = self.visual_tokens(tokens);
+        let lay = SeqLayout::new(batch, v);
+        let blanked = lay.blank_text_only(&batch.images);
+        let images = be.upload(blanked.as_deref().unwrap_or(&batch.images))?;
         let vo = self.vit.forward(be, st, &images, b)?;
         let feats = self.select(be, vo, b, tokens)?;
-        let v = self.visual_tokens(tokens);
         let (vis, proj) = self.proj.forward(be, st, feats, b * v)?;
         // Text embedding and the sequence [visual, text].
         let ids = be.upload_ids(&batch.input_ids)?;
@@ -515,7 +563,6 @@ impl<B: Backend> Mllm<B> {
             },
             lc.vocab,
         )?;
-        let lay = SeqLayout::new(batch, v);
         let l = lay.l;
         let mut x = be.zeros(b * l * d)?;
         copy_all(be, &mut x, &vis, &lay.vis_into_seq(d))?;
