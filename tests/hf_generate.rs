@@ -343,7 +343,7 @@ fn cli_generate_and_eval() {
     assert!(text.ends_with("accuracy = 0.4000\n"), "{text}");
     // Only the aggregate by default: no reference answer appears.
     assert!(
-        !text.contains("A red square") && !text.contains("match"),
+        !text.contains("A red square") && !text.contains("reference"),
         "{text}"
     );
     let out = eval(&["--show-answers", "--ignore-case"]);
