@@ -594,6 +594,32 @@ fn train_starts_from_an_init_adapter_in_either_key_layout() {
         Some(&rec),
         "recorded in state.json"
     );
+    // `eval --run` on the trained checkpoint answers as its exported adapter does
+    // on the base folder, and differently from the adapter it started from.
+    let exported = dir.join("exported");
+    dualpriv::cmd::export::export_peft(&dualpriv::cmd::export::ExportArgs {
+        run: dir.join("run"),
+        peft: exported.clone(),
+    })
+    .unwrap();
+    let data = write_eval_json(&dir);
+    let answers = |model: HfEvalModel| {
+        let mut a = eval_args(&data, false);
+        a.model = model;
+        eval_hf(&Cpu, &a)
+            .unwrap()
+            .outcomes
+            .into_iter()
+            .map(|o| o.generated)
+            .collect::<Vec<_>>()
+    };
+    let from_run = answers(HfEvalModel::Run(dir.join("run")));
+    let folder = |adapter: &Path| HfEvalModel::Folder {
+        model: fixture("hub"),
+        adapter: Some(adapter.to_path_buf()),
+    };
+    assert_eq!(from_run, answers(folder(&exported)));
+    assert_ne!(from_run, answers(folder(&fixture("adapter"))));
     // Without it, the LoRA B starts at zero (PEFT's init), so the start differs.
     let fresh = prepare(&Cpu, &hf_train_args(&common::tmp_dir("hf_no_init"), None)).unwrap();
     let b = want
