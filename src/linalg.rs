@@ -67,6 +67,13 @@ struct CPtr<T>(*mut T);
 unsafe impl<T> Send for CPtr<T> {}
 unsafe impl<T> Sync for CPtr<T> {}
 
+impl<T> CPtr<T> {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the field).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// `[start, end)` of block `i` of `n` split into `parts` near-equal blocks.
 fn block(n: usize, parts: usize, i: usize) -> (usize, usize) {
     (n * i / parts, n * (i + 1) / parts)
@@ -146,9 +153,8 @@ macro_rules! gemm_fn {
                 let cp = CPtr(c.as_mut_ptr());
                 (0..parts).into_par_iter().for_each(|i| {
                     let (c0, c1) = block(n, parts, i);
-                    let cp = cp;
                     // SAFETY: column c0 of b and of c are inside the checked views.
-                    let (bp, cq) = unsafe { (b.data.as_ptr().add(c0 * b.cs), cp.0.add(c0)) };
+                    let (bp, cq) = unsafe { (b.data.as_ptr().add(c0 * b.cs), cp.get().add(c0)) };
                     run(m, c1 - c0, a.data.as_ptr(), bp, cq);
                 });
             }

@@ -12,8 +12,9 @@ use dualpriv::backend::dp::DpBackend;
 use dualpriv::cmd::account::{self, AccountAnswer, AccountArgs};
 use dualpriv::cmd::bench::{self, BenchArgs, Device};
 use dualpriv::cmd::demo::{self, DemoArgs, DemoReport};
-use dualpriv::cmd::eval::{self, EvalArgs};
+use dualpriv::cmd::eval::{self, EvalArgs, HfEvalArgs, HfEvalModel};
 use dualpriv::cmd::export::{self, ExportArgs, MergeArgs};
+use dualpriv::cmd::generate::{self, GenerateArgs, StopReason};
 use dualpriv::cmd::pretrain::{self, PretrainArgs};
 use dualpriv::cmd::train::{self, HfData, TrainArgs};
 use dualpriv::dp::accountant::AccountantKind;
@@ -172,20 +173,95 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Accuracy of a checkpoint on the test split.
+    /// Accuracy of a checkpoint on the built-in test split (--checkpoint), or
+    /// exact-match accuracy of greedy generation on LLaVA conversation JSON
+    /// (--model HF_DIR [--adapter DIR], or --run of a `train --model` run, with --data).
     ///
-    /// Example: dualpriv eval --checkpoint runs/dp
+    /// With --data, every assistant turn of every record is generated from the
+    /// conversation before it (earlier reference answers included) and compared
+    /// with its reference after trimming whitespace, case-sensitively unless
+    /// --ignore-case. Only the aggregate is printed; --show-answers also prints each
+    /// answer, which reveals the test data (the test set is not covered by any
+    /// training ε; the training data is not revealed by this).
+    ///
+    /// Examples:
+    ///   dualpriv eval --checkpoint runs/dp
+    ///   dualpriv eval --model llava-1.5-7b-hf --adapter runs/dp/adapter --data test.json --image-folder images/
+    ///   dualpriv eval --run runs/dp --data test.json --image-folder images/
     #[command(verbatim_doc_comment)]
     Eval {
-        /// Checkpoint folder written by `train` or `pretrain`.
-        #[arg(long)]
-        checkpoint: PathBuf,
+        /// Checkpoint folder written by `train` or `pretrain` (the built-in task).
+        #[arg(long, required_unless_present_any = ["model", "run"], conflicts_with_all = ["model", "run", "data"])]
+        checkpoint: Option<PathBuf>,
         /// Test examples.
         #[arg(long, default_value_t = 1000)]
         test_examples: usize,
         /// Seed of the test split.
         #[arg(long, default_value_t = 2)]
         data_seed: u64,
+        /// A transformers LLaVA folder to evaluate on --data.
+        #[arg(long, requires = "data", conflicts_with = "run")]
+        model: Option<PathBuf>,
+        /// A PEFT LoRA adapter to apply to --model.
+        #[arg(long, requires = "model")]
+        adapter: Option<PathBuf>,
+        /// A `train --model` run folder: its current checkpoint is evaluated on --data.
+        #[arg(long, requires = "data")]
+        run: Option<PathBuf>,
+        /// LLaVA conversation JSON of test records (each ending with an answer).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// The folder the records' image paths are relative to.
+        #[arg(long)]
+        image_folder: Option<PathBuf>,
+        /// Prompt template (the one the model was trained with).
+        #[arg(long, value_enum, default_value = "vicuna-v1")]
+        template: TemplateFlag,
+        /// How images become squares (the one the model was trained with).
+        #[arg(long, value_enum, default_value = "pad")]
+        aspect: AspectFlag,
+        /// At most this many new tokens per answer.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Compare answers case-insensitively.
+        #[arg(long)]
+        ignore_case: bool,
+        /// Also print every answer with its reference: REVEALS THE TEST DATA.
+        #[arg(long)]
+        show_answers: bool,
+        /// Backend (cuda needs a build with `--features cuda`).
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: Backend,
+    },
+    /// Greedy decoding with a transformers LLaVA folder (and a PEFT adapter) for one
+    /// image and question; prints the answer. No KV cache yet: each new token
+    /// recomputes the forward. Text-only prompts are not supported yet.
+    ///
+    /// Example:
+    ///   dualpriv generate --model llava-1.5-7b-hf --adapter runs/dp/adapter --image cat.png --prompt $'<image>\nWhat is this?'
+    #[command(verbatim_doc_comment)]
+    Generate {
+        /// A transformers LLaVA folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT LoRA adapter folder (e.g. from `dualpriv export --peft`).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The image (PNG or JPEG).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// The question, with `<image>` where the image goes.
+        #[arg(long)]
+        prompt: String,
+        /// Prompt template: vicuna-v1 (LLaVA-1.5's training format) or llava-hf.
+        #[arg(long, value_enum, default_value = "vicuna-v1")]
+        template: TemplateFlag,
+        /// How the image becomes a square: pad (LLaVA-1.5) or crop (transformers).
+        #[arg(long, value_enum, default_value = "pad")]
+        aspect: AspectFlag,
+        /// At most this many new tokens.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
         /// Backend (cuda needs a build with `--features cuda`).
         #[arg(long, value_enum, default_value = "cpu")]
         backend: Backend,
@@ -336,11 +412,20 @@ fn main() -> ExitCode {
         })(),
         Cmd::Train(f) => {
             let backend = f.backend;
-            let a = f.into_args();
-            match backend {
+            let given = (f.lora_rank.is_some(), f.lora_alpha.is_some());
+            let mut a = f.into_args();
+            let init = a.hf.as_ref().and_then(|h| h.init_adapter.clone());
+            match init {
+                Some(dir) if a.resume.is_none() => {
+                    train::lora_from_adapter(&mut a.model, &dir, given.0, given.1)
+                        .map_err(|e| with_flag(e, "--init-adapter, --lora-rank, --lora-alpha"))
+                }
+                _ => Ok(()),
+            }
+            .and_then(|()| match backend {
                 Backend::Cpu => train_on(&Cpu, &a),
                 Backend::Cuda => with_cuda(|be| train_on(be, &a)),
-            }
+            })
             .map(|_| true)
         }
         Cmd::Bench {
@@ -373,23 +458,129 @@ fn main() -> ExitCode {
             checkpoint,
             test_examples,
             data_seed,
+            model,
+            adapter,
+            run,
+            data,
+            image_folder,
+            template,
+            aspect,
+            max_new_tokens,
+            ignore_case,
+            show_answers,
+            backend,
+        } => match (checkpoint, data) {
+            (Some(checkpoint), _) => {
+                let a = EvalArgs {
+                    checkpoint,
+                    test_examples,
+                    data_seed,
+                };
+                match backend {
+                    Backend::Cpu => eval::eval(&Cpu, &a),
+                    Backend::Cuda => with_cuda(|be| eval::eval(be, &a)),
+                }
+                .map(|r| {
+                    println!(
+                        "test examples = {}, majority baseline = {:.4}",
+                        r.examples, r.majority_baseline
+                    );
+                    println!("accuracy = {:.4}", r.accuracy);
+                    true
+                })
+            }
+            (None, Some(data)) => {
+                let which = match (model, run) {
+                    (Some(model), _) => Ok(HfEvalModel::Folder { model, adapter }),
+                    (None, Some(run)) => Ok(HfEvalModel::Run(run)),
+                    (None, None) => Err(Error::Config(
+                        "eval --data needs --model HF_DIR or --run RUNDIR".into(),
+                    )),
+                };
+                which.and_then(|which| {
+                    let a = HfEvalArgs {
+                        model: which,
+                        data,
+                        image_folder,
+                        template: template.into(),
+                        aspect: aspect.into(),
+                        max_new_tokens,
+                        ignore_case,
+                        keep_answers: show_answers,
+                    };
+                    match backend {
+                        Backend::Cpu => eval::eval_hf(&Cpu, &a),
+                        Backend::Cuda => with_cuda(|be| eval::eval_hf(be, &a)),
+                    }
+                    .map(|r| {
+                        if show_answers {
+                            println!("(per-answer lines reveal the test data)");
+                            for o in &r.outcomes {
+                                println!(
+                                    "{} record {:?} turn {}: generated {:?}, reference {:?}",
+                                    if o.correct { "match" } else { "miss " },
+                                    o.id,
+                                    o.turn,
+                                    o.generated,
+                                    o.reference
+                                );
+                            }
+                        }
+                        println!(
+                            "records = {}, answers = {}, exact matches = {} ({})",
+                            r.records,
+                            r.answers,
+                            r.correct,
+                            if ignore_case {
+                                "whitespace-trimmed, case-insensitive"
+                            } else {
+                                "whitespace-trimmed, case-sensitive"
+                            }
+                        );
+                        println!("accuracy = {:.4}", r.accuracy);
+                        true
+                    })
+                })
+            }
+            (None, None) => Err(Error::Config(
+                "eval: give --checkpoint (the built-in task) or --data with --model or --run"
+                    .into(),
+            )),
+        },
+        Cmd::Generate {
+            model,
+            adapter,
+            image,
+            prompt,
+            template,
+            aspect,
+            max_new_tokens,
             backend,
         } => {
-            let a = EvalArgs {
-                checkpoint,
-                test_examples,
-                data_seed,
+            let a = GenerateArgs {
+                model,
+                adapter,
+                image,
+                prompt,
+                template: template.into(),
+                aspect: aspect.into(),
+                max_new_tokens,
             };
             match backend {
-                Backend::Cpu => eval::eval(&Cpu, &a),
-                Backend::Cuda => with_cuda(|be| eval::eval(be, &a)),
+                Backend::Cpu => generate::generate(&Cpu, &a),
+                Backend::Cuda => with_cuda(|be| generate::generate(be, &a)),
             }
-            .map(|r| {
-                println!(
-                    "test examples = {}, majority baseline = {:.4}",
-                    r.examples, r.majority_baseline
+            .map(|g| {
+                eprintln!(
+                    "generated {} tokens ({})",
+                    g.ids.len(),
+                    match g.stop {
+                        StopReason::Stop => "stopped at </s>",
+                        StopReason::MaxTokens => "reached --max-new-tokens",
+                        StopReason::ContextFull => "reached max_position_embeddings",
+                    }
                 );
-                println!("accuracy = {:.4}", r.accuracy);
+                println!("{}", g.text);
                 true
             })
         }
@@ -474,6 +665,14 @@ fn flag_of(e: &Error) -> Option<&'static str> {
     })
 }
 
+/// `e` with the flags to change named after its message.
+fn with_flag(e: Error, flags: &str) -> Error {
+    match e {
+        Error::Config(m) => Error::Config(format!("{m} ({flags})")),
+        other => other,
+    }
+}
+
 /// `--template`.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum TemplateFlag {
@@ -486,6 +685,24 @@ enum TemplateFlag {
 enum AspectFlag {
     Pad,
     Crop,
+}
+
+impl From<TemplateFlag> for Template {
+    fn from(t: TemplateFlag) -> Self {
+        match t {
+            TemplateFlag::VicunaV1 => Template::VicunaV1,
+            TemplateFlag::LlavaHf => Template::LlavaHf,
+        }
+    }
+}
+
+impl From<AspectFlag> for AspectMode {
+    fn from(a: AspectFlag) -> Self {
+        match a {
+            AspectFlag::Pad => AspectMode::Pad,
+            AspectFlag::Crop => AspectMode::Crop,
+        }
+    }
 }
 
 /// Flags of `dualpriv train` (their defaults are [`TrainArgs::default`]'s, tested).
@@ -563,12 +780,13 @@ struct TrainFlags {
     /// tensor or global top-k threshold.
     #[arg(long, value_enum, default_value = "tensor")]
     prune_scope: PruneScope,
-    /// LoRA rank (0: full fine-tuning of --full groups).
-    #[arg(long, default_value_t = 8)]
-    lora_rank: usize,
-    /// LoRA alpha.
-    #[arg(long, default_value_t = 16.0)]
-    lora_alpha: f32,
+    /// LoRA rank (0: full fine-tuning of --full groups) [default: 8, or the
+    /// --init-adapter's r]
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA alpha [default: 16, or the --init-adapter's lora_alpha]
+    #[arg(long)]
+    lora_alpha: Option<f32>,
     /// Full fine-tuning groups when --lora-rank 0 (comma list of projector, attention, mlp, lm_head).
     #[arg(long, default_value = "projector,attention,mlp,lm_head")]
     full: String,
@@ -629,6 +847,12 @@ struct TrainFlags {
     /// used and published).
     #[arg(long, requires = "data")]
     public_size: Option<usize>,
+    /// With --model: start the LoRA from this PEFT adapter folder instead of a fresh
+    /// init (its r and lora_alpha are taken unless --lora-rank/--lora-alpha are given,
+    /// which must then agree). The adapter MUST BE PUBLIC: ε covers only --data, so
+    /// an adapter trained on private data without its own accounting leaks that data.
+    #[arg(long, requires = "model")]
+    init_adapter: Option<PathBuf>,
     /// Backend (cuda needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     backend: Backend,
@@ -650,8 +874,8 @@ impl TrainFlags {
             method: self.method,
             model: ModelSpec {
                 preset: self.preset,
-                lora_rank: (self.lora_rank > 0).then_some(self.lora_rank),
-                lora_alpha: self.lora_alpha,
+                lora_rank: Some(self.lora_rank.unwrap_or(8)).filter(|&r| r > 0),
+                lora_alpha: self.lora_alpha.unwrap_or(16.0),
                 full_groups: self
                     .full
                     .split(',')
@@ -697,16 +921,11 @@ impl TrainFlags {
                     model,
                     data,
                     image_folder: self.image_folder,
-                    template: match self.template {
-                        TemplateFlag::VicunaV1 => Template::VicunaV1,
-                        TemplateFlag::LlavaHf => Template::LlavaHf,
-                    },
-                    aspect: match self.aspect {
-                        AspectFlag::Pad => AspectMode::Pad,
-                        AspectFlag::Crop => AspectMode::Crop,
-                    },
+                    template: self.template.into(),
+                    aspect: self.aspect.into(),
                     max_text_len: self.max_text_len,
                     public_size: self.public_size,
+                    init_adapter: self.init_adapter,
                 }),
                 _ => None,
             },

@@ -5,7 +5,9 @@
 //! ABI, a script) gets the same behaviour without the CLI.
 //!
 //! * [`train`]: one DP fine-tune, or the resume of one;
-//! * [`eval`]: test accuracy of a checkpoint;
+//! * [`eval`]: test accuracy of a checkpoint, or exact-match accuracy of greedy
+//!   generation on LLaVA conversation data;
+//! * [`generate`]: greedy decoding with a transformers LLaVA folder (and adapter);
 //! * [`export`]: a run's LoRA adapter as a PEFT adapter folder;
 //! * [`account`]: ε for a noise multiplier, or the σ for a target ε;
 //! * [`demo`]: the README's main job, every method fine-tuned and evaluated;
@@ -18,6 +20,7 @@ pub mod bench;
 pub mod demo;
 pub mod eval;
 pub mod export;
+pub mod generate;
 pub mod pretrain;
 pub mod train;
 

@@ -5,7 +5,7 @@
 //! [`prepare`] builds the run (data, config, model, key, trainer) and the caller
 //! runs it with [`TrainJob::run`], so a front end can report the run's σ and size
 //! before the first step.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::TINY_IMAGE;
 use crate::backend::dp::DpBackend;
@@ -17,15 +17,16 @@ use crate::dp::noise::RngKind;
 use crate::hf::conversation::Template;
 use crate::hf::dataset::{DataOptions, LlavaDataset};
 use crate::hf::image::{AspectMode, ImageProcessor};
-use crate::hf::load::load_llava;
+use crate::hf::load::{apply_adapter, load_llava};
+use crate::hf::peft::{read_adapter, read_config};
 use crate::hf::tokenizer::Tokenizer;
 use crate::model::Mllm;
 use crate::train::checkpoint::{self, ModelSpec};
 use crate::train::method::Method;
 use crate::train::optim::OptConfig;
 use crate::train::sampler::Sampling;
-use crate::train::{PruneScope, RunSummary, TrainConfig, Trainer};
-use crate::Result;
+use crate::train::{InitAdapter, PruneScope, RunSummary, TrainConfig, Trainer};
+use crate::{Error, Result};
 
 /// A transformers LLaVA folder and LLaVA conversation data to train on instead of
 /// the built-in task and preset.
@@ -48,6 +49,87 @@ pub struct HfData {
     /// depend on the private records); `None` uses the record count, which the run
     /// then publishes (the trainer warns).
     pub public_size: Option<usize>,
+    /// A PEFT LoRA adapter to start the LoRA from instead of PEFT's init (A
+    /// Kaiming-uniform, B zero). It must be **public**: ε covers only the private
+    /// data this run trains on, so an adapter trained on private data without its
+    /// own accounting would leak that data through the released model. Its rank and
+    /// α must be the run's ([`lora_from_adapter`]), it must cover every decoder
+    /// linear of every layer, and it may not have `modules_to_save` (those would be
+    /// missing from the exported adapter). Recorded in the run's state
+    /// ([`crate::train::InitAdapter`]); a resume checks that the same one is given.
+    pub init_adapter: Option<PathBuf>,
+}
+
+/// Takes the LoRA rank and α for `spec` from the adapter in `dir` where the caller
+/// did not choose them (`rank_given`, `alpha_given`), and checks they agree where
+/// it did. A full fine-tune (`lora_rank` `None`) cannot start from an adapter.
+pub fn lora_from_adapter(
+    spec: &mut ModelSpec,
+    dir: &Path,
+    rank_given: bool,
+    alpha_given: bool,
+) -> Result<()> {
+    let cfg = read_config(dir)?;
+    let shown = dir.join("adapter_config.json");
+    let Some(rank) = spec.lora_rank else {
+        return Err(Error::Config(format!(
+            "{}: an initial adapter needs a LoRA run, but this run fine-tunes {:?} in full;              give a LoRA rank (or none, to take the adapter's r = {})",
+            shown.display(),
+            spec.full_groups,
+            cfg.r
+        )));
+    };
+    if rank_given && rank != cfg.r {
+        return Err(Error::Config(format!(
+            "{}: the adapter has r = {}, but the run asks for LoRA rank {rank}; drop the rank              setting to take the adapter's, or pass another adapter",
+            shown.display(),
+            cfg.r
+        )));
+    }
+    let alpha = cfg.lora_alpha as f32;
+    if alpha_given && (f64::from(spec.lora_alpha) - cfg.lora_alpha).abs() > 1e-6 {
+        return Err(Error::Config(format!(
+            "{}: the adapter has lora_alpha = {}, but the run asks for LoRA alpha {}; drop              the alpha setting to take the adapter's, or pass another adapter",
+            shown.display(),
+            cfg.lora_alpha,
+            spec.lora_alpha
+        )));
+    }
+    spec.lora_rank = Some(cfg.r);
+    spec.lora_alpha = alpha;
+    Ok(())
+}
+
+/// BLAKE3 of an adapter folder's two files, for [`InitAdapter::digest`].
+fn adapter_digest(dir: &Path) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        let p = dir.join(f);
+        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// Copies the initial adapter in `dir` into `model`'s LoRA tensors, after the
+/// checks of [`HfData::init_adapter`].
+fn init_from_adapter<B: DpBackend>(be: &B, model: &mut Mllm<B>, dir: &Path) -> Result<InitAdapter> {
+    let ad = read_adapter(dir)?;
+    if !ad.config.modules_to_save.is_empty() {
+        return Err(Error::Config(format!(
+            "{}: the adapter also saves {:?} in full (modules_to_save); a LoRA run trains and \
+             exports only the LoRA tensors, so that part would be lost: start from an adapter \
+             without modules_to_save",
+            dir.join("adapter_config.json").display(),
+            ad.config.modules_to_save
+        )));
+    }
+    apply_adapter(be, model, &ad, dir)?;
+    Ok(InitAdapter {
+        path: dir.to_path_buf(),
+        digest: adapter_digest(dir)?,
+    })
 }
 
 /// Settings of `dualpriv train`. [`Default`] gives the command's defaults: a
@@ -293,7 +375,16 @@ fn prepare_hf<'a, B: DpBackend>(be: &'a B, a: &TrainArgs, h: &HfData) -> Result<
         opts,
     )?;
     let mut trainer = match &a.resume {
-        Some(dir) => Trainer::resume(be, dir, &data, Some(a.steps))?,
+        Some(dir) => {
+            // Before the resume takes the run over in the ledger.
+            let (st, _) = checkpoint::load_state(dir)?;
+            check_resumed_init(
+                dir,
+                st.train.init_adapter.as_ref(),
+                h.init_adapter.as_deref(),
+            )?;
+            Trainer::resume(be, dir, &data, Some(a.steps))?
+        }
         None => {
             let (default_keep, default_context) = mcfg.vision.default_token_select();
             let keep_tokens = match (a.token_pruning, a.keep_tokens, a.method) {
@@ -303,13 +394,19 @@ fn prepare_hf<'a, B: DpBackend>(be: &'a B, a: &TrainArgs, h: &HfData) -> Result<
                 _ => None,
             };
             let context = a.context_tokens.unwrap_or(default_context);
+            let (mut model, _) = load_llava(be, &h.model, &mode, 0)?;
+            let init_adapter = h
+                .init_adapter
+                .as_deref()
+                .map(|dir| init_from_adapter(be, &mut model, dir))
+                .transpose()?;
             // Padded to the public limit, never to the longest record: the text
             // length is published (state.json, step time), the longest record is private.
             let cfg = TrainConfig {
                 public_size: h.public_size,
+                init_adapter,
                 ..train_config(a, keep_tokens, context, h.max_text_len)
             };
-            let (model, _) = load_llava(be, &h.model, &mode, 0)?;
             let key = match a.insecure_seed {
                 Some(s) => RunKey::from_insecure_seed(s),
                 None => RunKey::from_os()?,
@@ -325,4 +422,32 @@ fn prepare_hf<'a, B: DpBackend>(be: &'a B, a: &TrainArgs, h: &HfData) -> Result<
         data: Box::new(data),
         checkpoint_every: a.checkpoint_every,
     })
+}
+
+/// A resume continues from the checkpoint's LoRA, which already started from the
+/// recorded adapter; an `init_adapter` given again must be that one.
+fn check_resumed_init(
+    run: &Path,
+    recorded: Option<&InitAdapter>,
+    given: Option<&Path>,
+) -> Result<()> {
+    let Some(given) = given else { return Ok(()) };
+    let digest = adapter_digest(given)?;
+    match recorded {
+        Some(r) if r.digest == digest => Ok(()),
+        Some(r) => Err(Error::Config(format!(
+            "{}: the run started from the adapter {} (BLAKE3 {}), not {} (BLAKE3 {digest}); \
+             a resume continues from the checkpoint, so leave the initial adapter out",
+            run.display(),
+            r.path.display(),
+            &r.digest[..16],
+            given.display()
+        ))),
+        None => Err(Error::Config(format!(
+            "{}: the run did not start from an adapter, so {} cannot be its initial adapter; \
+             a resume continues from the checkpoint, so leave the initial adapter out",
+            run.display(),
+            given.display()
+        ))),
+    }
 }

@@ -97,6 +97,20 @@ pub struct TrainConfig {
     pub public_size: Option<usize>,
     /// Text tokens per example after padding.
     pub text_len: usize,
+    /// The public PEFT adapter the LoRA started from (`train --init-adapter`), for
+    /// the record: every checkpoint holds the LoRA weights, so a resume reads them
+    /// from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_adapter: Option<InitAdapter>,
+}
+
+/// A PEFT adapter a run's LoRA was initialised from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitAdapter {
+    /// The adapter folder as given.
+    pub path: PathBuf,
+    /// BLAKE3 of `adapter_config.json` then `adapter_model.safetensors` (hex).
+    pub digest: String,
 }
 
 impl TrainConfig {
@@ -128,6 +142,7 @@ impl TrainConfig {
             eval_every: 0,
             public_size: None,
             text_len,
+            init_adapter: None,
         }
     }
 
