@@ -263,5 +263,8 @@ fn the_torch_peers_match_the_described_model() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success() && stderr.contains("trainable"), "{stderr}");
+    assert!(
+        !r.status.success() && stderr.contains("trainable"),
+        "{stderr}"
+    );
 }

@@ -584,7 +584,10 @@ fn small_preset_builds_and_steps() {
     let cfg = ModelConfig::preset("small").unwrap();
     let (v, l) = (&cfg.vision, &cfg.llm);
     assert_eq!((v.image_size, v.patch_size, v.patches()), (64, 8, 64));
-    assert_eq!((v.hidden, v.layers, v.layers_run(), v.heads), (256, 4, 3, 4));
+    assert_eq!(
+        (v.hidden, v.layers, v.layers_run(), v.heads),
+        (256, 4, 3, 4)
+    );
     assert_eq!((l.hidden, l.layers, l.heads, l.kv_heads), (512, 4, 8, 4));
     assert_eq!((l.mlp, l.vocab, l.head_dim()), (1408, 1024, 64));
     let mode = TrainMode::lora(8, 16.0);
@@ -598,7 +601,9 @@ fn small_preset_builds_and_steps() {
         .map(|n| m.tensor(n).unwrap().len() as u64)
         .sum();
     assert_eq!(all, cfg.base_params() + cfg.trainable_params(&mode));
-    let fb = m.forward_backward(&Cpu, &batch(&cfg, 1, 6, 7, false), None).unwrap();
+    let fb = m
+        .forward_backward(&Cpu, &batch(&cfg, 1, 6, 7, false), None)
+        .unwrap();
     assert_eq!(fb.per_example_loss.len(), 1);
     let loss = fb.per_example_loss[0];
     // Random init over 1024 tokens: the loss is near ln(1024) = 6.93.
