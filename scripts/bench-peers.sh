@@ -11,8 +11,8 @@
 # Python: $DUALPRIV_PEERS_PYTHON if set (e.g. /work/venv/bin/python). Otherwise on a
 # machine with a GPU the python3 that imports torch, with opacus installed from a
 # carried wheel ($DUALPRIV_OPACUS_WHEEL, or benches/peers/wheels/opacus-*.whl) if it
-# lacks it; on a CPU machine a venv of its own in DIR/venv (pip: CPU torch, opacus
-# 1.6.0; about 1 GB from the PyTorch CPU index, 5.6 GB from PyPI's default wheel).
+# lacks it; on a CPU machine a venv of its own in DIR/venv (pip: opacus 1.6.0 and
+# torch's CPU-only wheel from the PyTorch index, else PyPI's default wheel, ~5.6 GB).
 # The crate: $DUALPRIV_BIN if set, else `cargo build --release` (with the cuda
 # feature for --device cuda).
 set -euo pipefail
@@ -28,7 +28,7 @@ while [[ $# -gt 0 ]]; do
       [[ $# -ge 2 ]] || { echo "bench-peers: $1 needs a value" >&2; exit 2; }
       args+=("$1" "$2"); shift 2 ;;
     --no-check) args+=("$1"); shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "bench-peers: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done

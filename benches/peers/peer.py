@@ -66,7 +66,9 @@ def load_describe(path):
 
 def build(desc, dtype, device, seed=0):
     torch.manual_seed(seed)
-    model = Mllm(desc).to(dtype=dtype, device=device)
+    # Built on the device: a 7B model need not pass through host memory.
+    with torch.device(device):
+        model = Mllm(desc).to(dtype=dtype)
     n = trainable_count(model)
     if n != desc["trainable_params"]:
         fail(
