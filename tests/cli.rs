@@ -149,3 +149,122 @@ fn a_missing_gpu_names_the_cpu_backend() {
         assert!(err.contains("no checkpoint here"), "{err}");
     }
 }
+
+/// Runs the binary; returns (success, stdout, stderr).
+fn run_out(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(dualpriv_binary()).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `bench --describe` prints what a peer needs to build the bench's model: the
+/// preset's sizes, the token counts of the bench's data, the trainable count and
+/// each method's settings, all equal to what the library computes.
+#[test]
+fn bench_describe_prints_the_model_a_peer_builds() {
+    use dualpriv::data::synthetic::{Dataset, Split};
+    let (ok, out, err) = run_out(&[
+        "bench",
+        "--describe",
+        "--preset",
+        "small",
+        "--batch",
+        "4",
+        "--method",
+        "all",
+    ]);
+    assert!(ok, "{err}");
+    let d: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let cfg = ModelConfig::preset("small").unwrap();
+    let mode = TrainMode::lora(8, 16.0);
+    assert_eq!(d["trainable_params"], cfg.trainable_params(&mode));
+    assert_eq!(d["frozen_params"], cfg.base_params());
+    assert_eq!(d["batch"], 4);
+    assert_eq!(d["vision"]["patches"], 64);
+    assert_eq!(d["vision"]["layers_run"], 3);
+    assert_eq!(d["visual_tokens"], 64);
+    assert_eq!(d["llm"]["vocab"], 1024);
+    assert_eq!(d["llm"]["kv_heads"], 4);
+    assert_eq!(d["lora_alpha"], 16.0);
+    assert_eq!(d["lora_targets"].as_array().unwrap().len(), 7);
+    let text_len = Dataset::generate(Split::Private, 4, 1, 64)
+        .unwrap()
+        .max_text_len();
+    assert_eq!(d["text_len"], text_len);
+    let methods = d["methods"].as_array().unwrap();
+    let names: Vec<&str> = methods
+        .iter()
+        .map(|m| m["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["nonprivate", "dpsgd", "ghost", "dualpriv", "dpzo"]);
+    for m in methods {
+        let private = m["method"] != "nonprivate";
+        assert_eq!(m["clip_norm"].is_null(), !private, "{m}");
+        assert_eq!(m["noise_multiplier"].is_null(), !private, "{m}");
+        let vis = if m["method"] == "dualpriv" {
+            // The preset's default token selection: CLS + 3/8 + 1/8 of 64 patches.
+            1 + 24 + 8
+        } else {
+            64
+        };
+        assert_eq!(m["visual_tokens"], vis, "{m}");
+        assert_eq!(m["seq_len"], vis + text_len, "{m}");
+    }
+    assert_eq!(methods[4]["optimizer"], "sgd");
+    assert_eq!(methods[0]["optimizer"], "adamw");
+    // An unknown preset is an error naming the valid ones, and prints no JSON.
+    let (ok, out, err) = run_out(&["bench", "--describe", "--preset", "huge"]);
+    assert!(!ok && out.is_empty(), "{out}");
+    assert!(err.contains("small") && err.contains("tiny"), "{err}");
+}
+
+/// The PyTorch peers (`benches/peers`) build the model `bench --describe` prints:
+/// `peer.py --check` refuses a trainable count that differs from the crate's and
+/// compares Opacus' and the book-keeping per-sample norms and DPZero's differences
+/// with brute force. Needs a python with torch and opacus in
+/// `DUALPRIV_PEERS_PYTHON`; skipped without it.
+#[test]
+fn the_torch_peers_match_the_described_model() {
+    let Some(py) = std::env::var_os("DUALPRIV_PEERS_PYTHON") else {
+        println!("skipped: set DUALPRIV_PEERS_PYTHON to a python with torch and opacus");
+        return;
+    };
+    let root = common::tmp_dir("cli-peers");
+    let (ok, out, err) = run_out(&["bench", "--describe", "--preset", "tiny", "--batch", "4"]);
+    assert!(ok, "{err}");
+    let desc = root.join("tiny.json");
+    std::fs::write(&desc, &out).unwrap();
+    let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers/peer.py");
+    let r = Command::new(&py)
+        .arg(&peer)
+        .arg("--describe")
+        .arg(&desc)
+        .args(["--check", "--threads", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success() && stdout.contains("check passed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    // A describe whose trainable count differs is refused.
+    let mut d: serde_json::Value = serde_json::from_str(&out).unwrap();
+    d["trainable_params"] = serde_json::json!(d["trainable_params"].as_u64().unwrap() + 1);
+    std::fs::write(&desc, d.to_string()).unwrap();
+    let r = Command::new(&py)
+        .arg(&peer)
+        .arg("--describe")
+        .arg(&desc)
+        .args(["--method", "nonprivate", "--steps", "1", "--warmup", "0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && stderr.contains("trainable"),
+        "{stderr}"
+    );
+}

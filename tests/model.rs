@@ -683,9 +683,48 @@ fn preset_parameter_counts() {
     );
     let err = ModelConfig::preset("gpt-5").err().unwrap().to_string();
     assert!(
-        err.contains("tiny") && err.contains("llava-7b") && err.contains("tinyllava-1b"),
+        err.contains("tiny")
+            && err.contains("small")
+            && err.contains("llava-7b")
+            && err.contains("tinyllava-1b"),
         "{err}"
     );
+}
+
+/// The `small` preset (the second CPU bench size) has the sizes its doc states,
+/// allocates what its analytic counts say, and runs one example forward and
+/// backward with a finite loss and a capture for every LoRA tensor.
+#[test]
+fn small_preset_builds_and_steps() {
+    let cfg = ModelConfig::preset("small").unwrap();
+    let (v, l) = (&cfg.vision, &cfg.llm);
+    assert_eq!((v.image_size, v.patch_size, v.patches()), (64, 8, 64));
+    assert_eq!(
+        (v.hidden, v.layers, v.layers_run(), v.heads),
+        (256, 4, 3, 4)
+    );
+    assert_eq!((l.hidden, l.layers, l.heads, l.kv_heads), (512, 4, 8, 4));
+    assert_eq!((l.mlp, l.vocab, l.head_dim()), (1408, 1024, 64));
+    let mode = TrainMode::lora(8, 16.0);
+    // r·(d_in + d_out) summed over q, k, v, o, gate, up, down, times 4 layers.
+    let per_layer = 8 * ((512 + 512) + 2 * (512 + 256) + (512 + 512) + 3 * (512 + 1408));
+    assert_eq!(cfg.trainable_params(&mode), 4 * per_layer as u64);
+    let m = Mllm::new(&Cpu, &cfg, &mode, 0).unwrap();
+    let all: u64 = m
+        .tensor_names()
+        .iter()
+        .map(|n| m.tensor(n).unwrap().len() as u64)
+        .sum();
+    assert_eq!(all, cfg.base_params() + cfg.trainable_params(&mode));
+    let fb = m
+        .forward_backward(&Cpu, &batch(&cfg, 1, 6, 7, false), None)
+        .unwrap();
+    assert_eq!(fb.per_example_loss.len(), 1);
+    let loss = fb.per_example_loss[0];
+    // Random init over 1024 tokens: the loss is near ln(1024) = 6.93.
+    assert!(loss.is_finite() && (loss - 6.93).abs() < 1.0, "{loss}");
+    assert_eq!(fb.captures.len(), 4 * 7 * 2);
+    assert_eq!(fb.visual_tokens, 64);
 }
 
 #[test]

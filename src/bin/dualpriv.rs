@@ -142,6 +142,7 @@ enum Cmd {
     /// Examples:
     ///   dualpriv bench --backend cpu --preset tiny --method all --batch 32
     ///   dualpriv bench --backend cpu --method ghost,nonprivate --json
+    ///   dualpriv bench --preset small --batch 32 --describe
     ///   dualpriv bench --backend cuda --preset llava-7b --lora-rank 128 --batch 4 --method all
     #[command(verbatim_doc_comment)]
     Bench {
@@ -172,6 +173,11 @@ enum Cmd {
         /// Print JSON instead of a markdown table.
         #[arg(long)]
         json: bool,
+        /// Print, as JSON, the model and step settings the run would time (sizes,
+        /// LoRA, trainable count, text length, per-method optimizer, C and σ), for a
+        /// peer implementation to build the same model; times nothing.
+        #[arg(long)]
+        describe: bool,
     },
     /// Accuracy of a checkpoint on the built-in test split (--checkpoint), or
     /// exact-match accuracy of greedy generation on LLaVA conversation JSON
@@ -438,6 +444,7 @@ fn main() -> ExitCode {
             lora_rank,
             steps,
             json,
+            describe,
         } => parse_methods(&method)
             .map(|methods| BenchArgs {
                 preset,
@@ -449,9 +456,20 @@ fn main() -> ExitCode {
                 warmup: 2,
                 steps,
             })
-            .and_then(|a| match backend {
-                Backend::Cpu => bench_on(&Cpu, &a, json),
-                Backend::Cuda => with_cuda(|be| bench_on(be, &a, json)),
+            .and_then(|a| {
+                if describe {
+                    let d = bench::describe(&a)?;
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&d)
+                            .map_err(|e| Error::Format(e.to_string()))?
+                    );
+                    return Ok(());
+                }
+                match backend {
+                    Backend::Cpu => bench_on(&Cpu, &a, json),
+                    Backend::Cuda => with_cuda(|be| bench_on(be, &a, json)),
+                }
             })
             .map(|_| true),
         Cmd::Eval {

@@ -111,16 +111,12 @@ pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBen
     let mut model = Some(Mllm::new(backend, &mcfg, &mode, 0)?);
     let mut rows = Vec::new();
     for &method in &a.methods {
-        let mut cfg = demo_train_config(method, 3.0, 1e-5, data.max_text_len());
-        cfg.batch = a.batch;
-        cfg.micro_batch = a.batch;
-        cfg.noise_multiplier = method.is_private().then_some(1.0);
-        cfg.epsilon = None;
-        cfg.keep_frac = a.keep_frac;
-        if method == Method::Dualpriv {
-            cfg.keep_tokens = Some(a.keep_tokens.unwrap_or(default_keep));
-            cfg.context_tokens = default_context;
-        }
+        let cfg = bench_config(
+            method,
+            a,
+            data.max_text_len(),
+            (default_keep, default_context),
+        );
         let m = model.take().ok_or_else(|| {
             Error::Internal("the bench model was not handed back after a method".into())
         })?;
@@ -172,6 +168,303 @@ pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBen
         model = Some(t.model);
     }
     Ok(rows)
+}
+
+/// Noise multiplier σ of every private method in `dualpriv bench`: a fixed σ, not
+/// one calibrated for an ε (the step's work does not depend on σ).
+pub const BENCH_SIGMA: f64 = 1.0;
+
+/// The training config `dualpriv bench` runs `method` with: the demo's optimizer and
+/// clipping, one micro-batch of `a.batch`, σ = [`BENCH_SIGMA`], and for `dualpriv`
+/// token selection with `(keep, context)` visual tokens unless `a.keep_tokens` is set.
+fn bench_config(
+    method: Method,
+    a: &BenchArgs,
+    text_len: usize,
+    (keep, context): (usize, usize),
+) -> crate::train::TrainConfig {
+    let mut cfg = demo_train_config(method, 3.0, 1e-5, text_len);
+    cfg.batch = a.batch;
+    cfg.micro_batch = a.batch;
+    cfg.noise_multiplier = method.is_private().then_some(BENCH_SIGMA);
+    cfg.epsilon = None;
+    cfg.keep_frac = a.keep_frac;
+    if method == Method::Dualpriv {
+        cfg.keep_tokens = Some(a.keep_tokens.unwrap_or(keep));
+        cfg.context_tokens = context;
+    } else {
+        cfg.keep_tokens = None;
+        cfg.context_tokens = 0;
+    }
+    cfg
+}
+
+/// The vision tower as `dualpriv bench --describe` prints it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VisionDescription {
+    /// Square RGB image side, pixels.
+    pub image_size: usize,
+    /// Patch side, pixels.
+    pub patch_size: usize,
+    /// Patches per image.
+    pub patches: usize,
+    /// Values per flattened patch, 3·p·p.
+    pub patch_dim: usize,
+    /// Whether the patch linear has a bias.
+    pub patch_bias: bool,
+    /// Tokens per image: CLS + patches, each with a learned position embedding.
+    pub tokens: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Layers of the full tower.
+    pub layers: usize,
+    /// Layers run and allocated: features are layer −2's output.
+    pub layers_run: usize,
+    /// Attention heads (non-causal, q/k/v/out with biases).
+    pub heads: usize,
+    /// MLP inner size (fc1 → quick_gelu → fc2, with biases).
+    pub mlp: usize,
+    /// LayerNorm epsilon (pre_layrnorm, and pre-norm layers).
+    pub ln_eps: f32,
+    /// Tokens passed on without token selection: "patch" (N − 1) or "cls_patch" (N).
+    pub feature: &'static str,
+}
+
+/// The decoder as `dualpriv bench --describe` prints it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LlmDescription {
+    /// Hidden size.
+    pub hidden: usize,
+    /// Decoder layers (RMSNorm, RoPE rotate-half, causal GQA, SwiGLU; no biases).
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// SwiGLU inner size.
+    pub mlp: usize,
+    /// Vocabulary (embedding and an untied lm_head).
+    pub vocab: usize,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// RoPE base.
+    pub rope_theta: f32,
+}
+
+/// One LoRA-adapted linear of every decoder layer.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LinearDescription {
+    /// HF module name.
+    pub module: &'static str,
+    /// Input size.
+    pub d_in: usize,
+    /// Output size.
+    pub d_out: usize,
+}
+
+/// One method's settings as `dualpriv bench` runs it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MethodDescription {
+    /// The method.
+    pub method: String,
+    /// Visual tokens per example reaching the projector and the decoder.
+    pub visual_tokens: usize,
+    /// Sequence length of the decoder, visual + text.
+    pub seq_len: usize,
+    /// Optimizer family ("adamw" or "sgd").
+    pub optimizer: String,
+    /// Learning rate.
+    pub lr: f32,
+    /// AdamW β1, β2 and ε (ignored by SGD).
+    pub betas_eps: [f32; 3],
+    /// Weight decay (decoupled for AdamW).
+    pub weight_decay: f32,
+    /// Per-example clipping norm C (`dpzo`: the clip of the scalar difference);
+    /// `None` for `nonprivate`.
+    pub clip_norm: Option<f32>,
+    /// Noise multiplier σ; the noise on the clipped sum is N(0, σ²C²).
+    pub noise_multiplier: Option<f64>,
+    /// How per-example norms are formed, or "none".
+    pub norms: &'static str,
+    /// Backward passes per step.
+    pub backward_passes: usize,
+    /// Forward passes per step.
+    pub forward_passes: usize,
+    /// Fraction of coordinates updated (`dualpriv`'s update pruning; 1 otherwise).
+    pub keep_frac: f64,
+    /// DPZO's perturbation scale λ (θ ± λz).
+    pub dpzo_lambda: Option<f32>,
+}
+
+/// What a peer needs to build the model and step `dualpriv bench` runs
+/// (`dualpriv bench --describe`). Everything here is public: sizes and settings.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchDescription {
+    /// Model preset.
+    pub preset: String,
+    /// Examples per step (one fixed batch, one micro-batch, no sampling).
+    pub batch: usize,
+    /// Warm-up steps before timing (the first method of a run warms 3× as long).
+    pub warmup: usize,
+    /// Timed steps; the row reports their median.
+    pub steps: usize,
+    /// The vision tower (frozen, forward only).
+    pub vision: VisionDescription,
+    /// The projector: Linear(vision.hidden → llm.hidden) → act → Linear(llm.hidden →
+    /// llm.hidden), frozen.
+    pub projector_act: &'static str,
+    /// Whether both projector linears have biases.
+    pub projector_bias: bool,
+    /// The decoder (frozen apart from LoRA).
+    pub llm: LlmDescription,
+    /// LoRA rank r.
+    pub lora_rank: usize,
+    /// LoRA alpha; the adapter's output is scaled by alpha / r.
+    pub lora_alpha: f32,
+    /// The adapted linears of every decoder layer, h = W x + (alpha/r)·B(A x), A r×d
+    /// Kaiming-uniform (bound 1/√d), B zeros.
+    pub lora_targets: Vec<LinearDescription>,
+    /// Trainable values (LoRA A and B of every target of every layer).
+    pub trainable_params: u64,
+    /// Frozen values (everything allocated except LoRA).
+    pub frozen_params: u64,
+    /// Text tokens per example (the built-in data padded to its longest example).
+    pub text_len: usize,
+    /// Visual tokens without token selection.
+    pub visual_tokens: usize,
+    /// How the loss is formed.
+    pub loss: &'static str,
+    /// One entry per method of the run.
+    pub methods: Vec<MethodDescription>,
+}
+
+/// The model and step settings `dualpriv bench` would time with `a`, without
+/// building the model (`dualpriv bench --describe`).
+pub fn describe(a: &BenchArgs) -> Result<BenchDescription> {
+    let spec = ModelSpec {
+        preset: a.preset.clone(),
+        lora_rank: Some(a.lora_rank),
+        lora_alpha: 2.0 * a.lora_rank as f32,
+        full_groups: vec![],
+    };
+    let (mcfg, mode) = spec.build()?;
+    // The same data as `methods`: only its padded text length matters here.
+    let data = Dataset::generate(Split::Private, a.batch.max(1), 1, mcfg.vision.image_size)?;
+    let text_len = data.max_text_len();
+    let v = &mcfg.vision;
+    let l = &mcfg.llm;
+    let plain_tokens = match v.feature {
+        crate::model::VisionFeature::Patch => v.patches(),
+        crate::model::VisionFeature::ClsPatch => v.tokens(),
+    };
+    let defaults = v.default_token_select();
+    let mut methods = Vec::new();
+    for &m in &a.methods {
+        let cfg = bench_config(m, a, text_len, defaults);
+        cfg.validate()?;
+        let vis = cfg
+            .keep_tokens
+            .map_or(plain_tokens, |k| 1 + k + cfg.context_tokens);
+        let private = m.is_private();
+        methods.push(MethodDescription {
+            method: m.to_string(),
+            visual_tokens: vis,
+            seq_len: vis + text_len,
+            optimizer: match cfg.opt.kind {
+                crate::train::optim::OptKind::Adamw => "adamw".into(),
+                crate::train::optim::OptKind::Sgd => "sgd".into(),
+            },
+            lr: cfg.opt.lr,
+            betas_eps: [cfg.opt.beta1, cfg.opt.beta2, cfg.opt.eps],
+            weight_decay: cfg.opt.weight_decay,
+            clip_norm: private.then_some(cfg.clip_norm),
+            noise_multiplier: cfg.noise_multiplier,
+            norms: match m {
+                Method::Nonprivate | Method::Dpzo => "none",
+                Method::Dpsgd => "materialised per-example gradients",
+                Method::Ghost | Method::Dualpriv => {
+                    "per layer: ghost <XX^T, GG^T> when 2T^2 < p*d, else instantiated; \
+                     book-keeping clipped sum, one GEMM per layer"
+                }
+            },
+            backward_passes: usize::from(m != Method::Dpzo),
+            forward_passes: if m == Method::Dpzo { 2 } else { 1 },
+            keep_frac: if m == Method::Dualpriv {
+                cfg.keep_frac
+            } else {
+                1.0
+            },
+            dpzo_lambda: (m == Method::Dpzo).then_some(cfg.dpzo_lambda),
+        });
+    }
+    let (rank, alpha) = match &mode {
+        crate::model::TrainMode::Lora { rank, alpha, .. } => (*rank, *alpha),
+        crate::model::TrainMode::Full { .. } => (0, 0.0),
+    };
+    Ok(BenchDescription {
+        preset: a.preset.clone(),
+        batch: a.batch,
+        warmup: a.warmup,
+        steps: a.steps.max(1),
+        vision: VisionDescription {
+            image_size: v.image_size,
+            patch_size: v.patch_size,
+            patches: v.patches(),
+            patch_dim: v.patch_dim(),
+            patch_bias: v.patch_bias,
+            tokens: v.tokens(),
+            hidden: v.hidden,
+            layers: v.layers,
+            layers_run: v.layers_run(),
+            heads: v.heads,
+            mlp: v.mlp,
+            ln_eps: v.ln_eps,
+            feature: match v.feature {
+                crate::model::VisionFeature::Patch => "patch",
+                crate::model::VisionFeature::ClsPatch => "cls_patch",
+            },
+        },
+        projector_act: match mcfg.projector.act {
+            crate::model::ProjectorAct::Gelu => "gelu",
+            crate::model::ProjectorAct::GeluTanh => "gelu_tanh",
+        },
+        projector_bias: mcfg.projector.bias,
+        llm: LlmDescription {
+            hidden: l.hidden,
+            layers: l.layers,
+            heads: l.heads,
+            kv_heads: l.kv_heads,
+            head_dim: l.head_dim(),
+            mlp: l.mlp,
+            vocab: l.vocab,
+            rms_eps: l.rms_eps,
+            rope_theta: l.rope_theta,
+        },
+        lora_rank: rank,
+        lora_alpha: alpha,
+        lora_targets: crate::model::LoraTarget::ALL
+            .iter()
+            .map(|&t| {
+                let (d_in, d_out) = l.linear_dims(t);
+                LinearDescription {
+                    module: t.module(),
+                    d_in,
+                    d_out,
+                }
+            })
+            .collect(),
+        trainable_params: mcfg.trainable_params(&mode),
+        frozen_params: mcfg.base_params(),
+        text_len,
+        visual_tokens: plain_tokens,
+        loss: "sequence [visual, text], positions 0..seq_len; logits of the text_len text \
+               rows; per example the mean cross-entropy over its answer positions (one on \
+               the built-in data); the step differentiates the sum over examples and \
+               divides the (clipped, noised) sum by the batch",
+        methods,
+    })
 }
 
 /// One kernel micro-benchmark result.
