@@ -16,6 +16,7 @@ use super::weights::{Builder, Init, Store};
 use super::Capture;
 use crate::backend::{AttnShape, Backend, RopeShape, RowShape};
 use crate::Result;
+use std::sync::Arc;
 
 pub(crate) struct LlamaLayer {
     ln1: usize,
@@ -51,20 +52,20 @@ pub(crate) struct Llama {
 /// Everything one layer's backward reads.
 pub(crate) struct LayerCache<B: Backend> {
     x_in: B::Buf,
-    ln1: B::Buf,
+    ln1: Arc<B::Buf>,
     rstd1: B::Buf,
     q: B::Buf,
     k: B::Buf,
     v: B::Buf,
-    u: [Option<B::Buf>; 7],
+    u: [Option<Arc<B::Buf>>; 7],
     probs: B::Buf,
-    att: B::Buf,
+    att: Arc<B::Buf>,
     x_mid: B::Buf,
-    ln2: B::Buf,
+    ln2: Arc<B::Buf>,
     rstd2: B::Buf,
     gate: B::Buf,
     up: B::Buf,
-    act: B::Buf,
+    act: Arc<B::Buf>,
 }
 
 impl Llama {
@@ -202,6 +203,7 @@ impl Llama {
         let mut ln1 = be.zeros(rows * c.hidden)?;
         let mut rstd1 = be.zeros(rows)?;
         be.rmsnorm_fwd(&mut ln1, &mut rstd1, &x_in, st.buf(l.ln1), rs, c.rms_eps)?;
+        let ln1 = Arc::new(ln1);
         let (mut q, uq) = l.q.forward(be, st, &ln1, rows)?;
         let (mut k, uk) = l.k.forward(be, st, &ln1, rows)?;
         let (v, uv) = l.v.forward(be, st, &ln1, rows)?;
@@ -211,16 +213,19 @@ impl Llama {
         let mut att = be.zeros(shape.q_len())?;
         let mut probs = be.zeros(shape.probs_len())?;
         be.attention_fwd(&mut att, &mut probs, &q, &k, &v, shape)?;
+        let att = Arc::new(att);
         let (o, uo) = l.o.forward(be, st, &att, rows)?;
         let mut x_mid = be.duplicate(&x_in)?;
         be.axpy(&mut x_mid, 1.0, &o)?;
         let mut ln2 = be.zeros(rows * c.hidden)?;
         let mut rstd2 = be.zeros(rows)?;
         be.rmsnorm_fwd(&mut ln2, &mut rstd2, &x_mid, st.buf(l.ln2), rs, c.rms_eps)?;
+        let ln2 = Arc::new(ln2);
         let (gate, ug) = l.gate.forward(be, st, &ln2, rows)?;
         let (up, uu) = l.up.forward(be, st, &ln2, rows)?;
         let mut act = be.zeros(rows * c.mlp)?;
         be.swiglu_fwd(&mut act, &gate, &up)?;
+        let act = Arc::new(act);
         let (down, ud) = l.down.forward(be, st, &act, rows)?;
         let mut x_out = be.duplicate(&x_mid)?;
         be.axpy(&mut x_out, 1.0, &down)?;
@@ -266,10 +271,11 @@ impl Llama {
         };
         let bt = (b, t);
         let u = |j: usize| c.u[j].as_ref();
+        let dx = Arc::new(dx);
         // MLP branch: x_out = x_mid + down(swiglu(gate(m), up(m))), m = RMSNorm₂(x_mid)
         let dact = l
             .down
-            .backward(be, st, &c.act, u(6), be.duplicate(&dx)?, bt, true, caps)?;
+            .backward(be, st, &c.act, u(6), Arc::clone(&dx), bt, true, caps)?;
         let dact =
             dact.ok_or_else(|| crate::Error::Shape("missing down_proj input gradient".into()))?;
         let mut dgate = be.zeros(rows * cfg.mlp)?;
@@ -278,11 +284,13 @@ impl Llama {
         let mut dln2 = be.zeros(rows * cfg.hidden)?;
         if let Some(d) = l
             .gate
-            .backward(be, st, &c.ln2, u(4), dgate, bt, true, caps)?
+            .backward(be, st, &c.ln2, u(4), Arc::new(dgate), bt, true, caps)?
         {
             be.axpy(&mut dln2, 1.0, &d)?;
         }
-        if let Some(d) = l.up.backward(be, st, &c.ln2, u(5), dup, bt, true, caps)? {
+        if let Some(d) =
+            l.up.backward(be, st, &c.ln2, u(5), Arc::new(dup), bt, true, caps)?
+        {
             be.axpy(&mut dln2, 1.0, &d)?;
         }
         let mut dmid = be.zeros(rows * cfg.hidden)?;
@@ -297,9 +305,10 @@ impl Llama {
             rs,
         )?;
         be.axpy(&mut dmid, 1.0, &dx)?;
+        let dmid = Arc::new(dmid);
         // Attention branch: x_mid = x_in + o(attn(rope(q(n)), rope(k(n)), v(n))), n = RMSNorm₁(x_in)
         let datt =
-            l.o.backward(be, st, &c.att, u(3), be.duplicate(&dmid)?, bt, true, caps)?;
+            l.o.backward(be, st, &c.att, u(3), Arc::clone(&dmid), bt, true, caps)?;
         let datt =
             datt.ok_or_else(|| crate::Error::Shape("missing o_proj input gradient".into()))?;
         let shape = self.attn_shape(b, t);
@@ -313,7 +322,7 @@ impl Llama {
         be.rope_bwd(&mut dk, self.rope_shape(b, t, cfg.kv_heads))?;
         let mut dln1 = be.zeros(rows * cfg.hidden)?;
         for (lin, j, g) in [(&l.q, 0, dq), (&l.k, 1, dk), (&l.v, 2, dv)] {
-            if let Some(d) = lin.backward(be, st, &c.ln1, u(j), g, bt, need_dx, caps)? {
+            if let Some(d) = lin.backward(be, st, &c.ln1, u(j), Arc::new(g), bt, need_dx, caps)? {
                 be.axpy(&mut dln1, 1.0, &d)?;
             }
         }

@@ -1,14 +1,21 @@
 //! A linear layer `y = x Wᵀ (+ b)` with an optional LoRA adapter
-//! `y += s · (x Aᵀ) Bᵀ`, s = alpha / rank, and its backward, which records a
+//! `y += u Bᵀ`, u = s · x Aᵀ, s = alpha / rank, and its backward, which records a
 //! [`Capture`] for every trainable weight instead of forming weight gradients.
 //!
 //! Backward, with G = ∂(Σ_i ℓ_i)/∂y (rows × p):
 //!
 //! * base W (trainable in full fine-tuning): capture (X, G); bias via `bias_id`;
-//! * LoRA B (p×r), whose input is u = x Aᵀ: capture (u, s·G);
+//! * LoRA B (p×r), whose input is u (the scale folded in, so its output gradient
+//!   is G itself): capture (u, G);
 //! * LoRA A (r×d), whose output gradient is s·G·B: capture (X, s·G·B);
 //! * dx = G·W + (s·G·B)·A, only when the caller needs it.
+//!
+//! Captures share X and G with the forward's saved activations and the incoming
+//! gradient ([`Arc`]) instead of copying them: q, k and v read one X, and LoRA B
+//! and a trained W read one G.
 #![allow(clippy::too_many_arguments)] // llm.c-style explicit activations
+
+use std::sync::Arc;
 
 use super::weights::Store;
 use super::Capture;
@@ -54,7 +61,7 @@ impl Linear {
         st: &Store<B>,
         x: &B::Buf,
         rows: usize,
-    ) -> Result<(B::Buf, Option<B::Buf>)> {
+    ) -> Result<(B::Buf, Option<Arc<B::Buf>>)> {
         let mut y = be.zeros(rows * self.p)?;
         be.matmul(
             &mut y,
@@ -69,14 +76,19 @@ impl Linear {
             None => None,
             Some(l) => {
                 let mut u = be.zeros(rows * l.rank)?;
-                be.matmul(&mut u, x, st.buf(l.a), MatmulSpec::nt(rows, l.rank, self.d))?;
+                be.matmul(
+                    &mut u,
+                    x,
+                    st.buf(l.a),
+                    MatmulSpec::nt(rows, l.rank, self.d).scaled(l.scale, 0.0),
+                )?;
                 be.matmul(
                     &mut y,
                     &u,
                     st.buf(l.b),
-                    MatmulSpec::nt(rows, self.p, l.rank).scaled(l.scale, 1.0),
+                    MatmulSpec::nt(rows, self.p, l.rank).scaled(1.0, 1.0),
                 )?;
-                Some(u)
+                Some(Arc::new(u))
             }
         };
         Ok((y, u))
@@ -88,9 +100,9 @@ impl Linear {
         &self,
         be: &B,
         st: &Store<B>,
-        x: &B::Buf,
-        u: Option<&B::Buf>,
-        dy: B::Buf,
+        x: &Arc<B::Buf>,
+        u: Option<&Arc<B::Buf>>,
+        dy: Arc<B::Buf>,
         (b, t): (usize, usize),
         need_dx: bool,
         caps: &mut Vec<Capture<B>>,
@@ -125,8 +137,6 @@ impl Linear {
                     MatmulSpec::nn(rows, self.d, l.rank).scaled(1.0, 1.0),
                 )?;
             }
-            let mut gb = be.zeros(rows * self.p)?;
-            be.axpy(&mut gb, l.scale, &dy)?;
             caps.push(Capture {
                 weight_id: l.b_id,
                 bias_id: None,
@@ -136,8 +146,8 @@ impl Linear {
                     d: l.rank,
                     p: self.p,
                 },
-                x: be.duplicate(u)?,
-                g: gb,
+                x: Arc::clone(u),
+                g: Arc::clone(&dy),
             });
             caps.push(Capture {
                 weight_id: l.a_id,
@@ -148,8 +158,8 @@ impl Linear {
                     d: self.d,
                     p: l.rank,
                 },
-                x: be.duplicate(x)?,
-                g: gu,
+                x: Arc::clone(x),
+                g: Arc::new(gu),
             });
         }
         if let Some(w_id) = self.w_id {
@@ -162,7 +172,7 @@ impl Linear {
                     d: self.d,
                     p: self.p,
                 },
-                x: be.duplicate(x)?,
+                x: Arc::clone(x),
                 g: dy,
             });
         }

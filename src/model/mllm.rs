@@ -30,6 +30,7 @@
 //! tokens. With token selection it sees `[CLS, K dominant, M contextual]`.
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::config::{FullGroup, ModelConfig, TrainMode, VisionFeature};
 use super::llama::{LayerCache, Llama};
@@ -679,9 +680,9 @@ impl<B: Backend> Mllm<B> {
         let dht = self.llm.lm_head.backward(
             be,
             st,
-            &ht,
+            &Arc::new(ht),
             None,
-            dlogits,
+            Arc::new(dlogits),
             (b, t),
             lowest.is_some(),
             &mut caps,

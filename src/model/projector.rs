@@ -7,6 +7,8 @@ use super::config::{ProjectorAct, ProjectorConfig};
 use super::lora::Linear;
 use super::weights::{Builder, Store};
 use super::Capture;
+use std::sync::Arc;
+
 use crate::backend::Backend;
 use crate::Result;
 
@@ -18,9 +20,9 @@ pub(crate) struct Projector {
 
 /// Activations kept for the backward.
 pub(crate) struct ProjCache<B: Backend> {
-    x: B::Buf,
+    x: Arc<B::Buf>,
     h: B::Buf,
-    a: B::Buf,
+    a: Arc<B::Buf>,
 }
 
 impl Projector {
@@ -50,12 +52,14 @@ impl Projector {
         x: B::Buf,
         rows: usize,
     ) -> Result<(B::Buf, ProjCache<B>)> {
+        let x = Arc::new(x);
         let (h, _) = self.fc1.forward(be, st, &x, rows)?;
         let mut a = be.zeros(rows * self.fc1.p)?;
         match self.act {
             ProjectorAct::Gelu => be.gelu_erf_fwd(&mut a, &h)?,
             ProjectorAct::GeluTanh => be.gelu_fwd(&mut a, &h)?,
         }
+        let a = Arc::new(a);
         let (y, _) = self.fc2.forward(be, st, &a, rows)?;
         Ok((y, ProjCache { x, h, a }))
     }
@@ -72,7 +76,7 @@ impl Projector {
     ) -> Result<()> {
         let da = self
             .fc2
-            .backward(be, st, &cache.a, None, dy, bt, true, caps)?;
+            .backward(be, st, &cache.a, None, Arc::new(dy), bt, true, caps)?;
         if let Some(da) = da {
             let mut dh = be.zeros(be.len(&da))?;
             match self.act {
@@ -80,7 +84,7 @@ impl Projector {
                 ProjectorAct::GeluTanh => be.gelu_bwd(&mut dh, &da, &cache.h)?,
             }
             self.fc1
-                .backward(be, st, &cache.x, None, dh, bt, false, caps)?;
+                .backward(be, st, &cache.x, None, Arc::new(dh), bt, false, caps)?;
         }
         Ok(())
     }
