@@ -24,6 +24,9 @@ use crate::dp::clip::LinearShape;
 use crate::Result;
 
 /// A LoRA adapter: tensors A (r×d) and B (p×r) and their trainable ids.
+/// A device buffer shared between saved activations and captures.
+pub(crate) type Shared<B> = Arc<<B as Backend>::Buf>;
+
 #[derive(Clone, Debug)]
 pub(crate) struct LoraAdapter {
     pub a: usize,
@@ -61,7 +64,7 @@ impl Linear {
         st: &Store<B>,
         x: &B::Buf,
         rows: usize,
-    ) -> Result<(B::Buf, Option<Arc<B::Buf>>)> {
+    ) -> Result<(B::Buf, Option<Shared<B>>)> {
         let mut y = be.zeros(rows * self.p)?;
         be.matmul(
             &mut y,
