@@ -653,7 +653,34 @@ impl<B: Backend> Mllm<B> {
         batch: &Batch,
         tokens: Option<&TokenSelectConfig>,
     ) -> Result<ForwardBackward<B>> {
+        let mut caps = Vec::new();
+        let mut fb = self.forward_backward_with(backend, batch, tokens, &mut |c| {
+            caps.push(c);
+            Ok(())
+        })?;
+        fb.captures = caps;
+        Ok(fb)
+    }
+
+    /// [`Self::forward_backward`], handing each [`Capture`] to `sink` as soon as
+    /// its layer's backward has formed it, and dropping each layer's saved
+    /// activations right after its backward; the result's `captures` is empty. A
+    /// caller that reduces captures on arrival (to norms, per-example gradients or
+    /// sums) thus never holds every layer's activations and gradients at once.
+    pub fn forward_backward_with(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        tokens: Option<&TokenSelectConfig>,
+        sink: &mut dyn FnMut(Capture<B>) -> Result<()>,
+    ) -> Result<ForwardBackward<B>> {
         let be = backend;
+        let mut drain = |caps: &mut Vec<Capture<B>>| -> Result<()> {
+            for c in caps.drain(..) {
+                sink(c)?;
+            }
+            Ok(())
+        };
         let visual_tokens = self.visual_tokens(tokens);
         if batch.size == 0 {
             self.check_batch(batch)?;
@@ -687,6 +714,7 @@ impl<B: Backend> Mllm<B> {
             lowest.is_some(),
             &mut caps,
         )?;
+        drain(&mut caps)?;
         if let (Some(lo), Some(dht)) = (lowest, dht) {
             let mut dhf = be.zeros(b * l * d)?;
             let back: Vec<Blocks> = f.lay.readout(d).into_iter().map(swap).collect();
@@ -711,9 +739,16 @@ impl<B: Backend> Mllm<B> {
                 let g = grad
                     .take()
                     .ok_or_else(|| Error::Shape("lost the decoder gradient".into()))?;
-                grad =
-                    self.llm
-                        .layer_backward(be, st, i, &f.layers[i], g, (b, l), need, &mut caps)?;
+                // Layer i's cache is the last one left; it is freed after its backward.
+                let cache = f
+                    .layers
+                    .pop()
+                    .ok_or_else(|| Error::Shape("lost a decoder layer's cache".into()))?;
+                grad = self
+                    .llm
+                    .layer_backward(be, st, i, &cache, g, (b, l), need, &mut caps)?;
+                drop(cache);
+                drain(&mut caps)?;
             }
             if let (true, Some(dx0)) = (need_bottom, grad) {
                 if let Some(eid) = self.llm.embed_id {
@@ -741,6 +776,7 @@ impl<B: Backend> Mllm<B> {
                     copy_all(be, &mut dvis, &dx0, &back)?;
                     self.proj
                         .backward(be, st, &f.proj, dvis, (b, v), &mut caps)?;
+                    drain(&mut caps)?;
                 }
             }
         }
@@ -748,9 +784,10 @@ impl<B: Backend> Mllm<B> {
             .per_ex
             .take()
             .ok_or_else(|| Error::Shape("no losses".into()))?;
+        drain(&mut caps)?;
         Ok(ForwardBackward {
             per_example_loss: be.download(&per_ex)?,
-            captures: caps,
+            captures: vec![],
             dense_grads: dense,
             visual_tokens,
         })

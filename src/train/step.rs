@@ -1,11 +1,16 @@
 //! One logical training step, written once for every backend and method.
 //!
-//! Gradient methods run forward + backward per micro-batch; the model returns, for
-//! every trainable linear, its input X and output gradient G (never a weight
-//! gradient). From those:
-//! * `nonprivate`: Σ_i G_iᵀX_i / B (c_i = 1, no noise);
-//! * `ghost` / `dualpriv`: per-example norms (ghost or instantiated form by the mixed
-//!   rule), c_i = min(1, C/‖g_i‖), the book-keeping clipped sum Σ c_i G_iᵀX_i;
+//! Gradient methods run forward + backward per micro-batch; the model hands over,
+//! for every trainable linear and as soon as its layer's backward has run, its
+//! input X and output gradient G (never a weight gradient), which are reduced on
+//! arrival so the layer's activations can be freed:
+//! * `nonprivate`: summed at once, Σ_i G_iᵀX_i / B (c_i = 1, no noise);
+//! * `ghost` / `dualpriv`: c_i = min(1, C/‖g_i‖) from per-example norms. A layer
+//!   whose per-example gradients are no larger than its X and G (every LoRA
+//!   factor) has them instantiated on arrival, its norms taken from them and its
+//!   clipped sum formed as Σ_i c_i ∇W ℓ_i; the others keep (X, G) for the ghost
+//!   norm (or the instantiated one, by fastDP's mixed rule) and the book-keeping
+//!   clipped sum Σ c_i G_iᵀX_i;
 //! * `dpsgd`: every per-example gradient G_iᵀX_i materialised, their norms, the
 //!   weighted sum (what Opacus does without ghost clipping).
 //!
@@ -21,6 +26,7 @@ use crate::data::DataSource;
 use crate::dp::key::{Domain, RunKey};
 use crate::dp::noise::{NoiseKey, RngKind};
 use crate::dp::prune::{PruneReport, UpdateConfig};
+use crate::dp::clip::LinearShape;
 use crate::model::{Capture, Mllm};
 use crate::train::method::Method;
 use crate::train::{PruneScope, TrainConfig};
@@ -221,86 +227,153 @@ fn apply<B: DpBackend>(
     ctx.backend.noise_prune_update(&mut set, ucfg)
 }
 
-/// Per-example clip factors for one micro-batch, or materialised gradients (dpsgd).
-enum Clipping<B: DpBackend> {
-    Ones(B::Buf),
-    Factors(B::Buf),
-    /// dpsgd: per capture, (weight grads b×p×d, bias grads b×p) and the factors.
-    Materialised(Vec<(B::Buf, Option<B::Buf>)>, B::Buf),
+/// A capture reduced as it arrives from the backward
+/// ([`Mllm::forward_backward_with`]), so its layer's activations and output
+/// gradient can be freed at once instead of being held until every layer is done.
+enum Reduced<B: DpBackend> {
+    /// Kept whole for the book-keeping sum Σ c_i G_iᵀX_i once the clip factors
+    /// exist; its norms (ghost or instantiated, by the mixed rule) were added on
+    /// arrival.
+    Factored(Capture<B>),
+    /// Per-example gradients (b×p×d, bias b×p), their squared norms added on
+    /// arrival: every layer for `dpsgd`, and for the ghost methods the layers whose
+    /// per-example gradients are no larger than the capture ([`instantiate`]).
+    PerExample {
+        weight_id: u32,
+        bias_id: Option<u32>,
+        shape: LinearShape,
+        w: B::Buf,
+        bias: Option<B::Buf>,
+    },
+    /// The batch sums Σ_i G_iᵀX_i and Σ_i Σ_t G_i,t (`nonprivate`, c_i = 1).
+    Summed {
+        weight_id: u32,
+        bias_id: Option<u32>,
+        w: B::Buf,
+        bias: Option<B::Buf>,
+    },
 }
 
-fn clipping<B: DpBackend>(
+/// Whether the ghost methods instantiate a layer's per-example gradients: when
+/// b·p·d values are no more than the b·T·(p + d) of its X and G. The same test
+/// says the instantiated norm (T·p·d per example) costs no more than the ghost
+/// norm (T²·(p + d)); LoRA's rank-r factors always pass it.
+fn instantiate(s: LinearShape) -> bool {
+    s.p * s.d <= s.t * (s.p + s.d)
+}
+
+/// Reduces one capture for `method`, adding its per-example squared norms to
+/// `norms` (DP methods) or summing it with the all-ones `ones` (nonprivate).
+fn reduce<B: DpBackend>(
     be: &B,
-    cfg: &TrainConfig,
-    caps: &[Capture<B>],
-    b: usize,
-) -> Result<(Clipping<B>, usize)> {
-    match cfg.method {
-        Method::Nonprivate => Ok((Clipping::Ones(be.upload(&vec![1.0; b])?), 0)),
-        Method::Ghost | Method::Dualpriv => {
-            let mut norms = be.norms_zeros(b, cfg.micro_batch)?;
-            for c in caps {
-                be.add_layer_sq_norms(
-                    &c.x,
-                    &c.g,
-                    c.shape,
-                    c.shape.preferred_method(),
-                    c.bias_id.is_some(),
-                    &mut norms,
-                )?;
-            }
-            let (f, bad) = be.clip_factors(&norms, cfg.clip_norm)?;
-            Ok((Clipping::Factors(f), bad))
+    method: Method,
+    c: Capture<B>,
+    norms: &mut B::Norms,
+    ones: &B::Buf,
+) -> Result<Reduced<B>> {
+    let s = c.shape;
+    let per_example = match method {
+        Method::Nonprivate => {
+            let mut w = be.zeros(s.p * s.d)?;
+            be.clipped_weight_sum(&c.x, &c.g, ones, s, &mut w, false)?;
+            let bias = match c.bias_id {
+                Some(_) => {
+                    let mut bias = be.zeros(s.p)?;
+                    be.clipped_bias_sum(&c.g, ones, s, &mut bias, false)?;
+                    Some(bias)
+                }
+                None => None,
+            };
+            return Ok(Reduced::Summed {
+                weight_id: c.weight_id,
+                bias_id: c.bias_id,
+                w,
+                bias,
+            });
         }
-        Method::Dpsgd => {
-            let mut norms = be.norms_zeros(b, cfg.micro_batch)?;
-            let mut per = Vec::with_capacity(caps.len());
-            for c in caps {
-                let w = be.per_example_weight_grads(&c.x, &c.g, c.shape)?;
-                be.add_row_sq_norms(&w, b, &mut norms)?;
-                let bias = match c.bias_id {
-                    Some(_) => {
-                        let bg = be.per_example_bias_grads(&c.g, c.shape)?;
-                        be.add_row_sq_norms(&bg, b, &mut norms)?;
-                        Some(bg)
-                    }
-                    None => None,
-                };
-                per.push((w, bias));
-            }
-            let (f, bad) = be.clip_factors(&norms, cfg.clip_norm)?;
-            Ok((Clipping::Materialised(per, f), bad))
-        }
-        Method::Dpzo => unreachable!("dpzo has no backward"),
+        Method::Dpsgd => true,
+        Method::Ghost | Method::Dualpriv => instantiate(s),
+        Method::Dpzo => return Err(Error::Internal("dpzo has no backward".into())),
+    };
+    if !per_example {
+        be.add_layer_sq_norms(
+            &c.x,
+            &c.g,
+            s,
+            s.preferred_method(),
+            c.bias_id.is_some(),
+            norms,
+        )?;
+        return Ok(Reduced::Factored(c));
     }
+    let w = be.per_example_weight_grads(&c.x, &c.g, s)?;
+    be.add_row_sq_norms(&w, s.b, norms)?;
+    let bias = match c.bias_id {
+        Some(_) => {
+            let bg = be.per_example_bias_grads(&c.g, s)?;
+            be.add_row_sq_norms(&bg, s.b, norms)?;
+            Some(bg)
+        }
+        None => None,
+    };
+    Ok(Reduced::PerExample {
+        weight_id: c.weight_id,
+        bias_id: c.bias_id,
+        shape: s,
+        w,
+        bias,
+    })
 }
 
-/// Forms capture `i`'s clipped weight (and bias) sums into `w` / `bias`.
+/// One reduced capture's clipped weight sum Σ_i c_i ∇W ℓ_i and, with a bias, its
+/// clipped bias sum, as `(id, sum)` pairs.
 fn clipped_sums<B: DpBackend>(
     be: &B,
-    clip: &Clipping<B>,
-    i: usize,
-    c: &Capture<B>,
-    w: &mut B::Buf,
-    bias: Option<&mut B::Buf>,
-    accumulate: bool,
-) -> Result<()> {
-    let b = c.shape.b;
-    match clip {
-        Clipping::Ones(f) | Clipping::Factors(f) => {
-            be.clipped_weight_sum(&c.x, &c.g, f, c.shape, w, accumulate)?;
-            if let Some(out) = bias {
-                be.clipped_bias_sum(&c.g, f, c.shape, out, accumulate)?;
+    factors: &B::Buf,
+    r: Reduced<B>,
+) -> Result<Vec<(u32, B::Buf)>> {
+    let mut out = Vec::with_capacity(2);
+    match r {
+        Reduced::Summed {
+            weight_id,
+            bias_id,
+            w,
+            bias,
+        } => {
+            out.push((weight_id, w));
+            if let (Some(id), Some(bg)) = (bias_id, bias) {
+                out.push((id, bg));
             }
         }
-        Clipping::Materialised(per, f) => {
-            be.weighted_row_sum(&per[i].0, f, b, w, accumulate)?;
-            if let (Some(out), Some(bg)) = (bias, per[i].1.as_ref()) {
-                be.weighted_row_sum(bg, f, b, out, accumulate)?;
+        Reduced::Factored(c) => {
+            let s = c.shape;
+            let mut w = be.zeros(s.p * s.d)?;
+            be.clipped_weight_sum(&c.x, &c.g, factors, s, &mut w, false)?;
+            out.push((c.weight_id, w));
+            if let Some(id) = c.bias_id {
+                let mut bg = be.zeros(s.p)?;
+                be.clipped_bias_sum(&c.g, factors, s, &mut bg, false)?;
+                out.push((id, bg));
+            }
+        }
+        Reduced::PerExample {
+            weight_id,
+            bias_id,
+            shape: s,
+            w: per,
+            bias,
+        } => {
+            let mut w = be.zeros(s.p * s.d)?;
+            be.weighted_row_sum(&per, factors, s.b, &mut w, false)?;
+            out.push((weight_id, w));
+            if let (Some(id), Some(per)) = (bias_id, bias) {
+                let mut bg = be.zeros(s.p)?;
+                be.weighted_row_sum(&per, factors, s.b, &mut bg, false)?;
+                out.push((id, bg));
             }
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// The summed (clipped, for DP methods) gradients of a batch, by parameter id:
@@ -333,20 +406,19 @@ pub fn gradient_sums<B: DpBackend>(
         nonfinite: 0,
     };
     for mb in indices.chunks(cfg.micro_batch.max(1)) {
-        let (caps, clip) = forward_clip(backend, model, cfg, key, data, mb, &mut sums)?;
-        for (i, c) in caps.iter().enumerate() {
-            let (w, bias) = capture_sums(backend, &clip, i, c)?;
-            add_into(backend, &mut sums.grads, c.weight_id, w)?;
-            if let (Some(id), Some(bg)) = (c.bias_id, bias) {
-                add_into(backend, &mut sums.grads, id, bg)?;
+        let (reduced, factors) = forward_clip(backend, model, cfg, key, data, mb, &mut sums)?;
+        for r in reduced {
+            for (id, g) in clipped_sums(backend, &factors, r)? {
+                add_into(backend, &mut sums.grads, id, g)?;
             }
         }
     }
     Ok(sums)
 }
 
-/// Forward + backward of one micro-batch and its clip factors. Losses, visual
-/// tokens and dense (embedding) gradients go into `sums`; the captures come back.
+/// Forward + backward of one micro-batch, each capture reduced as it arrives, and
+/// the clip factors (all ones for nonprivate). Losses, visual tokens and dense
+/// (embedding) gradients go into `sums`.
 fn forward_clip<B: DpBackend>(
     be: &B,
     model: &Mllm<B>,
@@ -355,10 +427,17 @@ fn forward_clip<B: DpBackend>(
     data: &dyn DataSource,
     mb: &[usize],
     sums: &mut Sums<B>,
-) -> Result<(Vec<Capture<B>>, Clipping<B>)> {
+) -> Result<(Vec<Reduced<B>>, B::Buf)> {
     let batch = data.collate(mb, cfg.text_len)?;
     let tokens = cfg.train_token_select(key);
-    let fb = model.forward_backward(be, &batch, tokens.as_ref())?;
+    let b = mb.len();
+    let mut norms = be.norms_zeros(b, cfg.micro_batch)?;
+    let ones = be.upload(&vec![1.0; b])?;
+    let mut reduced = Vec::new();
+    let fb = model.forward_backward_with(be, &batch, tokens.as_ref(), &mut |c| {
+        reduced.push(reduce(be, cfg.method, c, &mut norms, &ones)?);
+        Ok(())
+    })?;
     // A non-finite loss is a private statistic's outlier, not a reason to stop:
     // it is left out of the sum (its gradient norm is non-finite too, so its clip
     // factor is 0 and it contributes nothing).
@@ -378,25 +457,12 @@ fn forward_clip<B: DpBackend>(
     for (id, g) in fb.dense_grads {
         add_into(be, &mut sums.grads, id, g)?;
     }
-    let (clip, bad) = clipping(be, cfg, &fb.captures, mb.len())?;
+    if !cfg.method.is_private() {
+        return Ok((reduced, ones));
+    }
+    let (factors, bad) = be.clip_factors(&norms, cfg.clip_norm)?;
     sums.nonfinite += bad;
-    Ok((fb.captures, clip))
-}
-
-/// Capture `i`'s clipped weight sum and, when it has a bias, its clipped bias sum.
-fn capture_sums<B: DpBackend>(
-    be: &B,
-    clip: &Clipping<B>,
-    i: usize,
-    c: &Capture<B>,
-) -> Result<(B::Buf, Option<B::Buf>)> {
-    let mut w = be.zeros(c.shape.p * c.shape.d)?;
-    let mut bias = match c.bias_id {
-        Some(_) => Some(be.zeros(c.shape.p)?),
-        None => None,
-    };
-    clipped_sums(be, clip, i, c, &mut w, bias.as_mut(), false)?;
-    Ok((w, bias))
+    Ok((reduced, factors))
 }
 
 fn add_into<B: DpBackend>(
@@ -450,14 +516,10 @@ fn gradient_step<B: DpBackend>(
     };
     let mut applied: Vec<u32> = Vec::new();
     for mb in &micro {
-        let (caps, clip) = forward_clip(be, &*ctx.model, cfg, ctx.key, ctx.data, mb, &mut sums)?;
-        for (i, c) in caps.iter().enumerate() {
-            let (w, bias) = capture_sums(be, &clip, i, c)?;
-            let mut parts = vec![(c.weight_id, w)];
-            if let (Some(id), Some(bg)) = (c.bias_id, bias) {
-                parts.push((id, bg));
-            }
-            for (id, g) in parts {
+        let (reduced, factors) =
+            forward_clip(be, &*ctx.model, cfg, ctx.key, ctx.data, mb, &mut sums)?;
+        for r in reduced {
+            for (id, g) in clipped_sums(be, &factors, r)? {
                 if streaming {
                     // Noised, applied and dropped before the next tensor's sum exists.
                     let r = apply(ctx, &[(id, &g)], &ucfg)?;
