@@ -531,6 +531,26 @@ impl<B: Backend> Mllm<B> {
         }
     }
 
+    /// The selected vision features `[b, V, D_vision]` of a batch (vision tower and
+    /// token selection), the projector's input. The tower is frozen, so they do not
+    /// depend on anything training changes: callers that evaluate one batch at
+    /// several parameter values (DPZO's θ ± λz) compute them once
+    /// ([`Self::per_example_loss_from`]).
+    pub fn vision_features(
+        &self,
+        be: &B,
+        batch: &Batch,
+        tokens: Option<&TokenSelectConfig>,
+    ) -> Result<B::Buf> {
+        let (b, _) = self.check_batch(batch)?;
+        let v = self.visual_tokens(tokens);
+        let lay = SeqLayout::new(batch, v);
+        let blanked = lay.blank_text_only(&batch.images);
+        let images = be.upload(blanked.as_deref().unwrap_or(&batch.images))?;
+        let vo = self.vit.forward(be, &self.store, &images, b)?;
+        self.select(be, vo, b, tokens)
+    }
+
     fn forward(
         &self,
         be: &B,
@@ -539,17 +559,34 @@ impl<B: Backend> Mllm<B> {
         train: bool,
         with_loss: bool,
     ) -> Result<Fwd<B>> {
+        let feats = self.vision_features(be, batch, tokens)?;
+        self.forward_from(be, batch, tokens, feats, train, with_loss)
+    }
+
+    /// The forward from the vision features on (projector, sequence, decoder, loss).
+    fn forward_from(
+        &self,
+        be: &B,
+        batch: &Batch,
+        tokens: Option<&TokenSelectConfig>,
+        feats: B::Buf,
+        train: bool,
+        with_loss: bool,
+    ) -> Result<Fwd<B>> {
         let (b, t) = self.check_batch(batch)?;
         let st = &self.store;
         let lc = &self.cfg.llm;
         let d = lc.hidden;
-        // Vision tower, token selection, projector.
         let v = self.visual_tokens(tokens);
         let lay = SeqLayout::new(batch, v);
-        let blanked = lay.blank_text_only(&batch.images);
-        let images = be.upload(blanked.as_deref().unwrap_or(&batch.images))?;
-        let vo = self.vit.forward(be, st, &images, b)?;
-        let feats = self.select(be, vo, b, tokens)?;
+        let want = b * v * self.cfg.vision.hidden;
+        if be.len(&feats) != want {
+            return Err(Error::Shape(format!(
+                "vision features hold {} values; the batch needs {b} × {v} × {} = {want}",
+                be.len(&feats),
+                self.cfg.vision.hidden
+            )));
+        }
         let (vis, proj) = self.proj.forward(be, st, feats, b * v)?;
         // Text embedding and the sequence [visual, text].
         let ids = be.upload_ids(&batch.input_ids)?;
@@ -806,6 +843,25 @@ impl<B: Backend> Mllm<B> {
         }
         let f = self.forward(backend, batch, tokens, false, true)?;
         f.per_ex.ok_or_else(|| Error::Shape("no losses".into()))
+    }
+
+    /// Per-example losses ℓ_i from the batch's [`Self::vision_features`] (forward
+    /// only; DPZero's two evaluations share one vision forward).
+    pub fn per_example_loss_from(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        tokens: Option<&TokenSelectConfig>,
+        feats: &B::Buf,
+    ) -> Result<Vec<f32>> {
+        if batch.size == 0 {
+            self.check_batch(batch)?;
+            return Ok(vec![]);
+        }
+        let feats = backend.duplicate(feats)?;
+        let f = self.forward_from(backend, batch, tokens, feats, false, true)?;
+        let buf = f.per_ex.ok_or_else(|| Error::Shape("no losses".into()))?;
+        backend.download(&buf)
     }
 
     /// Per-example losses ℓ_i (forward only: evaluation, DPZero).

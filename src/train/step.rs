@@ -574,19 +574,42 @@ fn perturb<B: DpBackend>(ctx: &mut StepContext<'_, B>, draw: u32, scale: f32) ->
     Ok(())
 }
 
-fn losses<B: DpBackend>(ctx: &StepContext<'_, B>, micro: &[&[usize]]) -> Result<(Vec<f32>, usize)> {
-    let mut all = Vec::new();
-    let mut vis = 0;
+/// One micro-batch of DPZO's: the collated batch and its vision features, which
+/// θ ± λz share (the vision tower is frozen).
+struct ZoBatch<B: DpBackend> {
+    batch: crate::data::Batch,
+    feats: B::Buf,
+}
+
+fn zo_batches<B: DpBackend>(
+    ctx: &StepContext<'_, B>,
+    micro: &[&[usize]],
+) -> Result<Vec<ZoBatch<B>>> {
     let tokens = ctx.cfg.train_token_select(ctx.key);
-    for mb in micro {
-        let batch = ctx.data.collate(mb, ctx.cfg.text_len)?;
-        all.extend(
-            ctx.model
-                .per_example_loss(ctx.backend, &batch, tokens.as_ref())?,
-        );
-        vis = ctx.model.visual_tokens(tokens.as_ref());
+    micro
+        .iter()
+        .map(|mb| {
+            let batch = ctx.data.collate(mb, ctx.cfg.text_len)?;
+            let feats = ctx
+                .model
+                .vision_features(ctx.backend, &batch, tokens.as_ref())?;
+            Ok(ZoBatch { batch, feats })
+        })
+        .collect()
+}
+
+fn losses<B: DpBackend>(ctx: &StepContext<'_, B>, batches: &[ZoBatch<B>]) -> Result<Vec<f32>> {
+    let tokens = ctx.cfg.train_token_select(ctx.key);
+    let mut all = Vec::new();
+    for zb in batches {
+        all.extend(ctx.model.per_example_loss_from(
+            ctx.backend,
+            &zb.batch,
+            tokens.as_ref(),
+            &zb.feats,
+        )?);
     }
-    Ok((all, vis))
+    Ok(all)
 }
 
 /// DPZO's clipped sum of one batch: Σ_i clip((ℓ_i(θ+λz) − ℓ_i(θ−λz)) / 2λ, ±C),
@@ -612,10 +635,17 @@ pub fn dpzo_clipped_sum<B: DpBackend>(
     let cfg = ctx.cfg;
     let lambda = cfg.dpzo_lambda;
     let micro: Vec<&[usize]> = indices.chunks(cfg.micro_batch.max(1)).collect();
+    let batches = zo_batches(ctx, &micro)?;
+    let visual_tokens = if batches.is_empty() {
+        0
+    } else {
+        ctx.model
+            .visual_tokens(ctx.cfg.train_token_select(ctx.key).as_ref())
+    };
     perturb(ctx, draw, lambda)?;
-    let (plus, visual_tokens) = losses(ctx, &micro)?;
+    let plus = losses(ctx, &batches)?;
     perturb(ctx, draw, -2.0 * lambda)?;
-    let (minus, _) = losses(ctx, &micro)?;
+    let minus = losses(ctx, &batches)?;
     perturb(ctx, draw, lambda)?;
     let c = f64::from(cfg.clip_norm);
     // A non-finite difference is dropped (contributes 0, like clip factor 0), and
