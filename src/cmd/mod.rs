@@ -7,6 +7,7 @@
 //! * [`train`]: one DP fine-tune, or the resume of one;
 //! * [`eval`]: test accuracy of a checkpoint;
 //! * [`export`]: a run's LoRA adapter as a PEFT adapter folder;
+//! * [`inspect`]: a model's host memory when loaded, and its device memory plan;
 //! * [`account`]: ε for a noise multiplier, or the σ for a target ε;
 //! * [`demo`]: the README's main job, every method fine-tuned and evaluated;
 //! * [`pretrain`]: non-private pretraining of the public starting checkpoint;
@@ -18,6 +19,7 @@ pub mod bench;
 pub mod demo;
 pub mod eval;
 pub mod export;
+pub mod inspect;
 pub mod pretrain;
 pub mod train;
 
