@@ -79,7 +79,9 @@ impl Drop for MeterBuf {
         self.c
             .live
             .fetch_sub(4 * size_class(self.len) as u64, Relaxed);
-        self.c.requested_live.fetch_sub(4 * self.len as u64, Relaxed);
+        self.c
+            .requested_live
+            .fetch_sub(4 * self.len as u64, Relaxed);
     }
 }
 
@@ -109,8 +111,8 @@ impl Meter {
     }
 
     fn buf(&self, len: usize) -> MeterBuf {
-        let live = self.c.live.fetch_add(4 * size_class(len) as u64, Relaxed)
-            + 4 * size_class(len) as u64;
+        let live =
+            self.c.live.fetch_add(4 * size_class(len) as u64, Relaxed) + 4 * size_class(len) as u64;
         self.c.peak.fetch_max(live, Relaxed);
         let req = self.c.requested_live.fetch_add(4 * len as u64, Relaxed) + 4 * len as u64;
         self.c.requested_peak.fetch_max(req, Relaxed);
@@ -157,7 +159,12 @@ impl Backend for Meter {
         Ok(self.buf(src.len))
     }
 
-    unsafe fn copy_blocks_unchecked(&self, _: &mut MeterBuf, _: &MeterBuf, _: Blocks) -> Result<()> {
+    unsafe fn copy_blocks_unchecked(
+        &self,
+        _: &mut MeterBuf,
+        _: &MeterBuf,
+        _: Blocks,
+    ) -> Result<()> {
         Ok(())
     }
     unsafe fn matmul_unchecked(
@@ -259,7 +266,12 @@ impl Backend for Meter {
     unsafe fn gelu_fwd_unchecked(&self, _: &mut MeterBuf, _: &MeterBuf) -> Result<()> {
         Ok(())
     }
-    unsafe fn gelu_bwd_unchecked(&self, _: &mut MeterBuf, _: &MeterBuf, _: &MeterBuf) -> Result<()> {
+    unsafe fn gelu_bwd_unchecked(
+        &self,
+        _: &mut MeterBuf,
+        _: &MeterBuf,
+        _: &MeterBuf,
+    ) -> Result<()> {
         Ok(())
     }
     unsafe fn gelu_erf_fwd_unchecked(&self, _: &mut MeterBuf, _: &MeterBuf) -> Result<()> {
@@ -273,7 +285,12 @@ impl Backend for Meter {
     ) -> Result<()> {
         Ok(())
     }
-    unsafe fn swiglu_fwd_unchecked(&self, _: &mut MeterBuf, _: &MeterBuf, _: &MeterBuf) -> Result<()> {
+    unsafe fn swiglu_fwd_unchecked(
+        &self,
+        _: &mut MeterBuf,
+        _: &MeterBuf,
+        _: &MeterBuf,
+    ) -> Result<()> {
         Ok(())
     }
     unsafe fn swiglu_bwd_unchecked(
@@ -315,7 +332,12 @@ impl Backend for Meter {
     ) -> Result<()> {
         Ok(())
     }
-    unsafe fn patchify_unchecked(&self, _: &mut MeterBuf, _: &MeterBuf, _: PatchShape) -> Result<()> {
+    unsafe fn patchify_unchecked(
+        &self,
+        _: &mut MeterBuf,
+        _: &MeterBuf,
+        _: PatchShape,
+    ) -> Result<()> {
         Ok(())
     }
     unsafe fn select_tokens_unchecked(
@@ -397,11 +419,10 @@ impl DpBackend for Meter {
         _: &MeterBuf,
         s: LinearShape,
     ) -> Result<MeterBuf> {
-        let n = s
-            .b
-            .checked_mul(s.p)
-            .and_then(|v| v.checked_mul(s.d))
-            .ok_or_else(|| Error::Shape(format!("per-example gradients of {s:?} overflow")))?;
+        let n =
+            s.b.checked_mul(s.p)
+                .and_then(|v| v.checked_mul(s.d))
+                .ok_or_else(|| Error::Shape(format!("per-example gradients of {s:?} overflow")))?;
         Ok(self.buf(n))
     }
     unsafe fn per_example_bias_grads_unchecked(
@@ -468,7 +489,11 @@ mod tests {
     #[test]
     fn size_class_is_the_cuda_pools() {
         for n in (0..70_000).chain([1 << 20, (1 << 30) + 12345, 5_000_000_007]) {
-            assert_eq!(size_class(n), crate::backend::cuda::pool::size_class(n), "{n}");
+            assert_eq!(
+                size_class(n),
+                crate::backend::cuda::pool::size_class(n),
+                "{n}"
+            );
         }
     }
 }

@@ -790,10 +790,16 @@ fn run_inspect(
     }
     let spec = ModelSpec {
         preset: match (&model, preset) {
-            (Some(dir), _) => format!("{}{}", dualpriv::train::checkpoint::HF_PRESET, dir.display()),
+            (Some(dir), _) => format!(
+                "{}{}",
+                dualpriv::train::checkpoint::HF_PRESET,
+                dir.display()
+            ),
             (None, Some(p)) => p,
             (None, None) => {
-                return Err(Error::Config("inspect --plan needs --model DIR or --preset NAME".into()))
+                return Err(Error::Config(
+                    "inspect --plan needs --model DIR or --preset NAME".into(),
+                ))
             }
         },
         lora_rank: Some(lora_rank),
@@ -810,7 +816,9 @@ fn run_inspect(
         gib(p.weight_bytes),
         p.text_len
     );
-    println!("| method | peak GiB (pool classes) | peak GiB (requested) | resident after step GiB |");
+    println!(
+        "| method | peak GiB (pool classes) | peak GiB (requested) | resident after step GiB |"
+    );
     println!("|---|---|---|---|");
     for r in &p.rows {
         println!(
