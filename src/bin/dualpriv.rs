@@ -774,7 +774,7 @@ fn run_inspect(
         if let Some(h) = r.peak_heap {
             println!(
                 "peak heap {h} bytes ({:.3} GiB, {:.4}x the f32 model)",
-                gib(h as u64),
+                gib(h),
                 h as f64 / r.f32_bytes as f64
             );
         }
