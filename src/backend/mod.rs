@@ -23,6 +23,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dp;
+pub mod meter;
 
 use crate::vision::tokens::{TokenSelectConfig, TokenShape};
 use crate::Result;

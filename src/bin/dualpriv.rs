@@ -137,6 +137,37 @@ enum Cmd {
         #[arg(long)]
         merged: Option<PathBuf>,
     },
+    /// Memory of a model without training it: with --model alone, loads a transformers
+    /// LLaVA folder on the CPU and prints the parameter counts, the f32 bytes and the
+    /// process's peak resident set (the loader's host-memory bound); with --plan, the
+    /// device memory of one training step of each method (the model code run on
+    /// buffer sizes only; no GPU needed), for --preset or --model's config.json.
+    ///
+    /// Examples:
+    ///   dualpriv inspect --model path/to/llava-1.5-7b-hf
+    ///   dualpriv inspect --plan --model path/to/llava-1.5-7b-hf --lora-rank 128 --batch 4
+    ///   dualpriv inspect --plan --preset llava-7b --lora-rank 128 --batch 4 --method dualpriv
+    #[command(verbatim_doc_comment)]
+    Inspect {
+        /// A transformers LLaVA folder (with --plan only its config.json is read).
+        #[arg(long, required_unless_present = "preset")]
+        model: Option<PathBuf>,
+        /// A model preset (with --plan).
+        #[arg(long, conflicts_with = "model", requires = "plan")]
+        preset: Option<String>,
+        /// Print the device memory plan instead of loading the weights.
+        #[arg(long)]
+        plan: bool,
+        /// LoRA rank on every decoder linear (α = 2r).
+        #[arg(long, default_value_t = 128)]
+        lora_rank: usize,
+        /// Examples per step (with --plan).
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Comma list of methods, or "all" (with --plan).
+        #[arg(long, default_value = "all")]
+        method: String,
+    },
     /// Step time, memory and throughput of each training method on a fixed batch.
     ///
     /// Examples:
@@ -376,6 +407,14 @@ fn main() -> ExitCode {
                 true
             })
         }
+        Cmd::Inspect {
+            model,
+            preset,
+            plan,
+            lora_rank,
+            batch,
+            method,
+        } => run_inspect(model, preset, plan, lora_rank, batch, &method).map(|()| true),
         Cmd::Export { run, peft, merged } => (|| -> Result<bool> {
             if let Some(peft) = peft {
                 let r = export::export_peft(&ExportArgs {
@@ -976,6 +1015,92 @@ fn train_on<B: DpBackend>(be: &B, a: &TrainArgs) -> Result<()> {
         ),
     }
     report(job.run()?);
+    Ok(())
+}
+
+/// `dualpriv inspect`: a load's host memory, or a step's device memory plan.
+fn run_inspect(
+    model: Option<PathBuf>,
+    preset: Option<String>,
+    plan: bool,
+    lora_rank: usize,
+    batch: usize,
+    method: &str,
+) -> Result<()> {
+    use dualpriv::cmd::inspect;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if !plan {
+        let dir = model.ok_or_else(|| Error::Config("inspect needs --model DIR".into()))?;
+        let r = inspect::load(&dir, lora_rank)?;
+        println!("{}", r.summary);
+        for (g, n) in &r.groups {
+            println!("  {g:<17} {n:>14} values");
+        }
+        println!(
+            "converted f32 model: {} bytes ({:.3} GiB); tensor files on disk {:.3} GiB; load {:.1} s",
+            r.f32_bytes,
+            gib(r.f32_bytes),
+            gib(r.file_bytes),
+            r.seconds
+        );
+        if let Some(h) = r.peak_heap {
+            println!(
+                "peak heap {h} bytes ({:.3} GiB, {:.4}x the f32 model)",
+                gib(h),
+                h as f64 / r.f32_bytes as f64
+            );
+        }
+        match r.peak_rss {
+            Some(p) => println!(
+                "peak RSS (VmHWM) {p} bytes ({:.3} GiB, {:.4}x the f32 model)",
+                gib(p),
+                p as f64 / r.f32_bytes as f64
+            ),
+            None => println!("peak RSS: /proc/self/status is not readable here"),
+        }
+        return Ok(());
+    }
+    let spec = ModelSpec {
+        preset: match (&model, preset) {
+            (Some(dir), _) => format!(
+                "{}{}",
+                dualpriv::train::checkpoint::HF_PRESET,
+                dir.display()
+            ),
+            (None, Some(p)) => p,
+            (None, None) => {
+                return Err(Error::Config(
+                    "inspect --plan needs --model DIR or --preset NAME".into(),
+                ))
+            }
+        },
+        lora_rank: Some(lora_rank),
+        lora_alpha: 2.0 * lora_rank as f32,
+        full_groups: vec![],
+    };
+    let p = inspect::plan(&spec, batch, &parse_methods(method)?)?;
+    println!(
+        "model {}: {} base + {} trainable parameters; weights on the device {:.2} GiB (f32); \
+         batch {batch}, {} text tokens, LoRA r={lora_rank}",
+        p.model,
+        p.base_params,
+        p.trainable_params,
+        gib(p.weight_bytes),
+        p.text_len
+    );
+    println!(
+        "| method | peak GiB (pool classes) | peak GiB (requested) | resident after step GiB |"
+    );
+    println!("|---|---|---|---|");
+    for r in &p.rows {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} |",
+            r.method,
+            gib(r.peak_bytes),
+            gib(r.requested_peak_bytes),
+            gib(r.resident_bytes)
+        );
+    }
     Ok(())
 }
 

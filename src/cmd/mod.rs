@@ -9,6 +9,7 @@
 //!   generation on LLaVA conversation data;
 //! * [`generate`]: greedy decoding with a transformers LLaVA folder (and adapter);
 //! * [`export`]: a run's LoRA adapter as a PEFT adapter folder;
+//! * [`inspect`]: a model's host memory when loaded, and its device memory plan;
 //! * [`account`]: ε for a noise multiplier, or the σ for a target ε;
 //! * [`demo`]: the README's main job, every method fine-tuned and evaluated;
 //! * [`pretrain`]: non-private pretraining of the public starting checkpoint;
@@ -21,6 +22,7 @@ pub mod demo;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod inspect;
 pub mod pretrain;
 pub mod train;
 

@@ -66,7 +66,8 @@ fn stored_shape(name: &str, shape: &[usize], patch: usize) -> Vec<usize> {
 
 /// Loads `dir` (config.json + safetensors) as a model in `mode`. LoRA tensors are
 /// initialised from `seed`; every other tensor must be in the checkpoint with the
-/// shape the config implies. Peak host memory: the model plus one tensor.
+/// shape the config implies. Peak host memory: the model plus one tensor (the
+/// host buffer of the largest; measured with `dualpriv inspect --model DIR`).
 pub fn load_llava<B: Backend>(
     backend: &B,
     dir: &Path,
@@ -117,10 +118,13 @@ pub fn load_llava<B: Backend>(
         let stored = stored_shape(name, &shape, config.model.vision.patch_size);
         host.resize(shape.iter().product(), 0.0);
         ck.read_into(&hf, &stored, &mut host)?;
-        let buf = backend.upload(&host)?;
-        *model
+        let slot = model
             .tensor_mut(name)
-            .ok_or_else(|| Error::Internal(format!("tensor {name} vanished")))? = buf;
+            .ok_or_else(|| Error::Internal(format!("tensor {name} vanished")))?;
+        // Free the zero placeholder before the upload: otherwise the placeholder,
+        // the host copy and the uploaded tensor coexist (model + two tensors).
+        *slot = backend.zeros(0)?;
+        *slot = backend.upload(&host)?;
         used.insert(hf);
     }
     let skipped: Vec<String> = ck.unused(&used).into_iter().map(String::from).collect();
