@@ -29,6 +29,13 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do cp "$exe" "$bundle/tests/$name"; done
   strip "$bundle/dualpriv" "$bundle"/tests/* 2>/dev/null || true
+  # The torch peers (scripts/bench-peers.sh) in the repo layout it expects, and the
+  # opacus wheel, which the GPU machine (no network) lacks.
+  mkdir -p "$bundle/peers/scripts" "$bundle/peers/benches/peers/wheels"
+  cp scripts/bench-peers.sh "$bundle/peers/scripts/"
+  cp benches/peers/*.py "$bundle/peers/benches/peers/"
+  python3 -m pip download --quiet --no-deps opacus==1.6.0 -d "$bundle/peers/benches/peers/wheels" ||
+    echo "WARNING: could not download the opacus wheel; the GPU peer bench will fail"
   git rev-parse --short HEAD > "$bundle/COMMIT" 2>/dev/null || true
   du -sh "$bundle"
   ls "$bundle/tests"
@@ -97,6 +104,23 @@ run() {
     [ $rc -ne 0 ] && fails=$((fails + 1))
     { echo; echo "## $name (rc=$rc, $((SECONDS - t0)) s): dualpriv $args"; tail -n 20 "$out/$name.md"; } >> "$out/SUMMARY.md"
   done
+  # The peer table on the GPU (issue 12 §3): tiny always; llava-7b (LoRA r = 128,
+  # B = 4) and tinyllava-1b (B = 8) when DUALPRIV_GPU_PEERS_LARGE=1, as they need
+  # several minutes of the session's device time.
+  if [ -x "$bundle/peers/scripts/bench-peers.sh" ]; then
+    local peers="tiny:32:180" spec preset batch secs
+    [ "${DUALPRIV_GPU_PEERS_LARGE:-0}" = 1 ] && peers="$peers llava-7b:4:300 tinyllava-1b:8:240"
+    for spec in $peers; do
+      IFS=':' read -r preset batch secs <<< "$spec"
+      local t0=$SECONDS
+      DUALPRIV_BIN="$bundle/dualpriv" timeout "$secs" "$bundle/peers/scripts/bench-peers.sh" \
+        --device cuda --preset "$preset" --batch "$batch" --rounds 2 --steps 3 \
+        --out "$out/peers-$preset" > "$out/peers-$preset.log" 2>&1
+      local rc=$?
+      [ $rc -ne 0 ] && fails=$((fails + 1))
+      { echo; echo "## peers $preset B=$batch (rc=$rc, $((SECONDS - t0)) s)"; tail -n 30 "$out/peers-$preset.log"; } >> "$out/SUMMARY.md"
+    done
+  fi
   echo "failures: $fails" >> "$out/SUMMARY.md"
   cat "$out/SUMMARY.md"
   return $(( fails > 0 ))

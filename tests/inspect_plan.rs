@@ -46,9 +46,10 @@ fn llava_7b_step_frees_each_layer_as_its_backward_ends() {
     let l = 576 + p.text_len as u64 - 1;
     let rows = b * l;
     // Llama::layer_forward's LayerCache: x_in, ln1, q, k, v, att, x_mid, ln2 (D
-    // each; MHA so k, v are D), gate, up, act (F each), 7 LoRA u (r each), two
-    // rstd, and the attention probabilities b·H·l².
-    let cache = rows * (8 * d + 3 * f + 7 * rank + 2) + b * hq * l * l;
+    // each; MHA so k, v are D), gate, up (F each; the backward recomputes
+    // silu(gate)·up), 7 LoRA u (r each), two rstd, and the attention
+    // probabilities b·H·l².
+    let cache = rows * (8 * d + 2 * f + 7 * rank + 2) + b * hq * l * l;
     let weights = 4 * (p.base_params + p.trainable_params);
     // At the end of the forward every layer's cache is alive.
     let lower = weights + 4 * 32 * cache;

@@ -11,9 +11,8 @@
 #![allow(clippy::too_many_arguments)] // llm.c-style explicit activations
 
 use super::config::{FullGroup, LlmConfig, LoraTarget, TrainMode};
-use super::lora::Linear;
+use super::lora::{CaptureSink, Linear};
 use super::weights::{Builder, Init, Store};
-use super::Capture;
 use crate::backend::{AttnShape, Backend, RopeShape, RowShape};
 use crate::Result;
 use std::sync::Arc;
@@ -65,7 +64,8 @@ pub(crate) struct LayerCache<B: Backend> {
     rstd2: B::Buf,
     gate: B::Buf,
     up: B::Buf,
-    act: Arc<B::Buf>,
+    // Not `act = silu(gate)·up`: the backward recomputes it (one elementwise pass)
+    // instead of holding F values per row for the whole step.
 }
 
 impl Llama {
@@ -184,7 +184,10 @@ impl Llama {
         self.layers.iter().position(|l| l.trainable())
     }
 
-    /// One layer forward on `[b, t, D]`; returns the output and the cache.
+    /// One layer forward on `[b, t, D]`; returns the output and, when `keep`, the
+    /// cache its backward reads. Without `keep` (DPZO, evaluation) each
+    /// intermediate is freed at its last use and the residual adds run in place,
+    /// so a forward-only pass holds about one projection's activations at a time.
     pub fn layer_forward<B: Backend>(
         &self,
         be: &B,
@@ -192,7 +195,8 @@ impl Llama {
         i: usize,
         x_in: B::Buf,
         (b, t): (usize, usize),
-    ) -> Result<(B::Buf, LayerCache<B>)> {
+        keep: bool,
+    ) -> Result<(B::Buf, Option<LayerCache<B>>)> {
         let l = &self.layers[i];
         let c = &self.cfg;
         let rows = b * t;
@@ -207,60 +211,89 @@ impl Llama {
         let (mut q, uq) = l.q.forward(be, st, &ln1, rows)?;
         let (mut k, uk) = l.k.forward(be, st, &ln1, rows)?;
         let (v, uv) = l.v.forward(be, st, &ln1, rows)?;
+        let ln1 = keep.then_some((ln1, rstd1));
         be.rope_fwd(&mut q, self.rope_shape(b, t, c.heads))?;
         be.rope_fwd(&mut k, self.rope_shape(b, t, c.kv_heads))?;
         let shape = self.attn_shape(b, t);
         let mut att = be.zeros(shape.q_len())?;
         let mut probs = be.zeros(shape.probs_len())?;
         be.attention_fwd(&mut att, &mut probs, &q, &k, &v, shape)?;
+        let qkvp = keep.then_some((q, k, v, probs));
         let att = Arc::new(att);
         let (o, uo) = l.o.forward(be, st, &att, rows)?;
-        let mut x_mid = be.duplicate(&x_in)?;
+        let att = keep.then_some(att);
+        // x_mid = x_in + o; in place when x_in need not be kept.
+        let (x_in, mut x_mid) = if keep {
+            let m = be.duplicate(&x_in)?;
+            (Some(x_in), m)
+        } else {
+            (None, x_in)
+        };
         be.axpy(&mut x_mid, 1.0, &o)?;
+        drop(o);
         let mut ln2 = be.zeros(rows * c.hidden)?;
         let mut rstd2 = be.zeros(rows)?;
         be.rmsnorm_fwd(&mut ln2, &mut rstd2, &x_mid, st.buf(l.ln2), rs, c.rms_eps)?;
         let ln2 = Arc::new(ln2);
         let (gate, ug) = l.gate.forward(be, st, &ln2, rows)?;
         let (up, uu) = l.up.forward(be, st, &ln2, rows)?;
+        let ln2 = keep.then_some((ln2, rstd2));
         let mut act = be.zeros(rows * c.mlp)?;
         be.swiglu_fwd(&mut act, &gate, &up)?;
-        let act = Arc::new(act);
+        let gate_up = keep.then_some((gate, up));
         let (down, ud) = l.down.forward(be, st, &act, rows)?;
-        let mut x_out = be.duplicate(&x_mid)?;
+        drop(act);
+        let (x_mid, mut x_out) = if keep {
+            let out = be.duplicate(&x_mid)?;
+            (Some(x_mid), out)
+        } else {
+            (None, x_mid)
+        };
         be.axpy(&mut x_out, 1.0, &down)?;
-        let cache = LayerCache {
-            x_in,
-            ln1,
-            rstd1,
-            q,
-            k,
-            v,
-            u: [uq, uk, uv, uo, ug, uu, ud],
-            probs,
-            att,
-            x_mid,
-            ln2,
-            rstd2,
-            gate,
-            up,
-            act,
+        let cache = match (x_in, ln1, qkvp, att, x_mid, ln2, gate_up) {
+            (
+                Some(x_in),
+                Some((ln1, rstd1)),
+                Some((q, k, v, probs)),
+                Some(att),
+                Some(x_mid),
+                Some((ln2, rstd2)),
+                Some((gate, up)),
+            ) => Some(LayerCache {
+                x_in,
+                ln1,
+                rstd1,
+                q,
+                k,
+                v,
+                u: [uq, uk, uv, uo, ug, uu, ud],
+                probs,
+                att,
+                x_mid,
+                ln2,
+                rstd2,
+                gate,
+                up,
+            }),
+            _ => None,
         };
         Ok((x_out, cache))
     }
 
     /// One layer backward: `dx` is the gradient of the layer output; returns the
-    /// gradient of its input when `need_dx`.
+    /// gradient of its input when `need_dx`. It consumes the layer's cache and
+    /// frees each saved activation after its last use, so the layer in flight
+    /// gives memory back as its backward proceeds.
     pub fn layer_backward<B: Backend>(
         &self,
         be: &B,
         st: &Store<B>,
         i: usize,
-        c: &LayerCache<B>,
+        c: LayerCache<B>,
         dx: B::Buf,
         (b, t): (usize, usize),
         need_dx: bool,
-        caps: &mut Vec<Capture<B>>,
+        sink: &mut CaptureSink<'_, B>,
     ) -> Result<Option<B::Buf>> {
         let l = &self.layers[i];
         let cfg = &self.cfg;
@@ -270,75 +303,85 @@ impl Llama {
             dim: cfg.hidden,
         };
         let bt = (b, t);
-        let u = |j: usize| c.u[j].as_ref();
+        let LayerCache {
+            x_in,
+            ln1,
+            rstd1,
+            q,
+            k,
+            v,
+            u,
+            probs,
+            att,
+            x_mid,
+            ln2,
+            rstd2,
+            gate,
+            up,
+        } = c;
+        let u = |j: usize| u[j].as_ref();
         let dx = Arc::new(dx);
         // MLP branch: x_out = x_mid + down(swiglu(gate(m), up(m))), m = RMSNorm₂(x_mid)
+        let mut act = be.zeros(rows * cfg.mlp)?;
+        be.swiglu_fwd(&mut act, &gate, &up)?;
+        let act = Arc::new(act);
         let dact = l
             .down
-            .backward(be, st, &c.act, u(6), Arc::clone(&dx), bt, true, caps)?;
+            .backward(be, st, &act, u(6), Arc::clone(&dx), bt, true, sink)?;
+        drop(act);
         let dact =
             dact.ok_or_else(|| crate::Error::Shape("missing down_proj input gradient".into()))?;
         let mut dgate = be.zeros(rows * cfg.mlp)?;
         let mut dup = be.zeros(rows * cfg.mlp)?;
-        be.swiglu_bwd(&mut dgate, &mut dup, &dact, &c.gate, &c.up)?;
+        be.swiglu_bwd(&mut dgate, &mut dup, &dact, &gate, &up)?;
+        drop((dact, gate, up));
         let mut dln2 = be.zeros(rows * cfg.hidden)?;
         if let Some(d) = l
             .gate
-            .backward(be, st, &c.ln2, u(4), Arc::new(dgate), bt, true, caps)?
+            .backward(be, st, &ln2, u(4), Arc::new(dgate), bt, true, sink)?
         {
             be.axpy(&mut dln2, 1.0, &d)?;
         }
         if let Some(d) =
-            l.up.backward(be, st, &c.ln2, u(5), Arc::new(dup), bt, true, caps)?
+            l.up.backward(be, st, &ln2, u(5), Arc::new(dup), bt, true, sink)?
         {
             be.axpy(&mut dln2, 1.0, &d)?;
         }
+        drop(ln2);
         let mut dmid = be.zeros(rows * cfg.hidden)?;
         let mut dw = be.zeros(cfg.hidden)?;
-        be.rmsnorm_bwd(
-            &mut dmid,
-            &mut dw,
-            &dln2,
-            &c.x_mid,
-            st.buf(l.ln2),
-            &c.rstd2,
-            rs,
-        )?;
+        be.rmsnorm_bwd(&mut dmid, &mut dw, &dln2, &x_mid, st.buf(l.ln2), &rstd2, rs)?;
+        drop((dln2, x_mid, rstd2));
         be.axpy(&mut dmid, 1.0, &dx)?;
+        drop(dx);
         let dmid = Arc::new(dmid);
         // Attention branch: x_mid = x_in + o(attn(rope(q(n)), rope(k(n)), v(n))), n = RMSNorm₁(x_in)
         let datt =
-            l.o.backward(be, st, &c.att, u(3), Arc::clone(&dmid), bt, true, caps)?;
+            l.o.backward(be, st, &att, u(3), Arc::clone(&dmid), bt, true, sink)?;
+        drop(att);
         let datt =
             datt.ok_or_else(|| crate::Error::Shape("missing o_proj input gradient".into()))?;
         let shape = self.attn_shape(b, t);
         let mut dq = be.zeros(shape.q_len())?;
         let mut dk = be.zeros(shape.kv_len())?;
         let mut dv = be.zeros(shape.kv_len())?;
-        be.attention_bwd(
-            &mut dq, &mut dk, &mut dv, &datt, &c.q, &c.k, &c.v, &c.probs, shape,
-        )?;
+        be.attention_bwd(&mut dq, &mut dk, &mut dv, &datt, &q, &k, &v, &probs, shape)?;
+        drop((datt, q, k, v, probs));
         be.rope_bwd(&mut dq, self.rope_shape(b, t, cfg.heads))?;
         be.rope_bwd(&mut dk, self.rope_shape(b, t, cfg.kv_heads))?;
         let mut dln1 = be.zeros(rows * cfg.hidden)?;
         for (lin, j, g) in [(&l.q, 0, dq), (&l.k, 1, dk), (&l.v, 2, dv)] {
-            if let Some(d) = lin.backward(be, st, &c.ln1, u(j), Arc::new(g), bt, need_dx, caps)? {
+            if let Some(d) = lin.backward(be, st, &ln1, u(j), Arc::new(g), bt, need_dx, sink)? {
                 be.axpy(&mut dln1, 1.0, &d)?;
             }
         }
+        drop(ln1);
         if !need_dx {
             return Ok(None);
         }
         let mut din = be.zeros(rows * cfg.hidden)?;
-        be.rmsnorm_bwd(
-            &mut din,
-            &mut dw,
-            &dln1,
-            &c.x_in,
-            st.buf(l.ln1),
-            &c.rstd1,
-            rs,
-        )?;
+        be.rmsnorm_bwd(&mut din, &mut dw, &dln1, &x_in, st.buf(l.ln1), &rstd1, rs)?;
+        drop((dln1, x_in, rstd1));
         be.axpy(&mut din, 1.0, &dmid)?;
         Ok(Some(din))
     }

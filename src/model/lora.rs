@@ -24,6 +24,9 @@ use crate::dp::clip::LinearShape;
 use crate::Result;
 
 /// A LoRA adapter: tensors A (r×d) and B (p×r) and their trainable ids.
+/// Where a backward hands each [`Capture`] as soon as it is formed.
+pub(crate) type CaptureSink<'a, B> = dyn FnMut(Capture<B>) -> Result<()> + 'a;
+
 /// A device buffer shared between saved activations and captures.
 pub(crate) type Shared<B> = Arc<<B as Backend>::Buf>;
 
@@ -108,7 +111,7 @@ impl Linear {
         dy: Arc<B::Buf>,
         (b, t): (usize, usize),
         need_dx: bool,
-        caps: &mut Vec<Capture<B>>,
+        sink: &mut CaptureSink<'_, B>,
     ) -> Result<Option<B::Buf>> {
         let rows = b * t;
         let mut dx = if need_dx {
@@ -140,7 +143,7 @@ impl Linear {
                     MatmulSpec::nn(rows, self.d, l.rank).scaled(1.0, 1.0),
                 )?;
             }
-            caps.push(Capture {
+            sink(Capture {
                 weight_id: l.b_id,
                 bias_id: None,
                 shape: LinearShape {
@@ -151,8 +154,8 @@ impl Linear {
                 },
                 x: Arc::clone(u),
                 g: Arc::clone(&dy),
-            });
-            caps.push(Capture {
+            })?;
+            sink(Capture {
                 weight_id: l.a_id,
                 bias_id: None,
                 shape: LinearShape {
@@ -163,10 +166,10 @@ impl Linear {
                 },
                 x: Arc::clone(x),
                 g: Arc::new(gu),
-            });
+            })?;
         }
         if let Some(w_id) = self.w_id {
-            caps.push(Capture {
+            sink(Capture {
                 weight_id: w_id,
                 bias_id: self.bias_id,
                 shape: LinearShape {
@@ -177,7 +180,7 @@ impl Linear {
                 },
                 x: Arc::clone(x),
                 g: dy,
-            });
+            })?;
         }
         Ok(dx)
     }

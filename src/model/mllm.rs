@@ -608,10 +608,8 @@ impl<B: Backend> Mllm<B> {
         // Decoder.
         let mut layers = Vec::new();
         for i in 0..lc.layers {
-            let (y, cache) = self.llm.layer_forward(be, st, i, x, (b, l))?;
-            if train {
-                layers.push(cache);
-            }
+            let (y, cache) = self.llm.layer_forward(be, st, i, x, (b, l), train)?;
+            layers.extend(cache);
             x = y;
         }
         let mut hf = be.zeros(b * l * d)?;
@@ -712,12 +710,6 @@ impl<B: Backend> Mllm<B> {
         sink: &mut dyn FnMut(Capture<B>) -> Result<()>,
     ) -> Result<ForwardBackward<B>> {
         let be = backend;
-        let mut drain = |caps: &mut Vec<Capture<B>>| -> Result<()> {
-            for c in caps.drain(..) {
-                sink(c)?;
-            }
-            Ok(())
-        };
         let visual_tokens = self.visual_tokens(tokens);
         if batch.size == 0 {
             self.check_batch(batch)?;
@@ -733,7 +725,6 @@ impl<B: Backend> Mllm<B> {
         let d = self.cfg.llm.hidden;
         let (b, v, t) = (f.b, f.v, f.t);
         let l = f.lay.l;
-        let mut caps: Vec<Capture<B>> = Vec::new();
         let mut dense = Vec::new();
         let need_bottom = self.proj.trainable() || self.llm.embed_id.is_some();
         let lowest = self.llm.lowest_backward_layer(need_bottom);
@@ -749,9 +740,8 @@ impl<B: Backend> Mllm<B> {
             Arc::new(dlogits),
             (b, t),
             lowest.is_some(),
-            &mut caps,
+            sink,
         )?;
-        drain(&mut caps)?;
         if let (Some(lo), Some(dht)) = (lowest, dht) {
             let mut dhf = be.zeros(b * l * d)?;
             let back: Vec<Blocks> = f.lay.readout(d).into_iter().map(swap).collect();
@@ -776,16 +766,14 @@ impl<B: Backend> Mllm<B> {
                 let g = grad
                     .take()
                     .ok_or_else(|| Error::Shape("lost the decoder gradient".into()))?;
-                // Layer i's cache is the last one left; it is freed after its backward.
+                // Layer i's cache is the last one left; its backward consumes it.
                 let cache = f
                     .layers
                     .pop()
                     .ok_or_else(|| Error::Shape("lost a decoder layer's cache".into()))?;
                 grad = self
                     .llm
-                    .layer_backward(be, st, i, &cache, g, (b, l), need, &mut caps)?;
-                drop(cache);
-                drain(&mut caps)?;
+                    .layer_backward(be, st, i, cache, g, (b, l), need, sink)?;
             }
             if let (true, Some(dx0)) = (need_bottom, grad) {
                 if let Some(eid) = self.llm.embed_id {
@@ -811,9 +799,7 @@ impl<B: Backend> Mllm<B> {
                     let mut dvis = be.zeros(b * v * d)?;
                     let back: Vec<Blocks> = f.lay.vis_into_seq(d).into_iter().map(swap).collect();
                     copy_all(be, &mut dvis, &dx0, &back)?;
-                    self.proj
-                        .backward(be, st, &f.proj, dvis, (b, v), &mut caps)?;
-                    drain(&mut caps)?;
+                    self.proj.backward(be, st, &f.proj, dvis, (b, v), sink)?;
                 }
             }
         }
@@ -821,7 +807,6 @@ impl<B: Backend> Mllm<B> {
             .per_ex
             .take()
             .ok_or_else(|| Error::Shape("no losses".into()))?;
-        drain(&mut caps)?;
         Ok(ForwardBackward {
             per_example_loss: be.download(&per_ex)?,
             captures: vec![],

@@ -4,9 +4,8 @@
 //! ([`super::FullGroup::Projector`]); its input gradient is never needed (the vision
 //! tower is frozen), so its backward only records captures.
 use super::config::{ProjectorAct, ProjectorConfig};
-use super::lora::Linear;
+use super::lora::{CaptureSink, Linear};
 use super::weights::{Builder, Store};
-use super::Capture;
 use std::sync::Arc;
 
 use crate::backend::Backend;
@@ -72,11 +71,11 @@ impl Projector {
         cache: &ProjCache<B>,
         dy: B::Buf,
         bt: (usize, usize),
-        caps: &mut Vec<Capture<B>>,
+        sink: &mut CaptureSink<'_, B>,
     ) -> Result<()> {
         let da = self
             .fc2
-            .backward(be, st, &cache.a, None, Arc::new(dy), bt, true, caps)?;
+            .backward(be, st, &cache.a, None, Arc::new(dy), bt, true, sink)?;
         if let Some(da) = da {
             let mut dh = be.zeros(be.len(&da))?;
             match self.act {
@@ -84,7 +83,7 @@ impl Projector {
                 ProjectorAct::GeluTanh => be.gelu_bwd(&mut dh, &da, &cache.h)?,
             }
             self.fc1
-                .backward(be, st, &cache.x, None, Arc::new(dh), bt, false, caps)?;
+                .backward(be, st, &cache.x, None, Arc::new(dh), bt, false, sink)?;
         }
         Ok(())
     }

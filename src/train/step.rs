@@ -23,10 +23,10 @@ use std::collections::HashMap;
 
 use crate::backend::dp::{DpBackend, TensorUpdate};
 use crate::data::DataSource;
+use crate::dp::clip::LinearShape;
 use crate::dp::key::{Domain, RunKey};
 use crate::dp::noise::{NoiseKey, RngKind};
 use crate::dp::prune::{PruneReport, UpdateConfig};
-use crate::dp::clip::LinearShape;
 use crate::model::{Capture, Mllm};
 use crate::train::method::Method;
 use crate::train::{PruneScope, TrainConfig};
