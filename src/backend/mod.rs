@@ -209,6 +209,14 @@ pub trait Backend: Sync {
     fn name(&self) -> &'static str;
     /// A zero-filled buffer of `n` values. Running out of memory is an error.
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// A buffer of `n` values for the output of an op that writes every one of
+    /// them (a GEMM with β = 0, a norm, an activation): its contents before that op
+    /// are unspecified. The CPU backend hands out a pooled buffer without clearing
+    /// it; the default is [`Backend::zeros`]. Only the model code's full-write
+    /// outputs use it, and the op's CPU twin and tests show the write is full.
+    fn output(&self, n: usize) -> Result<Self::Buf> {
+        self.zeros(n)
+    }
     /// Copies host values into a new buffer.
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     /// Copies a buffer back to the host.

@@ -204,8 +204,8 @@ impl Llama {
             rows,
             dim: c.hidden,
         };
-        let mut ln1 = be.zeros(rows * c.hidden)?;
-        let mut rstd1 = be.zeros(rows)?;
+        let mut ln1 = be.output(rows * c.hidden)?;
+        let mut rstd1 = be.output(rows)?;
         be.rmsnorm_fwd(&mut ln1, &mut rstd1, &x_in, st.buf(l.ln1), rs, c.rms_eps)?;
         let ln1 = Arc::new(ln1);
         let (mut q, uq) = l.q.forward(be, st, &ln1, rows)?;
@@ -215,8 +215,8 @@ impl Llama {
         be.rope_fwd(&mut q, self.rope_shape(b, t, c.heads))?;
         be.rope_fwd(&mut k, self.rope_shape(b, t, c.kv_heads))?;
         let shape = self.attn_shape(b, t);
-        let mut att = be.zeros(shape.q_len())?;
-        let mut probs = be.zeros(shape.probs_len())?;
+        let mut att = be.output(shape.q_len())?;
+        let mut probs = be.output(shape.probs_len())?;
         be.attention_fwd(&mut att, &mut probs, &q, &k, &v, shape)?;
         let qkvp = keep.then_some((q, k, v, probs));
         let att = Arc::new(att);
@@ -231,14 +231,14 @@ impl Llama {
         };
         be.axpy(&mut x_mid, 1.0, &o)?;
         drop(o);
-        let mut ln2 = be.zeros(rows * c.hidden)?;
-        let mut rstd2 = be.zeros(rows)?;
+        let mut ln2 = be.output(rows * c.hidden)?;
+        let mut rstd2 = be.output(rows)?;
         be.rmsnorm_fwd(&mut ln2, &mut rstd2, &x_mid, st.buf(l.ln2), rs, c.rms_eps)?;
         let ln2 = Arc::new(ln2);
         let (gate, ug) = l.gate.forward(be, st, &ln2, rows)?;
         let (up, uu) = l.up.forward(be, st, &ln2, rows)?;
         let ln2 = keep.then_some((ln2, rstd2));
-        let mut act = be.zeros(rows * c.mlp)?;
+        let mut act = be.output(rows * c.mlp)?;
         be.swiglu_fwd(&mut act, &gate, &up)?;
         let gate_up = keep.then_some((gate, up));
         let (down, ud) = l.down.forward(be, st, &act, rows)?;
@@ -322,7 +322,7 @@ impl Llama {
         let u = |j: usize| u[j].as_ref();
         let dx = Arc::new(dx);
         // MLP branch: x_out = x_mid + down(swiglu(gate(m), up(m))), m = RMSNorm₂(x_mid)
-        let mut act = be.zeros(rows * cfg.mlp)?;
+        let mut act = be.output(rows * cfg.mlp)?;
         be.swiglu_fwd(&mut act, &gate, &up)?;
         let act = Arc::new(act);
         let dact = l
@@ -331,8 +331,8 @@ impl Llama {
         drop(act);
         let dact =
             dact.ok_or_else(|| crate::Error::Shape("missing down_proj input gradient".into()))?;
-        let mut dgate = be.zeros(rows * cfg.mlp)?;
-        let mut dup = be.zeros(rows * cfg.mlp)?;
+        let mut dgate = be.output(rows * cfg.mlp)?;
+        let mut dup = be.output(rows * cfg.mlp)?;
         be.swiglu_bwd(&mut dgate, &mut dup, &dact, &gate, &up)?;
         drop((dact, gate, up));
         let mut dln2 = be.zeros(rows * cfg.hidden)?;

@@ -68,7 +68,7 @@ impl Linear {
         x: &B::Buf,
         rows: usize,
     ) -> Result<(B::Buf, Option<Shared<B>>)> {
-        let mut y = be.zeros(rows * self.p)?;
+        let mut y = be.output(rows * self.p)?;
         be.matmul(
             &mut y,
             x,
@@ -81,7 +81,7 @@ impl Linear {
         let u = match &self.lora {
             None => None,
             Some(l) => {
-                let mut u = be.zeros(rows * l.rank)?;
+                let mut u = be.output(rows * l.rank)?;
                 be.matmul(
                     &mut u,
                     x,
@@ -115,7 +115,7 @@ impl Linear {
     ) -> Result<Option<B::Buf>> {
         let rows = b * t;
         let mut dx = if need_dx {
-            let mut dx = be.zeros(rows * self.d)?;
+            let mut dx = be.output(rows * self.d)?;
             be.matmul(
                 &mut dx,
                 &dy,
@@ -128,7 +128,7 @@ impl Linear {
         };
         if let (Some(l), Some(u)) = (&self.lora, u) {
             // gu = s · G · B  (rows × r): the output gradient of A.
-            let mut gu = be.zeros(rows * l.rank)?;
+            let mut gu = be.output(rows * l.rank)?;
             be.matmul(
                 &mut gu,
                 &dy,

@@ -68,6 +68,11 @@ pub trait Real:
     type Buf: Deref<Target = [Self]> + DerefMut + Clone + Debug + Send + Sync + 'static;
     /// A zero-filled buffer of `n` values.
     fn zeros(n: usize) -> Result<Self::Buf>;
+    /// A buffer of `n` values whose contents the caller overwrites (see
+    /// [`Backend::output`]).
+    fn output(n: usize) -> Result<Self::Buf> {
+        Self::zeros(n)
+    }
     /// `c[m×n] = alpha·a·b + beta·c` (see [`crate::linalg`]).
     fn gemm(alpha: Self, a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: &mut [Self]);
 }
@@ -76,8 +81,10 @@ impl Real for f32 {
     const BACKEND: &'static str = "cpu";
     type Buf = HostBuf<f32>;
     fn zeros(n: usize) -> Result<HostBuf<f32>> {
-        static POOL: Pool<f32> = Pool::new();
-        POOL.zeros(n)
+        F32_POOL.zeros(n)
+    }
+    fn output(n: usize) -> Result<HostBuf<f32>> {
+        F32_POOL.take(n, false)
     }
     fn from_f64(x: f64) -> Self {
         x as f32
@@ -120,6 +127,9 @@ impl Real for f64 {
         gemm_f64(alpha, a, b, beta, c, n)
     }
 }
+
+/// The pool of the f32 backend's buffers.
+static F32_POOL: Pool<f32> = Pool::new();
 
 /// `x` rounded to the element type.
 fn r<T: Real>(x: f64) -> T {
@@ -177,6 +187,9 @@ impl<T: Real> Backend for CpuOf<T> {
     }
     fn zeros(&self, n: usize) -> Result<T::Buf> {
         T::zeros(n)
+    }
+    fn output(&self, n: usize) -> Result<T::Buf> {
+        T::output(n)
     }
     fn upload(&self, host: &[f32]) -> Result<T::Buf> {
         let mut v = self.zeros(host.len())?;

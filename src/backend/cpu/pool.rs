@@ -10,8 +10,12 @@
 //! the request, so buffers freed by one phase (the vision tower) serve the next
 //! (the decoder) instead of each phase holding its own set.
 //!
-//! Privacy: a reused buffer is zero-filled before it is handed out, so values of
-//! one example or step can never surface in another's buffer.
+//! Privacy: [`Pool::zeros`] clears a reused buffer before handing it out. An
+//! `output` buffer ([`Backend::output`](crate::backend::Backend::output)) keeps
+//! its last use's values, so it goes only to ops that overwrite every value
+//! (GEMMs with β = 0, norms, attention's forward, SwiGLU); `tests/pool.rs` runs
+//! each of them on an output buffer full of NaN and finds none left, so stale
+//! values of another example or step cannot reach a result.
 use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::Mutex;
@@ -70,6 +74,14 @@ impl<T: Real> Pool<T> {
     /// A zero-filled buffer of `n` values, reused when a free one of capacity
     /// `n ..= 2n` exists.
     pub(super) fn zeros(&'static self, n: usize) -> Result<HostBuf<T>> {
+        self.take(n, true)
+    }
+
+    /// A buffer of `n` values, reused when a free one of capacity `n ..= 2n`
+    /// exists; a reused buffer is zero-filled when `clear`, and otherwise keeps the
+    /// values of its last use (for outputs the next op overwrites entirely,
+    /// [`Backend::output`](crate::backend::Backend::output)).
+    pub(super) fn take(&'static self, n: usize, clear: bool) -> Result<HostBuf<T>> {
         if n == 0 {
             return Ok(HostBuf::detached(Vec::new()));
         }
@@ -94,7 +106,10 @@ impl<T: Real> Pool<T> {
         };
         let data = match reused {
             Some(mut v) => {
-                v.clear();
+                if clear {
+                    v.clear();
+                }
+                // Shrinks, or zero-fills only the values beyond the old length.
                 v.resize(n, T::default());
                 v
             }
