@@ -11,6 +11,7 @@ use crate::dp::prune::{self, PruneReport, TensorState, UpdateConfig};
 use crate::error::ensure_shape;
 use crate::linalg::{gemm_f32, View};
 use crate::Result;
+use rayon::prelude::*;
 
 impl DpBackend for Cpu {
     type Norms = NormTotals;
@@ -108,12 +109,17 @@ impl DpBackend for Cpu {
         s: LinearShape,
     ) -> Result<HostBuf<f32>> {
         let (t, d, p) = (s.t, s.d, s.p);
-        let mut out = self.zeros(s.b * p * d)?;
-        for (i, w) in out.chunks_mut((p * d).max(1)).enumerate().take(s.b) {
+        if p * d == 0 || t == 0 {
+            return self.zeros(s.b * p * d);
+        }
+        // Every value is written by its example's GEMM (β = 0).
+        let mut out = self.output(s.b * p * d)?;
+        // One GEMM per example, examples in parallel (each GEMM then runs whole).
+        out.par_chunks_mut(p * d).enumerate().for_each(|(i, w)| {
             let xi = View::row_major(&x[i * t * d..(i + 1) * t * d], t, d);
             let gi = View::row_major(&g[i * t * p..(i + 1) * t * p], t, p);
             gemm_f32(1.0, gi.t(), xi, 0.0, w, d);
-        }
+        });
         Ok(out)
     }
 

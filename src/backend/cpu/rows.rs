@@ -1,19 +1,27 @@
 //! DP-SGD helpers for materialised per-example gradients on the CPU (one row per
 //! example, f32 values, f64 sums). GPU twin: `kernels/rows.cu` (the weighted sum is
 //! a strict-FP32 cuBLAS GEMM there).
+//!
+//! Each is parallel over examples or over columns, never splitting one value's
+//! sum, so results are bit-identical to the sequential loops.
+use rayon::prelude::*;
+
 use crate::dp::clip::{self, LinearShape, NormTotals};
 
 /// Every example's bias gradient: `out[i] = Σ_t g[i, t]` (b×p) from `g` (b·t·p).
 pub(super) fn sum_over_tokens(g: &[f32], s: LinearShape) -> Vec<f32> {
     let mut out = vec![0.0f32; s.b * s.p];
-    for i in 0..s.b {
+    if s.p == 0 {
+        return out;
+    }
+    out.par_chunks_mut(s.p).enumerate().for_each(|(i, o)| {
         for t in 0..s.t {
             let row = &g[(i * s.t + t) * s.p..(i * s.t + t + 1) * s.p];
-            for (o, &v) in out[i * s.p..(i + 1) * s.p].iter_mut().zip(row) {
+            for (o, &v) in o.iter_mut().zip(row) {
                 *o += v;
             }
         }
-    }
+    });
     out
 }
 
@@ -27,19 +35,19 @@ pub(super) fn add_row_sq_norms(per_example: &[f32], rows: usize, total: &mut Nor
     // The weighted sum Σ_i c_i row_i: example i's terms carry at most
     // γ·c_i‖row_i‖ of its rounding (the norm is of the same f32 row it sums).
     let gamma = clip::row_gamma(rows.max(total.rows_cap), cols);
-    for ((t, e), row) in total
+    total
         .sq
-        .iter_mut()
-        .zip(total.bound.iter_mut())
-        .zip(per_example.chunks(cols.max(1)))
-    {
-        let sq = row
-            .iter()
-            .map(|&v| f64::from(v) * f64::from(v))
-            .sum::<f64>();
-        *t += sq;
-        *e += gamma * sq.sqrt();
-    }
+        .par_iter_mut()
+        .zip(total.bound.par_iter_mut())
+        .zip(per_example.par_chunks(cols.max(1)))
+        .for_each(|((t, e), row)| {
+            let sq = row
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>();
+            *t += sq;
+            *e += gamma * sq.sqrt();
+        });
 }
 
 /// `out (+)= Σ_i c_i row_i` over the rows with c_i ≠ 0, accumulated in f64.
@@ -50,22 +58,31 @@ pub(super) fn weighted_row_sum(
     accumulate: bool,
 ) {
     let cols = out.len();
-    let mut acc: Vec<f64> = if accumulate {
-        out.iter().map(|&v| f64::from(v)).collect()
-    } else {
-        vec![0.0; cols]
-    };
-    // A factor-0 row is absent: skipped, not multiplied (0·NaN = NaN).
-    for (c, row) in factors
-        .iter()
-        .zip(per_example.chunks(cols.max(1)))
-        .filter(|(&c, _)| c != 0.0)
-    {
-        for (a, &v) in acc.iter_mut().zip(row) {
-            *a += f64::from(*c) * f64::from(v);
+    if cols == 0 {
+        return;
+    }
+    // Columns are independent: each job sums its columns over every row, in row
+    // order, exactly as one loop would.
+    const COLS: usize = 1024;
+    out.par_chunks_mut(COLS).enumerate().for_each(|(j, o)| {
+        let c0 = j * COLS;
+        let mut acc: Vec<f64> = if accumulate {
+            o.iter().map(|&v| f64::from(v)).collect()
+        } else {
+            vec![0.0; o.len()]
+        };
+        // A factor-0 row is absent: skipped, not multiplied (0·NaN = NaN).
+        for (c, row) in factors
+            .iter()
+            .zip(per_example.chunks(cols))
+            .filter(|(&c, _)| c != 0.0)
+        {
+            for (a, &v) in acc.iter_mut().zip(&row[c0..c0 + o.len()]) {
+                *a += f64::from(*c) * f64::from(v);
+            }
         }
-    }
-    for (o, a) in out.iter_mut().zip(acc) {
-        *o = a as f32;
-    }
+        for (o, a) in o.iter_mut().zip(acc) {
+            *o = a as f32;
+        }
+    });
 }
