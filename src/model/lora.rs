@@ -100,7 +100,8 @@ impl Linear {
         Ok((y, u))
     }
 
-    /// Backward for `b` examples of `t` rows each. Pushes captures; returns dx when
+    /// Backward for `b` examples of `t` rows each. Hands each capture to `sink` as it
+    /// is formed; returns dx when
     /// `need_dx`.
     pub fn backward<B: Backend>(
         &self,
