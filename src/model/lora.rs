@@ -100,9 +100,8 @@ impl Linear {
         Ok((y, u))
     }
 
-    /// Backward for `b` examples of `t` rows each. Hands each capture to `sink` as it
-    /// is formed; returns dx when
-    /// `need_dx`.
+    /// Backward for `b` examples of `t` rows each. Hands each capture to `sink` as
+    /// it is formed; returns dx when `need_dx`.
     pub fn backward<B: Backend>(
         &self,
         be: &B,
