@@ -1060,24 +1060,20 @@ fn run_inspect(
         }
         return Ok(());
     }
-    let spec = ModelSpec {
-        preset: match (&model, preset) {
-            (Some(dir), _) => format!(
-                "{}{}",
-                dualpriv::train::checkpoint::HF_PRESET,
-                dir.display()
-            ),
-            (None, Some(p)) => p,
-            (None, None) => {
-                return Err(Error::Config(
-                    "inspect --plan needs --model DIR or --preset NAME".into(),
-                ))
-            }
-        },
-        lora_rank: Some(lora_rank),
-        lora_alpha: 2.0 * lora_rank as f32,
-        full_groups: vec![],
+    let preset = match (&model, preset) {
+        (Some(dir), _) => format!(
+            "{}{}",
+            dualpriv::train::checkpoint::HF_PRESET,
+            dir.display()
+        ),
+        (None, Some(p)) => p,
+        (None, None) => {
+            return Err(Error::Config(
+                "inspect --plan needs --model DIR or --preset NAME".into(),
+            ))
+        }
     };
+    let spec = bench::bench_spec(&preset, lora_rank);
     let p = inspect::plan(&spec, batch, &parse_methods(method)?)?;
     println!(
         "model {}: {} base + {} trainable parameters; weights on the device {:.2} GiB (f32); \

@@ -19,6 +19,7 @@ use crate::dp::noise::{NoiseKey, RngKind, StreamKey};
 use crate::dp::prune::{self, Optimizer, TensorState, UpdateConfig};
 use crate::model::flops::step_flops;
 use crate::model::Mllm;
+use crate::model::ModelConfig;
 use crate::train::checkpoint::ModelSpec;
 use crate::train::method::Method;
 use crate::train::Trainer;
@@ -95,14 +96,9 @@ pub fn peak_tflops(device: &str, tf32: bool) -> Option<f64> {
 /// One model is built and handed from method to method (its values do not change
 /// the work), so a 7B preset is initialised once.
 pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBench>> {
-    let spec = ModelSpec {
-        preset: a.preset.clone(),
-        lora_rank: Some(a.lora_rank),
-        lora_alpha: 2.0 * a.lora_rank as f32,
-        full_groups: vec![],
-    };
+    let spec = bench_spec(&a.preset, a.lora_rank);
     let (mcfg, mode) = spec.build()?;
-    let data = Dataset::generate(Split::Private, a.batch.max(1), 1, mcfg.vision.image_size)?;
+    let data = bench_data(&mcfg, a.batch)?;
     let idx: Vec<usize> = (0..data.len()).collect();
     let (default_keep, default_context) = mcfg.vision.default_token_select();
     let peak = backend
@@ -113,7 +109,9 @@ pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBen
     for &method in &a.methods {
         let cfg = bench_config(
             method,
-            a,
+            a.batch,
+            a.keep_frac,
+            a.keep_tokens,
             data.max_text_len(),
             (default_keep, default_context),
         );
@@ -174,23 +172,41 @@ pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBen
 /// one calibrated for an ε (the step's work does not depend on σ).
 pub const BENCH_SIGMA: f64 = 1.0;
 
-/// The training config `dualpriv bench` runs `method` with: the demo's optimizer and
-/// clipping, one micro-batch of `a.batch`, σ = [`BENCH_SIGMA`], and for `dualpriv`
-/// token selection with `(keep, context)` visual tokens unless `a.keep_tokens` is set.
-fn bench_config(
+/// The bench's model spec: `preset` with LoRA rank `r`, α = 2r, nothing in full.
+pub fn bench_spec(preset: &str, r: usize) -> ModelSpec {
+    ModelSpec {
+        preset: preset.to_string(),
+        lora_rank: Some(r),
+        lora_alpha: 2.0 * r as f32,
+        full_groups: vec![],
+    }
+}
+
+/// The bench's fixed batch: `batch` examples of the built-in task's private split.
+pub(crate) fn bench_data(mcfg: &ModelConfig, batch: usize) -> Result<Dataset> {
+    Dataset::generate(Split::Private, batch.max(1), 1, mcfg.vision.image_size)
+}
+
+/// The training config `dualpriv bench` (and `inspect --plan`) runs `method` with:
+/// the demo's optimizer and clipping, one micro-batch of `batch`, σ =
+/// [`BENCH_SIGMA`], update fraction `keep_frac`, and for `dualpriv` token
+/// selection with `keep_tokens` (default `keep`) and `context` visual tokens.
+pub(crate) fn bench_config(
     method: Method,
-    a: &BenchArgs,
+    batch: usize,
+    keep_frac: f64,
+    keep_tokens: Option<usize>,
     text_len: usize,
     (keep, context): (usize, usize),
 ) -> crate::train::TrainConfig {
     let mut cfg = demo_train_config(method, 3.0, 1e-5, text_len);
-    cfg.batch = a.batch;
-    cfg.micro_batch = a.batch;
+    cfg.batch = batch;
+    cfg.micro_batch = batch;
     cfg.noise_multiplier = method.is_private().then_some(BENCH_SIGMA);
     cfg.epsilon = None;
-    cfg.keep_frac = a.keep_frac;
+    cfg.keep_frac = keep_frac;
     if method == Method::Dualpriv {
-        cfg.keep_tokens = Some(a.keep_tokens.unwrap_or(keep));
+        cfg.keep_tokens = Some(keep_tokens.unwrap_or(keep));
         cfg.context_tokens = context;
     } else {
         cfg.keep_tokens = None;
@@ -343,15 +359,10 @@ pub struct BenchDescription {
 /// The model and step settings `dualpriv bench` would time with `a`, without
 /// building the model (`dualpriv bench --describe`).
 pub fn describe(a: &BenchArgs) -> Result<BenchDescription> {
-    let spec = ModelSpec {
-        preset: a.preset.clone(),
-        lora_rank: Some(a.lora_rank),
-        lora_alpha: 2.0 * a.lora_rank as f32,
-        full_groups: vec![],
-    };
+    let spec = bench_spec(&a.preset, a.lora_rank);
     let (mcfg, mode) = spec.build()?;
     // The same data as `methods`: only its padded text length matters here.
-    let data = Dataset::generate(Split::Private, a.batch.max(1), 1, mcfg.vision.image_size)?;
+    let data = bench_data(&mcfg, a.batch)?;
     let text_len = data.max_text_len();
     let v = &mcfg.vision;
     let l = &mcfg.llm;
@@ -362,7 +373,7 @@ pub fn describe(a: &BenchArgs) -> Result<BenchDescription> {
     let defaults = v.default_token_select();
     let mut methods = Vec::new();
     for &m in &a.methods {
-        let cfg = bench_config(m, a, text_len, defaults);
+        let cfg = bench_config(m, a.batch, a.keep_frac, a.keep_tokens, text_len, defaults);
         cfg.validate()?;
         let vis = cfg
             .keep_tokens

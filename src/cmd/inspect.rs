@@ -14,10 +14,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::demo::demo_train_config;
+use super::bench::{bench_config, bench_data};
 use crate::backend::cpu::Cpu;
 use crate::backend::meter::Meter;
-use crate::data::synthetic::{Dataset, Split};
 use crate::hf::load::load_llava;
 use crate::model::{Mllm, TrainMode};
 use crate::train::checkpoint::ModelSpec;
@@ -163,20 +162,14 @@ pub fn plan(spec: &ModelSpec, batch: usize, methods: &[Method]) -> Result<Plan> 
     let meter = Meter::new();
     let mut model = Some(Mllm::new_for_load(&meter, &mcfg, &mode, 0)?);
     let weight_bytes = meter.stats().live_bytes;
-    let data = Dataset::generate(Split::Private, batch.max(1), 1, mcfg.vision.image_size)?;
+    let data = bench_data(&mcfg, batch)?;
     let idx: Vec<usize> = (0..data.len()).collect();
-    let (default_keep, default_context) = mcfg.vision.default_token_select();
+    let defaults = mcfg.vision.default_token_select();
     let mut rows = Vec::new();
     for &method in methods {
-        let mut cfg = demo_train_config(method, 3.0, 1e-5, data.max_text_len());
-        cfg.batch = batch;
-        cfg.micro_batch = batch;
-        cfg.noise_multiplier = method.is_private().then_some(1.0);
-        cfg.epsilon = None;
-        if method == Method::Dualpriv {
-            cfg.keep_tokens = Some(default_keep);
-            cfg.context_tokens = default_context;
-        }
+        // bench's settings (its default update fraction), so the plan is of the
+        // step `dualpriv bench` times.
+        let cfg = bench_config(method, batch, 0.8, None, data.max_text_len(), defaults);
         let m = model
             .take()
             .ok_or_else(|| Error::Internal("the plan's model was not handed back".into()))?;
