@@ -538,38 +538,6 @@ fn text_only_greedy_matches_transformers_argmax() {
     assert!(checked >= 5, "only {checked} prefixes had a clear argmax");
 }
 
-/// The fixture adapter with its keys in the older PEFT layout
-/// (`base_model.model.language_model.model.layers…`).
-fn old_layout_adapter(dir: &Path) -> PathBuf {
-    use safetensors::tensor::{SafeTensors, TensorView};
-    let src = fixture("adapter");
-    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let old: Vec<(String, TensorView<'_>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| {
-            let k = k.replace(
-                "base_model.model.model.language_model.",
-                "base_model.model.language_model.model.",
-            );
-            (k, v)
-        })
-        .collect();
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::copy(
-        src.join("adapter_config.json"),
-        dir.join("adapter_config.json"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("adapter_model.safetensors"),
-        safetensors::serialize(old, None).unwrap(),
-    )
-    .unwrap();
-    dir.to_path_buf()
-}
-
 fn train_json(dir: &Path) -> PathBuf {
     let recs = json!([
         {"id": 0, "image": "image.png", "conversations": [
@@ -613,7 +581,7 @@ fn hf_train_args(dir: &Path, init: Option<PathBuf>) -> TrainArgs {
 #[test]
 fn train_starts_from_an_init_adapter_in_either_key_layout() {
     let dir = common::tmp_dir("hf_init_adapter");
-    let old = old_layout_adapter(&dir.join("old"));
+    let old = common::old_layout_adapter(&fixture("adapter"), &dir.join("old"));
     let want = read_adapter(&fixture("adapter")).unwrap();
     let a = hf_train_args(&dir, Some(old.clone()));
     let mut job = prepare(&Cpu, &a).unwrap();

@@ -402,9 +402,7 @@ fn write_data(dir: &Path) -> PathBuf {
                 {"from": "gpt", "value": "A red square."}]})
         })
         .collect();
-    let path = dir.join("train.json");
-    std::fs::write(&path, serde_json::to_string(&recs).unwrap()).unwrap();
-    path
+    common::write_records(dir, "train.json", &recs)
 }
 
 /// `train --model` then `export --merged` (with `--peft` in the same call): the

@@ -62,9 +62,7 @@ fn write_conversations(dir: &Path) -> PathBuf {
             "conversations": conv,
         }));
     }
-    let path = dir.join("train.json");
-    std::fs::write(&path, serde_json::to_string(&recs).unwrap()).unwrap();
-    path
+    common::write_records(dir, "train.json", &recs)
 }
 
 fn dataset(dir: &Path) -> LlavaDataset {
@@ -161,9 +159,7 @@ fn write_mixed_conversations(dir: &Path) -> PathBuf {
     recs.push(serde_json::json!({"id": "t1", "conversations": [
         {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."},
         {"from": "human", "value": "How are you?"}, {"from": "gpt", "value": "Fine."}]}));
-    let path = dir.join("mixed.json");
-    std::fs::write(&path, serde_json::to_string(&recs).unwrap()).unwrap();
-    path
+    common::write_records(dir, "mixed.json", &recs)
 }
 
 /// Text-only records (no `"image"`) load, collate beside image records with no

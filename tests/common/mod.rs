@@ -145,3 +145,41 @@ pub fn hf_data() -> PathBuf {
     );
     here
 }
+
+/// Writes LLaVA conversation records to `dir/name` as JSON and returns the path.
+pub fn write_records(dir: &Path, name: &str, recs: &[serde_json::Value]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_string(recs).unwrap()).unwrap();
+    path
+}
+
+/// Writes the PEFT adapter at `src` into `dir` with its keys in the older PEFT
+/// layout (`base_model.model.language_model.model.layers…`); returns `dir`.
+pub fn old_layout_adapter(src: &Path, dir: &Path) -> PathBuf {
+    use safetensors::tensor::{SafeTensors, TensorView};
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let old: Vec<(String, TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let k = k.replace(
+                "base_model.model.model.language_model.",
+                "base_model.model.language_model.model.",
+            );
+            (k, v)
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        dir.join("adapter_config.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("adapter_model.safetensors"),
+        safetensors::serialize(old, None).unwrap(),
+    )
+    .unwrap();
+    dir.to_path_buf()
+}
