@@ -232,7 +232,7 @@ fn published_steps_are_always_charged() {
         let model = Mllm::new(&Cpu, &c, &m, 0).unwrap();
         let mut t = Trainer::new(&Cpu, model, spec(), cf, &d).unwrap();
         t.out_dir = Some(root.join("run"));
-        t.eval_data = Some(held_out.clone());
+        t.eval_data = Some(Box::new(held_out.clone()));
         fail_after_writes(Some(k));
         let _ = t.run(&d, 0); // dies after its k-th durable write
         fail_after_writes(None);

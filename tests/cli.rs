@@ -35,13 +35,12 @@ fn run(args: &[&str], paths: &[(&str, &Path)]) -> (bool, String) {
     )
 }
 
-/// A tiny pretrained checkpoint to start from, independent of the shipped assets.
+/// A tiny LLaVA folder to start from, independent of the shipped assets.
 fn init(dir: &Path) -> PathBuf {
-    let cfg = ModelConfig::preset("tiny").unwrap();
+    let cfg = dualpriv::data::builtin::model_config("tiny").unwrap();
     let m = Mllm::new(&Cpu, &cfg, &TrainMode::frozen(), 0).unwrap();
     let p = dir.join("init");
-    std::fs::create_dir_all(&p).unwrap();
-    m.save(&Cpu, &p.join("model.safetensors")).unwrap();
+    dualpriv::data::builtin::write_model_folder(&Cpu, &m, &p).unwrap();
     p
 }
 

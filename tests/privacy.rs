@@ -645,7 +645,7 @@ fn metrics_reveal_only_what_epsilon_covers_unless_asked() {
         c.text_len = d.max_text_len().max(held_out.max_text_len());
         let mut t = Trainer::new(&Cpu, model(&Cpu, &lora()), lora(), c, &d).unwrap();
         t.out_dir = Some(root.join(name));
-        t.eval_data = Some(held_out.clone());
+        t.eval_data = Some(Box::new(held_out.clone()));
         let s = t.run(&d, 0).unwrap();
         assert_eq!(s.final_loss.is_some(), private_stats);
         let text = std::fs::read_to_string(root.join(name).join("metrics.jsonl")).unwrap();
@@ -691,7 +691,7 @@ fn demo_methods_get_different_keys() {
     };
     let session = a.out.join("s");
     let t = |m: Method| {
-        let (c, mode) = demo_spec().build().unwrap();
+        let (c, mode) = demo_spec(&a.pretrained).build().unwrap();
         let model = Mllm::new(&Cpu, &c, &mode, 0).unwrap();
         demo_trainer(&Cpu, model, m, &a, &d, d.max_text_len(), &session).unwrap()
     };

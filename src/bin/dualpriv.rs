@@ -47,6 +47,40 @@ enum Backend {
     Cuda,
 }
 
+/// What `dualpriv data` writes.
+#[derive(Subcommand)]
+enum DataCmd {
+    /// The built-in synthetic task (the demo's data: train seed 1, test seed 2).
+    Synthetic {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Which split.
+        #[arg(long, value_enum, default_value = "private")]
+        split: SplitArg,
+        /// Examples.
+        #[arg(long, default_value_t = 8000)]
+        examples: usize,
+        /// Seed of the split (the demo trains on seed 1 and tests on seed 2).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Image side in pixels (the tiny model's is 32).
+        #[arg(long, default_value_t = 32)]
+        image_size: usize,
+    },
+}
+
+/// A split of the built-in task.
+#[derive(Clone, Copy, ValueEnum)]
+enum SplitArg {
+    /// The public pretraining split.
+    Public,
+    /// The private fine-tuning split.
+    Private,
+    /// The held-out test split.
+    Test,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// The README's main job: fine-tunes the shipped tiny pretrained model on the
@@ -56,7 +90,7 @@ enum Cmd {
     /// Example: cargo run --release -- demo
     #[command(verbatim_doc_comment)]
     Demo {
-        /// Pretrained checkpoint folder (pretrained first when it has no model.safetensors).
+        /// The pretrained LLaVA folder (pretrained first when it has no config.json and weights).
         #[arg(long, default_value = "assets/tiny-pretrained")]
         pretrained: PathBuf,
         /// Where the fine-tunes write checkpoints and metrics.
@@ -104,6 +138,19 @@ enum Cmd {
         /// Seed of data and initialisation.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Writes the built-in task as LLaVA conversation data: DIR/<split>.json and
+    /// the images DIR/<split>/NNNNNN.png, the records the demo and `train` render
+    /// in memory (same pixels, same ids), for `train --model`, `eval --data` or any
+    /// LLaVA tool.
+    ///
+    /// Examples:
+    ///   dualpriv data synthetic --out data/builtin --split private --examples 8000 --seed 1
+    ///   dualpriv data synthetic --out data/builtin --split test --examples 1000 --seed 2
+    #[command(verbatim_doc_comment)]
+    Data {
+        #[command(subcommand)]
+        what: DataCmd,
     },
     /// DP fine-tuning (or non-private, for comparison) from a pretrained checkpoint.
     ///
@@ -376,6 +423,30 @@ fn main() -> ExitCode {
             };
             demo::demo(&Cpu, &a).map(|rep| {
                 print_demo(&rep);
+                true
+            })
+        }
+        Cmd::Data {
+            what:
+                DataCmd::Synthetic {
+                    out,
+                    split,
+                    examples,
+                    seed,
+                    image_size,
+                },
+        } => {
+            let split = match split {
+                SplitArg::Public => dualpriv::data::synthetic::Split::Public,
+                SplitArg::Private => dualpriv::data::synthetic::Split::Private,
+                SplitArg::Test => dualpriv::data::synthetic::Split::Test,
+            };
+            dualpriv::data::builtin::write(&out, split, examples, seed, image_size).map(|json| {
+                println!(
+                    "wrote {examples} records to {} (images under {})",
+                    json.display(),
+                    out.display()
+                );
                 true
             })
         }
@@ -768,7 +839,9 @@ struct TrainFlags {
     /// The training method.
     #[arg(long, value_enum, ignore_case = true, default_value = "dualpriv")]
     method: Method,
-    /// Pretrained checkpoint folder to start from (model.safetensors).
+    /// The pretrained LLaVA folder the built-in task fine-tunes (config.json,
+    /// model.safetensors, tokenizer.json, preprocessor_config.json; written by
+    /// `dualpriv pretrain`).
     #[arg(long, default_value = "assets/tiny-pretrained")]
     init: PathBuf,
     /// Output folder: checkpoints, metrics.jsonl, state.json.
@@ -777,9 +850,6 @@ struct TrainFlags {
     /// Continue the run saved in this folder (same data; ε keeps accumulating).
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Model preset.
-    #[arg(long, default_value = "tiny")]
-    preset: String,
     /// Target ε (σ is calibrated for --steps; training stops before exceeding it).
     #[arg(long)]
     epsilon: Option<f64>,
@@ -879,7 +949,8 @@ struct TrainFlags {
     #[arg(long, default_value_t = 0)]
     checkpoint_every: u32,
     /// A transformers LLaVA folder (config.json, safetensors, tokenizer.json,
-    /// preprocessor_config.json) to fine-tune instead of --init/--preset; needs --data.
+    /// preprocessor_config.json) to fine-tune on --data instead of --init on the
+    /// built-in task.
     #[arg(long, requires = "data")]
     model: Option<PathBuf>,
     /// LLaVA conversation JSON to train on (with --model). One record is the DP unit.
@@ -930,7 +1001,11 @@ impl TrainFlags {
         TrainArgs {
             method: self.method,
             model: ModelSpec {
-                preset: self.preset,
+                preset: format!(
+                    "{}{}",
+                    dualpriv::train::checkpoint::HF_PRESET,
+                    self.init.display()
+                ),
                 lora_rank: Some(self.lora_rank.unwrap_or(8)).filter(|&r| r > 0),
                 lora_alpha: self.lora_alpha.unwrap_or(16.0),
                 full_groups: self

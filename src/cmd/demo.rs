@@ -4,12 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::pretrain::{default_pretrain_args, pretrain};
+use super::pretrain::{default_pretrain_args, is_model_folder, pretrain};
 use crate::backend::dp::DpBackend;
-use crate::data::synthetic::{Dataset, Split};
+use crate::data::builtin;
+use crate::data::synthetic::{majority_baseline, Split};
+use crate::data::DataSource;
 use crate::dp::accountant::AccountantKind;
+use crate::hf::load::load_llava;
 use crate::model::Mllm;
-use crate::train::checkpoint::ModelSpec;
+use crate::train::checkpoint::{ModelSpec, HF_PRESET};
 use crate::train::eval::evaluate;
 use crate::train::method::Method;
 use crate::train::optim::OptConfig;
@@ -36,7 +39,8 @@ pub struct DemoRow {
 /// Settings of the demo's fine-tunes, shared by all methods.
 #[derive(Clone, Debug)]
 pub struct DemoArgs {
-    /// Pretrained checkpoint folder (model.safetensors); pretrained first if missing.
+    /// The pretrained LLaVA folder (config.json, model.safetensors, tokenizer.json,
+    /// preprocessor_config.json); pretrained first if missing.
     pub pretrained: PathBuf,
     /// Where the fine-tunes write checkpoints and metrics: each demo makes a new
     /// folder `OUT/<time>-<id>/<method>`, and all demos share the ledger
@@ -79,10 +83,10 @@ pub fn demo_train_config(method: Method, epsilon: f64, delta: f64, text_len: usi
     }
 }
 
-/// The LoRA model the demo fine-tunes.
-pub fn demo_spec() -> ModelSpec {
+/// The LoRA model the demo fine-tunes: the LLaVA folder `pretrained`.
+pub fn demo_spec(pretrained: &Path) -> ModelSpec {
     ModelSpec {
-        preset: "tiny".into(),
+        preset: format!("{HF_PRESET}{}", pretrained.display()),
         lora_rank: Some(8),
         lora_alpha: 16.0,
         full_groups: vec![],
@@ -103,11 +107,10 @@ pub struct DemoReport {
 
 /// Runs the demo: pretrain if needed, fine-tune every method, evaluate.
 pub fn demo<B: DpBackend>(backend: &B, a: &DemoArgs) -> Result<DemoReport> {
-    let ckpt = crate::train::checkpoint::model_path(&a.pretrained)?;
-    if !ckpt.exists() {
+    if !is_model_folder(&a.pretrained) {
         eprintln!(
-            "demo: no pretrained checkpoint at {}; pretraining one now",
-            ckpt.display()
+            "demo: no pretrained model folder at {}; pretraining one now",
+            a.pretrained.display()
         );
         let (s, acc) = pretrain(backend, &default_pretrain_args(&a.pretrained, a.progress))?;
         eprintln!(
@@ -115,20 +118,15 @@ pub fn demo<B: DpBackend>(backend: &B, a: &DemoArgs) -> Result<DemoReport> {
             s.steps, s.seconds
         );
     }
-    let spec = demo_spec();
+    let spec = demo_spec(&a.pretrained);
     let (mcfg, mode) = spec.build()?;
     let image = mcfg.vision.image_size;
-    let train = Dataset::generate(Split::Private, a.train_examples, 1, image)?;
-    let test = Dataset::generate(Split::Test, a.test_examples, 2, image)?;
-    let text_len = train.max_text_len().max(test.max_text_len());
-    let pretrained_accuracy = evaluate(
-        backend,
-        &Mllm::load(backend, &mcfg, &mode, &ckpt)?,
-        &test,
-        None,
-        text_len,
-    )?;
-    let majority_baseline = crate::data::synthetic::majority_baseline(&test);
+    let (train, _) = builtin::load(&a.pretrained, Split::Private, a.train_examples, 1, image)?;
+    let (test, test_task) = builtin::load(&a.pretrained, Split::Test, a.test_examples, 2, image)?;
+    let text_len = builtin::MAX_TEXT_LEN;
+    let load = || -> Result<Mllm<B>> { Ok(load_llava(backend, &a.pretrained, &mode, 0)?.0) };
+    let pretrained_accuracy = evaluate(backend, &load()?, &test, None, text_len)?;
+    let majority_baseline = majority_baseline(&test_task);
     let session = a.out.join(format!(
         "{}-{}",
         std::time::SystemTime::now()
@@ -145,7 +143,7 @@ pub fn demo<B: DpBackend>(backend: &B, a: &DemoArgs) -> Result<DemoReport> {
         Method::Dualpriv,
         Method::Dpzo,
     ] {
-        let model = Mllm::load(backend, &mcfg, &mode, &ckpt)?;
+        let model = load()?;
         crate::mem::reset_peak();
         let t0 = Instant::now();
         let mut t = demo_trainer(backend, model, method, a, &train, text_len, &session)?;
@@ -177,14 +175,14 @@ pub fn demo_trainer<'a, B: DpBackend>(
     model: Mllm<B>,
     method: Method,
     a: &DemoArgs,
-    train: &Dataset,
+    train: &dyn DataSource,
     text_len: usize,
     session: &Path,
 ) -> Result<Trainer<'a, B>> {
     let mut cfg = demo_train_config(method, a.epsilon, a.delta, text_len);
     // The split's size is a flag of the demo: public.
     cfg.public_size = Some(a.train_examples);
-    let mut t = Trainer::new(backend, model, demo_spec(), cfg, train)?;
+    let mut t = Trainer::new(backend, model, demo_spec(&a.pretrained), cfg, train)?;
     t.out_dir = Some(session.join(method.to_string()));
     t.ledger = Some(a.out.join("privacy-ledger.json"));
     t.progress = a.progress;

@@ -7,12 +7,14 @@
 //! aggregate accuracy is computed from it and reveals a little of it, and the
 //! per-answer outcomes ([`HfEvalArgs::keep_answers`]) reveal it outright. Neither
 //! reveals more of the *training* data than the evaluated model already does.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::generate::Generator;
 use crate::backend::dp::DpBackend;
 use crate::backend::Backend;
+use crate::data::builtin;
 use crate::data::synthetic::{majority_baseline, Dataset, Split};
+use crate::data::DataSource;
 use crate::hf::conversation::{Conversations, Role, Template};
 use crate::hf::image::AspectMode;
 use crate::model::Mllm;
@@ -42,23 +44,44 @@ pub struct EvalReport {
     pub accuracy: f64,
 }
 
-/// Evaluates the current checkpoint of `a.checkpoint` on the test split.
+/// Evaluates the current checkpoint of `a.checkpoint` on the test split: exact
+/// match of the answer ([`evaluate`]). A run of the built-in task on a LLaVA folder
+/// reads the split through that folder's tokenizer and image processor
+/// ([`builtin::load`]); a run of a crate preset (before the built-in model became a
+/// LLaVA folder) reads the task directly.
 pub fn eval<B: DpBackend>(be: &B, a: &EvalArgs) -> Result<EvalReport> {
     let (st, folder) = checkpoint::load_state(&a.checkpoint)?;
     let (mcfg, mode) = st.model.build()?;
     let model = Mllm::load(be, &mcfg, &mode, &folder.join("model.safetensors"))?;
-    let test = Dataset::generate(
-        Split::Test,
-        a.test_examples,
-        a.data_seed,
-        mcfg.vision.image_size,
-    )?;
     let tokens = st.train.token_select();
-    let text_len = st.train.text_len.max(test.max_text_len());
-    let accuracy = evaluate(be, &model, &test, tokens.as_ref(), text_len)?;
+    let image = mcfg.vision.image_size;
+    let (accuracy, majority) = match st.model.preset.strip_prefix(checkpoint::HF_PRESET) {
+        Some(dir) => {
+            let (test, task) = builtin::load(
+                Path::new(dir),
+                Split::Test,
+                a.test_examples,
+                a.data_seed,
+                image,
+            )?;
+            let text_len = st.train.text_len.max(test.max_text_len());
+            (
+                evaluate(be, &model, &test, tokens.as_ref(), text_len)?,
+                majority_baseline(&task),
+            )
+        }
+        None => {
+            let test = Dataset::generate(Split::Test, a.test_examples, a.data_seed, image)?;
+            let text_len = st.train.text_len.max(test.max_text_len());
+            (
+                evaluate(be, &model, &test, tokens.as_ref(), text_len)?,
+                majority_baseline(&test),
+            )
+        }
+    };
     Ok(EvalReport {
         examples: a.test_examples,
-        majority_baseline: majority_baseline(&test),
+        majority_baseline: majority,
         accuracy,
     })
 }

@@ -7,9 +7,9 @@
 //! before the first step.
 use std::path::{Path, PathBuf};
 
-use super::TINY_IMAGE;
 use crate::backend::dp::DpBackend;
-use crate::data::synthetic::{Dataset, Split};
+use crate::data::builtin;
+use crate::data::synthetic::Split;
 use crate::data::DataSource;
 use crate::dp::accountant::AccountantKind;
 use crate::dp::key::RunKey;
@@ -73,7 +73,8 @@ pub fn lora_from_adapter(
     let shown = dir.join("adapter_config.json");
     let Some(rank) = spec.lora_rank else {
         return Err(Error::Config(format!(
-            "{}: an initial adapter needs a LoRA run, but this run fine-tunes {:?} in full;              give a LoRA rank (or none, to take the adapter's r = {})",
+            "{}: an initial adapter needs a LoRA run, but this run fine-tunes {:?} in full; \
+             give a LoRA rank (or none, to take the adapter's r = {})",
             shown.display(),
             spec.full_groups,
             cfg.r
@@ -81,7 +82,8 @@ pub fn lora_from_adapter(
     };
     if rank_given && rank != cfg.r {
         return Err(Error::Config(format!(
-            "{}: the adapter has r = {}, but the run asks for LoRA rank {rank}; drop the rank              setting to take the adapter's, or pass another adapter",
+            "{}: the adapter has r = {}, but the run asks for LoRA rank {rank}; drop the rank \
+             setting to take the adapter's, or pass another adapter",
             shown.display(),
             cfg.r
         )));
@@ -89,7 +91,8 @@ pub fn lora_from_adapter(
     let alpha = cfg.lora_alpha as f32;
     if alpha_given && (f64::from(spec.lora_alpha) - cfg.lora_alpha).abs() > 1e-6 {
         return Err(Error::Config(format!(
-            "{}: the adapter has lora_alpha = {}, but the run asks for LoRA alpha {}; drop              the alpha setting to take the adapter's, or pass another adapter",
+            "{}: the adapter has lora_alpha = {}, but the run asks for LoRA alpha {}; drop \
+             the alpha setting to take the adapter's, or pass another adapter",
             shown.display(),
             cfg.lora_alpha,
             spec.lora_alpha
@@ -142,7 +145,8 @@ pub struct TrainArgs {
     pub method: Method,
     /// The model and what of it is trained.
     pub model: ModelSpec,
-    /// Pretrained checkpoint folder to start from (`model.safetensors`).
+    /// The pretrained LLaVA folder the built-in task fine-tunes (its sizes,
+    /// weights, tokenizer and image processor; [`crate::data::builtin`]).
     pub init: PathBuf,
     /// Output folder of a new run: checkpoints, `metrics.jsonl`, `state.json`.
     pub out: Option<PathBuf>,
@@ -215,7 +219,7 @@ impl Default for TrainArgs {
         Self {
             method: Method::Dualpriv,
             model: ModelSpec {
-                preset: "tiny".into(),
+                preset: format!("{}assets/tiny-pretrained", checkpoint::HF_PRESET),
                 lora_rank: Some(8),
                 lora_alpha: 16.0,
                 full_groups: ["projector", "attention", "mlp", "lm_head"]
@@ -275,50 +279,81 @@ impl<B: DpBackend> TrainJob<'_, B> {
 
 /// Builds the run `a` describes: a resume of `a.resume`, or a new run from `a.init`
 /// with a fresh secret key (or the public key of `a.insecure_seed`).
+///
+/// Without [`TrainArgs::hf`] this is the built-in task: `a.init` is a LLaVA folder
+/// (the shipped `assets/tiny-pretrained`) and the private split is rendered in
+/// memory as LLaVA records ([`builtin::load`]), so the run goes through the same
+/// loader, tokenizer, image processor and dataset as a real LLaVA's.
 pub fn prepare<'a, B: DpBackend>(be: &'a B, a: &TrainArgs) -> Result<TrainJob<'a, B>> {
     if let Some(h) = &a.hf {
-        return prepare_hf(be, a, h);
+        let spec = hf_spec(a, &h.model);
+        let (mcfg, _) = spec.build()?;
+        let tok = Tokenizer::from_file(h.model.join("tokenizer.json"))?;
+        let processor = ImageProcessor::from_file(h.model.join("preprocessor_config.json"))?;
+        let opts = DataOptions {
+            template: h.template,
+            max_len: h.max_text_len,
+            aspect: h.aspect,
+        };
+        let data = LlavaDataset::load(
+            &h.data,
+            h.image_folder.as_deref(),
+            &tok,
+            processor,
+            mcfg.vision.image_size,
+            opts,
+        )?;
+        let run = LlavaRun {
+            model_dir: &h.model,
+            spec,
+            public_size: h.public_size,
+            init_adapter: h.init_adapter.as_deref(),
+            text_len: h.max_text_len,
+        };
+        return prepare_llava(be, a, run, data, None);
     }
-    let data = Dataset::generate(Split::Private, a.train_examples, a.seed, TINY_IMAGE)?;
-    let held_out = Dataset::generate(Split::Test, a.eval_examples.max(1), 2, TINY_IMAGE)?;
-    let mut trainer = match &a.resume {
-        Some(dir) => Trainer::resume(be, dir, &data, Some(a.steps))?,
-        None => {
-            let (mcfg, mode) = a.model.build()?;
-            let (default_keep, default_context) = mcfg.vision.default_token_select();
-            let keep_tokens = match (a.token_pruning, a.keep_tokens, a.method) {
-                (false, ..) => None,
-                (true, Some(k), _) => Some(k),
-                (true, None, Method::Dualpriv) => Some(default_keep),
-                _ => None,
-            };
-            // The evaluation split's texts must fit too (the default 1000 test examples).
-            let text_len = data
-                .max_text_len()
-                .max(Dataset::generate(Split::Test, 1000, 2, TINY_IMAGE)?.max_text_len());
-            let context = a.context_tokens.unwrap_or(default_context);
-            let cfg = TrainConfig {
-                // The built-in data's size is a setting, so public; q and σ derive from it.
-                public_size: Some(a.train_examples),
-                ..train_config(a, keep_tokens, context, text_len)
-            };
-            let model = Mllm::load(be, &mcfg, &mode, &checkpoint::model_path(&a.init)?)?;
-            let key = match a.insecure_seed {
-                Some(s) => RunKey::from_insecure_seed(s),
-                None => RunKey::from_os()?,
-            };
-            let mut t = Trainer::with_key(be, model, a.model.clone(), cfg, &data, key)?;
-            t.out_dir = a.out.clone();
-            t
-        }
+    let spec = hf_spec(a, &a.init);
+    let image = spec
+        .build()
+        .map_err(|e| {
+            Error::Config(format!(
+                "{e}. The built-in task trains a LLaVA folder such as assets/tiny-pretrained \
+             (write one with `dualpriv pretrain --out DIR`)"
+            ))
+        })?
+        .0
+        .vision
+        .image_size;
+    let (data, _) = builtin::load(&a.init, Split::Private, a.train_examples, a.seed, image)?;
+    let (held_out, _) = builtin::load(&a.init, Split::Test, a.eval_examples.max(1), 2, image)?;
+    let run = LlavaRun {
+        model_dir: &a.init,
+        spec,
+        // The built-in data's size is a setting, so public; q and σ derive from it.
+        public_size: Some(a.train_examples),
+        init_adapter: None,
+        text_len: builtin::MAX_TEXT_LEN,
     };
-    trainer.progress = a.progress;
-    trainer.eval_data = Some(held_out);
-    Ok(TrainJob {
-        trainer,
-        data: Box::new(data),
-        checkpoint_every: a.checkpoint_every,
-    })
+    prepare_llava(be, a, run, data, Some(held_out))
+}
+
+/// The run's model: the LLaVA folder `dir` with what `a` trains of it.
+fn hf_spec(a: &TrainArgs, dir: &Path) -> ModelSpec {
+    ModelSpec {
+        preset: format!("{}{}", checkpoint::HF_PRESET, dir.display()),
+        ..a.model.clone()
+    }
+}
+
+/// What a run on a LLaVA folder needs besides the data.
+struct LlavaRun<'p> {
+    model_dir: &'p Path,
+    spec: ModelSpec,
+    /// A public dataset size for q, or `None` (the trainer then warns).
+    public_size: Option<usize>,
+    init_adapter: Option<&'p Path>,
+    /// The public padding length.
+    text_len: usize,
 }
 
 /// The run's settings that do not depend on the data source.
@@ -351,41 +386,23 @@ fn train_config(
     }
 }
 
-/// [`prepare`] for a transformers LLaVA folder and conversation data. The record
-/// count is private here, so the run declares no public size (the trainer warns).
-fn prepare_hf<'a, B: DpBackend>(be: &'a B, a: &TrainArgs, h: &HfData) -> Result<TrainJob<'a, B>> {
-    let spec = ModelSpec {
-        preset: format!("{}{}", checkpoint::HF_PRESET, h.model.display()),
-        ..a.model.clone()
-    };
-    let (mcfg, mode) = spec.build()?;
-    let tok = Tokenizer::from_file(h.model.join("tokenizer.json"))?;
-    let processor = ImageProcessor::from_file(h.model.join("preprocessor_config.json"))?;
-    let opts = DataOptions {
-        template: h.template,
-        max_len: h.max_text_len,
-        aspect: h.aspect,
-    };
-    let data = LlavaDataset::load(
-        &h.data,
-        h.image_folder.as_deref(),
-        &tok,
-        processor,
-        mcfg.vision.image_size,
-        opts,
-    )?;
+/// Builds the trainer of a run on a LLaVA folder: a resume, or a new run.
+fn prepare_llava<'a, B: DpBackend>(
+    be: &'a B,
+    a: &TrainArgs,
+    run: LlavaRun<'_>,
+    data: LlavaDataset,
+    held_out: Option<LlavaDataset>,
+) -> Result<TrainJob<'a, B>> {
     let mut trainer = match &a.resume {
         Some(dir) => {
             // Before the resume takes the run over in the ledger.
             let (st, _) = checkpoint::load_state(dir)?;
-            check_resumed_init(
-                dir,
-                st.train.init_adapter.as_ref(),
-                h.init_adapter.as_deref(),
-            )?;
+            check_resumed_init(dir, st.train.init_adapter.as_ref(), run.init_adapter)?;
             Trainer::resume(be, dir, &data, Some(a.steps))?
         }
         None => {
+            let (mcfg, mode) = run.spec.build()?;
             let (default_keep, default_context) = mcfg.vision.default_token_select();
             let keep_tokens = match (a.token_pruning, a.keep_tokens, a.method) {
                 (false, ..) => None,
@@ -394,29 +411,29 @@ fn prepare_hf<'a, B: DpBackend>(be: &'a B, a: &TrainArgs, h: &HfData) -> Result<
                 _ => None,
             };
             let context = a.context_tokens.unwrap_or(default_context);
-            let (mut model, _) = load_llava(be, &h.model, &mode, 0)?;
-            let init_adapter = h
+            let (mut model, _) = load_llava(be, run.model_dir, &mode, 0)?;
+            let init_adapter = run
                 .init_adapter
-                .as_deref()
                 .map(|dir| init_from_adapter(be, &mut model, dir))
                 .transpose()?;
             // Padded to the public limit, never to the longest record: the text
             // length is published (state.json, step time), the longest record is private.
             let cfg = TrainConfig {
-                public_size: h.public_size,
+                public_size: run.public_size,
                 init_adapter,
-                ..train_config(a, keep_tokens, context, h.max_text_len)
+                ..train_config(a, keep_tokens, context, run.text_len)
             };
             let key = match a.insecure_seed {
                 Some(s) => RunKey::from_insecure_seed(s),
                 None => RunKey::from_os()?,
             };
-            let mut t = Trainer::with_key(be, model, spec, cfg, &data, key)?;
+            let mut t = Trainer::with_key(be, model, run.spec, cfg, &data, key)?;
             t.out_dir = a.out.clone();
             t
         }
     };
     trainer.progress = a.progress;
+    trainer.eval_data = held_out.map(|h| Box::new(h) as Box<dyn DataSource>);
     Ok(TrainJob {
         trainer,
         data: Box::new(data),

@@ -1,5 +1,6 @@
 //! Training data: the built-in synthetic multimodal task and the batch layout the
 //! model consumes.
+pub mod builtin;
 pub mod synthetic;
 
 use crate::Result;

@@ -971,8 +971,16 @@ fn render(scene: &Scene, s: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
     rgb
 }
 
-/// Maps a normalised `[3, s, s]` image back to 8-bit RGB, row-major interleaved.
-fn to_rgb8(image: &[f32], image_size: usize) -> Result<Vec<u8>> {
+/// The task's words (every token id of the task but the three specials), in id
+/// order: the vocabulary the built-in LLaVA tokenizer is made of
+/// ([`crate::data::builtin`]).
+pub fn task_words() -> &'static [&'static str] {
+    &WORDS[3..]
+}
+
+/// Maps a normalised `[3, s, s]` image back to 8-bit RGB, row-major interleaved
+/// (the pixels of the PNG the image is written as).
+pub fn to_rgb8(image: &[f32], image_size: usize) -> Result<Vec<u8>> {
     let plane = image_size * image_size;
     if image_size == 0 || image.len() != 3 * plane {
         return Err(Error::Shape(format!(

@@ -181,6 +181,24 @@ impl Conversations {
         })
     }
 
+    /// Records built in memory (the built-in task's, [`crate::data::builtin`]) as
+    /// a conversation set named `name` (for messages), with the turn checks of
+    /// [`Self::load`]. Their [`ImageRef::path`]s are names of in-memory images, not
+    /// files: the dataset built from them must be given the pixels
+    /// ([`crate::hf::dataset::Images::Memory`]).
+    pub fn in_memory(name: PathBuf, records: Vec<Record>) -> Result<Self> {
+        let shown = name.display().to_string();
+        for r in &records {
+            check_turns(&r.turns, r.image.is_some(), false)
+                .map_err(|(msg, fix)| record_error(&shown, r.index, &r.id, &msg, &fix))?;
+        }
+        Ok(Conversations {
+            path: name,
+            image_root: None,
+            records,
+        })
+    }
+
     /// Renders, tokenises and labels every record with `template`, truncating each to
     /// `max_len` tokens.
     ///

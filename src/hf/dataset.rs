@@ -45,6 +45,17 @@ pub struct DataOptions {
     pub aspect: AspectMode,
 }
 
+/// Where a dataset's images come from.
+#[derive(Clone, Copy)]
+pub enum Images<'a> {
+    /// The files the records name ([`crate::hf::conversation::ImageRef::path`]).
+    Files,
+    /// Rendered in memory: the image of the record at a given index (the built-in
+    /// task, whose images are the PNGs `dualpriv data synthetic` writes, pixel for
+    /// pixel).
+    Memory(&'a (dyn Fn(usize) -> Result<image::RgbImage> + Sync)),
+}
+
 /// A LLaVA conversation file ready for training.
 pub struct LlavaDataset {
     path: PathBuf,
@@ -76,8 +87,22 @@ impl LlavaDataset {
         image_size: usize,
         opts: DataOptions,
     ) -> Result<Self> {
-        let mode = opts.aspect;
         let conv = Conversations::load(json, image_root)?;
+        Self::from_conversations(&conv, Images::Files, tok, processor, image_size, opts)
+    }
+
+    /// [`Self::load`] for conversations already read (or built in memory), whose
+    /// images come from `images`.
+    pub fn from_conversations(
+        conv: &Conversations,
+        images: Images<'_>,
+        tok: &Tokenizer,
+        processor: ImageProcessor,
+        image_size: usize,
+        opts: DataOptions,
+    ) -> Result<Self> {
+        let json = conv.path.as_path();
+        let mode = opts.aspect;
         let (examples, stats) = conv.encode(tok, opts.template, opts.max_len)?;
         let mut seen: HashMap<&Path, &TextExample> = HashMap::new();
         for ex in &examples {
@@ -104,7 +129,7 @@ impl LlavaDataset {
                 json.display()
             )));
         }
-        let pixels = preprocess_all(&examples, &processor, mode, image_size)?;
+        let pixels = preprocess_all(&examples, images, &processor, mode, image_size)?;
         let mut next = 0;
         let slot = examples
             .iter()
@@ -159,6 +184,7 @@ impl LlavaDataset {
 /// temporary file.
 fn preprocess_all(
     examples: &[TextExample],
+    images: Images<'_>,
     processor: &ImageProcessor,
     mode: AspectMode,
     image_size: usize,
@@ -189,7 +215,11 @@ fn preprocess_all(
                 let img = ex.image.as_ref().ok_or_else(|| {
                     Error::Internal(format!("record {} lost its image", ex.index))
                 })?;
-                let px = processor.preprocess(&load_image(img)?, mode)?;
+                let rgb = match images {
+                    Images::Files => load_image(img)?,
+                    Images::Memory(f) => f(ex.index)?,
+                };
+                let px = processor.preprocess(&rgb, mode)?;
                 if px.len() != per {
                     return Err(Error::Internal(format!(
                         "{}: preprocessed to {} values, not 3·{image_size}²",

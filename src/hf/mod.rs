@@ -22,3 +22,4 @@ pub mod merge;
 pub mod names;
 pub mod peft;
 pub mod tokenizer;
+pub mod write;

@@ -914,19 +914,38 @@ impl<B: Backend> Mllm<B> {
         batch: &Batch,
         tokens: Option<&TokenSelectConfig>,
     ) -> Result<Vec<u32>> {
+        Ok(self
+            .predict_masked(backend, batch, tokens)?
+            .into_iter()
+            .map(|p| p[0])
+            .collect())
+    }
+
+    /// The argmax token at every masked position of each example, in position order
+    /// (teacher-forced: each from the reference text before it). All of them equal
+    /// the targets exactly when greedy decoding from the prompt reproduces the
+    /// answer tokens, so this is exact-match accuracy in one forward. An example
+    /// without a masked position is an error. Ties go to the lowest id, as
+    /// `torch.argmax`.
+    pub fn predict_masked(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        tokens: Option<&TokenSelectConfig>,
+    ) -> Result<Vec<Vec<u32>>> {
         let be = backend;
         let (b, t) = self.check_batch(batch)?;
-        let mut first = Vec::with_capacity(b);
+        let mut masked = Vec::with_capacity(b);
         for i in 0..b {
-            let p = batch.loss_mask[i * t..][..t]
-                .iter()
-                .position(|&m| m != 0.0)
-                .ok_or_else(|| {
-                    Error::Shape(format!(
-                        "predict: example {i} has no masked (answer) position"
-                    ))
-                })?;
-            first.push(p);
+            let ps: Vec<usize> = (0..t)
+                .filter(|&p| batch.loss_mask[i * t + p] != 0.0)
+                .collect();
+            if ps.is_empty() {
+                return Err(Error::Shape(format!(
+                    "predict: example {i} has no masked (answer) position"
+                )));
+            }
+            masked.push(ps);
         }
         if b == 0 {
             return Ok(vec![]);
@@ -934,32 +953,38 @@ impl<B: Backend> Mllm<B> {
         let f = self.forward(be, batch, tokens, false, false)?;
         let d = self.cfg.llm.hidden;
         let l = f.lay.l;
-        let mut rows = be.zeros(b * d)?;
-        for (i, &p) in first.iter().enumerate() {
-            let blk = Blocks {
-                count: 1,
-                len: d,
-                src_off: (i * l + f.lay.readout_row(i, p)) * d,
-                src_stride: 0,
-                dst_off: i * d,
-                dst_stride: 0,
-            };
-            be.copy_blocks(&mut rows, &f.hf, blk)?;
+        let n: usize = masked.iter().map(Vec::len).sum();
+        let mut rows = be.zeros(n * d)?;
+        let mut r = 0;
+        for (i, ps) in masked.iter().enumerate() {
+            for &p in ps {
+                let blk = Blocks {
+                    count: 1,
+                    len: d,
+                    src_off: (i * l + f.lay.readout_row(i, p)) * d,
+                    src_stride: 0,
+                    dst_off: r * d,
+                    dst_stride: 0,
+                };
+                be.copy_blocks(&mut rows, &f.hf, blk)?;
+                r += 1;
+            }
         }
-        let (logits, _) = self.llm.lm_head.forward(be, &self.store, &rows, b)?;
+        let (logits, _) = self.llm.lm_head.forward(be, &self.store, &rows, n)?;
         let logits = be.download(&logits)?;
         let vocab = self.cfg.llm.vocab;
-        Ok(logits
-            .chunks(vocab)
-            .map(|row| {
-                let mut best = 0;
-                for (j, &x) in row.iter().enumerate() {
-                    if x > row[best] {
-                        best = j;
-                    }
+        let mut best = logits.chunks(vocab).map(|row| {
+            let mut k = 0;
+            for (j, &x) in row.iter().enumerate() {
+                if x > row[k] {
+                    k = j;
                 }
-                best as u32
-            })
+            }
+            k as u32
+        });
+        Ok(masked
+            .iter()
+            .map(|ps| ps.iter().filter_map(|_| best.next()).collect())
             .collect())
     }
 

@@ -2,7 +2,7 @@
 //! per-example loss. Evaluating a released model on data that was not trained on
 //! is post-processing, so it costs no privacy.
 use crate::backend::dp::DpBackend;
-use crate::data::synthetic::Dataset;
+use crate::data::DataSource;
 use crate::model::Mllm;
 use crate::vision::tokens::TokenSelectConfig;
 use crate::{Error, Result};
@@ -10,17 +10,20 @@ use crate::{Error, Result};
 /// Accuracy and mean loss on a held-out set.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EvalResult {
-    /// Fraction of answers predicted exactly.
+    /// Fraction of examples whose every answer token is the argmax (exact match).
     pub accuracy: f64,
-    /// Mean per-example loss on the answer token.
+    /// Mean per-example loss on the answer tokens.
     pub loss: f64,
 }
 
-/// Accuracy of `model` on `data`: the argmax at each example's answer position.
+/// Exact-match accuracy of `model` on `data`: the fraction of examples whose
+/// argmax at every answer position (teacher-forced, [`Mllm::predict_masked`]) is
+/// the answer token there. For the built-in task's one-token answers this is the
+/// argmax at the answer position.
 pub fn evaluate<B: DpBackend>(
     backend: &B,
     model: &Mllm<B>,
-    data: &Dataset,
+    data: &dyn DataSource,
     tokens: Option<&TokenSelectConfig>,
     text_len: usize,
 ) -> Result<f64> {
@@ -31,7 +34,7 @@ pub fn evaluate<B: DpBackend>(
 pub fn evaluate_full<B: DpBackend>(
     backend: &B,
     model: &Mllm<B>,
-    data: &Dataset,
+    data: &dyn DataSource,
     tokens: Option<&TokenSelectConfig>,
     text_len: usize,
     with_loss: bool,
@@ -43,11 +46,17 @@ pub fn evaluate_full<B: DpBackend>(
     let idx: Vec<usize> = (0..data.len()).collect();
     for chunk in idx.chunks(64) {
         let batch = data.collate(chunk, text_len)?;
-        let pred = model.predict(backend, &batch, tokens)?;
-        correct += chunk
+        let pred = model.predict_masked(backend, &batch, tokens)?;
+        let t = batch.text_len;
+        correct += pred
             .iter()
-            .zip(&pred)
-            .filter(|(&i, &p)| data.examples[i].answer == p)
+            .enumerate()
+            .filter(|(i, p)| {
+                let row = &batch.targets[i * t..][..t];
+                let mask = &batch.loss_mask[i * t..][..t];
+                let want = (0..t).filter(|&j| mask[j] != 0.0).map(|j| row[j]);
+                p.iter().copied().eq(want)
+            })
             .count();
         if with_loss {
             loss += model

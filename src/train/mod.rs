@@ -15,7 +15,6 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::dp::DpBackend;
-use crate::data::synthetic::Dataset;
 use crate::data::DataSource;
 use crate::dp::accountant::ledger::{self, Ledger, LedgerEntry, LedgerLock};
 use crate::dp::accountant::{self, AccountantKind};
@@ -456,7 +455,7 @@ pub struct Trainer<'a, B: DpBackend> {
     /// the caller accounts for what it publishes from [`Self::epsilon`]).
     pub ledger: Option<PathBuf>,
     /// Held-out examples for `eval_every` (never the private training data).
-    pub eval_data: Option<Dataset>,
+    pub eval_data: Option<Box<dyn DataSource>>,
     key: RunKey,
     draws: u32,
     /// Draws below this are reserved in the ledger (durably, before use).
@@ -851,7 +850,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
                     Some(eval::evaluate_full(
                         self.backend,
                         &self.model,
-                        held_out,
+                        held_out.as_ref(),
                         tokens.as_ref(),
                         text_len,
                         true,
