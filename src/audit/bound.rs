@@ -130,7 +130,13 @@ pub fn guess(scores: &[f64], members: &[bool], k: usize) -> (usize, usize) {
 /// The audit's bound over a fixed set of guess counts `ks` (chosen before the
 /// scores are seen): each is tested at β / |ks| (Bonferroni), so the best of
 /// them is still a lower bound at confidence 1 − β. Returns the best.
-pub fn best_bound(scores: &[f64], members: &[bool], ks: &[usize], delta: f64, beta: f64) -> Guesses {
+pub fn best_bound(
+    scores: &[f64],
+    members: &[bool],
+    ks: &[usize],
+    delta: f64,
+    beta: f64,
+) -> Guesses {
     let m = scores.len();
     let b = beta / ks.len().max(1) as f64;
     let mut best = Guesses {
@@ -170,11 +176,7 @@ pub fn default_ks(m: usize) -> Vec<usize> {
 /// from non-members: the Mann–Whitney U / (n_in · n_out), ties counted ½.
 /// NaN when either class is empty.
 pub fn auc(scores: &[f64], members: &[bool]) -> f64 {
-    let mut pairs: Vec<(f64, bool)> = scores
-        .iter()
-        .zip(members)
-        .map(|(&s, &m)| (s, m))
-        .collect();
+    let mut pairs: Vec<(f64, bool)> = scores.iter().zip(members).map(|(&s, &m)| (s, m)).collect();
     let n_in = pairs.iter().filter(|p| p.1).count();
     let n_out = pairs.len() - n_in;
     if n_in == 0 || n_out == 0 {

@@ -89,7 +89,10 @@ impl DataSource for WithCanaries<'_> {
             .iter()
             .map(|&i| {
                 self.included.get(i - n).copied().ok_or_else(|| {
-                    Error::Shape(format!("example index {i} is out of range for {}", self.len()))
+                    Error::Shape(format!(
+                        "example index {i} is out of range for {}",
+                        self.len()
+                    ))
                 })
             })
             .collect::<Result<Vec<_>>>()?;

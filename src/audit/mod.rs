@@ -71,6 +71,9 @@ pub struct AuditConfig {
     /// `None`: coins, canary choices and the run key from the OS (a real audit).
     /// `Some(s)`: all from the public seed s, for reproducible tests.
     pub seed: Option<u64>,
+    /// σ, when already calibrated to (q, T, ε) by [`calibrate_sigma`] (a cache: runs
+    /// of several methods at one ε share it); `None` calibrates here.
+    pub sigma: Option<f64>,
     /// TEST-ONLY: divide the noise std by 10, a deliberately broken mechanism that
     /// shows the audit's power. The binary never sets it; it is not serialised.
     #[doc(hidden)]
@@ -84,16 +87,46 @@ impl AuditConfig {
             method,
             epsilon,
             delta: 1e-5,
-            canaries: 500,
+            canaries: 1000,
             white_box: method != Method::Dpzo,
             batch: 100,
-            steps: 45,
+            // q = 100 / (500 + 2·1000) = 0.04: each included canary is sampled
+            // qT = 3.2 times on average (never, with probability e^−3.2 ≈ 4 %).
+            steps: 80,
             lr: 0.5,
             dpzo_lr: 2e-3,
             clip: 1.0,
             seed: None,
+            sigma: None,
             broken_noise: false,
         }
+    }
+
+    /// The Poisson rate q of a run on `base` examples: B over every record the
+    /// run could hold (the base, the black-box and the white-box canaries), so q
+    /// does not depend on the coins.
+    pub fn rate(&self, base: usize) -> f64 {
+        self.batch as f64 / (base + 2 * self.canaries) as f64
+    }
+}
+
+/// The σ that reaches the claimed ε in `a.steps` steps at q = [`AuditConfig::rate`]
+/// (PLD accountant, as the runs use); `None` for nonprivate.
+pub fn calibrate_sigma(a: &AuditConfig, base: usize) -> Result<Option<f64>> {
+    match (a.method.is_private(), a.epsilon) {
+        (false, _) => Ok(None),
+        (true, Some(e)) => crate::dp::accountant::calibrate_sigma(
+            AccountantKind::Pld,
+            a.rate(base),
+            u64::from(a.steps),
+            e,
+            a.delta,
+        )
+        .map(Some),
+        (true, None) => Err(Error::Config(format!(
+            "auditing {} needs a claimed ε",
+            a.method
+        ))),
     }
 }
 
@@ -170,7 +203,11 @@ fn losses<B: DpBackend>(
 }
 
 /// The values of the canaries' coordinates.
-fn coord_values<B: DpBackend>(be: &B, model: &Mllm<B>, coords: &[(u32, usize)]) -> Result<Vec<f64>> {
+fn coord_values<B: DpBackend>(
+    be: &B,
+    model: &Mllm<B>,
+    coords: &[(u32, usize)],
+) -> Result<Vec<f64>> {
     let mut cache: std::collections::HashMap<u32, Vec<f32>> = Default::default();
     coords
         .iter()
@@ -246,9 +283,16 @@ pub fn audit_run<B: DpBackend>(
         steps: a.steps,
         opt: OptConfig::sgd(if dpzo { a.dpzo_lr } else { a.lr }),
         clip_norm: a.clip,
-        epsilon: if a.method.is_private() { a.epsilon } else { None },
+        epsilon: if a.method.is_private() {
+            a.epsilon
+        } else {
+            None
+        },
         delta: a.delta,
-        noise_multiplier: None,
+        noise_multiplier: match a.sigma {
+            Some(s) if a.method.is_private() => Some(s),
+            _ => None,
+        },
         accountant: AccountantKind::Pld,
         keep_tokens: (a.method == Method::Dualpriv).then_some(6),
         context_tokens: if a.method == Method::Dualpriv { 2 } else { 0 },
@@ -257,7 +301,11 @@ pub fn audit_run<B: DpBackend>(
         // Every record the run could hold: the base, the black-box and the white-box
         // canaries (q does not depend on the coins).
         public_size: Some(base.len() + 2 * m),
-        ..TrainConfig::new(a.method, a.batch, base.max_text_len().max(data.max_text_len()))
+        ..TrainConfig::new(
+            a.method,
+            a.batch,
+            base.max_text_len().max(data.max_text_len()),
+        )
     };
     if a.method.is_private() && a.epsilon.is_none() {
         return Err(Error::Config(format!(
@@ -321,7 +369,15 @@ pub fn audit_run<B: DpBackend>(
         key: ikey,
         noise_scale,
     });
-    t.run(&data, 0)?;
+    // The steps of `Trainer::run` (Poisson batches from the run key, each step
+    // charged before it runs) without what an audit does not publish: per-step ε,
+    // metrics, evaluations, checkpoints and the ledger.
+    let sampler = t.cfg.check(&data, t.key())?;
+    for _ in 0..a.steps {
+        let idx = sampler.batch(t.draws());
+        t.one_step(&data, &idx)?;
+        t.step += 1;
+    }
     let after = coord_values(backend, &t.model, &coords)?;
     let loss_after = losses(backend, &t.model, &canaries, &t.cfg)?;
     // SGD moves θ_j by −lr·(C + noise + data)/B when canary j is sampled.

@@ -13,8 +13,8 @@ use crate::backend::dp::DpBackend;
 use crate::data::synthetic::{Dataset, Split};
 use crate::model::Mllm;
 use crate::train::checkpoint::ModelSpec;
-use crate::train::method::Method;
 use crate::train::io_err;
+use crate::train::method::Method;
 use crate::{Error, Result};
 
 /// Settings of `dualpriv audit`.
@@ -118,7 +118,9 @@ pub fn audit<B: DpBackend>(
         ));
     }
     if let Some(e) = a.epsilons.iter().find(|e| !(e.is_finite() && **e > 0.0)) {
-        return Err(Error::Config(format!("claimed ε = {e} must be finite and > 0")));
+        return Err(Error::Config(format!(
+            "claimed ε = {e} must be finite and > 0"
+        )));
     }
     let ckpt = crate::train::checkpoint::model_path(&a.pretrained)?;
     if !ckpt.exists() {
@@ -142,8 +144,23 @@ pub fn audit<B: DpBackend>(
         None => None,
     };
     let mut rows = Vec::with_capacity(runs.len());
+    // σ depends on (q, T, ε) only: calibrate once per ε (PLD calibration takes
+    // seconds at ε = 8).
+    let mut sigmas: Vec<(u64, f64)> = Vec::new();
     for (i, &(method, eps)) in runs.iter().enumerate() {
-        let c = run_config(a, method, eps)?;
+        let mut c = run_config(a, method, eps)?;
+        if let Some(e) = eps.filter(|_| method.is_private()) {
+            c.sigma = match sigmas.iter().find(|s| s.0 == e.to_bits()) {
+                Some(s) => Some(s.1),
+                None => {
+                    let s = crate::audit::calibrate_sigma(&c, base.len())?;
+                    if let Some(s) = s {
+                        sigmas.push((e.to_bits(), s));
+                    }
+                    s
+                }
+            };
+        }
         let model = Mllm::load(backend, &mcfg, &mode, &ckpt)?;
         let row = audit_run(backend, model, spec.clone(), &base, &pool, &c)?;
         if let Some((p, f)) = out_files.as_mut() {

@@ -971,16 +971,18 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             key: &self.key,
         };
         let hook = self.audit.as_ref().map(|a| a.hook(draw));
-        step::train_step_audited(&mut ctx, self.step, draw, indices, hook.as_ref()).map_err(|e| match e {
-            // Out of memory: say which run it was and what micro-batch to try.
-            Error::OutOfMemory(m) => Error::OutOfMemory(format!(
-                "{m} [preset {}, batch {}, micro-batch {}: try a micro-batch of {}]",
-                self.model_spec.preset,
-                self.cfg.batch,
-                self.cfg.micro_batch,
-                (self.cfg.micro_batch / 2).max(1)
-            )),
-            e => e,
+        step::train_step_audited(&mut ctx, self.step, draw, indices, hook.as_ref()).map_err(|e| {
+            match e {
+                // Out of memory: say which run it was and what micro-batch to try.
+                Error::OutOfMemory(m) => Error::OutOfMemory(format!(
+                    "{m} [preset {}, batch {}, micro-batch {}: try a micro-batch of {}]",
+                    self.model_spec.preset,
+                    self.cfg.batch,
+                    self.cfg.micro_batch,
+                    (self.cfg.micro_batch / 2).max(1)
+                )),
+                e => e,
+            }
         })
     }
 

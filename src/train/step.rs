@@ -544,8 +544,7 @@ fn gradient_step<B: DpBackend>(
         loss: f64::NAN,
         ..Default::default()
     };
-    if indices.is_empty() && !cfg.method.is_private() && hook.is_none_or(|h| h.inject.is_empty())
-    {
+    if indices.is_empty() && !cfg.method.is_private() && hook.is_none_or(|h| h.inject.is_empty()) {
         return Ok(out);
     }
     let micro: Vec<&[usize]> = indices.chunks(cfg.micro_batch.max(1)).collect();
