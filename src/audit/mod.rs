@@ -212,10 +212,13 @@ fn coord_values<B: DpBackend>(
     coords
         .iter()
         .map(|&(id, i)| {
-            if !cache.contains_key(&id) {
-                cache.insert(id, be.download(model.param(id))?);
-            }
-            Ok(f64::from(cache[&id][i]))
+            let vals = match cache.entry(id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(be.download(model.param(id))?)
+                }
+            };
+            Ok(f64::from(vals[i]))
         })
         .collect()
 }
