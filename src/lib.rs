@@ -2,6 +2,7 @@
 //! driver for differentially private fine-tuning of LLaVA-style multimodal LLMs
 //! with Dual-Priv Pruning (arXiv 2506.07077).
 //!
+//! * [`audit`]: the one-run empirical privacy audit (an ε lower bound from canaries);
 //! * [`dp`]: the DP mechanisms (per-example clipping with ghost norms and
 //!   book-keeping, the run key, regenerable Gaussian noise, noisy top-k update
 //!   pruning) and the privacy [`dp::accountant`]s with the ledger;
@@ -22,6 +23,7 @@
 //! compiled with the `cuda` feature only.
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod backend;
 pub mod cmd;
 pub mod data;

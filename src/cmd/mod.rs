@@ -11,12 +11,14 @@
 //! * [`export`]: a run's LoRA adapter as a PEFT adapter folder;
 //! * [`inspect`]: a model's host memory when loaded, and its device memory plan;
 //! * [`account`]: ε for a noise multiplier, or the σ for a target ε;
+//! * [`audit`](mod@audit): the one-run empirical privacy audit (ε lower bounds);
 //! * [`demo`]: the README's main job, every method fine-tuned and evaluated;
 //! * [`pretrain`]: non-private pretraining of the public starting checkpoint;
 //! * [`bench`](mod@bench): step time of each method, and micro-benchmarks of each kernel.
 //!
 //! `dualpriv selfcheck` is [`crate::selfcheck`].
 pub mod account;
+pub mod audit;
 pub mod bench;
 pub mod demo;
 pub mod eval;

@@ -469,6 +469,10 @@ pub struct Trainer<'a, B: DpBackend> {
     checked: Option<String>,
     /// The last coarse ε and the history it is for.
     coarse_eps: std::cell::RefCell<Option<(History, Option<f64>)>>,
+    /// A privacy audit's canaries and noise switch ([`crate::audit`]): crate-only,
+    /// never saved, `None` after a resume; [`Self::run`] refuses it with an
+    /// `out_dir`, so an audited run is never persisted or charged to a ledger.
+    pub(crate) audit: Option<crate::audit::canary::Injector>,
 }
 
 impl<'a, B: DpBackend> Trainer<'a, B> {
@@ -536,6 +540,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             claimed: false,
             checked: None,
             coarse_eps: Default::default(),
+            audit: None,
         })
     }
 
@@ -623,6 +628,7 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             claimed: true,
             checked: None,
             coarse_eps: Default::default(),
+            audit: None,
         };
         // Take the run over in the ledger, under its lock: continue after every draw
         // any process reserved for it, from the history it recorded.
@@ -749,6 +755,11 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
     /// Checkpoints every `checkpoint_every` steps (and at the end) when `out_dir` is set.
     pub fn run(&mut self, data: &dyn DataSource, checkpoint_every: u32) -> Result<RunSummary> {
         let started = Instant::now();
+        if self.audit.is_some() && (self.out_dir.is_some() || self.ledger.is_some()) {
+            return Err(Error::Internal(
+                "an audited run must not write a checkpoint or a ledger entry".into(),
+            ));
+        }
         // `cfg` is public: check it again, so no edit after `new` bypasses a refusal.
         let sampler = self.cfg.check(data, &self.key)?;
         let q = sampler.rate();
@@ -958,16 +969,19 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
             sigma: self.sigma,
             key: &self.key,
         };
-        step::train_step(&mut ctx, self.step, draw, indices).map_err(|e| match e {
-            // Out of memory: say which run it was and what micro-batch to try.
-            Error::OutOfMemory(m) => Error::OutOfMemory(format!(
-                "{m} [preset {}, batch {}, micro-batch {}: try a micro-batch of {}]",
-                self.model_spec.preset,
-                self.cfg.batch,
-                self.cfg.micro_batch,
-                (self.cfg.micro_batch / 2).max(1)
-            )),
-            e => e,
+        let hook = self.audit.as_ref().map(|a| a.hook(draw));
+        step::train_step_audited(&mut ctx, self.step, draw, indices, hook.as_ref()).map_err(|e| {
+            match e {
+                // Out of memory: say which run it was and what micro-batch to try.
+                Error::OutOfMemory(m) => Error::OutOfMemory(format!(
+                    "{m} [preset {}, batch {}, micro-batch {}: try a micro-batch of {}]",
+                    self.model_spec.preset,
+                    self.cfg.batch,
+                    self.cfg.micro_batch,
+                    (self.cfg.micro_batch / 2).max(1)
+                )),
+                e => e,
+            }
         })
     }
 

@@ -132,10 +132,50 @@ pub fn train_step<B: DpBackend>(
     draw: u32,
     indices: &[usize],
 ) -> Result<StepOutcome> {
+    train_step_audited(ctx, step, draw, indices, None)
+}
+
+/// What a privacy audit ([`crate::audit`]) changes in one step; crate-only, set
+/// by the audit alone (never by a flag, a config or a checkpoint).
+#[derive(Clone, Debug)]
+pub(crate) struct AuditHook {
+    /// White-box (Dirac) canaries sampled in this step: (parameter id, index,
+    /// value), added to the clipped sum before the noise. A value of ±C is one
+    /// example's clipped gradient C·e_j, so the sensitivity stays C.
+    pub inject: Vec<(u32, usize, f32)>,
+    /// Factor on the noise std: 1 for the real mechanism; the audit's broken
+    /// variant (a test of the audit's power) sets 0.1.
+    pub noise_scale: f64,
+}
+
+/// [`train_step`] with an audit's additions.
+pub(crate) fn train_step_audited<B: DpBackend>(
+    ctx: &mut StepContext<'_, B>,
+    step: u32,
+    draw: u32,
+    indices: &[usize],
+    hook: Option<&AuditHook>,
+) -> Result<StepOutcome> {
     match ctx.cfg.method {
-        Method::Dpzo => dpzo_step(ctx, draw, indices),
-        _ => gradient_step(ctx, step, draw, indices),
+        Method::Dpzo => dpzo_step(ctx, draw, indices, hook),
+        _ => gradient_step(ctx, step, draw, indices, hook),
     }
+}
+
+/// Adds the hook's canary gradients of tensor `id` to its clipped sum `g`.
+fn inject<B: DpBackend>(be: &B, hook: Option<&AuditHook>, id: u32, g: &mut B::Buf) -> Result<()> {
+    let Some(h) = hook else { return Ok(()) };
+    if !h.inject.iter().any(|c| c.0 == id) {
+        return Ok(());
+    }
+    let mut add = vec![0.0f32; be.len(g)];
+    for &(_, i, v) in h.inject.iter().filter(|c| c.0 == id) {
+        let slot = add.get_mut(i).ok_or_else(|| {
+            Error::Internal(format!("audit canary index {i} outside tensor {id}"))
+        })?;
+        *slot += v;
+    }
+    be.axpy(g, 1.0, &be.upload(&add)?)
 }
 
 fn update_config(
@@ -485,6 +525,7 @@ fn gradient_step<B: DpBackend>(
     step: u32,
     draw: u32,
     indices: &[usize],
+    hook: Option<&AuditHook>,
 ) -> Result<StepOutcome> {
     let cfg = ctx.cfg;
     let be = ctx.backend;
@@ -494,13 +535,16 @@ fn gradient_step<B: DpBackend>(
         .iter()
         .map(|p| (p.id, p.len))
         .collect();
-    let ucfg = update_config(ctx, step, draw, indices.len())?;
+    let mut ucfg = update_config(ctx, step, draw, indices.len())?;
+    if let Some(h) = hook {
+        ucfg.noise_std *= h.noise_scale;
+    }
     let mut out = StepOutcome {
         batch_size: indices.len(),
         loss: f64::NAN,
         ..Default::default()
     };
-    if indices.is_empty() && !cfg.method.is_private() {
+    if indices.is_empty() && !cfg.method.is_private() && hook.is_none_or(|h| h.inject.is_empty()) {
         return Ok(out);
     }
     let micro: Vec<&[usize]> = indices.chunks(cfg.micro_batch.max(1)).collect();
@@ -519,9 +563,10 @@ fn gradient_step<B: DpBackend>(
         let (reduced, factors) =
             forward_clip(be, &*ctx.model, cfg, ctx.key, ctx.data, mb, &mut sums)?;
         for r in reduced {
-            for (id, g) in clipped_sums(be, &factors, r)? {
+            for (id, mut g) in clipped_sums(be, &factors, r)? {
                 if streaming {
                     // Noised, applied and dropped before the next tensor's sum exists.
+                    inject(be, hook, id, &mut g)?;
                     let r = apply(ctx, &[(id, &g)], &ucfg)?;
                     out.kept += r.kept;
                     out.coords += r.n;
@@ -541,6 +586,9 @@ fn gradient_step<B: DpBackend>(
         if !applied.contains(&id) && !grads.contains_key(&id) {
             grads.insert(id, be.zeros(len)?);
         }
+    }
+    for (id, g) in grads.iter_mut() {
+        inject(be, hook, *id, g)?;
     }
     if !grads.is_empty() {
         let mut order: Vec<u32> = grads.keys().copied().collect();
@@ -680,15 +728,23 @@ fn dpzo_step<B: DpBackend>(
     ctx: &mut StepContext<'_, B>,
     draw: u32,
     indices: &[usize],
+    hook: Option<&AuditHook>,
 ) -> Result<StepOutcome> {
     let s = dpzo_clipped_sum(ctx, draw, indices)?;
     let cfg = ctx.cfg;
+    // DPZO has no per-coordinate gradient: its audit uses black-box canaries only,
+    // and the hook may only scale the noise.
+    if hook.is_some_and(|h| !h.inject.is_empty()) {
+        return Err(Error::Internal(
+            "white-box canaries need a gradient method; dpzo is audited with black-box ones".into(),
+        ));
+    }
     let g = dpzo_noisy_scalar(
         ctx.key,
         cfg.rng,
         draw,
         s.sum,
-        noise_std(true, ctx.sigma, cfg.clip_norm),
+        noise_std(true, ctx.sigma, cfg.clip_norm) * hook.map_or(1.0, |h| h.noise_scale),
         cfg.batch,
     );
     let coords: u64 = ctx.model.trainable().iter().map(|p| p.len as u64).sum();
