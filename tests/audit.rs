@@ -2,7 +2,7 @@
 //! implementation (scripts/make_audit_fixture.py), the canary data sources, and
 //! the audit's power on real runs (nonprivate and a broken σ/10 mechanism are
 //! caught, a correct DP run stays under its ε).
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use dualpriv::audit::bound::{auc, epsilon_lower_bound, guess, p_value};
 use dualpriv::audit::canary::{Relabeled, WithCanaries};
@@ -10,7 +10,7 @@ use dualpriv::audit::{audit_run, AuditConfig, AuditRow};
 use dualpriv::backend::cpu::Cpu;
 use dualpriv::cmd::audit::{audit_spec, builtin_data};
 use dualpriv::data::DataSource;
-use dualpriv::model::Mllm;
+use dualpriv::hf::load::load_llava;
 use dualpriv::train::method::Method;
 use rand::SeedableRng;
 use serde_json::Value;
@@ -79,7 +79,7 @@ fn guesses_count_top_and_bottom() {
 
 #[test]
 fn canary_sources_relabel_and_append() {
-    let (base, pool) = builtin_data(32, 5, 6).unwrap();
+    let (base, pool) = builtin_data(&tiny(), 32, 5, 6).unwrap();
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
     let can = Relabeled::random_wrong(&pool, &mut rng).unwrap();
     let t = base.max_text_len().max(pool.max_text_len());
@@ -108,6 +108,11 @@ fn canary_sources_relabel_and_append() {
     assert!(data.collate(&[7], t).is_err());
 }
 
+/// The shipped LLaVA folder.
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-pretrained")
+}
+
 fn run(
     method: Method,
     eps: Option<f64>,
@@ -116,12 +121,10 @@ fn run(
     steps: u32,
     seed: u64,
 ) -> AuditRow {
-    let spec = audit_spec();
+    let spec = audit_spec(&tiny());
     let (mcfg, mode) = spec.build().unwrap();
-    let ckpt =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-pretrained/model.safetensors");
-    let model = Mllm::load(&Cpu, &mcfg, &mode, &ckpt).unwrap();
-    let (base, pool) = builtin_data(mcfg.vision.image_size, 300, m).unwrap();
+    let (model, _) = load_llava(&Cpu, &tiny(), &mode, 0).unwrap();
+    let (base, pool) = builtin_data(&tiny(), mcfg.vision.image_size, 300, m).unwrap();
     let mut c = AuditConfig::new(method, eps);
     c.canaries = m;
     c.steps = steps;

@@ -6,13 +6,16 @@
 //! for the audit (not the demo's data), persists nothing and writes no ledger:
 //! the ε lower bounds concern these audit runs only.
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::audit::{audit_run, AuditConfig, AuditRow};
 use crate::backend::dp::DpBackend;
-use crate::data::synthetic::{Dataset, Split};
-use crate::model::Mllm;
-use crate::train::checkpoint::ModelSpec;
+use crate::data::builtin;
+use crate::data::synthetic::Split;
+use crate::data::DataSource;
+use crate::hf::dataset::LlavaDataset;
+use crate::hf::load::load_llava;
+use crate::train::checkpoint::{ModelSpec, HF_PRESET};
 use crate::train::io_err;
 use crate::train::method::Method;
 use crate::{Error, Result};
@@ -20,7 +23,7 @@ use crate::{Error, Result};
 /// Settings of `dualpriv audit`.
 #[derive(Clone, Debug)]
 pub struct AuditArgs {
-    /// Pretrained checkpoint folder (model.safetensors).
+    /// The pretrained LLaVA folder (the shipped `assets/tiny-pretrained`).
     pub pretrained: PathBuf,
     /// Methods audited; nonprivate is run once, the others at every ε.
     pub methods: Vec<Method>,
@@ -41,23 +44,29 @@ pub struct AuditArgs {
     pub seed: Option<u64>,
 }
 
-/// The audit's model: the demo's LoRA (r = 8) on the tiny preset.
-pub fn audit_spec() -> ModelSpec {
+/// The audit's model: the demo's LoRA (r = 8) on the LLaVA folder `pretrained`.
+pub fn audit_spec(pretrained: &Path) -> ModelSpec {
     ModelSpec {
-        preset: "tiny".into(),
+        preset: format!("{HF_PRESET}{}", pretrained.display()),
         lora_rank: Some(8),
         lora_alpha: 16.0,
         full_groups: vec![],
     }
 }
 
-/// The built-in data of an audit: `base` private training examples and `canaries`
-/// held-out examples to make canaries from (seeds fixed: the task is public;
-/// what is secret is which canaries are in).
-pub fn builtin_data(image: usize, base: usize, canaries: usize) -> Result<(Dataset, Dataset)> {
+/// The built-in data of an audit, as LLaVA records read with the model folder
+/// `pretrained`'s tokenizer and image processor: `base` private training examples
+/// and `canaries` held-out examples to make canaries from (seeds fixed: the task
+/// is public; what is secret is which canaries are in).
+pub fn builtin_data(
+    pretrained: &Path,
+    image: usize,
+    base: usize,
+    canaries: usize,
+) -> Result<(LlavaDataset, LlavaDataset)> {
     Ok((
-        Dataset::generate(Split::Private, base, 11, image)?,
-        Dataset::generate(Split::Test, canaries, 12, image)?,
+        builtin::load(pretrained, Split::Private, base, 11, image)?.0,
+        builtin::load(pretrained, Split::Test, canaries, 12, image)?.0,
     ))
 }
 
@@ -122,18 +131,23 @@ pub fn audit<B: DpBackend>(
             "claimed ε = {e} must be finite and > 0"
         )));
     }
-    let ckpt = crate::train::checkpoint::model_path(&a.pretrained)?;
-    if !ckpt.exists() {
+    if !crate::cmd::pretrain::is_model_folder(&a.pretrained) {
         return Err(Error::Io {
-            path: ckpt.display().to_string(),
-            message: "no pretrained checkpoint here; pass --pretrained with the shipped \
-                      assets/tiny-pretrained (or run `dualpriv pretrain --out DIR` first)"
+            path: a.pretrained.display().to_string(),
+            message: "no pretrained LLaVA folder here (config.json and model.safetensors); \
+                      pass --pretrained with the shipped assets/tiny-pretrained (or run \
+                      `dualpriv pretrain --out DIR` first)"
                 .into(),
         });
     }
-    let spec = audit_spec();
+    let spec = audit_spec(&a.pretrained);
     let (mcfg, mode) = spec.build()?;
-    let (base, pool) = builtin_data(mcfg.vision.image_size, base_examples(a), a.canaries)?;
+    let (base, pool) = builtin_data(
+        &a.pretrained,
+        mcfg.vision.image_size,
+        base_examples(a),
+        a.canaries,
+    )?;
     let mut out_files = match &a.out {
         Some(d) => {
             std::fs::create_dir_all(d).map_err(|e| io_err(d, e))?;
@@ -161,7 +175,7 @@ pub fn audit<B: DpBackend>(
                 }
             };
         }
-        let model = Mllm::load(backend, &mcfg, &mode, &ckpt)?;
+        let (model, _) = load_llava(backend, &a.pretrained, &mode, 0)?;
         let row = audit_run(backend, model, spec.clone(), &base, &pool, &c)?;
         if let Some((p, f)) = out_files.as_mut() {
             let line = serde_json::to_string(&row)
