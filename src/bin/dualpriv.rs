@@ -1210,7 +1210,7 @@ struct StudyFlags {
     out: PathBuf,
     /// Continue the study in DIR: runs only what its results.jsonl lacks, with the plan
     /// and settings of its study.json, then rewrites RESULTS.md and the plots.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["out", "quick", "reps", "steps", "batch", "train_examples", "test_examples", "pretrained", "main_only"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["out", "quick", "reps", "steps", "batch", "train_examples", "test_examples", "pretrained", "main_only", "ablation_epsilons"])]
     resume: Option<PathBuf>,
     /// A tiny grid (a few runs of a few steps) that checks the pipeline in seconds.
     #[arg(long)]
@@ -1236,6 +1236,9 @@ struct StudyFlags {
     /// The main grid only (no ablations).
     #[arg(long)]
     main_only: bool,
+    /// ε levels of the dualpriv ablations (each level adds a full set of ablation runs).
+    #[arg(long, value_delimiter = ',', default_value = "3")]
+    ablation_epsilons: Vec<f64>,
 }
 
 /// The default study's sizes: (reps, steps, batch, train examples, test examples).
@@ -1264,6 +1267,16 @@ impl StudyFlags {
         if self.main_only {
             plan.ablations.clear();
         }
+        if let Some(e) = self
+            .ablation_epsilons
+            .iter()
+            .find(|e| !(**e > 0.0 && e.is_finite()))
+        {
+            return Err(Error::Config(format!(
+                "--ablation-epsilons: {e} is not a finite ε > 0"
+            )));
+        }
+        plan.ablation_epsilons = self.ablation_epsilons;
         let (dir, resume) = match self.resume {
             Some(d) => (d, true),
             None => (self.out, false),

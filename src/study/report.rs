@@ -7,8 +7,7 @@ use std::fmt::Write as _;
 
 use super::results::{Record, StudyFile};
 use super::spec::{
-    fmt_eps, Ablation, RunSpec, DEFAULT_KEEP_FRAC, DEFAULT_RANK, DEFAULT_TOKENS, DIMENSIONS,
-    FULL_ATTENTION_LR, KEEP_FRACS, TOKEN_BUDGETS,
+    fmt_eps, Ablation, RunSpec, DEFAULT_KEEP_FRAC, DEFAULT_RANK, DEFAULT_TOKENS, FULL_ATTENTION_LR,
 };
 use super::stats::{paired_differences, summary, t_interval, Interval, Summary};
 use crate::train::method::Method;
@@ -92,7 +91,9 @@ pub fn nonprivate(study: &StudyFile, records: &[Record]) -> Summary {
 /// Accuracy vs keep_frac of dualpriv at `epsilon`.
 pub fn keep_frac_series(study: &StudyFile, records: &[Record], epsilon: f64) -> Vec<Point> {
     let d = main_cell(study, Method::Dualpriv, Some(epsilon));
-    KEEP_FRACS
+    study
+        .plan
+        .keep_fracs
         .iter()
         .map(|&k| {
             (
@@ -110,8 +111,7 @@ pub fn keep_frac_series(study: &StudyFile, records: &[Record], epsilon: f64) -> 
         .collect()
 }
 
-/// Accuracy vs visual tokens of dualpriv at `epsilon` (the budgets of
-/// [`TOKEN_BUDGETS`]), and the run without token pruning (all 16 patches) when
+/// Accuracy vs visual tokens of dualpriv at `epsilon` (the plan's budgets), and the run without token pruning (all 16 patches) when
 /// it was made.
 pub fn token_series(
     study: &StudyFile,
@@ -119,11 +119,13 @@ pub fn token_series(
     epsilon: f64,
 ) -> (Vec<Point>, Option<Point>) {
     let d = main_cell(study, Method::Dualpriv, Some(epsilon));
-    let pts = TOKEN_BUDGETS
+    let pts = study
+        .plan
+        .token_budgets
         .iter()
-        .map(|&(n, t)| {
+        .map(|&t| {
             (
-                n as f64,
+                t.visual_tokens() as f64,
                 accuracy(
                     records,
                     &RunSpec {
@@ -158,6 +160,8 @@ pub struct Resources {
     pub step_seconds: Summary,
     /// Wall time of a run, seconds.
     pub wall_seconds: Summary,
+    /// CPU time of a run (all threads), seconds.
+    pub cpu_seconds: Summary,
 }
 
 /// [`Resources`] of every method over the main grid's runs (all ε; the cost of a
@@ -188,6 +192,7 @@ pub fn resources(study: &StudyFile, records: &[Record]) -> Vec<Resources> {
                 peak_mib: of(&|r| r.outcome.peak_bytes.map(mib)),
                 step_seconds: of(&|r| Some(r.outcome.median_step_seconds)),
                 wall_seconds: of(&|r| Some(r.outcome.wall_seconds)),
+                cpu_seconds: of(&|r| r.outcome.cpu_seconds),
             }
         })
         .collect()
@@ -259,6 +264,14 @@ pub fn render(
         set.train_examples,
         set.test_examples,
         set.delta
+    );
+    let wall: f64 = records.iter().map(|r| r.outcome.wall_seconds).sum();
+    let cpu: f64 = records.iter().filter_map(|r| r.outcome.cpu_seconds).sum();
+    let _ = writeln!(
+        o,
+        "Time of all runs: {:.1} min wall, {:.1} min CPU (all threads).\n",
+        wall / 60.0,
+        cpu / 60.0
     );
     if !references.is_empty() {
         let refs: Vec<String> = references
@@ -345,7 +358,9 @@ pub fn render(
         "## Memory and step time per method (main-grid runs, every ε)\n\nPeak is the heap in use \
          during training (the CPU backend's counting allocator) less what was in use before the \
          model was loaded (the splits the study holds): the model, optimizer state and step \
-         buffers, the analogue of a GPU's peak. Step time is each run's median.\n"
+         buffers, the analogue of a GPU's peak. Step time is each run's median; a run's wall time \
+         includes loading and the test evaluation, and its CPU time counts every thread (on a \
+         machine shared with other jobs, wall time stretches and CPU time does not).\n"
     );
     let res = resources(study, records);
     let rows: Vec<Vec<String>> = res
@@ -358,6 +373,7 @@ pub fn render(
                 pm(&r.peak_mib, 2),
                 pm(&r.step_seconds, 3),
                 pm(&r.wall_seconds, 1),
+                pm(&r.cpu_seconds, 1),
             ]
         })
         .collect();
@@ -369,7 +385,8 @@ pub fn render(
             "peak MiB (model + training)",
             "peak MiB (whole heap)",
             "step s",
-            "run s",
+            "run s (wall)",
+            "run s (CPU)",
         ],
         &rows,
     );
@@ -488,9 +505,10 @@ fn ablations(o: &mut String, study: &StudyFile, records: &[Record], e: f64) {
              K dominant patches + M contextual tokens; the pairs (K, M) keep about one contextual \
              token per three dominant ones, as the default (6, 2).\n"
         );
-        let mut rows: Vec<Vec<String>> = TOKEN_BUDGETS
+        let mut rows: Vec<Vec<String>> = plan
+            .token_budgets
             .iter()
-            .map(|&(_, t)| {
+            .map(|&t| {
                 let s = RunSpec {
                     tokens: Some(t),
                     ..d.clone()
@@ -516,7 +534,8 @@ fn ablations(o: &mut String, study: &StudyFile, records: &[Record], e: f64) {
              {FULL_ATTENTION_LR}. The paper's argument: noise grows with the dimension, so update \
              pruning should matter more as it grows.\n"
         );
-        let rows: Vec<Vec<String>> = DIMENSIONS
+        let rows: Vec<Vec<String>> = plan
+            .dimensions
             .iter()
             .map(|&lora_rank| {
                 let at = |m: Method| {

@@ -122,6 +122,11 @@ pub struct RunOutcome {
     pub median_step_seconds: f64,
     /// Wall time of the run (load, train, evaluate), seconds.
     pub wall_seconds: f64,
+    /// CPU time of the process during the run (every thread), seconds, where
+    /// `/proc/self/stat` exists: with `wall_seconds` it shows how much of the
+    /// machine the run had (other jobs on a shared machine stretch wall time only).
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
     /// Visual tokens per example the LLM reads.
     pub visual_tokens: usize,
     /// Trainable parameters.
@@ -164,6 +169,7 @@ pub fn run_one<B: DpBackend>(
     ctx: &StudyContext,
 ) -> Result<RunOutcome> {
     let t0 = Instant::now();
+    let cpu0 = process_cpu_seconds();
     let mspec = model_spec(spec);
     let (mcfg, mode) = mspec.build()?;
     let tracking = crate::mem::tracking();
@@ -249,9 +255,22 @@ pub fn run_one<B: DpBackend>(
         accountant_peak_bytes,
         median_step_seconds: median_step_seconds(&dir.join("metrics.jsonl"))?,
         wall_seconds: t0.elapsed().as_secs_f64(),
+        cpu_seconds: process_cpu_seconds().zip(cpu0).map(|(b, a)| b - a),
         visual_tokens: t.model.visual_tokens(tokens.as_ref()),
         trainable_params,
     })
+}
+
+/// User + system CPU seconds of this process so far (`/proc/self/stat` fields 14
+/// and 15, in clock ticks of 1/100 s, the value of `USER_HZ` on Linux).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces; fields after it follow ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3, so fields 14 and 15 are at 11 and 12.
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 /// The median `step_ms` of a run's `metrics.jsonl`, in seconds.

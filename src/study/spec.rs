@@ -202,6 +202,13 @@ pub struct Plan {
     pub methods: Vec<Method>,
     /// The ablations to run (none: the main grid only).
     pub ablations: Vec<Ablation>,
+    /// The `keep_frac` values of [`Ablation::KeepFrac`].
+    pub keep_fracs: Vec<f64>,
+    /// The (K, M) budgets of [`Ablation::TokenBudget`].
+    pub token_budgets: Vec<TokenBudget>,
+    /// The trainable dimensions of [`Ablation::Dimension`] (LoRA ranks; `None`:
+    /// full attention fine-tuning).
+    pub dimensions: Vec<Option<usize>>,
     /// Optimizer steps of every run.
     pub steps: u32,
     /// Expected batch size of every run.
@@ -252,13 +259,17 @@ impl Plan {
             ablation_epsilons: vec![3.0],
             methods: Method::ALL.to_vec(),
             ablations: Ablation::ALL.to_vec(),
+            keep_fracs: KEEP_FRACS.to_vec(),
+            token_budgets: TOKEN_BUDGETS.iter().map(|&(_, t)| t).collect(),
+            dimensions: DIMENSIONS.to_vec(),
             steps,
             batch,
         }
     }
 
     /// The `--quick` grid: four methods at ε = 3 (nonprivate at ∞), two
-    /// repetitions, and one point of the keep_frac and token-budget ablations.
+    /// repetitions, and one more point of the keep_frac (0.4) and token-budget
+    /// (4 tokens) ablations, so every table and plot has data.
     pub fn quick(steps: u32, batch: usize) -> Self {
         Self {
             reps: 2,
@@ -270,7 +281,10 @@ impl Plan {
                 Method::Dualpriv,
                 Method::Dpzo,
             ],
-            ablations: vec![],
+            ablations: vec![Ablation::KeepFrac, Ablation::TokenBudget],
+            keep_fracs: vec![0.4, DEFAULT_KEEP_FRAC],
+            token_budgets: vec![TOKEN_BUDGETS[0].1, DEFAULT_TOKENS],
+            dimensions: vec![],
             steps,
             batch,
         }
@@ -312,7 +326,7 @@ pub fn grid(plan: &Plan) -> Vec<RunSpec> {
                     }
                 }
                 Ablation::KeepFrac => {
-                    for keep_frac in KEEP_FRACS {
+                    for &keep_frac in &plan.keep_fracs {
                         cells.push(RunSpec {
                             keep_frac,
                             ..dual.clone()
@@ -328,7 +342,7 @@ pub fn grid(plan: &Plan) -> Vec<RunSpec> {
                     }
                 }
                 Ablation::TokenBudget => {
-                    for (_, t) in TOKEN_BUDGETS {
+                    for &t in &plan.token_budgets {
                         cells.push(RunSpec {
                             tokens: Some(t),
                             ..dual.clone()
@@ -337,7 +351,7 @@ pub fn grid(plan: &Plan) -> Vec<RunSpec> {
                 }
                 Ablation::Dimension => {
                     for m in [Method::Dpsgd, Method::Dualpriv] {
-                        for lora_rank in DIMENSIONS {
+                        for &lora_rank in &plan.dimensions {
                             let b = base(m, Some(e), 0);
                             cells.push(RunSpec {
                                 lora_rank,
