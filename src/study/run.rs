@@ -54,7 +54,12 @@ pub struct StudyContext {
     /// Calibrated noise multipliers by (q, steps, target ε) bits: calibration costs
     /// seconds and many runs share its inputs.
     sigmas: std::cell::RefCell<Vec<((u64, u32, u64), f64)>>,
+    /// [`RunOutcome::accountant_peak_bytes`] by (privacy history, δ bits).
+    accountant_peaks: std::cell::RefCell<Vec<(AccountantKey, u64)>>,
 }
+
+/// A privacy history ((q, σ, steps) entries) and δ's bits.
+type AccountantKey = (Vec<(f64, f64, u64)>, u64);
 
 impl StudyContext {
     /// Loads (pretraining first, when missing) the checkpoint in `pretrained` and
@@ -88,6 +93,7 @@ impl StudyContext {
             runs_dir: out.join("runs"),
             ledger: out.join("privacy-ledger.json"),
             sigmas: Default::default(),
+            accountant_peaks: Default::default(),
         })
     }
 }
@@ -229,10 +235,25 @@ pub fn run_one<B: DpBackend>(
     let summary = t.run(&ctx.train, 0)?;
     let accountant_peak_bytes = match (tracking, spec.method.is_private()) {
         (true, true) => {
-            crate::mem::reset_peak();
-            let before = crate::mem::current_bytes();
-            t.epsilon()?;
-            Some(crate::mem::peak_bytes().saturating_sub(before) as u64)
+            // Runs with the same history (q, σ, steps) share the figure: measured once.
+            let k = (t.privacy.history.clone(), t.cfg.delta.to_bits());
+            let known = ctx
+                .accountant_peaks
+                .borrow()
+                .iter()
+                .find(|(c, _)| *c == k)
+                .map(|&(_, b)| b);
+            match known {
+                Some(b) => Some(b),
+                None => {
+                    crate::mem::reset_peak();
+                    let before = crate::mem::current_bytes();
+                    t.epsilon()?;
+                    let b = crate::mem::peak_bytes().saturating_sub(before) as u64;
+                    ctx.accountant_peaks.borrow_mut().push((k, b));
+                    Some(b)
+                }
+            }
         }
         _ => None,
     };
