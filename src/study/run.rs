@@ -53,10 +53,13 @@ pub struct StudyContext {
     pub ledger: PathBuf,
     /// Calibrated noise multipliers by (q, steps, target ε) bits: calibration costs
     /// seconds and many runs share its inputs.
-    sigmas: std::cell::RefCell<Vec<((u64, u32, u64), f64)>>,
+    sigmas: std::cell::RefCell<Vec<(SigmaKey, f64)>>,
     /// [`RunOutcome::accountant_peak_bytes`] by (privacy history, δ bits).
     accountant_peaks: std::cell::RefCell<Vec<(AccountantKey, u64)>>,
 }
+
+/// The bits of q, the planned steps and the bits of the target ε.
+type SigmaKey = (u64, u32, u64);
 
 /// A privacy history ((q, σ, steps) entries) and δ's bits.
 type AccountantKey = (Vec<(f64, f64, u64)>, u64);

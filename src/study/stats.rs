@@ -188,7 +188,7 @@ pub fn t_cdf(t: f64, df: f64) -> f64 {
 /// The `p`-quantile of Student's t with `df` degrees of freedom, p ∈ (0, 1):
 /// bisection on [`t_cdf`] to within 1e-13 relative.
 pub fn t_quantile(p: f64, df: f64) -> f64 {
-    if !(p > 0.0 && p < 1.0) || !(df > 0.0) {
+    if !(p > 0.0 && p < 1.0 && df > 0.0) {
         return f64::NAN;
     }
     if p < 0.5 {
