@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use super::results::{Record, StudyFile};
 use super::spec::{
-    fmt_eps, Ablation, RunSpec, DEFAULT_KEEP_FRAC, DEFAULT_RANK, DEFAULT_TOKENS, FULL_ATTENTION_LR,
+    Ablation, RunSpec, DEFAULT_KEEP_FRAC, DEFAULT_RANK, DEFAULT_TOKENS, FULL_ATTENTION_LR,
 };
 use super::stats::{paired_differences, summary, t_interval, Interval, Summary};
 use crate::train::method::Method;
@@ -581,9 +581,4 @@ fn ablations(o: &mut String, study: &StudyFile, records: &[Record], e: f64) {
             &rows,
         );
     }
-}
-
-/// ε as a column label.
-pub fn eps_label(e: Option<f64>) -> String {
-    format!("ε = {}", fmt_eps(e))
 }
