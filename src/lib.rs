@@ -16,6 +16,7 @@
 //! * [`data`]: the batch layout and the built-in synthetic task;
 //! * [`cmd`]: the commands of the `dualpriv` binary as library functions, and
 //!   [`selfcheck`];
+//! * [`study`]: the utility study grid of `dualpriv study`, its tables and plots;
 //! * [`error`], [`linalg`] (the CPU GEMM wrappers), [`mem`] (the counting allocator).
 //!
 //! The CPU code reads like the math and is the executable specification: every
@@ -36,6 +37,7 @@ pub mod linalg;
 pub mod mem;
 pub mod model;
 pub mod selfcheck;
+pub mod study;
 pub mod train;
 pub mod vision;
 

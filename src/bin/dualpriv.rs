@@ -16,6 +16,7 @@ use dualpriv::cmd::eval::{self, EvalArgs, HfEvalArgs, HfEvalModel};
 use dualpriv::cmd::export::{self, ExportArgs, MergeArgs};
 use dualpriv::cmd::generate::{self, GenerateArgs, StopReason};
 use dualpriv::cmd::pretrain::{self, PretrainArgs};
+use dualpriv::cmd::study::{self, StudyArgs, StudyOutcome};
 use dualpriv::cmd::train::{self, HfData, TrainArgs};
 use dualpriv::dp::accountant::AccountantKind;
 use dualpriv::dp::noise::RngKind;
@@ -23,6 +24,8 @@ use dualpriv::error::Setting;
 use dualpriv::hf::conversation::Template;
 use dualpriv::hf::image::AspectMode;
 use dualpriv::selfcheck;
+use dualpriv::study::run::Settings;
+use dualpriv::study::spec::Plan;
 use dualpriv::train::checkpoint::ModelSpec;
 use dualpriv::train::method::Method;
 use dualpriv::train::optim::{OptConfig, OptKind};
@@ -109,6 +112,17 @@ enum Cmd {
         #[arg(long, default_value_t = 1e-5)]
         delta: f64,
     },
+    /// The utility study: every method at ε ∈ {1, 3, 8} and ∞ and every dualpriv ablation
+    /// at ε = 3, 3 repetitions each; writes DIR/results.jsonl (a line per finished run),
+    /// DIR/RESULTS.md (tables) and DIR/plots/ (PNG, SVG). About 30 minutes on 2 cores;
+    /// an interrupted study continues with --resume DIR.
+    ///
+    /// Examples:
+    ///   dualpriv study --out target/study
+    ///   dualpriv study --resume target/study
+    ///   dualpriv study --quick --out target/study-quick
+    #[command(verbatim_doc_comment)]
+    Study(StudyFlags),
     /// Non-private pretraining on the public split: builds the public starting
     /// checkpoint (projector, decoder, embeddings and lm_head trained; the vision
     /// tower stays frozen).
@@ -462,6 +476,11 @@ fn main() -> ExitCode {
                 true
             })
         }
+        Cmd::Study(f) => f.into_args().and_then(|a| {
+            let out = study::study(&Cpu, &a)?;
+            print_study(&out);
+            Ok(true)
+        }),
         Cmd::Pretrain {
             out,
             preset,
@@ -1269,6 +1288,111 @@ fn report(s: RunSummary) {
 
 fn mib(b: usize) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+/// `dualpriv study`'s flags.
+#[derive(clap::Args)]
+struct StudyFlags {
+    /// Folder of a new study (it must not hold one yet).
+    #[arg(long, default_value = "target/study")]
+    out: PathBuf,
+    /// Continue the study in DIR: runs only what its results.jsonl lacks, with the plan
+    /// and settings of its study.json, then rewrites RESULTS.md and the plots.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["out", "quick", "reps", "steps", "batch", "train_examples", "test_examples", "pretrained", "main_only", "ablation_epsilons"])]
+    resume: Option<PathBuf>,
+    /// A tiny grid (a few runs of a few steps) that checks the pipeline in seconds.
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions of every cell, each with a fresh secret key (at least 2 for intervals).
+    #[arg(long)]
+    reps: Option<u32>,
+    /// Optimizer steps of every run.
+    #[arg(long)]
+    steps: Option<u32>,
+    /// Expected (Poisson) batch size of every run.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Private training examples (the declared public dataset size).
+    #[arg(long)]
+    train_examples: Option<usize>,
+    /// Test examples.
+    #[arg(long)]
+    test_examples: Option<usize>,
+    /// Pretrained checkpoint folder every run starts from.
+    #[arg(long, default_value = "assets/tiny-pretrained")]
+    pretrained: PathBuf,
+    /// The main grid only (no ablations).
+    #[arg(long)]
+    main_only: bool,
+    /// ε levels of the dualpriv ablations (each level adds a full set of ablation runs).
+    #[arg(long, value_delimiter = ',', default_value = "3")]
+    ablation_epsilons: Vec<f64>,
+}
+
+/// The default study's sizes: (reps, steps, batch, train examples, test examples).
+const STUDY_DEFAULT: (u32, u32, usize, usize, usize) = (3, 25, 256, 16_000, 1000);
+/// `--quick`'s sizes.
+const STUDY_QUICK: (u32, u32, usize, usize, usize) = (2, 3, 16, 400, 64);
+
+impl StudyFlags {
+    fn into_args(self) -> Result<StudyArgs> {
+        let d = if self.quick {
+            STUDY_QUICK
+        } else {
+            STUDY_DEFAULT
+        };
+        let reps = self.reps.unwrap_or(d.0);
+        if reps == 0 {
+            return Err(Error::Config("--reps must be at least 1".into()));
+        }
+        let (steps, batch) = (self.steps.unwrap_or(d.1), self.batch.unwrap_or(d.2));
+        let mut plan = if self.quick {
+            Plan::quick(steps, batch)
+        } else {
+            Plan::default_study(reps, steps, batch)
+        };
+        plan.reps = reps;
+        if self.main_only {
+            plan.ablations.clear();
+        }
+        if let Some(e) = self
+            .ablation_epsilons
+            .iter()
+            .find(|e| !(**e > 0.0 && e.is_finite()))
+        {
+            return Err(Error::Config(format!(
+                "--ablation-epsilons: {e} is not a finite ε > 0"
+            )));
+        }
+        plan.ablation_epsilons = self.ablation_epsilons;
+        let (dir, resume) = match self.resume {
+            Some(d) => (d, true),
+            None => (self.out, false),
+        };
+        Ok(StudyArgs {
+            dir,
+            resume,
+            plan,
+            settings: Settings {
+                train_examples: self.train_examples.unwrap_or(d.3),
+                test_examples: self.test_examples.unwrap_or(d.4),
+                delta: 1e-5,
+            },
+            pretrained: self.pretrained,
+            progress: true,
+        })
+    }
+}
+
+fn print_study(o: &StudyOutcome) {
+    println!(
+        "study: {} runs in the grid, {} run now ({:.0} s), {} already done",
+        o.grid, o.ran, o.seconds, o.skipped
+    );
+    println!("study: tables in {}", o.results_md.display());
+    for p in &o.plots {
+        println!("study: plot {}", p.display());
+    }
 }
 
 fn print_demo(rep: &DemoReport) {

@@ -13,6 +13,7 @@
 //! * [`account`]: ε for a noise multiplier, or the σ for a target ε;
 //! * [`audit`](mod@audit): the one-run empirical privacy audit (ε lower bounds);
 //! * [`demo`]: the README's main job, every method fine-tuned and evaluated;
+//! * [`study`]: the utility study of every method and ablation, with tables and plots;
 //! * [`pretrain`]: non-private pretraining of the public starting checkpoint;
 //! * [`bench`](mod@bench): step time of each method, and micro-benchmarks of each kernel.
 //!
@@ -26,6 +27,7 @@ pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod pretrain;
+pub mod study;
 pub mod train;
 
 /// Image side of the built-in task for the `tiny` preset.
