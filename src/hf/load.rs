@@ -56,7 +56,7 @@ impl LoadReport {
 
 /// The shape transformers stores a crate tensor in (the patch embedding is a
 /// `Conv2d` weight `[D, 3, p, p]`; everything else has the crate's shape).
-fn stored_shape(name: &str, shape: &[usize], patch: usize) -> Vec<usize> {
+pub(crate) fn stored_shape(name: &str, shape: &[usize], patch: usize) -> Vec<usize> {
     if name == "vision.patch_embed.weight" && shape.len() == 2 {
         vec![shape[0], 3, patch, patch]
     } else {

@@ -220,11 +220,7 @@ pub fn save_weights<B: Backend>(backend: &B, model: &Mllm<B>, path: &Path) -> Re
         let shape = model
             .tensor_shape(name)
             .ok_or_else(|| Error::Internal(format!("tensor {name} has no shape")))?;
-        let shape = if name == "vision.patch_embed.weight" {
-            vec![shape[0], 3, p, p]
-        } else {
-            shape.to_vec()
-        };
+        let shape = super::load::stored_shape(name, shape, p);
         let buf = model
             .tensor(name)
             .ok_or_else(|| Error::Internal(format!("tensor {name} vanished")))?;

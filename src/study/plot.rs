@@ -136,6 +136,21 @@ where
     Ok(())
 }
 
+/// Draws the legend of `chart` in its lower right corner.
+fn legend<'a, DB: DrawingBackend + 'a, CT>(chart: &mut ChartContext<'a, DB, CT>) -> DrawResult<DB>
+where
+    CT: CoordTranslate<From = (f64, f64)>,
+{
+    chart
+        .configure_series_labels()
+        .label_font((FAMILY, 15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()?;
+    Ok(())
+}
+
 /// Writes every plot the records support into `dir`; returns the (file stem,
 /// title) of each one written.
 pub fn write_all(
@@ -206,13 +221,7 @@ pub fn write_all(
                     .label("nonprivate (ε = ∞)")
                     .legend(move |(x, y)| Circle::new((x + 10, y), 4, c.filled()));
             }
-            chart
-                .configure_series_labels()
-                .label_font((FAMILY, 15))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::LowerRight)
-                .draw()?;
+            legend(&mut chart)?;
             root.present()
         });
         made.push(("accuracy_vs_epsilon", "accuracy vs ε per method"));
@@ -279,13 +288,7 @@ pub fn write_all(
                         .label("no token pruning (all patches)")
                         .legend(move |(x, y)| Circle::new((x + 10, y), 4, g.filled()));
                 }
-                chart
-                    .configure_series_labels()
-                    .label_font((FAMILY, 15))
-                    .background_style(WHITE.mix(0.85))
-                    .border_style(BLACK)
-                    .position(SeriesLabelPosition::LowerRight)
-                    .draw()?;
+                legend(&mut chart)?;
                 root.present()
             });
             made.push((

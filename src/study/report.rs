@@ -540,15 +540,7 @@ fn ablations(o: &mut String, study: &StudyFile, records: &[Record], e: f64) {
             .map(|&lora_rank| {
                 let at = |m: Method| {
                     let b = main_cell(study, m, Some(e));
-                    RunSpec {
-                        lora_rank,
-                        lr: if lora_rank.is_none() {
-                            FULL_ATTENTION_LR
-                        } else {
-                            b.lr
-                        },
-                        ..b
-                    }
+                    b.with_dimension(lora_rank)
                 };
                 let (ds, dp) = (at(Method::Dpsgd), at(Method::Dualpriv));
                 let params = cell(records, &dp)

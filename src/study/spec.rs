@@ -101,6 +101,20 @@ pub const DEFAULT_TOKENS: TokenBudget = TokenBudget {
 pub const DEFAULT_KEEP_FRAC: f64 = 0.8;
 
 impl RunSpec {
+    /// This run with LoRA rank `lora_rank` (`None`: full fine-tuning of attention,
+    /// at [`FULL_ATTENTION_LR`]); the dimension ablation's cells.
+    pub fn with_dimension(self, lora_rank: Option<usize>) -> RunSpec {
+        RunSpec {
+            lora_rank,
+            lr: if lora_rank.is_none() {
+                FULL_ATTENTION_LR
+            } else {
+                self.lr
+            },
+            ..self
+        }
+    }
+
     /// A run of `method` with the demo's knobs: dualpriv prunes tokens to
     /// [`DEFAULT_TOKENS`] and updates to [`DEFAULT_KEEP_FRAC`] per tensor, every
     /// other method prunes nothing; LoRA r = 8; AdamW at 1e-2 (dpzo: SGD at 2e-3).
@@ -352,16 +366,7 @@ pub fn grid(plan: &Plan) -> Vec<RunSpec> {
                 Ablation::Dimension => {
                     for m in [Method::Dpsgd, Method::Dualpriv] {
                         for &lora_rank in &plan.dimensions {
-                            let b = base(m, Some(e), 0);
-                            cells.push(RunSpec {
-                                lora_rank,
-                                lr: if lora_rank.is_none() {
-                                    FULL_ATTENTION_LR
-                                } else {
-                                    b.lr
-                                },
-                                ..b
-                            });
+                            cells.push(base(m, Some(e), 0).with_dimension(lora_rank));
                         }
                     }
                 }
