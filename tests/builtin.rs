@@ -119,3 +119,41 @@ fn written_files_equal_the_in_memory_records() {
     let (other, _) = builtin::load(&dir, Split::Private, 40, 8, 32).unwrap();
     assert_ne!(other.fingerprint(&key), in_memory.fingerprint(&key));
 }
+
+/// A built-in run resumes through the LLaVA folder it started from (recorded in its
+/// state), whatever `--init` says now, and continues from its checkpoint.
+#[test]
+fn a_builtin_run_resumes_from_its_own_folder() {
+    use dualpriv::cmd::train::{prepare, TrainArgs};
+    use dualpriv::model::Mllm;
+    use dualpriv::train::method::Method;
+    let root = common::tmp_dir("builtin-resume");
+    let init = root.join("init");
+    let cfg = builtin::model_config("tiny").unwrap();
+    let base = Mllm::new(&Cpu, &cfg, &TrainMode::frozen(), 0).unwrap();
+    builtin::write_model_folder(&Cpu, &base, &init).unwrap();
+    let out = root.join("run");
+    let a = TrainArgs {
+        method: Method::Ghost,
+        init: init.clone(),
+        out: Some(out.clone()),
+        noise_multiplier: Some(1.0),
+        steps: 2,
+        batch: 8,
+        micro_batch: 8,
+        train_examples: 32,
+        eval_examples: 4,
+        ..TrainArgs::default()
+    };
+    let first = prepare(&Cpu, &a).unwrap().run().unwrap();
+    assert_eq!(first.steps, 2);
+    let resumed = TrainArgs {
+        init: root.join("no-such-folder"),
+        out: None,
+        resume: Some(out.clone()),
+        steps: 3,
+        ..a
+    };
+    let s = prepare(&Cpu, &resumed).unwrap().run().unwrap();
+    assert_eq!(s.steps, 3, "the resume continues the run");
+}

@@ -622,6 +622,19 @@ fn train_starts_from_an_init_adapter_in_either_key_layout() {
             .collect::<Vec<_>>()
     };
     let from_run = answers(HfEvalModel::Run(dir.join("run")));
+    // `eval --checkpoint` scores the built-in task: it refuses a conversation-data run.
+    let err = dualpriv::cmd::eval::eval(
+        &Cpu,
+        &dualpriv::cmd::eval::EvalArgs {
+            checkpoint: dir.join("run"),
+            test_examples: 4,
+            data_seed: 2,
+        },
+    )
+    .map(|_| ())
+    .expect_err("a conversation-data run is not evaluated on the built-in task")
+    .to_string();
+    assert!(err.contains("eval --run"), "{err}");
     let folder = |adapter: &Path| HfEvalModel::Folder {
         model: fixture("hub"),
         adapter: Some(adapter.to_path_buf()),

@@ -160,16 +160,19 @@ pub fn audit<B: DpBackend>(
     let mut rows = Vec::with_capacity(runs.len());
     // σ depends on (q, T, ε) only: calibrate once per ε (PLD calibration takes
     // seconds at ε = 8).
-    let mut sigmas: Vec<(u64, f64)> = Vec::new();
+    // Keyed on everything the calibration reads (ε, δ, steps, batch; the base size
+    // is one for the whole audit), so no run reuses a σ calibrated for another.
+    let mut sigmas: Vec<((u64, u64, u32, usize), f64)> = Vec::new();
     for (i, &(method, eps)) in runs.iter().enumerate() {
         let mut c = run_config(a, method, eps)?;
         if let Some(e) = eps.filter(|_| method.is_private()) {
-            c.sigma = match sigmas.iter().find(|s| s.0 == e.to_bits()) {
+            let key = (e.to_bits(), c.delta.to_bits(), c.steps, c.batch);
+            c.sigma = match sigmas.iter().find(|s| s.0 == key) {
                 Some(s) => Some(s.1),
                 None => {
                     let s = crate::audit::calibrate_sigma(&c, base.len())?;
                     if let Some(s) = s {
-                        sigmas.push((e.to_bits(), s));
+                        sigmas.push((key, s));
                     }
                     s
                 }
@@ -200,9 +203,14 @@ pub fn markdown_table(rows: &[AuditRow]) -> String {
     );
     for r in rows {
         s += &format!(
-            "| {}{} | {} | {} {} | {} | {} | {:.3} | {:.3} |\n",
+            "| {}{}{} | {} | {} {} | {} | {} | {:.3} | {:.3} |\n",
             r.method,
             if r.broken { " (broken σ/10)" } else { "" },
+            if r.insecure_seed {
+                " (public seed)"
+            } else {
+                ""
+            },
             r.claimed_epsilon.map_or("∞".into(), |e| format!("{e}")),
             r.primary.canaries,
             r.primary.kind,

@@ -17,6 +17,7 @@ use crate::data::synthetic::{majority_baseline, Dataset, Split};
 use crate::data::DataSource;
 use crate::hf::conversation::{Conversations, Role, Template};
 use crate::hf::image::AspectMode;
+use crate::hf::tokenizer::Tokenizer;
 use crate::model::Mllm;
 use crate::train::checkpoint;
 use crate::train::eval::evaluate;
@@ -57,6 +58,16 @@ pub fn eval<B: DpBackend>(be: &B, a: &EvalArgs) -> Result<EvalReport> {
     let image = mcfg.vision.image_size;
     let (accuracy, majority) = match st.model.preset.strip_prefix(checkpoint::HF_PRESET) {
         Some(dir) => {
+            let tok = Tokenizer::from_file(Path::new(dir).join("tokenizer.json"))?;
+            if !builtin::is_builtin_tokenizer(&tok) {
+                return Err(Error::Config(format!(
+                    "{}: the run fine-tuned {dir} on conversation data, not on the built-in \
+                     task; evaluate it with `dualpriv eval --run {} --data JSON \
+                     --image-folder DIR`",
+                    a.checkpoint.display(),
+                    a.checkpoint.display()
+                )));
+            }
             let (test, task) = builtin::load(
                 Path::new(dir),
                 Split::Test,

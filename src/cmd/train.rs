@@ -312,7 +312,25 @@ pub fn prepare<'a, B: DpBackend>(be: &'a B, a: &TrainArgs) -> Result<TrainJob<'a
         };
         return prepare_llava(be, a, run, data, None);
     }
-    let spec = hf_spec(a, &a.init);
+    // A resume reads the task through the folder the run was started from.
+    let init = match &a.resume {
+        Some(dir) => {
+            let (st, _) = checkpoint::load_state(dir)?;
+            match st.model.preset.strip_prefix(checkpoint::HF_PRESET) {
+                Some(d) => PathBuf::from(d),
+                None => {
+                    return Err(Error::Config(format!(
+                        "{}: the run trained the crate preset {:?}, which this version no \
+                         longer trains; start a new run from a LLaVA folder (--init)",
+                        dir.display(),
+                        st.model.preset
+                    )))
+                }
+            }
+        }
+        None => a.init.clone(),
+    };
+    let spec = hf_spec(a, &init);
     let image = spec
         .build()
         .map_err(|e| {
@@ -324,10 +342,10 @@ pub fn prepare<'a, B: DpBackend>(be: &'a B, a: &TrainArgs) -> Result<TrainJob<'a
         .0
         .vision
         .image_size;
-    let (data, _) = builtin::load(&a.init, Split::Private, a.train_examples, a.seed, image)?;
-    let (held_out, _) = builtin::load(&a.init, Split::Test, a.eval_examples.max(1), 2, image)?;
+    let (data, _) = builtin::load(&init, Split::Private, a.train_examples, a.seed, image)?;
+    let (held_out, _) = builtin::load(&init, Split::Test, a.eval_examples.max(1), 2, image)?;
     let run = LlavaRun {
-        model_dir: &a.init,
+        model_dir: &init,
         spec,
         // The built-in data's size is a setting, so public; q and σ derive from it.
         public_size: Some(a.train_examples),

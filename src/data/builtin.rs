@@ -151,6 +151,23 @@ pub fn load(
     Ok((data, task))
 }
 
+/// Whether `tok` is the built-in task's tokenizer ([`write_model_files`]): every
+/// special and word at its id, and nothing else. A model folder with another
+/// tokenizer (a real LLaVA's) was not made for the built-in task.
+pub fn is_builtin_tokenizer(tok: &Tokenizer) -> bool {
+    let words = tokenizer_words();
+    let all: Vec<&str> = crate::hf::write::SPECIALS
+        .iter()
+        .copied()
+        .chain(words.iter().copied())
+        .collect();
+    tok.vocab_size() == all.len()
+        && all
+            .iter()
+            .enumerate()
+            .all(|(id, w)| tok.token_to_id(w) == Some(id as u32))
+}
+
 /// How the built-in records become examples.
 pub fn options() -> DataOptions {
     DataOptions {

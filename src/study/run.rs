@@ -132,6 +132,9 @@ pub struct RunOutcome {
     pub peak_bytes: Option<u64>,
     /// Heap bytes in use before the model was loaded (the splits and the study's
     /// own state): `peak_bytes − base_bytes` is the run's model and training peak.
+    /// Both include the training split, whose size in memory follows its token
+    /// count: harmless for the built-in task (generated from a public seed), but a
+    /// study on private data would have to publish only the difference.
     pub base_bytes: Option<u64>,
     /// Peak heap bytes of one fine ε computation of the run's history above what
     /// was in use (the PLD accountant's arrays; `None` for non-private runs). The
