@@ -56,12 +56,31 @@ impl LoadReport {
 
 /// The shape transformers stores a crate tensor in (the patch embedding is a
 /// `Conv2d` weight `[D, 3, p, p]`; everything else has the crate's shape).
-pub(crate) fn stored_shape(name: &str, shape: &[usize], patch: usize) -> Vec<usize> {
+fn stored_shape(name: &str, shape: &[usize], patch: usize) -> Vec<usize> {
     if name == "vision.patch_embed.weight" && shape.len() == 2 {
         vec![shape[0], 3, patch, patch]
     } else {
         shape.to_vec()
     }
+}
+
+/// Every tensor of `model` but the LoRA factors, as (crate name, transformers name,
+/// the shape transformers stores it in).
+pub(crate) fn hf_layout<B: Backend>(model: &Mllm<B>) -> Result<Vec<(String, String, Vec<usize>)>> {
+    let patch = model.config().vision.patch_size;
+    let mut out = Vec::new();
+    for name in model.tensor_names() {
+        if name.contains(".lora_A.") || name.contains(".lora_B.") {
+            continue;
+        }
+        let hf = hf_name(name)
+            .ok_or_else(|| Error::Internal(format!("tensor {name} has no transformers name")))?;
+        let shape = model
+            .tensor_shape(name)
+            .ok_or_else(|| Error::Internal(format!("tensor {name} has no shape")))?;
+        out.push((name.to_string(), hf, stored_shape(name, shape, patch)));
+    }
+    Ok(out)
 }
 
 /// Loads `dir` (config.json + safetensors) as a model in `mode`. LoRA tensors are
@@ -102,21 +121,11 @@ pub fn load_llava<B: Backend>(
         )));
     }
     let mut model = Mllm::new_for_load(backend, &config.model, mode, seed)?;
-    let names: Vec<String> = model.tensor_names().iter().map(|s| s.to_string()).collect();
     let mut used = HashSet::new();
     let mut host = Vec::new();
-    for name in &names {
-        if name.contains(".lora_A.") || name.contains(".lora_B.") {
-            continue;
-        }
-        let hf = hf_name(name)
-            .ok_or_else(|| Error::Internal(format!("tensor {name} has no transformers name")))?;
-        let shape = model
-            .tensor_shape(name)
-            .ok_or_else(|| Error::Internal(format!("tensor {name} has no shape")))?
-            .to_vec();
-        let stored = stored_shape(name, &shape, config.model.vision.patch_size);
-        host.resize(shape.iter().product(), 0.0);
+    for (name, hf, stored) in hf_layout(&model)? {
+        let name = name.as_str();
+        host.resize(stored.iter().product(), 0.0);
         ck.read_into(&hf, &stored, &mut host)?;
         let slot = model
             .tensor_mut(name)

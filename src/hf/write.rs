@@ -13,7 +13,6 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Map, Value};
 
-use super::names::hf_name;
 use super::tokenizer::{BOS, EOS, IMAGE, PAD};
 use crate::backend::Backend;
 use crate::model::config::{ModelConfig, ProjectorAct, VisionFeature};
@@ -209,18 +208,9 @@ pub fn write_json(path: &Path, value: &Value) -> Result<()> {
 /// written (merge them first, [`super::merge`]).
 pub fn save_weights<B: Backend>(backend: &B, model: &Mllm<B>, path: &Path) -> Result<()> {
     let cfg = model.config();
-    let p = cfg.vision.patch_size;
     let mut named = Vec::new();
-    for name in model.tensor_names() {
-        if name.contains(".lora_A.") || name.contains(".lora_B.") {
-            continue;
-        }
-        let hf = hf_name(name)
-            .ok_or_else(|| Error::Internal(format!("tensor {name} has no transformers name")))?;
-        let shape = model
-            .tensor_shape(name)
-            .ok_or_else(|| Error::Internal(format!("tensor {name} has no shape")))?;
-        let shape = super::load::stored_shape(name, shape, p);
+    for (name, hf, shape) in super::load::hf_layout(model)? {
+        let name = name.as_str();
         let buf = model
             .tensor(name)
             .ok_or_else(|| Error::Internal(format!("tensor {name} vanished")))?;
