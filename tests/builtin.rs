@@ -32,14 +32,7 @@ fn shipped_model_matches_transformers() {
     let dir = tiny();
     let bytes = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURE)).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let f32s = |k: &str| -> Vec<f32> {
-        st.tensor(k)
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    };
+    let f32s = |k: &str| common::st_f32(&st, k);
     let ids = |k: &str| -> Vec<u32> {
         st.tensor(k)
             .unwrap()

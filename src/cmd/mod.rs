@@ -29,6 +29,3 @@ pub mod inspect;
 pub mod pretrain;
 pub mod study;
 pub mod train;
-
-/// Image side of the built-in task for the `tiny` preset.
-pub const TINY_IMAGE: usize = 32;

@@ -183,3 +183,13 @@ pub fn old_layout_adapter(src: &Path, dir: &Path) -> PathBuf {
     .unwrap();
     dir.to_path_buf()
 }
+
+/// The f32 values of tensor `key` of a safetensors reference file.
+pub fn st_f32(st: &safetensors::SafeTensors, key: &str) -> Vec<f32> {
+    st.tensor(key)
+        .unwrap_or_else(|e| panic!("reference tensor {key}: {e}"))
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
