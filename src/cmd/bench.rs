@@ -696,6 +696,7 @@ fn run_cpu() -> Result<Vec<KernelBench>> {
             throughput: (n as f64 / ms / 1e3, "Mcoord/s"),
         });
     }
+    gemm_rows(&mut r, &mut rows)?;
     let (ts, tc) = llava_tokens(sz.token_batch);
     let attn = random(&mut r, ts.attn_len()?)
         .iter()
@@ -713,6 +714,71 @@ fn run_cpu() -> Result<Vec<KernelBench>> {
         throughput: (ts.batch as f64 / ms * 1e3, "images/s"),
     });
     Ok(rows)
+}
+
+/// The f32 GEMM on the step's real shapes: the crate's path
+/// ([`crate::linalg::gemm_f32`], AVX-512 where the CPU has it) against
+/// `matrixmultiply`, on the rayon pool the step runs on. `X·Wᵀ` is a linear
+/// layer's forward (W stored d_out × d_in), `dY·W` its input gradient; the LoRA
+/// rows are rank 8; `Q·Kᵀ` is one head of one example (run whole on one thread, as
+/// attention runs it inside a job per (example, head)).
+fn gemm_rows(r: &mut ChaCha8Rng, rows: &mut Vec<KernelBench>) -> Result<()> {
+    use crate::linalg::{gemm_f32, gemm_f32_matrixmultiply, View};
+    type Gemm = fn(f32, View<'_, f32>, View<'_, f32>, f32, &mut [f32], usize);
+    // (label, M, K, N, B stored transposed): tiny B = 128 (31 tokens), small B = 8
+    // (78 tokens).
+    let shapes = [
+        ("X·Wᵀ tiny q_proj", 3968, 128, 128, true),
+        ("dY·W tiny q_proj", 3968, 128, 128, false),
+        ("X·Wᵀ tiny gate_proj", 3968, 128, 352, true),
+        ("X·Aᵀ tiny LoRA A", 3968, 128, 8, true),
+        ("U·Bᵀ tiny LoRA B", 3968, 8, 128, true),
+        ("Q·Kᵀ tiny head", 31, 32, 31, true),
+        ("X·Wᵀ small gate_proj", 624, 512, 1408, true),
+        ("dY·W small down_proj", 624, 512, 1408, false),
+    ];
+    let paths: [(&str, Gemm); 2] = [
+        ("crate", gemm_f32),
+        ("matrixmultiply", gemm_f32_matrixmultiply),
+    ];
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .map_err(|e| Error::Internal(format!("a one-thread pool: {e}")))?;
+    for (label, m, k, n, bt) in shapes {
+        let a = random(r, m * k);
+        let b = random(r, k * n);
+        for (path, gemm) in paths {
+            let mut c = vec![0.0f32; m * n];
+            let mut run = || {
+                let bv = if bt {
+                    View::row_major(&b, n, k).t()
+                } else {
+                    View::row_major(&b, k, n)
+                };
+                gemm(1.0, View::row_major(&a, m, k), bv, 0.0, &mut c, n);
+                Ok(())
+            };
+            let ms = if m * n * k < 1 << 20 {
+                // Too short to time one at a time: 1000 per sample, on one thread.
+                one.install(|| {
+                    time_cpu(5, || {
+                        (0..1000).try_for_each(|_| run())?;
+                        Ok(())
+                    })
+                })? / 1000.0
+            } else {
+                time_cpu(5, run)?
+            };
+            rows.push(KernelBench {
+                name: format!("GEMM {label} ({path})"),
+                shape: format!("M={m} K={k} N={n}"),
+                median_ms: ms,
+                throughput: (2.0 * (m * n * k) as f64 / ms / 1e6, "GFLOP/s"),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -814,6 +880,7 @@ fn run_cuda() -> Result<Vec<KernelBench>> {
         }
     }
     drop((grad, p, m, v, plan));
+    gemm_rows(&mut r, &mut rows)?;
     let (ts, tc) = llava_tokens(sz.token_batch);
     let attn = random(&mut r, ts.attn_len()?)
         .iter()

@@ -56,11 +56,12 @@ pub(super) fn attention_fwd<T: Real>(
                     let row = &mut ph[i * t..][..t];
                     let n = if s.causal { i + 1 } else { t };
                     let mx = row[..n].iter().map(|v| v.to_f64()).fold(f64::MIN, f64::max);
-                    let mut sum = 0.0;
+                    // eˣ in the buffer's precision (as the kernel's expf), summed in f64.
+                    let (mx_t, mut sum) = (r::<T>(mx), 0.0);
                     for v in row[..n].iter_mut() {
-                        let e = (v.to_f64() - mx).exp();
-                        sum += e;
-                        *v = r(e);
+                        let e = (*v - mx_t).exp();
+                        sum += e.to_f64();
+                        *v = e;
                     }
                     for v in row[..n].iter_mut() {
                         *v = r(v.to_f64() / sum);

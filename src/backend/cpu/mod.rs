@@ -24,6 +24,7 @@ mod activations;
 mod attention;
 mod dp;
 mod embedding;
+pub mod math;
 mod norms;
 pub mod pool;
 mod rope;
@@ -93,7 +94,7 @@ impl Real for f32 {
         self as f64
     }
     fn exp(self) -> Self {
-        f32::exp(self)
+        math::exp_f32(self)
     }
     fn tanh(self) -> Self {
         f32::tanh(self)

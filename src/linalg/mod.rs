@@ -1,9 +1,11 @@
-//! Safe wrappers over `matrixmultiply`'s packed GEMM for the CPU reference code.
+//! Safe wrappers over the CPU GEMMs: this crate's AVX-512 kernel for f32 where
+//! the CPU has AVX-512F ([`avx512`]), `matrixmultiply`'s packed GEMM otherwise
+//! and for f64.
 //!
 //! A [`View`] is a slice plus (rows, cols, row stride, col stride), so transposes
 //! are free: swap the strides. Bounds are checked once per call.
 //!
-//! `matrixmultiply` runs on the calling thread, so a large product is split into
+//! Both run on the calling thread, so a large product is split into
 //! one block of rows (or of columns, when C is wide and short, as a LoRA or
 //! weight gradient is) per rayon thread; each block is an independent
 //! single-threaded GEMM writing a disjoint part of C. Inside a rayon job (the
@@ -114,7 +116,7 @@ macro_rules! gemm_fn {
             // checked a and b and writes its own rows or columns of c, all within
             // the bounds checked above.
             let run = |m: usize, n: usize, a: *const $t, b: *const $t, c: *mut $t| unsafe {
-                matrixmultiply::$kernel(
+                $kernel(
                     m,
                     k,
                     n,
@@ -162,5 +164,72 @@ macro_rules! gemm_fn {
     };
 }
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
+
+/// `matrixmultiply::sgemm`'s contract, run by [`avx512::sgemm`] where the CPU
+/// has AVX-512F.
+///
+/// # Safety
+/// As `matrixmultiply::sgemm`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    ars: isize,
+    acs: isize,
+    b: *const f32,
+    brs: isize,
+    bcs: isize,
+    beta: f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if csc == 1 && rsc >= 0 && avx512::available() {
+        // SAFETY: the same operands; C is row-major with row stride rsc.
+        unsafe {
+            avx512::sgemm(
+                m,
+                k,
+                n,
+                alpha,
+                a,
+                ars,
+                acs,
+                b,
+                brs,
+                bcs,
+                beta,
+                c,
+                rsc as usize,
+            )
+        };
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe { matrixmultiply::sgemm(m, k, n, alpha, a, ars, acs, b, brs, bcs, beta, c, rsc, csc) }
+}
+
+use matrixmultiply::dgemm;
 gemm_fn!(gemm_f64, f64, dgemm);
 gemm_fn!(gemm_f32, f32, sgemm);
+
+/// `matrixmultiply`'s f32 GEMM under [`gemm_f32`]'s contract, whatever the CPU:
+/// the baseline the AVX-512 kernel is tested and benchmarked against.
+pub fn gemm_f32_matrixmultiply(
+    alpha: f32,
+    a: View<'_, f32>,
+    b: View<'_, f32>,
+    beta: f32,
+    c: &mut [f32],
+    n_c: usize,
+) {
+    use matrixmultiply::sgemm as mm;
+    gemm_fn!(inner, f32, mm);
+    inner(alpha, a, b, beta, c, n_c)
+}

@@ -1,0 +1,124 @@
+//! The CPU GEMMs (`src/linalg`): the f32 path (this crate's AVX-512 kernel where
+//! the CPU has it) and `matrixmultiply` against the obvious triple loop in f64,
+//! over edge shapes (rows not a multiple of 12, columns not of 32, depth across
+//! the 256 block), every transpose, alpha/beta, a NaN-filled output with beta = 0,
+//! and one product split over threads against the same product on one thread.
+use dualpriv::linalg::{gemm_f32, gemm_f32_matrixmultiply, View};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The reference: `alpha·a·b + beta·c` term by term in f64.
+fn reference(alpha: f32, a: View<'_, f32>, b: View<'_, f32>, beta: f32, c: &[f32]) -> Vec<f64> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0.0f64;
+            for l in 0..k {
+                s += a.data[i * a.rs + l * a.cs] as f64 * b.data[l * b.rs + j * b.cs] as f64;
+            }
+            let old = if beta == 0.0 {
+                0.0
+            } else {
+                beta as f64 * c[i * n + j] as f64
+            };
+            out[i * n + j] = alpha as f64 * s + old;
+        }
+    }
+    out
+}
+
+fn rand_vec(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
+}
+
+/// A `rows × cols` view over fresh data, stored transposed when `t`.
+fn view(data: &[f32], rows: usize, cols: usize, t: bool) -> View<'_, f32> {
+    if t {
+        View::row_major(data, cols, rows).t()
+    } else {
+        View::row_major(data, rows, cols)
+    }
+}
+
+type Gemm = fn(f32, View<'_, f32>, View<'_, f32>, f32, &mut [f32], usize);
+
+fn check(gemm: Gemm, name: &str) {
+    let mut r = ChaCha8Rng::seed_from_u64(7);
+    let shapes = [
+        (1, 1, 1),
+        (3, 5, 7),
+        (12, 32, 16),
+        (13, 33, 17),
+        (25, 64, 128),
+        (31, 31, 32),
+        (11, 70, 300),
+        (40, 8, 513),
+        (7, 600, 9),
+        (24, 96, 0),
+    ];
+    for &(m, n, k) in &shapes {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            for (alpha, beta) in [(1.0f32, 0.0f32), (0.5, 1.0), (-2.0, 0.25)] {
+                let ad = rand_vec(&mut r, m * k);
+                let bd = rand_vec(&mut r, k * n);
+                let a = view(&ad, m, k, ta);
+                let b = view(&bd, k, n, tb);
+                let c0 = if beta == 0.0 {
+                    vec![f32::NAN; m * n]
+                } else {
+                    rand_vec(&mut r, m * n)
+                };
+                let want = reference(alpha, a, b, beta, &c0);
+                let mut c = c0.clone();
+                gemm(alpha, a, b, beta, &mut c, n);
+                for (idx, (&got, &w)) in c.iter().zip(&want).enumerate() {
+                    // f32 sums of k terms of size ≤ 1: error ≤ k·2⁻²⁴·|terms|.
+                    let tol = 1e-6 * (k as f64 + 1.0) * (alpha.abs() as f64 + 1.0) + 1e-6;
+                    assert!(
+                        (got as f64 - w).abs() <= tol,
+                        "{name} m={m} n={n} k={k} ta={ta} tb={tb} alpha={alpha} beta={beta} \
+                         at {idx}: {got} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_f32_matches_the_triple_loop() {
+    check(gemm_f32, "gemm_f32");
+}
+
+#[test]
+fn matrixmultiply_matches_the_triple_loop() {
+    check(gemm_f32_matrixmultiply, "matrixmultiply");
+}
+
+#[test]
+fn gemm_f32_split_over_threads_is_bit_identical() {
+    // Large enough to be split over the pool's threads (rows, then columns).
+    let mut r = ChaCha8Rng::seed_from_u64(9);
+    for (m, n, k) in [(600, 128, 300), (16, 900, 600)] {
+        let ad = rand_vec(&mut r, m * k);
+        let bd = rand_vec(&mut r, k * n);
+        let (a, b) = (View::row_major(&ad, m, k), View::row_major(&bd, k, n));
+        let mut split = vec![0.0f32; m * n];
+        gemm_f32(1.0, a, b, 0.0, &mut split, n);
+        // Inside a rayon job a product runs whole on that thread.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let mut whole = vec![0.0f32; m * n];
+        pool.install(|| gemm_f32(1.0, a, b, 0.0, &mut whole, n));
+        assert!(
+            split
+                .iter()
+                .zip(&whole)
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "m={m} n={n} k={k}: split result differs"
+        );
+    }
+}
