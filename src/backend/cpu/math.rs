@@ -25,7 +25,7 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = p * t + 8.333_452e-3;
     let p = p * t + 4.166_579_6e-2;
     let p = p * t + 1.666_666_5e-1;
-    let p = p * t + 5.000_000_1e-1;
+    let p = p * t + 0.5; // Cephes: 5.0000001e-1, which rounds to 0.5 in f32
     let et = p * t * t + t + 1.0;
     // NaN passes the clamp and every step after it.
     let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
