@@ -3,8 +3,9 @@
 //! Why not `matrixmultiply` alone: on the tiny and small presets a product is
 //! thin (K = 128–512) and `matrixmultiply` packs both A and B on every call; a
 //! profile of the tiny nonprivate step put 15 % of it in that packing against
-//! 36 % in the arithmetic. This kernel packs only B, once per (K block, N block),
-//! into panels of 32 columns, and reads A in place: each step of the inner loop
+//! 36 % in the arithmetic. This kernel reads A in place, and B too when it is
+//! row-major (else it packs B once per (K block, N block) into panels of 32
+//! columns): each step of the inner loop
 //! broadcasts one value from each of up to 12 rows of A (any strides) against two
 //! 16-lane vectors of the B panel, into a 12 × 32 block of C held in 24 registers.
 //! Packing B is K·N copies against M·N·K multiply-adds, so it vanishes once M is
@@ -83,6 +84,7 @@ pub unsafe fn sgemm(
     PACKED.with(|cell| {
         let mut packed = cell.borrow_mut();
         let nr = if n <= 16 { 16 } else { NR };
+        let direct = bcs == 1 && brs > 0;
         let need = KC.min(k) * NC.min(n).div_ceil(nr) * nr;
         if packed.len() < need {
             packed.resize(need, 0.0);
@@ -92,15 +94,28 @@ pub unsafe fn sgemm(
             let beta = if k0 == 0 { beta } else { 1.0 };
             for n0 in (0..n).step_by(NC) {
                 let nc = NC.min(n - n0);
-                // SAFETY: rows k0..k0+kc and columns n0..n0+nc of b are in bounds.
-                unsafe { pack_b(&mut packed, nr, b, brs, bcs, k0, kc, n0, nc) };
+                // Row-major B (dY·W, a LoRA gradient's X, attention's V) is read in
+                // place, its rows nr wide at stride brs; only a last panel narrower
+                // than nr is packed (zero-padded). Otherwise every panel is packed.
+                let full = if direct { nc / nr * nr } else { 0 };
+                if full < nc {
+                    // SAFETY: rows k0..k0+kc and columns n0+full..n0+nc of b are in
+                    // bounds.
+                    unsafe { pack_b(&mut packed, nr, b, brs, bcs, k0, kc, n0 + full, nc - full) };
+                }
                 for i0 in (0..m).step_by(MR) {
                     let mr = MR.min(m - i0);
                     // SAFETY: row i0, column k0 of a is in bounds.
                     let ap = unsafe { a.offset(i0 as isize * ars + k0 as isize * acs) };
                     for (p, j0) in (0..nc).step_by(nr).enumerate() {
                         let ncols = nr.min(nc - j0);
-                        let bp = packed[p * kc * nr..].as_ptr();
+                        let (bp, bs) = if j0 < full {
+                            // SAFETY: row k0, column n0 + j0 of b is in bounds.
+                            let bp = unsafe { b.offset(k0 as isize * brs + (n0 + j0) as isize) };
+                            (bp, brs as usize)
+                        } else {
+                            (packed[(p - full / nr) * kc * nr..].as_ptr(), nr)
+                        };
                         // SAFETY: the block (i0.., n0 + j0..) of mr × ncols is in c.
                         let cp = unsafe { c.add(i0 * ldc + n0 + j0) };
                         let blk = Block {
@@ -109,6 +124,7 @@ pub unsafe fn sgemm(
                             ars,
                             acs,
                             b: bp,
+                            bs,
                             c: cp,
                             ldc,
                             ncols,
@@ -169,6 +185,26 @@ unsafe fn pack_b(
                     }
                 }
                 continue;
+            } else if let Some(idx) = gather_index(bcs, nr) {
+                // A transposed B (a linear layer's Wᵀ, attention's Kᵀ): one gather
+                // of 16 strided values per vector instead of 16 scalar copies; the
+                // per-head products of attention are small enough that scalar
+                // packing cost as much as their arithmetic.
+                for (h, ix) in idx.iter().take(nr / 16).enumerate() {
+                    let m = mask(w.saturating_sub(16 * h));
+                    // SAFETY: the masked lanes read columns < w of the row; dst
+                    // holds nr values.
+                    unsafe {
+                        let v = _mm512_mask_i32gather_ps::<4>(
+                            _mm512_setzero_ps(),
+                            m,
+                            *ix,
+                            row.offset(16 * h as isize * bcs),
+                        );
+                        _mm512_storeu_ps(dst.as_mut_ptr().add(16 * h), v);
+                    }
+                }
+                continue;
             } else {
                 for (j, d) in dst[..w].iter_mut().enumerate() {
                     // SAFETY: column j < w of the row.
@@ -180,14 +216,32 @@ unsafe fn pack_b(
     }
 }
 
+/// The lane offsets `0, bcs, …, 15·bcs` of a gather, per 16-column vector of a
+/// panel `nr` wide (`None` when they overflow an i32: a scalar copy then).
+#[target_feature(enable = "avx512f")]
+fn gather_index(bcs: isize, nr: usize) -> Option<[__m512i; 2]> {
+    let top = bcs.checked_mul(15)?;
+    i32::try_from(top).ok()?;
+    i32::try_from(bcs).ok()?;
+    let b = bcs as i32;
+    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let v = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(b));
+    debug_assert!(nr <= 32);
+    // The second vector starts 16 columns on (its base pointer moves), so the
+    // same offsets serve both.
+    Some([v, v])
+}
+
 /// One register block's operands.
 struct Block {
     kc: usize,
     a: *const f32,
     ars: isize,
     acs: isize,
-    /// A packed `kc × 16·NV` panel of B.
+    /// A `kc × 16·NV` panel of B: packed, or B itself when row-major.
     b: *const f32,
+    /// Values between consecutive rows of the panel.
+    bs: usize,
     c: *mut f32,
     ldc: usize,
     /// Columns of C to write (≤ 16·NV).
@@ -236,8 +290,8 @@ unsafe fn kernel<const R: usize, const NV: usize>(blk: &Block) {
     }
     let mut bp = blk.b;
     for _ in 0..blk.kc {
-        // SAFETY: the panel holds kc × NR values; each row pointer stays inside
-        // its row of A for kc steps.
+        // SAFETY: the panel holds kc rows of 16·NV values at stride bs; each row
+        // pointer stays inside its row of A for kc steps.
         unsafe {
             let mut bv = [_mm512_setzero_ps(); NV];
             for (h, v) in bv.iter_mut().enumerate() {
@@ -250,7 +304,7 @@ unsafe fn kernel<const R: usize, const NV: usize>(blk: &Block) {
                 }
                 rows[i] = rows[i].offset(blk.acs);
             }
-            bp = bp.add(16 * NV);
+            bp = bp.add(blk.bs);
         }
     }
     let mut masks: [__mmask16; NV] = [0; NV];

@@ -7,11 +7,13 @@
 //! GELU, which goes through f64 `erfc` on both devices for its negative tail.
 use rayon::prelude::*;
 
+use super::math::with_simd;
 use super::tensor::ELEMWISE_CHUNK;
 use super::{r, Real};
 use crate::dp::accountant::special::norm_cdf;
 use crate::Result;
 
+#[inline(always)]
 fn sigmoid<T: Real>(x: T) -> T {
     let one: T = r(1.0);
     one / (one + (-x).exp())
@@ -21,7 +23,7 @@ fn sigmoid<T: Real>(x: T) -> T {
 pub(super) fn map<T: Real>(out: &mut [T], x: &[T], f: impl Fn(T) -> T + Sync) -> Result<()> {
     out.par_chunks_mut(ELEMWISE_CHUNK)
         .zip(x.par_chunks(ELEMWISE_CHUNK))
-        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
+        .for_each(|(o, x)| with_simd(|| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x))));
     Ok(())
 }
 
@@ -78,9 +80,11 @@ pub(super) fn unary_bwd<T: Real>(
                 .zip(x.par_chunks(ELEMWISE_CHUNK)),
         )
         .for_each(|(d, (g, x))| {
-            for ((d, &g), &x) in d.iter_mut().zip(g).zip(x) {
-                *d = g * grad(x);
-            }
+            with_simd(|| {
+                for ((d, &g), &x) in d.iter_mut().zip(g).zip(x) {
+                    *d = g * grad(x);
+                }
+            })
         });
     Ok(())
 }
@@ -102,9 +106,11 @@ pub(super) fn swiglu_fwd<T: Real>(out: &mut [T], gate: &[T], up: &[T]) -> Result
                 .zip(up.par_chunks(ELEMWISE_CHUNK)),
         )
         .for_each(|(o, (g, u))| {
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g * sigmoid(g) * u;
-            }
+            with_simd(|| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g * sigmoid(g) * u;
+                }
+            })
         });
     Ok(())
 }
@@ -122,14 +128,16 @@ pub(super) fn swiglu_bwd<T: Real>(
         .zip(dup.par_chunks_mut(ELEMWISE_CHUNK))
         .enumerate()
         .for_each(|(c, (dg, du))| {
-            let off = c * ELEMWISE_CHUNK;
-            for (i, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
-                let (g, u, go) = (gate[off + i], up[off + i], dout[off + i]);
-                let sg = sigmoid(g);
-                // silu(g) = g σ(g),  silu'(g) = σ(g) (1 + g (1 − σ(g)))
-                *dg = go * u * sg * (one + g * (one - sg));
-                *du = go * g * sg;
-            }
+            with_simd(|| {
+                let off = c * ELEMWISE_CHUNK;
+                for (i, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
+                    let (g, u, go) = (gate[off + i], up[off + i], dout[off + i]);
+                    let sg = sigmoid(g);
+                    // silu(g) = g σ(g),  silu'(g) = σ(g) (1 + g (1 − σ(g)))
+                    *dg = go * u * sg * (one + g * (one - sg));
+                    *du = go * g * sg;
+                }
+            })
         });
     Ok(())
 }

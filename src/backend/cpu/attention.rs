@@ -2,6 +2,7 @@
 //! head, S = QKᵀ/√hd, P = softmax(S), O = PV, with grouped-query heads. GPU twin:
 //! `kernels/attention.cu` (softmax and head relayouts) around cuBLAS GEMMs.
 #![allow(clippy::too_many_arguments)]
+use super::math::with_simd;
 use rayon::prelude::*;
 
 use super::{r, Real};
@@ -52,22 +53,7 @@ pub(super) fn attention_fwd<T: Real>(
                 let qv = head_view(qb, t, s.hq, hd, h);
                 let kv = head_view(kb, t, s.hkv, hd, kvh);
                 T::gemm(r(scale), qv, kv.t(), T::default(), ph);
-                for i in 0..t {
-                    let row = &mut ph[i * t..][..t];
-                    let n = if s.causal { i + 1 } else { t };
-                    let mx = row[..n].iter().map(|v| v.to_f64()).fold(f64::MIN, f64::max);
-                    // eˣ in the buffer's precision (as the kernel's expf), summed in f64.
-                    let (mx_t, mut sum) = (r::<T>(mx), 0.0);
-                    for v in row[..n].iter_mut() {
-                        let e = (*v - mx_t).exp();
-                        sum += e.to_f64();
-                        *v = e;
-                    }
-                    for v in row[..n].iter_mut() {
-                        *v = r(v.to_f64() / sum);
-                    }
-                    row[n..].iter_mut().for_each(|v| *v = T::default());
-                }
+                with_simd(|| softmax_rows(ph, t, s.causal));
                 let vv = head_view(vb, t, s.hkv, hd, kvh);
                 T::gemm(r(1.0), View::row_major(ph, t, t), vv, T::default(), &mut oh);
                 for i in 0..t {
@@ -76,6 +62,29 @@ pub(super) fn attention_fwd<T: Real>(
             }
         });
     Ok(())
+}
+
+/// Row-wise softmax of a `t × t` score block in place (causal: row i keeps
+/// columns ≤ i and zeroes the rest): eˣ in the buffer's precision, as the
+/// kernel's `expf`, summed in f64.
+#[inline(always)]
+fn softmax_rows<T: Real>(ph: &mut [T], t: usize, causal: bool) {
+    for i in 0..t {
+        let row = &mut ph[i * t..][..t];
+        let n = if causal { i + 1 } else { t };
+        let mx = row[..n].iter().map(|v| v.to_f64()).fold(f64::MIN, f64::max);
+        // eˣ in the buffer's precision (as the kernel's expf), summed in f64.
+        let (mx_t, mut sum) = (r::<T>(mx), 0.0);
+        for v in row[..n].iter_mut() {
+            let e = (*v - mx_t).exp();
+            sum += e.to_f64();
+            *v = e;
+        }
+        for v in row[..n].iter_mut() {
+            *v = r(v.to_f64() / sum);
+        }
+        row[n..].iter_mut().for_each(|v| *v = T::default());
+    }
 }
 
 pub(super) fn attention_bwd<T: Real>(

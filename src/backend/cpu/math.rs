@@ -32,6 +32,33 @@ pub fn exp_f32(x: f32) -> f32 {
     et * two_n
 }
 
+/// Runs `f` with its loops compiled for AVX-512 where the CPU has it.
+///
+/// The crate is built for baseline x86-64 (SSE2), so a plain elementwise loop is
+/// vectorised 4 lanes wide; a binary built with `-C target-cpu=native` would not
+/// run on another machine. `f` is inlined into a function compiled with the wider
+/// features (LLVM vectorises after inlining), chosen at run time; elsewhere it
+/// runs as built. Results are the same either way: the loops it wraps have no
+/// reductions whose order the vector width could change, only per-element maps.
+#[inline(always)]
+pub fn with_simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
+        fn wide<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+        {
+            // SAFETY: the features `wide` is compiled for were just detected.
+            return unsafe { wide(f) };
+        }
+    }
+    f()
+}
+
 #[cfg(test)]
 mod tests {
     use super::exp_f32;

@@ -93,6 +93,7 @@ impl Real for f32 {
     fn to_f64(self) -> f64 {
         self as f64
     }
+    #[inline(always)]
     fn exp(self) -> Self {
         math::exp_f32(self)
     }

@@ -1,6 +1,7 @@
 //! LayerNorm (vision tower) and RMSNorm (decoder) on the CPU, forward and backward
 //! side by side. Row statistics accumulate in f64. GPU twin: `kernels/norms.cu`.
 #![allow(clippy::too_many_arguments)]
+use super::math::with_simd;
 use rayon::prelude::*;
 
 use super::{r, Real};
@@ -25,15 +26,17 @@ pub(super) fn layernorm_fwd<T: Real>(
         .zip(x.par_chunks(s.dim))
         .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
         .for_each(|((o, x), (m, rs))| {
-            let mu = x.iter().map(|v| v.to_f64()).sum::<f64>() / d;
-            let var = x.iter().map(|v| (v.to_f64() - mu).powi(2)).sum::<f64>() / d;
-            let inv = 1.0 / (var + eps as f64).sqrt();
-            for j in 0..x.len() {
-                let xhat = (x[j].to_f64() - mu) * inv;
-                o[j] = r::<T>(xhat) * w[j] + b[j];
-            }
-            *m = r(mu);
-            *rs = r(inv);
+            with_simd(|| {
+                let mu = x.iter().map(|v| v.to_f64()).sum::<f64>() / d;
+                let var = x.iter().map(|v| (v.to_f64() - mu).powi(2)).sum::<f64>() / d;
+                let inv = 1.0 / (var + eps as f64).sqrt();
+                for j in 0..x.len() {
+                    let xhat = (x[j].to_f64() - mu) * inv;
+                    o[j] = r::<T>(xhat) * w[j] + b[j];
+                }
+                *m = r(mu);
+                *rs = r(inv);
+            })
         });
     Ok(())
 }
@@ -98,12 +101,14 @@ pub(super) fn rmsnorm_fwd<T: Real>(
         .zip(x.par_chunks(s.dim))
         .zip(rstd.par_iter_mut())
         .for_each(|((o, x), rs)| {
-            let ms = x.iter().map(|v| v.to_f64().powi(2)).sum::<f64>() / s.dim as f64;
-            let inv = 1.0 / (ms + eps as f64).sqrt();
-            for j in 0..x.len() {
-                o[j] = r::<T>(x[j].to_f64() * inv) * w[j];
-            }
-            *rs = r(inv);
+            with_simd(|| {
+                let ms = x.iter().map(|v| v.to_f64().powi(2)).sum::<f64>() / s.dim as f64;
+                let inv = 1.0 / (ms + eps as f64).sqrt();
+                for j in 0..x.len() {
+                    o[j] = r::<T>(x[j].to_f64() * inv) * w[j];
+                }
+                *rs = r(inv);
+            })
         });
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Rotary embeddings on the CPU, rotate-half (HF Llama); the backward is the
 //! rotation by the opposite angle. GPU twin: `kernels/rope.cu`.
+use super::math::with_simd;
 use rayon::prelude::*;
 
 use super::{r, Real};
@@ -24,14 +25,16 @@ pub(super) fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> 
         })
         .collect();
     x.par_chunks_mut(row).enumerate().for_each(|(idx, xr)| {
-        let pos = idx % t;
-        for (i, &(sin, cos)) in angles[pos * half..][..half].iter().enumerate() {
-            for head in xr.chunks_mut(s.hd) {
-                let (x1, x2) = (head[i].to_f64(), head[i + half].to_f64());
-                head[i] = r(x1 * cos - x2 * sin);
-                head[i + half] = r(x2 * cos + x1 * sin);
+        with_simd(|| {
+            let pos = idx % t;
+            for (i, &(sin, cos)) in angles[pos * half..][..half].iter().enumerate() {
+                for head in xr.chunks_mut(s.hd) {
+                    let (x1, x2) = (head[i].to_f64(), head[i + half].to_f64());
+                    head[i] = r(x1 * cos - x2 * sin);
+                    head[i + half] = r(x2 * cos + x1 * sin);
+                }
             }
-        }
+        })
     });
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The generic tensor ops on the CPU: matmul (the packed GEMM of
 //! [`crate::linalg`]), bias, residual axpy, strided block copies and patch
 //! extraction. GPU twin: `kernels/tensor.cu` (matmul in cuBLAS).
+use super::math::with_simd;
 use rayon::prelude::*;
 
 use super::{r, Real};
@@ -43,9 +44,11 @@ pub(super) fn add_bias<T: Real>(y: &mut [T], bias: &[T], s: RowShape) -> Result<
         return Ok(());
     }
     y.par_chunks_mut(s.dim).for_each(|row| {
-        for (v, &b) in row.iter_mut().zip(bias) {
-            *v += b;
-        }
+        with_simd(|| {
+            for (v, &b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+        })
     });
     Ok(())
 }
@@ -54,7 +57,7 @@ pub(super) fn axpy<T: Real>(y: &mut [T], alpha: f32, x: &[T]) -> Result<()> {
     let a: T = r(alpha as f64);
     y.par_chunks_mut(ELEMWISE_CHUNK)
         .zip(x.par_chunks(ELEMWISE_CHUNK))
-        .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x));
+        .for_each(|(y, x)| with_simd(|| y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x)));
     Ok(())
 }
 
