@@ -239,6 +239,22 @@ fn apply<B: DpBackend>(
             ctx.opt.moments.insert(id, Moments { m, v });
         }
     }
+    if let [(id, grad)] = *grads {
+        // One tensor (per-tensor scope): direct borrows, no lists (no allocation).
+        let mo = ctx
+            .opt
+            .moments
+            .get_mut(&id)
+            .ok_or_else(|| Error::Internal(format!("parameter {id} has no moments")))?;
+        let mut set = [TensorUpdate {
+            tensor_id: id,
+            grad,
+            param: ctx.model.param_mut(id),
+            m: mo.m.as_mut(),
+            v: mo.v.as_mut(),
+        }];
+        return ctx.backend.noise_prune_update(&mut set, ucfg);
+    }
     let ids: Vec<u32> = grads.iter().map(|g| g.0).collect();
     let params = ctx.model.params_mut(&ids)?;
     let mut moments: Vec<&mut Moments<B>> = Vec::with_capacity(ids.len());

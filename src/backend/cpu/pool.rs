@@ -87,17 +87,14 @@ impl<T: Real> Pool<T> {
         }
         let reused = {
             let mut st = self.lock();
-            let cap = st
+            // The smallest free capacity in n ..= 2n: the exact one when a step
+            // repeats the previous step's sizes. Empty lists stay in the map, so
+            // their storage is kept for the next `put` (no allocation there).
+            let found = st
                 .free
-                .range(n..=n.saturating_mul(2))
-                .next()
-                .map(|(c, _)| *c);
-            cap.and_then(|c| {
-                let list = st.free.get_mut(&c)?;
-                let v = list.pop();
-                if list.is_empty() {
-                    st.free.remove(&c);
-                }
+                .range_mut(n..=n.saturating_mul(2))
+                .find_map(|(&c, list)| list.pop().map(|v| (c, v)));
+            found.map(|(c, v)| {
                 st.cached_bytes -= c * std::mem::size_of::<T>();
                 crate::mem::cache_take(c * std::mem::size_of::<T>());
                 st.reuses += 1;
