@@ -309,18 +309,8 @@ pub fn embedding(
     vocab: usize,
 ) -> Result<()> {
     check_op_len(what, "ids", ids.len(), s.rows)?;
-    check_op_len(
-        what,
-        "table",
-        table,
-        checked(&[vocab, s.dim], what)?,
-    )?;
-    check_op_len(
-        what,
-        "rows",
-        rows,
-        checked(&[s.rows, s.dim], what)?,
-    )?;
+    check_op_len(what, "table", table, checked(&[vocab, s.dim], what)?)?;
+    check_op_len(what, "rows", rows, checked(&[s.rows, s.dim], what)?)?;
     ids_in_vocab(ids, vocab, what)
 }
 

@@ -373,8 +373,17 @@ pub fn noise_prune_update(
         )));
     }
     let k = keep_count(cfg.keep_frac, n)?;
-    let thr = (k > 0 && k < n)
-        .then(|| radix_select(|| noisy.iter().flat_map(|v| v.iter()).map(|&x| magnitude_key(x)), k));
+    let thr = (k > 0 && k < n).then(|| {
+        radix_select(
+            || {
+                noisy
+                    .iter()
+                    .flat_map(|v| v.iter())
+                    .map(|&x| magnitude_key(x))
+            },
+            k,
+        )
+    });
     let mut ties_left = thr.map_or(0, |t| t.ties_to_keep);
     let mut kept = 0;
     for (t, nv) in tensors.iter_mut().zip(noisy) {

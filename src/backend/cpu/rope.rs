@@ -35,7 +35,8 @@ pub(super) fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> 
     // computed once per shape, not once per row. (A poisoned lock holds at worst a
     // table of another shape, which the key check below replaces.)
     let mut cache = ANGLES[usize::from(sign < 0.0)]
-        .lock().unwrap_or_else(|e| e.into_inner());
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let key = (t, s.hd, s.theta.to_bits(), sign.to_bits());
     if cache.key != key || cache.table.len() != t * half {
         cache.key = (0, 0, 0, 0); // invalid until the table is complete
