@@ -5,7 +5,14 @@
 //! Bytes the CPU backend's buffer pool holds for reuse are allocated but not in
 //! use: the pool reports them ([`cache_add`], [`cache_take`]) and the peak counts
 //! bytes in use only, the figure comparable with another framework's live tensors.
+//!
+//! Allocation calls made inside a GEMM ([`gemm_scope`]: `matrixmultiply`'s
+//! packing buffer, one per call, and `linalg`'s split of a large product over the
+//! rayon threads) are also counted apart ([`gemm_allocation_calls`]), so a
+//! steady-state step can show that everything else allocates nothing
+//! (`tests/alloc.rs`, `dualpriv bench`'s `allocs/step` columns).
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
@@ -13,6 +20,17 @@ static PEAK: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: AtomicUsize = AtomicUsize::new(0);
 static CACHED: AtomicUsize = AtomicUsize::new(0);
 static CALLS: AtomicUsize = AtomicUsize::new(0);
+static GEMM_CALLS: AtomicUsize = AtomicUsize::new(0);
+/// Threads outside the rayon pool now inside [`gemm_scope`]: while one is, the
+/// rayon workers run only that GEMM's blocks, so every allocation is the GEMM's.
+static GEMM_OUTSIDE_POOL: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// Whether this thread is inside [`gemm_scope`] (a GEMM run whole on a rayon
+    /// worker, as attention's per-head products are). `const`: reading it from the
+    /// allocator allocates nothing.
+    static IN_GEMM: Cell<bool> = const { Cell::new(false) };
+}
 
 /// The system allocator, counting live and peak bytes.
 pub struct CountingAlloc;
@@ -54,6 +72,10 @@ unsafe impl GlobalAlloc for CountingAlloc {
 fn grow(n: usize) {
     INSTALLED.store(1, Relaxed);
     CALLS.fetch_add(1, Relaxed);
+    // `try_with`: a thread being torn down has no thread-locals left.
+    if GEMM_OUTSIDE_POOL.load(Relaxed) > 0 || IN_GEMM.try_with(Cell::get).unwrap_or(false) {
+        GEMM_CALLS.fetch_add(1, Relaxed);
+    }
     let now = CURRENT.fetch_add(n, Relaxed) + n;
     PEAK.fetch_max(now.saturating_sub(CACHED.load(Relaxed)), Relaxed);
 }
@@ -77,6 +99,38 @@ pub fn cache_forget(n: usize) {
 /// Heap allocation calls (`alloc`, `alloc_zeroed`, `realloc`) so far.
 pub fn allocation_calls() -> usize {
     CALLS.load(Relaxed)
+}
+
+/// The allocation calls of [`allocation_calls`] made inside a [`gemm_scope`].
+pub fn gemm_allocation_calls() -> usize {
+    GEMM_CALLS.load(Relaxed)
+}
+
+/// Runs `f`, a GEMM, counting its allocation calls as the GEMM's
+/// ([`gemm_allocation_calls`]). Called by every CPU GEMM call site outside
+/// `linalg`; the attribution is exact while the process has one thread outside
+/// the rayon pool doing work (a training step, `dualpriv bench`, `tests/alloc.rs`).
+pub fn gemm_scope<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            if self.0 {
+                GEMM_OUTSIDE_POOL.fetch_sub(1, Relaxed);
+            } else {
+                IN_GEMM.with(|g| g.set(false));
+            }
+        }
+    }
+    let outside = rayon::current_thread_index().is_none();
+    let _reset = if outside {
+        GEMM_OUTSIDE_POOL.fetch_add(1, Relaxed);
+        Reset(true)
+    } else if IN_GEMM.with(|g| g.replace(true)) {
+        return f(); // nested: the outer scope resets
+    } else {
+        Reset(false)
+    };
+    f()
 }
 
 /// Heap bytes currently in use: allocated and not held by a reuse cache (0 when

@@ -28,6 +28,15 @@ pub fn check_len(name: &str, got: usize, want: usize) -> Result<()> {
     })
 }
 
+/// [`check_len`] for the buffer `name` of op `what`, the message formed only on
+/// failure (a passing check allocates nothing: the checks run on every op of a
+/// training step).
+pub fn check_op_len(what: &str, name: &str, got: usize, want: usize) -> Result<()> {
+    ensure_shape(got == want, || {
+        format!("{what} {name} has {got} values, expected {want}")
+    })
+}
+
 /// The product of `dims`, or a shape error when it overflows `usize`.
 pub fn checked(dims: &[usize], what: &str) -> Result<usize> {
     dims.iter()
@@ -133,10 +142,10 @@ pub fn layernorm_bwd(
 ) -> Result<()> {
     let n = checked(&[s.rows, s.dim], "layernorm")?;
     for (name, got) in [("dx", dx), ("dout", dout), ("x", x)] {
-        check_len(&format!("layernorm_bwd {name}"), got, n)?;
+        check_op_len("layernorm_bwd", name, got, n)?;
     }
     for (name, got) in [("w", w), ("dw", dw), ("db", db)] {
-        check_len(&format!("layernorm_bwd {name}"), got, s.dim)?;
+        check_op_len("layernorm_bwd", name, got, s.dim)?;
     }
     check_len("layernorm_bwd mean", mean, s.rows)?;
     check_len("layernorm_bwd rstd", rstd, s.rows)
@@ -163,7 +172,7 @@ pub fn rmsnorm_bwd(
 ) -> Result<()> {
     let n = checked(&[s.rows, s.dim], "rmsnorm")?;
     for (name, got) in [("dx", dx), ("dout", dout), ("x", x)] {
-        check_len(&format!("rmsnorm_bwd {name}"), got, n)?;
+        check_op_len("rmsnorm_bwd", name, got, n)?;
     }
     check_len("rmsnorm_bwd w", w, s.dim)?;
     check_len("rmsnorm_bwd dw", dw, s.dim)?;
@@ -230,10 +239,10 @@ pub fn attention_bwd(
 ) -> Result<()> {
     attn_shape(&s)?;
     for (name, got) in [("dq", dq), ("dout", dout), ("q", q)] {
-        check_len(&format!("attention_bwd {name}"), got, s.q_len())?;
+        check_op_len("attention_bwd", name, got, s.q_len())?;
     }
     for (name, got) in [("dk", dk), ("dv", dv), ("k", k), ("v", v)] {
-        check_len(&format!("attention_bwd {name}"), got, s.kv_len())?;
+        check_op_len("attention_bwd", name, got, s.kv_len())?;
     }
     check_len("attention_bwd probs", probs, s.probs_len())
 }
@@ -243,13 +252,13 @@ pub fn attention_bwd(
 
 /// An elementwise forward `out = f(x)`: `x` as long as `out` (`what` names the op).
 pub fn unary(what: &str, out: usize, x: usize) -> Result<()> {
-    check_len(&format!("{what} input"), x, out)
+    check_op_len(what, "input", x, out)
 }
 
 /// An elementwise backward `dx = dout · f'(x)`: `dout` and `x` as long as `dx`.
 fn unary_bwd(what: &str, dx: usize, dout: usize, x: usize) -> Result<()> {
-    check_len(&format!("{what} dout"), dout, dx)?;
-    check_len(&format!("{what} x"), x, dx)
+    check_op_len(what, "dout", dout, dx)?;
+    check_op_len(what, "x", x, dx)
 }
 
 /// [`Backend::gelu_bwd`](super::Backend::gelu_bwd).
@@ -271,7 +280,7 @@ pub fn swiglu_fwd(out: usize, gate: usize, up: usize) -> Result<()> {
 /// [`Backend::swiglu_bwd`](super::Backend::swiglu_bwd): every buffer as long as `dout`.
 pub fn swiglu_bwd(dgate: usize, dup: usize, dout: usize, gate: usize, up: usize) -> Result<()> {
     for (name, got) in [("dgate", dgate), ("dup", dup), ("gate", gate), ("up", up)] {
-        check_len(&format!("swiglu_bwd {name}"), got, dout)?;
+        check_op_len("swiglu_bwd", name, got, dout)?;
     }
     Ok(())
 }
@@ -299,17 +308,9 @@ pub fn embedding(
     s: RowShape,
     vocab: usize,
 ) -> Result<()> {
-    check_len(&format!("{what} ids"), ids.len(), s.rows)?;
-    check_len(
-        &format!("{what} table"),
-        table,
-        checked(&[vocab, s.dim], what)?,
-    )?;
-    check_len(
-        &format!("{what} rows"),
-        rows,
-        checked(&[s.rows, s.dim], what)?,
-    )?;
+    check_op_len(what, "ids", ids.len(), s.rows)?;
+    check_op_len(what, "table", table, checked(&[vocab, s.dim], what)?)?;
+    check_op_len(what, "rows", rows, checked(&[s.rows, s.dim], what)?)?;
     ids_in_vocab(ids, vocab, what)
 }
 

@@ -157,19 +157,17 @@ pub trait DpBackend: Backend {
         set: &mut [TensorUpdate<'_, Self>],
         cfg: &UpdateConfig,
     ) -> Result<PruneReport> {
-        let lens: Vec<check::UpdateLens> = set
-            .iter()
-            .map(|t| {
-                (
-                    t.tensor_id,
-                    self.len(t.grad),
-                    self.len(t.param),
-                    t.m.as_deref().map(|b| self.len(b)),
-                    t.v.as_deref().map(|b| self.len(b)),
-                )
-            })
-            .collect();
-        check::noise_prune_update(&lens, cfg)?;
+        // Tensor by tensor: no list of lengths to allocate.
+        for t in set.iter() {
+            let lens = (
+                t.tensor_id,
+                self.len(t.grad),
+                self.len(t.param),
+                t.m.as_deref().map(|b| self.len(b)),
+                t.v.as_deref().map(|b| self.len(b)),
+            );
+            check::noise_prune_update(&[lens], cfg)?;
+        }
         // SAFETY: checked just above.
         unsafe { self.noise_prune_update_unchecked(set, cfg) }
     }

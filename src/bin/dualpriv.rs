@@ -1236,9 +1236,9 @@ fn bench_on<B: DpBackend>(be: &B, a: &BenchArgs, json: bool) -> Result<()> {
         if be.tf32_gemms() { ", TF32 GEMMs" } else { "" }
     );
     println!(
-        "| method | median step | peak memory (step) | allocs/step | tokens/s | visual tokens | model TFLOP/step | of peak |"
+        "| method | median step | peak memory (step) | allocs/step | of which GEMM | pool misses/step | tokens/s | visual tokens | model TFLOP/step | of peak |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let mem = match (r.device_peak_bytes, r.peak_bytes) {
             (Some(d), _) => format!("{} device", mib(d as usize)),
@@ -1246,11 +1246,12 @@ fn bench_on<B: DpBackend>(be: &B, a: &BenchArgs, json: bool) -> Result<()> {
             (None, None) => "n/a".into(),
         };
         println!(
-            "| {} | {:.1} ms | {mem} | {} | {:.0} | {} | {:.3} | {} |",
+            "| {} | {:.1} ms | {mem} | {} | {} | {} | {:.0} | {} | {:.3} | {} |",
             r.method,
             r.median_ms,
-            r.allocs_per_step
-                .map_or("n/a".into(), |n| format!("{n:.0}")),
+            count(r.allocs_per_step),
+            count(r.gemm_allocs_per_step),
+            count(r.pool_misses_per_step),
             r.tokens_per_s,
             r.visual_tokens,
             r.step_flops / 1e12,
@@ -1259,6 +1260,18 @@ fn bench_on<B: DpBackend>(be: &B, a: &BenchArgs, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A per-step count for the bench table ("n/a" when not measured).
+fn count(n: Option<f64>) -> String {
+    // A fraction is shown as one: "0" must mean none at all.
+    n.map_or("n/a".into(), |n| {
+        if n.fract() == 0.0 {
+            format!("{n:.0}")
+        } else {
+            format!("{n:.1}")
+        }
+    })
 }
 
 fn report(s: RunSummary) {

@@ -36,9 +36,15 @@ pub struct MethodBench {
     /// Peak heap bytes above the model and data during the timed steps (CPU,
     /// counting allocator; `None` when the allocator is not installed or on the GPU).
     pub peak_bytes: Option<usize>,
-    /// Heap allocation calls per timed step (CPU, counting allocator; 0 once the
-    /// buffer pool is warm).
+    /// Heap allocation calls per timed step (CPU, counting allocator), the GEMM's
+    /// and the pool misses' included.
     pub allocs_per_step: Option<f64>,
+    /// Of [`Self::allocs_per_step`], the calls made inside GEMMs
+    /// ([`crate::mem::gemm_scope`]: `matrixmultiply`'s packing buffers).
+    pub gemm_allocs_per_step: Option<f64>,
+    /// Buffers the CPU backend's pool had to allocate per timed step (0 in steady
+    /// state; each is also one of [`Self::allocs_per_step`]).
+    pub pool_misses_per_step: Option<f64>,
     /// Peak bytes of live device buffers during the timed steps (GPU).
     pub device_peak_bytes: Option<u64>,
     /// Bytes in use on the whole device after the timed steps (GPU, `cuMemGetInfo`).
@@ -133,6 +139,8 @@ pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBen
         backend.reset_device_peak();
         let base = crate::mem::current_bytes();
         let calls = crate::mem::allocation_calls();
+        let gemm_calls = crate::mem::gemm_allocation_calls();
+        let misses = crate::backend::cpu::pool_stats().allocations;
         let mut times = Vec::with_capacity(a.steps);
         let mut vis = 0;
         for _ in 0..a.steps.max(1) {
@@ -143,19 +151,23 @@ pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBen
             })?;
             times.push(dev.unwrap_or_else(|| t0.elapsed().as_secs_f64() * 1e3));
         }
+        let device = backend.device_memory();
         let allocs = crate::mem::allocation_calls() - calls;
+        let gemm_allocs = crate::mem::gemm_allocation_calls() - gemm_calls;
+        let misses = crate::backend::cpu::pool_stats().allocations - misses;
+        let per_step = |n: f64| n / a.steps.max(1) as f64;
+        let host = device.is_none() && crate::mem::tracking();
         times.sort_by(f64::total_cmp);
         let median_ms = times[times.len() / 2];
         let tokens = (a.batch * (vis + t.cfg.text_len)) as f64;
         let flops = step_flops(&mcfg, method, a.batch, vis, t.cfg.text_len);
-        let device = backend.device_memory();
         rows.push(MethodBench {
             method: method.to_string(),
             median_ms,
-            peak_bytes: (device.is_none() && crate::mem::tracking())
-                .then(|| crate::mem::peak_bytes().saturating_sub(base)),
-            allocs_per_step: (device.is_none() && crate::mem::tracking())
-                .then(|| allocs as f64 / a.steps.max(1) as f64),
+            peak_bytes: host.then(|| crate::mem::peak_bytes().saturating_sub(base)),
+            allocs_per_step: host.then(|| per_step(allocs as f64)),
+            gemm_allocs_per_step: host.then(|| per_step(gemm_allocs as f64)),
+            pool_misses_per_step: (backend.name() == "cpu").then(|| per_step(misses as f64)),
             device_peak_bytes: device.map(|m| m.peak_bytes),
             device_used_bytes: device.map(|m| m.used_bytes),
             tokens_per_s: tokens / (median_ms / 1e3),

@@ -25,7 +25,17 @@
 use rayon::prelude::*;
 
 use crate::error::{ensure_shape, Error, Result};
-use crate::linalg::{gemm_f32, gemm_f64, View};
+use crate::linalg::View;
+
+/// [`crate::linalg::gemm_f32`], its allocations counted as a GEMM's ([`crate::mem::gemm_scope`]).
+fn gemm_f32(alpha: f32, a: View<'_, f32>, b: View<'_, f32>, beta: f32, c: &mut [f32], n: usize) {
+    crate::mem::gemm_scope(|| crate::linalg::gemm_f32(alpha, a, b, beta, c, n))
+}
+
+/// [`crate::linalg::gemm_f64`], its allocations counted as a GEMM's ([`crate::mem::gemm_scope`]).
+fn gemm_f64(alpha: f64, a: View<'_, f64>, b: View<'_, f64>, beta: f64, c: &mut [f64], n: usize) {
+    crate::mem::gemm_scope(|| crate::linalg::gemm_f64(alpha, a, b, beta, c, n))
+}
 
 /// Shapes of one linear layer's saved activations: X is b×t×d, G is b×t×p.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -435,19 +445,22 @@ pub fn clipped_weight_sum_f32(
     if bt == 0 || out.is_empty() {
         return Ok(());
     }
-    let scaled = |m: &[f32], width: usize| -> Vec<f32> {
+    // The scaled copy comes from the CPU backend's pool: no allocation once warm
+    // (every value is written before it is read).
+    let scaled = |m: &[f32], width: usize| -> Result<crate::backend::cpu::pool::HostBuf<f32>> {
         let per = (s.t * width).max(1);
-        m.iter()
-            .enumerate()
-            .map(|(j, &v)| v * factors[j / per])
-            .collect()
+        let mut out = crate::backend::Backend::output(&crate::backend::cpu::Cpu, m.len())?;
+        for (j, (o, &v)) in out.iter_mut().zip(m).enumerate() {
+            *o = v * factors[j / per];
+        }
+        Ok(out)
     };
     if s.d < s.p {
-        let xs = scaled(x, s.d);
+        let xs = scaled(x, s.d)?;
         let gv = View::row_major(g, bt, s.p).t();
         gemm_f32(1.0, gv, View::row_major(&xs, bt, s.d), 1.0, out, s.d);
     } else {
-        let gs = scaled(g, s.p);
+        let gs = scaled(g, s.p)?;
         let gv = View::row_major(&gs, bt, s.p).t();
         gemm_f32(1.0, gv, View::row_major(x, bt, s.d), 1.0, out, s.d);
     }

@@ -15,6 +15,9 @@
 //! are kept; of those with key = τ, the first ones in set order (tensor order, then
 //! index) are kept until exactly k are. A NaN or Inf in ñ aborts the step before
 //! anything is written.
+use crate::backend::cpu::pool::HostBuf;
+use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
 use crate::dp::noise::{NoiseKey, StreamKey};
 use crate::error::Setting;
 use crate::{Error, Result};
@@ -58,9 +61,12 @@ pub fn radix_select<I: Iterator<Item = u32>>(mut keys: impl FnMut() -> I, k: u64
     assert!(k >= 1, "radix_select needs k >= 1");
     let (mut prefix, mut mask, mut rank) = (0u32, 0u32, k);
     let mut count_eq = 0;
+    // One histogram on the stack (16 KiB), cleared per pass: no allocation.
+    let mut hist_store = [0u64; 1 << 11];
     for (shift, width) in RADIX_PASSES {
         let bins = 1usize << width;
-        let mut hist = vec![0u64; bins];
+        let hist = &mut hist_store[..bins];
+        hist.fill(0);
         for key in keys() {
             if key & mask == prefix {
                 hist[((key >> shift) as usize) & (bins - 1)] += 1;
@@ -341,10 +347,20 @@ pub fn noise_prune_update(
             )));
         }
     }
-    let noisy: Vec<Vec<f32>> = tensors
-        .iter()
-        .map(|t| noisy_gradient(t.grad, t.tensor_id, cfg))
-        .collect();
+    // The noisy gradients in buffers of the CPU backend's pool (no allocation once
+    // warm); one tensor (per-tensor scope) needs no list either.
+    let one: [HostBuf<f32>; 1];
+    let many: Vec<HostBuf<f32>>;
+    let noisy: &[HostBuf<f32>] = if let [t] = &*tensors {
+        one = [noisy_gradient_pooled(t.grad, t.tensor_id, cfg)?];
+        &one
+    } else {
+        many = tensors
+            .iter()
+            .map(|t| noisy_gradient_pooled(t.grad, t.tensor_id, cfg))
+            .collect::<Result<_>>()?;
+        &many
+    };
     let n: u64 = noisy.iter().map(|v| v.len() as u64).sum();
     if let Some((t, j)) = noisy
         .iter()
@@ -357,11 +373,20 @@ pub fn noise_prune_update(
         )));
     }
     let k = keep_count(cfg.keep_frac, n)?;
-    let thr = (k > 0 && k < n)
-        .then(|| radix_select(|| noisy.iter().flatten().map(|&x| magnitude_key(x)), k));
+    let thr = (k > 0 && k < n).then(|| {
+        radix_select(
+            || {
+                noisy
+                    .iter()
+                    .flat_map(|v| v.iter())
+                    .map(|&x| magnitude_key(x))
+            },
+            k,
+        )
+    });
     let mut ties_left = thr.map_or(0, |t| t.ties_to_keep);
     let mut kept = 0;
-    for (t, nv) in tensors.iter_mut().zip(&noisy) {
+    for (t, nv) in tensors.iter_mut().zip(noisy) {
         for (j, &x) in nv.iter().enumerate() {
             let keep = match thr {
                 _ if k == 0 => false,
@@ -395,14 +420,27 @@ pub fn noise_prune_update(
 /// the kernel). With σC = 0 the sum passes through unchanged (−0.0 included).
 pub fn noisy_gradient(grad: &[f32], tensor_id: u32, cfg: &UpdateConfig) -> Vec<f32> {
     let mut out = grad.to_vec();
+    add_noise(&mut out, tensor_id, cfg);
+    out
+}
+
+/// [`noisy_gradient`] in a buffer of the CPU backend's pool.
+fn noisy_gradient_pooled(grad: &[f32], tensor_id: u32, cfg: &UpdateConfig) -> Result<HostBuf<f32>> {
+    // Every value is overwritten by the copy.
+    let mut out = Cpu.output(grad.len())?;
+    out.copy_from_slice(grad);
+    add_noise(&mut out, tensor_id, cfg);
+    Ok(out)
+}
+
+fn add_noise(out: &mut [f32], tensor_id: u32, cfg: &UpdateConfig) {
     if cfg.noise_std == 0.0 {
-        return out;
+        return;
     }
     NoiseKey {
         stream: cfg.noise,
         tensor_id,
         step: cfg.step,
     }
-    .add_scaled(0, cfg.noise_std, &mut out);
-    out
+    .add_scaled(0, cfg.noise_std, out);
 }

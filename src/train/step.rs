@@ -239,6 +239,22 @@ fn apply<B: DpBackend>(
             ctx.opt.moments.insert(id, Moments { m, v });
         }
     }
+    if let [(id, grad)] = *grads {
+        // One tensor (per-tensor scope): direct borrows, no lists (no allocation).
+        let mo = ctx
+            .opt
+            .moments
+            .get_mut(&id)
+            .ok_or_else(|| Error::Internal(format!("parameter {id} has no moments")))?;
+        let mut set = [TensorUpdate {
+            tensor_id: id,
+            grad,
+            param: ctx.model.param_mut(id),
+            m: mo.m.as_mut(),
+            v: mo.v.as_mut(),
+        }];
+        return ctx.backend.noise_prune_update(&mut set, ucfg);
+    }
     let ids: Vec<u32> = grads.iter().map(|g| g.0).collect();
     let params = ctx.model.params_mut(&ids)?;
     let mut moments: Vec<&mut Moments<B>> = Vec::with_capacity(ids.len());
@@ -366,13 +382,14 @@ fn reduce<B: DpBackend>(
 }
 
 /// One reduced capture's clipped weight sum Σ_i c_i ∇W ℓ_i and, with a bias, its
-/// clipped bias sum, as `(id, sum)` pairs.
+/// clipped bias sum, as `(id, sum)` pairs (an array, not a `Vec`: a step calls
+/// this once per capture and should allocate nothing).
 fn clipped_sums<B: DpBackend>(
     be: &B,
     factors: &B::Buf,
     r: Reduced<B>,
-) -> Result<Vec<(u32, B::Buf)>> {
-    let mut out = Vec::with_capacity(2);
+) -> Result<impl Iterator<Item = (u32, B::Buf)>> {
+    let mut out = Pair([None, None]);
     match r {
         Reduced::Summed {
             weight_id,
@@ -413,7 +430,17 @@ fn clipped_sums<B: DpBackend>(
             }
         }
     }
-    Ok(out)
+    Ok(out.0.into_iter().flatten())
+}
+
+/// At most two `(id, sum)` pairs: a weight's and its bias's.
+struct Pair<T>([Option<T>; 2]);
+
+impl<T> Pair<T> {
+    fn push(&mut self, v: T) {
+        let slot = if self.0[0].is_none() { 0 } else { 1 };
+        self.0[slot] = Some(v);
+    }
 }
 
 /// The summed (clipped, for DP methods) gradients of a batch, by parameter id:
@@ -473,7 +500,8 @@ fn forward_clip<B: DpBackend>(
     let b = mb.len();
     let mut norms = be.norms_zeros(b, cfg.micro_batch)?;
     let ones = be.upload(&vec![1.0; b])?;
-    let mut reduced = Vec::new();
+    // One capture per trainable tensor at most (weights; biases ride along).
+    let mut reduced = Vec::with_capacity(model.trainable().len());
     let fb = model.forward_backward_with(be, &batch, tokens.as_ref(), &mut |c| {
         reduced.push(reduce(be, cfg.method, c, &mut norms, &ones)?);
         Ok(())
@@ -558,7 +586,7 @@ fn gradient_step<B: DpBackend>(
         visual_tokens: 0,
         nonfinite: 0,
     };
-    let mut applied: Vec<u32> = Vec::new();
+    let mut applied: Vec<u32> = Vec::with_capacity(params.len());
     for mb in &micro {
         let (reduced, factors) =
             forward_clip(be, &*ctx.model, cfg, ctx.key, ctx.data, mb, &mut sums)?;

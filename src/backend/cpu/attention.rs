@@ -117,8 +117,10 @@ pub(super) fn attention_bwd<T: Real>(
             let gob = &dout[bi * qs..][..qs];
             dkb.iter_mut().for_each(|x| *x = T::default());
             dvb.iter_mut().for_each(|x| *x = T::default());
-            let mut dp = vec![T::default(); t * t];
-            let mut tmp = vec![T::default(); t * hd];
+            // Per-example scratch from the backend's pool (no allocation when warm).
+            let (Ok(mut dp), Ok(mut tmp)) = (T::zeros(t * t), T::zeros(t * hd)) else {
+                return;
+            };
             for h in 0..s.hq {
                 let kvh = h / rep;
                 let ph = &probs[bi * ps + h * t * t..][..t * t];

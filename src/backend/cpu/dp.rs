@@ -118,7 +118,7 @@ impl DpBackend for Cpu {
         out.par_chunks_mut(p * d).enumerate().for_each(|(i, w)| {
             let xi = View::row_major(&x[i * t * d..(i + 1) * t * d], t, d);
             let gi = View::row_major(&g[i * t * p..(i + 1) * t * p], t, p);
-            gemm_f32(1.0, gi.t(), xi, 0.0, w, d);
+            crate::mem::gemm_scope(|| gemm_f32(1.0, gi.t(), xi, 0.0, w, d));
         });
         Ok(out)
     }
@@ -158,16 +158,22 @@ impl DpBackend for Cpu {
         set: &mut [TensorUpdate<'_, Self>],
         cfg: &UpdateConfig,
     ) -> Result<PruneReport> {
-        let mut states: Vec<TensorState<'_>> = set
-            .iter_mut()
-            .map(|t| TensorState {
-                tensor_id: t.tensor_id,
-                grad: &t.grad[..],
-                param: &mut t.param[..],
-                m: t.m.as_deref_mut().map_or(&mut [][..], |m| &mut m[..]),
-                v: t.v.as_deref_mut().map_or(&mut [][..], |v| &mut v[..]),
-            })
-            .collect();
+        // One tensor (per-tensor scope) needs no list (no allocation).
+        if let [t] = set {
+            return prune::noise_prune_update(&mut [state(t)], cfg);
+        }
+        let mut states: Vec<TensorState<'_>> = set.iter_mut().map(state).collect();
         prune::noise_prune_update(&mut states, cfg)
+    }
+}
+
+/// The CPU reference's view of one tensor of an update set.
+fn state<'a>(t: &'a mut TensorUpdate<'_, Cpu>) -> TensorState<'a> {
+    TensorState {
+        tensor_id: t.tensor_id,
+        grad: &t.grad[..],
+        param: &mut t.param[..],
+        m: t.m.as_deref_mut().map_or(&mut [][..], |m| &mut m[..]),
+        v: t.v.as_deref_mut().map_or(&mut [][..], |v| &mut v[..]),
     }
 }

@@ -102,7 +102,7 @@ impl Real for f32 {
     }
     fn gemm(alpha: Self, a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: &mut [Self]) {
         let n = b.cols;
-        gemm_f32(alpha, a, b, beta, c, n)
+        crate::mem::gemm_scope(|| gemm_f32(alpha, a, b, beta, c, n))
     }
 }
 
@@ -126,12 +126,18 @@ impl Real for f64 {
     }
     fn gemm(alpha: Self, a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: &mut [Self]) {
         let n = b.cols;
-        gemm_f64(alpha, a, b, beta, c, n)
+        crate::mem::gemm_scope(|| gemm_f64(alpha, a, b, beta, c, n))
     }
 }
 
 /// The pool of the f32 backend's buffers.
 static F32_POOL: Pool<f32> = Pool::new();
+
+/// The counters of the pool that serves [`Cpu`](type@Cpu)'s buffers (its misses are
+/// the buffers it had to allocate).
+pub fn pool_stats() -> pool::PoolStats {
+    F32_POOL.stats()
+}
 
 /// `x` rounded to the element type.
 fn r<T: Real>(x: f64) -> T {

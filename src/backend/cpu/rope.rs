@@ -1,11 +1,29 @@
 //! Rotary embeddings on the CPU, rotate-half (HF Llama); the backward is the
 //! rotation by the opposite angle. GPU twin: `kernels/rope.cu`.
+use std::sync::Mutex;
+
 use super::math::with_simd;
 use rayon::prelude::*;
 
 use super::{r, Real};
 use crate::backend::RopeShape;
 use crate::Result;
+
+/// The (sin, cos) table of the last call of one direction and what it was computed
+/// for (positions, head dimension, θ bits, sign bits): every RoPE call of a step
+/// has the same shape, so a step recomputes nothing and allocates nothing.
+struct Angles {
+    key: (usize, usize, u32, u64),
+    table: Vec<(f64, f64)>,
+}
+
+/// One table for the forward rotation, one for the backward (opposite sign).
+static ANGLES: [Mutex<Angles>; 2] = [const {
+    Mutex::new(Angles {
+        key: (0, 0, 0, 0),
+        table: Vec::new(),
+    })
+}; 2];
 
 pub(super) fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> {
     let row = s.heads * s.hd;
@@ -15,15 +33,24 @@ pub(super) fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> 
     let half = s.hd / 2;
     let t = s.t.max(1);
     // One angle per (position, pair), shared by every head and every example:
-    // computed once per call, not once per row.
-    let angles: Vec<(f64, f64)> = (0..t)
-        .flat_map(|pos| {
+    // computed once per shape, not once per row. (A poisoned lock holds at worst a
+    // table of another shape, which the key check below replaces.)
+    let mut cache = ANGLES[usize::from(sign < 0.0)]
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let key = (t, s.hd, s.theta.to_bits(), sign.to_bits());
+    if cache.key != key || cache.table.len() != t * half {
+        cache.key = (0, 0, 0, 0); // invalid until the table is complete
+        cache.table.clear();
+        cache.table.extend((0..t).flat_map(|pos| {
             (0..half).map(move |i| {
                 let freq = (s.theta as f64).powf(-2.0 * i as f64 / s.hd as f64);
                 (sign * pos as f64 * freq).sin_cos()
             })
-        })
-        .collect();
+        }));
+        cache.key = key;
+    }
+    let angles = &cache.table;
     x.par_chunks_mut(row).enumerate().for_each(|(idx, xr)| {
         with_simd(|| {
             let pos = idx % t;

@@ -66,11 +66,14 @@ pub(super) fn weighted_row_sum(
     const COLS: usize = 1024;
     out.par_chunks_mut(COLS).enumerate().for_each(|(j, o)| {
         let c0 = j * COLS;
-        let mut acc: Vec<f64> = if accumulate {
-            o.iter().map(|&v| f64::from(v)).collect()
-        } else {
-            vec![0.0; o.len()]
-        };
+        // The f64 accumulators on the job's stack (8 KiB): no allocation.
+        let mut acc_store = [0.0f64; COLS];
+        let acc = &mut acc_store[..o.len()];
+        if accumulate {
+            acc.iter_mut()
+                .zip(o.iter())
+                .for_each(|(a, &v)| *a = f64::from(v));
+        }
         // A factor-0 row is absent: skipped, not multiplied (0·NaN = NaN).
         for (c, row) in factors
             .iter()
@@ -81,7 +84,7 @@ pub(super) fn weighted_row_sum(
                 *a += f64::from(*c) * f64::from(v);
             }
         }
-        for (o, a) in o.iter_mut().zip(acc) {
+        for (o, &a) in o.iter_mut().zip(acc.iter()) {
             *o = a as f32;
         }
     });
