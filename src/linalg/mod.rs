@@ -65,7 +65,7 @@ const PARALLEL_MACS: usize = 1 << 20;
 /// The raw C pointer shared by the column blocks of a split product.
 #[derive(Clone, Copy)]
 struct CPtr<T>(*mut T);
-// SAFETY: each job writes a disjoint set of C's elements (its own columns).
+// SAFETY: each job writes a disjoint set of C's elements (its own rows or columns).
 unsafe impl<T> Send for CPtr<T> {}
 unsafe impl<T> Sync for CPtr<T> {}
 
@@ -135,29 +135,25 @@ macro_rules! gemm_fn {
             };
             if parts == 1 {
                 run(m, n, a.data.as_ptr(), b.data.as_ptr(), c.as_mut_ptr());
-            } else if m >= n {
-                use rayon::prelude::*;
-                let rows: Vec<(usize, usize)> = (0..parts).map(|i| block(m, parts, i)).collect();
-                let mut chunks: Vec<&mut [$t]> = Vec::with_capacity(parts);
-                let mut rest = &mut c[..m * n];
-                for &(r0, r1) in &rows {
-                    let (head, tail) = rest.split_at_mut((r1 - r0) * n);
-                    chunks.push(head);
-                    rest = tail;
-                }
-                chunks.into_par_iter().zip(rows).for_each(|(cb, (r0, r1))| {
-                    // SAFETY: row r0 of a starts at r0·rs, inside the checked view.
-                    let ap = unsafe { a.data.as_ptr().add(r0 * a.rs) };
-                    run(r1 - r0, n, ap, b.data.as_ptr(), cb.as_mut_ptr());
-                });
             } else {
+                // One job per block of rows (or of columns, when C is wide and
+                // short), over a raw pointer: no per-call Vec of chunks.
                 use rayon::prelude::*;
                 let cp = CPtr(c.as_mut_ptr());
                 (0..parts).into_par_iter().for_each(|i| {
-                    let (c0, c1) = block(n, parts, i);
-                    // SAFETY: column c0 of b and of c are inside the checked views.
-                    let (bp, cq) = unsafe { (b.data.as_ptr().add(c0 * b.cs), cp.get().add(c0)) };
-                    run(m, c1 - c0, a.data.as_ptr(), bp, cq);
+                    if m >= n {
+                        let (r0, r1) = block(m, parts, i);
+                        // SAFETY: row r0 of a and of c are inside the checked views.
+                        let (ap, cq) =
+                            unsafe { (a.data.as_ptr().add(r0 * a.rs), cp.get().add(r0 * n_c)) };
+                        run(r1 - r0, n, ap, b.data.as_ptr(), cq);
+                    } else {
+                        let (c0, c1) = block(n, parts, i);
+                        // SAFETY: column c0 of b and of c are inside the checked views.
+                        let (bp, cq) =
+                            unsafe { (b.data.as_ptr().add(c0 * b.cs), cp.get().add(c0)) };
+                        run(m, c1 - c0, a.data.as_ptr(), bp, cq);
+                    }
                 });
             }
         }
