@@ -60,7 +60,7 @@ impl<'a, T> View<'a, T> {
 
 /// Multiply-adds below which a product runs on one thread (about 10 µs of work;
 /// a rayon fork costs a few µs).
-const PARALLEL_MACS: usize = 1 << 20;
+const PARALLEL_MACS: usize = 1 << 18;
 
 /// The raw C pointer shared by the column blocks of a split product.
 #[derive(Clone, Copy)]
