@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use dualpriv::backend::cpu::Cpu;
-use dualpriv::model::{Mllm, ModelConfig, TrainMode};
+use dualpriv::model::{Mllm, TrainMode};
 use dualpriv::study::results::{Record, StudyFile};
 use dualpriv::study::spec::grid;
 use dualpriv::study::stats::{summary, t_cdf, t_interval, t_quantile};
@@ -74,14 +74,16 @@ fn run(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// A random tiny checkpoint, independent of the shipped assets: the test checks
-/// the pipeline, not the numbers.
+/// A random tiny LLaVA folder (the built-in task's config, tokenizer and
+/// preprocessor, random weights), independent of the shipped assets: the test
+/// checks the pipeline, not the numbers. A folder the study cannot read would make
+/// it pretrain one first (minutes); the test asserts that it did not.
 fn init(dir: &Path) -> PathBuf {
-    let cfg = ModelConfig::preset("tiny").unwrap();
+    let cfg = dualpriv::data::builtin::model_config("tiny").unwrap();
     let m = Mllm::new(&Cpu, &cfg, &TrainMode::frozen(), 0).unwrap();
     let p = dir.join("init");
     std::fs::create_dir_all(&p).unwrap();
-    m.save(&Cpu, &p.join("model.safetensors")).unwrap();
+    dualpriv::data::builtin::write_model_folder(&Cpu, &m, &p).unwrap();
     p
 }
 
@@ -102,6 +104,7 @@ fn quick_study_end_to_end_and_resume() {
     let t0 = std::time::Instant::now();
     let (ok, out, err) = run(&["study", "--quick", "--out", d, "--pretrained", i]);
     assert!(ok, "{out}\n{err}");
+    assert!(!err.contains("pretraining one now"), "{err}");
     eprintln!("quick study: {:.1} s", t0.elapsed().as_secs_f64());
 
     // Every run of the grid is one parsed line, with the accountant's ε.
