@@ -2,12 +2,13 @@
 //! every method on the tiny preset, after warm-up steps, counted by the crate's
 //! counting allocator installed as this test binary's global allocator.
 //!
-//! The pool must miss nothing once warm. Allocation calls inside GEMMs
-//! (`matrixmultiply`'s packing buffer, one per call, and `linalg`'s split of a
-//! large product; `mem::gemm_scope`) are reported, not bounded: the f32 GEMM is
-//! being rewritten separately. Every other allocation call is bounded per method
-//! by what remains today (see `BUDGET`), so a new per-step allocation fails here;
-//! the budget is to be lowered to 0 as those sources go.
+//! The pool must miss nothing once warm. GEMMs (`mem::gemm_scope`) must make at
+//! most [`GEMM_BUDGET`] calls per step where the crate's AVX-512 kernel runs (its
+//! packing buffer is per thread and reused; `linalg` splits a product over
+//! threads without a Vec); elsewhere `matrixmultiply` allocates a packing buffer
+//! per call, which is reported, not bounded. Every other allocation call is
+//! bounded per method by what remains today (see `BUDGET`), so a new per-step
+//! allocation fails here; the budget is to be lowered to 0 as those sources go.
 //!
 //! One test function in its own binary: the GEMM attribution assumes one thread
 //! outside the rayon pool doing work (the test harness runs nothing alongside).
@@ -28,6 +29,10 @@ static ALLOC: dualpriv::mem::CountingAlloc = dualpriv::mem::CountingAlloc;
 ///   (`vision::tokens`, ~100 at batch 8, ~320 at batch 32);
 /// * `dpzo`: two forwards' `Arc`s and layouts, the perturbation's id list.
 ///
+/// GEMM allocation calls per step, at most, with the AVX-512 kernel: rayon's
+/// injector (below) is the one source left.
+const GEMM_BUDGET: f64 = 2.0;
+
 /// Plus 2 of slack: rayon's injector allocates one block per 63 jobs handed to
 /// the pool from outside it, so a step's count varies by one now and then.
 const BUDGET: [(Method, f64); 5] = [
@@ -73,7 +78,8 @@ fn steady_state_steps_do_not_allocate_beyond_the_budget() {
             .find(|(m, _)| m.to_string() == r.method)
             .map(|b| b.1)
             .expect("every method has a budget");
-        if misses != 0.0 || other > budget {
+        let gemm_over = dualpriv::linalg::avx512_available() && gemm > GEMM_BUDGET;
+        if misses != 0.0 || other > budget || gemm_over {
             over.push(format!("{} (budget {budget})", r.method));
         }
     }

@@ -211,6 +211,19 @@ unsafe fn sgemm(
     unsafe { matrixmultiply::sgemm(m, k, n, alpha, a, ars, acs, b, brs, bcs, beta, c, rsc, csc) }
 }
 
+/// Whether [`gemm_f32`] runs this crate's AVX-512 kernel on this CPU (else
+/// `matrixmultiply`).
+pub fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 use matrixmultiply::dgemm;
 gemm_fn!(gemm_f64, f64, dgemm);
 gemm_fn!(gemm_f32, f32, sgemm);
