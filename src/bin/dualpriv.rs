@@ -428,6 +428,11 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists, so the rayon pool inherits it (see its doc);
+    // DUALPRIV_IEEE_SUBNORMALS=1 keeps IEEE subnormals (slower, for comparisons).
+    if std::env::var_os("DUALPRIV_IEEE_SUBNORMALS").is_none() {
+        dualpriv::backend::cpu::math::flush_subnormals_on_this_thread();
+    }
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Demo {

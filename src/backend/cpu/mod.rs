@@ -61,6 +61,10 @@ pub trait Real:
     fn exp(self) -> Self;
     /// `tanh x` in this type's precision.
     fn tanh(self) -> Self;
+    /// 0 for a subnormal value (f32: |x| < 2⁻¹²⁶), else `self`; f64 keeps every
+    /// value (its finite-difference checks want exact arithmetic, and its
+    /// subnormals start at 2⁻¹⁰²², far below any value of this model).
+    fn flush_subnormal(self) -> Self;
     /// The name of the CPU backend on this type ("cpu", "cpu64").
     const BACKEND: &'static str;
     /// The backend's buffer of this element type: pooled [`HostBuf`] for f32 (the
@@ -100,6 +104,14 @@ impl Real for f32 {
     fn tanh(self) -> Self {
         f32::tanh(self)
     }
+    #[inline(always)]
+    fn flush_subnormal(self) -> Self {
+        if self.abs() < f32::MIN_POSITIVE {
+            0.0
+        } else {
+            self
+        }
+    }
     fn gemm(alpha: Self, a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: &mut [Self]) {
         let n = b.cols;
         crate::mem::gemm_scope(|| gemm_f32(alpha, a, b, beta, c, n))
@@ -123,6 +135,9 @@ impl Real for f64 {
     }
     fn tanh(self) -> Self {
         f64::tanh(self)
+    }
+    fn flush_subnormal(self) -> Self {
+        self
     }
     fn gemm(alpha: Self, a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: &mut [Self]) {
         let n = b.cols;
