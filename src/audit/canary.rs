@@ -1,6 +1,6 @@
 //! The audit's canaries: black-box ones (examples with a random wrong answer,
 //! added to the training data by [`WithCanaries`]) and white-box gradient
-//! (Dirac) ones, injected into the clipped sum by [`Injector`].
+//! (Dirac) ones, injected into the clipped sum by `Injector`.
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 

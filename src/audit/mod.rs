@@ -7,7 +7,7 @@
 //! * **white-box (Dirac) canaries** (gradient methods): canary j owns one LoRA
 //!   `A` coordinate c_j (whose data gradient is zero at the start, B being 0) and,
 //!   when included and Poisson-sampled in a step, adds its clipped gradient C·e_j
-//!   to the clipped sum before the noise ([`canary::Injector`]). Score: the
+//!   to the clipped sum before the noise (`canary::Injector`). Score: the
 //!   model's change along −e_j (SGD without momentum or weight decay, so the
 //!   change is linear in the noisy sums);
 //! * **black-box canaries** (every method): examples of the task with a random

@@ -11,7 +11,7 @@
 //! `USER: <image>\n{question} ASSISTANT: {answer}`, the loss is on the one answer
 //! token, and the visual tokens replace `<image>`.
 //!
-//! [`write`] (`dualpriv data synthetic --out DIR`) writes the records as JSON and the
+//! [`write()`] (`dualpriv data synthetic --out DIR`) writes the records as JSON and the
 //! images as PNGs; [`load`] renders the same records and pixels in memory (no files),
 //! and `tests/builtin.rs` checks the two give the same dataset, fingerprint for
 //! fingerprint.

@@ -11,7 +11,7 @@
 //! Packing B is K·N copies against M·N·K multiply-adds, so it vanishes once M is
 //! more than a few rows.
 //!
-//! Each C value is summed in k order within a block of [`KC`] and the blocks are
+//! Each C value is summed in k order within a block of `KC` (256) and the blocks are
 //! added to C in order, whatever the row or column range a thread is given, so
 //! splitting a product over threads gives bit-identical results. `beta = 0`
 //! never reads C (it may hold another buffer's stale values or NaN).

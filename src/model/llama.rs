@@ -7,7 +7,7 @@
 //! ```
 //!
 //! The backward mirrors the forward line by line; it never forms a weight
-//! gradient, each trainable linear records a [`Capture`] instead.
+//! gradient, each trainable linear records a [`Capture`](crate::model::Capture) instead.
 #![allow(clippy::too_many_arguments)] // llm.c-style explicit activations
 
 use super::config::{FullGroup, LlmConfig, LoraTarget, TrainMode};

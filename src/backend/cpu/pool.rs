@@ -18,7 +18,7 @@
 //! size free; and free lists are never removed once made, so a `put` allocates
 //! nothing either (the map of lists only grows with a new capacity).
 //!
-//! Privacy: [`Pool::zeros`] clears a reused buffer before handing it out. An
+//! Privacy: `Pool::zeros` clears a reused buffer before handing it out. An
 //! `output` buffer ([`Backend::output`](crate::backend::Backend::output)) keeps
 //! its last use's values, so it goes only to ops that overwrite every value
 //! (GEMMs with β = 0, norms, attention's forward, SwiGLU); `tests/pool.rs` runs
