@@ -32,14 +32,34 @@ fn rand_vec(r: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
 }
 
-/// A `rows × cols` view over fresh data, stored transposed when `t`.
-fn view(data: &[f32], rows: usize, cols: usize, t: bool) -> View<'_, f32> {
+/// A `rows × cols` view over `data`, stored transposed when `t`, with `pad`
+/// unused values after each stored row (as attention's per-head views have: the
+/// row stride is all heads' width).
+fn view(data: &[f32], rows: usize, cols: usize, t: bool, pad: usize) -> View<'_, f32> {
+    let (sr, sc) = if t { (cols, rows) } else { (rows, cols) };
+    let v = View {
+        data,
+        rows: sr,
+        cols: sc,
+        rs: sc + pad,
+        cs: 1,
+    };
     if t {
-        View::row_major(data, cols, rows).t()
+        v.t()
     } else {
-        View::row_major(data, rows, cols)
+        v
     }
 }
+
+/// Values stored for a `rows × cols` matrix with `pad` after each stored row.
+fn stored(rows: usize, cols: usize, t: bool, pad: usize) -> usize {
+    let (sr, sc) = if t { (cols, rows) } else { (rows, cols) };
+    sr * (sc + pad)
+}
+
+/// Guard values after a buffer: a read past A or B would bring NaN into C, and a
+/// write past C would change them.
+const GUARD: usize = 64;
 
 type Gemm = fn(f32, View<'_, f32>, View<'_, f32>, f32, &mut [f32], usize);
 
@@ -50,6 +70,8 @@ fn check(gemm: Gemm, name: &str) {
         (3, 5, 7),
         (12, 32, 16),
         (13, 33, 17),
+        (20, 16, 40),
+        (5, 17, 3),
         (25, 64, 128),
         (31, 31, 32),
         (11, 70, 300),
@@ -58,27 +80,51 @@ fn check(gemm: Gemm, name: &str) {
         (24, 96, 0),
     ];
     for &(m, n, k) in &shapes {
-        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        for (ta, tb, pad) in [
+            (false, false, 0),
+            (false, true, 0),
+            (true, false, 0),
+            (true, true, 0),
+            (false, false, 5),
+            (false, true, 3),
+        ] {
             for (alpha, beta) in [(1.0f32, 0.0f32), (0.5, 1.0), (-2.0, 0.25)] {
-                let ad = rand_vec(&mut r, m * k);
-                let bd = rand_vec(&mut r, k * n);
-                let a = view(&ad, m, k, ta);
-                let b = view(&bd, k, n, tb);
-                let c0 = if beta == 0.0 {
+                // Stored values, then NaN guards (and NaN in the row padding).
+                let fill = |r: &mut ChaCha8Rng, len: usize| {
+                    let mut v = rand_vec(r, len);
+                    v.extend(std::iter::repeat_n(f32::NAN, GUARD));
+                    v
+                };
+                let mut ad = fill(&mut r, stored(m, k, ta, pad));
+                let mut bd = fill(&mut r, stored(k, n, tb, pad));
+                for (d, rows, cols, t) in [(&mut ad, m, k, ta), (&mut bd, k, n, tb)] {
+                    let (sr, sc) = if t { (cols, rows) } else { (rows, cols) };
+                    for i in 0..sr {
+                        d[i * (sc + pad) + sc..][..pad].fill(f32::NAN);
+                    }
+                }
+                let a = view(&ad, m, k, ta, pad);
+                let b = view(&bd, k, n, tb, pad);
+                let mut c0 = if beta == 0.0 {
                     vec![f32::NAN; m * n]
                 } else {
                     rand_vec(&mut r, m * n)
                 };
+                c0.extend(std::iter::repeat_n(7.0, GUARD));
                 let want = reference(alpha, a, b, beta, &c0);
                 let mut c = c0.clone();
                 gemm(alpha, a, b, beta, &mut c, n);
-                for (idx, (&got, &w)) in c.iter().zip(&want).enumerate() {
+                assert!(
+                    c[m * n..].iter().all(|&g| g == 7.0),
+                    "{name} m={m} n={n} k={k}: wrote past C"
+                );
+                for (idx, (&got, &w)) in c[..m * n].iter().zip(&want).enumerate() {
                     // f32 sums of k terms of size ≤ 1: error ≤ k·2⁻²⁴·|terms|.
                     let tol = 1e-6 * (k as f64 + 1.0) * (alpha.abs() as f64 + 1.0) + 1e-6;
                     assert!(
                         (got as f64 - w).abs() <= tol,
-                        "{name} m={m} n={n} k={k} ta={ta} tb={tb} alpha={alpha} beta={beta} \
-                         at {idx}: {got} vs {w}"
+                        "{name} m={m} n={n} k={k} ta={ta} tb={tb} pad={pad} alpha={alpha} \
+                         beta={beta} at {idx}: {got} vs {w}"
                     );
                 }
             }
@@ -98,27 +144,38 @@ fn matrixmultiply_matches_the_triple_loop() {
 
 #[test]
 fn gemm_f32_split_over_threads_is_bit_identical() {
-    // Large enough to be split over the pool's threads (rows, then columns).
+    // Large enough to be split over the global pool's threads: by rows, by columns
+    // (C wide and short), and by columns for a transposed B (X·Wᵀ, packed per job).
+    if rayon::current_num_threads() < 2 {
+        eprintln!("skipped: one rayon thread, so no product is split");
+        return;
+    }
     let mut r = ChaCha8Rng::seed_from_u64(9);
-    for (m, n, k) in [(600, 128, 300), (16, 900, 600)] {
+    for (m, n, k, tb, beta) in [
+        (600, 128, 300, false, 0.0f32),
+        (16, 900, 600, false, 0.0),
+        (600, 256, 300, true, 0.5),
+    ] {
         let ad = rand_vec(&mut r, m * k);
         let bd = rand_vec(&mut r, k * n);
-        let (a, b) = (View::row_major(&ad, m, k), View::row_major(&bd, k, n));
-        let mut split = vec![0.0f32; m * n];
-        gemm_f32(1.0, a, b, 0.0, &mut split, n);
+        let a = View::row_major(&ad, m, k);
+        let b = view(&bd, k, n, tb, 0);
+        let c0 = rand_vec(&mut r, m * n);
+        let mut split = c0.clone();
+        gemm_f32(1.0, a, b, beta, &mut split, n);
         // Inside a rayon job a product runs whole on that thread.
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()
             .unwrap();
-        let mut whole = vec![0.0f32; m * n];
-        pool.install(|| gemm_f32(1.0, a, b, 0.0, &mut whole, n));
+        let mut whole = c0.clone();
+        pool.install(|| gemm_f32(1.0, a, b, beta, &mut whole, n));
         assert!(
             split
                 .iter()
                 .zip(&whole)
                 .all(|(x, y)| x.to_bits() == y.to_bits()),
-            "m={m} n={n} k={k}: split result differs"
+            "m={m} n={n} k={k} tb={tb}: split result differs"
         );
     }
 }

@@ -8,7 +8,7 @@ use super::{check, Backend};
 use crate::dp::clip::{LinearShape, NormMethod, NormTotals};
 use crate::dp::noise::NoiseKey;
 use crate::dp::prune::{PruneReport, UpdateConfig};
-use crate::Result;
+use crate::{Error, Result};
 
 /// One tensor of a noise + prune + update call.
 pub struct TensorUpdate<'a, B: Backend + ?Sized> {
@@ -157,7 +157,19 @@ pub trait DpBackend: Backend {
         set: &mut [TensorUpdate<'_, Self>],
         cfg: &UpdateConfig,
     ) -> Result<PruneReport> {
-        // Tensor by tensor: no list of lengths to allocate.
+        // The config once (an empty set is still checked), then tensor by tensor:
+        // no list of lengths to allocate. A tensor id twice in one update would
+        // draw the same noise for both: refused (pairwise; sets are a few hundred
+        // tensors at most).
+        cfg.validate()?;
+        for (i, t) in set.iter().enumerate() {
+            if set[..i].iter().any(|u| u.tensor_id == t.tensor_id) {
+                return Err(Error::Internal(format!(
+                    "tensor id {} appears twice in one update: its noise would be reused",
+                    t.tensor_id
+                )));
+            }
+        }
         for t in set.iter() {
             let lens = (
                 t.tensor_id,

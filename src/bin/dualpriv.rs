@@ -429,7 +429,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     // Before any thread exists, so the rayon pool inherits it (see its doc);
-    // DUALPRIV_IEEE_SUBNORMALS=1 keeps IEEE subnormals (slower, for comparisons).
+    // DUALPRIV_IEEE_SUBNORMALS set (to any value) keeps IEEE subnormals (slower).
     if std::env::var_os("DUALPRIV_IEEE_SUBNORMALS").is_none() {
         dualpriv::backend::cpu::math::flush_subnormals_on_this_thread();
     }

@@ -49,7 +49,8 @@ pub fn available() -> bool {
 ///
 /// # Safety
 /// The CPU has AVX-512F ([`available`]); every index of `a` (m × k), `b` (k × n)
-/// and `c` (m × n) is in bounds of its allocation; `c` does not alias `a` or `b`.
+/// and `c` (m × n) is in bounds of its allocation; `ldc ≥ n`, so rows of `c` do
+/// not overlap; `c` does not alias `a` or `b`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn sgemm(
     m: usize,
@@ -177,8 +178,13 @@ unsafe fn pack_b(
                 // per-head products).
                 for h in 0..nr / 16 {
                     let m = mask(w.saturating_sub(16 * h));
-                    // SAFETY: the masked lanes are columns < w of the row; dst
-                    // holds nr values.
+                    if m == 0 {
+                        dst[16 * h..16 * h + 16].fill(0.0);
+                        continue;
+                    }
+                    // SAFETY: the masked lanes are columns < w of the row, so the
+                    // vector's first lane (column 16h < w) is in bounds; dst holds
+                    // nr values.
                     unsafe {
                         let v = _mm512_maskz_loadu_ps(m, row.add(16 * h));
                         _mm512_storeu_ps(dst.as_mut_ptr().add(16 * h), v);
@@ -192,6 +198,10 @@ unsafe fn pack_b(
                 // packing cost as much as their arithmetic.
                 for (h, ix) in idx.iter().take(nr / 16).enumerate() {
                     let m = mask(w.saturating_sub(16 * h));
+                    if m == 0 {
+                        dst[16 * h..16 * h + 16].fill(0.0);
+                        continue;
+                    }
                     // SAFETY: the masked lanes read columns < w of the row; dst
                     // holds nr values.
                     unsafe {
@@ -302,9 +312,10 @@ unsafe fn kernel<const R: usize, const NV: usize>(blk: &Block) {
                 for h in 0..NV {
                     acc[i][h] = _mm512_fmadd_ps(av, bv[h], acc[i][h]);
                 }
-                rows[i] = rows[i].offset(blk.acs);
+                // wrapping: after the last step the pointer may leave A (unused).
+                rows[i] = rows[i].wrapping_offset(blk.acs);
             }
-            bp = bp.add(blk.bs);
+            bp = bp.wrapping_add(blk.bs);
         }
     }
     let mut masks: [__mmask16; NV] = [0; NV];

@@ -13,10 +13,12 @@ use super::{r, Real};
 use crate::dp::accountant::special::norm_cdf;
 use crate::Result;
 
+/// σ(x), flushed to 0 below 2⁻¹²⁶ in f32 (x ≲ −87.3): a subnormal there would
+/// slow the products it feeds (see `math::exp_f32`).
 #[inline(always)]
 fn sigmoid<T: Real>(x: T) -> T {
     let one: T = r(1.0);
-    one / (one + (-x).exp())
+    (one / (one + (-x).exp())).flush_subnormal()
 }
 
 /// `out = f(x)` elementwise, in the buffer's precision.

@@ -39,14 +39,14 @@ pub(super) fn attention_fwd<T: Real>(
     out.par_chunks_mut(qs)
         .zip(probs.par_chunks_mut(ps))
         .enumerate()
-        .for_each(|(bi, (o, p))| {
+        .try_for_each(|(bi, (o, p))| -> Result<()> {
             let (qb, kb, vb) = (
                 &q[bi * qs..][..qs],
                 &k[bi * kvs..][..kvs],
                 &v[bi * kvs..][..kvs],
             );
             // Per-example scratch from the backend's pool (no allocation when warm).
-            let Ok(mut oh) = T::zeros(t * hd) else { return };
+            let mut oh = T::zeros(t * hd)?;
             for h in 0..s.hq {
                 let kvh = h / rep;
                 let ph = &mut p[h * t * t..][..t * t];
@@ -60,8 +60,8 @@ pub(super) fn attention_fwd<T: Real>(
                     o[i * s.hq * hd + h * hd..][..hd].copy_from_slice(&oh[i * hd..][..hd]);
                 }
             }
-        });
-    Ok(())
+            Ok(())
+        })
 }
 
 /// Row-wise softmax of a `t × t` score block in place (causal: row i keeps
@@ -112,7 +112,7 @@ pub(super) fn attention_bwd<T: Real>(
     dq.par_chunks_mut(qs)
         .zip(dk.par_chunks_mut(kvs).zip(dv.par_chunks_mut(kvs)))
         .enumerate()
-        .for_each(|(bi, (dqb, (dkb, dvb)))| {
+        .try_for_each(|(bi, (dqb, (dkb, dvb)))| -> Result<()> {
             let (qb, kb, vb) = (
                 &q[bi * qs..][..qs],
                 &k[bi * kvs..][..kvs],
@@ -122,9 +122,7 @@ pub(super) fn attention_bwd<T: Real>(
             dkb.iter_mut().for_each(|x| *x = T::default());
             dvb.iter_mut().for_each(|x| *x = T::default());
             // Per-example scratch from the backend's pool (no allocation when warm).
-            let (Ok(mut dp), Ok(mut tmp)) = (T::zeros(t * t), T::zeros(t * hd)) else {
-                return;
-            };
+            let (mut dp, mut tmp) = (T::zeros(t * t)?, T::zeros(t * hd)?);
             for h in 0..s.hq {
                 let kvh = h / rep;
                 let ph = &probs[bi * ps + h * t * t..][..t * t];
@@ -171,6 +169,6 @@ pub(super) fn attention_bwd<T: Real>(
                         .for_each(|(a, &b)| *a += b);
                 }
             }
-        });
-    Ok(())
+            Ok(())
+        })
 }

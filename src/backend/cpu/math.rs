@@ -49,8 +49,10 @@ pub fn exp_f32(x: f32) -> f32 {
 /// vectorised 4 lanes wide; a binary built with `-C target-cpu=native` would not
 /// run on another machine. `f` is inlined into a function compiled with the wider
 /// features (LLVM vectorises after inlining), chosen at run time; elsewhere it
-/// runs as built. Results are the same either way: the loops it wraps have no
-/// reductions whose order the vector width could change, only per-element maps.
+/// runs as built. Results are the same either way: LLVM does not reorder
+/// floating-point operations (no fast-math flags, no contraction into FMA), so a
+/// wrapped reduction (a norm's or softmax's row sum) stays sequential and a map
+/// computes the same value per element; `tests` below compares the two bitwise.
 #[inline(always)]
 pub fn with_simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -82,9 +84,12 @@ pub fn with_simd<R>(f: impl FnOnce() -> R) -> R {
 /// took 1.7× its own time (58–66 ms against 36 ms at tiny B = 32) until this was
 /// set: values under 2⁻¹²⁶ formed in the attention backward (P ⊙ (dP − Σ dP⊙P) of
 /// tiny probabilities) and in the per-example gradients built from them. Only
-/// values below 2⁻¹²⁶ ≈ 1.2e−38 change. A library caller decides for its own
-/// threads; the crate's tests run without it, and the binary skips it when
-/// `DUALPRIV_IEEE_SUBNORMALS` is set. Rust and LLVM assume the default
+/// values below the smallest normal change (2⁻¹²⁶ ≈ 1.2e−38 in f32, 2⁻¹⁰²² in f64;
+/// the setting is process-wide, so the f64 accountant and checkpoint merging run
+/// under it too, where no value comes near 2⁻¹⁰²²; the noise sampler forms no
+/// subnormal). A library caller decides for its own threads; the crate's tests run
+/// without it, and the binary skips it when `DUALPRIV_IEEE_SUBNORMALS` is set (to
+/// any value). Rust and LLVM assume the default
 /// floating-point environment, so constant-folded code still computes with
 /// subnormals where the running code flushes them: the two can differ below
 /// 2⁻¹²⁶, and nowhere else.
@@ -132,6 +137,26 @@ mod tests {
             b += 97;
         }
         assert!(worst.0 <= 2.0, "{} ulp at x = {}", worst.0, worst.1);
+    }
+
+    #[test]
+    fn with_simd_is_bitwise_the_plain_loop() {
+        let x: Vec<f32> = (0..10_007).map(|i| (i as f32 - 5000.0) * 0.0173).collect();
+        let f = |x: &[f32]| -> (Vec<f32>, f64) {
+            let y: Vec<f32> = x
+                .iter()
+                .map(|&v| exp_f32(-v.abs()) / (1.0 + v * v))
+                .collect();
+            let s = y.iter().map(|&v| v as f64).sum::<f64>();
+            (y, s)
+        };
+        let (plain, ps) = f(&x);
+        let (wide, ws) = super::with_simd(|| f(&x));
+        assert!(plain
+            .iter()
+            .zip(&wide)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert_eq!(ps.to_bits(), ws.to_bits());
     }
 
     #[test]

@@ -35,6 +35,9 @@ use crate::Result;
 /// pool is this full is freed instead.
 pub const POOL_LIMIT_BYTES: usize = 1 << 30;
 
+/// Free-list sizes kept before a miss drops the empty lists.
+const MAX_LISTS: usize = 256;
+
 #[derive(Default)]
 struct State<T> {
     /// Free storage by capacity.
@@ -119,7 +122,15 @@ impl<T: Real> Pool<T> {
                 v
             }
             None => {
-                self.lock().allocations += 1;
+                let mut st = self.lock();
+                st.allocations += 1;
+                // Emptied lists stay (re-creating one allocates), but shapes that
+                // vary from step to step would grow the map without bound and slow
+                // every lookup: past MAX_LISTS sizes, a miss drops the empty ones.
+                if st.free.len() > MAX_LISTS {
+                    st.free.retain(|_, l| !l.is_empty());
+                }
+                drop(st);
                 alloc(n)?
             }
         };

@@ -1,6 +1,6 @@
 //! Rotary embeddings on the CPU, rotate-half (HF Llama); the backward is the
 //! rotation by the opposite angle. GPU twin: `kernels/rope.cu`.
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::math::with_simd;
 use rayon::prelude::*;
@@ -11,17 +11,20 @@ use crate::Result;
 
 /// The (sin, cos) table of the last call of one direction and what it was computed
 /// for (positions, head dimension, θ bits, sign bits): every RoPE call of a step
-/// has the same shape, so a step recomputes nothing and allocates nothing.
+/// has the same shape, so a step recomputes nothing and allocates nothing. The
+/// table is shared (`Arc`) so the lock is held only to look it up, not during the
+/// rotation (a rotation inside a rayon job could otherwise wait on a lock its own
+/// thread holds).
 struct Angles {
     key: (usize, usize, u32, u64),
-    table: Vec<(f64, f64)>,
+    table: Option<Arc<Vec<(f64, f64)>>>,
 }
 
 /// One table for the forward rotation, one for the backward (opposite sign).
 static ANGLES: [Mutex<Angles>; 2] = [const {
     Mutex::new(Angles {
         key: (0, 0, 0, 0),
-        table: Vec::new(),
+        table: None,
     })
 }; 2];
 
@@ -35,22 +38,31 @@ pub(super) fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> 
     // One angle per (position, pair), shared by every head and every example:
     // computed once per shape, not once per row. (A poisoned lock holds at worst a
     // table of another shape, which the key check below replaces.)
-    let mut cache = ANGLES[usize::from(sign < 0.0)]
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let key = (t, s.hd, s.theta.to_bits(), sign.to_bits());
-    if cache.key != key || cache.table.len() != t * half {
-        cache.key = (0, 0, 0, 0); // invalid until the table is complete
-        cache.table.clear();
-        cache.table.extend((0..t).flat_map(|pos| {
-            (0..half).map(move |i| {
-                let freq = (s.theta as f64).powf(-2.0 * i as f64 / s.hd as f64);
-                (sign * pos as f64 * freq).sin_cos()
-            })
-        }));
-        cache.key = key;
-    }
-    let angles = &cache.table;
+    let table = {
+        let mut cache = ANGLES[usize::from(sign < 0.0)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match &cache.table {
+            Some(tb) if cache.key == key && tb.len() == t * half => Arc::clone(tb),
+            _ => {
+                let tb: Arc<Vec<(f64, f64)>> = Arc::new(
+                    (0..t)
+                        .flat_map(|pos| {
+                            (0..half).map(move |i| {
+                                let freq = (s.theta as f64).powf(-2.0 * i as f64 / s.hd as f64);
+                                (sign * pos as f64 * freq).sin_cos()
+                            })
+                        })
+                        .collect(),
+                );
+                cache.key = key;
+                cache.table = Some(Arc::clone(&tb));
+                tb
+            }
+        }
+    };
+    let angles = &table[..];
     x.par_chunks_mut(row).enumerate().for_each(|(idx, xr)| {
         with_simd(|| {
             let pos = idx % t;
