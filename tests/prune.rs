@@ -585,3 +585,49 @@ mod gpu {
         }
     }
 }
+
+#[test]
+fn a_tensor_id_twice_in_one_update_is_refused() {
+    // Two tensors under one id would draw the same noise (the id is part of the
+    // noise counter): the backend refuses the set before any update.
+    use dualpriv::backend::cpu::Cpu;
+    use dualpriv::backend::dp::{DpBackend, TensorUpdate};
+    use dualpriv::backend::Backend;
+    let be = Cpu;
+    let g = be.upload(&[0.5f32; 8]).unwrap();
+    let mut p1 = be.upload(&[1.0f32; 8]).unwrap();
+    let mut p2 = be.upload(&[1.0f32; 8]).unwrap();
+    let c = cfg(1.0, 1.0, SGD);
+    for (ids, ok) in [((3, 3), false), ((3, 4), true)] {
+        let mut set = vec![
+            TensorUpdate::<Cpu> {
+                tensor_id: ids.0,
+                grad: &g,
+                param: &mut p1,
+                m: None,
+                v: None,
+            },
+            TensorUpdate::<Cpu> {
+                tensor_id: ids.1,
+                grad: &g,
+                param: &mut p2,
+                m: None,
+                v: None,
+            },
+        ];
+        let res = be.noise_prune_update(&mut set, &c);
+        drop(set);
+        if ok {
+            assert!(res.is_ok(), "{res:?}");
+            assert_ne!(be.download(&p1).unwrap(), vec![1.0f32; 8], "updated");
+        } else {
+            let err = res.unwrap_err().to_string();
+            assert!(err.contains("appears twice"), "{err}");
+            assert_eq!(
+                be.download(&p1).unwrap(),
+                vec![1.0f32; 8],
+                "nothing updated"
+            );
+        }
+    }
+}

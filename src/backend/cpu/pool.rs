@@ -15,8 +15,8 @@
 //! misses/step" and `tests/alloc.rs`). Each miss adds a buffer of the requested
 //! size, best fit takes an exact size first, and the step's sequence of requests
 //! and drops repeats, so after a warm-up step or two every request finds its
-//! size free; and free lists are never removed once made, so a `put` allocates
-//! nothing either (the map of lists only grows with a new capacity).
+//! size free; and free lists stay once made (until more than 256 sizes exist, when a
+//! miss drops the empty ones), so a `put` allocates nothing either.
 //!
 //! Privacy: `Pool::zeros` clears a reused buffer before handing it out. An
 //! `output` buffer ([`Backend::output`](crate::backend::Backend::output)) keeps
