@@ -21,13 +21,9 @@ static INSTALLED: AtomicUsize = AtomicUsize::new(0);
 static CACHED: AtomicUsize = AtomicUsize::new(0);
 static CALLS: AtomicUsize = AtomicUsize::new(0);
 static GEMM_CALLS: AtomicUsize = AtomicUsize::new(0);
-/// Threads outside the rayon pool now inside [`gemm_scope`]: while one is, the
-/// rayon workers run only that GEMM's blocks, so every allocation is the GEMM's.
-static GEMM_OUTSIDE_POOL: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
-    /// Whether this thread is inside [`gemm_scope`] (a GEMM run whole on a rayon
-    /// worker, as attention's per-head products are). `const`: reading it from the
+    /// Whether this thread is inside [`gemm_scope`]. `const`: reading it from the
     /// allocator allocates nothing.
     static IN_GEMM: Cell<bool> = const { Cell::new(false) };
 }
@@ -73,7 +69,7 @@ fn grow(n: usize) {
     INSTALLED.store(1, Relaxed);
     CALLS.fetch_add(1, Relaxed);
     // `try_with`: a thread being torn down has no thread-locals left.
-    if GEMM_OUTSIDE_POOL.load(Relaxed) > 0 || IN_GEMM.try_with(Cell::get).unwrap_or(false) {
+    if IN_GEMM.try_with(Cell::get).unwrap_or(false) {
         GEMM_CALLS.fetch_add(1, Relaxed);
     }
     let now = CURRENT.fetch_add(n, Relaxed) + n;
@@ -106,30 +102,20 @@ pub fn gemm_allocation_calls() -> usize {
     GEMM_CALLS.load(Relaxed)
 }
 
-/// Runs `f`, a GEMM, counting its allocation calls as the GEMM's
-/// ([`gemm_allocation_calls`]). Called by every CPU GEMM call site outside
-/// `linalg`; the attribution is exact while the process has one thread outside
-/// the rayon pool doing work (a training step, `dualpriv bench`, `tests/alloc.rs`).
+/// Runs `f`, a GEMM, counting the allocation calls this thread makes inside it as
+/// the GEMM's ([`gemm_allocation_calls`]). `linalg` wraps every block of a split
+/// product in it, so the blocks other threads run are counted too.
 pub fn gemm_scope<R>(f: impl FnOnce() -> R) -> R {
-    struct Reset(bool);
+    struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {
-            if self.0 {
-                GEMM_OUTSIDE_POOL.fetch_sub(1, Relaxed);
-            } else {
-                IN_GEMM.with(|g| g.set(false));
-            }
+            IN_GEMM.with(|g| g.set(false));
         }
     }
-    let outside = rayon::current_thread_index().is_none();
-    let _reset = if outside {
-        GEMM_OUTSIDE_POOL.fetch_add(1, Relaxed);
-        Reset(true)
-    } else if IN_GEMM.with(|g| g.replace(true)) {
+    if IN_GEMM.with(|g| g.replace(true)) {
         return f(); // nested: the outer scope resets
-    } else {
-        Reset(false)
-    };
+    }
+    let _reset = Reset;
     f()
 }
 

@@ -54,6 +54,7 @@ fn steady_state_steps_do_not_allocate_beyond_the_budget() {
         lora_rank: 8,
         warmup: 3,
         steps: 2,
+        profile: false,
     };
     let rows = methods(&Cpu, &args).unwrap();
     assert!(

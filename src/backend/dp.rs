@@ -48,6 +48,14 @@ pub trait DpBackend: Backend {
     /// `y ← (f64(y) + a · noise(0..len)) as f32` for the stream `key` (DPZO's
     /// perturbation direction): [`NoiseKey::add_scaled`] at offset 0.
     fn noise_axpy(&self, y: &mut Self::Buf, key: NoiseKey, a: f64) -> Result<()>;
+    /// [`Self::noise_axpy`] on several buffers, each with its own stream, all with
+    /// the same `a` (DPZO perturbs every trainable tensor at once). The default
+    /// runs them in turn; the CPU backend runs them in parallel.
+    fn noise_axpy_many(&self, ys: &mut [(&mut Self::Buf, NoiseKey)], a: f64) -> Result<()> {
+        let _op = super::profile::op("noise_axpy_many");
+        ys.iter_mut()
+            .try_for_each(|(y, key)| self.noise_axpy(y, *key, a))
+    }
 
     // -----------------------------------------------------------------------
     // Checked: what the training loop calls.
@@ -64,6 +72,7 @@ pub trait DpBackend: Backend {
         total: &mut Self::Norms,
     ) -> Result<()> {
         check::add_layer_sq_norms(self.len(x), self.len(g), s, self.norms_len(total)?)?;
+        let _op = super::profile::op("add_layer_sq_norms");
         // SAFETY: checked just above.
         unsafe { self.add_layer_sq_norms_unchecked(x, g, s, method, has_bias, total) }
     }
@@ -85,6 +94,7 @@ pub trait DpBackend: Backend {
             s,
             self.len(out),
         )?;
+        let _op = super::profile::op("clipped_weight_sum");
         // SAFETY: checked just above.
         unsafe { self.clipped_weight_sum_unchecked(x, g, factors, s, out, accumulate) }
     }
@@ -99,6 +109,7 @@ pub trait DpBackend: Backend {
         accumulate: bool,
     ) -> Result<()> {
         check::clipped_bias_sum(self.len(g), self.len(factors), s, self.len(out))?;
+        let _op = super::profile::op("clipped_bias_sum");
         // SAFETY: checked just above.
         unsafe { self.clipped_bias_sum_unchecked(g, factors, s, out, accumulate) }
     }
@@ -111,12 +122,14 @@ pub trait DpBackend: Backend {
         s: LinearShape,
     ) -> Result<Self::Buf> {
         check::per_example_weight_grads(self.len(x), self.len(g), s)?;
+        let _op = super::profile::op("per_example_weight_grads");
         // SAFETY: checked just above.
         unsafe { self.per_example_weight_grads_unchecked(x, g, s) }
     }
     /// Every example's bias gradient Σ_t G_i,t: a b×p buffer.
     fn per_example_bias_grads(&self, g: &Self::Buf, s: LinearShape) -> Result<Self::Buf> {
         check::per_example_bias_grads(self.len(g), s)?;
+        let _op = super::profile::op("per_example_bias_grads");
         // SAFETY: checked just above.
         unsafe { self.per_example_bias_grads_unchecked(g, s) }
     }
@@ -129,6 +142,7 @@ pub trait DpBackend: Backend {
         total: &mut Self::Norms,
     ) -> Result<()> {
         check::add_row_sq_norms(self.len(per_example), rows, self.norms_len(total)?)?;
+        let _op = super::profile::op("add_row_sq_norms");
         // SAFETY: checked just above.
         unsafe { self.add_row_sq_norms_unchecked(per_example, rows, total) }
     }
@@ -148,6 +162,7 @@ pub trait DpBackend: Backend {
             rows,
             self.len(out),
         )?;
+        let _op = super::profile::op("weighted_row_sum");
         // SAFETY: checked just above.
         unsafe { self.weighted_row_sum_unchecked(per_example, factors, rows, out, accumulate) }
     }
@@ -180,6 +195,7 @@ pub trait DpBackend: Backend {
             );
             check::noise_prune_update(&[lens], cfg)?;
         }
+        let _op = super::profile::op("noise_prune_update");
         // SAFETY: checked just above.
         unsafe { self.noise_prune_update_unchecked(set, cfg) }
     }

@@ -24,6 +24,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dp;
 pub mod meter;
+pub mod profile;
 
 use crate::vision::tokens::{TokenSelectConfig, TokenShape};
 use crate::Result;
@@ -270,6 +271,7 @@ pub trait Backend: Sync {
     /// Strided block copy, see [`Blocks`].
     fn copy_blocks(&self, dst: &mut Self::Buf, src: &Self::Buf, blocks: Blocks) -> Result<()> {
         check::copy_blocks(self.len(dst), self.len(src), &blocks)?;
+        let _op = profile::op("copy_blocks");
         // SAFETY: checked just above.
         unsafe { self.copy_blocks_unchecked(dst, src, blocks) }
     }
@@ -282,18 +284,21 @@ pub trait Backend: Sync {
         spec: MatmulSpec,
     ) -> Result<()> {
         check::matmul(self.len(c), self.len(a), self.len(b), spec)?;
+        let _op = profile::op("matmul");
         // SAFETY: checked just above.
         unsafe { self.matmul_unchecked(c, a, b, spec) }
     }
     /// `y[r, j] += bias[j]` for `y` of shape `rows × cols`.
     fn add_bias(&self, y: &mut Self::Buf, bias: &Self::Buf, shape: RowShape) -> Result<()> {
         check::add_bias(self.len(y), self.len(bias), shape)?;
+        let _op = profile::op("add_bias");
         // SAFETY: checked just above.
         unsafe { self.add_bias_unchecked(y, bias, shape) }
     }
     /// `y += alpha · x` (the residual add when alpha = 1; accumulating gradients).
     fn axpy(&self, y: &mut Self::Buf, alpha: f32, x: &Self::Buf) -> Result<()> {
         check::axpy(self.len(y), self.len(x))?;
+        let _op = profile::op("axpy");
         // SAFETY: checked just above.
         unsafe { self.axpy_unchecked(y, alpha, x) }
     }
@@ -320,6 +325,7 @@ pub trait Backend: Sync {
             self.len(b),
             shape,
         )?;
+        let _op = profile::op("layernorm_fwd");
         // SAFETY: checked just above.
         unsafe { self.layernorm_fwd_unchecked(out, mean, rstd, x, w, b, shape, eps) }
     }
@@ -347,6 +353,7 @@ pub trait Backend: Sync {
             self.len(rstd),
             shape,
         )?;
+        let _op = profile::op("layernorm_bwd");
         // SAFETY: checked just above.
         unsafe { self.layernorm_bwd_unchecked(dx, dw, db, dout, x, w, mean, rstd, shape) }
     }
@@ -368,6 +375,7 @@ pub trait Backend: Sync {
             self.len(w),
             shape,
         )?;
+        let _op = profile::op("rmsnorm_fwd");
         // SAFETY: checked just above.
         unsafe { self.rmsnorm_fwd_unchecked(out, rstd, x, w, shape, eps) }
     }
@@ -391,6 +399,7 @@ pub trait Backend: Sync {
             self.len(rstd),
             shape,
         )?;
+        let _op = profile::op("rmsnorm_bwd");
         // SAFETY: checked just above.
         unsafe { self.rmsnorm_bwd_unchecked(dx, dw, dout, x, w, rstd, shape) }
     }
@@ -399,12 +408,14 @@ pub trait Backend: Sync {
     /// `x₁' = x₁ cos a − x₂ sin a`, `x₂' = x₂ cos a + x₁ sin a`.
     fn rope_fwd(&self, x: &mut Self::Buf, shape: RopeShape) -> Result<()> {
         check::rope(self.len(x), shape)?;
+        let _op = profile::op("rope_fwd");
         // SAFETY: checked just above.
         unsafe { self.rope_unchecked(x, shape, 1.0) }
     }
     /// Rotary backward, in place: the inverse rotation (angle −a) of the gradient.
     fn rope_bwd(&self, dx: &mut Self::Buf, shape: RopeShape) -> Result<()> {
         check::rope(self.len(dx), shape)?;
+        let _op = profile::op("rope_bwd");
         // SAFETY: checked just above.
         unsafe { self.rope_unchecked(dx, shape, -1.0) }
     }
@@ -428,6 +439,7 @@ pub trait Backend: Sync {
             self.len(v),
             shape,
         )?;
+        let _op = profile::op("attention_fwd");
         // SAFETY: checked just above.
         unsafe { self.attention_fwd_unchecked(out, probs, q, k, v, shape) }
     }
@@ -456,24 +468,28 @@ pub trait Backend: Sync {
             self.len(probs),
             shape,
         )?;
+        let _op = profile::op("attention_bwd");
         // SAFETY: checked just above.
         unsafe { self.attention_bwd_unchecked(dq, dk, dv, dout, q, k, v, probs, shape) }
     }
     /// CLIP's quick-GELU, `x · σ(1.702 x)` (frozen vision MLP: forward only).
     fn quick_gelu_fwd(&self, out: &mut Self::Buf, x: &Self::Buf) -> Result<()> {
         check::unary("quick_gelu", self.len(out), self.len(x))?;
+        let _op = profile::op("quick_gelu_fwd");
         // SAFETY: checked just above.
         unsafe { self.quick_gelu_fwd_unchecked(out, x) }
     }
     /// GELU, tanh approximation: `0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))`.
     fn gelu_fwd(&self, out: &mut Self::Buf, x: &Self::Buf) -> Result<()> {
         check::unary("gelu", self.len(out), self.len(x))?;
+        let _op = profile::op("gelu_fwd");
         // SAFETY: checked just above.
         unsafe { self.gelu_fwd_unchecked(out, x) }
     }
     /// GELU backward: overwrites `dx`.
     fn gelu_bwd(&self, dx: &mut Self::Buf, dout: &Self::Buf, x: &Self::Buf) -> Result<()> {
         check::gelu_bwd(self.len(dx), self.len(dout), self.len(x))?;
+        let _op = profile::op("gelu_bwd");
         // SAFETY: checked just above.
         unsafe { self.gelu_bwd_unchecked(dx, dout, x) }
     }
@@ -484,6 +500,7 @@ pub trait Backend: Sync {
     /// CPU is within 1 ulp of mpmath's value (tested; torch's f32 is not, for x ≲ −1).
     fn gelu_erf_fwd(&self, out: &mut Self::Buf, x: &Self::Buf) -> Result<()> {
         check::unary("gelu_erf", self.len(out), self.len(x))?;
+        let _op = profile::op("gelu_erf_fwd");
         // SAFETY: checked just above.
         unsafe { self.gelu_erf_fwd_unchecked(out, x) }
     }
@@ -491,12 +508,14 @@ pub trait Backend: Sync {
     /// standard normal density (computed in f64, like the forward).
     fn gelu_erf_bwd(&self, dx: &mut Self::Buf, dout: &Self::Buf, x: &Self::Buf) -> Result<()> {
         check::gelu_erf_bwd(self.len(dx), self.len(dout), self.len(x))?;
+        let _op = profile::op("gelu_erf_bwd");
         // SAFETY: checked just above.
         unsafe { self.gelu_erf_bwd_unchecked(dx, dout, x) }
     }
     /// SwiGLU: `out = silu(gate) · up`, `silu(g) = g σ(g)`.
     fn swiglu_fwd(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf) -> Result<()> {
         check::swiglu_fwd(self.len(out), self.len(gate), self.len(up))?;
+        let _op = profile::op("swiglu_fwd");
         // SAFETY: checked just above.
         unsafe { self.swiglu_fwd_unchecked(out, gate, up) }
     }
@@ -516,6 +535,7 @@ pub trait Backend: Sync {
             self.len(gate),
             self.len(up),
         )?;
+        let _op = profile::op("swiglu_bwd");
         // SAFETY: checked just above.
         unsafe { self.swiglu_bwd_unchecked(dgate, dup, dout, gate, up) }
     }
@@ -538,6 +558,7 @@ pub trait Backend: Sync {
             shape,
             vocab,
         )?;
+        let _op = profile::op("embedding_fwd");
         // SAFETY: checked just above.
         unsafe { self.embedding_fwd_unchecked(out, table, ids, shape) }
     }
@@ -559,6 +580,7 @@ pub trait Backend: Sync {
             shape,
             vocab,
         )?;
+        let _op = profile::op("embedding_bwd");
         // SAFETY: checked just above.
         unsafe { self.embedding_bwd_unchecked(dtable, dout, ids, shape) }
     }
@@ -585,12 +607,14 @@ pub trait Backend: Sync {
             shape,
             || self.is_zero(weights),
         )?;
+        let _op = profile::op("cross_entropy");
         // SAFETY: checked just above.
         unsafe { self.cross_entropy_unchecked(losses, dlogits, logits, targets, weights, shape) }
     }
     /// Cuts images into flattened patches, see [`PatchShape`].
     fn patchify(&self, out: &mut Self::Buf, images: &Self::Buf, shape: PatchShape) -> Result<()> {
         check::patchify(self.len(out), self.len(images), shape)?;
+        let _op = profile::op("patchify");
         // SAFETY: checked just above.
         unsafe { self.patchify_unchecked(out, images, shape) }
     }
@@ -611,6 +635,7 @@ pub trait Backend: Sync {
             shape,
             cfg,
         )?;
+        let _op = profile::op("select_tokens");
         // SAFETY: checked just above.
         unsafe { self.select_tokens_unchecked(attn_cls, keys, hidden, shape, cfg) }
     }

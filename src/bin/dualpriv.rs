@@ -270,6 +270,11 @@ enum Cmd {
         /// peer implementation to build the same model; times nothing.
         #[arg(long)]
         describe: bool,
+        /// After timing, profile as many steps again op by op, with all threads and
+        /// on one thread, and print each method's table (CPU backend only: CUDA ops
+        /// return before the device finishes).
+        #[arg(long)]
+        profile: bool,
     },
     /// Accuracy of a checkpoint on the built-in test split (--checkpoint), or
     /// exact-match accuracy of greedy generation on LLaVA conversation JSON
@@ -591,6 +596,7 @@ fn main() -> ExitCode {
             steps,
             json,
             describe,
+            profile,
         } => parse_methods(&method)
             .map(|methods| BenchArgs {
                 preset,
@@ -601,6 +607,7 @@ fn main() -> ExitCode {
                 lora_rank,
                 warmup: 2,
                 steps,
+                profile,
             })
             .and_then(|a| {
                 if describe {
@@ -614,6 +621,12 @@ fn main() -> ExitCode {
                 }
                 match backend {
                     Backend::Cpu => bench_on(&Cpu, &a, json),
+                    Backend::Cuda if profile => Err(Error::Config(
+                        "bench --profile times ops on the host, which only the CPU backend \
+                         finishes before returning; drop --profile with --backend cuda \
+                         (nsys or ncu profile the kernels)"
+                            .into(),
+                    )),
                     Backend::Cuda => with_cuda(|be| bench_on(be, &a, json)),
                 }
             })
@@ -1263,6 +1276,32 @@ fn bench_on<B: DpBackend>(be: &B, a: &BenchArgs, json: bool) -> Result<()> {
             r.peak_fraction
                 .map_or("n/a".into(), |f| format!("{:.1} %", 100.0 * f))
         );
+    }
+    for r in &rows {
+        if let Some(p) = &r.profile {
+            println!(
+                "\n{}: time per op, {} threads against one thread",
+                r.method,
+                rayon::current_num_threads()
+            );
+            println!("| op | calls/step | ms/step | share | ms/step, 1 thread | speed-up |");
+            println!("|---|---|---|---|---|---|");
+            for o in p {
+                println!(
+                    "| {} | {} | {:.2} | {:.1} % | {:.2} | {:.2} |",
+                    o.op,
+                    if o.op == bench::BETWEEN_OPS {
+                        "".into()
+                    } else {
+                        format!("{:.0}", o.calls_per_step)
+                    },
+                    o.ms,
+                    100.0 * o.share,
+                    o.ms_one_thread,
+                    o.ms_one_thread / o.ms.max(1e-9)
+                );
+            }
+        }
     }
     Ok(())
 }

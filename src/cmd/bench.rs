@@ -57,7 +57,29 @@ pub struct MethodBench {
     pub step_flops: f64,
     /// Achieved fraction of the device's dense peak (TF32 or FP32, [`peak_tflops`]).
     pub peak_fraction: Option<f64>,
+    /// Time per op (`--profile`, CPU only), largest first.
+    pub profile: Option<Vec<OpProfile>>,
 }
+
+/// One op's share of a step (`dualpriv bench --profile`): its time with every
+/// thread of the pool and on one thread, so that serial phases show as a speed-up
+/// near 1.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OpProfile {
+    /// The op, or [`BETWEEN_OPS`] for the model and training code between ops.
+    pub op: String,
+    /// Outermost calls per step.
+    pub calls_per_step: f64,
+    /// Milliseconds per step with the whole pool.
+    pub ms: f64,
+    /// Fraction of the step's time (with the whole pool).
+    pub share: f64,
+    /// Milliseconds per step in a one-thread pool.
+    pub ms_one_thread: f64,
+}
+
+/// [`OpProfile::op`] of the time outside every backend op.
+pub const BETWEEN_OPS: &str = "(between ops)";
 
 /// Settings of `dualpriv bench`.
 #[derive(Clone, Debug)]
@@ -78,6 +100,8 @@ pub struct BenchArgs {
     pub warmup: usize,
     /// Timed steps.
     pub steps: usize,
+    /// Also profile `steps` more steps per method, op by op (CPU backend only).
+    pub profile: bool,
 }
 
 /// Dense peak TFLOP/s of a known GPU for f32 GEMMs, by device name: TF32 tensor
@@ -174,9 +198,66 @@ pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBen
             visual_tokens: vis,
             step_flops: flops,
             peak_fraction: peak.map(|p| flops / (median_ms / 1e3) / (p * 1e12)),
+            profile: None,
         });
+        if a.profile {
+            let prof = profile_steps(&mut t, &data, &idx, a.steps.max(1))?;
+            if let Some(r) = rows.last_mut() {
+                r.profile = Some(prof);
+            }
+        }
         model = Some(t.model);
     }
+    Ok(rows)
+}
+
+/// Profiles `steps` steps op by op, with the whole rayon pool and then in a
+/// one-thread pool (the same ops, so a serial op has a speed-up near 1).
+fn profile_steps<B: DpBackend>(
+    t: &mut Trainer<'_, B>,
+    data: &Dataset,
+    idx: &[usize],
+    steps: usize,
+) -> Result<Vec<OpProfile>> {
+    let run = |t: &mut Trainer<'_, B>| -> Result<(f64, Vec<crate::backend::profile::OpTime>)> {
+        t.one_step(data, idx)?;
+        crate::backend::profile::start();
+        let t0 = Instant::now();
+        let res = (0..steps).try_for_each(|_| t.one_step(data, idx).map(|_| ()));
+        let total = t0.elapsed().as_secs_f64();
+        let ops = crate::backend::profile::stop();
+        res.map(|()| (total, ops))
+    };
+    let (total, ops) = run(t)?;
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .map_err(|e| Error::Internal(format!("a one-thread pool for --profile: {e}")))?;
+    let (total1, ops1) = one.install(|| run(t))?;
+    let per = |s: f64| 1e3 * s / steps as f64;
+    let in_ops = |o: &[crate::backend::profile::OpTime]| o.iter().map(|o| o.seconds).sum::<f64>();
+    let mut rows: Vec<OpProfile> = ops
+        .iter()
+        .map(|o| OpProfile {
+            op: o.name.to_string(),
+            calls_per_step: o.calls as f64 / steps as f64,
+            ms: per(o.seconds),
+            share: o.seconds / total,
+            ms_one_thread: per(ops1
+                .iter()
+                .find(|p| p.name == o.name)
+                .map_or(0.0, |p| p.seconds)),
+        })
+        .collect();
+    let between = (total - in_ops(&ops)).max(0.0);
+    rows.push(OpProfile {
+        op: BETWEEN_OPS.into(),
+        calls_per_step: 0.0,
+        ms: per(between),
+        share: between / total,
+        ms_one_thread: per((total1 - in_ops(&ops1)).max(0.0)),
+    });
+    rows.sort_by(|a, b| b.ms.total_cmp(&a.ms));
     Ok(rows)
 }
 
@@ -737,20 +818,22 @@ fn run_cpu() -> Result<Vec<KernelBench>> {
 fn gemm_rows(r: &mut ChaCha8Rng, rows: &mut Vec<KernelBench>) -> Result<()> {
     use crate::linalg::{gemm_f32, gemm_f32_matrixmultiply, View};
     type Gemm = fn(f32, View<'_, f32>, View<'_, f32>, f32, &mut [f32], usize);
-    // (label, M, K, N, B stored transposed): tiny B = 128 (31 tokens), small B = 8
-    // (78 tokens).
+    // (label, M, K, N, A stored transposed, B stored transposed): tiny B = 128 (31
+    // tokens), small B = 8 (78 tokens); the LoRA weight gradients Gᵀ·X at B = 32.
     let shapes = [
-        ("X·Wᵀ tiny q_proj", 3968, 128, 128, true),
-        ("dY·W tiny q_proj", 3968, 128, 128, false),
-        ("X·Wᵀ tiny gate_proj", 3968, 128, 352, true),
-        ("X·Wᵀ tiny q_proj B=32", 992, 128, 128, true),
-        ("dY·W tiny down_proj B=32", 992, 128, 352, false),
-        ("X·Wᵀ tiny vision fc1 B=32", 544, 64, 256, true),
-        ("X·Aᵀ tiny LoRA A", 3968, 128, 8, true),
-        ("U·Bᵀ tiny LoRA B", 3968, 8, 128, true),
-        ("Q·Kᵀ tiny head", 31, 32, 31, true),
-        ("X·Wᵀ small gate_proj", 624, 512, 1408, true),
-        ("dY·W small down_proj", 624, 512, 1408, false),
+        ("X·Wᵀ tiny q_proj", 3968, 128, 128, false, true),
+        ("dY·W tiny q_proj", 3968, 128, 128, false, false),
+        ("X·Wᵀ tiny gate_proj", 3968, 128, 352, false, true),
+        ("X·Wᵀ tiny q_proj B=32", 992, 128, 128, false, true),
+        ("dY·W tiny down_proj B=32", 992, 128, 352, false, false),
+        ("X·Wᵀ tiny vision fc1 B=32", 544, 64, 256, false, true),
+        ("X·Aᵀ tiny LoRA A", 3968, 128, 8, false, true),
+        ("U·Bᵀ tiny LoRA B", 3968, 8, 128, false, true),
+        ("Gᵀ·X tiny LoRA A grad B=32", 8, 992, 128, true, false),
+        ("Gᵀ·U tiny LoRA B grad B=32", 128, 992, 8, true, false),
+        ("Q·Kᵀ tiny head", 31, 32, 31, false, true),
+        ("X·Wᵀ small gate_proj", 624, 512, 1408, false, true),
+        ("dY·W small down_proj", 624, 512, 1408, false, false),
     ];
     let paths: [(&str, Gemm); 2] = [
         ("crate", gemm_f32),
@@ -763,7 +846,7 @@ fn gemm_rows(r: &mut ChaCha8Rng, rows: &mut Vec<KernelBench>) -> Result<()> {
     // The first AVX-512-heavy milliseconds run slower (clock ramp): warm up on the
     // first shape before any row is timed.
     {
-        let (m, k, n) = (shapes[0].1, shapes[0].2, shapes[0].3);
+        let (_, m, k, n, ..) = shapes[0];
         let (a, b) = (random(r, m * k), random(r, k * n));
         let mut c = vec![0.0f32; m * n];
         let t0 = Instant::now();
@@ -778,7 +861,7 @@ fn gemm_rows(r: &mut ChaCha8Rng, rows: &mut Vec<KernelBench>) -> Result<()> {
             );
         }
     }
-    for (label, m, k, n, bt) in shapes {
+    for (label, m, k, n, at, bt) in shapes {
         let a = random(r, m * k);
         let b = random(r, k * n);
         for (path, gemm) in paths {
@@ -789,7 +872,12 @@ fn gemm_rows(r: &mut ChaCha8Rng, rows: &mut Vec<KernelBench>) -> Result<()> {
                 } else {
                     View::row_major(&b, k, n)
                 };
-                gemm(1.0, View::row_major(&a, m, k), bv, 0.0, &mut c, n);
+                let av = if at {
+                    View::row_major(&a, k, m).t()
+                } else {
+                    View::row_major(&a, m, k)
+                };
+                gemm(1.0, av, bv, 0.0, &mut c, n);
                 Ok(())
             };
             let ms = if m * n * k < 1 << 20 {

@@ -10,7 +10,7 @@ use crate::Result;
 /// ([`synthetic::Dataset`]) and LLaVA conversation data
 /// ([`crate::hf::dataset::LlavaDataset`]) both implement it, so every method trains
 /// on either through the same code.
-pub trait DataSource: Sync {
+pub trait DataSource: Send + Sync {
     /// Number of examples (records): the DP unit.
     fn len(&self) -> usize;
     /// Whether there are no examples.

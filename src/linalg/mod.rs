@@ -8,9 +8,7 @@
 //! Both run on the calling thread, so a large product is split into
 //! one block of rows (or of columns, when C is wide and short, as a LoRA or
 //! weight gradient is) per rayon thread; each block is an independent
-//! single-threaded GEMM writing a disjoint part of C. Inside a rayon job (the
-//! per-example, per-head attention GEMMs) products run whole, as the caller is
-//! already parallel.
+//! single-threaded GEMM writing a disjoint part of C.
 
 /// A strided matrix view over a slice.
 #[derive(Clone, Copy, Debug)]
@@ -105,7 +103,10 @@ macro_rules! gemm_fn {
                 return;
             }
             let threads = rayon::current_num_threads();
-            let parts = if m * n * k < PARALLEL_MACS || rayon::current_thread_index().is_some() {
+            // Nested inside a rayon job (attention's per-head products) a product
+            // may split too: rayon's join lets the calling worker take part, and
+            // the products there are mostly below the threshold anyway.
+            let parts = if m * n * k < PARALLEL_MACS {
                 1
             } else {
                 threads.min(m.max(n) / 8).max(1)
@@ -115,23 +116,27 @@ macro_rules! gemm_fn {
             // SAFETY (every call below): each block reads a sub-view of the
             // checked a and b and writes its own rows or columns of c, all within
             // the bounds checked above.
+            // Each block counts its allocations as the GEMM's on the thread that
+            // runs it (`crate::mem::gemm_scope`).
             let run = |m: usize, n: usize, a: *const $t, b: *const $t, c: *mut $t| unsafe {
-                $kernel(
-                    m,
-                    k,
-                    n,
-                    alpha,
-                    a,
-                    ars,
-                    acs,
-                    b,
-                    brs,
-                    bcs,
-                    beta,
-                    c,
-                    n_c as isize,
-                    1,
-                );
+                crate::mem::gemm_scope(|| {
+                    $kernel(
+                        m,
+                        k,
+                        n,
+                        alpha,
+                        a,
+                        ars,
+                        acs,
+                        b,
+                        brs,
+                        bcs,
+                        beta,
+                        c,
+                        n_c as isize,
+                        1,
+                    )
+                });
             };
             if parts == 1 {
                 run(m, n, a.data.as_ptr(), b.data.as_ptr(), c.as_mut_ptr());

@@ -390,6 +390,20 @@ impl<B: Backend> Mllm<B> {
             .collect())
     }
 
+    /// Every trainable tensor, mutably, each paired with `f(id)`, in tensor order
+    /// (DPZO's perturbation, which keys each tensor by its id). One allocation.
+    pub fn trainable_mut_with<T>(&mut self, mut f: impl FnMut(u32) -> T) -> Vec<(&mut B::Buf, T)> {
+        let mut out = Vec::with_capacity(self.train_idx.len());
+        for (i, t) in self.store.tensors.iter_mut().enumerate() {
+            // A linear search: a few hundred trainable tensors at most, and no
+            // reverse map to allocate.
+            if let Some(id) = self.train_idx.iter().position(|&k| k == i) {
+                out.push((&mut t.buf, f(id as u32)));
+            }
+        }
+        out
+    }
+
     /// Names of all tensors (frozen and trainable), in checkpoint order.
     pub fn tensor_names(&self) -> Vec<&str> {
         self.store.tensors.iter().map(|t| t.name.as_str()).collect()

@@ -641,13 +641,15 @@ fn gradient_step<B: DpBackend>(
 
 /// θ += scale·z for every trainable tensor, z regenerated from the draw's direction key.
 fn perturb<B: DpBackend>(ctx: &mut StepContext<'_, B>, draw: u32, scale: f32) -> Result<()> {
-    let ids: Vec<u32> = ctx.model.trainable().iter().map(|p| p.id).collect();
-    for id in ids {
-        let key = dpzo_direction(ctx.key, ctx.cfg.rng, id, draw);
-        let p = ctx.model.param_mut(id);
-        ctx.backend.noise_axpy(p, key, f64::from(scale))?;
-    }
-    Ok(())
+    perturb64(ctx, draw, f64::from(scale))
+}
+
+fn perturb64<B: DpBackend>(ctx: &mut StepContext<'_, B>, draw: u32, scale: f64) -> Result<()> {
+    let (key, rng) = (ctx.key, ctx.cfg.rng);
+    let mut pairs = ctx
+        .model
+        .trainable_mut_with(|id| dpzo_direction(key, rng, id, draw));
+    ctx.backend.noise_axpy_many(&mut pairs, scale)
 }
 
 /// One micro-batch of DPZO's: the collated batch and its vision features, which
@@ -702,8 +704,20 @@ pub struct DpzoSum {
     pub visual_tokens: usize,
 }
 
-/// [`DpzoSum`] of `indices` at draw `draw` (no noise, no update).
+/// [`DpzoSum`] of `indices` at draw `draw` (no noise, no update); θ is put back.
 pub fn dpzo_clipped_sum<B: DpBackend>(
+    ctx: &mut StepContext<'_, B>,
+    draw: u32,
+    indices: &[usize],
+) -> Result<DpzoSum> {
+    let s = dpzo_sum_at_minus(ctx, draw, indices)?;
+    perturb(ctx, draw, ctx.cfg.dpzo_lambda)?;
+    Ok(s)
+}
+
+/// [`dpzo_clipped_sum`], leaving θ at θ − λz: the step then moves it to θ − ηgz in
+/// one pass instead of two (each pass regenerates z, the bulk of DPZO's own cost).
+fn dpzo_sum_at_minus<B: DpBackend>(
     ctx: &mut StepContext<'_, B>,
     draw: u32,
     indices: &[usize],
@@ -722,7 +736,6 @@ pub fn dpzo_clipped_sum<B: DpBackend>(
     let plus = losses(ctx, &batches)?;
     perturb(ctx, draw, -2.0 * lambda)?;
     let minus = losses(ctx, &batches)?;
-    perturb(ctx, draw, lambda)?;
     let c = f64::from(cfg.clip_norm);
     // A non-finite difference is dropped (contributes 0, like clip factor 0), and
     // counted; aborting would reveal that such an example was sampled.
@@ -758,7 +771,6 @@ fn dpzo_step<B: DpBackend>(
     indices: &[usize],
     hook: Option<&AuditHook>,
 ) -> Result<StepOutcome> {
-    let s = dpzo_clipped_sum(ctx, draw, indices)?;
     let cfg = ctx.cfg;
     // DPZO has no per-coordinate gradient: its audit uses black-box canaries only,
     // and the hook may only scale the noise.
@@ -767,6 +779,7 @@ fn dpzo_step<B: DpBackend>(
             "white-box canaries need a gradient method; dpzo is audited with black-box ones".into(),
         ));
     }
+    let s = dpzo_sum_at_minus(ctx, draw, indices)?;
     let g = dpzo_noisy_scalar(
         ctx.key,
         cfg.rng,
@@ -776,7 +789,12 @@ fn dpzo_step<B: DpBackend>(
         cfg.batch,
     );
     let coords: u64 = ctx.model.trainable().iter().map(|p| p.len as u64).sum();
-    perturb(ctx, draw, -(f64::from(cfg.opt.lr) * g) as f32)?;
+    // θ − λz → θ − ηgz, as f64 so that λ − ηg is not rounded to f32 first.
+    perturb64(
+        ctx,
+        draw,
+        f64::from(cfg.dpzo_lambda) - f64::from(cfg.opt.lr) * g,
+    )?;
     Ok(StepOutcome {
         batch_size: indices.len(),
         loss: s.loss,

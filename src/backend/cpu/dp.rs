@@ -45,6 +45,15 @@ impl DpBackend for Cpu {
         Ok(())
     }
 
+    fn noise_axpy_many(&self, ys: &mut [(&mut HostBuf<f32>, NoiseKey)], a: f64) -> Result<()> {
+        let _op = crate::backend::profile::op("noise_axpy_many");
+        // LoRA tensors are too small to split one by one: run the tensors in
+        // parallel (counter-based noise, so the order does not change a value).
+        ys.par_iter_mut()
+            .for_each(|(y, key)| key.add_scaled(0, a, y));
+        Ok(())
+    }
+
     unsafe fn add_layer_sq_norms_unchecked(
         &self,
         x: &HostBuf<f32>,

@@ -24,6 +24,7 @@ mod activations;
 mod attention;
 mod dp;
 mod embedding;
+pub mod hot;
 pub mod math;
 mod norms;
 pub mod pool;
