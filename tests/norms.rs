@@ -11,51 +11,72 @@ use dualpriv::backend::{Backend, RowShape};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+/// Shapes of the finite-difference checks: fewer rows than the backward's 8 row
+/// blocks, and a count that does not divide into them.
+const FD_SHAPES: [(usize, usize); 2] = [(3, 7), (37, 5)];
+
 #[test]
 fn layernorm_backward() {
     let be = Cpu64;
     let mut r = ChaCha8Rng::seed_from_u64(2);
-    let s = RowShape { rows: 3, dim: 7 };
-    let eps = 1e-5;
-    let x = rand_vec(&mut r, 21, 2.0);
-    let w = rand_vec(&mut r, 7, 1.5);
-    let b = rand_vec(&mut r, 7, 1.0);
-    let go = rand_vec(&mut r, 21, 1.0);
-    let fwd = |inp: &[Vec<f64>]| {
-        let mut out = vec![0.0; 21];
-        let (mut m, mut rs) = (vec![0.0; 3], vec![0.0; 3]);
-        be.layernorm_fwd(&mut out, &mut m, &mut rs, &inp[0], &inp[1], &inp[2], s, eps)
+    for (rows, dim) in FD_SHAPES {
+        let s = RowShape { rows, dim };
+        let n = rows * dim;
+        let eps = 1e-5;
+        let x = rand_vec(&mut r, n, 2.0);
+        let w = rand_vec(&mut r, dim, 1.5);
+        let b = rand_vec(&mut r, dim, 1.0);
+        let go = rand_vec(&mut r, n, 1.0);
+        let fwd = |inp: &[Vec<f64>]| {
+            let mut out = vec![0.0; n];
+            let (mut m, mut rs) = (vec![0.0; rows], vec![0.0; rows]);
+            be.layernorm_fwd(&mut out, &mut m, &mut rs, &inp[0], &inp[1], &inp[2], s, eps)
+                .unwrap();
+            (out, m, rs)
+        };
+        let (_, m, rs) = fwd(&[x.clone(), w.clone(), b.clone()]);
+        // dw and db accumulate: start them at 1 and take the 1 back off.
+        let (mut dx, mut dw, mut db) = (vec![0.0; n], vec![1.0; dim], vec![1.0; dim]);
+        be.layernorm_bwd(&mut dx, &mut dw, &mut db, &go, &x, &w, &m, &rs, s)
             .unwrap();
-        (out, m, rs)
-    };
-    let (_, m, rs) = fwd(&[x.clone(), w.clone(), b.clone()]);
-    let (mut dx, mut dw, mut db) = (vec![0.0; 21], vec![0.0; 7], vec![0.0; 7]);
-    be.layernorm_bwd(&mut dx, &mut dw, &mut db, &go, &x, &w, &m, &rs, s)
-        .unwrap();
-    fd_check("layernorm", &[x, w, b], &[dx, dw, db], |inp| {
-        dot(&fwd(inp).0, &go)
-    });
+        dw.iter_mut().chain(db.iter_mut()).for_each(|v| *v -= 1.0);
+        fd_check(
+            &format!("layernorm {rows}x{dim}"),
+            &[x, w, b],
+            &[dx, dw, db],
+            |inp| dot(&fwd(inp).0, &go),
+        );
+    }
 }
 
 #[test]
 fn rmsnorm_backward() {
     let be = Cpu64;
     let mut r = ChaCha8Rng::seed_from_u64(3);
-    let s = RowShape { rows: 4, dim: 6 };
-    let x = rand_vec(&mut r, 24, 2.0);
-    let w = rand_vec(&mut r, 6, 1.5);
-    let go = rand_vec(&mut r, 24, 1.0);
-    let fwd = |inp: &[Vec<f64>]| {
-        let (mut out, mut rs) = (vec![0.0; 24], vec![0.0; 4]);
-        be.rmsnorm_fwd(&mut out, &mut rs, &inp[0], &inp[1], s, 1e-5)
+    for (rows, dim) in FD_SHAPES {
+        let s = RowShape { rows, dim };
+        let n = rows * dim;
+        let x = rand_vec(&mut r, n, 2.0);
+        let w = rand_vec(&mut r, dim, 1.5);
+        let go = rand_vec(&mut r, n, 1.0);
+        let fwd = |inp: &[Vec<f64>]| {
+            let (mut out, mut rs) = (vec![0.0; n], vec![0.0; rows]);
+            be.rmsnorm_fwd(&mut out, &mut rs, &inp[0], &inp[1], s, 1e-5)
+                .unwrap();
+            (out, rs)
+        };
+        let (_, rs) = fwd(&[x.clone(), w.clone()]);
+        let (mut dx, mut dw) = (vec![0.0; n], vec![1.0; dim]);
+        be.rmsnorm_bwd(&mut dx, &mut dw, &go, &x, &w, &rs, s)
             .unwrap();
-        (out, rs)
-    };
-    let (_, rs) = fwd(&[x.clone(), w.clone()]);
-    let (mut dx, mut dw) = (vec![0.0; 24], vec![0.0; 6]);
-    be.rmsnorm_bwd(&mut dx, &mut dw, &go, &x, &w, &rs, s)
-        .unwrap();
-    fd_check("rmsnorm", &[x, w], &[dx, dw], |inp| dot(&fwd(inp).0, &go));
+        dw.iter_mut().for_each(|v| *v -= 1.0);
+        fd_check(
+            &format!("rmsnorm {rows}x{dim}"),
+            &[x, w],
+            &[dx, dw],
+            |inp| dot(&fwd(inp).0, &go),
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------

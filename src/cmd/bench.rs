@@ -211,6 +211,154 @@ pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBen
     Ok(rows)
 }
 
+/// One timed op of [`op_rows`].
+type OpFn<'a> = Box<dyn FnMut() -> Result<()> + Send + 'a>;
+
+/// The model's row and elementwise ops through the CPU backend, on the tiny
+/// preset's B = 32 shapes (992 decoder rows of 128, MLP 352; 544 vision rows of
+/// 64), run as a training step runs them ([`crate::backend::cpu::hot::run_hot`]).
+
+fn op_rows(r: &mut ChaCha8Rng, rows: &mut Vec<KernelBench>) -> Result<()> {
+    use crate::backend::cpu::{hot::run_hot, Cpu};
+    use crate::backend::{AttnShape, Backend, RopeShape, RowShape};
+    let be = Cpu;
+    let (n, d, f) = (992, 128, 352);
+    let up = |r: &mut ChaCha8Rng, len: usize| be.upload(&random(r, len));
+    let (x, w, g, u) = (up(r, n * d)?, up(r, d)?, up(r, n * f)?, up(r, n * f)?);
+    let (mut o, mut rs, mut h) = (be.zeros(n * d)?, be.zeros(n)?, be.zeros(n * f)?);
+    let (mut dx, mut dw, mut dg, mut du) = (
+        be.zeros(n * d)?,
+        be.zeros(d)?,
+        be.zeros(n * f)?,
+        be.zeros(n * f)?,
+    );
+    let rsh = RowShape { rows: n, dim: d };
+    let att = AttnShape {
+        b: 32,
+        t: 31,
+        hq: 4,
+        hkv: 2,
+        hd: 32,
+        causal: true,
+    };
+    let (q, k, v) = (
+        up(r, att.q_len())?,
+        up(r, att.kv_len())?,
+        up(r, att.kv_len())?,
+    );
+    let (mut ao, mut p) = (be.zeros(att.q_len())?, be.zeros(att.probs_len())?);
+    let (mut dq, mut dk, mut dv) = (
+        be.zeros(att.q_len())?,
+        be.zeros(att.kv_len())?,
+        be.zeros(att.kv_len())?,
+    );
+    // The backwards read the forwards' statistics and probabilities.
+    let (mut rs0, mut p0) = (be.zeros(n)?, be.zeros(att.probs_len())?);
+    be.rmsnorm_fwd(&mut o, &mut rs0, &x, &w, rsh, 1e-5)?;
+    be.attention_fwd(&mut ao, &mut p0, &q, &k, &v, att)?;
+    let (rs0, p0) = (rs0, p0);
+    let mut rq = up(r, att.q_len())?;
+    let (vn, vd) = (544, 64);
+    let (vx, vw, vb) = (up(r, vn * vd)?, up(r, vd)?, up(r, vd)?);
+    let (mut vo, mut vm, mut vr) = (be.zeros(vn * vd)?, be.zeros(vn)?, be.zeros(vn)?);
+    let (vg, mut vgo) = (up(r, vn * 4 * vd)?, be.zeros(vn * 4 * vd)?);
+    let bytes = |v: usize| (v * 4) as f64;
+    // (name, shape, bytes moved, the op)
+    let mut ops: Vec<(&str, String, f64, OpFn<'_>)> = vec![
+        (
+            "rmsnorm_fwd",
+            format!("{n}×{d}"),
+            bytes(2 * n * d),
+            Box::new(|| be.rmsnorm_fwd(&mut o, &mut rs, &x, &w, rsh, 1e-5)),
+        ),
+        (
+            "rmsnorm_bwd",
+            format!("{n}×{d}"),
+            bytes(3 * n * d),
+            Box::new(|| be.rmsnorm_bwd(&mut dx, &mut dw, &x, &x, &w, &rs0, rsh)),
+        ),
+        (
+            "layernorm_fwd",
+            format!("{vn}×{vd}"),
+            bytes(2 * vn * vd),
+            Box::new(|| {
+                be.layernorm_fwd(
+                    &mut vo,
+                    &mut vm,
+                    &mut vr,
+                    &vx,
+                    &vw,
+                    &vb,
+                    RowShape { rows: vn, dim: vd },
+                    1e-5,
+                )
+            }),
+        ),
+        (
+            "swiglu_fwd",
+            format!("{n}×{f}"),
+            bytes(3 * n * f),
+            Box::new(|| be.swiglu_fwd(&mut h, &g, &u)),
+        ),
+        (
+            "swiglu_bwd",
+            format!("{n}×{f}"),
+            bytes(5 * n * f),
+            Box::new(|| be.swiglu_bwd(&mut dg, &mut du, &g, &g, &u)),
+        ),
+        (
+            "quick_gelu_fwd",
+            format!("{vn}×{}", 4 * vd),
+            bytes(2 * vn * 4 * vd),
+            Box::new(|| be.quick_gelu_fwd(&mut vgo, &vg)),
+        ),
+        (
+            "rope_fwd",
+            format!("32×31×{d}"),
+            bytes(2 * att.q_len()),
+            Box::new(|| {
+                be.rope_fwd(
+                    &mut rq,
+                    RopeShape {
+                        b: 32,
+                        t: 31,
+                        heads: 4,
+                        hd: 32,
+                        theta: 10000.0,
+                    },
+                )
+            }),
+        ),
+        (
+            "attention_fwd",
+            "b 32, t 31, 4/2 heads of 32".into(),
+            bytes(att.q_len() * 2 + att.kv_len() * 2 + att.probs_len()),
+            Box::new(|| be.attention_fwd(&mut ao, &mut p, &q, &k, &v, att)),
+        ),
+        (
+            "attention_bwd",
+            "b 32, t 31, 4/2 heads of 32".into(),
+            bytes(att.q_len() * 4 + att.kv_len() * 4 + att.probs_len()),
+            Box::new(|| be.attention_bwd(&mut dq, &mut dk, &mut dv, &q, &q, &k, &v, &p0, att)),
+        ),
+    ];
+    for (name, shape, moved, op) in ops.iter_mut() {
+        let ms = run_hot(|| {
+            time_cpu(5, || {
+                (0..20).try_for_each(|_| op())?;
+                Ok(())
+            })
+        })? / 20.0;
+        rows.push(KernelBench {
+            name: format!("op {name} (tiny B=32)"),
+            shape: shape.clone(),
+            median_ms: ms,
+            throughput: (*moved / ms / 1e6, "GB/s"),
+        });
+    }
+    Ok(())
+}
+
 /// Profiles `steps` steps op by op, with the whole rayon pool and then in a
 /// one-thread pool (the same ops, so a serial op has a speed-up near 1).
 fn profile_steps<B: DpBackend>(
@@ -790,6 +938,7 @@ fn run_cpu() -> Result<Vec<KernelBench>> {
         });
     }
     gemm_rows(&mut r, &mut rows)?;
+    op_rows(&mut r, &mut rows)?;
     let (ts, tc) = llava_tokens(sz.token_batch);
     let attn = random(&mut r, ts.attn_len()?)
         .iter()

@@ -956,12 +956,12 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
 
     /// One step on the next draw; the caller has charged it.
     fn step_charged(&mut self, data: &dyn DataSource, indices: &[usize]) -> Result<StepOutcome> {
-        // The step runs on a rayon worker. Its parallel ops then split by work
-        // stealing with this thread taking part, instead of each being injected
-        // into the pool from outside while the caller sleeps until it is done,
-        // which cost about 20-50 µs per op on a 2-core VM (a third of the tiny step's
-        // small ops' time).
-        if rayon::current_thread_index().is_none() {
+        // On the CPU the step runs on a rayon worker, with the other workers
+        // polling for its jobs: each parallel op was otherwise injected into the
+        // pool from outside and woke sleeping workers, about 20-50 µs per op on a
+        // 2-core VM (tiny B = 32: 31 → 25 ms). A GPU step keeps its thread: the
+        // pollers would only burn the host's cores while kernels run.
+        if self.backend.name() == "cpu" && rayon::current_thread_index().is_none() {
             return crate::backend::cpu::hot::run_hot(|| self.step_charged(data, indices));
         }
         let draw = self.draws;

@@ -7,7 +7,7 @@
 //! GELU, which goes through f64 `erfc` on both devices for its negative tail.
 use rayon::prelude::*;
 
-use super::math::with_simd;
+use super::math::simd_fn;
 use super::tensor::ELEMWISE_CHUNK;
 use super::{r, Real};
 use crate::dp::accountant::special::norm_cdf;
@@ -25,8 +25,16 @@ fn sigmoid<T: Real>(x: T) -> T {
 pub(super) fn map<T: Real>(out: &mut [T], x: &[T], f: impl Fn(T) -> T + Sync) -> Result<()> {
     out.par_chunks_mut(ELEMWISE_CHUNK)
         .zip(x.par_chunks(ELEMWISE_CHUNK))
-        .for_each(|(o, x)| with_simd(|| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x))));
+        .for_each(|(o, x)| map_chunk(o, x, &f));
     Ok(())
+}
+
+simd_fn! {
+    fn map_chunk<T: Real>(o: &mut [T], x: &[T], f: &(impl Fn(T) -> T + Sync)) {
+        for (o, &x) in o.iter_mut().zip(x) {
+            *o = f(x);
+        }
+    }
 }
 
 /// `out = f(x)` elementwise, evaluated in f64.
@@ -81,14 +89,16 @@ pub(super) fn unary_bwd<T: Real>(
             dout.par_chunks(ELEMWISE_CHUNK)
                 .zip(x.par_chunks(ELEMWISE_CHUNK)),
         )
-        .for_each(|(d, (g, x))| {
-            with_simd(|| {
-                for ((d, &g), &x) in d.iter_mut().zip(g).zip(x) {
-                    *d = g * grad(x);
-                }
-            })
-        });
+        .for_each(|(d, (g, x))| unary_bwd_chunk(d, g, x, &grad));
     Ok(())
+}
+
+simd_fn! {
+    fn unary_bwd_chunk<T: Real>(d: &mut [T], g: &[T], x: &[T], grad: &(impl Fn(T) -> T + Sync)) {
+        for ((d, &g), &x) in d.iter_mut().zip(g).zip(x) {
+            *d = g * grad(x);
+        }
+    }
 }
 
 /// [`unary_bwd`] with the derivative evaluated in f64.
@@ -107,14 +117,16 @@ pub(super) fn swiglu_fwd<T: Real>(out: &mut [T], gate: &[T], up: &[T]) -> Result
             gate.par_chunks(ELEMWISE_CHUNK)
                 .zip(up.par_chunks(ELEMWISE_CHUNK)),
         )
-        .for_each(|(o, (g, u))| {
-            with_simd(|| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g * sigmoid(g) * u;
-                }
-            })
-        });
+        .for_each(|(o, (g, u))| swiglu_fwd_chunk(o, g, u));
     Ok(())
+}
+
+simd_fn! {
+    fn swiglu_fwd_chunk<T: Real>(o: &mut [T], g: &[T], u: &[T]) {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = g * sigmoid(g) * u;
+        }
+    }
 }
 
 pub(super) fn swiglu_bwd<T: Real>(
@@ -124,22 +136,26 @@ pub(super) fn swiglu_bwd<T: Real>(
     gate: &[T],
     up: &[T],
 ) -> Result<()> {
-    let one: T = r(1.0);
     dgate
         .par_chunks_mut(ELEMWISE_CHUNK)
         .zip(dup.par_chunks_mut(ELEMWISE_CHUNK))
-        .enumerate()
-        .for_each(|(c, (dg, du))| {
-            with_simd(|| {
-                let off = c * ELEMWISE_CHUNK;
-                for (i, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
-                    let (g, u, go) = (gate[off + i], up[off + i], dout[off + i]);
-                    let sg = sigmoid(g);
-                    // silu(g) = g σ(g),  silu'(g) = σ(g) (1 + g (1 − σ(g)))
-                    *dg = go * u * sg * (one + g * (one - sg));
-                    *du = go * g * sg;
-                }
-            })
-        });
+        .zip(dout.par_chunks(ELEMWISE_CHUNK))
+        .zip(
+            gate.par_chunks(ELEMWISE_CHUNK)
+                .zip(up.par_chunks(ELEMWISE_CHUNK)),
+        )
+        .for_each(|(((dg, du), go), (g, u))| swiglu_bwd_chunk(dg, du, go, g, u));
     Ok(())
+}
+
+simd_fn! {
+    fn swiglu_bwd_chunk<T: Real>(dg: &mut [T], du: &mut [T], go: &[T], g: &[T], u: &[T]) {
+        let one: T = r(1.0);
+        for ((((dg, du), &go), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(go).zip(g).zip(u) {
+            let sg = sigmoid(g);
+            // silu(g) = g σ(g),  silu'(g) = σ(g) (1 + g (1 − σ(g)))
+            *dg = go * u * sg * (one + g * (one - sg));
+            *du = go * g * sg;
+        }
+    }
 }

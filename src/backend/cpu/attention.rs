@@ -2,7 +2,7 @@
 //! head, S = QKᵀ/√hd, P = softmax(S), O = PV, with grouped-query heads. GPU twin:
 //! `kernels/attention.cu` (softmax and head relayouts) around cuBLAS GEMMs.
 #![allow(clippy::too_many_arguments)]
-use super::math::with_simd;
+use super::math::{simd_fn, sum8};
 use rayon::prelude::*;
 
 use super::{r, Real};
@@ -53,7 +53,7 @@ pub(super) fn attention_fwd<T: Real>(
                 let qv = head_view(qb, t, s.hq, hd, h);
                 let kv = head_view(kb, t, s.hkv, hd, kvh);
                 T::gemm(r(scale), qv, kv.t(), T::default(), ph);
-                with_simd(|| softmax_rows(ph, t, s.causal));
+                softmax_rows(ph, t, s.causal);
                 let vv = head_view(vb, t, s.hkv, hd, kvh);
                 T::gemm(r(1.0), View::row_major(ph, t, t), vv, T::default(), &mut oh);
                 for i in 0..t {
@@ -64,30 +64,30 @@ pub(super) fn attention_fwd<T: Real>(
         })
 }
 
-/// Row-wise softmax of a `t × t` score block in place (causal: row i keeps
-/// columns ≤ i and zeroes the rest): eˣ in the buffer's precision, as the
-/// kernel's `expf`, summed in f64.
-#[inline(always)]
-fn softmax_rows<T: Real>(ph: &mut [T], t: usize, causal: bool) {
-    for i in 0..t {
-        let row = &mut ph[i * t..][..t];
-        let n = if causal { i + 1 } else { t };
-        let mx = row[..n].iter().map(|v| v.to_f64()).fold(f64::MIN, f64::max);
-        // eˣ in the buffer's precision (as the kernel's expf), summed in f64.
-        let (mx_t, mut sum) = (r::<T>(mx), 0.0);
-        for v in row[..n].iter_mut() {
-            let e = (*v - mx_t).exp();
-            sum += e.to_f64();
-            *v = e;
+simd_fn! {
+    /// Row-wise softmax of a `t × t` score block in place (causal: row i keeps
+    /// columns ≤ i and zeroes the rest): eˣ in the buffer's precision, as the
+    /// kernel's `expf`, summed in f64.
+    fn softmax_rows<T: Real>(ph: &mut [T], t: usize, causal: bool) {
+        for i in 0..t {
+            let row = &mut ph[i * t..][..t];
+            let n = if causal { i + 1 } else { t };
+            let mx = row[..n].iter().map(|v| v.to_f64()).fold(f64::MIN, f64::max);
+            // eˣ in the buffer's precision (as the kernel's expf), summed in f64.
+            let mx_t = r::<T>(mx);
+            for v in row[..n].iter_mut() {
+                *v = (*v - mx_t).exp();
+            }
+            let sum = sum8(n, |j| row[j].to_f64());
+            // A probability under 2⁻¹²⁶ (a score ~87 below the row's maximum) is
+            // flushed to 0: subnormal operands make x86 arithmetic ~100× slower, and
+            // they slowed every product of P (forward and backward) by 1.7× once a
+            // trained model had such rows. The mass dropped is below 2⁻¹²⁶ per entry.
+            for v in row[..n].iter_mut() {
+                *v = r::<T>(v.to_f64() / sum).flush_subnormal();
+            }
+            row[n..].iter_mut().for_each(|v| *v = T::default());
         }
-        // A probability under 2⁻¹²⁶ (a score ~87 below the row's maximum) is
-        // flushed to 0: subnormal operands make x86 arithmetic ~100× slower, and
-        // they slowed every product of P (forward and backward) by 1.7× once a
-        // trained model had such rows. The mass dropped is below 2⁻¹²⁶ per entry.
-        for v in row[..n].iter_mut() {
-            *v = r::<T>(v.to_f64() / sum).flush_subnormal();
-        }
-        row[n..].iter_mut().for_each(|v| *v = T::default());
     }
 }
 

@@ -55,3 +55,69 @@ pub fn run_hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         f()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    fn pool(n: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn runs_on_a_worker_and_returns_the_result() {
+        let p = pool(3);
+        let (on_worker, sum) = p.install(|| {
+            run_hot(|| {
+                let v: u64 = (0..10_000u64).into_par_iter().sum();
+                (rayon::current_thread_index().is_some(), v)
+            })
+        });
+        assert!(on_worker);
+        assert_eq!(sum, 49_995_000);
+        // From a thread outside any pool, `f` moves onto a global-pool worker
+        // (unless that pool has one thread, when `f` runs where it is).
+        let on_worker = run_hot(|| rayon::current_thread_index().is_some());
+        assert_eq!(on_worker, rayon::current_num_threads() >= 2);
+    }
+
+    #[test]
+    fn nested_and_concurrent_steps_finish() {
+        let p = pool(2);
+        p.install(|| {
+            let r: Vec<u64> = (0..8u64)
+                .into_par_iter()
+                .map(|i| run_hot(|| run_hot(|| (0..1000u64).into_par_iter().map(|j| i * j).sum())))
+                .collect();
+            assert_eq!(r[3], 3 * 499_500);
+        });
+        // Two outside threads stepping on the same pool at once.
+        let p = std::sync::Arc::new(pool(2));
+        let hs: Vec<_> = (0..2)
+            .map(|_| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    (0..50)
+                        .map(|_| p.install(|| run_hot(|| (0..100u64).into_par_iter().sum::<u64>())))
+                        .sum::<u64>()
+                })
+            })
+            .collect();
+        for h in hs {
+            assert_eq!(h.join().unwrap(), 50 * 4950);
+        }
+    }
+
+    #[test]
+    fn a_panicking_step_stops_the_pollers() {
+        let p = pool(2);
+        let r = p.install(|| std::panic::catch_unwind(|| run_hot(|| panic!("step failed"))));
+        assert!(r.is_err());
+        // The pool is free again: a poller still spinning would hold a worker.
+        assert_eq!(p.install(|| run_hot(|| 7)), 7);
+    }
+}

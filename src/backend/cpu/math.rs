@@ -24,7 +24,11 @@ pub fn exp_f32(x: f32) -> f32 {
     // above it, where n = −126 and t > 0, so the smallest result is ≥ 2⁻¹²⁶.
     const LOW: f32 = -87.33;
     let xc = x.clamp(LOW, 88.3);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    // The rounded sum holds n in its low mantissa bits: 2ⁿ is formed from them
+    // with integer arithmetic, as a float-to-int cast (saturating in Rust) does
+    // not vectorise everywhere.
+    let kb = (xc * LOG2E + ROUND).to_bits();
+    let n = f32::from_bits(kb) - ROUND;
     let t = xc - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4;
     let p = p * t + 1.398_2e-3;
@@ -34,7 +38,8 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = p * t + 0.5; // Cephes: 5.0000001e-1, which rounds to 0.5 in f32
     let et = p * t * t + t + 1.0;
     // NaN passes the clamp and every step after it (and fails `x < LOW`).
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n ∈ [−126, 127] after the clamp, so n + 127 is a valid biased exponent.
+    let two_n = f32::from_bits(kb.wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
     let y = et * two_n;
     if x < LOW {
         0.0
@@ -43,33 +48,80 @@ pub fn exp_f32(x: f32) -> f32 {
     }
 }
 
-/// Runs `f` with its loops compiled for AVX-512 where the CPU has it.
-///
-/// The crate is built for baseline x86-64 (SSE2), so a plain elementwise loop is
-/// vectorised 4 lanes wide; a binary built with `-C target-cpu=native` would not
-/// run on another machine. `f` is inlined into a function compiled with the wider
-/// features (LLVM vectorises after inlining), chosen at run time; elsewhere it
-/// runs as built. Results are the same either way: LLVM does not reorder
-/// floating-point operations (no fast-math flags, no contraction into FMA), so a
-/// wrapped reduction (a norm's or softmax's row sum) stays sequential and a map
-/// computes the same value per element; `tests` below compares the two bitwise.
-#[inline(always)]
-pub fn with_simd<R>(f: impl FnOnce() -> R) -> R {
+/// Whether this CPU runs the AVX-512 versions of [`simd_fn`] functions.
+#[inline]
+pub fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
-        fn wide<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if std::arch::is_x86_feature_detected!("avx512f")
+        std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512dq")
-        {
-            // SAFETY: the features `wide` is compiled for were just detected.
-            return unsafe { wide(f) };
-        }
     }
-    f()
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Defines a function whose body is compiled twice, for AVX-512 and as built,
+/// and runs the AVX-512 copy where the CPU has it ([`avx512`]).
+///
+/// The crate is built for baseline x86-64 (SSE2), so a plain loop is vectorised
+/// 4 lanes wide; a binary built with `-C target-cpu=native` would not run on
+/// another machine. The body becomes an `#[inline(always)]` function called from
+/// a `#[target_feature]` wrapper and from the plain path, so LLVM inlines and
+/// vectorises it in both. (Passing a closure to a `target_feature` function does
+/// not do this reliably: the closure then has two callers and a large one is
+/// compiled once, as built; four of the CPU's hot loops ran 4 lanes wide so.)
+/// Results are the same either way: LLVM does not reorder floating-point
+/// operations (no fast-math, no contraction into FMA), so a reduction keeps the
+/// order it is written in; `tests` below compares the two bitwise.
+macro_rules! simd_fn {
+    (
+        $(#[$m:meta])*
+        $vis:vis fn $name:ident $(<$($g:ident: $bound:path),*>)? ($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)?
+        $body:block
+    ) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name $(<$($g: $bound),*>)? ($($a: $t),*) $(-> $r)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body $(<$($g: $bound),*>)? ($($a: $t),*) $(-> $r)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn wide $(<$($g: $bound),*>)? ($($a: $t),*) $(-> $r)? {
+                body($($a),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if $crate::backend::cpu::math::avx512() {
+                // SAFETY: the features `wide` is compiled for were just detected.
+                return unsafe { wide($($a),*) };
+            }
+            body($($a),*)
+        }
+    };
+}
+pub(crate) use simd_fn;
+
+/// f64 sum of `f(i)` for i in 0..n in eight interleaved partial sums (lane i % 8),
+/// combined pairwise: a fixed order, so the result does not depend on the CPU,
+/// and eight independent additions in flight instead of one dependent chain (a
+/// 128-value row sum was latency-bound at 4 cycles per value).
+#[inline(always)]
+pub fn sum8(n: usize, f: impl Fn(usize) -> f64) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let full = n / 8 * 8;
+    let mut i = 0;
+    while i < full {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(i + l);
+        }
+        i += 8;
+    }
+    for (l, a) in acc.iter_mut().enumerate().take(n - full) {
+        *a += f(full + l);
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 
 /// Sets flush-to-zero and denormals-are-zero (MXCSR) on the calling thread, so
@@ -139,19 +191,31 @@ mod tests {
         assert!(worst.0 <= 2.0, "{} ulp at x = {}", worst.0, worst.1);
     }
 
+    super::simd_fn! {
+        fn probe(x: &[f32], y: &mut [f32]) -> f64 {
+            for (y, &v) in y.iter_mut().zip(x) {
+                *y = exp_f32(-v.abs()) / (1.0 + v * v);
+            }
+            super::sum8(y.len(), |i| f64::from(y[i])) + y.iter().map(|&v| f64::from(v)).sum::<f64>()
+        }
+    }
+
     #[test]
-    fn with_simd_is_bitwise_the_plain_loop() {
+    fn simd_fn_is_bitwise_the_plain_loop() {
         let x: Vec<f32> = (0..10_007).map(|i| (i as f32 - 5000.0) * 0.0173).collect();
-        let f = |x: &[f32]| -> (Vec<f32>, f64) {
-            let y: Vec<f32> = x
-                .iter()
-                .map(|&v| exp_f32(-v.abs()) / (1.0 + v * v))
-                .collect();
-            let s = y.iter().map(|&v| v as f64).sum::<f64>();
-            (y, s)
-        };
-        let (plain, ps) = f(&x);
-        let (wide, ws) = super::with_simd(|| f(&x));
+        let mut plain = vec![0.0; x.len()];
+        let mut ps = 0.0;
+        for (y, &v) in plain.iter_mut().zip(&x) {
+            *y = exp_f32(-v.abs()) / (1.0 + v * v);
+        }
+        let mut acc = [0.0f64; 8];
+        for (i, &v) in plain.iter().enumerate() {
+            acc[i % 8] += f64::from(v);
+        }
+        ps += ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+        ps += plain.iter().map(|&v| f64::from(v)).sum::<f64>();
+        let mut wide = vec![0.0; x.len()];
+        let ws = probe(&x, &mut wide);
         assert!(plain
             .iter()
             .zip(&wide)

@@ -2,7 +2,7 @@
 //! rotation by the opposite angle. GPU twin: `kernels/rope.cu`.
 use std::sync::{Arc, Mutex};
 
-use super::math::with_simd;
+use super::math::simd_fn;
 use rayon::prelude::*;
 
 use super::{r, Real};
@@ -64,16 +64,22 @@ pub(super) fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> 
     };
     let angles = &table[..];
     x.par_chunks_mut(row).enumerate().for_each(|(idx, xr)| {
-        with_simd(|| {
-            let pos = idx % t;
-            for (i, &(sin, cos)) in angles[pos * half..][..half].iter().enumerate() {
-                for head in xr.chunks_mut(s.hd) {
-                    let (x1, x2) = (head[i].to_f64(), head[i + half].to_f64());
-                    head[i] = r(x1 * cos - x2 * sin);
-                    head[i + half] = r(x2 * cos + x1 * sin);
-                }
-            }
-        })
+        let pos = idx % t;
+        rope_row(xr, &angles[pos * half..][..half], s.hd);
     });
     Ok(())
+}
+
+simd_fn! {
+    fn rope_row<T: Real>(xr: &mut [T], angles: &[(f64, f64)], hd: usize) {
+        let half = angles.len();
+        for head in xr.chunks_mut(hd) {
+            let (h1, h2) = head.split_at_mut(half);
+            for ((a, b), &(sin, cos)) in h1.iter_mut().zip(h2.iter_mut()).zip(angles) {
+                let (x1, x2) = (a.to_f64(), b.to_f64());
+                *a = r(x1 * cos - x2 * sin);
+                *b = r(x2 * cos + x1 * sin);
+            }
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! The generic tensor ops on the CPU: matmul (the packed GEMM of
 //! [`crate::linalg`]), bias, residual axpy, strided block copies and patch
 //! extraction. GPU twin: `kernels/tensor.cu` (matmul in cuBLAS).
-use super::math::with_simd;
+use super::math::simd_fn;
 use rayon::prelude::*;
 
 use super::{r, Real};
@@ -43,22 +43,37 @@ pub(super) fn add_bias<T: Real>(y: &mut [T], bias: &[T], s: RowShape) -> Result<
     if s.dim == 0 {
         return Ok(());
     }
-    y.par_chunks_mut(s.dim).for_each(|row| {
-        with_simd(|| {
+    // Whole rows per job, about ELEMWISE_CHUNK values each.
+    let rows = (ELEMWISE_CHUNK / s.dim).max(1);
+    y.par_chunks_mut(rows * s.dim)
+        .for_each(|block| add_bias_rows(block, bias));
+    Ok(())
+}
+
+simd_fn! {
+    fn add_bias_rows<T: Real>(block: &mut [T], bias: &[T]) {
+        for row in block.chunks_mut(bias.len()) {
             for (v, &b) in row.iter_mut().zip(bias) {
                 *v += b;
             }
-        })
-    });
-    Ok(())
+        }
+    }
 }
 
 pub(super) fn axpy<T: Real>(y: &mut [T], alpha: f32, x: &[T]) -> Result<()> {
     let a: T = r(alpha as f64);
     y.par_chunks_mut(ELEMWISE_CHUNK)
         .zip(x.par_chunks(ELEMWISE_CHUNK))
-        .for_each(|(y, x)| with_simd(|| y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x)));
+        .for_each(|(y, x)| axpy_chunk(y, a, x));
     Ok(())
+}
+
+simd_fn! {
+    fn axpy_chunk<T: Real>(y: &mut [T], a: T, x: &[T]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y += a * x;
+        }
+    }
 }
 
 /// Values per rayon job of an elementwise op: large enough that a job's work
