@@ -217,7 +217,6 @@ type OpFn<'a> = Box<dyn FnMut() -> Result<()> + Send + 'a>;
 /// The model's row and elementwise ops through the CPU backend, on the tiny
 /// preset's B = 32 shapes (992 decoder rows of 128, MLP 352; 544 vision rows of
 /// 64), run as a training step runs them ([`crate::backend::cpu::hot::run_hot`]).
-
 fn op_rows(r: &mut ChaCha8Rng, rows: &mut Vec<KernelBench>) -> Result<()> {
     use crate::backend::cpu::{hot::run_hot, Cpu};
     use crate::backend::{AttnShape, Backend, RopeShape, RowShape};
