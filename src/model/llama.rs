@@ -204,13 +204,22 @@ impl Llama {
             rows,
             dim: c.hidden,
         };
+        // Kept for a backward: the factored LoRA form (its u = x·Aᵀ is a capture);
+        // forward only: whichever form is cheaper.
+        let fwd = |lin: &Linear, x: &B::Buf| {
+            if keep {
+                lin.forward(be, st, x, rows)
+            } else {
+                lin.forward_only(be, st, x, rows).map(|y| (y, None))
+            }
+        };
         let mut ln1 = be.output(rows * c.hidden)?;
         let mut rstd1 = be.output(rows)?;
         be.rmsnorm_fwd(&mut ln1, &mut rstd1, &x_in, st.buf(l.ln1), rs, c.rms_eps)?;
         let ln1 = Arc::new(ln1);
-        let (mut q, uq) = l.q.forward(be, st, &ln1, rows)?;
-        let (mut k, uk) = l.k.forward(be, st, &ln1, rows)?;
-        let (v, uv) = l.v.forward(be, st, &ln1, rows)?;
+        let (mut q, uq) = fwd(&l.q, &ln1)?;
+        let (mut k, uk) = fwd(&l.k, &ln1)?;
+        let (v, uv) = fwd(&l.v, &ln1)?;
         let ln1 = keep.then_some((ln1, rstd1));
         be.rope_fwd(&mut q, self.rope_shape(b, t, c.heads))?;
         be.rope_fwd(&mut k, self.rope_shape(b, t, c.kv_heads))?;
@@ -220,7 +229,7 @@ impl Llama {
         be.attention_fwd(&mut att, &mut probs, &q, &k, &v, shape)?;
         let qkvp = keep.then_some((q, k, v, probs));
         let att = Arc::new(att);
-        let (o, uo) = l.o.forward(be, st, &att, rows)?;
+        let (o, uo) = fwd(&l.o, &att)?;
         let att = keep.then_some(att);
         // x_mid = x_in + o; in place when x_in need not be kept.
         let (x_in, mut x_mid) = if keep {
@@ -235,13 +244,13 @@ impl Llama {
         let mut rstd2 = be.output(rows)?;
         be.rmsnorm_fwd(&mut ln2, &mut rstd2, &x_mid, st.buf(l.ln2), rs, c.rms_eps)?;
         let ln2 = Arc::new(ln2);
-        let (gate, ug) = l.gate.forward(be, st, &ln2, rows)?;
-        let (up, uu) = l.up.forward(be, st, &ln2, rows)?;
+        let (gate, ug) = fwd(&l.gate, &ln2)?;
+        let (up, uu) = fwd(&l.up, &ln2)?;
         let ln2 = keep.then_some((ln2, rstd2));
         let mut act = be.output(rows * c.mlp)?;
         be.swiglu_fwd(&mut act, &gate, &up)?;
         let gate_up = keep.then_some((gate, up));
-        let (down, ud) = l.down.forward(be, st, &act, rows)?;
+        let (down, ud) = fwd(&l.down, &act)?;
         drop(act);
         let (x_mid, mut x_out) = if keep {
             let out = be.duplicate(&x_mid)?;

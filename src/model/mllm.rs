@@ -63,7 +63,9 @@ struct Fwd<B: Backend> {
     v: usize,
     t: usize,
     lay: SeqLayout,
-    proj: ProjCache<B>,
+    /// The projector's activations; `None` when the forward started from
+    /// projected features (forward only).
+    proj: Option<ProjCache<B>>,
     layers: Vec<LayerCache<B>>,
     x_final: B::Buf,
     rstd_f: B::Buf,
@@ -587,12 +589,9 @@ impl<B: Backend> Mllm<B> {
         train: bool,
         with_loss: bool,
     ) -> Result<Fwd<B>> {
-        let (b, t) = self.check_batch(batch)?;
+        let (b, _) = self.check_batch(batch)?;
         let st = &self.store;
-        let lc = &self.cfg.llm;
-        let d = lc.hidden;
         let v = self.visual_tokens(tokens);
-        let lay = SeqLayout::new(batch, v);
         let want = b * v * self.cfg.vision.hidden;
         if be.len(&feats) != want {
             return Err(Error::Shape(format!(
@@ -602,6 +601,34 @@ impl<B: Backend> Mllm<B> {
             )));
         }
         let (vis, proj) = self.proj.forward(be, st, feats, b * v)?;
+        self.forward_from_projected(be, batch, tokens, vis, Some(proj), train, with_loss)
+    }
+
+    /// The forward from the projected visual tokens `[b·v, d]` on (sequence,
+    /// decoder, loss); `proj` is the projector's cache when the backward needs it.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_from_projected(
+        &self,
+        be: &B,
+        batch: &Batch,
+        tokens: Option<&TokenSelectConfig>,
+        vis: B::Buf,
+        proj: Option<ProjCache<B>>,
+        train: bool,
+        with_loss: bool,
+    ) -> Result<Fwd<B>> {
+        let (b, t) = self.check_batch(batch)?;
+        let st = &self.store;
+        let lc = &self.cfg.llm;
+        let d = lc.hidden;
+        let v = self.visual_tokens(tokens);
+        let lay = SeqLayout::new(batch, v);
+        if be.len(&vis) != b * v * d {
+            return Err(Error::Shape(format!(
+                "projected visual tokens hold {} values; the batch needs {b} × {v} × {d}",
+                be.len(&vis)
+            )));
+        }
         // Text embedding and the sequence [visual, text].
         let ids = be.upload_ids(&batch.input_ids)?;
         let mut txt = be.zeros(b * t * d)?;
@@ -813,7 +840,10 @@ impl<B: Backend> Mllm<B> {
                     let mut dvis = be.zeros(b * v * d)?;
                     let back: Vec<Blocks> = f.lay.vis_into_seq(d).into_iter().map(swap).collect();
                     copy_all(be, &mut dvis, &dx0, &back)?;
-                    self.proj.backward(be, st, &f.proj, dvis, (b, v), sink)?;
+                    let cache = f.proj.as_ref().ok_or_else(|| {
+                        Error::Internal("the projector's backward ran without its cache".into())
+                    })?;
+                    self.proj.backward(be, st, cache, dvis, (b, v), sink)?;
                 }
             }
         }
@@ -859,6 +889,44 @@ impl<B: Backend> Mllm<B> {
         }
         let feats = backend.duplicate(feats)?;
         let f = self.forward_from(backend, batch, tokens, feats, false, true)?;
+        let buf = f.per_ex.ok_or_else(|| Error::Shape("no losses".into()))?;
+        backend.download(&buf)
+    }
+
+    /// Whether the projector has trainable tensors (otherwise its output depends
+    /// on the images only, and DPZO computes it once for θ ± λz).
+    pub fn projector_trainable(&self) -> bool {
+        self.proj.trainable()
+    }
+
+    /// The projected visual tokens `[b·v, d]` of a batch: vision tower, token
+    /// selection and projector, forward only.
+    pub fn projected_features(
+        &self,
+        be: &B,
+        batch: &Batch,
+        tokens: Option<&TokenSelectConfig>,
+    ) -> Result<B::Buf> {
+        let (b, _) = self.check_batch(batch)?;
+        let feats = self.vision_features(be, batch, tokens)?;
+        let v = self.visual_tokens(tokens);
+        Ok(self.proj.forward(be, &self.store, feats, b * v)?.0)
+    }
+
+    /// [`Self::per_example_loss_from`] from [`Self::projected_features`].
+    pub fn per_example_loss_from_projected(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        tokens: Option<&TokenSelectConfig>,
+        vis: &B::Buf,
+    ) -> Result<Vec<f32>> {
+        if batch.size == 0 {
+            self.check_batch(batch)?;
+            return Ok(vec![]);
+        }
+        let vis = backend.duplicate(vis)?;
+        let f = self.forward_from_projected(backend, batch, tokens, vis, None, false, true)?;
         let buf = f.per_ex.ok_or_else(|| Error::Shape("no losses".into()))?;
         backend.download(&buf)
     }

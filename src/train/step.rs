@@ -653,10 +653,12 @@ fn perturb64<B: DpBackend>(ctx: &mut StepContext<'_, B>, draw: u32, scale: f64) 
 }
 
 /// One micro-batch of DPZO's: the collated batch and its vision features, which
-/// θ ± λz share (the vision tower is frozen).
+/// θ ± λz share (the vision tower is frozen); projected once too when the
+/// projector is frozen.
 struct ZoBatch<B: DpBackend> {
     batch: crate::data::Batch,
     feats: B::Buf,
+    projected: bool,
 }
 
 fn zo_batches<B: DpBackend>(
@@ -668,10 +670,19 @@ fn zo_batches<B: DpBackend>(
         .iter()
         .map(|mb| {
             let batch = ctx.data.collate(mb, ctx.cfg.text_len)?;
-            let feats = ctx
-                .model
-                .vision_features(ctx.backend, &batch, tokens.as_ref())?;
-            Ok(ZoBatch { batch, feats })
+            let projected = !ctx.model.projector_trainable();
+            let feats = if projected {
+                ctx.model
+                    .projected_features(ctx.backend, &batch, tokens.as_ref())?
+            } else {
+                ctx.model
+                    .vision_features(ctx.backend, &batch, tokens.as_ref())?
+            };
+            Ok(ZoBatch {
+                batch,
+                feats,
+                projected,
+            })
         })
         .collect()
 }
@@ -680,12 +691,14 @@ fn losses<B: DpBackend>(ctx: &StepContext<'_, B>, batches: &[ZoBatch<B>]) -> Res
     let tokens = ctx.cfg.train_token_select(ctx.key);
     let mut all = Vec::new();
     for zb in batches {
-        all.extend(ctx.model.per_example_loss_from(
-            ctx.backend,
-            &zb.batch,
-            tokens.as_ref(),
-            &zb.feats,
-        )?);
+        let (be, tok) = (ctx.backend, tokens.as_ref());
+        all.extend(if zb.projected {
+            ctx.model
+                .per_example_loss_from_projected(be, &zb.batch, tok, &zb.feats)?
+        } else {
+            ctx.model
+                .per_example_loss_from(be, &zb.batch, tok, &zb.feats)?
+        });
     }
     Ok(all)
 }
