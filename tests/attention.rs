@@ -1,7 +1,8 @@
 //! Attention (`kernels/attention.cu` around cuBLAS GEMMs, CPU twin
 //! `src/backend/cpu/attention.rs`): forward by brute force and backward by finite
 //! differences in f64 for causal/non-causal and grouped-query shapes, then the GPU
-//! against the CPU (strict-FP32 GEMMs, f32 softmax: 1e-5).
+//! against the CPU (strict-FP32 GEMMs, f32 softmax: 1e-5); the backward's
+//! recomputed probabilities equal the forward's bitwise on each device.
 mod common;
 
 use common::device::{assert_close, down, up};
@@ -152,6 +153,11 @@ fn op_attention<B: Backend>(
     let mut probs = be.zeros(s.probs_len()).unwrap();
     be.attention_fwd(&mut out, &mut probs, &qb, &kb, &vb, s)
         .unwrap();
+    // The backward's recomputation gives the forward's probabilities, bit for bit.
+    let mut again = be.zeros(s.probs_len()).unwrap();
+    be.attention_probs(&mut again, &qb, &kb, &vb, s).unwrap();
+    let bits = |b: &B::Buf| down(be, b).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&again), bits(&probs), "attention_probs {s:?}");
     let mut dq = be.zeros(s.q_len()).unwrap();
     let (mut dk, mut dv) = (be.zeros(s.kv_len()).unwrap(), be.zeros(s.kv_len()).unwrap());
     be.attention_bwd(&mut dq, &mut dk, &mut dv, &dyb, &qb, &kb, &vb, &probs, s)

@@ -225,6 +225,15 @@ pub fn attention_fwd(
     check_len("attention probs", probs, s.probs_len())
 }
 
+/// [`Backend::attention_probs`](super::Backend::attention_probs).
+pub fn attention_probs(probs: usize, q: usize, k: usize, v: usize, s: AttnShape) -> Result<()> {
+    attn_shape(&s)?;
+    check_len("attention q", q, s.q_len())?;
+    check_len("attention k", k, s.kv_len())?;
+    check_len("attention v", v, s.kv_len())?;
+    check_len("attention probs", probs, s.probs_len())
+}
+
 /// [`Backend::attention_bwd`](super::Backend::attention_bwd).
 pub fn attention_bwd(
     dq: usize,

@@ -443,6 +443,29 @@ pub trait Backend: Sync {
         // SAFETY: checked just above.
         unsafe { self.attention_fwd_unchecked(out, probs, q, k, v, shape) }
     }
+    /// The softmax probabilities of [`Self::attention_fwd`] alone, bit for bit the
+    /// same: the training backward recomputes them instead of keeping every
+    /// layer's `[b, hq, t, t]` from the forward. The default runs the forward
+    /// into a scratch output; the CPU backend skips P·V.
+    fn attention_probs(
+        &self,
+        probs: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: AttnShape,
+    ) -> Result<()> {
+        check::attention_probs(
+            self.len(probs),
+            self.len(q),
+            self.len(k),
+            self.len(v),
+            shape,
+        )?;
+        let _op = profile::op("attention_probs");
+        // SAFETY: checked just above.
+        unsafe { self.attention_probs_unchecked(probs, q, k, v, shape) }
+    }
     /// Attention backward: overwrites `dq`, `dk`, `dv` (GQA heads summed into their
     /// shared key/value head).
     fn attention_bwd(
@@ -756,6 +779,22 @@ pub trait Backend: Sync {
         v: &Self::Buf,
         shape: AttnShape,
     ) -> Result<()>;
+    /// [`Self::attention_probs`] without its checks. The default runs
+    /// [`Self::attention_fwd`] (checked) into a scratch output.
+    ///
+    /// # Safety
+    /// The lengths pass [`check::attention_probs`].
+    unsafe fn attention_probs_unchecked(
+        &self,
+        probs: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: AttnShape,
+    ) -> Result<()> {
+        let mut out = self.output(shape.q_len())?;
+        self.attention_fwd(&mut out, probs, q, k, v, shape)
+    }
     /// [`Self::attention_bwd`] without its checks.
     ///
     /// # Safety

@@ -57,7 +57,6 @@ pub(crate) struct LayerCache<B: Backend> {
     k: B::Buf,
     v: B::Buf,
     u: [Option<Arc<B::Buf>>; 7],
-    probs: B::Buf,
     att: Arc<B::Buf>,
     x_mid: B::Buf,
     ln2: Arc<B::Buf>,
@@ -227,7 +226,10 @@ impl Llama {
         let mut att = be.output(shape.q_len())?;
         let mut probs = be.output(shape.probs_len())?;
         be.attention_fwd(&mut att, &mut probs, &q, &k, &v, shape)?;
-        let qkvp = keep.then_some((q, k, v, probs));
+        // The probabilities are not kept: the backward recomputes them, so one
+        // layer's [b, hq, t, t] is live at a time instead of every layer's.
+        drop(probs);
+        let qkvp = keep.then_some((q, k, v));
         let att = Arc::new(att);
         let (o, uo) = fwd(&l.o, &att)?;
         let att = keep.then_some(att);
@@ -263,7 +265,7 @@ impl Llama {
             (
                 Some(x_in),
                 Some((ln1, rstd1)),
-                Some((q, k, v, probs)),
+                Some((q, k, v)),
                 Some(att),
                 Some(x_mid),
                 Some((ln2, rstd2)),
@@ -276,7 +278,6 @@ impl Llama {
                 k,
                 v,
                 u: [uq, uk, uv, uo, ug, uu, ud],
-                probs,
                 att,
                 x_mid,
                 ln2,
@@ -320,7 +321,6 @@ impl Llama {
             k,
             v,
             u,
-            probs,
             att,
             x_mid,
             ln2,
@@ -371,6 +371,8 @@ impl Llama {
         let datt =
             datt.ok_or_else(|| crate::Error::Shape("missing o_proj input gradient".into()))?;
         let shape = self.attn_shape(b, t);
+        let mut probs = be.output(shape.probs_len())?;
+        be.attention_probs(&mut probs, &q, &k, &v, shape)?;
         let mut dq = be.zeros(shape.q_len())?;
         let mut dk = be.zeros(shape.kv_len())?;
         let mut dv = be.zeros(shape.kv_len())?;

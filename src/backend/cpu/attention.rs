@@ -35,7 +35,6 @@ pub(super) fn attention_fwd<T: Real>(
     }
     let (qs, kvs, ps) = (t * s.hq * hd, t * s.hkv * hd, s.hq * t * t);
     let rep = s.hq / s.hkv;
-    let scale = 1.0 / (hd as f64).sqrt();
     out.par_chunks_mut(qs)
         .zip(probs.par_chunks_mut(ps))
         .enumerate()
@@ -50,10 +49,7 @@ pub(super) fn attention_fwd<T: Real>(
             for h in 0..s.hq {
                 let kvh = h / rep;
                 let ph = &mut p[h * t * t..][..t * t];
-                let qv = head_view(qb, t, s.hq, hd, h);
-                let kv = head_view(kb, t, s.hkv, hd, kvh);
-                T::gemm(r(scale), qv, kv.t(), T::default(), ph);
-                softmax_rows(ph, t, s.causal);
+                head_probs(ph, qb, kb, h, s);
                 let vv = head_view(vb, t, s.hkv, hd, kvh);
                 T::gemm(r(1.0), View::row_major(ph, t, t), vv, T::default(), &mut oh);
                 for i in 0..t {
@@ -62,6 +58,36 @@ pub(super) fn attention_fwd<T: Real>(
             }
             Ok(())
         })
+}
+
+/// P = softmax(QKᵀ/√hd) of head `h` of one example into `ph` (t×t).
+fn head_probs<T: Real>(ph: &mut [T], qb: &[T], kb: &[T], h: usize, s: AttnShape) {
+    let (t, hd) = (s.t, s.hd);
+    let qv = head_view(qb, t, s.hq, hd, h);
+    let kv = head_view(kb, t, s.hkv, hd, h / (s.hq / s.hkv));
+    T::gemm(r(1.0 / (hd as f64).sqrt()), qv, kv.t(), T::default(), ph);
+    softmax_rows(ph, t, s.causal);
+}
+
+/// The probabilities of [`attention_fwd`] without the output (the backward's
+/// recomputation): the same products and softmax, so the same bits.
+pub(super) fn attention_probs<T: Real>(probs: &mut [T], q: &[T], k: &[T], s: AttnShape) {
+    let (t, hd) = (s.t, s.hd);
+    if s.b == 0 || t == 0 || hd == 0 || s.hq == 0 {
+        return;
+    }
+    let (qs, kvs, ps) = (t * s.hq * hd, t * s.hkv * hd, s.hq * t * t);
+    probs.par_chunks_mut(ps).enumerate().for_each(|(bi, p)| {
+        for h in 0..s.hq {
+            head_probs(
+                &mut p[h * t * t..][..t * t],
+                &q[bi * qs..][..qs],
+                &k[bi * kvs..][..kvs],
+                h,
+                s,
+            );
+        }
+    });
 }
 
 simd_fn! {

@@ -335,6 +335,17 @@ impl<T: Real> Backend for CpuOf<T> {
     ) -> Result<()> {
         attention::attention_fwd(out, probs, q, k, v, s)
     }
+    unsafe fn attention_probs_unchecked(
+        &self,
+        probs: &mut T::Buf,
+        q: &T::Buf,
+        k: &T::Buf,
+        _v: &T::Buf,
+        s: AttnShape,
+    ) -> Result<()> {
+        attention::attention_probs(probs, q, k, s);
+        Ok(())
+    }
     unsafe fn attention_bwd_unchecked(
         &self,
         dq: &mut T::Buf,
