@@ -240,8 +240,13 @@ fn masked_out_coordinates_keep_params_and_moments() {
             weight_decay: 0.1,
             t: 3,
         },
-    ] {
-        let c = cfg(0.2, 0.3, opt);
+    ]
+    .into_iter()
+    // keep 1.0: every coordinate, the update's parallel path (5000 values: 3 chunks).
+    .flat_map(|o| [(o, 0.2), (o, 1.0)])
+    {
+        let (opt, keep) = opt;
+        let c = cfg(keep, 0.3, opt);
         let p0 = uniform(&mut r, g.len());
         let m0 = uniform(&mut r, g.len());
         let v0: Vec<f32> = uniform(&mut r, g.len()).iter().map(|x| x.abs()).collect();
@@ -258,7 +263,7 @@ fn masked_out_coordinates_keep_params_and_moments() {
         )
         .unwrap();
         let noisy = noisy_gradient(&g, 2, &c);
-        let mask = sorted_mask(&noisy, 1000);
+        let mask = sorted_mask(&noisy, keep_count(keep, g.len() as u64).unwrap() as usize);
         for j in 0..g.len() {
             if !mask[j] {
                 assert_eq!((p[j], m[j], v[j]), (p0[j], m0[j], v0[j]), "{opt:?} j={j}");

@@ -495,7 +495,7 @@ pub struct NoiseKey {
 }
 
 /// Elements per parallel block of [`NoiseKey::fill`] / [`NoiseKey::add_scaled`].
-const PAR_BLOCK: usize = 1 << 15;
+const PAR_BLOCK: usize = 1 << 11;
 
 impl NoiseKey {
     /// Normals per group (one ChaCha20 block, or four Philox calls).

@@ -384,6 +384,18 @@ pub fn noise_prune_update(
             k,
         )
     });
+    if thr.is_none() && k > 0 {
+        // Every coordinate is kept: each is independent, so chunks run in parallel.
+        for (t, nv) in tensors.iter_mut().zip(noisy) {
+            update_all_parallel(&cfg.opt, cfg.inv_batch, nv, t);
+        }
+        return Ok(PruneReport {
+            n,
+            k,
+            kept: n,
+            threshold: 0.0,
+        });
+    }
     let mut ties_left = thr.map_or(0, |t| t.ties_to_keep);
     let mut kept = 0;
     for (t, nv) in tensors.iter_mut().zip(noisy) {
@@ -414,6 +426,46 @@ pub fn noise_prune_update(
         kept,
         threshold: thr.map_or(0.0, |t| f32::from_bits(t.key)),
     })
+}
+
+/// Coordinates per parallel job of [`update_all_parallel`].
+const UPDATE_CHUNK: usize = 1 << 11;
+
+/// Updates every coordinate of `t` with its noisy gradient `x`, in parallel chunks
+/// (each coordinate's arithmetic is that of [`Optimizer::update`]).
+fn update_all_parallel(opt: &Optimizer, inv_batch: f32, x: &[f32], t: &mut TensorState<'_>) {
+    use rayon::prelude::*;
+    let (p, xs) = (
+        t.param.par_chunks_mut(UPDATE_CHUNK),
+        x.par_chunks(UPDATE_CHUNK),
+    );
+    if opt.needs_v() {
+        p.zip(t.m.par_chunks_mut(UPDATE_CHUNK))
+            .zip(t.v.par_chunks_mut(UPDATE_CHUNK))
+            .zip(xs)
+            .for_each(|(((p, m), v), x)| update_all(opt, inv_batch, x, p, m, v));
+    } else if opt.needs_m() {
+        p.zip(t.m.par_chunks_mut(UPDATE_CHUNK))
+            .zip(xs)
+            .for_each(|((p, m), x)| update_all(opt, inv_batch, x, p, m, &mut []));
+    } else {
+        p.zip(xs)
+            .for_each(|(p, x)| update_all(opt, inv_batch, x, p, &mut [], &mut []));
+    }
+}
+
+crate::backend::cpu::math::simd_fn! {
+    /// [`Optimizer::update`] on every coordinate of one chunk; `m`, `v` are empty
+    /// when the optimizer has no such state. Compiled with FMA where the CPU has it:
+    /// `mul_add` is otherwise a libm call per use.
+    fn update_all(opt: &Optimizer, inv_batch: f32, x: &[f32], p: &mut [f32], m: &mut [f32], v: &mut [f32]) {
+        let (nm, nv) = (opt.needs_m(), opt.needs_v());
+        for (j, (&x, p)) in x.iter().zip(p.iter_mut()).enumerate() {
+            let mj = if nm { Some(&mut m[j]) } else { None };
+            let vj = if nv { Some(&mut v[j]) } else { None };
+            opt.update(x, inv_batch, p, mj, vj);
+        }
+    }
 }
 
 /// ñ_j = (f64(S_j) + σC·z_j) as f32 for one tensor (plain f64 product and sum, as
