@@ -447,12 +447,15 @@ pub fn clipped_weight_sum_f32(
     }
     // The scaled copy comes from the CPU backend's pool: no allocation once warm
     // (every value is written before it is read).
+    // With every factor 1 (non-private training) there is nothing to scale.
+    if factors.iter().all(|&c| c == 1.0) {
+        let gv = View::row_major(g, bt, s.p).t();
+        gemm_f32(1.0, gv, View::row_major(x, bt, s.d), 1.0, out, s.d);
+        return Ok(());
+    }
     let scaled = |m: &[f32], width: usize| -> Result<crate::backend::cpu::pool::HostBuf<f32>> {
-        let per = (s.t * width).max(1);
         let mut out = crate::backend::Backend::output(&crate::backend::cpu::Cpu, m.len())?;
-        for (j, (o, &v)) in out.iter_mut().zip(m).enumerate() {
-            *o = v * factors[j / per];
-        }
+        scale_examples(&mut out, m, factors, (s.t * width).max(1));
         Ok(out)
     };
     if s.d < s.p {
@@ -465,6 +468,17 @@ pub fn clipped_weight_sum_f32(
         gemm_f32(1.0, gv, View::row_major(x, bt, s.d), 1.0, out, s.d);
     }
     Ok(())
+}
+
+crate::backend::cpu::math::simd_fn! {
+    /// `out = m` with example i's `per` values scaled by `factors[i]`.
+    fn scale_examples(out: &mut [f32], m: &[f32], factors: &[f32], per: usize) {
+        for ((o, m), &c) in out.chunks_mut(per).zip(m.chunks(per)).zip(factors) {
+            for (o, &v) in o.iter_mut().zip(m) {
+                *o = v * c;
+            }
+        }
+    }
 }
 
 /// The book-keeping clipped weight-gradient sum Σ_i c_i G_iᵀ X_i over the examples
