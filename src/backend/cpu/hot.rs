@@ -30,11 +30,20 @@ impl Drop for Finish<'_> {
     }
 }
 
+/// Whether polling is on: `DUALPRIV_CPU_POLL=0` turns it off (read once), for a
+/// machine shared with other work, where the idle workers then sleep as rayon's
+/// do and the step pays their wake-ups.
+fn polling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DUALPRIV_CPU_POLL").map_or(true, |v| v != "0"))
+}
+
 /// Runs `f` on a worker of the current rayon pool while the pool's other idle
 /// workers poll for its parallel jobs instead of sleeping. Runs `f` directly on
-/// a one-thread pool, or when this thread is already inside `run_hot`.
+/// a one-thread pool, when this thread is already inside `run_hot`, or with
+/// polling turned off (`DUALPRIV_CPU_POLL=0`).
 pub fn run_hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_num_threads() < 2 || BUSY.with(Cell::get) {
+    if rayon::current_num_threads() < 2 || BUSY.with(Cell::get) || !polling() {
         return f();
     }
     let done = AtomicBool::new(false);
