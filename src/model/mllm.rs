@@ -883,12 +883,25 @@ impl<B: Backend> Mllm<B> {
         tokens: Option<&TokenSelectConfig>,
         feats: &B::Buf,
     ) -> Result<Vec<f32>> {
+        self.losses_of(backend, batch, feats, |f| {
+            self.forward_from(backend, batch, tokens, f, false, true)
+        })
+    }
+
+    /// The per-example losses of `run` on a copy of `input` (the caller's buffer
+    /// serves both of DPZO's forwards); none for an empty batch.
+    fn losses_of(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        input: &B::Buf,
+        run: impl FnOnce(B::Buf) -> Result<Fwd<B>>,
+    ) -> Result<Vec<f32>> {
         if batch.size == 0 {
             self.check_batch(batch)?;
             return Ok(vec![]);
         }
-        let feats = backend.duplicate(feats)?;
-        let f = self.forward_from(backend, batch, tokens, feats, false, true)?;
+        let f = run(backend.duplicate(input)?)?;
         let buf = f.per_ex.ok_or_else(|| Error::Shape("no losses".into()))?;
         backend.download(&buf)
     }
@@ -921,14 +934,9 @@ impl<B: Backend> Mllm<B> {
         tokens: Option<&TokenSelectConfig>,
         vis: &B::Buf,
     ) -> Result<Vec<f32>> {
-        if batch.size == 0 {
-            self.check_batch(batch)?;
-            return Ok(vec![]);
-        }
-        let vis = backend.duplicate(vis)?;
-        let f = self.forward_from_projected(backend, batch, tokens, vis, None, false, true)?;
-        let buf = f.per_ex.ok_or_else(|| Error::Shape("no losses".into()))?;
-        backend.download(&buf)
+        self.losses_of(backend, batch, vis, |v| {
+            self.forward_from_projected(backend, batch, tokens, v, None, false, true)
+        })
     }
 
     /// Per-example losses ℓ_i (forward only: evaluation, DPZero).
