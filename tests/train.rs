@@ -332,6 +332,26 @@ fn global_scope_and_micro_batches() {
     assert_eq!(out.kept, (out.coords as f64 * 0.3).ceil() as u64);
 }
 
+/// A step called from outside the rayon pool hops onto a worker with polling
+/// peers, or, with polling off, runs where it is called (this once recursed until
+/// the stack overflowed); both give the same parameters bit for bit.
+#[test]
+fn a_step_is_the_same_with_and_without_polling_workers() {
+    let d = data(8);
+    let mut c = cfg(Method::Ghost, &d);
+    c.noise_multiplier = Some(1.0);
+    let idx: Vec<usize> = (0..8).collect();
+    let run = |poll: bool| {
+        dualpriv::backend::cpu::hot::set_polling(poll);
+        let mut t = trainer(model(&lora(), 7), lora(), c.clone(), &d);
+        t.one_step(&d, &idx).unwrap();
+        params(&t.model)
+    };
+    let off = run(false);
+    let on = run(true);
+    assert_eq!(off, on);
+}
+
 #[test]
 fn empty_batches_release_noise_only() {
     let d = data(8);

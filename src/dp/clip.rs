@@ -447,12 +447,6 @@ pub fn clipped_weight_sum_f32(
     }
     // The scaled copy comes from the CPU backend's pool: no allocation once warm
     // (every value is written before it is read).
-    // With every factor 1 (non-private training) there is nothing to scale.
-    if factors.iter().all(|&c| c == 1.0) {
-        let gv = View::row_major(g, bt, s.p).t();
-        gemm_f32(1.0, gv, View::row_major(x, bt, s.d), 1.0, out, s.d);
-        return Ok(());
-    }
     let scaled = |m: &[f32], width: usize| -> Result<crate::backend::cpu::pool::HostBuf<f32>> {
         let mut out = crate::backend::Backend::output(&crate::backend::cpu::Cpu, m.len())?;
         scale_examples(&mut out, m, factors, (s.t * width).max(1));

@@ -962,8 +962,17 @@ impl<'a, B: DpBackend> Trainer<'a, B> {
         // 2-core VM (tiny B = 32: 31 → 25 ms). A GPU step keeps its thread: the
         // pollers would only burn the host's cores while kernels run.
         if self.backend.name() == "cpu" && rayon::current_thread_index().is_none() {
-            return crate::backend::cpu::hot::run_hot(|| self.step_charged(data, indices));
+            return crate::backend::cpu::hot::run_hot(|| self.step_on_this_thread(data, indices));
         }
+        self.step_on_this_thread(data, indices)
+    }
+
+    /// [`Self::step_charged`] where it is called (no hop onto the pool).
+    fn step_on_this_thread(
+        &mut self,
+        data: &dyn DataSource,
+        indices: &[usize],
+    ) -> Result<StepOutcome> {
         let draw = self.draws;
         self.draws = self.draws.checked_add(1).ok_or_else(|| {
             Error::Config("the run has used all 2³² draws of its key; start a new run".into())

@@ -8,7 +8,7 @@
 //! with their spin-wait time (`KMP_BLOCKTIME`, `GOMP_SPINCOUNT`) under PyTorch.
 //! The price is CPU time burnt between ops, only while a step runs.
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 thread_local! {
     /// Whether this thread is inside [`run_hot`]'s step or polling for it: a
@@ -21,12 +21,15 @@ thread_local! {
 /// so the pollers always stop.
 struct Finish<'a> {
     done: &'a AtomicBool,
+    /// This thread's mark before the step: a worker may run another caller's step
+    /// nested inside its own work, and must find its mark as it left it.
+    prev: bool,
 }
 
 impl Drop for Finish<'_> {
     fn drop(&mut self) {
         self.done.store(true, Ordering::Release);
-        BUSY.with(|b| b.set(false));
+        BUSY.with(|b| b.set(self.prev));
     }
 }
 
@@ -34,8 +37,26 @@ impl Drop for Finish<'_> {
 /// machine shared with other work, where the idle workers then sleep as rayon's
 /// do and the step pays their wake-ups.
 fn polling() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("DUALPRIV_CPU_POLL").map_or(true, |v| v != "0"))
+    match POLL.load(Ordering::Relaxed) {
+        POLL_ON => true,
+        POLL_OFF => false,
+        _ => {
+            let on = std::env::var("DUALPRIV_CPU_POLL").map_or(true, |v| v != "0");
+            POLL.store(if on { POLL_ON } else { POLL_OFF }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+const POLL_ON: u8 = 1;
+const POLL_OFF: u8 = 2;
+/// 0 until [`polling`] first reads the environment or [`set_polling`] is called.
+static POLL: AtomicU8 = AtomicU8::new(0);
+
+/// Turns the polling workers on or off for this process, overriding
+/// `DUALPRIV_CPU_POLL` (a library caller's equivalent of the variable).
+pub fn set_polling(on: bool) {
+    POLL.store(if on { POLL_ON } else { POLL_OFF }, Ordering::Relaxed);
 }
 
 /// Runs `f` on a worker of the current rayon pool while the pool's other idle
@@ -48,8 +69,8 @@ pub fn run_hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
     let done = AtomicBool::new(false);
     rayon::scope(|s| {
-        BUSY.with(|b| b.set(true));
-        let _finish = Finish { done: &done };
+        let prev = BUSY.with(|b| b.replace(true));
+        let _finish = Finish { done: &done, prev };
         s.spawn_broadcast(|_, _| {
             if BUSY.with(|b| b.replace(true)) {
                 return;
