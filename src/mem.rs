@@ -103,8 +103,8 @@ pub fn gemm_allocation_calls() -> usize {
 }
 
 /// Runs `f`, a GEMM, counting the allocation calls this thread makes inside it as
-/// the GEMM's ([`gemm_allocation_calls`]). `linalg` wraps every block of a split
-/// product in it, so the blocks other threads run are counted too.
+/// the GEMM's ([`gemm_allocation_calls`]). `linalg` wraps every block of every
+/// product in it (the blocks other threads run included), so callers need not.
 pub fn gemm_scope<R>(f: impl FnOnce() -> R) -> R {
     struct Reset;
     impl Drop for Reset {

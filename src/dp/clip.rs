@@ -25,17 +25,8 @@
 use rayon::prelude::*;
 
 use crate::error::{ensure_shape, Error, Result};
-use crate::linalg::View;
-
-/// [`crate::linalg::gemm_f32`], its allocations counted as a GEMM's ([`crate::mem::gemm_scope`]).
-fn gemm_f32(alpha: f32, a: View<'_, f32>, b: View<'_, f32>, beta: f32, c: &mut [f32], n: usize) {
-    crate::mem::gemm_scope(|| crate::linalg::gemm_f32(alpha, a, b, beta, c, n))
-}
-
-/// [`crate::linalg::gemm_f64`], its allocations counted as a GEMM's ([`crate::mem::gemm_scope`]).
-fn gemm_f64(alpha: f64, a: View<'_, f64>, b: View<'_, f64>, beta: f64, c: &mut [f64], n: usize) {
-    crate::mem::gemm_scope(|| crate::linalg::gemm_f64(alpha, a, b, beta, c, n))
-}
+// `linalg` counts each GEMM block's allocations as the GEMM's (`mem::gemm_scope`).
+use crate::linalg::{gemm_f32, gemm_f64, View};
 
 /// Shapes of one linear layer's saved activations: X is b×t×d, G is b×t×p.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
