@@ -6,6 +6,10 @@
 //! degree-6 minimax polynomial for `eᵗ` (Moshier, Cephes `expf.c`), then `2ⁿ` put
 //! into the exponent bits. The unit test bounds the error against f64 `exp` at
 //! 2 ulp over the whole finite range; CUDA's `expf` is documented at 2 ulp too.
+//!
+//! Also here: [`simd_fn`], which compiles a loop for AVX-512, for AVX2 + FMA and
+//! as built, and runs the widest copy the CPU has ([`simd_tier`]).
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 
 /// `eˣ` within 2 ulp (relative 2.4e-7) for x ∈ [−87.33, 88.3]. Below it returns 0
 /// and above `e^88.3`; NaN stays NaN. It never returns a subnormal: arithmetic on
@@ -48,32 +52,91 @@ pub fn exp_f32(x: f32) -> f32 {
     }
 }
 
+/// The widest instruction set [`simd_fn`] functions run on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdTier {
+    /// As built: baseline x86-64 (SSE2, 4 lanes), or any other architecture.
+    Plain = 0,
+    /// AVX2 with FMA (8 lanes): AMD Zen, Intel since Haswell.
+    Avx2 = 1,
+    /// AVX-512 F/VL/DQ (16 lanes): Intel Xeon since Skylake-SP, AMD Zen 4.
+    Avx512 = 2,
+}
+
+/// The tier detected, capped by [`limit_simd`]; 0xff until first detected.
+static TIER: AtomicU8 = AtomicU8::new(0xff);
+/// The cap [`limit_simd`] set (0xff: none).
+static LIMIT: AtomicU8 = AtomicU8::new(0xff);
+
+fn detect() -> SimdTier {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512vl") && has!("avx512dq") && has!("avx2") && has!("fma") {
+            return SimdTier::Avx512;
+        }
+        if has!("avx2") && has!("fma") {
+            return SimdTier::Avx2;
+        }
+    }
+    SimdTier::Plain
+}
+
+/// The tier [`simd_fn`] functions run at: the CPU's widest, unless capped by
+/// [`limit_simd`] or by `DUALPRIV_CPU_SIMD` (`plain`, `avx2` or `avx512`, read once).
+/// One relaxed load after the first call.
+#[inline]
+pub fn simd_tier() -> SimdTier {
+    match TIER.load(Relaxed) {
+        0 => SimdTier::Plain,
+        1 => SimdTier::Avx2,
+        2 => SimdTier::Avx512,
+        _ => {
+            let env = match std::env::var("DUALPRIV_CPU_SIMD").as_deref() {
+                Ok("plain") => SimdTier::Plain,
+                Ok("avx2") => SimdTier::Avx2,
+                _ => SimdTier::Avx512,
+            };
+            let limit = match LIMIT.load(Relaxed) {
+                0 => SimdTier::Plain,
+                1 => SimdTier::Avx2,
+                _ => SimdTier::Avx512,
+            };
+            let t = detect().min(env).min(limit);
+            TIER.store(t as u8, Relaxed);
+            t
+        }
+    }
+}
+
+/// Caps [`simd_tier`] at `max` for the whole process (`None` lifts the cap), so a
+/// test or a benchmark can run the narrower copies of the same code. Results do
+/// not change (see [`simd_fn`]); only speed does.
+pub fn limit_simd(max: Option<SimdTier>) {
+    LIMIT.store(max.map_or(0xff, |t| t as u8), Relaxed);
+    TIER.store(0xff, Relaxed);
+}
+
 /// Whether this CPU runs the AVX-512 versions of [`simd_fn`] functions.
 #[inline]
 pub fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    simd_tier() == SimdTier::Avx512
 }
 
-/// Defines a function whose body is compiled twice, for AVX-512 and as built,
-/// and runs the AVX-512 copy where the CPU has it ([`avx512`]).
+/// Defines a function whose body is compiled three times, for AVX-512, for AVX2
+/// with FMA and as built, and runs the widest copy this CPU has ([`simd_tier`]).
 ///
 /// The crate is built for baseline x86-64 (SSE2), so a plain loop is vectorised
 /// 4 lanes wide; a binary built with `-C target-cpu=native` would not run on
 /// another machine. The body becomes an `#[inline(always)]` function called from
-/// a `#[target_feature]` wrapper and from the plain path, so LLVM inlines and
-/// vectorises it in both. (Passing a closure to a `target_feature` function does
+/// `#[target_feature]` wrappers and from the plain path, so LLVM inlines and
+/// vectorises it in each. (Passing a closure to a `target_feature` function does
 /// not do this reliably: the closure then has two callers and a large one is
 /// compiled once, as built; four of the CPU's hot loops ran 4 lanes wide so.)
-/// Results are the same either way: LLVM does not reorder floating-point
-/// operations (no fast-math, no contraction into FMA), so a reduction keeps the
-/// order it is written in; `tests` below compares the two bitwise.
+/// Results are the same in every copy: LLVM does not reorder floating-point
+/// operations (no fast-math, no contraction into FMA; an explicit `mul_add` is
+/// fused in each, by the instruction or by libm), so a reduction keeps the order
+/// it is written in; `tests` below compares the copies bitwise.
 macro_rules! simd_fn {
     (
         $(#[$m:meta])*
@@ -93,9 +156,18 @@ macro_rules! simd_fn {
                 body($($a),*)
             }
             #[cfg(target_arch = "x86_64")]
-            if $crate::backend::cpu::math::avx512() {
-                // SAFETY: the features `wide` is compiled for were just detected.
-                return unsafe { wide($($a),*) };
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn mid $(<$($g: $bound),*>)? ($($a: $t),*) $(-> $r)? {
+                body($($a),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            match $crate::backend::cpu::math::simd_tier() {
+                // SAFETY: the features each copy is compiled for were detected.
+                $crate::backend::cpu::math::SimdTier::Avx512 => return unsafe { wide($($a),*) },
+                // SAFETY: as above.
+                $crate::backend::cpu::math::SimdTier::Avx2 => return unsafe { mid($($a),*) },
+                $crate::backend::cpu::math::SimdTier::Plain => {}
             }
             body($($a),*)
         }
@@ -202,6 +274,7 @@ mod tests {
 
     #[test]
     fn simd_fn_is_bitwise_the_plain_loop() {
+        use super::{detect, limit_simd, simd_tier, SimdTier};
         let x: Vec<f32> = (0..10_007).map(|i| (i as f32 - 5000.0) * 0.0173).collect();
         let mut plain = vec![0.0; x.len()];
         let mut ps = 0.0;
@@ -214,13 +287,23 @@ mod tests {
         }
         ps += ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
         ps += plain.iter().map(|&v| f64::from(v)).sum::<f64>();
-        let mut wide = vec![0.0; x.len()];
-        let ws = probe(&x, &mut wide);
-        assert!(plain
-            .iter()
-            .zip(&wide)
-            .all(|(a, b)| a.to_bits() == b.to_bits()));
-        assert_eq!(ps.to_bits(), ws.to_bits());
+        // Every copy this CPU can run (the cap changes only speed, so other tests
+        // running meanwhile are unaffected).
+        for tier in [SimdTier::Avx512, SimdTier::Avx2, SimdTier::Plain] {
+            if tier > detect() {
+                continue;
+            }
+            limit_simd(Some(tier));
+            assert!(simd_tier() <= tier);
+            let mut wide = vec![0.0; x.len()];
+            let ws = probe(&x, &mut wide);
+            assert!(
+                plain.iter().zip(&wide).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{tier:?}"
+            );
+            assert_eq!(ps.to_bits(), ws.to_bits(), "{tier:?}");
+        }
+        limit_simd(None);
     }
 
     #[test]
