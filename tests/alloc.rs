@@ -79,7 +79,7 @@ fn steady_state_steps_do_not_allocate_beyond_the_budget() {
             .find(|(m, _)| m.to_string() == r.method)
             .map(|b| b.1)
             .expect("every method has a budget");
-        let gemm_over = dualpriv::linalg::avx512_available() && gemm > GEMM_BUDGET;
+        let gemm_over = dualpriv::linalg::own_kernel() && gemm > GEMM_BUDGET;
         if misses != 0.0 || other > budget || gemm_over {
             over.push(format!("{} (budget {budget})", r.method));
         }

@@ -3,7 +3,25 @@
 //! over edge shapes (rows not a multiple of 12, columns not of 32, depth across
 //! the 256 block), every transpose, alpha/beta, a NaN-filled output with beta = 0,
 //! and one product split over threads against the same product on one thread.
+//! Every kernel tier this CPU has (AVX-512, AVX2 + FMA, `matrixmultiply`) is
+//! checked, and the two vector tiers against each other bitwise.
+use dualpriv::backend::cpu::math::{limit_simd, simd_tier, SimdTier};
 use dualpriv::linalg::{gemm_f32, gemm_f32_matrixmultiply, View};
+use std::sync::Mutex;
+
+/// Held by every test: one of them changes the process's SIMD tier, and the
+/// bitwise comparisons must not see it change midway.
+static TIER: Mutex<()> = Mutex::new(());
+
+/// The tiers this CPU runs, widest first.
+fn tiers() -> Vec<SimdTier> {
+    limit_simd(None);
+    let top = simd_tier();
+    [SimdTier::Avx512, SimdTier::Avx2, SimdTier::Plain]
+        .into_iter()
+        .filter(|&t| t <= top)
+        .collect()
+}
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -133,17 +151,60 @@ fn check(gemm: Gemm, name: &str) {
 }
 
 #[test]
-fn gemm_f32_matches_the_triple_loop() {
-    check(gemm_f32, "gemm_f32");
+fn gemm_f32_matches_the_triple_loop_at_every_tier() {
+    let _g = TIER.lock().unwrap_or_else(|e| e.into_inner());
+    for tier in tiers() {
+        limit_simd(Some(tier));
+        check(gemm_f32, &format!("gemm_f32 at {tier:?}"));
+    }
+    limit_simd(None);
 }
 
 #[test]
 fn matrixmultiply_matches_the_triple_loop() {
+    let _g = TIER.lock().unwrap_or_else(|e| e.into_inner());
     check(gemm_f32_matrixmultiply, "matrixmultiply");
 }
 
 #[test]
+fn avx512_and_avx2_kernels_are_bit_identical() {
+    // Both sum each value as one FMA chain in k order per 256-deep block.
+    let _g = TIER.lock().unwrap_or_else(|e| e.into_inner());
+    let tiers = tiers();
+    if !tiers.contains(&SimdTier::Avx512) {
+        eprintln!("skipped: this CPU has no AVX-512 (tiers {tiers:?})");
+        return;
+    }
+    let mut r = ChaCha8Rng::seed_from_u64(11);
+    for (m, n, k, ta, tb, beta) in [
+        (37, 70, 300, false, true, 0.0f32),
+        (13, 8, 600, true, false, 0.5),
+        (100, 33, 40, false, false, -1.0),
+        (31, 31, 32, false, true, 0.0),
+    ] {
+        let ad = rand_vec(&mut r, m * k);
+        let bd = rand_vec(&mut r, k * n);
+        let a = view(&ad, m, k, ta, 0);
+        let b = view(&bd, k, n, tb, 0);
+        let c0 = rand_vec(&mut r, m * n);
+        let mut out = Vec::new();
+        for tier in [SimdTier::Avx512, SimdTier::Avx2] {
+            limit_simd(Some(tier));
+            let mut c = c0.clone();
+            gemm_f32(0.75, a, b, beta, &mut c, n);
+            out.push(c);
+        }
+        limit_simd(None);
+        assert!(
+            out[0].iter().zip(&out[1]).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "m={m} n={n} k={k} ta={ta} tb={tb}: AVX-512 and AVX2 differ"
+        );
+    }
+}
+
+#[test]
 fn gemm_f32_split_over_threads_is_bit_identical() {
+    let _g = TIER.lock().unwrap_or_else(|e| e.into_inner());
     // Large enough to be split over the global pool's threads: by rows, by columns
     // (C wide and short), and by columns for a transposed B (X·Wᵀ, packed per job).
     if rayon::current_num_threads() < 2 {

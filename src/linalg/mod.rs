@@ -1,6 +1,6 @@
-//! Safe wrappers over the CPU GEMMs: this crate's AVX-512 kernel for f32 where
-//! the CPU has AVX-512F ([`avx512`]), `matrixmultiply`'s packed GEMM otherwise
-//! and for f64.
+//! Safe wrappers over the CPU GEMMs: this crate's kernel for f32 where the CPU
+//! has AVX-512F or AVX2 + FMA ([`simd`]), `matrixmultiply`'s packed GEMM
+//! otherwise and for f64.
 //!
 //! A [`View`] is a slice plus (rows, cols, row stride, col stride), so transposes
 //! are free: swap the strides. Bounds are checked once per call.
@@ -170,10 +170,11 @@ macro_rules! gemm_fn {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub mod avx512;
+pub mod simd;
 
-/// `matrixmultiply::sgemm`'s contract, run by [`avx512::sgemm`] where the CPU
-/// has AVX-512F.
+/// `matrixmultiply::sgemm`'s contract, run by this crate's kernel ([`simd`]) at
+/// the widest tier the CPU has (`backend::cpu::math::simd_tier`, which
+/// `DUALPRIV_CPU_SIMD` caps), by `matrixmultiply` without AVX2.
 ///
 /// # Safety
 /// As `matrixmultiply::sgemm`.
@@ -195,42 +196,33 @@ unsafe fn sgemm(
     csc: isize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if csc == 1 && rsc >= 0 && avx512::available() {
-        // SAFETY: the same operands; C is row-major with row stride rsc.
-        unsafe {
-            avx512::sgemm(
-                m,
-                k,
-                n,
-                alpha,
-                a,
-                ars,
-                acs,
-                b,
-                brs,
-                bcs,
-                beta,
-                c,
-                rsc as usize,
-            )
-        };
-        return;
+    if csc == 1 && rsc >= 0 {
+        use crate::backend::cpu::math::{simd_tier, SimdTier};
+        let ldc = rsc as usize;
+        // SAFETY (both): the same operands; C is row-major with row stride rsc;
+        // the tier was detected on this CPU (Avx512 implies AVX2 + FMA).
+        match simd_tier() {
+            SimdTier::Avx512 => {
+                return unsafe {
+                    simd::sgemm_avx512(m, k, n, alpha, a, ars, acs, b, brs, bcs, beta, c, ldc)
+                }
+            }
+            SimdTier::Avx2 => {
+                return unsafe {
+                    simd::sgemm_avx2(m, k, n, alpha, a, ars, acs, b, brs, bcs, beta, c, ldc)
+                }
+            }
+            SimdTier::Plain => {}
+        }
     }
     // SAFETY: the caller's contract.
     unsafe { matrixmultiply::sgemm(m, k, n, alpha, a, ars, acs, b, brs, bcs, beta, c, rsc, csc) }
 }
 
-/// Whether [`gemm_f32`] runs this crate's AVX-512 kernel on this CPU (else
-/// `matrixmultiply`).
-pub fn avx512_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        avx512::available()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Whether [`gemm_f32`] runs this crate's kernel on this CPU at the current
+/// tier (else `matrixmultiply`, which allocates a packing buffer per call).
+pub fn own_kernel() -> bool {
+    crate::backend::cpu::math::simd_tier() > crate::backend::cpu::math::SimdTier::Plain
 }
 
 use matrixmultiply::dgemm;
@@ -238,7 +230,7 @@ gemm_fn!(gemm_f64, f64, dgemm);
 gemm_fn!(gemm_f32, f32, sgemm);
 
 /// `matrixmultiply`'s f32 GEMM under [`gemm_f32`]'s contract, whatever the CPU:
-/// the baseline the AVX-512 kernel is tested and benchmarked against.
+/// the baseline this crate's kernel is tested and benchmarked against.
 pub fn gemm_f32_matrixmultiply(
     alpha: f32,
     a: View<'_, f32>,
