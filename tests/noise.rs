@@ -911,3 +911,59 @@ fn the_angle_lattice_test_is_at_chance_near_the_axes() {
     let fine = hits(true, &mut r);
     assert!(fine < 495, "the angle lattice test passed {fine}/{n}");
 }
+
+#[test]
+fn noise_axpy_many_with_stored_directions_is_bitwise_regeneration() {
+    // The CPU keeps the last call's directions and reuses them for the same keys
+    // and lengths (DPZO's three perturbations of one step); every call must give
+    // what regenerating gives, and a new key or a new length must not reuse them.
+    use dualpriv::backend::dp::DpBackend;
+    use dualpriv::backend::cpu::Cpu;
+    use dualpriv::backend::Backend;
+    let stream = StreamKey::from_insecure_seed(RngKind::Chacha20, 5);
+    let key = |tensor_id: u32, step: u32| NoiseKey {
+        stream,
+        tensor_id,
+        step,
+    };
+    let lens = [1024usize, 37, 5000, 8];
+    let start: Vec<Vec<f32>> = lens
+        .iter()
+        .map(|&n| (0..n).map(|i| (i as f32 * 0.37).sin()).collect())
+        .collect();
+    let mut bufs: Vec<_> = start.iter().map(|v| Cpu.upload(v).unwrap()).collect();
+    let mut want = start.clone();
+    // (step, a, whether a tensor grows): the same draw three times, then a new
+    // draw, then the new draw with a tensor one value longer (whose last value a
+    // reuse of the stored directions would leave unperturbed).
+    let calls: [(u32, f64, bool); 5] = [
+        (3, 1e-3, false),
+        (3, -2e-3, false),
+        (3, 1e-3 - 0.25, false),
+        (4, 0.5, false),
+        (4, -0.5, true),
+    ];
+    for (c, &(step, a, longer)) in calls.iter().enumerate() {
+        if longer {
+            want[2].push(0.5);
+            bufs[2] = Cpu.upload(&want[2]).unwrap();
+        }
+        for (t, w) in want.iter_mut().enumerate() {
+            key(t as u32, step).add_scaled(0, a, w);
+        }
+        let mut pairs: Vec<_> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(t, b)| (b, key(t as u32, step)))
+            .collect();
+        Cpu.noise_axpy_many(&mut pairs, a).unwrap();
+        for (t, (b, w)) in bufs.iter().zip(&want).enumerate() {
+            let got = Cpu.download(b).unwrap();
+            assert_eq!(got.len(), w.len());
+            assert!(
+                got.iter().zip(w).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "call {c}, tensor {t}: differs from regenerating"
+            );
+        }
+    }
+}

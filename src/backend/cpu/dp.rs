@@ -13,6 +13,36 @@ use crate::linalg::{gemm_f32, View};
 use crate::Result;
 use rayon::prelude::*;
 
+/// DPZO's directions z from the last [`DpBackend::noise_axpy_many`] call, with the
+/// (key, length) of each tensor: a DPZO step perturbs θ by the same z three times
+/// (+λ, −2λ, then λ − ηg), and regenerating it each time was 10 % of a tiny step
+/// (the sampler costs ~30 ns per normal). The stored values are the ones
+/// [`NoiseKey::fill`] gives, and [`add_scaled_stored`] does `add_scaled`'s
+/// arithmetic, so results are bitwise those of regenerating (`tests/noise.rs`).
+/// z depends on no data (it is released by the update itself, up to the noisy
+/// scalar), and it stays in memory only, replaced by the next step's.
+struct Directions {
+    keys: Vec<(NoiseKey, usize)>,
+    z: Vec<Vec<f64>>,
+}
+
+static DIRECTIONS: std::sync::Mutex<Directions> = std::sync::Mutex::new(Directions {
+    keys: Vec::new(),
+    z: Vec::new(),
+});
+
+/// The most values whose directions are stored (64 MiB of f64); beyond, each
+/// call regenerates them (a llava-7b LoRA has ~3·10⁸ trainable values).
+const DIRECTIONS_MAX: usize = 1 << 23;
+
+/// `y[j] ← (f64(y[j]) + a · z[j]) as f32`, [`NoiseKey::add_scaled`]'s arithmetic
+/// on stored noise.
+fn add_scaled_stored(a: f64, z: &[f64], y: &mut [f32]) {
+    for (y, &z) in y.iter_mut().zip(z) {
+        *y = (f64::from(*y) + a * z) as f32;
+    }
+}
+
 impl DpBackend for Cpu {
     type Norms = NormTotals;
 
@@ -47,10 +77,35 @@ impl DpBackend for Cpu {
 
     fn noise_axpy_many(&self, ys: &mut [(&mut HostBuf<f32>, NoiseKey)], a: f64) -> Result<()> {
         let _op = crate::backend::profile::op("noise_axpy_many");
-        // LoRA tensors are too small to split one by one: run the tensors in
-        // parallel (counter-based noise, so the order does not change a value).
+        let total: usize = ys.iter().map(|(y, _)| y.len()).sum();
+        if total > DIRECTIONS_MAX {
+            // LoRA tensors are too small to split one by one: run the tensors in
+            // parallel (counter-based noise, so the order does not change a value).
+            ys.par_iter_mut()
+                .for_each(|(y, key)| key.add_scaled(0, a, y));
+            return Ok(());
+        }
+        let mut d = DIRECTIONS.lock().unwrap_or_else(|e| e.into_inner());
+        let d = &mut *d;
+        let same = d.keys.len() == ys.len()
+            && d.keys
+                .iter()
+                .zip(ys.iter())
+                .all(|(&(k, n), (y, key))| k == *key && n == y.len());
+        if !same {
+            d.keys.clear();
+            d.keys.extend(ys.iter().map(|(y, key)| (*key, y.len())));
+            d.z.resize_with(ys.len(), Vec::new);
+            ys.par_iter()
+                .zip(d.z.par_iter_mut())
+                .for_each(|((y, key), z)| {
+                    z.resize(y.len(), 0.0);
+                    key.fill(0, z);
+                });
+        }
         ys.par_iter_mut()
-            .for_each(|(y, key)| key.add_scaled(0, a, y));
+            .zip(d.z.par_iter())
+            .for_each(|((y, _), z)| add_scaled_stored(a, z, y));
         Ok(())
     }
 
