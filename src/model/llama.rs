@@ -15,7 +15,7 @@ use super::lora::{CaptureSink, Linear};
 use super::weights::{Builder, Init, Store};
 use crate::backend::{AttnShape, Backend, RopeShape, RowShape};
 use crate::Result;
-use std::sync::Arc;
+use crate::mem::Shared;
 
 pub(crate) struct LlamaLayer {
     ln1: usize,
@@ -51,15 +51,15 @@ pub(crate) struct Llama {
 /// Everything one layer's backward reads.
 pub(crate) struct LayerCache<B: Backend> {
     x_in: B::Buf,
-    ln1: Arc<B::Buf>,
+    ln1: Shared<B::Buf>,
     rstd1: B::Buf,
     q: B::Buf,
     k: B::Buf,
     v: B::Buf,
-    u: [Option<Arc<B::Buf>>; 7],
-    att: Arc<B::Buf>,
+    u: [Option<Shared<B::Buf>>; 7],
+    att: Shared<B::Buf>,
     x_mid: B::Buf,
-    ln2: Arc<B::Buf>,
+    ln2: Shared<B::Buf>,
     rstd2: B::Buf,
     gate: B::Buf,
     up: B::Buf,
@@ -215,7 +215,7 @@ impl Llama {
         let mut ln1 = be.output(rows * c.hidden)?;
         let mut rstd1 = be.output(rows)?;
         be.rmsnorm_fwd(&mut ln1, &mut rstd1, &x_in, st.buf(l.ln1), rs, c.rms_eps)?;
-        let ln1 = Arc::new(ln1);
+        let ln1 = Shared::new(ln1);
         let (mut q, uq) = fwd(&l.q, &ln1)?;
         let (mut k, uk) = fwd(&l.k, &ln1)?;
         let (v, uv) = fwd(&l.v, &ln1)?;
@@ -230,7 +230,7 @@ impl Llama {
         // layer's [b, hq, t, t] is live at a time instead of every layer's.
         drop(probs);
         let qkvp = keep.then_some((q, k, v));
-        let att = Arc::new(att);
+        let att = Shared::new(att);
         let (o, uo) = fwd(&l.o, &att)?;
         let att = keep.then_some(att);
         // x_mid = x_in + o; in place when x_in need not be kept.
@@ -245,7 +245,7 @@ impl Llama {
         let mut ln2 = be.output(rows * c.hidden)?;
         let mut rstd2 = be.output(rows)?;
         be.rmsnorm_fwd(&mut ln2, &mut rstd2, &x_mid, st.buf(l.ln2), rs, c.rms_eps)?;
-        let ln2 = Arc::new(ln2);
+        let ln2 = Shared::new(ln2);
         let (gate, ug) = fwd(&l.gate, &ln2)?;
         let (up, uu) = fwd(&l.up, &ln2)?;
         let ln2 = keep.then_some((ln2, rstd2));
@@ -329,14 +329,14 @@ impl Llama {
             up,
         } = c;
         let u = |j: usize| u[j].as_ref();
-        let dx = Arc::new(dx);
+        let dx = Shared::new(dx);
         // MLP branch: x_out = x_mid + down(swiglu(gate(m), up(m))), m = RMSNorm₂(x_mid)
         let mut act = be.output(rows * cfg.mlp)?;
         be.swiglu_fwd(&mut act, &gate, &up)?;
-        let act = Arc::new(act);
+        let act = Shared::new(act);
         let dact = l
             .down
-            .backward(be, st, &act, u(6), Arc::clone(&dx), bt, true, sink)?;
+            .backward(be, st, &act, u(6), Shared::clone(&dx), bt, true, sink)?;
         drop(act);
         let dact =
             dact.ok_or_else(|| crate::Error::Shape("missing down_proj input gradient".into()))?;
@@ -347,12 +347,12 @@ impl Llama {
         let mut dln2 = be.zeros(rows * cfg.hidden)?;
         if let Some(d) = l
             .gate
-            .backward(be, st, &ln2, u(4), Arc::new(dgate), bt, true, sink)?
+            .backward(be, st, &ln2, u(4), Shared::new(dgate), bt, true, sink)?
         {
             be.axpy(&mut dln2, 1.0, &d)?;
         }
         if let Some(d) =
-            l.up.backward(be, st, &ln2, u(5), Arc::new(dup), bt, true, sink)?
+            l.up.backward(be, st, &ln2, u(5), Shared::new(dup), bt, true, sink)?
         {
             be.axpy(&mut dln2, 1.0, &d)?;
         }
@@ -363,10 +363,10 @@ impl Llama {
         drop((dln2, x_mid, rstd2));
         be.axpy(&mut dmid, 1.0, &dx)?;
         drop(dx);
-        let dmid = Arc::new(dmid);
+        let dmid = Shared::new(dmid);
         // Attention branch: x_mid = x_in + o(attn(rope(q(n)), rope(k(n)), v(n))), n = RMSNorm₁(x_in)
         let datt =
-            l.o.backward(be, st, &att, u(3), Arc::clone(&dmid), bt, true, sink)?;
+            l.o.backward(be, st, &att, u(3), Shared::clone(&dmid), bt, true, sink)?;
         drop(att);
         let datt =
             datt.ok_or_else(|| crate::Error::Shape("missing o_proj input gradient".into()))?;
@@ -382,7 +382,7 @@ impl Llama {
         be.rope_bwd(&mut dk, self.rope_shape(b, t, cfg.kv_heads))?;
         let mut dln1 = be.zeros(rows * cfg.hidden)?;
         for (lin, j, g) in [(&l.q, 0, dq), (&l.k, 1, dk), (&l.v, 2, dv)] {
-            if let Some(d) = lin.backward(be, st, &ln1, u(j), Arc::new(g), bt, need_dx, sink)? {
+            if let Some(d) = lin.backward(be, st, &ln1, u(j), Shared::new(g), bt, need_dx, sink)? {
                 be.axpy(&mut dln1, 1.0, &d)?;
             }
         }

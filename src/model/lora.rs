@@ -11,11 +11,11 @@
 //! * dx = G·W + (s·G·B)·A, only when the caller needs it.
 //!
 //! Captures share X and G with the forward's saved activations and the incoming
-//! gradient ([`Arc`]) instead of copying them: q, k and v read one X, and LoRA B
+//! gradient ([`Shared`]) instead of copying them: q, k and v read one X, and LoRA B
 //! and a trained W read one G.
 #![allow(clippy::too_many_arguments)] // llm.c-style explicit activations
 
-use std::sync::Arc;
+use crate::mem::Shared;
 
 use super::weights::Store;
 use super::Capture;
@@ -28,7 +28,7 @@ use crate::Result;
 pub(crate) type CaptureSink<'a, B> = dyn FnMut(Capture<B>) -> Result<()> + 'a;
 
 /// A device buffer shared between saved activations and captures.
-pub(crate) type Shared<B> = Arc<<B as Backend>::Buf>;
+pub(crate) type SharedBuf<B> = Shared<<B as Backend>::Buf>;
 
 #[derive(Clone, Debug)]
 pub(crate) struct LoraAdapter {
@@ -67,7 +67,7 @@ impl Linear {
         st: &Store<B>,
         x: &B::Buf,
         rows: usize,
-    ) -> Result<(B::Buf, Option<Shared<B>>)> {
+    ) -> Result<(B::Buf, Option<SharedBuf<B>>)> {
         let mut y = be.output(rows * self.p)?;
         be.matmul(
             &mut y,
@@ -94,7 +94,7 @@ impl Linear {
                     st.buf(l.b),
                     MatmulSpec::nt(rows, self.p, l.rank).scaled(1.0, 1.0),
                 )?;
-                Some(Arc::new(u))
+                Some(Shared::new(u))
             }
         };
         Ok((y, u))
@@ -140,9 +140,9 @@ impl Linear {
         &self,
         be: &B,
         st: &Store<B>,
-        x: &Arc<B::Buf>,
-        u: Option<&Arc<B::Buf>>,
-        dy: Arc<B::Buf>,
+        x: &Shared<B::Buf>,
+        u: Option<&Shared<B::Buf>>,
+        dy: Shared<B::Buf>,
         (b, t): (usize, usize),
         need_dx: bool,
         sink: &mut CaptureSink<'_, B>,
@@ -186,8 +186,8 @@ impl Linear {
                     d: l.rank,
                     p: self.p,
                 },
-                x: Arc::clone(u),
-                g: Arc::clone(&dy),
+                x: Shared::clone(u),
+                g: Shared::clone(&dy),
             })?;
             sink(Capture {
                 weight_id: l.a_id,
@@ -198,8 +198,8 @@ impl Linear {
                     d: self.d,
                     p: l.rank,
                 },
-                x: Arc::clone(x),
-                g: Arc::new(gu),
+                x: Shared::clone(x),
+                g: Shared::new(gu),
             })?;
         }
         if let Some(w_id) = self.w_id {
@@ -212,7 +212,7 @@ impl Linear {
                     d: self.d,
                     p: self.p,
                 },
-                x: Arc::clone(x),
+                x: Shared::clone(x),
                 g: dy,
             })?;
         }

@@ -30,7 +30,7 @@
 //! tokens. With token selection it sees `[CLS, K dominant, M contextual]`.
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use crate::mem::Shared;
 
 use super::config::{FullGroup, ModelConfig, TrainMode, VisionFeature};
 use super::llama::{LayerCache, Llama};
@@ -776,9 +776,9 @@ impl<B: Backend> Mllm<B> {
         let dht = self.llm.lm_head.backward(
             be,
             st,
-            &Arc::new(ht),
+            &Shared::new(ht),
             None,
-            Arc::new(dlogits),
+            Shared::new(dlogits),
             (b, t),
             lowest.is_some(),
             sink,

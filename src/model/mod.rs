@@ -24,7 +24,7 @@ pub use mllm::Mllm;
 
 use crate::backend::Backend;
 use crate::dp::clip::LinearShape;
-use std::sync::Arc;
+use crate::mem::Shared;
 
 /// One trainable tensor. Ids are assigned 0, 1, 2, … in a fixed order (vision
 /// tower, projector, embedding, decoder layers in order with q, k, v, o, gate, up,
@@ -54,10 +54,10 @@ pub struct Capture<B: Backend> {
     pub shape: LinearShape,
     /// The layer input X, b×t×d (shared with the forward's saved activation and
     /// the other linears reading it).
-    pub x: Arc<B::Buf>,
+    pub x: Shared<B::Buf>,
     /// The gradient of Σ_i ℓ_i w.r.t. the layer output, b×t×p (shared where two
     /// weights of one linear see the same gradient).
-    pub g: Arc<B::Buf>,
+    pub g: Shared<B::Buf>,
 }
 
 /// The result of [`Mllm::forward_backward`].

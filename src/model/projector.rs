@@ -6,7 +6,7 @@
 use super::config::{ProjectorAct, ProjectorConfig};
 use super::lora::{CaptureSink, Linear};
 use super::weights::{Builder, Store};
-use std::sync::Arc;
+use crate::mem::Shared;
 
 use crate::backend::Backend;
 use crate::Result;
@@ -19,9 +19,9 @@ pub(crate) struct Projector {
 
 /// Activations kept for the backward.
 pub(crate) struct ProjCache<B: Backend> {
-    x: Arc<B::Buf>,
+    x: Shared<B::Buf>,
     h: B::Buf,
-    a: Arc<B::Buf>,
+    a: Shared<B::Buf>,
 }
 
 impl Projector {
@@ -51,14 +51,14 @@ impl Projector {
         x: B::Buf,
         rows: usize,
     ) -> Result<(B::Buf, ProjCache<B>)> {
-        let x = Arc::new(x);
+        let x = Shared::new(x);
         let (h, _) = self.fc1.forward(be, st, &x, rows)?;
         let mut a = be.zeros(rows * self.fc1.p)?;
         match self.act {
             ProjectorAct::Gelu => be.gelu_erf_fwd(&mut a, &h)?,
             ProjectorAct::GeluTanh => be.gelu_fwd(&mut a, &h)?,
         }
-        let a = Arc::new(a);
+        let a = Shared::new(a);
         let (y, _) = self.fc2.forward(be, st, &a, rows)?;
         Ok((y, ProjCache { x, h, a }))
     }
@@ -75,7 +75,7 @@ impl Projector {
     ) -> Result<()> {
         let da = self
             .fc2
-            .backward(be, st, &cache.a, None, Arc::new(dy), bt, true, sink)?;
+            .backward(be, st, &cache.a, None, Shared::new(dy), bt, true, sink)?;
         if let Some(da) = da {
             let mut dh = be.zeros(be.len(&da))?;
             match self.act {
@@ -83,7 +83,7 @@ impl Projector {
                 ProjectorAct::GeluTanh => be.gelu_bwd(&mut dh, &da, &cache.h)?,
             }
             self.fc1
-                .backward(be, st, &cache.x, None, Arc::new(dh), bt, false, sink)?;
+                .backward(be, st, &cache.x, None, Shared::new(dh), bt, false, sink)?;
         }
         Ok(())
     }

@@ -294,19 +294,33 @@ pub fn dominant_indices(scores: &[f32], keep: usize) -> Result<Vec<u32>> {
     ensure_shape(u32::try_from(scores.len()).is_ok(), || {
         format!("{} patches do not fit u32 token indices", scores.len())
     })?;
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    // Highest score first; equal scores by lower index, so the choice is deterministic.
-    order.sort_by(|&a, &b| {
+    let mut order = Vec::with_capacity(scores.len());
+    let mut kept = vec![0; 1 + keep];
+    dominant_into(scores, &mut order, &mut kept);
+    Ok(kept)
+}
+
+/// [`dominant_indices`] into `kept` (1 + keep values, keep ≤ scores.len(), as the
+/// caller checked), with `order` as scratch: no allocation once `order` holds
+/// `scores.len()` values.
+fn dominant_into(scores: &[f32], order: &mut Vec<usize>, kept: &mut [u32]) {
+    let keep = kept.len() - 1;
+    order.clear();
+    order.extend(0..scores.len());
+    // Highest score first; equal scores by lower index, so the choice is
+    // deterministic (and no two entries compare equal, so an unstable sort, which
+    // needs no buffer, gives the stable order).
+    order.sort_unstable_by(|&a, &b| {
         rank_key(scores[b])
             .total_cmp(&rank_key(scores[a]))
             .then(a.cmp(&b))
     });
-    let mut top = order[..keep].to_vec();
+    let top = &mut order[..keep];
     top.sort_unstable();
-    let mut kept = Vec::with_capacity(1 + keep);
-    kept.push(0);
-    kept.extend(top.into_iter().map(|j| (j + 1) as u32));
-    Ok(kept)
+    kept[0] = 0;
+    for (k, &j) in kept[1..].iter_mut().zip(top.iter()) {
+        *k = (j + 1) as u32;
+    }
 }
 
 /// The merge metric `[B, N, hd]`: keys averaged over heads, then L2-normalised
@@ -339,9 +353,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc
 }
 
-/// The plan of one image: (kept, remaining, centers, assign), see [`TokenPlan`].
-type ImagePlan = (Vec<u32>, Vec<u32>, Vec<u32>, Vec<u32>);
-
 /// Decides, per image, which tokens are kept, which are centers, and which center
 /// every other remaining token joins. Validates `cfg` against `shape`.
 pub fn plan_tokens(
@@ -360,67 +371,73 @@ pub fn plan_tokens(
         Vec::new()
     };
     let (p, n, hd, m) = (shape.patches(), shape.tokens, shape.head_dim, cfg.context);
-    let per_image: Vec<ImagePlan> = (0..shape.batch)
-        .into_par_iter()
-        .map(|b| -> Result<ImagePlan> {
-            let kept = dominant_indices(&scores[b * p..(b + 1) * p], cfg.keep)?;
-            // Kept indices are ascending, so one merge-walk yields the rest in order.
-            let mut remaining = Vec::with_capacity(p - cfg.keep);
-            let mut next_kept = kept[1..].iter().peekable();
-            for t in 1..n as u32 {
-                if next_kept.peek() == Some(&&t) {
-                    next_kept.next();
-                } else {
-                    remaining.push(t);
-                }
-            }
-            // step = ⌊R / M⌋ ≥ 1 (validated M ≤ R); no step when M = 0: nothing merges.
-            let (centers, assign) = match remaining.len().checked_div(m) {
-                None => (Vec::new(), vec![NOT_A_MEMBER; remaining.len()]),
-                Some(step) => {
-                    let centers: Vec<u32> = (0..m).map(|c| remaining[c * step]).collect();
-                    let row = |t: u32| {
-                        let off = (b * n + t as usize) * hd;
-                        &metric[off..off + hd]
-                    };
-                    let assign = remaining
-                        .iter()
-                        .enumerate()
-                        .map(|(r, &t)| {
-                            if r % step == 0 && r / step < m {
-                                return NOT_A_MEMBER;
-                            }
-                            // Argmax of cosine similarity; a strict `>` keeps the lowest
-                            // center on ties (and never lets a NaN win).
-                            let mut best = 0usize;
-                            let mut best_sim = dot(row(t), row(centers[0]));
-                            for (c, &ct) in centers.iter().enumerate().skip(1) {
-                                let sim = dot(row(t), row(ct));
-                                if sim > best_sim {
-                                    best = c;
-                                    best_sim = sim;
-                                }
-                            }
-                            best as u32
-                        })
-                        .collect();
-                    (centers, assign)
-                }
-            };
-            Ok((kept, remaining, centers, assign))
-        })
-        .collect::<Result<_>>()?;
+    let (k1, r) = (1 + cfg.keep, p - cfg.keep);
     let mut plan = TokenPlan {
-        kept: Vec::new(),
-        remaining: Vec::new(),
-        centers: Vec::new(),
-        assign: Vec::new(),
+        kept: vec![0; shape.batch * k1],
+        remaining: vec![0; shape.batch * r],
+        centers: vec![0; shape.batch * m],
+        assign: vec![NOT_A_MEMBER; shape.batch * r],
     };
-    for (k, r, c, a) in per_image {
-        plan.kept.extend(k);
-        plan.remaining.extend(r);
-        plan.centers.extend(c);
-        plan.assign.extend(a);
+    // Kept, remaining and centers one image at a time, into the plan's slices (a
+    // sort of a few hundred scores each); a per-image Vec of each (as before) was
+    // ~300 allocations per tiny step at B = 32.
+    let mut order = Vec::with_capacity(p);
+    for b in 0..shape.batch {
+        let kept = &mut plan.kept[b * k1..(b + 1) * k1];
+        dominant_into(&scores[b * p..(b + 1) * p], &mut order, kept);
+        // Kept indices are ascending, so one merge-walk yields the rest in order.
+        let remaining = &mut plan.remaining[b * r..(b + 1) * r];
+        let (mut next, mut i) = (1, 0);
+        for t in 1..n as u32 {
+            if next < k1 && kept[next] == t {
+                next += 1;
+            } else {
+                remaining[i] = t;
+                i += 1;
+            }
+        }
+        // step = ⌊R / M⌋ ≥ 1 (validated M ≤ R); no step when M = 0: nothing merges.
+        if let Some(step) = r.checked_div(m) {
+            for (c, ct) in plan.centers[b * m..(b + 1) * m].iter_mut().enumerate() {
+                *ct = remaining[c * step];
+            }
+        }
+    }
+    // The assignments (R·M dot products per image) in parallel over images; with
+    // M = 0 every remaining token stays NOT_A_MEMBER.
+    if let Some(step) = r.checked_div(m) {
+        let (remaining, centers) = (&plan.remaining, &plan.centers);
+        plan.assign
+            .par_chunks_mut(r)
+            .enumerate()
+            .for_each(|(b, assign)| {
+                let centers = &centers[b * m..(b + 1) * m];
+                let row = |t: u32| {
+                    let off = (b * n + t as usize) * hd;
+                    &metric[off..off + hd]
+                };
+                for (ri, (&t, a)) in remaining[b * r..(b + 1) * r]
+                    .iter()
+                    .zip(assign.iter_mut())
+                    .enumerate()
+                {
+                    if ri % step == 0 && ri / step < m {
+                        continue; // a center: NOT_A_MEMBER
+                    }
+                    // Argmax of cosine similarity; a strict `>` keeps the lowest
+                    // center on ties (and never lets a NaN win).
+                    let mut best = 0usize;
+                    let mut best_sim = dot(row(t), row(centers[0]));
+                    for (c, &ct) in centers.iter().enumerate().skip(1) {
+                        let sim = dot(row(t), row(ct));
+                        if sim > best_sim {
+                            best = c;
+                            best_sim = sim;
+                        }
+                    }
+                    *a = best as u32;
+                }
+            });
     }
     Ok(plan)
 }
@@ -476,18 +493,19 @@ pub fn gather_fuse(
             let remaining = &plan.remaining[b * r..(b + 1) * r];
             let assign = &plan.assign[b * r..(b + 1) * r];
             for (c, dst) in ctx_out.chunks_exact_mut(d).enumerate() {
-                // Members summed in original token order, as the kernel does.
-                let mut sum = vec![0.0f32; d];
+                // Members summed in original token order, as the kernel does, in
+                // dst itself (then dst = center + sum / count).
+                dst.fill(0.0);
                 let mut count = 0usize;
                 for (&t, _) in remaining.iter().zip(assign).filter(|(_, &a)| a == c as u32) {
-                    for (s, &x) in sum.iter_mut().zip(tok(t)) {
+                    for (s, &x) in dst.iter_mut().zip(tok(t)) {
                         *s += x;
                     }
                     count += 1;
                 }
                 let count = count.max(1) as f32;
-                for ((y, &x), s) in dst.iter_mut().zip(tok(plan.centers[b * m + c])).zip(&sum) {
-                    *y = x + s / count;
+                for (y, &x) in dst.iter_mut().zip(tok(plan.centers[b * m + c])) {
+                    *y = x + *y / count;
                 }
             }
             if cfg.fuse_noise_std > 0.0 {
