@@ -170,8 +170,7 @@ unsafe impl<T: Send + Sync> Send for Shared<T> {}
 unsafe impl<T: Send + Sync> Sync for Shared<T> {}
 
 /// Kept blocks, by layout (addresses as `usize`, so the lists are `Send`).
-static FREE_BLOCKS: std::sync::Mutex<Vec<(Layout, Vec<usize>)>> =
-    std::sync::Mutex::new(Vec::new());
+static FREE_BLOCKS: std::sync::Mutex<Vec<(Layout, Vec<usize>)>> = std::sync::Mutex::new(Vec::new());
 
 impl<T> Shared<T> {
     /// Shares `value` (count 1), in a kept block when one of its layout is free.

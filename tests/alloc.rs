@@ -3,12 +3,13 @@
 //! counting allocator installed as this test binary's global allocator.
 //!
 //! The pool must miss nothing once warm. GEMMs (`mem::gemm_scope`) must make at
-//! most [`GEMM_BUDGET`] calls per step where the crate's AVX-512 kernel runs (its
-//! packing buffer is per thread and reused; `linalg` splits a product over
-//! threads without a Vec); elsewhere `matrixmultiply` allocates a packing buffer
-//! per call, which is reported, not bounded. Every other allocation call is
-//! bounded per method by what remains today (see `BUDGET`), so a new per-step
-//! allocation fails here; the budget is to be lowered to 0 as those sources go.
+//! most [`GEMM_BUDGET`] calls per step where the crate's own kernel runs (AVX-512
+//! or AVX2 + FMA: its packing buffer is per thread and reused; `linalg` splits a
+//! product over threads without a Vec); on other CPUs `matrixmultiply` allocates
+//! a packing buffer per call, which is reported, not bounded. Every other
+//! allocation call is bounded per method by what remains today (see `BUDGET`),
+//! so a new per-step allocation fails here; the budget is to be lowered to 0 as
+//! those sources go.
 //!
 //! One test function in its own binary: the GEMM attribution assumes one thread
 //! outside the rayon pool doing work (the test harness runs nothing alongside).
@@ -20,27 +21,27 @@ use dualpriv::train::method::Method;
 static ALLOC: dualpriv::mem::CountingAlloc = dualpriv::mem::CountingAlloc;
 
 /// Allocation calls per step outside GEMMs, at most, and what they are today
-/// (tiny preset, batch 8; measured with heaptrack, 2026-12-02):
-/// * every gradient method: ~50 `Arc` boxes of the shared activations and
-///   captures (`model::lora::Shared`, one per LoRA forward and backward and per
-///   saved layer input), the collated batch and its sequence layout (~20), the
-///   step's id lists and capture list (~5);
-/// * `dualpriv`: plus token selection's per-image plans and scores
-///   (`vision::tokens`, ~100 at batch 8, ~320 at batch 32);
-/// * `dpzo`: two forwards' `Arc`s and layouts, the perturbation's id list.
+/// (tiny preset, batch 8; found with gdb on the counting allocator, 2026-12-02):
+/// * every gradient method, ~20: the collated batch (5), the step's id lists,
+///   capture list and norm accumulators (~8), the uploaded token ids (2), the
+///   sequence's embedding buffers (2), and rayon's job for the polling workers
+///   (`backend::cpu::hot`, 1). The shared activations (`mem::Shared`) and the
+///   sequence layout no longer allocate;
+/// * `dualpriv`: plus token selection's plan, scores and key metric (~11);
+/// * `dpzo`: two forwards' ids and embeddings, the perturbation's id list.
 ///
-/// GEMM allocation calls per step, at most, with the AVX-512 kernel: rayon's
+/// GEMM allocation calls per step, at most, with the crate's kernel: rayon's
 /// injector (below) is the one source left.
 const GEMM_BUDGET: f64 = 2.0;
 
 /// Plus 2 of slack: rayon's injector allocates one block per 63 jobs handed to
 /// the pool from outside it, so a step's count varies by one now and then.
 const BUDGET: [(Method, f64); 5] = [
-    (Method::Nonprivate, 81.0),
-    (Method::Dpsgd, 84.0),
-    (Method::Ghost, 84.0),
-    (Method::Dualpriv, 186.0),
-    (Method::Dpzo, 80.0),
+    (Method::Nonprivate, 22.0),
+    (Method::Dpsgd, 23.0),
+    (Method::Ghost, 23.0),
+    (Method::Dualpriv, 34.0),
+    (Method::Dpzo, 26.0),
 ];
 
 #[test]

@@ -196,7 +196,10 @@ fn avx512_and_avx2_kernels_are_bit_identical() {
         }
         limit_simd(None);
         assert!(
-            out[0].iter().zip(&out[1]).all(|(x, y)| x.to_bits() == y.to_bits()),
+            out[0]
+                .iter()
+                .zip(&out[1])
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
             "m={m} n={n} k={k} ta={ta} tb={tb}: AVX-512 and AVX2 differ"
         );
     }

@@ -917,8 +917,8 @@ fn noise_axpy_many_with_stored_directions_is_bitwise_regeneration() {
     // The CPU keeps the last call's directions and reuses them for the same keys
     // and lengths (DPZO's three perturbations of one step); every call must give
     // what regenerating gives, and a new key or a new length must not reuse them.
-    use dualpriv::backend::dp::DpBackend;
     use dualpriv::backend::cpu::Cpu;
+    use dualpriv::backend::dp::DpBackend;
     use dualpriv::backend::Backend;
     let stream = StreamKey::from_insecure_seed(RngKind::Chacha20, 5);
     let key = |tensor_id: u32, step: u32| NoiseKey {

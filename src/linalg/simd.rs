@@ -245,7 +245,21 @@ pub unsafe fn sgemm_avx512(
     c: *mut f32,
     ldc: usize,
 ) {
-    let g = Gemm { m, k, n, alpha, a, ars, acs, b, brs, bcs, beta, c, ldc };
+    let g = Gemm {
+        m,
+        k,
+        n,
+        alpha,
+        a,
+        ars,
+        acs,
+        b,
+        brs,
+        bcs,
+        beta,
+        c,
+        ldc,
+    };
     // SAFETY: the caller's contract; the features are enabled here.
     unsafe { sgemm::<Avx512>(&g) }
 }
@@ -271,7 +285,21 @@ pub unsafe fn sgemm_avx2(
     c: *mut f32,
     ldc: usize,
 ) {
-    let g = Gemm { m, k, n, alpha, a, ars, acs, b, brs, bcs, beta, c, ldc };
+    let g = Gemm {
+        m,
+        k,
+        n,
+        alpha,
+        a,
+        ars,
+        acs,
+        b,
+        brs,
+        bcs,
+        beta,
+        c,
+        ldc,
+    };
     // SAFETY: the caller's contract; the features are enabled here.
     unsafe { sgemm::<Avx2>(&g) }
 }
@@ -349,7 +377,17 @@ unsafe fn sgemm<I: Isa>(g: &Gemm) {
                     // SAFETY: rows k0..k0+kc and columns n0+full..n0+nc of b are in
                     // bounds; `packed` holds `need` values.
                     unsafe {
-                        pack_b::<I>(&mut packed, nr, g.b, g.brs, g.bcs, k0, kc, n0 + full, nc - full)
+                        pack_b::<I>(
+                            &mut packed,
+                            nr,
+                            g.b,
+                            g.brs,
+                            g.bcs,
+                            k0,
+                            kc,
+                            n0 + full,
+                            nc - full,
+                        )
                     };
                 }
                 for i0 in (0..m).step_by(mr_max) {
@@ -360,7 +398,8 @@ unsafe fn sgemm<I: Isa>(g: &Gemm) {
                         let ncols = nr.min(nc - j0);
                         let (bp, bs) = if j0 < full {
                             // SAFETY: row k0, column n0 + j0 of b is in bounds.
-                            let bp = unsafe { g.b.offset(k0 as isize * g.brs + (n0 + j0) as isize) };
+                            let bp =
+                                unsafe { g.b.offset(k0 as isize * g.brs + (n0 + j0) as isize) };
                             (bp, g.brs as usize)
                         } else {
                             (packed[(p - full / nr) * kc * nr..].as_ptr(), nr)
@@ -419,7 +458,9 @@ unsafe fn pack_b<I: Isa>(
     // per-head products of attention are small enough that scalar packing cost
     // as much as their arithmetic.
     let gather = bcs != 1
-        && bcs.checked_mul(I::L as isize - 1).is_some_and(|t| i32::try_from(t).is_ok());
+        && bcs
+            .checked_mul(I::L as isize - 1)
+            .is_some_and(|t| i32::try_from(t).is_ok());
     for (p, j0) in (0..nc).step_by(nr).enumerate() {
         let w = nr.min(nc - j0);
         let panel = &mut packed[p * kc * nr..(p + 1) * kc * nr];
@@ -441,7 +482,11 @@ unsafe fn pack_b<I: Isa>(
                         } else if bcs == 1 {
                             I::load_first(row.add(I::L * h), lanes)
                         } else {
-                            I::gather_first(row.offset((I::L * h) as isize * bcs), bcs as i32, lanes)
+                            I::gather_first(
+                                row.offset((I::L * h) as isize * bcs),
+                                bcs as i32,
+                                lanes,
+                            )
                         };
                         I::store(dst.as_mut_ptr().add(I::L * h), v);
                     }

@@ -14,8 +14,8 @@ use super::config::{FullGroup, LlmConfig, LoraTarget, TrainMode};
 use super::lora::{CaptureSink, Linear};
 use super::weights::{Builder, Init, Store};
 use crate::backend::{AttnShape, Backend, RopeShape, RowShape};
-use crate::Result;
 use crate::mem::Shared;
+use crate::Result;
 
 pub(crate) struct LlamaLayer {
     ln1: usize,

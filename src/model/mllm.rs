@@ -28,9 +28,9 @@
 //! **Visual tokens.** Without token selection the projector sees the patches only
 //! (N − 1 tokens, LLaVA's `patch` feature) or, with [`VisionFeature::ClsPatch`], all N
 //! tokens. With token selection it sees `[CLS, K dominant, M contextual]`.
+use crate::mem::Shared;
 use std::collections::HashMap;
 use std::path::Path;
-use crate::mem::Shared;
 
 use super::config::{FullGroup, ModelConfig, TrainMode, VisionFeature};
 use super::llama::{LayerCache, Llama};
@@ -93,7 +93,8 @@ struct SeqLayout {
     t: usize,
     l: usize,
     spliced: bool,
-    /// Per example: the placeholder's position, `None` for text-only (spliced only).
+    /// Per example: the placeholder's position, `None` for text-only (spliced
+    /// only; empty otherwise, see [`Self::pos`]).
     pos: Vec<Option<usize>>,
 }
 
@@ -101,7 +102,8 @@ impl SeqLayout {
     fn new(batch: &Batch, v: usize) -> Self {
         let (b, t) = (batch.size, batch.text_len);
         let (spliced, pos, l) = match &batch.image_pos {
-            None => (false, vec![Some(0); b], v + t),
+            // Unspliced: every example's image first (`Self::pos`), no list.
+            None => (false, Vec::new(), v + t),
             Some(p) => (true, p.clone(), t + v.max(1) - 1),
         };
         Self {
@@ -126,65 +128,77 @@ impl SeqLayout {
         }
     }
 
+    /// Per example: the placeholder's position (every unspliced example's image
+    /// comes first, at 0), `None` for text-only.
+    fn pos(&self, i: usize) -> Option<usize> {
+        if self.spliced {
+            self.pos[i]
+        } else {
+            Some(0)
+        }
+    }
+
     /// Text embeddings `[b, T, d]` into the sequence `[b, l, d]` (the placeholder
-    /// row, if any, is dropped).
-    fn text_into_seq(&self, d: usize) -> Vec<Blocks> {
+    /// row, if any, is dropped): hands each copy to `f`, so no list is allocated.
+    fn text_into_seq(&self, d: usize, mut f: impl FnMut(Blocks) -> Result<()>) -> Result<()> {
         let (t, l, v) = (self.t, self.l, self.v);
         if !self.spliced {
-            return vec![Blocks {
+            return f(Blocks {
                 count: self.b,
                 len: t * d,
                 src_off: 0,
                 src_stride: t * d,
                 dst_off: v * d,
                 dst_stride: l * d,
-            }];
+            });
         }
-        let mut out = Vec::with_capacity(2 * self.b);
         for (i, p) in self.pos.iter().enumerate() {
             match *p {
                 Some(p) => {
                     if p > 0 {
-                        out.push(Self::rows(p, i * t, i * l, d));
+                        f(Self::rows(p, i * t, i * l, d))?;
                     }
                     if t > p + 1 {
-                        out.push(Self::rows(t - p - 1, i * t + p + 1, i * l + p + v, d));
+                        f(Self::rows(t - p - 1, i * t + p + 1, i * l + p + v, d))?;
                     }
                 }
-                None if t > 0 => out.push(Self::rows(t, i * t, i * l, d)),
+                None if t > 0 => f(Self::rows(t, i * t, i * l, d))?,
                 None => {}
             }
         }
-        out
+        Ok(())
     }
 
     /// Visual tokens `[b, V, d]` into the sequence (text-only examples' rows of
     /// the visual tokens go nowhere, so their backward gradient stays exactly 0).
-    fn vis_into_seq(&self, d: usize) -> Vec<Blocks> {
+    fn vis_into_seq(&self, d: usize, mut f: impl FnMut(Blocks) -> Result<()>) -> Result<()> {
         let (l, v) = (self.l, self.v);
         if !self.spliced {
-            return vec![Blocks {
+            return f(Blocks {
                 count: self.b,
                 len: v * d,
                 src_off: 0,
                 src_stride: v * d,
                 dst_off: 0,
                 dst_stride: l * d,
-            }];
+            });
         }
-        self.pos
-            .iter()
-            .enumerate()
-            .filter(|_| v > 0)
-            .filter_map(|(i, p)| p.map(|p| Self::rows(v, i * v, i * l + p, d)))
-            .collect()
+        if v == 0 {
+            return Ok(());
+        }
+        for (i, p) in self.pos.iter().enumerate() {
+            if let Some(p) = *p {
+                f(Self::rows(v, i * v, i * l + p, d))?;
+            }
+        }
+        Ok(())
     }
 
     /// The sequence row whose output gives the logits of text position j: text
     /// before the image (and all of a text-only example) reads its own row; the
     /// placeholder reads the last visual token's; text after it its shifted row.
     fn readout_row(&self, i: usize, j: usize) -> usize {
-        match self.pos[i] {
+        match self.pos(i) {
             None => j,
             Some(p) if j < p => j,
             Some(_) if self.spliced => j + self.v - 1,
@@ -192,35 +206,35 @@ impl SeqLayout {
         }
     }
 
-    /// Sequence rows `[b, l, d]` to the T readout rows `[b, T, d]`.
-    fn readout(&self, d: usize) -> Vec<Blocks> {
+    /// Sequence rows `[b, l, d]` to the T readout rows `[b, T, d]`, each copy
+    /// handed to `f`.
+    fn readout(&self, d: usize, mut f: impl FnMut(Blocks) -> Result<()>) -> Result<()> {
         let (t, l) = (self.t, self.l);
         if !self.spliced {
-            return vec![Blocks {
+            return f(Blocks {
                 count: self.b,
                 len: t * d,
                 src_off: self.v * d,
                 src_stride: l * d,
                 dst_off: 0,
                 dst_stride: t * d,
-            }];
+            });
         }
-        let mut out = Vec::with_capacity(2 * self.b);
         for (i, p) in self.pos.iter().enumerate() {
             let p = p.unwrap_or(t);
             if p > 0 {
-                out.push(Self::rows(p, i * l, i * t, d));
+                f(Self::rows(p, i * l, i * t, d))?;
             }
             if t > p {
-                out.push(Self::rows(
+                f(Self::rows(
                     t - p,
                     i * l + self.readout_row(i, p),
                     i * t + p,
                     d,
-                ));
+                ))?;
             }
         }
-        out
+        Ok(())
     }
 
     /// `images` `[b, 3, S, S]` with text-only examples' slots set to zero (`None`
@@ -251,10 +265,6 @@ fn swap(b: Blocks) -> Blocks {
         dst_stride: b.src_stride,
         ..b
     }
-}
-
-fn copy_all<B: Backend>(be: &B, dst: &mut B::Buf, src: &B::Buf, blocks: &[Blocks]) -> Result<()> {
-    blocks.iter().try_for_each(|&b| be.copy_blocks(dst, src, b))
 }
 
 impl<B: Backend> Mllm<B> {
@@ -644,8 +654,8 @@ impl<B: Backend> Mllm<B> {
         )?;
         let l = lay.l;
         let mut x = be.zeros(b * l * d)?;
-        copy_all(be, &mut x, &vis, &lay.vis_into_seq(d))?;
-        copy_all(be, &mut x, &txt, &lay.text_into_seq(d))?;
+        lay.vis_into_seq(d, |b| be.copy_blocks(&mut x, &vis, b))?;
+        lay.text_into_seq(d, |b| be.copy_blocks(&mut x, &txt, b))?;
         // Decoder.
         let mut layers = Vec::new();
         for i in 0..lc.layers {
@@ -682,7 +692,8 @@ impl<B: Backend> Mllm<B> {
         };
         if with_loss {
             let mut ht = be.zeros(b * t * d)?;
-            copy_all(be, &mut ht, &fwd.hf, &fwd.lay.readout(d))?;
+            fwd.lay
+                .readout(d, |b| be.copy_blocks(&mut ht, &fwd.hf, b))?;
             let (logits, _) = self.llm.lm_head.forward(be, st, &ht, b * t)?;
             // Row weights: mask / (masked positions of the example), so Σ_rows = Σ_i ℓ_i.
             let mut w = vec![0.0f32; b * t];
@@ -785,8 +796,8 @@ impl<B: Backend> Mllm<B> {
         )?;
         if let (Some(lo), Some(dht)) = (lowest, dht) {
             let mut dhf = be.zeros(b * l * d)?;
-            let back: Vec<Blocks> = f.lay.readout(d).into_iter().map(swap).collect();
-            copy_all(be, &mut dhf, &dht, &back)?;
+            f.lay
+                .readout(d, |b| be.copy_blocks(&mut dhf, &dht, swap(b)))?;
             let mut dx = be.zeros(b * l * d)?;
             let mut dw = be.zeros(d)?;
             be.rmsnorm_bwd(
@@ -819,8 +830,8 @@ impl<B: Backend> Mllm<B> {
             if let (true, Some(dx0)) = (need_bottom, grad) {
                 if let Some(eid) = self.llm.embed_id {
                     let mut dtxt = be.zeros(b * t * d)?;
-                    let back: Vec<Blocks> = f.lay.text_into_seq(d).into_iter().map(swap).collect();
-                    copy_all(be, &mut dtxt, &dx0, &back)?;
+                    f.lay
+                        .text_into_seq(d, |b| be.copy_blocks(&mut dtxt, &dx0, swap(b)))?;
                     let vocab = self.cfg.llm.vocab;
                     let mut dtable = be.zeros(vocab * d)?;
                     let ids = be.upload_ids(&batch.input_ids)?;
@@ -838,8 +849,8 @@ impl<B: Backend> Mllm<B> {
                 }
                 if self.proj.trainable() {
                     let mut dvis = be.zeros(b * v * d)?;
-                    let back: Vec<Blocks> = f.lay.vis_into_seq(d).into_iter().map(swap).collect();
-                    copy_all(be, &mut dvis, &dx0, &back)?;
+                    f.lay
+                        .vis_into_seq(d, |b| be.copy_blocks(&mut dvis, &dx0, swap(b)))?;
                     let cache = f.proj.as_ref().ok_or_else(|| {
                         Error::Internal("the projector's backward ran without its cache".into())
                     })?;
@@ -967,7 +978,7 @@ impl<B: Backend> Mllm<B> {
         let f = self.forward(be, batch, tokens, false, false)?;
         let d = self.cfg.llm.hidden;
         let mut ht = be.zeros(b * t * d)?;
-        copy_all(be, &mut ht, &f.hf, &f.lay.readout(d))?;
+        f.lay.readout(d, |b| be.copy_blocks(&mut ht, &f.hf, b))?;
         let (logits, _) = self.llm.lm_head.forward(be, &self.store, &ht, b * t)?;
         be.download(&logits)
     }

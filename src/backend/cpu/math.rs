@@ -298,7 +298,10 @@ mod tests {
             let mut wide = vec![0.0; x.len()];
             let ws = probe(&x, &mut wide);
             assert!(
-                plain.iter().zip(&wide).all(|(a, b)| a.to_bits() == b.to_bits()),
+                plain
+                    .iter()
+                    .zip(&wide)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{tier:?}"
             );
             assert_eq!(ps.to_bits(), ws.to_bits(), "{tier:?}");
