@@ -267,6 +267,165 @@ impl<T: std::fmt::Debug> std::fmt::Debug for Shared<T> {
     }
 }
 
+/// A `Vec<T>` whose buffer goes back to a process-wide free list when dropped
+/// (its values dropped first), to be handed out again by the next [`Recycled::with_capacity`]
+/// (or `filled`, `from_slice`) of a type with T's size and alignment: the host-side
+/// bookkeeping of a training step (staged weights, token ids, norm accumulators,
+/// micro-batch lists, layer caches) reuses its buffers instead of allocating them
+/// each step.
+///
+/// At most [`RECYCLED_KEEP`] buffers per layout are kept; they are reported as
+/// cached bytes ([`cache_add`]). Derefs to the `Vec`, so it is used like one.
+pub struct Recycled<T> {
+    v: Vec<T>,
+}
+
+/// Buffers kept per element layout by [`Recycled`].
+pub const RECYCLED_KEEP: usize = 64;
+
+/// Kept buffers by element layout: (address, capacity in elements).
+static FREE_VECS: std::sync::Mutex<Vec<(Layout, Vec<(usize, usize)>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+impl<T> Recycled<T> {
+    /// An empty vector with room for `n` values: a kept buffer (the first large
+    /// enough) when there is one.
+    pub fn with_capacity(n: usize) -> Self {
+        let l = Layout::new::<T>();
+        if l.size() == 0 || n == 0 {
+            return Self { v: Vec::new() };
+        }
+        let kept = {
+            let mut free = FREE_VECS.lock().unwrap_or_else(|e| e.into_inner());
+            free.iter_mut().find(|(fl, _)| *fl == l).and_then(|(_, v)| {
+                let at = v.iter().position(|&(_, cap)| cap >= n)?;
+                Some(v.swap_remove(at))
+            })
+        };
+        match kept {
+            Some((ptr, cap)) => {
+                cache_take(cap * l.size());
+                // SAFETY: the buffer was a Vec's of `cap` values of a type with
+                // T's size and alignment (so the same allocation layout), emptied
+                // and given up by `Drop` below and owned by nobody since; length 0
+                // needs no initialised values.
+                let v = unsafe { Vec::from_raw_parts(ptr as *mut T, 0, cap) };
+                Self { v }
+            }
+            None => Self {
+                v: Vec::with_capacity(n),
+            },
+        }
+    }
+
+    /// `n` copies of `value`.
+    pub fn filled(n: usize, value: T) -> Self
+    where
+        T: Clone,
+    {
+        let mut r = Self::with_capacity(n);
+        r.v.resize(n, value);
+        r
+    }
+
+    /// A copy of `values`.
+    pub fn from_slice(values: &[T]) -> Self
+    where
+        T: Clone,
+    {
+        let mut r = Self::with_capacity(values.len());
+        r.v.extend_from_slice(values);
+        r
+    }
+}
+
+impl<T> Drop for Recycled<T> {
+    fn drop(&mut self) {
+        let l = Layout::new::<T>();
+        let mut v = std::mem::take(&mut self.v);
+        v.clear(); // the values are dropped here, the buffer kept
+        if l.size() == 0 || v.capacity() == 0 {
+            return;
+        }
+        let mut free = FREE_VECS.lock().unwrap_or_else(|e| e.into_inner());
+        let list = match free.iter().position(|(fl, _)| *fl == l) {
+            Some(i) => &mut free[i].1,
+            None => {
+                free.push((l, Vec::with_capacity(RECYCLED_KEEP)));
+                &mut free.last_mut().expect("just pushed").1
+            }
+        };
+        if list.len() >= RECYCLED_KEEP {
+            return; // `v` is freed
+        }
+        let cap = v.capacity();
+        list.push((v.as_mut_ptr() as usize, cap));
+        std::mem::forget(v);
+        cache_add(cap * l.size());
+    }
+}
+
+impl<T> std::ops::Deref for Recycled<T> {
+    type Target = Vec<T>;
+    fn deref(&self) -> &Vec<T> {
+        &self.v
+    }
+}
+
+impl<T> std::ops::DerefMut for Recycled<T> {
+    fn deref_mut(&mut self) -> &mut Vec<T> {
+        &mut self.v
+    }
+}
+
+impl<T> Default for Recycled<T> {
+    fn default() -> Self {
+        Self { v: Vec::new() }
+    }
+}
+
+impl<T: Clone> Clone for Recycled<T> {
+    fn clone(&self) -> Self {
+        Self::from_slice(&self.v)
+    }
+}
+
+impl<T: PartialEq> PartialEq for Recycled<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.v == other.v
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Recycled<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.v.fmt(f)
+    }
+}
+
+impl<'a, T> IntoIterator for &'a Recycled<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.v.iter()
+    }
+}
+
+impl<T> From<Vec<T>> for Recycled<T> {
+    /// Adopts `v`'s buffer (recycled when this drops).
+    fn from(v: Vec<T>) -> Self {
+        Self { v }
+    }
+}
+
+impl<T> FromIterator<T> for Recycled<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
+        let it = iter.into_iter();
+        let mut r = Self::with_capacity(it.size_hint().0);
+        r.v.extend(it);
+        r
+    }
+}
+
 #[cfg(test)]
 mod shared_tests {
     use super::Shared;
@@ -274,8 +433,8 @@ mod shared_tests {
 
     static DROPS: AtomicUsize = AtomicUsize::new(0);
 
-    /// Counts its drops; 232 bytes, a layout nothing else in this binary shares
-    /// (so no test running meanwhile takes its kept block).
+    /// Counts its drops; its block (`SharedInner<Probe>`, 240 bytes) has a layout
+    /// nothing else in this binary shares, so no test running meanwhile takes it.
     struct Probe([u64; 29]);
     impl Drop for Probe {
         fn drop(&mut self) {
@@ -301,5 +460,40 @@ mod shared_tests {
         assert_eq!(d.0, [9; 29]);
         drop(d);
         assert_eq!(DROPS.load(SeqCst), 2);
+    }
+
+    #[test]
+    fn recycled_buffers_are_reused_and_hold_what_was_put_in() {
+        use super::Recycled;
+        // A layout nothing else in this binary recycles: ([u8; 24], align 1).
+        type P = [u8; 24];
+        let a = Recycled::<P>::filled(10, [3; 24]);
+        let addr = a.as_ptr() as usize;
+        drop(a);
+        // A request the kept buffer fits gets it (length 0, then filled anew).
+        let b = Recycled::<P>::from_slice(&[[1; 24]; 7]);
+        assert_eq!(b.as_ptr() as usize, addr);
+        assert_eq!(b.len(), 7);
+        assert!(b.iter().all(|x| *x == [1; 24]));
+        // One larger than any kept buffer is allocated fresh.
+        let c = Recycled::<P>::filled(11, [5; 24]);
+        assert_ne!(c.as_ptr() as usize, addr);
+        assert_eq!(c.iter().collect::<Vec<_>>().len(), 11);
+        let d: Recycled<P> = (0..3u8).map(|i| [i; 24]).collect();
+        assert_eq!(d[2], [2; 24]);
+        assert_eq!(Recycled::<P>::default().capacity(), 0);
+        // Values with drop glue are dropped when the vector is, not recycled.
+        static COUNTED: AtomicUsize = AtomicUsize::new(0);
+        struct Counted(#[allow(dead_code)] [u16; 9]);
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                COUNTED.fetch_add(1, SeqCst);
+            }
+        }
+        let mut e: Recycled<Counted> = Recycled::with_capacity(2);
+        e.push(Counted([1; 9]));
+        e.push(Counted([2; 9]));
+        drop(e);
+        assert_eq!(COUNTED.load(SeqCst), 2);
     }
 }

@@ -367,8 +367,8 @@ impl DpBackend for Meter {
     }
     fn norms_download(&self, n: &MeterNorms) -> Result<NormTotals> {
         Ok(NormTotals {
-            sq: vec![1.0; n.b],
-            bound: vec![0.0; n.b],
+            sq: vec![1.0; n.b].into(),
+            bound: vec![0.0; n.b].into(),
             rows_cap: n.rows_cap,
         })
     }

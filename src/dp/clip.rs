@@ -25,6 +25,7 @@
 use rayon::prelude::*;
 
 use crate::error::{ensure_shape, Error, Result};
+use crate::mem::Recycled;
 // `linalg` counts each GEMM block's allocations as the GEMM's (`mem::gemm_scope`).
 use crate::linalg::{gemm_f32, gemm_f64, View};
 
@@ -304,9 +305,9 @@ pub fn layer_rounding_bounds(
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NormTotals {
     /// Σ_layers ‖∇W_il‖² (plus bias terms).
-    pub sq: Vec<f64>,
+    pub sq: Recycled<f64>,
     /// Σ_layers γ_l·E_il: what the f32 clipped sums can add to example i's part.
-    pub bound: Vec<f64>,
+    pub bound: Recycled<f64>,
     /// The public micro-batch bound the γ's use (see [`layer_gamma`]).
     pub rows_cap: usize,
 }
@@ -315,8 +316,8 @@ impl NormTotals {
     /// `b` zeroed accumulators whose bounds use the public micro-batch bound `rows_cap`.
     pub fn zeros(b: usize, rows_cap: usize) -> Self {
         Self {
-            sq: vec![0.0; b],
-            bound: vec![0.0; b],
+            sq: Recycled::filled(b, 0.0),
+            bound: Recycled::filled(b, 0.0),
             rows_cap,
         }
     }

@@ -28,7 +28,7 @@
 //! **Visual tokens.** Without token selection the projector sees the patches only
 //! (N − 1 tokens, LLaVA's `patch` feature) or, with [`VisionFeature::ClsPatch`], all N
 //! tokens. With token selection it sees `[CLS, K dominant, M contextual]`.
-use crate::mem::Shared;
+use crate::mem::{Recycled, Shared};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -66,7 +66,7 @@ struct Fwd<B: Backend> {
     /// The projector's activations; `None` when the forward started from
     /// projected features (forward only).
     proj: Option<ProjCache<B>>,
-    layers: Vec<LayerCache<B>>,
+    layers: Recycled<LayerCache<B>>,
     x_final: B::Buf,
     rstd_f: B::Buf,
     /// `[b, L, D]` after the final norm.
@@ -657,7 +657,7 @@ impl<B: Backend> Mllm<B> {
         lay.vis_into_seq(d, |b| be.copy_blocks(&mut x, &vis, b))?;
         lay.text_into_seq(d, |b| be.copy_blocks(&mut x, &txt, b))?;
         // Decoder.
-        let mut layers = Vec::new();
+        let mut layers = Recycled::with_capacity(lc.layers);
         for i in 0..lc.layers {
             let (y, cache) = self.llm.layer_forward(be, st, i, x, (b, l), train)?;
             layers.extend(cache);
@@ -696,7 +696,7 @@ impl<B: Backend> Mllm<B> {
                 .readout(d, |b| be.copy_blocks(&mut ht, &fwd.hf, b))?;
             let (logits, _) = self.llm.lm_head.forward(be, st, &ht, b * t)?;
             // Row weights: mask / (masked positions of the example), so Σ_rows = Σ_i ℓ_i.
-            let mut w = vec![0.0f32; b * t];
+            let mut w = Recycled::filled(b * t, 0.0f32);
             for i in 0..b {
                 let m = &batch.loss_mask[i * t..][..t];
                 let cnt: f32 = m.iter().sum();
@@ -721,7 +721,7 @@ impl<B: Backend> Mllm<B> {
                     dim: lc.vocab,
                 },
             )?;
-            let ones = be.upload(&vec![1.0; t])?;
+            let ones = be.upload(&Recycled::filled(t, 1.0f32))?;
             let mut per_ex = be.zeros(b)?;
             be.matmul(&mut per_ex, &losses, &ones, MatmulSpec::nn(b, 1, t))?;
             fwd.ht = Some(ht);

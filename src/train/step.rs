@@ -27,6 +27,7 @@ use crate::dp::clip::LinearShape;
 use crate::dp::key::{Domain, RunKey};
 use crate::dp::noise::{NoiseKey, RngKind};
 use crate::dp::prune::{PruneReport, UpdateConfig};
+use crate::mem::Recycled;
 use crate::model::{Capture, Mllm};
 use crate::train::method::Method;
 use crate::train::{PruneScope, TrainConfig};
@@ -473,8 +474,8 @@ pub fn gradient_sums<B: DpBackend>(
         nonfinite: 0,
     };
     for mb in indices.chunks(cfg.micro_batch.max(1)) {
-        let (reduced, factors) = forward_clip(backend, model, cfg, key, data, mb, &mut sums)?;
-        for r in reduced {
+        let (mut reduced, factors) = forward_clip(backend, model, cfg, key, data, mb, &mut sums)?;
+        for r in reduced.drain(..) {
             for (id, g) in clipped_sums(backend, &factors, r)? {
                 add_into(backend, &mut sums.grads, id, g)?;
             }
@@ -494,14 +495,14 @@ fn forward_clip<B: DpBackend>(
     data: &dyn DataSource,
     mb: &[usize],
     sums: &mut Sums<B>,
-) -> Result<(Vec<Reduced<B>>, B::Buf)> {
+) -> Result<(Recycled<Reduced<B>>, B::Buf)> {
     let batch = data.collate(mb, cfg.text_len)?;
     let tokens = cfg.train_token_select(key);
     let b = mb.len();
     let mut norms = be.norms_zeros(b, cfg.micro_batch)?;
-    let ones = be.upload(&vec![1.0; b])?;
+    let ones = be.upload(&Recycled::filled(b, 1.0f32))?;
     // One capture per trainable tensor at most (weights; biases ride along).
-    let mut reduced = Vec::with_capacity(model.trainable().len());
+    let mut reduced = Recycled::with_capacity(model.trainable().len());
     let fb = model.forward_backward_with(be, &batch, tokens.as_ref(), &mut |c| {
         reduced.push(reduce(be, cfg.method, c, &mut norms, &ones)?);
         Ok(())
@@ -557,7 +558,7 @@ fn gradient_step<B: DpBackend>(
 ) -> Result<StepOutcome> {
     let cfg = ctx.cfg;
     let be = ctx.backend;
-    let params: Vec<(u32, usize)> = ctx
+    let params: Recycled<(u32, usize)> = ctx
         .model
         .trainable()
         .iter()
@@ -575,7 +576,7 @@ fn gradient_step<B: DpBackend>(
     if indices.is_empty() && !cfg.method.is_private() && hook.is_none_or(|h| h.inject.is_empty()) {
         return Ok(out);
     }
-    let micro: Vec<&[usize]> = indices.chunks(cfg.micro_batch.max(1)).collect();
+    let micro: Recycled<&[usize]> = indices.chunks(cfg.micro_batch.max(1)).collect();
     // Streaming: each tensor is noised, applied and freed as soon as its clipped sum
     // exists, so no full gradient buffer is ever held. Possible only when the step
     // has one micro-batch (otherwise sums must accumulate) and a per-tensor scope.
@@ -586,11 +587,11 @@ fn gradient_step<B: DpBackend>(
         visual_tokens: 0,
         nonfinite: 0,
     };
-    let mut applied: Vec<u32> = Vec::with_capacity(params.len());
+    let mut applied: Recycled<u32> = Recycled::with_capacity(params.len());
     for mb in &micro {
-        let (reduced, factors) =
+        let (mut reduced, factors) =
             forward_clip(be, &*ctx.model, cfg, ctx.key, ctx.data, mb, &mut sums)?;
-        for r in reduced {
+        for r in reduced.drain(..) {
             for (id, mut g) in clipped_sums(be, &factors, r)? {
                 if streaming {
                     // Noised, applied and dropped before the next tensor's sum exists.

@@ -371,6 +371,9 @@ pub fn plan_tokens(
         Vec::new()
     };
     let (p, n, hd, m) = (shape.patches(), shape.tokens, shape.head_dim, cfg.context);
+    ensure_shape(u32::try_from(n).is_ok(), || {
+        format!("{n} tokens do not fit u32 token indices")
+    })?;
     let (k1, r) = (1 + cfg.keep, p - cfg.keep);
     let mut plan = TokenPlan {
         kept: vec![0; shape.batch * k1],

@@ -63,10 +63,16 @@ pub enum SimdTier {
     Avx512 = 2,
 }
 
-/// The tier detected, capped by [`limit_simd`]; 0xff until first detected.
+/// The tier detected, capped by [`limit_simd`] and `DUALPRIV_CPU_SIMD`; 0xff until
+/// first needed.
 static TIER: AtomicU8 = AtomicU8::new(0xff);
 /// The cap [`limit_simd`] set (0xff: none).
 static LIMIT: AtomicU8 = AtomicU8::new(0xff);
+
+thread_local! {
+    /// This thread's own cap ([`with_simd_limit`]); 0xff: none.
+    static THREAD_LIMIT: std::cell::Cell<u8> = const { std::cell::Cell::new(0xff) };
+}
 
 fn detect() -> SimdTier {
     #[cfg(target_arch = "x86_64")]
@@ -82,39 +88,85 @@ fn detect() -> SimdTier {
     SimdTier::Plain
 }
 
-/// The tier [`simd_fn`] functions run at: the CPU's widest, unless capped by
-/// [`limit_simd`] or by `DUALPRIV_CPU_SIMD` (`plain`, `avx2` or `avx512`, read once).
-/// One relaxed load after the first call.
-#[inline]
-pub fn simd_tier() -> SimdTier {
-    match TIER.load(Relaxed) {
+fn tier_of(v: u8) -> SimdTier {
+    match v {
         0 => SimdTier::Plain,
         1 => SimdTier::Avx2,
-        2 => SimdTier::Avx512,
+        _ => SimdTier::Avx512,
+    }
+}
+
+/// `DUALPRIV_CPU_SIMD`'s cap: `plain` (also `none`, `sse2`), `avx2` or `avx512`, in
+/// any case; another value is reported on stderr and caps nothing.
+fn env_cap() -> SimdTier {
+    let Ok(v) = std::env::var("DUALPRIV_CPU_SIMD") else {
+        return SimdTier::Avx512;
+    };
+    match v.to_ascii_lowercase().as_str() {
+        "plain" | "none" | "sse2" => SimdTier::Plain,
+        "avx2" => SimdTier::Avx2,
+        "avx512" | "" => SimdTier::Avx512,
         _ => {
-            let env = match std::env::var("DUALPRIV_CPU_SIMD").as_deref() {
-                Ok("plain") => SimdTier::Plain,
-                Ok("avx2") => SimdTier::Avx2,
-                _ => SimdTier::Avx512,
-            };
-            let limit = match LIMIT.load(Relaxed) {
-                0 => SimdTier::Plain,
-                1 => SimdTier::Avx2,
-                _ => SimdTier::Avx512,
-            };
-            let t = detect().min(env).min(limit);
-            TIER.store(t as u8, Relaxed);
-            t
+            eprintln!(
+                "dualpriv: DUALPRIV_CPU_SIMD={v:?} is not one of plain, avx2, avx512; ignored"
+            );
+            SimdTier::Avx512
         }
     }
 }
 
-/// Caps [`simd_tier`] at `max` for the whole process (`None` lifts the cap), so a
-/// test or a benchmark can run the narrower copies of the same code. Results do
-/// not change (see [`simd_fn`]); only speed does.
+/// The process-wide tier: detected, capped by the environment and [`limit_simd`].
+fn global_tier() -> SimdTier {
+    let t = TIER.load(Relaxed);
+    if t != 0xff {
+        return tier_of(t);
+    }
+    let t = detect().min(env_cap()).min(tier_of(LIMIT.load(Relaxed)));
+    // Only the first detection stores; `limit_simd` stores its own result, which
+    // a slower detection racing it must not overwrite.
+    match TIER.compare_exchange(0xff, t as u8, Relaxed, Relaxed) {
+        Ok(_) => t,
+        Err(now) => tier_of(now),
+    }
+}
+
+/// The tier [`simd_fn`] functions and the f32 GEMM run at: the CPU's widest,
+/// unless capped by `DUALPRIV_CPU_SIMD` (`plain`, `avx2` or `avx512`, read once),
+/// by [`limit_simd`] or, on this thread, by [`with_simd_limit`]. Two relaxed loads.
+#[inline]
+pub fn simd_tier() -> SimdTier {
+    let t = global_tier();
+    let local = THREAD_LIMIT.with(std::cell::Cell::get);
+    if local == 0xff {
+        t
+    } else {
+        t.min(tier_of(local))
+    }
+}
+
+/// Caps [`simd_tier`] at `max` for the whole process (`None` lifts the cap). The
+/// `simd_fn` loops give the same bits at every tier, but the f32 GEMM does not:
+/// at `Plain` it is `matrixmultiply`, which rounds differently from the crate's
+/// kernel. For benchmarks and for tests that hold the process to themselves.
 pub fn limit_simd(max: Option<SimdTier>) {
-    LIMIT.store(max.map_or(0xff, |t| t as u8), Relaxed);
-    TIER.store(0xff, Relaxed);
+    let cap = max.map_or(0xff, |t| t as u8);
+    LIMIT.store(cap, Relaxed);
+    let t = detect().min(env_cap()).min(tier_of(cap));
+    TIER.store(t as u8, Relaxed);
+}
+
+/// Runs `f` with [`simd_tier`] capped at `max` on this thread only (so tests
+/// running alongside are not affected; work `f` hands to other threads is not
+/// capped).
+pub fn with_simd_limit<R>(max: SimdTier, f: impl FnOnce() -> R) -> R {
+    struct Restore(u8);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREAD_LIMIT.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(THREAD_LIMIT.with(|c| c.replace(max as u8)));
+    f()
 }
 
 /// Whether this CPU runs the AVX-512 versions of [`simd_fn`] functions.
@@ -274,7 +326,7 @@ mod tests {
 
     #[test]
     fn simd_fn_is_bitwise_the_plain_loop() {
-        use super::{detect, limit_simd, simd_tier, SimdTier};
+        use super::{detect, simd_tier, with_simd_limit, SimdTier};
         let x: Vec<f32> = (0..10_007).map(|i| (i as f32 - 5000.0) * 0.0173).collect();
         let mut plain = vec![0.0; x.len()];
         let mut ps = 0.0;
@@ -287,16 +339,17 @@ mod tests {
         }
         ps += ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
         ps += plain.iter().map(|&v| f64::from(v)).sum::<f64>();
-        // Every copy this CPU can run (the cap changes only speed, so other tests
-        // running meanwhile are unaffected).
+        // Every copy this CPU can run, capped on this thread only.
         for tier in [SimdTier::Avx512, SimdTier::Avx2, SimdTier::Plain] {
             if tier > detect() {
                 continue;
             }
-            limit_simd(Some(tier));
-            assert!(simd_tier() <= tier);
-            let mut wide = vec![0.0; x.len()];
-            let ws = probe(&x, &mut wide);
+            let (wide, ws) = with_simd_limit(tier, || {
+                assert!(simd_tier() <= tier);
+                let mut wide = vec![0.0; x.len()];
+                let ws = probe(&x, &mut wide);
+                (wide, ws)
+            });
             assert!(
                 plain
                     .iter()
@@ -306,7 +359,6 @@ mod tests {
             );
             assert_eq!(ps.to_bits(), ws.to_bits(), "{tier:?}");
         }
-        limit_simd(None);
     }
 
     #[test]

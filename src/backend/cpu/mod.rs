@@ -204,7 +204,8 @@ pub const Cpu64: Cpu64 = CpuOf::new();
 
 impl<T: Real> Backend for CpuOf<T> {
     type Buf = T::Buf;
-    type Ids = Vec<u32>;
+    // Recycled: a step uploads its token ids and targets without allocating.
+    type Ids = crate::mem::Recycled<u32>;
 
     fn name(&self) -> &'static str {
         T::BACKEND
@@ -228,10 +229,10 @@ impl<T: Real> Backend for CpuOf<T> {
     fn len(&self, buf: &T::Buf) -> usize {
         buf.len()
     }
-    fn upload_ids(&self, ids: &[u32]) -> Result<Vec<u32>> {
-        Ok(ids.to_vec())
+    fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids> {
+        Ok(crate::mem::Recycled::from_slice(ids))
     }
-    fn host_ids<'a>(&self, ids: &'a Vec<u32>) -> &'a [u32] {
+    fn host_ids<'a>(&self, ids: &'a Self::Ids) -> &'a [u32] {
         ids
     }
     fn is_zero(&self, buf: &T::Buf) -> Result<Vec<bool>> {
@@ -402,7 +403,7 @@ impl<T: Real> Backend for CpuOf<T> {
         &self,
         out: &mut T::Buf,
         table: &T::Buf,
-        ids: &Vec<u32>,
+        ids: &Self::Ids,
         s: RowShape,
     ) -> Result<()> {
         embedding::embedding_fwd(out, table, ids, s)
@@ -411,7 +412,7 @@ impl<T: Real> Backend for CpuOf<T> {
         &self,
         dtable: &mut T::Buf,
         dout: &T::Buf,
-        ids: &Vec<u32>,
+        ids: &Self::Ids,
         s: RowShape,
     ) -> Result<()> {
         embedding::embedding_bwd(dtable, dout, ids, s)
@@ -421,7 +422,7 @@ impl<T: Real> Backend for CpuOf<T> {
         losses: &mut T::Buf,
         dlogits: &mut T::Buf,
         logits: &T::Buf,
-        targets: &Vec<u32>,
+        targets: &Self::Ids,
         weights: &T::Buf,
         s: RowShape,
     ) -> Result<()> {

@@ -63,8 +63,8 @@ impl DpBackend for Cuda {
             return Ok(NormTotals::default());
         }
         Ok(NormTotals {
-            sq: self.gpu.download(&n.slice)?,
-            bound: self.gpu.download(&n.bound)?,
+            sq: self.gpu.download(&n.slice)?.into(),
+            bound: self.gpu.download(&n.bound)?.into(),
             rows_cap: n.rows_cap,
         })
     }
