@@ -283,9 +283,11 @@ pub struct Recycled<T> {
 /// Buffers kept per element layout by [`Recycled`].
 pub const RECYCLED_KEEP: usize = 64;
 
-/// Kept buffers by element layout: (address, capacity in elements).
-static FREE_VECS: std::sync::Mutex<Vec<(Layout, Vec<(usize, usize)>)>> =
-    std::sync::Mutex::new(Vec::new());
+/// Kept buffers of one element layout: (address, capacity in elements).
+type KeptVecs = (Layout, Vec<(usize, usize)>);
+
+/// Kept buffers by element layout.
+static FREE_VECS: std::sync::Mutex<Vec<KeptVecs>> = std::sync::Mutex::new(Vec::new());
 
 impl<T> Recycled<T> {
     /// An empty vector with room for `n` values: a kept buffer (the first large
