@@ -313,7 +313,7 @@ fn release<B: DpBackend>(
         }
     };
     Released {
-        norms: be.norms_download(&norms).unwrap().sq,
+        norms: be.norms_download(&norms).unwrap().sq.to_vec(),
         factors: be.download(&factors).unwrap(),
         non_finite,
         weight: be.download(&weight).unwrap(),
