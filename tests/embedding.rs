@@ -20,7 +20,7 @@ fn cross_entropy_with_mask() {
     let s = RowShape { rows: 5, dim: 7 };
     let logits = rand_vec(&mut r, 35, 3.0);
     // Row 1 and 3 masked; masked rows may hold out-of-range targets.
-    let targets = vec![3u32, 99, 0, 99, 6];
+    let targets = be.upload_ids(&[3u32, 99, 0, 99, 6]).unwrap();
     let weights = vec![0.5, 0.0, 1.0, 0.0, 0.25];
     let fwd = |inp: &[Vec<f64>]| {
         let (mut l, mut d) = (vec![0.0; 5], vec![0.0; 35]);
@@ -46,7 +46,7 @@ fn cross_entropy_with_mask() {
     });
     // A used target out of range is an error.
     let (mut l2, mut d2) = (vec![0.0; 5], vec![0.0; 35]);
-    let bad = vec![3u32, 7, 0, 0, 0];
+    let bad = be.upload_ids(&[3u32, 7, 0, 0, 0]).unwrap();
     let w2 = vec![1.0; 5];
     assert!(be
         .cross_entropy(&mut l2, &mut d2, &vec![0.0; 35], &bad, &w2, s)
@@ -58,7 +58,7 @@ fn embedding_forward_backward() {
     let be = Cpu64;
     let mut r = ChaCha8Rng::seed_from_u64(12);
     let (vocab, dim) = (6, 4);
-    let ids = vec![1u32, 5, 1, 0];
+    let ids = be.upload_ids(&[1u32, 5, 1, 0]).unwrap();
     let s = RowShape { rows: 4, dim };
     let table = rand_vec(&mut r, vocab * dim, 1.0);
     let go = rand_vec(&mut r, 16, 1.0);
@@ -74,7 +74,13 @@ fn embedding_forward_backward() {
     });
     let mut y = vec![0.0; 16];
     assert!(be
-        .embedding_fwd(&mut y, &table, &vec![1, 6, 0, 0], s, vocab)
+        .embedding_fwd(
+            &mut y,
+            &table,
+            &be.upload_ids(&[1, 6, 0, 0]).unwrap(),
+            s,
+            vocab
+        )
         .is_err());
 }
 

@@ -90,7 +90,10 @@ fn op_rows<B: DpBackend>(be: &B, g: &[f32], s: LinearShape) -> (Vec<Vec<f32>>, V
         be.weighted_row_sum(&bg, &f, s.b, &mut out, true).unwrap();
         outs.push(down(be, &out));
     }
-    (outs, [totals.sq, totals.bound].concat())
+    (
+        outs,
+        [totals.sq.as_slice(), totals.bound.as_slice()].concat(),
+    )
 }
 
 fn rows_match_the_cpu<B: DpBackend>(be: &B) {
