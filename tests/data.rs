@@ -216,6 +216,23 @@ fn collate_layout() {
 }
 
 #[test]
+fn collating_into_a_used_batch_leaves_nothing_of_it() {
+    // A training step collates into the batch the last step used (the thread's
+    // reused buffers): nothing of the earlier examples may remain, whatever the
+    // sizes, or one step's examples would reach another's gradient.
+    use dualpriv::data::DataSource;
+    let d = gen(Split::Test, 64, 5);
+    let t = d.max_text_len();
+    let mut scratch = d.collate(&[1, 2, 3, 4, 5, 6, 7, 8], t + 6).unwrap();
+    // A spliced layout left over from another data source must go too.
+    scratch.image_pos = Some(vec![Some(1); 8]);
+    for (idx, text_len) in [(vec![9usize, 0, 63], t), (vec![], t), (vec![5; 9], t + 2)] {
+        DataSource::collate_into(&d, &idx, text_len, &mut scratch).unwrap();
+        assert_eq!(scratch, d.collate(&idx, text_len).unwrap(), "{idx:?}");
+    }
+}
+
+#[test]
 fn empty_collate_and_empty_dataset() {
     let d = gen(Split::Private, 10, 1);
     let b = d.collate(&[], 16).unwrap();

@@ -19,6 +19,13 @@ pub trait DataSource: Send + Sync {
     }
     /// The examples at `indices`, padded on the right to `text_len` tokens.
     fn collate(&self, indices: &[usize], text_len: usize) -> Result<Batch>;
+    /// [`Self::collate`] into `out`, which it overwrites whole, reusing its
+    /// buffers (a training step collates into one batch each step). The default
+    /// replaces `out`.
+    fn collate_into(&self, indices: &[usize], text_len: usize, out: &mut Batch) -> Result<()> {
+        *out = self.collate(indices, text_len)?;
+        Ok(())
+    }
     /// The longest example's text length in tokens.
     fn max_text_len(&self) -> usize;
     /// A keyed hash of the whole dataset (the ledger's data fingerprint; keyed so

@@ -588,19 +588,34 @@ impl Dataset {
     /// is longer than `text_len`, or a hand-edited example whose text is shorter
     /// than 3 tokens or does not end in its answer.
     pub fn collate(&self, indices: &[usize], text_len: usize) -> Result<Batch> {
+        let mut batch = Batch::default();
+        self.collate_into(indices, text_len, &mut batch)?;
+        Ok(batch)
+    }
+
+    /// [`Self::collate`] into `batch`, every field overwritten, its buffers reused.
+    pub fn collate_into(
+        &self,
+        indices: &[usize],
+        text_len: usize,
+        batch: &mut Batch,
+    ) -> Result<()> {
         let b = indices.len();
         let pixels = 3 * self.image_size * self.image_size;
-        let mut batch = Batch {
-            size: b,
-            image_size: self.image_size,
-            images: Vec::with_capacity(b * pixels),
-            text_len,
-            input_ids: vec![PAD; b * text_len],
-            targets: vec![PAD; b * text_len],
-            loss_mask: vec![0.0; b * text_len],
-            example_ids: indices.to_vec(),
-            image_pos: None,
-        };
+        batch.size = b;
+        batch.image_size = self.image_size;
+        batch.text_len = text_len;
+        batch.image_pos = None;
+        batch.images.clear();
+        batch.images.reserve(b * pixels);
+        for v in [&mut batch.input_ids, &mut batch.targets] {
+            v.clear();
+            v.resize(b * text_len, PAD);
+        }
+        batch.loss_mask.clear();
+        batch.loss_mask.resize(b * text_len, 0.0);
+        batch.example_ids.clear();
+        batch.example_ids.extend_from_slice(indices);
         for (row, &idx) in indices.iter().enumerate() {
             let ex = self.examples.get(idx).ok_or_else(|| {
                 Error::Shape(format!(
@@ -627,7 +642,7 @@ impl Dataset {
             batch.targets[o..o + len - 1].copy_from_slice(&ex.input_ids[1..]);
             batch.loss_mask[o + ex.answer_position()] = 1.0;
         }
-        Ok(batch)
+        Ok(())
     }
 
     /// A keyed BLAKE3 hash (32 hex digits) of the image size, the number of examples
@@ -1065,6 +1080,9 @@ impl super::DataSource for Dataset {
     }
     fn collate(&self, indices: &[usize], text_len: usize) -> Result<Batch> {
         Dataset::collate(self, indices, text_len)
+    }
+    fn collate_into(&self, indices: &[usize], text_len: usize, out: &mut Batch) -> Result<()> {
+        Dataset::collate_into(self, indices, text_len, out)
     }
     fn max_text_len(&self) -> usize {
         Dataset::max_text_len(self)

@@ -404,8 +404,11 @@ impl<B: Backend> Mllm<B> {
 
     /// Every trainable tensor, mutably, each paired with `f(id)`, in tensor order
     /// (DPZO's perturbation, which keys each tensor by its id). One allocation.
-    pub fn trainable_mut_with<T>(&mut self, mut f: impl FnMut(u32) -> T) -> Vec<(&mut B::Buf, T)> {
-        let mut out = Vec::with_capacity(self.train_idx.len());
+    pub fn trainable_mut_with<T>(
+        &mut self,
+        mut f: impl FnMut(u32) -> T,
+    ) -> Recycled<(&mut B::Buf, T)> {
+        let mut out = Recycled::with_capacity(self.train_idx.len());
         for (i, t) in self.store.tensors.iter_mut().enumerate() {
             // A linear search: a few hundred trainable tensors at most, and no
             // reverse map to allocate.

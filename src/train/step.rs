@@ -284,6 +284,42 @@ fn apply<B: DpBackend>(
     ctx.backend.noise_prune_update(&mut set, ucfg)
 }
 
+thread_local! {
+    /// The batch this thread's last step collated into: the next step reuses its
+    /// buffers ([`DataSource::collate_into`] overwrites every field).
+    static LAST_BATCH: std::cell::Cell<crate::data::Batch> = std::cell::Cell::default();
+}
+
+/// This thread's reusable batch, put back when dropped. Taken, not borrowed: a
+/// step nested on this thread (a polling worker may run another caller's) finds
+/// it empty and collates into a fresh one.
+struct BatchLease(crate::data::Batch);
+
+impl BatchLease {
+    fn take() -> Self {
+        Self(LAST_BATCH.take())
+    }
+}
+
+impl std::ops::Deref for BatchLease {
+    type Target = crate::data::Batch;
+    fn deref(&self) -> &crate::data::Batch {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for BatchLease {
+    fn deref_mut(&mut self) -> &mut crate::data::Batch {
+        &mut self.0
+    }
+}
+
+impl Drop for BatchLease {
+    fn drop(&mut self) {
+        LAST_BATCH.set(std::mem::take(&mut self.0));
+    }
+}
+
 /// A capture reduced as it arrives from the backward
 /// ([`Mllm::forward_backward_with`]), so its layer's activations and output
 /// gradient can be freed at once instead of being held until every layer is done.
@@ -496,7 +532,8 @@ fn forward_clip<B: DpBackend>(
     mb: &[usize],
     sums: &mut Sums<B>,
 ) -> Result<(Recycled<Reduced<B>>, B::Buf)> {
-    let batch = data.collate(mb, cfg.text_len)?;
+    let mut batch = BatchLease::take();
+    data.collate_into(mb, cfg.text_len, &mut batch)?;
     let tokens = cfg.train_token_select(key);
     let b = mb.len();
     let mut norms = be.norms_zeros(b, cfg.micro_batch)?;
@@ -657,7 +694,7 @@ fn perturb64<B: DpBackend>(ctx: &mut StepContext<'_, B>, draw: u32, scale: f64) 
 /// θ ± λz share (the vision tower is frozen); projected once too when the
 /// projector is frozen.
 struct ZoBatch<B: DpBackend> {
-    batch: crate::data::Batch,
+    batch: BatchLease,
     feats: B::Buf,
     projected: bool,
 }
@@ -665,12 +702,13 @@ struct ZoBatch<B: DpBackend> {
 fn zo_batches<B: DpBackend>(
     ctx: &StepContext<'_, B>,
     micro: &[&[usize]],
-) -> Result<Vec<ZoBatch<B>>> {
+) -> Result<Recycled<ZoBatch<B>>> {
     let tokens = ctx.cfg.train_token_select(ctx.key);
     micro
         .iter()
         .map(|mb| {
-            let batch = ctx.data.collate(mb, ctx.cfg.text_len)?;
+            let mut batch = BatchLease::take();
+            ctx.data.collate_into(mb, ctx.cfg.text_len, &mut batch)?;
             let projected = !ctx.model.projector_trainable();
             let feats = if projected {
                 ctx.model
@@ -688,9 +726,10 @@ fn zo_batches<B: DpBackend>(
         .collect()
 }
 
-fn losses<B: DpBackend>(ctx: &StepContext<'_, B>, batches: &[ZoBatch<B>]) -> Result<Vec<f32>> {
+fn losses<B: DpBackend>(ctx: &StepContext<'_, B>, batches: &[ZoBatch<B>]) -> Result<Recycled<f32>> {
     let tokens = ctx.cfg.train_token_select(ctx.key);
-    let mut all = Vec::new();
+    let n: usize = batches.iter().map(|zb| zb.batch.size).sum();
+    let mut all = Recycled::with_capacity(n);
     for zb in batches {
         let (be, tok) = (ctx.backend, tokens.as_ref());
         all.extend(if zb.projected {
@@ -738,7 +777,7 @@ fn dpzo_sum_at_minus<B: DpBackend>(
 ) -> Result<DpzoSum> {
     let cfg = ctx.cfg;
     let lambda = cfg.dpzo_lambda;
-    let micro: Vec<&[usize]> = indices.chunks(cfg.micro_batch.max(1)).collect();
+    let micro: Recycled<&[usize]> = indices.chunks(cfg.micro_batch.max(1)).collect();
     let batches = zo_batches(ctx, &micro)?;
     let visual_tokens = if batches.is_empty() {
         0
