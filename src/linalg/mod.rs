@@ -198,20 +198,26 @@ unsafe fn sgemm(
     #[cfg(target_arch = "x86_64")]
     if csc == 1 && rsc >= 0 {
         use crate::backend::cpu::math::{simd_tier, SimdTier};
-        let ldc = rsc as usize;
+        let g = simd::Gemm {
+            m,
+            k,
+            n,
+            alpha,
+            a,
+            ars,
+            acs,
+            b,
+            brs,
+            bcs,
+            beta,
+            c,
+            ldc: rsc as usize,
+        };
         // SAFETY (both): the same operands; C is row-major with row stride rsc;
         // the tier was detected on this CPU (Avx512 implies AVX2 + FMA).
         match simd_tier() {
-            SimdTier::Avx512 => {
-                return unsafe {
-                    simd::sgemm_avx512(m, k, n, alpha, a, ars, acs, b, brs, bcs, beta, c, ldc)
-                }
-            }
-            SimdTier::Avx2 => {
-                return unsafe {
-                    simd::sgemm_avx2(m, k, n, alpha, a, ars, acs, b, brs, bcs, beta, c, ldc)
-                }
-            }
+            SimdTier::Avx512 => return unsafe { simd::sgemm_avx512(&g) },
+            SimdTier::Avx2 => return unsafe { simd::sgemm_avx2(&g) },
             SimdTier::Plain => {}
         }
     }

@@ -221,104 +221,45 @@ pub fn has_avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
-/// `c[m×n] (row stride ldc) = alpha·a·b + beta·c` with `a[i,l]` at
-/// `a + i·ars + l·acs` and `b[l,j]` at `b + l·brs + j·bcs`, in AVX-512.
+/// One product `c[m×n] (row stride ldc) = alpha·a·b + beta·c`, with `a[i,l]` at
+/// `a + i·ars + l·acs` and `b[l,j]` at `b + l·brs + j·bcs`.
+#[allow(missing_docs)] // the fields are the formula's symbols
+pub struct Gemm {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub alpha: f32,
+    pub a: *const f32,
+    pub ars: isize,
+    pub acs: isize,
+    pub b: *const f32,
+    pub brs: isize,
+    pub bcs: isize,
+    pub beta: f32,
+    pub c: *mut f32,
+    pub ldc: usize,
+}
+
+/// Runs `g` in AVX-512.
 ///
 /// # Safety
 /// The CPU has AVX-512F ([`has_avx512`]); every index of `a` (m × k), `b` (k × n)
 /// and `c` (m × n) is in bounds of its allocation; `ldc ≥ n`, so rows of `c` do
 /// not overlap; `c` does not alias `a` or `b`.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-pub unsafe fn sgemm_avx512(
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: *const f32,
-    ars: isize,
-    acs: isize,
-    b: *const f32,
-    brs: isize,
-    bcs: isize,
-    beta: f32,
-    c: *mut f32,
-    ldc: usize,
-) {
-    let g = Gemm {
-        m,
-        k,
-        n,
-        alpha,
-        a,
-        ars,
-        acs,
-        b,
-        brs,
-        bcs,
-        beta,
-        c,
-        ldc,
-    };
+pub unsafe fn sgemm_avx512(g: &Gemm) {
     // SAFETY: the caller's contract; the features are enabled here.
-    unsafe { sgemm::<Avx512>(&g) }
+    unsafe { sgemm::<Avx512>(g) }
 }
 
-/// [`sgemm_avx512`] in AVX2 + FMA.
+/// Runs `g` in AVX2 + FMA.
 ///
 /// # Safety
 /// As [`sgemm_avx512`], with AVX2 and FMA ([`has_avx2`]) instead of AVX-512F.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn sgemm_avx2(
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: *const f32,
-    ars: isize,
-    acs: isize,
-    b: *const f32,
-    brs: isize,
-    bcs: isize,
-    beta: f32,
-    c: *mut f32,
-    ldc: usize,
-) {
-    let g = Gemm {
-        m,
-        k,
-        n,
-        alpha,
-        a,
-        ars,
-        acs,
-        b,
-        brs,
-        bcs,
-        beta,
-        c,
-        ldc,
-    };
+pub unsafe fn sgemm_avx2(g: &Gemm) {
     // SAFETY: the caller's contract; the features are enabled here.
-    unsafe { sgemm::<Avx2>(&g) }
-}
-
-/// One product's operands, as [`sgemm_avx512`] takes them.
-struct Gemm {
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: *const f32,
-    ars: isize,
-    acs: isize,
-    b: *const f32,
-    brs: isize,
-    bcs: isize,
-    beta: f32,
-    c: *mut f32,
-    ldc: usize,
+    unsafe { sgemm::<Avx2>(g) }
 }
 
 /// The product, blocked over (K, N) and then over register blocks.
