@@ -290,7 +290,7 @@ type KeptVecs = (Layout, Vec<(usize, usize)>);
 static FREE_VECS: std::sync::Mutex<Vec<KeptVecs>> = std::sync::Mutex::new(Vec::new());
 
 impl<T> Recycled<T> {
-    /// An empty vector with room for `n` values: a kept buffer (the first large
+    /// An empty vector with room for `n` values: a kept buffer (the smallest large
     /// enough) when there is one.
     pub fn with_capacity(n: usize) -> Self {
         let l = Layout::new::<T>();
@@ -300,7 +300,11 @@ impl<T> Recycled<T> {
         let kept = {
             let mut free = FREE_VECS.lock().unwrap_or_else(|e| e.into_inner());
             free.iter_mut().find(|(fl, _)| *fl == l).and_then(|(_, v)| {
-                let at = v.iter().position(|&(_, cap)| cap >= n)?;
+                // Best fit: a small request must not take the buffer a large
+                // one would reuse, or the large one allocates every step.
+                let at = (0..v.len())
+                    .filter(|&i| v[i].1 >= n)
+                    .min_by_key(|&i| v[i].1)?;
                 Some(v.swap_remove(at))
             })
         };
