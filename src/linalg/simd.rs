@@ -211,16 +211,6 @@ impl Isa for Avx2 {
     }
 }
 
-/// Whether this CPU runs [`sgemm_avx512`] (checked once by std, then a cached load).
-pub fn has_avx512() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-}
-
-/// Whether this CPU runs [`sgemm_avx2`].
-pub fn has_avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-}
-
 /// One product `c[m×n] (row stride ldc) = alpha·a·b + beta·c`, with `a[i,l]` at
 /// `a + i·ars + l·acs` and `b[l,j]` at `b + l·brs + j·bcs`.
 #[allow(missing_docs)] // the fields are the formula's symbols
@@ -243,7 +233,7 @@ pub struct Gemm {
 /// Runs `g` in AVX-512.
 ///
 /// # Safety
-/// The CPU has AVX-512F ([`has_avx512`]); every index of `a` (m × k), `b` (k × n)
+/// The CPU has AVX-512F (`backend::cpu::math::simd_tier` is `Avx512`); every index of `a` (m × k), `b` (k × n)
 /// and `c` (m × n) is in bounds of its allocation; `ldc ≥ n`, so rows of `c` do
 /// not overlap; `c` does not alias `a` or `b`.
 #[target_feature(enable = "avx512f")]
@@ -255,7 +245,7 @@ pub unsafe fn sgemm_avx512(g: &Gemm) {
 /// Runs `g` in AVX2 + FMA.
 ///
 /// # Safety
-/// As [`sgemm_avx512`], with AVX2 and FMA ([`has_avx2`]) instead of AVX-512F.
+/// As [`sgemm_avx512`], with AVX2 and FMA (tier `Avx2` or above) instead of AVX-512F.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn sgemm_avx2(g: &Gemm) {
     // SAFETY: the caller's contract; the features are enabled here.

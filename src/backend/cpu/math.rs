@@ -169,12 +169,6 @@ pub fn with_simd_limit<R>(max: SimdTier, f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Whether this CPU runs the AVX-512 versions of [`simd_fn`] functions.
-#[inline]
-pub fn avx512() -> bool {
-    simd_tier() == SimdTier::Avx512
-}
-
 /// Defines a function whose body is compiled three times, for AVX-512, for AVX2
 /// with FMA and as built, and runs the widest copy this CPU has ([`simd_tier`]).
 ///
