@@ -283,6 +283,10 @@ pub struct Recycled<T> {
 /// Buffers kept per element layout by [`Recycled`].
 pub const RECYCLED_KEEP: usize = 64;
 
+/// Largest buffer [`Recycled`] keeps, in bytes: a larger one (a checkpoint's
+/// download, say) is freed on drop rather than held for the rest of the process.
+pub const RECYCLED_MAX_BYTES: usize = 16 << 20;
+
 /// Kept buffers of one element layout: (address, capacity in elements).
 type KeptVecs = (Layout, Vec<(usize, usize)>);
 
@@ -334,6 +338,11 @@ impl<T> Recycled<T> {
         r
     }
 
+    /// The plain `Vec`, for a caller that keeps it (its buffer is then not recycled).
+    pub fn into_vec(mut self) -> Vec<T> {
+        std::mem::take(&mut self.v)
+    }
+
     /// A copy of `values`.
     pub fn from_slice(values: &[T]) -> Self
     where
@@ -350,7 +359,7 @@ impl<T> Drop for Recycled<T> {
         let l = Layout::new::<T>();
         let mut v = std::mem::take(&mut self.v);
         v.clear(); // the values are dropped here, the buffer kept
-        if l.size() == 0 || v.capacity() == 0 {
+        if l.size() == 0 || v.capacity() == 0 || v.capacity() * l.size() > RECYCLED_MAX_BYTES {
             return;
         }
         let mut free = FREE_VECS.lock().unwrap_or_else(|e| e.into_inner());
@@ -399,6 +408,26 @@ impl<T: Clone> Clone for Recycled<T> {
 impl<T: PartialEq> PartialEq for Recycled<T> {
     fn eq(&self, other: &Self) -> bool {
         self.v == other.v
+    }
+}
+
+impl<T: Eq> Eq for Recycled<T> {}
+
+impl<T: PartialEq, const N: usize> PartialEq<[T; N]> for Recycled<T> {
+    fn eq(&self, other: &[T; N]) -> bool {
+        self.v == other
+    }
+}
+
+impl<T: PartialEq> PartialEq<[T]> for Recycled<T> {
+    fn eq(&self, other: &[T]) -> bool {
+        self.v == other
+    }
+}
+
+impl<T: PartialEq> PartialEq<Vec<T>> for Recycled<T> {
+    fn eq(&self, other: &Vec<T>) -> bool {
+        self.v == *other
     }
 }
 

@@ -191,10 +191,13 @@ fn clip_factor_edge_cases() {
     assert_eq!(bad, 0);
     assert_eq!(
         clip_factors(&[1e30], &[1e30], f64::INFINITY).unwrap(),
-        (vec![1.0], 0)
+        (vec![1.0].into(), 0)
     );
     // f32 rounding of a near-zero ghost norm can go slightly negative: it counts as 0.
-    assert_eq!(clip_factors(&[-1e-12], &z(1), 1.0).unwrap(), (vec![1.0], 0));
+    assert_eq!(
+        clip_factors(&[-1e-12], &z(1), 1.0).unwrap(),
+        (vec![1.0].into(), 0)
+    );
     // A non-finite norm is factor 0 (the example drops out), counted, not an error.
     let (c, bad) = clip_factors(
         &[f64::NAN, 0.25, f64::INFINITY, f64::NEG_INFINITY],
@@ -206,7 +209,7 @@ fn clip_factor_edge_cases() {
     assert_eq!(bad, 3);
     assert_eq!(
         clip_factors(&[f64::NAN], &z(1), f64::INFINITY).unwrap(),
-        (vec![0.0], 1)
+        (vec![0.0].into(), 1)
     );
     // The rounding bound adds to the norm: a zero-norm example with a bound of 4C
     // gets 1/4, and a non-finite bound is factor 0, counted like a non-finite norm.
@@ -314,10 +317,10 @@ fn release<B: DpBackend>(
     };
     Released {
         norms: be.norms_download(&norms).unwrap().sq.to_vec(),
-        factors: be.download(&factors).unwrap(),
+        factors: be.download(&factors).unwrap().into_vec(),
         non_finite,
-        weight: be.download(&weight).unwrap(),
-        bias: be.download(&bias).unwrap(),
+        weight: be.download(&weight).unwrap().into_vec(),
+        bias: be.download(&bias).unwrap().into_vec(),
     }
 }
 

@@ -253,7 +253,7 @@ fn key() -> RunKey {
 fn params<B: DpBackend>(be: &B, m: &Mllm<B>) -> Vec<Vec<f32>> {
     m.trainable()
         .iter()
-        .map(|p| be.download(m.param(p.id)).unwrap())
+        .map(|p| be.download(m.param(p.id)).unwrap().into_vec())
         .collect()
 }
 

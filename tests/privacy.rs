@@ -82,7 +82,10 @@ fn sum_distance<B: DpBackend>(be: &B, a: &HashMap<u32, B::Buf>, b: &HashMap<u32,
         let x = a.get(id).map(|v| be.download(v).unwrap());
         let y = b.get(id).map(|v| be.download(v).unwrap());
         let n = x.as_ref().or(y.as_ref()).map_or(0, |v| v.len());
-        let (x, y) = (x.unwrap_or(vec![0.0; n]), y.unwrap_or(vec![0.0; n]));
+        let (x, y) = (
+            x.unwrap_or_else(|| vec![0.0; n].into()),
+            y.unwrap_or_else(|| vec![0.0; n].into()),
+        );
         assert!(
             x.iter().chain(&y).all(|v| v.is_finite()),
             "tensor {id}: non-finite sum"

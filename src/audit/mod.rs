@@ -195,8 +195,8 @@ fn losses<B: DpBackend>(
         out.extend(
             model
                 .per_example_loss(be, &b, tokens.as_ref())?
-                .into_iter()
-                .map(f64::from),
+                .iter()
+                .map(|&l| f64::from(l)),
         );
     }
     Ok(out)
@@ -215,7 +215,7 @@ fn coord_values<B: DpBackend>(
             let vals = match cache.entry(id) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(be.download(model.param(id))?)
+                    e.insert(be.download(model.param(id))?.into_vec())
                 }
             };
             Ok(f64::from(vals[i]))

@@ -221,7 +221,7 @@ pub trait Backend: Sync {
     /// Copies host values into a new buffer.
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     /// Copies a buffer back to the host.
-    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    fn download(&self, buf: &Self::Buf) -> Result<crate::mem::Recycled<f32>>;
     /// Number of values in a buffer.
     fn len(&self, buf: &Self::Buf) -> usize;
     /// Copies host token ids to the device.

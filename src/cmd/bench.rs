@@ -161,11 +161,12 @@ pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBen
         }
         crate::mem::reset_peak();
         backend.reset_device_peak();
+        // Before the counters: this list is the bench's, not the step's.
+        let mut times = Vec::with_capacity(a.steps.max(1));
         let base = crate::mem::current_bytes();
         let calls = crate::mem::allocation_calls();
         let gemm_calls = crate::mem::gemm_allocation_calls();
         let misses = crate::backend::cpu::pool_stats().allocations;
-        let mut times = Vec::with_capacity(a.steps);
         let mut vis = 0;
         for _ in 0..a.steps.max(1) {
             let t0 = Instant::now();

@@ -333,7 +333,7 @@ pub fn clip_factors(
     total_sq_norms: &[f64],
     bounds: &[f64],
     clip_norm: f64,
-) -> Result<(Vec<f32>, usize)> {
+) -> Result<(Recycled<f32>, usize)> {
     if clip_norm.is_nan() || clip_norm <= 0.0 {
         return Err(Error::Config(format!(
             "clip norm C = {clip_norm} must be positive (use a value like 1.0)"

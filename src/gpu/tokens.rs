@@ -346,10 +346,10 @@ pub fn plan_tokens(
     )?;
     let (_, r, c, s) = workspace_lens(shape, cfg);
     Ok(TokenPlan {
-        kept: gpu.download(&kept)?,
-        remaining: download_prefix(gpu, &ws.remaining, r)?,
-        centers: download_prefix(gpu, &ws.centers, c)?,
-        assign: download_prefix(gpu, &ws.assign, s)?,
+        kept: gpu.download(&kept)?.into(),
+        remaining: download_prefix(gpu, &ws.remaining, r)?.into(),
+        centers: download_prefix(gpu, &ws.centers, c)?.into(),
+        assign: download_prefix(gpu, &ws.assign, s)?.into(),
     })
 }
 
@@ -386,7 +386,7 @@ pub fn select_tokens(
         &mut ws,
     )?;
     Ok(TokenSelection {
-        tokens: gpu.download(&out)?,
-        kept: gpu.download(&kept)?,
+        tokens: gpu.download(&out)?.into(),
+        kept: gpu.download(&kept)?.into(),
     })
 }

@@ -769,7 +769,7 @@ impl<B: Backend> Mllm<B> {
         if batch.size == 0 {
             self.check_batch(batch)?;
             return Ok(ForwardBackward {
-                per_example_loss: vec![],
+                per_example_loss: Recycled::default(),
                 captures: vec![],
                 dense_grads: vec![],
                 visual_tokens,
@@ -896,7 +896,7 @@ impl<B: Backend> Mllm<B> {
         batch: &Batch,
         tokens: Option<&TokenSelectConfig>,
         feats: &B::Buf,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Recycled<f32>> {
         self.losses_of(backend, batch, feats, |f| {
             self.forward_from(backend, batch, tokens, f, false, true)
         })
@@ -910,10 +910,10 @@ impl<B: Backend> Mllm<B> {
         batch: &Batch,
         input: &B::Buf,
         run: impl FnOnce(B::Buf) -> Result<Fwd<B>>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Recycled<f32>> {
         if batch.size == 0 {
             self.check_batch(batch)?;
-            return Ok(vec![]);
+            return Ok(Recycled::default());
         }
         let f = run(backend.duplicate(input)?)?;
         let buf = f.per_ex.ok_or_else(|| Error::Shape("no losses".into()))?;
@@ -947,7 +947,7 @@ impl<B: Backend> Mllm<B> {
         batch: &Batch,
         tokens: Option<&TokenSelectConfig>,
         vis: &B::Buf,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Recycled<f32>> {
         self.losses_of(backend, batch, vis, |v| {
             self.forward_from_projected(backend, batch, tokens, v, None, false, true)
         })
@@ -959,7 +959,7 @@ impl<B: Backend> Mllm<B> {
         backend: &B,
         batch: &Batch,
         tokens: Option<&TokenSelectConfig>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Recycled<f32>> {
         let buf = self.per_example_loss_buf(backend, batch, tokens)?;
         backend.download(&buf)
     }
@@ -983,7 +983,7 @@ impl<B: Backend> Mllm<B> {
         let mut ht = be.zeros(b * t * d)?;
         f.lay.readout(d, |b| be.copy_blocks(&mut ht, &f.hf, b))?;
         let (logits, _) = self.llm.lm_head.forward(be, &self.store, &ht, b * t)?;
-        be.download(&logits)
+        Ok(be.download(&logits)?.into_vec())
     }
 
     /// The vision tower's layer −2 output `[B, N, Dv]` (CLS first) and the
@@ -1003,11 +1003,11 @@ impl<B: Backend> Mllm<B> {
         })?;
         let img = be.upload(images)?;
         let vo = self.vit.forward(be, &self.store, &img, b)?;
-        let hidden = be.download(&vo.hidden)?;
+        let hidden = be.download(&vo.hidden)?.into_vec();
         let feats = self.select(be, vo, b, tokens)?;
         let v = self.visual_tokens(tokens);
         let (vis, _) = self.proj.forward(be, &self.store, feats, b * v)?;
-        Ok((hidden, be.download(&vis)?))
+        Ok((hidden, be.download(&vis)?.into_vec()))
     }
 
     /// The argmax token at each example's first masked position (the answer). An

@@ -63,7 +63,7 @@ pub struct Capture<B: Backend> {
 /// The result of [`Mllm::forward_backward`].
 pub struct ForwardBackward<B: Backend> {
     /// ℓ_i: mean cross-entropy over example i's masked positions (0 if none).
-    pub per_example_loss: Vec<f32>,
+    pub per_example_loss: crate::mem::Recycled<f32>,
     /// One per trainable linear (LoRA A and B are two linears), in backward order.
     pub captures: Vec<Capture<B>>,
     /// Plain (batch-summed) gradients of trainable non-linear params: only the

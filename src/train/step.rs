@@ -284,20 +284,22 @@ fn apply<B: DpBackend>(
     ctx.backend.noise_prune_update(&mut set, ucfg)
 }
 
-thread_local! {
-    /// The batch this thread's last step collated into: the next step reuses its
-    /// buffers ([`DataSource::collate_into`] overwrites every field).
-    static LAST_BATCH: std::cell::Cell<crate::data::Batch> = std::cell::Cell::default();
-}
+/// Batches kept for reuse: a step collates into one its predecessor used
+/// ([`DataSource::collate_into`] overwrites every field). Process-wide rather
+/// than per thread, because a step runs on whichever rayon worker takes it.
+static FREE_BATCHES: std::sync::Mutex<Vec<crate::data::Batch>> = std::sync::Mutex::new(Vec::new());
 
-/// This thread's reusable batch, put back when dropped. Taken, not borrowed: a
-/// step nested on this thread (a polling worker may run another caller's) finds
-/// it empty and collates into a fresh one.
+/// Most batches [`FREE_BATCHES`] keeps (a DPZO step holds one per micro-batch).
+const BATCHES_KEEP: usize = 16;
+
+/// A reusable batch, put back when dropped; a fresh one when none is free (the
+/// first step, or more micro-batches alive at once than before).
 struct BatchLease(crate::data::Batch);
 
 impl BatchLease {
     fn take() -> Self {
-        Self(LAST_BATCH.take())
+        let mut free = FREE_BATCHES.lock().unwrap_or_else(|e| e.into_inner());
+        Self(free.pop().unwrap_or_default())
     }
 }
 
@@ -316,7 +318,13 @@ impl std::ops::DerefMut for BatchLease {
 
 impl Drop for BatchLease {
     fn drop(&mut self) {
-        LAST_BATCH.set(std::mem::take(&mut self.0));
+        let mut free = FREE_BATCHES.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < BATCHES_KEEP {
+            // Room for all of them at the first push: no later push allocates.
+            let room = BATCHES_KEEP - free.len();
+            free.reserve_exact(room);
+            free.push(std::mem::take(&mut self.0));
+        }
     }
 }
 
@@ -704,26 +712,26 @@ fn zo_batches<B: DpBackend>(
     micro: &[&[usize]],
 ) -> Result<Recycled<ZoBatch<B>>> {
     let tokens = ctx.cfg.train_token_select(ctx.key);
-    micro
-        .iter()
-        .map(|mb| {
-            let mut batch = BatchLease::take();
-            ctx.data.collate_into(mb, ctx.cfg.text_len, &mut batch)?;
-            let projected = !ctx.model.projector_trainable();
-            let feats = if projected {
-                ctx.model
-                    .projected_features(ctx.backend, &batch, tokens.as_ref())?
-            } else {
-                ctx.model
-                    .vision_features(ctx.backend, &batch, tokens.as_ref())?
-            };
-            Ok(ZoBatch {
-                batch,
-                feats,
-                projected,
-            })
-        })
-        .collect()
+    // A loop, not `collect::<Result<_>>()`: that one cannot size the list first.
+    let mut out = Recycled::with_capacity(micro.len());
+    for mb in micro {
+        let mut batch = BatchLease::take();
+        ctx.data.collate_into(mb, ctx.cfg.text_len, &mut batch)?;
+        let projected = !ctx.model.projector_trainable();
+        let feats = if projected {
+            ctx.model
+                .projected_features(ctx.backend, &batch, tokens.as_ref())?
+        } else {
+            ctx.model
+                .vision_features(ctx.backend, &batch, tokens.as_ref())?
+        };
+        out.push(ZoBatch {
+            batch,
+            feats,
+            projected,
+        });
+    }
+    Ok(out)
 }
 
 fn losses<B: DpBackend>(ctx: &StepContext<'_, B>, batches: &[ZoBatch<B>]) -> Result<Recycled<f32>> {
@@ -732,13 +740,14 @@ fn losses<B: DpBackend>(ctx: &StepContext<'_, B>, batches: &[ZoBatch<B>]) -> Res
     let mut all = Recycled::with_capacity(n);
     for zb in batches {
         let (be, tok) = (ctx.backend, tokens.as_ref());
-        all.extend(if zb.projected {
+        let l = if zb.projected {
             ctx.model
                 .per_example_loss_from_projected(be, &zb.batch, tok, &zb.feats)?
         } else {
             ctx.model
                 .per_example_loss_from(be, &zb.batch, tok, &zb.feats)?
-        });
+        };
+        all.extend_from_slice(&l);
     }
     Ok(all)
 }

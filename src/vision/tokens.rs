@@ -39,6 +39,7 @@ use rayon::prelude::*;
 
 use crate::dp::noise::{NoiseKey, RngKind, StreamKey};
 use crate::error::{ensure_shape, Setting};
+use crate::mem::Recycled;
 use crate::{Error, Result};
 
 /// The noise `tensor_id` of the optional contextual-token noise
@@ -223,9 +224,9 @@ fn ensure_len(name: &str, got: usize, want: usize, layout: &str) -> Result<()> {
 pub struct TokenSelection {
     /// `[B, 1 + K + M, D]`: CLS, the K dominant patches in original order, then the
     /// M contextual tokens.
-    pub tokens: Vec<f32>,
+    pub tokens: Recycled<f32>,
     /// `[B, 1 + K]`: token indices of CLS (0) and the dominant patches, ascending.
-    pub kept: Vec<u32>,
+    pub kept: Recycled<u32>,
 }
 
 /// Which tokens go where: everything [`select_tokens`] decides before it touches
@@ -233,24 +234,24 @@ pub struct TokenSelection {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenPlan {
     /// `[B, 1 + K]`: CLS (0), then the dominant patch indices, ascending.
-    pub kept: Vec<u32>,
+    pub kept: Recycled<u32>,
     /// `[B, R]`: the token indices of the remaining patches, ascending.
-    pub remaining: Vec<u32>,
+    pub remaining: Recycled<u32>,
     /// `[B, M]`: the token index of each cluster center.
-    pub centers: Vec<u32>,
+    pub centers: Recycled<u32>,
     /// `[B, R]`: for each remaining token, the cluster m it joins, or
     /// [`NOT_A_MEMBER`] for the centers themselves (and for all when M = 0).
-    pub assign: Vec<u32>,
+    pub assign: Recycled<u32>,
 }
 
 /// The CLS attention scores `[B, P]`: `score[b, j−1] = mean_h attn_cls[b, h, j]`.
 ///
 /// The mean is an f32 sum over heads in order, divided by H.
-pub fn cls_scores(attn_cls: &[f32], shape: &TokenShape) -> Result<Vec<f32>> {
+pub fn cls_scores(attn_cls: &[f32], shape: &TokenShape) -> Result<Recycled<f32>> {
     shape.validate()?;
     ensure_len("attn_cls", attn_cls.len(), shape.attn_len()?, "B·H·N")?;
     let (n, h) = (shape.tokens, shape.heads);
-    let mut out = Vec::with_capacity(shape.batch * shape.patches());
+    let mut out = Recycled::with_capacity(shape.batch * shape.patches());
     for a in attn_cls.chunks_exact(h * n) {
         out.extend((1..n).map(|j| head_mean(a, h, n, j)));
     }
@@ -325,11 +326,11 @@ fn dominant_into(scores: &[f32], order: &mut Vec<usize>, kept: &mut [u32]) {
 
 /// The merge metric `[B, N, hd]`: keys averaged over heads, then L2-normalised
 /// (divided by `max(‖k‖, KEY_NORM_EPS)`). Sums run in order, in f32.
-pub fn key_metric(keys: &[f32], shape: &TokenShape) -> Result<Vec<f32>> {
+pub fn key_metric(keys: &[f32], shape: &TokenShape) -> Result<Recycled<f32>> {
     shape.validate()?;
     ensure_len("keys", keys.len(), shape.keys_len()?, "B·N·H·hd")?;
     let (h, hd) = (shape.heads, shape.head_dim);
-    let mut out = vec![0.0f32; shape.batch * shape.tokens * hd];
+    let mut out = Recycled::filled(shape.batch * shape.tokens * hd, 0.0f32);
     out.par_chunks_mut(hd)
         .zip(keys.par_chunks(h * hd))
         .for_each(|(m, k)| {
@@ -368,7 +369,7 @@ pub fn plan_tokens(
     let metric = if cfg.context > 0 {
         key_metric(keys, shape)?
     } else {
-        Vec::new()
+        Recycled::default()
     };
     let (p, n, hd, m) = (shape.patches(), shape.tokens, shape.head_dim, cfg.context);
     ensure_shape(u32::try_from(n).is_ok(), || {
@@ -376,15 +377,15 @@ pub fn plan_tokens(
     })?;
     let (k1, r) = (1 + cfg.keep, p - cfg.keep);
     let mut plan = TokenPlan {
-        kept: vec![0; shape.batch * k1],
-        remaining: vec![0; shape.batch * r],
-        centers: vec![0; shape.batch * m],
-        assign: vec![NOT_A_MEMBER; shape.batch * r],
+        kept: Recycled::filled(shape.batch * k1, 0),
+        remaining: Recycled::filled(shape.batch * r, 0),
+        centers: Recycled::filled(shape.batch * m, 0),
+        assign: Recycled::filled(shape.batch * r, NOT_A_MEMBER),
     };
     // Kept, remaining and centers one image at a time, into the plan's slices (a
     // sort of a few hundred scores each); a per-image Vec of each (as before) was
     // ~300 allocations per tiny step at B = 32.
-    let mut order = Vec::with_capacity(p);
+    let mut order = Recycled::with_capacity(p);
     for b in 0..shape.batch {
         let kept = &mut plan.kept[b * k1..(b + 1) * k1];
         dominant_into(&scores[b * p..(b + 1) * p], &mut order, kept);
@@ -453,7 +454,7 @@ pub fn gather_fuse(
     shape: &TokenShape,
     cfg: &TokenSelectConfig,
     plan: &TokenPlan,
-) -> Result<Vec<f32>> {
+) -> Result<Recycled<f32>> {
     cfg.validate(shape)?;
     ensure_len("hidden", hidden.len(), shape.hidden_len()?, "B·N·D")?;
     let (bsz, n, d) = (shape.batch, shape.tokens, shape.hidden);
@@ -483,7 +484,7 @@ pub fn gather_fuse(
     }
 
     let o = cfg.out_tokens();
-    let mut out = vec![0.0f32; bsz * o * d];
+    let mut out = Recycled::filled(bsz * o * d, 0.0f32);
     out.par_chunks_mut(o * d)
         .enumerate()
         .for_each(|(b, img_out)| {

@@ -70,5 +70,5 @@ pub fn up<B: Backend>(be: &B, v: &[f32]) -> B::Buf {
 
 /// Downloads a buffer.
 pub fn down<B: Backend>(be: &B, b: &B::Buf) -> Vec<f32> {
-    be.download(b).unwrap()
+    be.download(b).unwrap().into_vec()
 }

@@ -8,7 +8,7 @@
 //! with their spin-wait time (`KMP_BLOCKTIME`, `GOMP_SPINCOUNT`) under PyTorch.
 //! The price is CPU time burnt between ops, only while a step runs.
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
 thread_local! {
     /// Whether this thread is inside [`run_hot`]'s step or polling for it: a
@@ -63,27 +63,76 @@ pub fn set_polling(on: bool) {
 /// workers poll for its parallel jobs instead of sleeping. Runs `f` directly on
 /// a one-thread pool, when this thread is already inside `run_hot`, or with
 /// polling turned off (`DUALPRIV_CPU_POLL=0`).
+///
+/// The pollers are the second halves of nested `rayon::join`s, which live on
+/// this stack frame (`spawn_broadcast`, which reaches each worker for certain,
+/// allocates its job on the heap every step). Idle workers steal them oldest
+/// first, before any job of `f`. A poller taken by a thread that is busy already
+/// (this one, out of `f`'s jobs before a worker stole it) returns at once; that
+/// step then has one poller fewer, which costs wake-ups, not results.
 pub fn run_hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_num_threads() < 2 || BUSY.with(Cell::get) || !polling() {
+    let n = rayon::current_num_threads();
+    if n < 2 || BUSY.with(Cell::get) || !polling() {
         return f();
     }
-    let done = AtomicBool::new(false);
-    rayon::scope(|s| {
+    let polls = Polls {
+        done: AtomicBool::new(false),
+        taken: AtomicUsize::new(0),
+        count: n - 1,
+    };
+    with_pollers(polls.count, &polls, || {
         let prev = BUSY.with(|b| b.replace(true));
-        let _finish = Finish { done: &done, prev };
-        s.spawn_broadcast(|_, _| {
-            if BUSY.with(|b| b.replace(true)) {
-                return;
-            }
-            while !done.load(Ordering::Acquire) {
-                if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                    std::hint::spin_loop();
-                }
-            }
-            BUSY.with(|b| b.set(false));
-        });
+        let _finish = Finish {
+            done: &polls.done,
+            prev,
+        };
         f()
     })
+}
+
+/// The pollers of one [`run_hot`] step.
+struct Polls {
+    /// Set when the step returns (or unwinds).
+    done: AtomicBool,
+    /// Pollers started so far, those that returned at once included.
+    taken: AtomicUsize,
+    /// Pollers queued.
+    count: usize,
+}
+
+/// Threads polling now, over every [`run_hot`] step (for the tests).
+static POLLING: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs `f` with `k` pollers queued under it on this worker's deque.
+fn with_pollers<R: Send>(k: usize, polls: &Polls, f: impl FnOnce() -> R + Send) -> R {
+    if k == 0 {
+        return f();
+    }
+    rayon::join(|| with_pollers(k - 1, polls, f), || poll(polls)).0
+}
+
+/// Runs the pool's jobs until the step is done; returns at once on a thread that
+/// is busy with a step or a poller already.
+fn poll(polls: &Polls) {
+    let nested = BUSY.with(|b| b.replace(true));
+    polls.taken.fetch_add(1, Ordering::AcqRel);
+    if nested {
+        return;
+    }
+    // Until every poller is taken, spin without running jobs: `yield_now` would
+    // steal the next queued poller (oldest first), which would return at once on
+    // this busy thread instead of waking an idle worker.
+    while polls.taken.load(Ordering::Acquire) < polls.count && !polls.done.load(Ordering::Acquire) {
+        std::hint::spin_loop();
+    }
+    POLLING.fetch_add(1, Ordering::Relaxed);
+    while !polls.done.load(Ordering::Acquire) {
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            std::hint::spin_loop();
+        }
+    }
+    POLLING.fetch_sub(1, Ordering::Relaxed);
+    BUSY.with(|b| b.set(false));
 }
 
 #[cfg(test)]
@@ -114,6 +163,30 @@ mod tests {
         // it is).
         let on_worker = run_hot(|| rayon::current_thread_index().is_some());
         assert_eq!(on_worker, rayon::current_num_threads() >= 2 && polling());
+    }
+
+    #[test]
+    fn every_other_worker_polls_during_a_step() {
+        if !polling() {
+            return; // DUALPRIV_CPU_POLL=0: nothing polls, by request
+        }
+        let p = pool(4);
+        for _ in 0..20 {
+            let seen = p.install(|| {
+                run_hot(|| {
+                    // Other tests' steps may add to the count, never take from it.
+                    let t0 = std::time::Instant::now();
+                    while POLLING.load(Ordering::Relaxed) < 3 {
+                        if t0.elapsed() > std::time::Duration::from_secs(5) {
+                            return false;
+                        }
+                        std::hint::spin_loop();
+                    }
+                    true
+                })
+            });
+            assert!(seen, "fewer than 3 of 4 workers polled during a step");
+        }
     }
 
     #[test]

@@ -81,6 +81,8 @@ pub trait Real:
     }
     /// `c[m×n] = alpha·a·b + beta·c` (see [`crate::linalg`]).
     fn gemm(alpha: Self, a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: &mut [Self]);
+    /// `x` itself when this type is f32 (no copy needed to read it as f32).
+    fn as_f32(x: &[Self]) -> Option<&[f32]>;
 }
 
 impl Real for f32 {
@@ -117,6 +119,9 @@ impl Real for f32 {
         let n = b.cols;
         gemm_f32(alpha, a, b, beta, c, n)
     }
+    fn as_f32(x: &[f32]) -> Option<&[f32]> {
+        Some(x)
+    }
 }
 
 impl Real for f64 {
@@ -143,6 +148,9 @@ impl Real for f64 {
     fn gemm(alpha: Self, a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: &mut [Self]) {
         let n = b.cols;
         gemm_f64(alpha, a, b, beta, c, n)
+    }
+    fn as_f32(_: &[f64]) -> Option<&[f32]> {
+        None
     }
 }
 
@@ -172,8 +180,18 @@ fn alloc<T: Real>(n: usize) -> Result<Vec<T>> {
     Ok(v)
 }
 
-fn to_f32<T: Real>(x: &[T]) -> Vec<f32> {
+/// An f32 copy of `x`, in a recycled buffer (a step downloads the same few
+/// small buffers every time).
+fn to_f32<T: Real>(x: &[T]) -> crate::mem::Recycled<f32> {
     x.iter().map(|v| v.to_f64() as f32).collect()
+}
+
+/// `x` read as f32: itself on the f32 backend, a rounded copy on f64.
+fn f32_view<T: Real>(x: &[T]) -> std::borrow::Cow<'_, [f32]> {
+    match T::as_f32(x) {
+        Some(v) => std::borrow::Cow::Borrowed(v),
+        None => std::borrow::Cow::Owned(to_f32(x).into_vec()),
+    }
 }
 
 /// The CPU backend on element type `T`: pooled [`HostBuf`] buffers, the ops of this module.
@@ -223,7 +241,7 @@ impl<T: Real> Backend for CpuOf<T> {
             .for_each(|(d, &s)| *d = r(f64::from(s)));
         Ok(v)
     }
-    fn download(&self, buf: &T::Buf) -> Result<Vec<f32>> {
+    fn download(&self, buf: &T::Buf) -> Result<crate::mem::Recycled<f32>> {
         Ok(to_f32(buf))
     }
     fn len(&self, buf: &T::Buf) -> usize {
@@ -445,9 +463,9 @@ impl<T: Real> Backend for CpuOf<T> {
         cfg: &TokenSelectConfig,
     ) -> Result<T::Buf> {
         let sel = select_tokens(
-            &to_f32(attn_cls),
-            &to_f32(keys),
-            &to_f32(hidden),
+            &f32_view(attn_cls),
+            &f32_view(keys),
+            &f32_view(hidden),
             shape,
             cfg,
         )?;

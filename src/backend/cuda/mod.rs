@@ -222,11 +222,11 @@ impl Backend for Cuda {
         Ok(b)
     }
 
-    fn download(&self, buf: &GpuBuf) -> Result<Vec<f32>> {
+    fn download(&self, buf: &GpuBuf) -> Result<crate::mem::Recycled<f32>> {
         if buf.len == 0 {
-            return Ok(Vec::new());
+            return Ok(crate::mem::Recycled::default());
         }
-        self.gpu.download(&buf.view())
+        self.gpu.download(&buf.view()).map(Into::into)
     }
 
     fn len(&self, buf: &GpuBuf) -> usize {
