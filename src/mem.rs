@@ -269,13 +269,15 @@ impl<T: std::fmt::Debug> std::fmt::Debug for Shared<T> {
 
 /// A `Vec<T>` whose buffer goes back to a process-wide free list when dropped
 /// (its values dropped first), to be handed out again by the next [`Recycled::with_capacity`]
-/// (or `filled`, `from_slice`) of a type with T's size and alignment: the host-side
-/// bookkeeping of a training step (staged weights, token ids, norm accumulators,
-/// micro-batch lists, layer caches) reuses its buffers instead of allocating them
-/// each step.
+/// (or `filled`, `from_slice`, `zeros`) of a type with T's size and alignment: the
+/// host-side bookkeeping of a training step (token ids, norm accumulators, loss
+/// weights, downloads, clip factors, token-selection plans, micro-batch lists,
+/// layer caches) reuses its buffers instead of allocating them each step.
 ///
-/// At most [`RECYCLED_KEEP`] buffers per layout are kept; they are reported as
-/// cached bytes ([`cache_add`]). Derefs to the `Vec`, so it is used like one.
+/// Per element layout, at most [`RECYCLED_KEEP`] buffers and [`RECYCLED_KEEP_BYTES`]
+/// are kept, none over [`RECYCLED_MAX_BYTES`]; a buffer that does not fit is freed.
+/// Kept buffers are reported as cached bytes ([`cache_add`]). Derefs to the
+/// `Vec`, so it is used like one; a reused buffer starts empty (length 0).
 pub struct Recycled<T> {
     v: Vec<T>,
 }
@@ -283,12 +285,17 @@ pub struct Recycled<T> {
 /// Buffers kept per element layout by [`Recycled`].
 pub const RECYCLED_KEEP: usize = 64;
 
-/// Largest buffer [`Recycled`] keeps, in bytes: a larger one (a checkpoint's
-/// download, say) is freed on drop rather than held for the rest of the process.
+/// Largest buffer [`Recycled`] keeps, in bytes: a larger one is freed on drop
+/// rather than held for the rest of the process.
 pub const RECYCLED_MAX_BYTES: usize = 16 << 20;
 
-/// Kept buffers of one element layout: (address, capacity in elements).
-type KeptVecs = (Layout, Vec<(usize, usize)>);
+/// Bytes [`Recycled`] keeps per element layout, at most (a burst of one-off
+/// buffers, such as a checkpoint's downloads, must not stay held).
+pub const RECYCLED_KEEP_BYTES: usize = 64 << 20;
+
+/// Kept buffers of one element layout: the layout, (address, capacity in
+/// elements) of each, and their bytes.
+type KeptVecs = (Layout, Vec<(usize, usize)>, usize);
 
 /// Kept buffers by element layout.
 static FREE_VECS: std::sync::Mutex<Vec<KeptVecs>> = std::sync::Mutex::new(Vec::new());
@@ -297,35 +304,35 @@ impl<T> Recycled<T> {
     /// An empty vector with room for `n` values: a kept buffer (the smallest large
     /// enough) when there is one.
     pub fn with_capacity(n: usize) -> Self {
+        Self {
+            v: Self::kept_buffer(n).unwrap_or_else(|| Vec::with_capacity(n)),
+        }
+    }
+
+    /// The smallest kept buffer with room for `n` values, emptied, if any.
+    fn kept_buffer(n: usize) -> Option<Vec<T>> {
         let l = Layout::new::<T>();
         if l.size() == 0 || n == 0 {
-            return Self { v: Vec::new() };
+            return None;
         }
-        let kept = {
+        let (ptr, cap) = {
             let mut free = FREE_VECS.lock().unwrap_or_else(|e| e.into_inner());
-            free.iter_mut().find(|(fl, _)| *fl == l).and_then(|(_, v)| {
-                // Best fit: a small request must not take the buffer a large
-                // one would reuse, or the large one allocates every step.
-                let at = (0..v.len())
-                    .filter(|&i| v[i].1 >= n)
-                    .min_by_key(|&i| v[i].1)?;
-                Some(v.swap_remove(at))
-            })
+            let (_, v, bytes) = free.iter_mut().find(|(fl, _, _)| *fl == l)?;
+            // Best fit: a small request must not take the buffer a large one
+            // would reuse, or the large one allocates every step.
+            let at = (0..v.len())
+                .filter(|&i| v[i].1 >= n)
+                .min_by_key(|&i| v[i].1)?;
+            let kept = v.swap_remove(at);
+            *bytes -= kept.1 * l.size();
+            kept
         };
-        match kept {
-            Some((ptr, cap)) => {
-                cache_take(cap * l.size());
-                // SAFETY: the buffer was a Vec's of `cap` values of a type with
-                // T's size and alignment (so the same allocation layout), emptied
-                // and given up by `Drop` below and owned by nobody since; length 0
-                // needs no initialised values.
-                let v = unsafe { Vec::from_raw_parts(ptr as *mut T, 0, cap) };
-                Self { v }
-            }
-            None => Self {
-                v: Vec::with_capacity(n),
-            },
-        }
+        cache_take(cap * l.size());
+        // SAFETY: the buffer was a Vec's of `cap` values of a type with T's size
+        // and alignment (so the same allocation layout), emptied and given up by
+        // `Drop` below and owned by nobody since; length 0 needs no initialised
+        // values.
+        Some(unsafe { Vec::from_raw_parts(ptr as *mut T, 0, cap) })
     }
 
     /// `n` copies of `value`.
@@ -359,25 +366,52 @@ impl<T> Drop for Recycled<T> {
         let l = Layout::new::<T>();
         let mut v = std::mem::take(&mut self.v);
         v.clear(); // the values are dropped here, the buffer kept
-        if l.size() == 0 || v.capacity() == 0 || v.capacity() * l.size() > RECYCLED_MAX_BYTES {
-            return;
-        }
-        let mut free = FREE_VECS.lock().unwrap_or_else(|e| e.into_inner());
-        let list = match free.iter().position(|(fl, _)| *fl == l) {
-            Some(i) => &mut free[i].1,
-            None => {
-                free.push((l, Vec::with_capacity(RECYCLED_KEEP)));
-                &mut free.last_mut().expect("just pushed").1
-            }
-        };
-        if list.len() >= RECYCLED_KEEP {
+        let size = v.capacity() * l.size();
+        if size == 0 || size > RECYCLED_MAX_BYTES {
             return; // `v` is freed
         }
-        let cap = v.capacity();
-        list.push((v.as_mut_ptr() as usize, cap));
+        let mut free = FREE_VECS.lock().unwrap_or_else(|e| e.into_inner());
+        let i = match free.iter().position(|(fl, _, _)| *fl == l) {
+            Some(i) => i,
+            None => {
+                free.push((l, Vec::with_capacity(RECYCLED_KEEP), 0));
+                free.len() - 1
+            }
+        };
+        let (_, list, bytes) = &mut free[i];
+        if list.len() >= RECYCLED_KEEP || *bytes + size > RECYCLED_KEEP_BYTES {
+            return; // `v` is freed
+        }
+        list.push((v.as_mut_ptr() as usize, v.capacity()));
+        *bytes += size;
         std::mem::forget(v);
-        cache_add(cap * l.size());
+        cache_add(size);
     }
+}
+
+impl Recycled<f32> {
+    /// `n` zeros: a kept buffer zero-filled, or else fresh zeroed memory (whose
+    /// pages the OS zeroes lazily, so a large buffer that a parallel loop then
+    /// overwrites is not first zeroed on one thread).
+    pub fn zeros(n: usize) -> Self {
+        let v = match Self::kept_buffer(n) {
+            Some(mut v) => {
+                v.resize(n, 0.0);
+                v
+            }
+            None => vec![0.0; n],
+        };
+        Self { v }
+    }
+}
+
+/// Buffers kept for element layout `l`, and their bytes (for the tests).
+#[cfg(test)]
+fn kept(l: Layout) -> (usize, usize) {
+    let free = FREE_VECS.lock().unwrap_or_else(|e| e.into_inner());
+    free.iter()
+        .find(|(fl, _, _)| *fl == l)
+        .map_or((0, 0), |(_, v, b)| (v.len(), *b))
 }
 
 impl<T> std::ops::Deref for Recycled<T> {
@@ -530,5 +564,44 @@ mod shared_tests {
         e.push(Counted([2; 9]));
         drop(e);
         assert_eq!(COUNTED.load(SeqCst), 2);
+    }
+
+    #[test]
+    fn recycled_keeps_no_buffer_over_its_caps() {
+        use super::{kept, Recycled, RECYCLED_KEEP_BYTES, RECYCLED_MAX_BYTES};
+        use std::alloc::Layout;
+        // A layout nothing else in this binary recycles: ([u8; 4093], align 1).
+        type Q = [u8; 4093];
+        let l = Layout::new::<Q>();
+        let fits = RECYCLED_MAX_BYTES / 4093;
+        let over = Recycled::<Q>::with_capacity(fits + 1);
+        drop(over);
+        assert_eq!(kept(l), (0, 0), "a buffer over RECYCLED_MAX_BYTES was kept");
+        // Buffers at the size cap are kept until RECYCLED_KEEP_BYTES is reached.
+        let all: Vec<_> = (0..RECYCLED_KEEP_BYTES / RECYCLED_MAX_BYTES + 1)
+            .map(|_| Recycled::<Q>::with_capacity(fits))
+            .collect();
+        drop(all);
+        let (n, bytes) = kept(l);
+        assert_eq!(n, RECYCLED_KEEP_BYTES / RECYCLED_MAX_BYTES);
+        assert!(bytes <= RECYCLED_KEEP_BYTES);
+        // They are handed out again (so the count drops).
+        let again = Recycled::<Q>::with_capacity(1);
+        assert_eq!(again.capacity(), fits);
+        assert_eq!(kept(l).0, n - 1);
+    }
+
+    #[test]
+    fn recycled_zeros_are_zero_whether_reused_or_fresh() {
+        use super::Recycled;
+        let mut a = Recycled::<f32>::zeros(1000);
+        assert!(a.iter().all(|&x| x == 0.0));
+        a.iter_mut().for_each(|x| *x = 7.0);
+        drop(a);
+        // Whichever kept f32 buffer this gets (other tests recycle f32 too), it
+        // holds zeros and only zeros.
+        let b = Recycled::<f32>::zeros(999);
+        assert_eq!(b.len(), 999);
+        assert!(b.iter().all(|&x| x == 0.0));
     }
 }

@@ -138,7 +138,7 @@ impl Backend for Meter {
         Ok(self.buf(host.len()))
     }
     fn download(&self, buf: &MeterBuf) -> Result<crate::mem::Recycled<f32>> {
-        Ok(crate::mem::Recycled::filled(buf.len, 0.0))
+        Ok(crate::mem::Recycled::zeros(buf.len))
     }
     fn len(&self, buf: &MeterBuf) -> usize {
         buf.len

@@ -216,6 +216,7 @@ pub fn save_weights<B: Backend>(backend: &B, model: &Mllm<B>, path: &Path) -> Re
             .ok_or_else(|| Error::Internal(format!("tensor {name} vanished")))?;
         let bytes: Vec<u8> = backend
             .download(buf)?
+            .into_vec() // a one-off copy: freed, not recycled
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();

@@ -135,7 +135,8 @@ impl<B: Backend> Store<B> {
     pub fn save(&self, be: &B, path: &Path, meta: HashMap<String, String>) -> Result<()> {
         let mut bytes = Vec::with_capacity(self.tensors.len());
         for t in &self.tensors {
-            let host = be.download(&t.buf)?;
+            // A one-off copy: freed, not recycled.
+            let host = be.download(&t.buf)?.into_vec();
             bytes.push(
                 host.iter()
                     .flat_map(|v| v.to_le_bytes())

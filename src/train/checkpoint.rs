@@ -215,7 +215,7 @@ pub fn save<B: DpBackend>(t: &Trainer<'_, B>, dir: &Path, state: &CheckpointStat
         let mo = &t.opt.moments[id];
         for (tag, buf) in [("m", &mo.m), ("v", &mo.v)] {
             if let Some(b) = buf {
-                let host = t.backend.download(b)?;
+                let host = t.backend.download(b)?.into_vec(); // one-off: freed
                 named.push((format!("{tag}.{id}"), bytemuck::cast_slice(&host).to_vec()));
             }
         }

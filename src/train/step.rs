@@ -292,6 +292,10 @@ static FREE_BATCHES: std::sync::Mutex<Vec<crate::data::Batch>> = std::sync::Mute
 /// Most batches [`FREE_BATCHES`] keeps (a DPZO step holds one per micro-batch).
 const BATCHES_KEEP: usize = 16;
 
+/// Largest batch [`FREE_BATCHES`] keeps, in bytes of images (a LLaVA micro-batch
+/// of 336-pixel images is 1.35 MB per example): a larger one is freed.
+const BATCH_KEEP_BYTES: usize = 64 << 20;
+
 /// A reusable batch, put back when dropped; a fresh one when none is free (the
 /// first step, or more micro-batches alive at once than before).
 struct BatchLease(crate::data::Batch);
@@ -318,6 +322,9 @@ impl std::ops::DerefMut for BatchLease {
 
 impl Drop for BatchLease {
     fn drop(&mut self) {
+        if self.0.images.capacity() * std::mem::size_of::<f32>() > BATCH_KEEP_BYTES {
+            return; // freed
+        }
         let mut free = FREE_BATCHES.lock().unwrap_or_else(|e| e.into_inner());
         if free.len() < BATCHES_KEEP {
             // Room for all of them at the first push: no later push allocates.

@@ -330,7 +330,7 @@ pub fn key_metric(keys: &[f32], shape: &TokenShape) -> Result<Recycled<f32>> {
     shape.validate()?;
     ensure_len("keys", keys.len(), shape.keys_len()?, "B·N·H·hd")?;
     let (h, hd) = (shape.heads, shape.head_dim);
-    let mut out = Recycled::filled(shape.batch * shape.tokens * hd, 0.0f32);
+    let mut out = Recycled::zeros(shape.batch * shape.tokens * hd);
     out.par_chunks_mut(hd)
         .zip(keys.par_chunks(h * hd))
         .for_each(|(m, k)| {
@@ -484,7 +484,7 @@ pub fn gather_fuse(
     }
 
     let o = cfg.out_tokens();
-    let mut out = Recycled::filled(bsz * o * d, 0.0f32);
+    let mut out = Recycled::zeros(bsz * o * d);
     out.par_chunks_mut(o * d)
         .enumerate()
         .for_each(|(b, img_out)| {

@@ -4,11 +4,13 @@
 //! puts a worker to sleep shortly after it runs out of work, and waking it again
 //! (a futex, and on a VM an inter-processor interrupt to a halted vCPU) costs
 //! about as much as such an op. [`run_hot`] runs the step on a worker and keeps
-//! every other worker polling for work until it returns, as OpenMP runtimes do
-//! with their spin-wait time (`KMP_BLOCKTIME`, `GOMP_SPINCOUNT`) under PyTorch.
-//! The price is CPU time burnt between ops, only while a step runs.
+//! the other workers (every one that is idle when the step starts) polling for
+//! work until it returns, as OpenMP runtimes do with their spin-wait time
+//! (`KMP_BLOCKTIME`, `GOMP_SPINCOUNT`) under PyTorch. The price is CPU time burnt
+//! between ops, only while a step runs.
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 thread_local! {
     /// Whether this thread is inside [`run_hot`]'s step or polling for it: a
@@ -65,12 +67,27 @@ pub fn set_polling(on: bool) {
 /// polling turned off (`DUALPRIV_CPU_POLL=0`).
 ///
 /// The pollers are the second halves of nested `rayon::join`s, which live on
-/// this stack frame (`spawn_broadcast`, which reaches each worker for certain,
+/// the stack (`spawn_broadcast`, which reaches each worker for certain,
 /// allocates its job on the heap every step). Idle workers steal them oldest
 /// first, before any job of `f`. A poller taken by a thread that is busy already
 /// (this one, out of `f`'s jobs before a worker stole it) returns at once; that
-/// step then has one poller fewer, which costs wake-ups, not results.
+/// step then has pollers fewer, which costs wake-ups, not results. A poller
+/// runs no job until every poller is taken or [`GATE`] has passed (see [`poll`]),
+/// so a step during which some worker is busy elsewhere starts that much slower.
 pub fn run_hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    run_hot_gated(GATE, f)
+}
+
+/// How long a poller waits for the other pollers to be taken before it runs
+/// jobs anyway: a few times a sleeping worker's wake-up.
+const GATE: Duration = Duration::from_micros(200);
+
+/// Pollers one thread queues at most: crossbeam's deque holds 64 jobs before it
+/// grows, which allocates. More are queued as a tree (see [`queue`]).
+const QUEUE_MAX: usize = 16;
+
+/// [`run_hot`] with the pollers' [`GATE`] given (the tests hold it open).
+fn run_hot_gated<R: Send>(gate: Duration, f: impl FnOnce() -> R + Send) -> R {
     let n = rayon::current_num_threads();
     if n < 2 || BUSY.with(Cell::get) || !polling() {
         return f();
@@ -79,8 +96,9 @@ pub fn run_hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         done: AtomicBool::new(false),
         taken: AtomicUsize::new(0),
         count: n - 1,
+        gate,
     };
-    with_pollers(polls.count, &polls, || {
+    queue(polls.count, &polls, || {
         let prev = BUSY.with(|b| b.replace(true));
         let _finish = Finish {
             done: &polls.done,
@@ -94,45 +112,67 @@ pub fn run_hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 struct Polls {
     /// Set when the step returns (or unwinds).
     done: AtomicBool,
-    /// Pollers started so far, those that returned at once included.
+    /// Pollers started or given up so far.
     taken: AtomicUsize,
-    /// Pollers queued.
+    /// Pollers in all.
     count: usize,
+    /// See [`GATE`].
+    gate: Duration,
 }
 
-/// Threads polling now, over every [`run_hot`] step (for the tests).
+/// Threads polling now, over every [`run_hot`] step.
+#[cfg(test)]
 static POLLING: AtomicUsize = AtomicUsize::new(0);
 
-/// Runs `f` with `k` pollers queued under it on this worker's deque.
-fn with_pollers<R: Send>(k: usize, polls: &Polls, f: impl FnOnce() -> R + Send) -> R {
+/// Runs `f` with `k` pollers queued under it on this worker's deque, as at most
+/// [`QUEUE_MAX`] jobs: a job that stands for several pollers queues the rest
+/// under itself on the worker that takes it.
+fn queue<R: Send>(k: usize, polls: &Polls, f: impl FnOnce() -> R + Send) -> R {
+    queue_jobs(k, k.div_ceil(QUEUE_MAX).max(1), polls, f)
+}
+
+fn queue_jobs<R: Send>(k: usize, per: usize, polls: &Polls, f: impl FnOnce() -> R + Send) -> R {
     if k == 0 {
         return f();
     }
-    rayon::join(|| with_pollers(k - 1, polls, f), || poll(polls)).0
+    let m = per.min(k);
+    rayon::join(|| queue_jobs(k - m, per, polls, f), || poller(m, polls)).0
 }
 
-/// Runs the pool's jobs until the step is done; returns at once on a thread that
-/// is busy with a step or a poller already.
-fn poll(polls: &Polls) {
-    let nested = BUSY.with(|b| b.replace(true));
-    polls.taken.fetch_add(1, Ordering::AcqRel);
-    if nested {
+/// A queued job standing for `m` pollers: this thread polls, and queues the
+/// other `m − 1` for idle workers to steal. On a thread that is busy with a step
+/// or a poller already, all `m` are given up.
+fn poller(m: usize, polls: &Polls) {
+    if BUSY.with(|b| b.replace(true)) {
+        polls.taken.fetch_add(m, Ordering::AcqRel);
         return;
     }
-    // Until every poller is taken, spin without running jobs: `yield_now` would
-    // steal the next queued poller (oldest first), which would return at once on
-    // this busy thread instead of waking an idle worker.
-    while polls.taken.load(Ordering::Acquire) < polls.count && !polls.done.load(Ordering::Acquire) {
+    polls.taken.fetch_add(1, Ordering::AcqRel);
+    queue(m - 1, polls, || poll(polls));
+    BUSY.with(|b| b.set(false));
+}
+
+/// Runs the pool's jobs until the step is done.
+fn poll(polls: &Polls) {
+    // Until every poller is taken (or the gate passes), spin without running
+    // jobs: `yield_now` would steal the next queued poller (oldest first), given
+    // up at once on this busy thread instead of keeping an idle worker awake.
+    let t0 = Instant::now();
+    while polls.taken.load(Ordering::Acquire) < polls.count
+        && !polls.done.load(Ordering::Acquire)
+        && t0.elapsed() < polls.gate
+    {
         std::hint::spin_loop();
     }
+    #[cfg(test)]
     POLLING.fetch_add(1, Ordering::Relaxed);
     while !polls.done.load(Ordering::Acquire) {
         if rayon::yield_now() != Some(rayon::Yield::Executed) {
             std::hint::spin_loop();
         }
     }
+    #[cfg(test)]
     POLLING.fetch_sub(1, Ordering::Relaxed);
-    BUSY.with(|b| b.set(false));
 }
 
 #[cfg(test)]
@@ -165,6 +205,24 @@ mod tests {
         assert_eq!(on_worker, rayon::current_num_threads() >= 2 && polling());
     }
 
+    /// Runs `f` as a step on `p` with the gate held open, and says whether
+    /// `want` threads were polling at once during it (within 5 s).
+    fn polled(p: &rayon::ThreadPool, want: usize) -> bool {
+        p.install(|| {
+            run_hot_gated(Duration::MAX, || {
+                // Other tests' steps may add to the count, never take from it.
+                let t0 = Instant::now();
+                while POLLING.load(Ordering::Relaxed) < want {
+                    if t0.elapsed() > Duration::from_secs(5) {
+                        return false;
+                    }
+                    std::hint::spin_loop();
+                }
+                true
+            })
+        })
+    }
+
     #[test]
     fn every_other_worker_polls_during_a_step() {
         if !polling() {
@@ -172,21 +230,52 @@ mod tests {
         }
         let p = pool(4);
         for _ in 0..20 {
-            let seen = p.install(|| {
+            assert!(polled(&p, 3), "fewer than 3 of 4 workers polled");
+        }
+        // More workers than one thread queues pollers for: the tree.
+        let p = pool(QUEUE_MAX + 6);
+        assert!(polled(&p, QUEUE_MAX + 5), "not every worker polled");
+    }
+
+    #[test]
+    fn a_worker_busy_elsewhere_does_not_serialise_the_step() {
+        if !polling() {
+            return;
+        }
+        let p = pool(4);
+        let (started, release) = (AtomicBool::new(false), AtomicBool::new(false));
+        p.in_place_scope(|s| {
+            s.spawn(|_| {
+                started.store(true, Ordering::Release);
+                while !release.load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+            });
+            // Running, not queued: a poller must not pick it up (the step would
+            // then wait for it, and it for the step).
+            while !started.load(Ordering::Acquire) {
+                std::hint::spin_loop();
+            }
+            // One worker spins in that job: one poller is never taken, and
+            // the others must still run the step's jobs once the gate passes.
+            let threads = p.install(|| {
                 run_hot(|| {
-                    // Other tests' steps may add to the count, never take from it.
-                    let t0 = std::time::Instant::now();
-                    while POLLING.load(Ordering::Relaxed) < 3 {
-                        if t0.elapsed() > std::time::Duration::from_secs(5) {
-                            return false;
-                        }
-                        std::hint::spin_loop();
-                    }
-                    true
+                    let t: std::collections::BTreeSet<_> = (0..64)
+                        .into_par_iter()
+                        .map(|_| {
+                            let t0 = Instant::now();
+                            while t0.elapsed() < Duration::from_millis(2) {
+                                std::hint::spin_loop();
+                            }
+                            rayon::current_thread_index()
+                        })
+                        .collect();
+                    t.len()
                 })
             });
-            assert!(seen, "fewer than 3 of 4 workers polled during a step");
-        }
+            release.store(true, Ordering::Release);
+            assert!(threads >= 2, "the step's jobs ran on {threads} thread(s)");
+        });
     }
 
     #[test]

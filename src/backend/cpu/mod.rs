@@ -82,7 +82,9 @@ pub trait Real:
     /// `c[m×n] = alpha·a·b + beta·c` (see [`crate::linalg`]).
     fn gemm(alpha: Self, a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: &mut [Self]);
     /// `x` itself when this type is f32 (no copy needed to read it as f32).
-    fn as_f32(x: &[Self]) -> Option<&[f32]>;
+    fn as_f32(_x: &[Self]) -> Option<&[f32]> {
+        None
+    }
 }
 
 impl Real for f32 {
@@ -149,9 +151,6 @@ impl Real for f64 {
         let n = b.cols;
         gemm_f64(alpha, a, b, beta, c, n)
     }
-    fn as_f32(_: &[f64]) -> Option<&[f32]> {
-        None
-    }
 }
 
 /// The pool of the f32 backend's buffers.
@@ -186,11 +185,28 @@ fn to_f32<T: Real>(x: &[T]) -> crate::mem::Recycled<f32> {
     x.iter().map(|v| v.to_f64() as f32).collect()
 }
 
-/// `x` read as f32: itself on the f32 backend, a rounded copy on f64.
-fn f32_view<T: Real>(x: &[T]) -> std::borrow::Cow<'_, [f32]> {
+/// `x` read as f32: itself on the f32 backend, a rounded copy (in a recycled
+/// buffer) on f64.
+fn f32_view<T: Real>(x: &[T]) -> F32View<'_> {
     match T::as_f32(x) {
-        Some(v) => std::borrow::Cow::Borrowed(v),
-        None => std::borrow::Cow::Owned(to_f32(x).into_vec()),
+        Some(v) => F32View::Borrowed(v),
+        None => F32View::Owned(to_f32(x)),
+    }
+}
+
+/// See [`f32_view`].
+enum F32View<'a> {
+    Borrowed(&'a [f32]),
+    Owned(crate::mem::Recycled<f32>),
+}
+
+impl Deref for F32View<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Self::Borrowed(v) => v,
+            Self::Owned(v) => v,
+        }
     }
 }
 
