@@ -71,7 +71,7 @@ pub fn set_polling(on: bool) {
 /// allocates its job on the heap every step). Idle workers steal them oldest
 /// first, before any job of `f`. A poller taken by a thread that is busy already
 /// (this one, out of `f`'s jobs before a worker stole it) returns at once; that
-/// step then has pollers fewer, which costs wake-ups, not results. A poller
+/// step then has fewer pollers, which costs wake-ups, not results. A poller
 /// runs no job until every poller is taken or [`GATE`] has passed (see [`poll`]),
 /// so a step during which some worker is busy elsewhere starts that much slower.
 pub fn run_hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
