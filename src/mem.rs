@@ -293,9 +293,9 @@ pub const RECYCLED_MAX_BYTES: usize = 16 << 20;
 /// buffers, such as a checkpoint's downloads, must not stay held).
 pub const RECYCLED_KEEP_BYTES: usize = 64 << 20;
 
-/// Kept buffers of one element layout: the layout, (address, capacity in
-/// elements) of each, and their bytes.
-type KeptVecs = (Layout, Vec<(usize, usize)>, usize);
+/// Kept buffers of one element layout: the layout, and (address, capacity in
+/// elements) of each.
+type KeptVecs = (Layout, Vec<(usize, usize)>);
 
 /// Kept buffers by element layout.
 static FREE_VECS: std::sync::Mutex<Vec<KeptVecs>> = std::sync::Mutex::new(Vec::new());
@@ -317,15 +317,13 @@ impl<T> Recycled<T> {
         }
         let (ptr, cap) = {
             let mut free = FREE_VECS.lock().unwrap_or_else(|e| e.into_inner());
-            let (_, v, bytes) = free.iter_mut().find(|(fl, _, _)| *fl == l)?;
+            let (_, v) = free.iter_mut().find(|(fl, _)| *fl == l)?;
             // Best fit: a small request must not take the buffer a large one
             // would reuse, or the large one allocates every step.
             let at = (0..v.len())
                 .filter(|&i| v[i].1 >= n)
                 .min_by_key(|&i| v[i].1)?;
-            let kept = v.swap_remove(at);
-            *bytes -= kept.1 * l.size();
-            kept
+            v.swap_remove(at)
         };
         cache_take(cap * l.size());
         // SAFETY: the buffer was a Vec's of `cap` values of a type with T's size
@@ -371,19 +369,19 @@ impl<T> Drop for Recycled<T> {
             return; // `v` is freed
         }
         let mut free = FREE_VECS.lock().unwrap_or_else(|e| e.into_inner());
-        let i = match free.iter().position(|(fl, _, _)| *fl == l) {
+        let i = match free.iter().position(|(fl, _)| *fl == l) {
             Some(i) => i,
             None => {
-                free.push((l, Vec::with_capacity(RECYCLED_KEEP), 0));
+                free.push((l, Vec::with_capacity(RECYCLED_KEEP)));
                 free.len() - 1
             }
         };
-        let (_, list, bytes) = &mut free[i];
-        if list.len() >= RECYCLED_KEEP || *bytes + size > RECYCLED_KEEP_BYTES {
+        let list = &mut free[i].1;
+        let kept: usize = list.iter().map(|&(_, cap)| cap * l.size()).sum();
+        if list.len() >= RECYCLED_KEEP || kept + size > RECYCLED_KEEP_BYTES {
             return; // `v` is freed
         }
         list.push((v.as_mut_ptr() as usize, v.capacity()));
-        *bytes += size;
         std::mem::forget(v);
         cache_add(size);
     }
@@ -410,8 +408,10 @@ impl Recycled<f32> {
 fn kept(l: Layout) -> (usize, usize) {
     let free = FREE_VECS.lock().unwrap_or_else(|e| e.into_inner());
     free.iter()
-        .find(|(fl, _, _)| *fl == l)
-        .map_or((0, 0), |(_, v, b)| (v.len(), *b))
+        .find(|(fl, _)| *fl == l)
+        .map_or((0, 0), |(_, v)| {
+            (v.len(), v.iter().map(|&(_, cap)| cap * l.size()).sum())
+        })
 }
 
 impl<T> std::ops::Deref for Recycled<T> {
