@@ -36,12 +36,14 @@ fn per_example_rows_by_hand() {
     let mut norms = be.norms_zeros(s.b, 8).unwrap();
     norms.sq[1] = 2.0;
     be.add_row_sq_norms(&bg, s.b, &mut norms).unwrap();
+    // The CPU sums a row in eight partial sums, not left to right: the same value
+    // to f64 rounding (γ_{p+2}, which the bound's γ includes).
     let gamma = row_gamma(8, s.p);
     for (i, row) in bg.chunks(s.p).enumerate() {
         let sq: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
         let before = if i == 1 { 2.0 } else { 0.0 };
-        assert_eq!(norms.sq[i], before + sq);
-        assert_eq!(norms.bound[i], gamma * sq.sqrt());
+        assert!((norms.sq[i] - (before + sq)).abs() <= 1e-15 * (before + sq));
+        assert!((norms.bound[i] - gamma * sq.sqrt()).abs() <= 1e-15 * gamma * sq.sqrt());
     }
     // A factor-0 row is absent even when it holds NaN; accumulate adds to `out`.
     let mut rows = bg.clone();
@@ -70,6 +72,46 @@ fn per_example_rows_by_hand() {
         s,
     );
     assert!(matches!(e, Err(Error::Shape(_))), "{e:?}");
+}
+
+/// Weighted sums of rows wider than one job and than one pass of a job (the CPU
+/// splits columns by thread count, then into passes of 1024), and squared norms of
+/// rows of any length, against the plain loops: sums bit for bit (each column in
+/// row order, in f64), norms to f64 rounding (γ_cols, positive terms).
+#[test]
+fn wide_rows_match_the_plain_loops() {
+    let be = Cpu;
+    let mut r = rng(23);
+    for (rows, cols) in [(3, 1), (4, 17), (9, 1000), (5, 10_000), (2, 300_001)] {
+        let v = uniform(&mut r, rows * cols);
+        let factors: Vec<f32> = (0..rows)
+            .map(|i| if i == 1 { 0.0 } else { 0.5 + i as f32 })
+            .collect();
+        let mut out = dualpriv::backend::cpu::pool::HostBuf::from(vec![0.25f32; cols]);
+        let (vb, fb) = (
+            dualpriv::backend::cpu::pool::HostBuf::from(v.clone()),
+            dualpriv::backend::cpu::pool::HostBuf::from(factors.clone()),
+        );
+        be.weighted_row_sum(&vb, &fb, rows, &mut out, true).unwrap();
+        for j in 0..cols {
+            let mut acc = 0.25f64;
+            for (i, &f) in factors.iter().enumerate().filter(|(_, &f)| f != 0.0) {
+                acc += f64::from(f) * f64::from(v[i * cols + j]);
+            }
+            assert_eq!(out[j], acc as f32, "{rows}x{cols}: column {j}");
+        }
+        let mut norms = be.norms_zeros(rows, rows).unwrap();
+        be.add_row_sq_norms(&vb, rows, &mut norms).unwrap();
+        for (i, row) in v.chunks(cols).enumerate() {
+            let sq: f64 = row.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+            // Both orders are within γ_cols = cols·u of the exact sum (positive terms).
+            assert!(
+                (norms.sq[i] - sq).abs() <= (cols + 2) as f64 * f64::EPSILON * sq,
+                "{rows}x{cols}: row {i}: {} vs {sq}",
+                norms.sq[i]
+            );
+        }
+    }
 }
 
 /// Bias gradients and weighted sums (with and without zero factors) as f32 outputs,

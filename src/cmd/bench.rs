@@ -359,6 +359,75 @@ fn op_rows(r: &mut ChaCha8Rng, rows: &mut Vec<KernelBench>) -> Result<()> {
     Ok(())
 }
 
+/// The ghost methods' per-example row ops on one LoRA factor of the tiny preset at
+/// B = 128 (q_proj's A: 8×128 values per example), and its noise + AdamW update
+/// (all kept), through the CPU backend as a streaming step runs them: one tensor
+/// at a time, under [`crate::backend::cpu::hot::run_hot`].
+fn lora_rows(r: &mut ChaCha8Rng, rows: &mut Vec<KernelBench>) -> Result<()> {
+    use crate::backend::cpu::{hot::run_hot, Cpu};
+    use crate::backend::Backend;
+    let be = Cpu;
+    let (b, cols) = (128, 8 * 128);
+    let per = be.upload(&random(r, b * cols))?;
+    let factors = be.upload(&random(r, b).iter().map(|v| v.abs()).collect::<Vec<_>>())?;
+    let mut norms = be.norms_zeros(b, b)?;
+    let mut out = be.zeros(cols)?;
+    let grad = random(r, cols);
+    let (mut p, mut m, mut v) = (vec![0.0f32; cols], vec![0.0f32; cols], vec![0.0f32; cols]);
+    let cfg = prune_config(1.0, RngKind::Chacha20);
+    let shape = format!("B={b} × {cols}");
+    let bytes = (b * cols * 4) as f64;
+    let mut ops: Vec<(&str, f64, &'static str, OpFn<'_>)> = vec![
+        (
+            "add_row_sq_norms",
+            bytes,
+            "GB/s",
+            Box::new(|| be.add_row_sq_norms(&per, b, &mut norms)),
+        ),
+        (
+            "weighted_row_sum",
+            bytes,
+            "GB/s",
+            Box::new(|| be.weighted_row_sum(&per, &factors, b, &mut out, false)),
+        ),
+        (
+            "noise + AdamW, all kept",
+            cols as f64 * 1e3,
+            "Mcoord/s",
+            Box::new(|| {
+                let mut t = [TensorState {
+                    tensor_id: 0,
+                    grad: &grad,
+                    param: &mut p,
+                    m: &mut m,
+                    v: &mut v,
+                }];
+                prune::noise_prune_update(&mut t, &cfg).map(|_| ())
+            }),
+        ),
+    ];
+    for (name, moved, unit, op) in ops.iter_mut() {
+        let ms = run_hot(|| {
+            time_cpu(5, || {
+                (0..100).try_for_each(|_| op())?;
+                Ok(())
+            })
+        })? / 100.0;
+        let shape = if *unit == "GB/s" {
+            shape.clone()
+        } else {
+            format!("N={cols}")
+        };
+        rows.push(KernelBench {
+            name: format!("{name} (tiny B=128 LoRA factor)"),
+            shape,
+            median_ms: ms,
+            throughput: (*moved / ms / 1e6, unit),
+        });
+    }
+    Ok(())
+}
+
 /// Profiles `steps` steps op by op, with the whole rayon pool and then in a
 /// one-thread pool (the same ops, so a serial op has a speed-up near 1).
 fn profile_steps<B: DpBackend>(
@@ -939,6 +1008,7 @@ fn run_cpu() -> Result<Vec<KernelBench>> {
     }
     gemm_rows(&mut r, &mut rows)?;
     op_rows(&mut r, &mut rows)?;
+    lora_rows(&mut r, &mut rows)?;
     let (ts, tc) = llava_tokens(sz.token_batch);
     let attn = random(&mut r, ts.attn_len()?)
         .iter()
