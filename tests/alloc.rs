@@ -36,6 +36,14 @@ const GEMM_BUDGET: f64 = 0.5;
 
 #[test]
 fn steady_state_steps_do_not_allocate_beyond_the_budget() {
+    // Methods timed in turn, and interleaved (five models live, each step's
+    // counters read around it alone).
+    for interleave in [false, true] {
+        within_budget(interleave);
+    }
+}
+
+fn within_budget(interleave: bool) {
     let args = BenchArgs {
         preset: "tiny".into(),
         methods: Method::ALL.to_vec(),
@@ -46,6 +54,7 @@ fn steady_state_steps_do_not_allocate_beyond_the_budget() {
         warmup: 3,
         steps: 4,
         profile: false,
+        interleave,
     };
     let rows = methods(&Cpu, &args).unwrap();
     assert!(
@@ -74,6 +83,7 @@ fn steady_state_steps_do_not_allocate_beyond_the_budget() {
     assert_eq!(rows.len(), Method::ALL.len());
     assert!(
         over.is_empty(),
-        "steady-state steps allocate beyond the budget in {over:?}:\n{report}"
+        "steady-state steps (interleave {interleave}) allocate beyond the budget in \
+         {over:?}:\n{report}"
     );
 }

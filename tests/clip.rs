@@ -119,6 +119,16 @@ fn bk_clipped_sum_equals_brute_force() {
         // f32 accumulation: judged against the output's scale, not entry by entry.
         let e = rel_err(&fast, &want, max_abs(&want));
         assert!(e < 1e-5, "f32 path {s:?}: {e}");
+        // All-ones factors (nonprivate) take the unscaled operands: the plain sum.
+        let mut plain = vec![0.0f32; s.p * s.d];
+        clipped_weight_sum_f32(&x, &g, &vec![1.0; s.b], s, &mut plain).unwrap();
+        let mut sum = vec![0.0f64; s.p * s.d];
+        for w in per_example_grads(&x, &g, s) {
+            sum.iter_mut().zip(&w).for_each(|(a, v)| *a += v);
+        }
+        let sum: Vec<f32> = sum.iter().map(|&v| v as f32).collect();
+        let e = rel_err(&plain, &sum, max_abs(&sum));
+        assert!(e < 1e-5, "f32 path, unclipped {s:?}: {e}");
         let mut bias = vec![0.0f32; s.p];
         clipped_bias_sum(&g, &c, s, &mut bias).unwrap();
         for o in 0..s.p {

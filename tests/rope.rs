@@ -47,6 +47,48 @@ fn rope_backward_and_convention() {
     assert_eq!(&y[..24], &x[..24]);
 }
 
+/// The CPU keeps one angle table per (head dimension, θ) and direction, grown to
+/// the longest sequence seen and read as a prefix by shorter ones (the methods of
+/// one process differ in length). Every rotation, through lengths that shrink and
+/// grow and a θ in between, equals the by-hand one bit for bit.
+#[test]
+fn rope_tables_serve_any_length_and_theta() {
+    let be = Cpu64;
+    let mut r = ChaCha8Rng::seed_from_u64(5);
+    let (b, heads, hd) = (2, 2, 8);
+    for (t, theta) in [(9, 1e4), (5, 1e4), (12, 5e5), (3, 1e4), (12, 1e4), (7, 5e5)] {
+        let s = RopeShape {
+            b,
+            t,
+            heads,
+            hd,
+            theta,
+        };
+        let x = rand_vec(&mut r, b * t * heads * hd, 1.0);
+        for sign in [1.0f64, -1.0] {
+            let mut y = x.clone();
+            if sign > 0.0 {
+                be.rope_fwd(&mut y, s).unwrap();
+            } else {
+                be.rope_bwd(&mut y, s).unwrap();
+            }
+            for (row, (xr, yr)) in x.chunks(heads * hd).zip(y.chunks(heads * hd)).enumerate() {
+                let pos = row % t;
+                for h in 0..heads {
+                    for i in 0..hd / 2 {
+                        let freq = (theta as f64).powf(-2.0 * i as f64 / hd as f64);
+                        let (sin, cos) = (sign * pos as f64 * freq).sin_cos();
+                        let (j1, j2) = (h * hd + i, h * hd + i + hd / 2);
+                        let (x1, x2) = (xr[j1], xr[j2]);
+                        assert_eq!(yr[j1], x1 * cos - x2 * sin, "t {t} θ {theta} sign {sign}");
+                        assert_eq!(yr[j2], x2 * cos + x1 * sin, "t {t} θ {theta} sign {sign}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The GPU against the CPU
 

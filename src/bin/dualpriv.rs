@@ -275,6 +275,12 @@ enum Cmd {
         /// return before the device finishes).
         #[arg(long)]
         profile: bool,
+        /// Go round the methods one timed step at a time, each with its own model,
+        /// so a slow spell of a shared machine falls on all of them alike (their
+        /// ratios then come from one run); without it each method's steps run in
+        /// a block, on one model handed from method to method.
+        #[arg(long)]
+        interleave: bool,
     },
     /// Accuracy of a checkpoint on the built-in test split (--checkpoint), or
     /// exact-match accuracy of greedy generation on LLaVA conversation JSON
@@ -597,6 +603,7 @@ fn main() -> ExitCode {
             json,
             describe,
             profile,
+            interleave,
         } => parse_methods(&method)
             .map(|methods| BenchArgs {
                 preset,
@@ -608,6 +615,7 @@ fn main() -> ExitCode {
                 warmup: 2,
                 steps,
                 profile,
+                interleave,
             })
             .and_then(|a| {
                 if describe {

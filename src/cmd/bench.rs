@@ -102,6 +102,9 @@ pub struct BenchArgs {
     pub steps: usize,
     /// Also profile `steps` more steps per method, op by op (CPU backend only).
     pub profile: bool,
+    /// Go round the methods one timed step at a time, each with its own model
+    /// ([`methods`]), instead of timing each method's steps in a block.
+    pub interleave: bool,
 }
 
 /// Dense peak TFLOP/s of a known GPU for f32 GEMMs, by device name: TF32 tensor
@@ -123,32 +126,65 @@ pub fn peak_tflops(device: &str, tf32: bool) -> Option<f64> {
 
 /// Times one training step of each method on a fixed batch (`dualpriv bench`).
 ///
-/// One model is built and handed from method to method (its values do not change
-/// the work), so a 7B preset is initialised once.
+/// In turn (the default), one model is built and handed from method to method
+/// (its values do not change the work), so a 7B preset is initialised once; each
+/// method runs its warm-up and timed steps before the next starts. With
+/// [`BenchArgs::interleave`], every method gets its own model and the timed steps
+/// go round the methods one step at a time, so a slow spell of a shared machine
+/// (seconds to minutes on these VMs) falls on every method alike and their ratios
+/// come from one run.
 pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBench>> {
     let spec = bench_spec(&a.preset, a.lora_rank);
     let (mcfg, mode) = spec.build()?;
     let data = bench_data(&mcfg, a.batch)?;
     let idx: Vec<usize> = (0..data.len()).collect();
     let (default_keep, default_context) = mcfg.vision.default_token_select();
-    let peak = backend
-        .device_name()
-        .and_then(|n| peak_tflops(&n, backend.tf32_gemms()));
-    let mut model = Some(Mllm::new(backend, &mcfg, &mode, 0)?);
-    let mut rows = Vec::new();
-    for &method in &a.methods {
-        let cfg = bench_config(
+    let cfg = |method| {
+        bench_config(
             method,
             a.batch,
             a.keep_frac,
             a.keep_tokens,
             data.max_text_len(),
             (default_keep, default_context),
-        );
+        )
+    };
+    let steps = a.steps.max(1);
+    let mut rows = Vec::new();
+    if a.interleave {
+        let mut runs = Vec::with_capacity(a.methods.len());
+        for &method in &a.methods {
+            let m = Mllm::new(backend, &mcfg, &mode, 0)?;
+            let t = Trainer::new(backend, m, spec.clone(), cfg(method), &data)?;
+            runs.push((method, t, Tally::with_capacity(steps)));
+        }
+        // Three times the warm-up, as the first method gets in turn (allocator,
+        // page cache and pools warm for all of them).
+        for _ in 0..3 * a.warmup {
+            for (_, t, _) in runs.iter_mut() {
+                t.one_step(&data, &idx)?;
+            }
+        }
+        for _ in 0..steps {
+            for (_, t, tally) in runs.iter_mut() {
+                tally.step(backend, t, &data, &idx)?;
+            }
+        }
+        for (method, t, tally) in runs.iter_mut() {
+            let mut row = tally.row(backend, *method, a, &mcfg, t.cfg.text_len);
+            if a.profile {
+                row.profile = Some(profile_steps(t, &data, &idx, steps)?);
+            }
+            rows.push(row);
+        }
+        return Ok(rows);
+    }
+    let mut model = Some(Mllm::new(backend, &mcfg, &mode, 0)?);
+    for &method in &a.methods {
         let m = model.take().ok_or_else(|| {
             Error::Internal("the bench model was not handed back after a method".into())
         })?;
-        let mut t = Trainer::new(backend, m, spec.clone(), cfg, &data)?;
+        let mut t = Trainer::new(backend, m, spec.clone(), cfg(method), &data)?;
         // The first method also warms the allocator, page cache and GPU pools,
         // which would otherwise be billed to whichever method runs first.
         let warm = if rows.is_empty() {
@@ -159,57 +195,123 @@ pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBen
         for _ in 0..warm {
             t.one_step(&data, &idx)?;
         }
+        let mut tally = Tally::with_capacity(steps);
+        for _ in 0..steps {
+            tally.step(backend, &mut t, &data, &idx)?;
+        }
+        let mut row = tally.row(backend, method, a, &mcfg, t.cfg.text_len);
+        if a.profile {
+            row.profile = Some(profile_steps(&mut t, &data, &idx, steps)?);
+        }
+        rows.push(row);
+        model = Some(t.model);
+    }
+    Ok(rows)
+}
+
+/// What one method's timed steps measured, step by step: each step's time, and its
+/// peak and allocation counts from counters read just around it (so neither the
+/// bench's own bookkeeping nor another method's step is billed to it).
+struct Tally {
+    times: Vec<f64>,
+    peak: usize,
+    allocs: usize,
+    gemm_allocs: usize,
+    misses: u64,
+    device: Option<crate::backend::DeviceMemory>,
+    visual_tokens: usize,
+}
+
+impl Tally {
+    /// Room for `steps` times: the list is the bench's, allocated before any step.
+    fn with_capacity(steps: usize) -> Self {
+        Self {
+            times: Vec::with_capacity(steps),
+            peak: 0,
+            allocs: 0,
+            gemm_allocs: 0,
+            misses: 0,
+            device: None,
+            visual_tokens: 0,
+        }
+    }
+
+    /// Runs and measures one step of `t`.
+    fn step<B: DpBackend>(
+        &mut self,
+        backend: &B,
+        t: &mut Trainer<'_, B>,
+        data: &Dataset,
+        idx: &[usize],
+    ) -> Result<()> {
         crate::mem::reset_peak();
         backend.reset_device_peak();
-        // Before the counters: this list is the bench's, not the step's.
-        let mut times = Vec::with_capacity(a.steps.max(1));
         let base = crate::mem::current_bytes();
         let calls = crate::mem::allocation_calls();
         let gemm_calls = crate::mem::gemm_allocation_calls();
         let misses = crate::backend::cpu::pool_stats().allocations;
         let mut vis = 0;
-        for _ in 0..a.steps.max(1) {
-            let t0 = Instant::now();
-            let dev = backend.device_time_ms(&mut || {
-                vis = t.one_step(&data, &idx)?.visual_tokens;
-                Ok(())
-            })?;
-            times.push(dev.unwrap_or_else(|| t0.elapsed().as_secs_f64() * 1e3));
+        let t0 = Instant::now();
+        let dev = backend.device_time_ms(&mut || {
+            vis = t.one_step(data, idx)?.visual_tokens;
+            Ok(())
+        })?;
+        let ms = dev.unwrap_or_else(|| t0.elapsed().as_secs_f64() * 1e3);
+        self.allocs += crate::mem::allocation_calls() - calls;
+        self.gemm_allocs += crate::mem::gemm_allocation_calls() - gemm_calls;
+        self.misses += crate::backend::cpu::pool_stats().allocations - misses;
+        self.peak = self.peak.max(crate::mem::peak_bytes().saturating_sub(base));
+        if let Some(d) = backend.device_memory() {
+            let peak = self.device.map_or(0, |p| p.peak_bytes).max(d.peak_bytes);
+            self.device = Some(crate::backend::DeviceMemory {
+                peak_bytes: peak,
+                used_bytes: d.used_bytes,
+            });
         }
-        let device = backend.device_memory();
-        let allocs = crate::mem::allocation_calls() - calls;
-        let gemm_allocs = crate::mem::gemm_allocation_calls() - gemm_calls;
-        let misses = crate::backend::cpu::pool_stats().allocations - misses;
-        let per_step = |n: f64| n / a.steps.max(1) as f64;
-        let host = device.is_none() && crate::mem::tracking();
-        times.sort_by(f64::total_cmp);
-        let median_ms = times[times.len() / 2];
-        let tokens = (a.batch * (vis + t.cfg.text_len)) as f64;
-        let flops = step_flops(&mcfg, method, a.batch, vis, t.cfg.text_len);
-        rows.push(MethodBench {
+        self.times.push(ms);
+        self.visual_tokens = vis;
+        Ok(())
+    }
+
+    /// The method's row (median time; no profile).
+    fn row<B: DpBackend>(
+        &mut self,
+        backend: &B,
+        method: Method,
+        a: &BenchArgs,
+        mcfg: &ModelConfig,
+        text_len: usize,
+    ) -> MethodBench {
+        let steps = self.times.len().max(1) as f64;
+        let host = self.device.is_none() && crate::mem::tracking();
+        self.times.sort_by(f64::total_cmp);
+        let median_ms = self
+            .times
+            .get(self.times.len() / 2)
+            .copied()
+            .unwrap_or(f64::NAN);
+        let vis = self.visual_tokens;
+        let tokens = (a.batch * (vis + text_len)) as f64;
+        let flops = step_flops(mcfg, method, a.batch, vis, text_len);
+        let peak = backend
+            .device_name()
+            .and_then(|n| peak_tflops(&n, backend.tf32_gemms()));
+        MethodBench {
             method: method.to_string(),
             median_ms,
-            peak_bytes: host.then(|| crate::mem::peak_bytes().saturating_sub(base)),
-            allocs_per_step: host.then(|| per_step(allocs as f64)),
-            gemm_allocs_per_step: host.then(|| per_step(gemm_allocs as f64)),
-            pool_misses_per_step: (backend.name() == "cpu").then(|| per_step(misses as f64)),
-            device_peak_bytes: device.map(|m| m.peak_bytes),
-            device_used_bytes: device.map(|m| m.used_bytes),
+            peak_bytes: host.then_some(self.peak),
+            allocs_per_step: host.then(|| self.allocs as f64 / steps),
+            gemm_allocs_per_step: host.then(|| self.gemm_allocs as f64 / steps),
+            pool_misses_per_step: (backend.name() == "cpu").then(|| self.misses as f64 / steps),
+            device_peak_bytes: self.device.map(|m| m.peak_bytes),
+            device_used_bytes: self.device.map(|m| m.used_bytes),
             tokens_per_s: tokens / (median_ms / 1e3),
             visual_tokens: vis,
             step_flops: flops,
             peak_fraction: peak.map(|p| flops / (median_ms / 1e3) / (p * 1e12)),
             profile: None,
-        });
-        if a.profile {
-            let prof = profile_steps(&mut t, &data, &idx, a.steps.max(1))?;
-            if let Some(r) = rows.last_mut() {
-                r.profile = Some(prof);
-            }
         }
-        model = Some(t.model);
     }
-    Ok(rows)
 }
 
 /// One timed op of [`op_rows`].
@@ -377,7 +479,29 @@ fn lora_rows(r: &mut ChaCha8Rng, rows: &mut Vec<KernelBench>) -> Result<()> {
     let cfg = prune_config(1.0, RngKind::Chacha20);
     let shape = format!("B={b} × {cols}");
     let bytes = (b * cols * 4) as f64;
+    // q_proj's LoRA factors at T = 31: A (8×128) from X and its gradient G·B, B
+    // (128×8) from U = X·Aᵀ and dY.
+    let t = 31;
+    let sa = LinearShape { b, t, d: 128, p: 8 };
+    let sb = LinearShape { b, t, d: 8, p: 128 };
+    let (xa, ga) = (
+        be.upload(&random(r, b * t * 128))?,
+        be.upload(&random(r, b * t * 8))?,
+    );
+    let flops = |s: LinearShape| 2.0 * (s.b * s.t * s.d * s.p) as f64;
     let mut ops: Vec<(&str, f64, &'static str, OpFn<'_>)> = vec![
+        (
+            "per_example_weight_grads, LoRA A",
+            flops(sa),
+            "GFLOP/s",
+            Box::new(|| be.per_example_weight_grads(&xa, &ga, sa).map(drop)),
+        ),
+        (
+            "per_example_weight_grads, LoRA B",
+            flops(sb),
+            "GFLOP/s",
+            Box::new(|| be.per_example_weight_grads(&ga, &xa, sb).map(drop)),
+        ),
         (
             "add_row_sq_norms",
             bytes,
@@ -413,10 +537,10 @@ fn lora_rows(r: &mut ChaCha8Rng, rows: &mut Vec<KernelBench>) -> Result<()> {
                 Ok(())
             })
         })? / 100.0;
-        let shape = if *unit == "GB/s" {
-            shape.clone()
-        } else {
-            format!("N={cols}")
+        let shape = match *unit {
+            "GB/s" => shape.clone(),
+            "GFLOP/s" => format!("B={b} T={t}"),
+            _ => format!("N={cols}"),
         };
         rows.push(KernelBench {
             name: format!("{name} (tiny B=128 LoRA factor)"),

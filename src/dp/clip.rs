@@ -444,7 +444,11 @@ pub fn clipped_weight_sum_f32(
         scale_examples(&mut out, m, factors, (s.t * width).max(1));
         Ok(out)
     };
-    if s.d < s.p {
+    if factors.iter().all(|&c| c == 1.0) {
+        // Unclipped (nonprivate's all-ones factors): v·1 = v, so the copy is skipped.
+        let gv = View::row_major(g, bt, s.p).t();
+        gemm_f32(1.0, gv, View::row_major(x, bt, s.d), 1.0, out, s.d);
+    } else if s.d < s.p {
         let xs = scaled(x, s.d)?;
         let gv = View::row_major(g, bt, s.p).t();
         gemm_f32(1.0, gv, View::row_major(&xs, bt, s.d), 1.0, out, s.d);

@@ -9,24 +9,24 @@ use super::{r, Real};
 use crate::backend::RopeShape;
 use crate::Result;
 
-/// The (sin, cos) table of the last call of one direction and what it was computed
-/// for (positions, head dimension, θ bits, sign bits): every RoPE call of a step
-/// has the same shape, so a step recomputes nothing and allocates nothing. The
-/// table is shared (`Arc`) so the lock is held only to look it up, not during the
-/// rotation (a rotation inside a rayon job could otherwise wait on a lock its own
-/// thread holds).
+/// A (sin, cos) table of positions 0.. for one (head dimension, θ bits) in one
+/// direction. Angle (pos, i) does not depend on the sequence length, so a table
+/// serves every call with as many positions or fewer: the methods of one process
+/// (dualpriv prunes visual tokens, so its sequences are shorter) share it, and a
+/// step recomputes nothing and allocates nothing. It is shared (`Arc`) so the lock
+/// is held only to look it up, not during the rotation (a rotation inside a rayon
+/// job could otherwise wait on a lock its own thread holds).
 struct Angles {
-    key: (usize, usize, u32, u64),
-    table: Option<Arc<Vec<(f64, f64)>>>,
+    key: (usize, u32),
+    table: Arc<Vec<(f64, f64)>>,
 }
 
-/// One table for the forward rotation, one for the backward (opposite sign).
-static ANGLES: [Mutex<Angles>; 2] = [const {
-    Mutex::new(Angles {
-        key: (0, 0, 0, 0),
-        table: None,
-    })
-}; 2];
+/// Tables kept per direction: one per (head dimension, θ) a process uses, up to
+/// this many (the vision tower has no RoPE; a Llama one pair).
+const ANGLES_KEEP: usize = 4;
+
+/// The forward rotation's tables, and the backward's (opposite sign).
+static ANGLES: [Mutex<Vec<Angles>>; 2] = [const { Mutex::new(Vec::new()) }; 2];
 
 pub(super) fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> {
     let row = s.heads * s.hd;
@@ -36,15 +36,16 @@ pub(super) fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> 
     let half = s.hd / 2;
     let t = s.t.max(1);
     // One angle per (position, pair), shared by every head and every example:
-    // computed once per shape, not once per row. (A poisoned lock holds at worst a
-    // table of another shape, which the key check below replaces.)
-    let key = (t, s.hd, s.theta.to_bits(), sign.to_bits());
+    // computed once per shape, not once per row. (A poisoned lock holds at worst
+    // a table too short or of another key, which the checks below replace.)
+    let key = (s.hd, s.theta.to_bits());
     let table = {
         let mut cache = ANGLES[usize::from(sign < 0.0)]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        match &cache.table {
-            Some(tb) if cache.key == key && tb.len() == t * half => Arc::clone(tb),
+        let at = cache.iter().position(|a| a.key == key);
+        match at {
+            Some(i) if cache[i].table.len() >= t * half => Arc::clone(&cache[i].table),
             _ => {
                 let tb: Arc<Vec<(f64, f64)>> = Arc::new(
                     (0..t)
@@ -56,8 +57,19 @@ pub(super) fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> 
                         })
                         .collect(),
                 );
-                cache.key = key;
-                cache.table = Some(Arc::clone(&tb));
+                let entry = Angles {
+                    key,
+                    table: Arc::clone(&tb),
+                };
+                match at {
+                    Some(i) => cache[i] = entry,
+                    None => {
+                        if cache.len() == ANGLES_KEEP {
+                            cache.remove(0);
+                        }
+                        cache.push(entry);
+                    }
+                }
                 tb
             }
         }
