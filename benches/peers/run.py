@@ -8,6 +8,13 @@ dpsgd, Opacus standard, crate dpzo, DPZero, crate dualpriv, fastDP-style BK. A
 side's figure is the median over rounds of each process's median step. Prints one
 markdown table and writes `OUT/peers.json` with every process's figures.
 
+On the CPU each round also runs one crate process with every method and
+`--interleave` (one timed step of each in turn, each method with its own model):
+the crate's own ratios (ghost / nonprivate, dpzo / nonprivate, dualpriv / ghost)
+are also given from it, as the median over rounds of each process's ratio, since
+the per-method processes above run up to minutes apart on a shared VM. (Not on a
+GPU: five 7B models do not fit, and CUDA events time the device alone.)
+
 Memory, per side:
 * crate, CPU: the step's peak heap above the model, data and optimizer state
   (counting allocator, `peak_bytes` of `dualpriv bench --json`); GPU: peak live
@@ -91,23 +98,37 @@ def run_rss(cmd, env):
     return out, ru.ru_maxrss * 1024
 
 
-def crate_run(args, preset, batch, method, env):
+def crate_rows(args, preset, batch, methods, env, extra=()):
     cmd = [
         args.dualpriv, "bench", "--backend", args.backend, "--preset", preset,
-        "--batch", str(batch), "--method", method, "--steps", str(args.steps), "--json",
+        "--batch", str(batch), "--method", methods, "--steps", str(args.steps), "--json", *extra,
     ]
     out, rss = run_rss(cmd, env)
     try:
         rows = json.loads(out)
     except json.JSONDecodeError as e:
         fail(f"`{' '.join(cmd)}` printed no JSON ({e}): {out[:500]}")
-    r = rows[0]
-    peak = r.get("device_peak_bytes") if r.get("device_peak_bytes") is not None else r.get("peak_bytes")
-    return {
-        "side": "crate", "method": method, "median_ms": r["median_ms"], "peak_bytes": peak,
-        "peak_kind": "device peak" if r.get("device_peak_bytes") is not None else "step heap",
-        "rss_peak_bytes": rss, "visual_tokens": r["visual_tokens"],
-    }
+    res = []
+    for r in rows:
+        peak = r.get("device_peak_bytes") if r.get("device_peak_bytes") is not None else r.get("peak_bytes")
+        res.append({
+            "side": "crate", "method": r["method"], "median_ms": r["median_ms"], "peak_bytes": peak,
+            "peak_kind": "device peak" if r.get("device_peak_bytes") is not None else "step heap",
+            "rss_peak_bytes": rss, "visual_tokens": r["visual_tokens"],
+        })
+    return res
+
+
+def crate_run(args, preset, batch, method, env):
+    return crate_rows(args, preset, batch, method, env)[0]
+
+
+# The crate's own ratios from its interleaved process (CPU): (name, numerator, denominator).
+INTERLEAVED_RATIOS = [
+    ("dualpriv ghost / dualpriv nonprivate", "ghost", "nonprivate"),
+    ("dualpriv dpzo / dualpriv nonprivate", "dpzo", "nonprivate"),
+    ("dualpriv dualpriv / dualpriv ghost", "dualpriv", "ghost"),
+]
 
 
 def peer_run(args, desc_path, method, env):
@@ -157,6 +178,18 @@ def summarise(results, configs):
             x, y = med.get((c, *a)), med.get((c, *b))
             cells.append(f"{x / y:.2f}" if x and y else "—")
         lines.append(f"| **{name}** | " + " | ".join(cells) + " |")
+    for name, a, b in INTERLEAVED_RATIOS:
+        cells = []
+        for c in configs:
+            rounds = results.get(c, {}).get("interleaved", [])
+            ratios = [r[a]["median_ms"] / r[b]["median_ms"] for r in rounds if a in r and b in r]
+            if ratios:
+                lo, hi, mid = min(ratios), max(ratios), statistics.median(ratios)
+                cells.append(f"{mid:.2f}" if len(ratios) == 1 else f"{mid:.2f} ({lo:.2f}–{hi:.2f})")
+            else:
+                cells.append("—")
+        if any(x != "—" for x in cells):
+            lines.append(f"| **{name}, interleaved in one process** | " + " | ".join(cells) + " |")
 
     def peak(c, key, field):
         runs = results.get(c, {}).get(key, [])
@@ -249,6 +282,11 @@ def main():
                       file=sys.stderr)
                 results[c].setdefault(("crate", crate_m), []).append(crate_run(args, p, b, crate_m, env))
                 results[c].setdefault(("torch", peer_m), []).append(peer_run(args, descs[c], peer_m, env))
+            if args.device == "cpu":
+                print(f"bench-peers: round {rnd + 1}/{args.rounds}, {p} B={b}: the crate's methods "
+                      "interleaved", file=sys.stderr)
+                rows = crate_rows(args, p, b, ",".join(m for m, _ in PAIRS), env, ["--interleave"])
+                results[c].setdefault("interleaved", []).append({r["method"]: r for r in rows})
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{cpu_name()}, {os.cpu_count()} CPUs" if args.device == "cpu" else "GPU"
     table = summarise(results, configs)
@@ -260,7 +298,12 @@ def main():
         "date": stamp, "machine": machine, "threads": args.threads, "rounds": args.rounds,
         "steps": args.steps, "device": args.device, "table": table,
         "runs": [
-            dict(r, preset=p, batch=b) for (p, b), by in results.items() for rs in by.values() for r in rs
+            dict(r, preset=p, batch=b) for (p, b), by in results.items()
+            for key, rs in by.items() if key != "interleaved" for r in rs
+        ],
+        "interleaved": [
+            dict(rows=list(r.values()), preset=p, batch=b) for (p, b), by in results.items()
+            for r in by.get("interleaved", [])
         ],
     }
     with open(os.path.join(args.out, "peers.json"), "w") as f:
