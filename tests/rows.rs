@@ -92,13 +92,20 @@ fn wide_rows_match_the_plain_loops() {
             dualpriv::backend::cpu::pool::HostBuf::from(v.clone()),
             dualpriv::backend::cpu::pool::HostBuf::from(factors.clone()),
         );
-        be.weighted_row_sum(&vb, &fb, rows, &mut out, true).unwrap();
-        for j in 0..cols {
-            let mut acc = 0.25f64;
-            for (i, &f) in factors.iter().enumerate().filter(|(_, &f)| f != 0.0) {
-                acc += f64::from(f) * f64::from(v[i * cols + j]);
+        // Accumulating into 0.25, then overwriting what that left (as a step does).
+        for (accumulate, start) in [(true, 0.25f64), (false, 0.0)] {
+            be.weighted_row_sum(&vb, &fb, rows, &mut out, accumulate)
+                .unwrap();
+            for j in 0..cols {
+                let mut acc = start;
+                for (i, &f) in factors.iter().enumerate().filter(|(_, &f)| f != 0.0) {
+                    acc += f64::from(f) * f64::from(v[i * cols + j]);
+                }
+                assert_eq!(
+                    out[j], acc as f32,
+                    "{rows}x{cols} ({accumulate}): column {j}"
+                );
             }
-            assert_eq!(out[j], acc as f32, "{rows}x{cols}: column {j}");
         }
         let mut norms = be.norms_zeros(rows, rows).unwrap();
         be.add_row_sq_norms(&vb, rows, &mut norms).unwrap();

@@ -275,10 +275,11 @@ enum Cmd {
         /// return before the device finishes).
         #[arg(long)]
         profile: bool,
-        /// Go round the methods one timed step at a time, each with its own model,
-        /// so a slow spell of a shared machine falls on all of them alike (their
-        /// ratios then come from one run); without it each method's steps run in
-        /// a block, on one model handed from method to method.
+        /// Go round the methods one timed step at a time, each with its own model
+        /// and each round starting one method later, so a slow spell of a shared
+        /// machine falls on all of them alike (their ratios then come from one
+        /// run); without it each method's steps run in a block, on one model handed
+        /// from method to method. CPU backend only.
         #[arg(long)]
         interleave: bool,
     },
@@ -633,6 +634,12 @@ fn main() -> ExitCode {
                         "bench --profile times ops on the host, which only the CPU backend \
                          finishes before returning; drop --profile with --backend cuda \
                          (nsys or ncu profile the kernels)"
+                            .into(),
+                    )),
+                    Backend::Cuda if interleave => Err(Error::Config(
+                        "bench --interleave keeps every method's model on the device, so each \
+                         method's device peak would include the others'; drop --interleave \
+                         with --backend cuda (CUDA events time the device alone)"
                             .into(),
                     )),
                     Backend::Cuda => with_cuda(|be| bench_on(be, &a, json)),

@@ -129,8 +129,10 @@ pub fn peak_tflops(device: &str, tf32: bool) -> Option<f64> {
 /// In turn (the default), one model is built and handed from method to method
 /// (its values do not change the work), so a 7B preset is initialised once; each
 /// method runs its warm-up and timed steps before the next starts. With
-/// [`BenchArgs::interleave`], every method gets its own model and the timed steps
-/// go round the methods one step at a time, so a slow spell of a shared machine
+/// [`BenchArgs::interleave`] (host memory only: a device peak would include every
+/// method's model), every method gets its own model and the timed steps go round
+/// the methods one step at a time, each round starting one method later, so a slow
+/// spell of a shared machine
 /// (seconds to minutes on these VMs) falls on every method alike and their ratios
 /// come from one run.
 pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBench>> {
@@ -165,8 +167,12 @@ pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBen
                 t.one_step(&data, &idx)?;
             }
         }
-        for _ in 0..steps {
-            for (_, t, tally) in runs.iter_mut() {
+        // Each round starts one method later, so no method always follows the same
+        // one (whose buffers have just left the caches) and pays for it every step.
+        let n = runs.len();
+        for round in 0..steps {
+            for k in 0..n {
+                let (_, t, tally) = &mut runs[(round + k) % n];
                 tally.step(backend, t, &data, &idx)?;
             }
         }
@@ -211,7 +217,9 @@ pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBen
 
 /// What one method's timed steps measured, step by step: each step's time, and its
 /// peak and allocation counts from counters read just around it (so neither the
-/// bench's own bookkeeping nor another method's step is billed to it).
+/// bench's own bookkeeping nor another method's step is billed to it). The peak is
+/// the largest of one step above what was live when that step began: memory kept
+/// from step to step shows as allocations per step, not in it.
 struct Tally {
     times: Vec<f64>,
     peak: usize,
@@ -518,16 +526,7 @@ fn lora_rows(r: &mut ChaCha8Rng, rows: &mut Vec<KernelBench>) -> Result<()> {
             "noise + AdamW, all kept",
             cols as f64 * 1e3,
             "Mcoord/s",
-            Box::new(|| {
-                let mut t = [TensorState {
-                    tensor_id: 0,
-                    grad: &grad,
-                    param: &mut p,
-                    m: &mut m,
-                    v: &mut v,
-                }];
-                prune::noise_prune_update(&mut t, &cfg).map(|_| ())
-            }),
+            Box::new(|| update_once(&grad, &mut p, &mut m, &mut v, &cfg)),
         ),
     ];
     for (name, moved, unit, op) in ops.iter_mut() {
@@ -1017,6 +1016,24 @@ fn prune_config(keep_frac: f64, rng: RngKind) -> UpdateConfig {
     }
 }
 
+/// One noise + top-k + optimizer update of a single tensor (the CPU reference).
+fn update_once(
+    grad: &[f32],
+    param: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    cfg: &UpdateConfig,
+) -> Result<()> {
+    let mut t = [TensorState {
+        tensor_id: 0,
+        grad,
+        param,
+        m,
+        v,
+    }];
+    prune::noise_prune_update(&mut t, cfg).map(|_| ())
+}
+
 /// Runs every kernel micro-benchmark on `dev` (`dualpriv bench-kernels`, `cargo bench`).
 pub fn kernels(dev: Device) -> Result<Vec<KernelBench>> {
     match dev {
@@ -1113,16 +1130,7 @@ fn run_cpu() -> Result<Vec<KernelBench>> {
     for rng in [RngKind::Chacha20, RngKind::Philox] {
         let (mut p, mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
         let cfg = prune_config(0.8, rng);
-        let ms = time_cpu(3, || {
-            let mut t = [TensorState {
-                tensor_id: 0,
-                grad: &grad,
-                param: &mut p,
-                m: &mut m,
-                v: &mut v,
-            }];
-            prune::noise_prune_update(&mut t, &cfg).map(|_| ())
-        })?;
+        let ms = time_cpu(3, || update_once(&grad, &mut p, &mut m, &mut v, &cfg))?;
         rows.push(KernelBench {
             name: format!("noise + top-k + AdamW ({})", rng_label(rng)),
             shape: format!("N={n} keep=0.8"),

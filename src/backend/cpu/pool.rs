@@ -10,13 +10,17 @@
 //! the request, so buffers freed by one phase (the vision tower) serve the next
 //! (the decoder) instead of each phase holding its own set.
 //!
-//! Steady state is exact: a step that repeats the previous step's sizes is
-//! served wholly from the free lists (0 misses, `dualpriv bench`'s "pool
-//! misses/step" and `tests/alloc.rs`). Each miss adds a buffer of the requested
-//! size, best fit takes an exact size first, and the step's sequence of requests
-//! and drops repeats, so after a warm-up step or two every request finds its
-//! size free; and free lists stay once made (until more than 256 sizes exist, when a
-//! miss drops the empty ones), so a `put` allocates nothing either.
+//! Steady state is exact but for parallel jobs: a step that repeats the previous
+//! step's sizes is served wholly from the free lists (0 misses, `dualpriv bench`'s
+//! "pool misses/step" and `tests/alloc.rs`). Each miss adds a buffer of the
+//! requested size, best fit takes an exact size first, and the step's sequence of
+//! requests and drops repeats, so after a warm-up step or two every request finds
+//! its size free; and free lists stay once made (until more than 256 sizes exist,
+//! when a miss drops the empty ones), so a `put` allocates nothing either. Jobs
+//! that take buffers in parallel (attention's per-(example, head) scratch) are the
+//! exception: how many are live at once, and which best fit each gets, depends on
+//! how the threads run, so an order first seen after warm-up costs one more
+//! buffer, once.
 //!
 //! Privacy: `Pool::zeros` clears a reused buffer before handing it out. An
 //! `output` buffer ([`Backend::output`](crate::backend::Backend::output)) keeps

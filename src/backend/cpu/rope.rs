@@ -9,7 +9,7 @@ use super::{r, Real};
 use crate::backend::RopeShape;
 use crate::Result;
 
-/// A (sin, cos) table of positions 0.. for one (head dimension, θ bits) in one
+/// A (sin, cos) table of positions 0.. for one (head dimension, θ, sign) in one
 /// direction. Angle (pos, i) does not depend on the sequence length, so a table
 /// serves every call with as many positions or fewer: the methods of one process
 /// (dualpriv prunes visual tokens, so its sequences are shorter) share it, and a
@@ -17,7 +17,7 @@ use crate::Result;
 /// is held only to look it up, not during the rotation (a rotation inside a rayon
 /// job could otherwise wait on a lock its own thread holds).
 struct Angles {
-    key: (usize, u32),
+    key: (usize, u32, u64),
     table: Arc<Vec<(f64, f64)>>,
 }
 
@@ -38,7 +38,7 @@ pub(super) fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> 
     // One angle per (position, pair), shared by every head and every example:
     // computed once per shape, not once per row. (A poisoned lock holds at worst
     // a table too short or of another key, which the checks below replace.)
-    let key = (s.hd, s.theta.to_bits());
+    let key = (s.hd, s.theta.to_bits(), sign.to_bits());
     let table = {
         let mut cache = ANGLES[usize::from(sign < 0.0)]
             .lock()
