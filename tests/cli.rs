@@ -149,6 +149,15 @@ fn a_missing_gpu_names_the_cpu_backend() {
     }
 }
 
+/// `bench --interleave` keeps every method's model live, which a device peak would
+/// count for each method: refused on CUDA with the fix, before any device is used.
+#[test]
+fn bench_interleave_is_refused_on_cuda() {
+    let (ok, out, err) = run_out(&["bench", "--backend", "cuda", "--interleave"]);
+    assert!(!ok && out.is_empty(), "{out}");
+    assert!(err.contains("drop --interleave"), "{err}");
+}
+
 /// Runs the binary; returns (success, stdout, stderr).
 fn run_out(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(dualpriv_binary()).args(args).output().unwrap();
