@@ -132,9 +132,8 @@ pub fn peak_tflops(device: &str, tf32: bool) -> Option<f64> {
 /// [`BenchArgs::interleave`] (host memory only: a device peak would include every
 /// method's model), every method gets its own model and the timed steps go round
 /// the methods one step at a time, each round starting one method later, so a slow
-/// spell of a shared machine
-/// (seconds to minutes on these VMs) falls on every method alike and their ratios
-/// come from one run.
+/// spell of a shared machine (seconds to minutes on these VMs) falls on every
+/// method alike and their ratios come from one run.
 pub fn methods<B: DpBackend>(backend: &B, a: &BenchArgs) -> Result<Vec<MethodBench>> {
     let spec = bench_spec(&a.preset, a.lora_rank);
     let (mcfg, mode) = spec.build()?;
