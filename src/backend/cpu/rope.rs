@@ -9,8 +9,7 @@ use super::{r, Real};
 use crate::backend::RopeShape;
 use crate::Result;
 
-/// A (sin, cos) table of positions 0.. for one (head dimension, θ, sign) in one
-/// direction. Angle (pos, i) does not depend on the sequence length, so a table
+/// A (sin, cos) table of positions 0.. for one (head dimension, θ, sign). Angle (pos, i) does not depend on the sequence length, so a table
 /// serves every call with as many positions or fewer: the methods of one process
 /// (dualpriv prunes visual tokens, so its sequences are shorter) share it, and a
 /// step recomputes nothing and allocates nothing. It is shared (`Arc`) so the lock
@@ -21,12 +20,12 @@ struct Angles {
     table: Arc<Vec<(f64, f64)>>,
 }
 
-/// Tables kept per direction: one per (head dimension, θ) a process uses, up to
-/// this many (the vision tower has no RoPE; a Llama one pair).
-const ANGLES_KEEP: usize = 4;
+/// Tables kept: one per (head dimension, θ, direction) a process uses, up to this
+/// many (the vision tower has no RoPE; a Llama needs a forward and a backward one).
+const ANGLES_KEEP: usize = 8;
 
-/// The forward rotation's tables, and the backward's (opposite sign).
-static ANGLES: [Mutex<Vec<Angles>>; 2] = [const { Mutex::new(Vec::new()) }; 2];
+/// The kept tables, the forward rotation's and the backward's (opposite sign).
+static ANGLES: Mutex<Vec<Angles>> = Mutex::new(Vec::new());
 
 pub(super) fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> {
     let row = s.heads * s.hd;
@@ -40,9 +39,7 @@ pub(super) fn rope<T: Real>(x: &mut [T], s: RopeShape, sign: f64) -> Result<()> 
     // a table too short or of another key, which the checks below replace.)
     let key = (s.hd, s.theta.to_bits(), sign.to_bits());
     let table = {
-        let mut cache = ANGLES[usize::from(sign < 0.0)]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut cache = ANGLES.lock().unwrap_or_else(|e| e.into_inner());
         let at = cache.iter().position(|a| a.key == key);
         match at {
             Some(i) if cache[i].table.len() >= t * half => Arc::clone(&cache[i].table),
