@@ -10,8 +10,9 @@ use crate::backend::RopeShape;
 use crate::Result;
 
 /// A (sin, cos) table of positions 0.. for one (head dimension, θ, sign). Angle
-/// (pos, i) does not depend on the sequence length, so a table serves every call with as many positions or fewer: the methods of one process
-/// (dualpriv prunes visual tokens, so its sequences are shorter) share it, and a
+/// (pos, i) does not depend on the sequence length, so a table serves every call
+/// with as many positions or fewer: the methods of one process (dualpriv prunes
+/// visual tokens, so its sequences are shorter) share it, and a
 /// step recomputes nothing and allocates nothing. It is shared (`Arc`) so the lock
 /// is held only to look it up, not during the rotation (a rotation inside a rayon
 /// job could otherwise wait on a lock its own thread holds).
